@@ -1,0 +1,7 @@
+"""``python -m keysvc``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

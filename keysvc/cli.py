@@ -1,0 +1,54 @@
+"""Command line: ``keysvc serve`` (also ``python -m keysvc serve``)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .config import ConfigError, add_serve_arguments, settings_from
+from .logs import configure_logging
+from .models import ModelTableError
+from .server import serve
+
+__all__ = ["main"]
+
+_log = logging.getLogger("keysvc")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="keysvc", description="gRPC key allocation service for LLM proxies."
+    )
+    parser.add_argument("--version", action="version", version=f"keysvc {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve_parser = commands.add_parser(
+        "serve",
+        help="serve keysvc.v1.KeyService",
+        description="Serve keysvc.v1.KeyService. Keys come from OPENAI_KEY (comma-separated).",
+    )
+    add_serve_arguments(serve_parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the command; returns the process exit code."""
+    args = _parser().parse_args(argv)
+    try:
+        settings = settings_from(args)
+    except ConfigError as exc:
+        print(f"keysvc: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level, settings.log_format)
+    try:
+        asyncio.run(serve(settings))
+    except (ConfigError, ModelTableError) as exc:
+        _log.error("cannot start", extra={"problem": str(exc)})
+        return 2
+    except OSError as exc:
+        _log.error("cannot start", extra={"problem": str(exc)})
+        return 1
+    return 0

@@ -1,0 +1,173 @@
+"""Model name → model family, as data: the first matching rule wins.
+
+An operator can put extra rules in front of the built-in ones (a JSON file, see
+``ModelTable.from_file``) to give a new model line its own family without a
+release.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = [
+    "DEFAULT_FAMILY",
+    "DEFAULT_RULES",
+    "GPT4_32K",
+    "ModelInfo",
+    "ModelRule",
+    "ModelTable",
+    "ModelTableError",
+]
+
+#: Family of a model no rule matches (the seed's default for requests).
+DEFAULT_FAMILY = "gpt4"
+#: The family unchecked keys do not get: only the checker can grant it.
+GPT4_32K = "gpt4-32k"
+
+
+class ModelTableError(ValueError):
+    """The operator's model table is malformed."""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRule:
+    """One row: models whose name matches ``pattern`` belong to ``family``.
+
+    Attributes:
+        pattern: a regular expression, matched at the start of the model name.
+        family: the model family.
+        embeddings: the model is an embeddings model (trial keys never serve it).
+    """
+
+    pattern: str
+    family: str
+    embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.family:
+            raise ModelTableError(f"rule {self.pattern!r} has an empty family")
+        try:
+            re.compile(self.pattern)
+        except re.error as exc:
+            raise ModelTableError(
+                f"rule {self.pattern!r} is not a regular expression: {exc}"
+            ) from exc
+
+
+DEFAULT_RULES: tuple[ModelRule, ...] = (
+    ModelRule(r"^gpt-4o-mini", "turbo"),
+    ModelRule(r"^gpt-4o", "gpt4o"),
+    ModelRule(r"^chatgpt-4o", "gpt4o"),
+    ModelRule(r"^gpt-4-turbo", "gpt4-turbo"),
+    ModelRule(r"^gpt-4-(0125|1106)(-preview)?$", "gpt4-turbo"),
+    ModelRule(r"^gpt-4(-\d{4})?-vision", "gpt4-turbo"),
+    ModelRule(r"^gpt-4-32k", GPT4_32K),
+    ModelRule(r"^gpt-4(-\d{4})?$", "gpt4"),
+    ModelRule(r"^gpt-4\.1-mini", "gpt41-mini"),
+    ModelRule(r"^gpt-4\.1-nano", "gpt41-nano"),
+    ModelRule(r"^gpt-4\.1", "gpt41"),
+    ModelRule(r"^gpt-4\.5", "gpt45"),
+    ModelRule(r"^gpt-5-mini", "gpt5-mini"),
+    ModelRule(r"^gpt-5-nano", "gpt5-nano"),
+    ModelRule(r"^gpt-5", "gpt5"),
+    ModelRule(r"^gpt-3\.5-turbo", "turbo"),
+    ModelRule(r"^text-embedding-ada-002$", "turbo", embeddings=True),
+    ModelRule(r"^text-embedding-3-", "turbo", embeddings=True),
+    ModelRule(r"^dall-e-\d", "dall-e"),
+    ModelRule(r"^o1-mini", "o1-mini"),
+    ModelRule(r"^o1", "o1"),
+    ModelRule(r"^o3-mini", "o3-mini"),
+    ModelRule(r"^o3", "o3"),
+    ModelRule(r"^o4-mini", "o4-mini"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """What the table says about one model name."""
+
+    family: str
+    embeddings: bool
+
+
+class ModelTable:
+    """Maps model names to families; first match wins, unknown names → ``default_family``."""
+
+    def __init__(
+        self, rules: Sequence[ModelRule] = DEFAULT_RULES, *, default_family: str = DEFAULT_FAMILY
+    ) -> None:
+        self._rules = tuple(rules)
+        self._compiled = tuple((re.compile(rule.pattern), rule) for rule in self._rules)
+        self.default_family = default_family
+        # Model names are few and repeat on every call: remember each answer.
+        self._cache: dict[str, ModelInfo] = {}
+        seen: dict[str, None] = {}
+        for rule in self._rules:
+            seen.setdefault(rule.family, None)
+        seen.setdefault(default_family, None)
+        self.families: tuple[str, ...] = tuple(seen)
+
+    @property
+    def rules(self) -> tuple[ModelRule, ...]:
+        return self._rules
+
+    def lookup(self, model: str) -> ModelInfo:
+        """Returns the family of ``model`` and whether it is an embeddings model."""
+        info = self._cache.get(model)
+        if info is None:
+            info = ModelInfo(self.default_family, embeddings=False)
+            for regex, rule in self._compiled:
+                if regex.match(model):
+                    info = ModelInfo(rule.family, rule.embeddings)
+                    break
+            if len(self._cache) < 10_000:  # bounded: model names come from callers
+                self._cache[model] = info
+        return info
+
+    def family(self, model: str) -> str:
+        return self.lookup(model).family
+
+    def default_key_families(self) -> frozenset[str]:
+        """Families an unchecked key is assumed to have: all but gpt4-32k."""
+        return frozenset(f for f in self.families if f != GPT4_32K)
+
+    @classmethod
+    def with_extra_rules(cls, extra: Iterable[ModelRule]) -> ModelTable:
+        """The built-in table with ``extra`` rules tried first."""
+        return cls((*extra, *DEFAULT_RULES))
+
+    @classmethod
+    def from_file(cls, path: Path) -> ModelTable:
+        """The built-in table with the rules of a JSON file tried first.
+
+        The file holds a list of objects ``{"pattern": "^gpt-4\\\\.2", "family":
+        "gpt42", "embeddings": false}``; ``embeddings`` is optional.
+
+        Raises:
+            ModelTableError: the file cannot be read or is malformed.
+        """
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ModelTableError(f"cannot read model table {path}: {exc}") from exc
+        if not isinstance(rows, list):
+            raise ModelTableError(f"model table {path} must hold a JSON list of rules")
+        rules = []
+        for index, row in enumerate(rows):
+            if not (
+                isinstance(row, dict)
+                and isinstance(row.get("pattern"), str)
+                and isinstance(row.get("family"), str)
+                and isinstance(row.get("embeddings", False), bool)
+                and set(row) <= {"pattern", "family", "embeddings"}
+            ):
+                raise ModelTableError(
+                    f"model table {path}, rule {index}: expected "
+                    '{"pattern": str, "family": str, "embeddings": bool (optional)}'
+                )
+            rules.append(ModelRule(row["pattern"], row["family"], row.get("embeddings", False)))
+        return cls.with_extra_rules(rules)

@@ -1,0 +1,501 @@
+"""The key pool: which key to hand out, and what each upstream answer teaches.
+
+The pool imports nothing from grpc. Every method runs on the server's event loop
+and none awaits, so select-and-throttle is atomic without locks.
+
+Selection order for ``get(model)`` (the seed's, with ``rate_limited_until``
+instead of its 30 s window):
+
+1. keys that are not locked (``now >= rate_limited_until``);
+2. among locked keys, the one whose lock ends first;
+3. trial keys before paid keys (spend the small quotas first);
+4. keys *without* gpt4-32k before keys with it (keep scarce 32k keys free);
+5. the least recently used.
+
+Keys are indexed by ``KeyProfile`` (families + trial flag): all keys of one
+profile share rules 3 and 4, so each profile needs only two heaps — unlocked
+keys by last use, locked keys by unlock time — and a selection peeks one heap top
+per eligible profile. That is O(P + log n) per call for P distinct profiles
+(a handful) and n keys, instead of the seed's sort of the whole pool.
+
+Heap entries are never updated in place: when a key moves, a new entry is pushed
+and ``key.index_entry`` points at it; entries it no longer points at are stale
+and are dropped when they reach a heap top or when the heap is compacted.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import re
+from collections.abc import Iterable, Mapping
+from typing import Final
+
+from .clock import Clock
+from .durations import parse_go_duration
+from .errors import FamilyDisallowed, InvalidArgument, KeyNotFound, NoKeysForFamily
+from .keys import DisableReason, Key, KeyProfile, hash_key
+from .models import GPT4_32K, ModelInfo, ModelTable
+from .store import KeyStore, MemoryKeyStore
+
+__all__ = ["KeyPool", "Limits"]
+
+_log = logging.getLogger("keysvc.pool")
+
+#: After handing out a key, wait this long before handing it out again, so a
+#: burst does not pile onto one key before its rate-limit headers come back.
+KEY_REUSE_DELAY: Final = 1.0
+#: Reset headers are clamped to this: they give the time until the whole quota
+#: is back, but the window rolls, so the key is usable well before then.
+MAX_RESET: Final = 10.0
+#: Lock length after a 429 that came without any reset header.
+RATE_LIMIT_FALLBACK: Final = 10.0
+#: The model GetLockoutPeriod assumes when none is given (as the seed).
+DEFAULT_LOCKOUT_MODEL: Final = "gpt-4"
+
+#: What a key hash looks like. Checked before lookup so that a secret sent by
+#: mistake in a hash field is never echoed back in an error.
+HASH_PATTERN: Final = re.compile(r"[a-z]{1,16}-[0-9a-f]{8}")
+
+REQUESTS_RESET_HEADER: Final = "x-ratelimit-reset-requests"
+TOKENS_RESET_HEADER: Final = "x-ratelimit-reset-tokens"
+
+
+class Limits:
+    """Bounds on caller input; anything beyond is INVALID_ARGUMENT."""
+
+    MODEL_LENGTH: Final = 256
+    HEADER_COUNT: Final = 128
+    HEADER_NAME_LENGTH: Final = 256
+    HEADER_VALUE_LENGTH: Final = 4096
+    TOKENS: Final = 1_000_000_000
+
+
+# Heap entries. Ready: (last_used, seq, key). Locked: (until, last_used, seq, key).
+_ReadyEntry = tuple[float, int, Key]
+_LockedEntry = tuple[float, float, int, Key]
+
+
+class _ProfileIndex:
+    """The indexed, not-disabled keys of one profile."""
+
+    __slots__ = ("live", "locked", "profile", "ready")
+
+    def __init__(self, profile: KeyProfile) -> None:
+        self.profile = profile
+        self.ready: list[_ReadyEntry] = []
+        self.locked: list[_LockedEntry] = []
+        self.live = 0
+
+    def push(self, key: Key, now: float) -> None:
+        entry: _ReadyEntry | _LockedEntry
+        if key.rate_limited_until > now:
+            entry = (key.rate_limited_until, key.last_used, key.seq, key)
+            heapq.heappush(self.locked, entry)
+        else:
+            entry = (key.last_used, key.seq, key)
+            heapq.heappush(self.ready, entry)
+        key.index_entry = entry
+        if len(self.ready) + len(self.locked) > 2 * self.live + 64:
+            self._compact()
+
+    def top(self, now: float) -> _ReadyEntry | _LockedEntry | None:
+        """The best live entry (unlocked first, else earliest unlock), left on its heap."""
+        locked, ready = self.locked, self.ready
+        while locked and locked[0][0] <= now:
+            entry = heapq.heappop(locked)
+            key = entry[3]
+            if key.index_entry is entry:
+                promoted = (key.last_used, key.seq, key)
+                heapq.heappush(ready, promoted)
+                key.index_entry = promoted
+        while ready and ready[0][2].index_entry is not ready[0]:
+            heapq.heappop(ready)
+        if ready:
+            return ready[0]
+        while locked and locked[0][3].index_entry is not locked[0]:
+            heapq.heappop(locked)
+        return locked[0] if locked else None
+
+    def pop_top(self, entry: _ReadyEntry | _LockedEntry) -> None:
+        """Removes ``entry``, which ``top`` just returned."""
+        if len(entry) == 3:
+            heapq.heappop(self.ready)
+        else:
+            heapq.heappop(self.locked)
+
+    def _compact(self) -> None:
+        self.ready = [e for e in self.ready if e[2].index_entry is e]
+        self.locked = [e for e in self.locked if e[3].index_entry is e]
+        heapq.heapify(self.ready)
+        heapq.heapify(self.locked)
+
+
+class KeyPool:
+    """The keys of one upstream service and the rules for handing them out."""
+
+    def __init__(
+        self,
+        *,
+        store: KeyStore,
+        models: ModelTable,
+        clock: Clock,
+        allowed_families: frozenset[str] | None = None,
+        reuse_delay: float = KEY_REUSE_DELAY,
+    ) -> None:
+        """Builds a pool over the keys already in ``store``.
+
+        Args:
+            store: where the key records live.
+            models: the model → family table.
+            clock: the time source for every decision.
+            allowed_families: families the operator allows; None allows all.
+            reuse_delay: seconds a key is held back after being handed out.
+        """
+        self._store = store
+        self._models = models
+        self._clock = clock
+        self._allowed = allowed_families
+        self._reuse_delay = reuse_delay
+        self._indexes: dict[KeyProfile, _ProfileIndex] = {}
+        self._eligible_cache: dict[tuple[str, bool], list[_ProfileIndex]] = {}
+        self._profiles: dict[KeyProfile, KeyProfile] = {}
+        self._next_seq = 0
+        now = clock.now()
+        for key in store:
+            key.profile = self._intern(key.profile)
+            key.seq = self._take_seq()
+            self._derive_until(key)
+            if not key.is_disabled:
+                self._place(key, now)
+
+    @classmethod
+    def from_secrets(
+        cls,
+        secrets: Iterable[str],
+        *,
+        models: ModelTable,
+        clock: Clock,
+        allowed_families: frozenset[str] | None = None,
+        reuse_delay: float = KEY_REUSE_DELAY,
+    ) -> KeyPool:
+        """A pool over an in-memory store holding ``secrets`` as unchecked keys."""
+        pool = cls(
+            store=MemoryKeyStore(),
+            models=models,
+            clock=clock,
+            allowed_families=allowed_families,
+            reuse_delay=reuse_delay,
+        )
+        for secret in secrets:
+            pool.add_key(secret)
+        return pool
+
+    # -- loading -------------------------------------------------------------
+
+    def add_key(self, secret: str, *, organization_id: str = "") -> Key | None:
+        """Adds an unchecked key with the default families.
+
+        Returns:
+            The new key, or None when a key with the same hash is already in
+            the pool (the same secret, or a rare 32-bit hash collision).
+        """
+        key_hash = hash_key(secret, organization_id)
+        existing = self._store.get(key_hash)
+        if existing is not None:
+            if existing.secret != secret or existing.organization_id != organization_id:
+                _log.error(
+                    "two different keys share a hash; keeping the first",
+                    extra={"key_hash": key_hash},
+                )
+            return None
+        profile = self._intern(KeyProfile(self._models.default_key_families()))
+        key = Key(
+            secret=secret,
+            hash=key_hash,
+            profile=profile,
+            seq=self._take_seq(),
+            organization_id=organization_id,
+        )
+        self._store.add(key)
+        self._place(key, self._clock.now())
+        return key
+
+    # -- hand-out ------------------------------------------------------------
+
+    def get(self, model: str) -> Key:
+        """Chooses the key most likely to succeed for ``model`` and throttles it.
+
+        Raises:
+            InvalidArgument: ``model`` is empty or too long.
+            FamilyDisallowed: the operator disallows the model's family.
+            NoKeysForFamily: no key is eligible for the model.
+        """
+        _check_model(model)
+        info = self._models.lookup(model)
+        if self._allowed is not None and info.family not in self._allowed:
+            raise FamilyDisallowed(info.family, model)
+        now = self._clock.now()
+        best_index, best_entry = self._select(self._eligible(info), now)
+        if best_index is None or best_entry is None:
+            raise NoKeysForFamily(info.family, model)
+        best_index.pop_top(best_entry)
+        key = best_entry[-1]
+        assert isinstance(key, Key)
+        key.last_used = now
+        key.rate_limited_at = now
+        # Reset headers describe the previous answer; the coming answer brings its own.
+        key.requests_reset = None
+        key.tokens_reset = None
+        key.saw_rate_limit = False
+        self._derive_until(key)
+        best_index.push(key, now)
+        self._store.changed(key)
+        return key
+
+    def lockout_period(self, model: str) -> float:
+        """Seconds until a key for ``model`` is free.
+
+        Zero when one is free now, and zero when none is eligible at all (or the
+        family is disallowed) so the caller goes ahead and gets Get's clear error
+        instead of waiting forever. Uses exactly Get's eligibility rule.
+        """
+        model = model or DEFAULT_LOCKOUT_MODEL
+        _check_model(model)
+        info = self._models.lookup(model)
+        if self._allowed is not None and info.family not in self._allowed:
+            return 0.0
+        now = self._clock.now()
+        _, entry = self._select(self._eligible(info), now)
+        if entry is None or len(entry) == 3:
+            return 0.0
+        return max(0.0, entry[0] - now)
+
+    def _select(
+        self, indexes: list[_ProfileIndex], now: float
+    ) -> tuple[_ProfileIndex | None, _ReadyEntry | _LockedEntry | None]:
+        best_index: _ProfileIndex | None = None
+        best_entry: _ReadyEntry | _LockedEntry | None = None
+        best_rank: tuple[float, ...] | None = None
+        for index in indexes:
+            entry = index.top(now)
+            if entry is None:
+                continue
+            if len(indexes) == 1:
+                return index, entry
+            profile = index.profile
+            trial_rank = 0 if profile.is_trial else 1
+            has_32k_rank = 1 if GPT4_32K in profile.families else 0
+            if len(entry) == 3:  # unlocked: (last_used, seq, key)
+                rank: tuple[float, ...] = (0, 0.0, trial_rank, has_32k_rank, entry[0], entry[1])
+            else:  # locked: (until, last_used, seq, key)
+                rank = (1, entry[0], trial_rank, has_32k_rank, entry[1], entry[2])
+            if best_rank is None or rank < best_rank:
+                best_index, best_entry, best_rank = index, entry, rank
+        return best_index, best_entry
+
+    def _eligible(self, info: ModelInfo) -> list[_ProfileIndex]:
+        """The profile indexes whose keys may serve the model; shared by get and lockout."""
+        cache_key = (info.family, info.embeddings)
+        indexes = self._eligible_cache.get(cache_key)
+        if indexes is None:
+            indexes = [
+                index
+                for index in self._indexes.values()
+                if index.profile.serves(info.family, embeddings=info.embeddings)
+            ]
+            self._eligible_cache[cache_key] = indexes
+        return indexes
+
+    # -- learning from upstream answers --------------------------------------
+
+    def mark_rate_limited(self, key_hash: str, model: str = "") -> None:
+        """Records that the upstream answered 429 for the key just now."""
+        key = self.key(key_hash)
+        if model:
+            _check_model(model)
+        now = self._clock.now()
+        key.rate_limited_at = now
+        key.saw_rate_limit = True
+        self._reposition(key, now)
+        _log.debug("key rate limited", extra={"key_hash": key.hash})
+
+    def update_rate_limits(self, key_hash: str, headers: Mapping[str, str]) -> None:
+        """Records an upstream answer's reset headers (Go durations, clamped to 10 s).
+
+        An unparseable value is ignored and logged; without either header nothing
+        changes. Together with ``mark_rate_limited`` the result does not depend on
+        which of the two is reported first.
+        """
+        key = self.key(key_hash)
+        _check_headers(headers)
+        lowered = {name.lower(): value for name, value in headers.items()}
+        changed = False
+        for header in (REQUESTS_RESET_HEADER, TOKENS_RESET_HEADER):
+            raw = lowered.get(header)
+            if raw is None:
+                continue
+            seconds = parse_go_duration(raw)
+            if seconds is None:
+                _log.warning(
+                    "ignoring unparseable rate-limit header",
+                    extra={"key_hash": key.hash, "header": header, "value": raw[:64]},
+                )
+                continue
+            seconds = min(seconds, MAX_RESET)
+            if header == REQUESTS_RESET_HEADER:
+                key.requests_reset = seconds
+            else:
+                key.tokens_reset = seconds
+            changed = True
+        if changed:
+            self._reposition(key, self._clock.now())
+
+    def increment_usage(self, key_hash: str, model: str, tokens: int) -> None:
+        """Adds a finished request's tokens to the model family's usage."""
+        key = self.key(key_hash)
+        _check_model(model)
+        if not 0 <= tokens <= Limits.TOKENS:
+            raise InvalidArgument("tokens", f"must be between 0 and {Limits.TOKENS}")
+        family = self._models.family(model)
+        key.token_usage[family] = key.token_usage.get(family, 0) + tokens
+        key.prompt_count += 1
+        self._store.changed(key)
+
+    # -- key state -------------------------------------------------------------
+
+    def disable(self, key_hash: str, reason: DisableReason) -> Key:
+        """Takes a key out of service for good (until a recheck); its families are kept."""
+        key = self.key(key_hash)
+        if reason is DisableReason.REVOKED:
+            key.is_revoked = True
+        elif reason is DisableReason.QUOTA:
+            key.is_over_quota = True
+        if key.is_disabled:
+            # The first report is kept; a later one may only name a reason.
+            if key.disable_reason is DisableReason.UNSPECIFIED:
+                key.disable_reason = reason
+        else:
+            key.is_disabled = True
+            key.disable_reason = reason
+            key.disabled_at = self._clock.now()
+            self._unplace(key)
+            _log.warning("key disabled", extra={"key_hash": key.hash, "reason": reason.value})
+        self._store.changed(key)
+        return key
+
+    def recheck(self) -> None:
+        """Clears every key's disabled, revoked and over-quota flags and marks it unchecked."""
+        now = self._clock.now()
+        for key in self._store:
+            was_disabled = key.is_disabled
+            key.is_disabled = key.is_revoked = key.is_over_quota = False
+            key.disable_reason = None
+            key.disabled_at = 0.0
+            key.last_checked = 0.0
+            if was_disabled:
+                self._place(key, now)
+            self._store.changed(key)
+        _log.info("all keys marked for recheck", extra={"keys": len(self._store)})
+
+    # -- queries -------------------------------------------------------------
+
+    def key(self, key_hash: str) -> Key:
+        """The key with ``key_hash``.
+
+        Raises:
+            InvalidArgument: the hash is empty or too long.
+            KeyNotFound: no key has that hash.
+        """
+        if not key_hash:
+            raise InvalidArgument("hash", "is required")
+        if not HASH_PATTERN.fullmatch(key_hash):
+            raise InvalidArgument("hash", "is not a key hash (they look like oai-0123abcd)")
+        key = self._store.get(key_hash)
+        if key is None:
+            raise KeyNotFound(key_hash)
+        return key
+
+    def keys(self) -> list[Key]:
+        """Every key, in load order."""
+        return list(self._store)
+
+    def available(self) -> int:
+        """How many keys are not disabled."""
+        return sum(index.live for index in self._indexes.values())
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    # -- index upkeep ----------------------------------------------------------
+
+    def _derive_until(self, key: Key) -> None:
+        """``rate_limited_until`` = the later of the reuse throttle and the rate-limit window.
+
+        The window starts at ``rate_limited_at`` and lasts the longer of the
+        known resets; after a 429 with no reset header, 10 s.
+        """
+        if not key.last_used and not key.rate_limited_at:
+            key.rate_limited_until = 0.0
+            return
+        resets = [r for r in (key.requests_reset, key.tokens_reset) if r is not None]
+        if resets:
+            window = max(resets)
+        else:
+            window = RATE_LIMIT_FALLBACK if key.saw_rate_limit else 0.0
+        key.rate_limited_until = max(
+            key.last_used + self._reuse_delay, key.rate_limited_at + window
+        )
+
+    def _reposition(self, key: Key, now: float) -> None:
+        self._derive_until(key)
+        if not key.is_disabled:
+            self._place(key, now)
+        self._store.changed(key)
+
+    def _place(self, key: Key, now: float) -> None:
+        index = self._index_for(key.profile)
+        if key.index_entry is None:
+            index.live += 1
+        index.push(key, now)
+
+    def _unplace(self, key: Key) -> None:
+        if key.index_entry is not None:
+            self._indexes[key.profile].live -= 1
+            key.index_entry = None
+
+    def _index_for(self, profile: KeyProfile) -> _ProfileIndex:
+        index = self._indexes.get(profile)
+        if index is None:
+            index = self._indexes[profile] = _ProfileIndex(profile)
+            self._eligible_cache.clear()
+        return index
+
+    def _intern(self, profile: KeyProfile) -> KeyProfile:
+        return self._profiles.setdefault(profile, profile)
+
+    def _take_seq(self) -> int:
+        self._next_seq += 1
+        return self._next_seq
+
+
+def _check_model(model: str) -> None:
+    if not model:
+        raise InvalidArgument("model", "is required")
+    if len(model) > Limits.MODEL_LENGTH:
+        raise InvalidArgument("model", f"is longer than {Limits.MODEL_LENGTH} characters")
+
+
+def _check_headers(headers: Mapping[str, str]) -> None:
+    if len(headers) > Limits.HEADER_COUNT:
+        raise InvalidArgument("headers", f"more than {Limits.HEADER_COUNT} headers")
+    for name, value in headers.items():
+        if not name or len(name) > Limits.HEADER_NAME_LENGTH:
+            raise InvalidArgument(
+                "headers", f"header names must be 1 to {Limits.HEADER_NAME_LENGTH} characters"
+            )
+        if len(value) > Limits.HEADER_VALUE_LENGTH:
+            raise InvalidArgument(
+                "headers",
+                f"header {name[:64]!r} is longer than {Limits.HEADER_VALUE_LENGTH} characters",
+            )

@@ -1,0 +1,125 @@
+"""The KeyService servicer: request message → pool call → response message.
+
+It holds no logic of its own; the pool validates and decides, and
+``keysvc.server`` maps the pool's errors to gRPC statuses.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+from google.protobuf import duration_pb2, timestamp_pb2
+
+from .errors import InvalidArgument
+from .keys import DisableReason, Key
+from .pool import KeyPool
+from .v1 import keysvc_pb2 as pb
+from .v1 import keysvc_pb2_grpc as pb_grpc
+
+__all__ = ["KeyService", "key_to_proto"]
+
+_Context = grpc.aio.ServicerContext[Any, Any]
+
+_REASON_FROM_PROTO = {
+    pb.DISABLE_REASON_UNSPECIFIED: DisableReason.UNSPECIFIED,
+    pb.DISABLE_REASON_REVOKED: DisableReason.REVOKED,
+    pb.DISABLE_REASON_QUOTA: DisableReason.QUOTA,
+    pb.DISABLE_REASON_MANUAL: DisableReason.MANUAL,
+}
+_REASON_TO_PROTO: dict[DisableReason | None, pb.DisableReason.ValueType] = {
+    reason: number for number, reason in _REASON_FROM_PROTO.items()
+}
+_REASON_TO_PROTO[None] = pb.DISABLE_REASON_UNSPECIFIED
+
+
+def _timestamp(seconds: float) -> timestamp_pb2.Timestamp | None:
+    if not seconds:
+        return None
+    whole = int(seconds)
+    return timestamp_pb2.Timestamp(seconds=whole, nanos=int((seconds - whole) * 1e9))
+
+
+def _duration(seconds: float | None) -> duration_pb2.Duration | None:
+    if seconds is None:
+        return None
+    whole = int(seconds)
+    return duration_pb2.Duration(seconds=whole, nanos=int(round((seconds - whole) * 1e9)))
+
+
+def key_to_proto(key: Key) -> pb.Key:
+    """The public view of a key. There is no secret field to fill."""
+    return pb.Key(
+        hash=key.hash,
+        service=key.service,
+        model_families=sorted(key.model_families),
+        organization_id=key.organization_id,
+        is_trial=key.is_trial,
+        is_disabled=key.is_disabled,
+        is_revoked=key.is_revoked,
+        is_over_quota=key.is_over_quota,
+        last_used=_timestamp(key.last_used),
+        last_checked=_timestamp(key.last_checked),
+        prompt_count=key.prompt_count,
+        rate_limited_at=_timestamp(key.rate_limited_at),
+        rate_limited_until=_timestamp(key.rate_limited_until),
+        rate_limit_requests_reset=_duration(key.requests_reset),
+        rate_limit_tokens_reset=_duration(key.tokens_reset),
+        token_usage=key.token_usage,
+        disable_reason=_REASON_TO_PROTO[key.disable_reason],
+        disabled_at=_timestamp(key.disabled_at),
+    )
+
+
+class KeyService(pb_grpc.KeyServiceServicer):
+    """keysvc.v1.KeyService over a ``KeyPool``."""
+
+    def __init__(self, pool: KeyPool) -> None:
+        self._pool = pool
+
+    async def Get(self, request: pb.GetRequest, context: _Context) -> pb.GetResponse:
+        key = self._pool.get(request.model)
+        return pb.GetResponse(secret=key.secret, key=key_to_proto(key))
+
+    async def Disable(self, request: pb.DisableRequest, context: _Context) -> pb.DisableResponse:
+        reason = _REASON_FROM_PROTO.get(request.reason)
+        if reason is None:
+            raise InvalidArgument("reason", f"unknown DisableReason {request.reason}")
+        return pb.DisableResponse(key=key_to_proto(self._pool.disable(request.hash, reason)))
+
+    async def MarkRateLimited(
+        self, request: pb.MarkRateLimitedRequest, context: _Context
+    ) -> pb.MarkRateLimitedResponse:
+        self._pool.mark_rate_limited(request.hash, request.model)
+        return pb.MarkRateLimitedResponse()
+
+    async def UpdateRateLimits(
+        self, request: pb.UpdateRateLimitsRequest, context: _Context
+    ) -> pb.UpdateRateLimitsResponse:
+        self._pool.update_rate_limits(request.hash, request.headers)
+        return pb.UpdateRateLimitsResponse()
+
+    async def GetLockoutPeriod(
+        self, request: pb.GetLockoutPeriodRequest, context: _Context
+    ) -> pb.GetLockoutPeriodResponse:
+        return pb.GetLockoutPeriodResponse(
+            lockout=_duration(self._pool.lockout_period(request.model))
+        )
+
+    async def IncrementUsage(
+        self, request: pb.IncrementUsageRequest, context: _Context
+    ) -> pb.IncrementUsageResponse:
+        self._pool.increment_usage(request.hash, request.model, request.tokens)
+        return pb.IncrementUsageResponse()
+
+    async def List(self, request: pb.ListRequest, context: _Context) -> pb.ListResponse:
+        return pb.ListResponse(keys=[key_to_proto(key) for key in self._pool.keys()])
+
+    async def Available(
+        self, request: pb.AvailableRequest, context: _Context
+    ) -> pb.AvailableResponse:
+        return pb.AvailableResponse(count=self._pool.available())
+
+    async def Recheck(self, request: pb.RecheckRequest, context: _Context) -> pb.RecheckResponse:
+        self._pool.recheck()
+        return pb.RecheckResponse()
