@@ -138,7 +138,12 @@ def create_server(
     Raises:
         OSError: the address cannot be bound.
     """
-    server = grpc.aio.server(interceptors=[ErrorMappingInterceptor(), *interceptors])
+    # Without this, gRPC sets SO_REUSEPORT and a second keysvc on the same port
+    # would silently share it instead of failing to start.
+    options = [("grpc.so_reuseport", 0)]
+    server = grpc.aio.server(
+        interceptors=[ErrorMappingInterceptor(), *interceptors], options=options
+    )
     keysvc_pb2_grpc.add_KeyServiceServicer_to_server(KeyService(pool), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -192,14 +197,14 @@ async def serve(settings: Settings, *, clock: Clock | None = None) -> None:
     if settings.check_keys:
         _log.warning("key checking is not available yet; keys are used as loaded")
     running = create_server(pool, host=settings.host, port=settings.port)
-    await running.start()
-    _log.info("serving", extra={"address": _address(settings.host, running.port)})
-
+    # Handlers go in before "serving" is logged: a supervisor may signal right after.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     try:
+        await running.start()
+        _log.info("serving", extra={"address": _address(settings.host, running.port)})
         await stop.wait()
         _log.info("shutting down", extra={"grace_seconds": settings.shutdown_grace})
     finally:

@@ -1,0 +1,95 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from keysvc.models import GPT4_32K, ModelRule, ModelTable, ModelTableError
+
+
+@pytest.mark.parametrize(
+    ("model", "family"),
+    [
+        ("gpt-4o-mini", "turbo"),
+        ("gpt-4o-mini-2024-07-18", "turbo"),
+        ("gpt-4o", "gpt4o"),
+        ("gpt-4o-2024-08-06", "gpt4o"),
+        ("chatgpt-4o-latest", "gpt4o"),
+        ("gpt-4-turbo", "gpt4-turbo"),
+        ("gpt-4-turbo-2024-04-09", "gpt4-turbo"),
+        ("gpt-4-0125-preview", "gpt4-turbo"),
+        ("gpt-4-1106-preview", "gpt4-turbo"),
+        ("gpt-4-1106-vision-preview", "gpt4-turbo"),
+        ("gpt-4-vision-preview", "gpt4-turbo"),
+        ("gpt-4-32k", GPT4_32K),
+        ("gpt-4-32k-0613", GPT4_32K),
+        ("gpt-4", "gpt4"),
+        ("gpt-4-0613", "gpt4"),
+        ("gpt-3.5-turbo", "turbo"),
+        ("gpt-3.5-turbo-instruct", "turbo"),
+        ("text-embedding-ada-002", "turbo"),
+        ("dall-e-3", "dall-e"),
+        ("o1-mini", "o1-mini"),
+        ("o1-preview", "o1"),
+        ("o1", "o1"),
+        ("gpt-4.1", "gpt41"),
+        ("gpt-4.1-mini-2025-04-14", "gpt41-mini"),
+        ("o3-mini", "o3-mini"),
+        ("o4-mini", "o4-mini"),
+        ("gpt-5", "gpt5"),
+        ("some-future-model", "gpt4"),
+    ],
+)
+def test_built_in_table(model: str, family: str) -> None:
+    assert ModelTable().family(model) == family
+
+
+def test_embeddings_models_are_flagged() -> None:
+    table = ModelTable()
+    assert table.lookup("text-embedding-ada-002").embeddings
+    assert table.lookup("text-embedding-3-small").embeddings
+    assert not table.lookup("gpt-3.5-turbo").embeddings
+
+
+def test_unchecked_keys_get_every_family_but_32k() -> None:
+    table = ModelTable()
+    defaults = table.default_key_families()
+    assert GPT4_32K not in defaults
+    assert {"turbo", "gpt4", "gpt4-turbo", "gpt4o", "dall-e", "o1"} <= defaults
+    assert defaults == set(table.families) - {GPT4_32K}
+
+
+def test_first_match_wins() -> None:
+    table = ModelTable([ModelRule("^gpt-4", "a"), ModelRule("^gpt-4o", "b")])
+    assert table.family("gpt-4o") == "a"
+
+
+def test_operator_rules_come_first(tmp_path: Path) -> None:
+    path = tmp_path / "models.json"
+    path.write_text(json.dumps([{"pattern": r"^gpt-4o-2099", "family": "gpt4o-next"}]))
+    table = ModelTable.from_file(path)
+    assert table.family("gpt-4o-2099-01-01") == "gpt4o-next"
+    assert table.family("gpt-4o") == "gpt4o"
+    assert "gpt4o-next" in table.default_key_families()
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "not json",
+        json.dumps({"pattern": "x", "family": "y"}),
+        json.dumps([{"pattern": "x"}]),
+        json.dumps([{"pattern": "(", "family": "y"}]),
+        json.dumps([{"pattern": "x", "family": ""}]),
+        json.dumps([{"pattern": "x", "family": "y", "extra": 1}]),
+    ],
+)
+def test_malformed_operator_table_is_refused(tmp_path: Path, content: str) -> None:
+    path = tmp_path / "models.json"
+    path.write_text(content)
+    with pytest.raises(ModelTableError):
+        ModelTable.from_file(path)
+
+
+def test_missing_operator_table_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ModelTableError, match="cannot read"):
+        ModelTable.from_file(tmp_path / "absent.json")
