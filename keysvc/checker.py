@@ -277,6 +277,11 @@ class KeyChecker:
         """Keys waiting for a check or a retry."""
         return len(self._queued) + len(self._retries)
 
+    @property
+    def retrying(self) -> int:
+        """Keys waiting for a retry after an incomplete check."""
+        return len(self._retries)
+
     async def run(self) -> None:
         """Checks keys until cancelled; closes the HTTP client on the way out."""
         _log.info(
