@@ -13,6 +13,7 @@ from keysvc.clock import ManualClock
 from keysvc.models import ModelTable
 from keysvc.pool import KeyPool
 from keysvc.server import KeysvcServer, create_server
+from keysvc.service import Rechecker
 from keysvc.v1 import keysvc_pb2_grpc
 
 
@@ -31,10 +32,15 @@ def make_pool(
 
 @contextlib.asynccontextmanager
 async def serving(
-    pool: KeyPool, interceptors: Sequence[grpc.aio.ServerInterceptor] = ()
+    pool: KeyPool,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    *,
+    checker: Rechecker | None = None,
 ) -> AsyncIterator[KeysvcServer]:
     """A started keysvc server on a free loopback port; stopped on exit."""
-    server = create_server(pool, host="127.0.0.1", port=0, interceptors=interceptors)
+    server = create_server(
+        pool, host="127.0.0.1", port=0, interceptors=interceptors, checker=checker
+    )
     await server.start()
     try:
         yield server

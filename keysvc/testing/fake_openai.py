@@ -186,17 +186,22 @@ class _State:
     scenarios: dict[str, Scenario]
     requests: list[RecordedRequest] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
+    received: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
+    # A batch opens dozens of connections at once; the default backlog of 5 drops SYNs.
+    request_queue_size = 256
     state: _State
 
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in two writes; with Nagle on, the second waits for a delayed ACK.
+    disable_nagle_algorithm = True
     server: _Server
 
     def log_message(self, format: str, *args: Any) -> None:
@@ -219,6 +224,7 @@ class _Handler(BaseHTTPRequestHandler):
         with state.lock:
             scenario = state.scenarios.get(key)
             state.counts[key] = count = state.counts.get(key, 0) + 1
+            state.received += 1
         if scenario is not None and scenario.delay:
             time.sleep(scenario.delay)
         status, body, limit = self._answer(path, key, org, scenario, count, raw)
@@ -384,6 +390,12 @@ class FakeOpenAI:
     def add(self, key: str, scenario: Scenario) -> None:
         with self._state.lock:
             self._state.scenarios[key] = scenario
+
+    @property
+    def received(self) -> int:
+        """Requests received so far, answered or not (a slow key's are still waiting)."""
+        with self._state.lock:
+            return self._state.received
 
     @property
     def requests(self) -> list[RecordedRequest]:
