@@ -6,10 +6,10 @@ import argparse
 
 import pytest
 
-from keysvc.config import ConfigError, add_serve_arguments, settings_from
+from keysvc.config import ConfigError, Settings, add_serve_arguments, settings_from
 
 
-def parse(argv: list[str], env: dict[str, str]):  # type: ignore[no-untyped-def]
+def parse(argv: list[str], env: dict[str, str]) -> Settings:
     parser = argparse.ArgumentParser()
     add_serve_arguments(parser)
     return settings_from(parser.parse_args(argv), env)
