@@ -9,7 +9,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: help install run test test-python lint proto clean
+.PHONY: help install run test test-python lint proto clean demo
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -24,6 +24,9 @@ install: $(STAMP) ## create .venv and install keysvc with its test tools
 
 run: install ## serve on 127.0.0.1:50051 (keys from OPENAI_KEY)
 	$(VENV)/bin/keysvc serve
+
+demo: install ## fake upstream + keysvc + key checker, shown through the gRPC API
+	$(PY) scripts/demo.py
 
 lint: install ## ruff and mypy --strict on the package
 	$(VENV)/bin/ruff check keysvc tests scripts

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+from .durations import parse_go_duration
 from .keys import parse_key_list
 from .logs import LOG_FORMATS, LOG_LEVELS
 
@@ -46,6 +47,12 @@ class Settings:
     shutdown_grace: float = 10.0
     #: Extra model → family rules, tried before the built-in ones.
     model_families_file: Path | None = None
+    #: Seconds one key's check (three upstream calls) may take.
+    check_timeout: float = 10.0
+    #: Seconds between the end of one batch of key checks and the start of the next.
+    check_interval: float = 3.0
+    #: Seconds between full rechecks of every live key; 0 turns them off.
+    recheck_interval: float = 8 * 3600.0
 
 
 def _parse_bool(text: str) -> bool:
@@ -68,6 +75,23 @@ def _parse_seconds(text: str) -> float:
     seconds = float(text)
     if not 0 <= seconds < 86_400:
         raise ValueError(f"{text} is not between 0 and 86400 seconds")
+    return seconds
+
+
+def _parse_timeout(text: str) -> float:
+    seconds = float(text)
+    if not 0 < seconds <= 600:
+        raise ValueError(f"{text} is not between 0 (exclusive) and 600 seconds")
+    return seconds
+
+
+def _parse_interval(text: str) -> float:
+    """Seconds, or a Go-style duration such as "8h" or "90m"."""
+    seconds = parse_go_duration(text)
+    if seconds is None:
+        seconds = float(text)
+    if not 0 <= seconds <= 30 * 86_400:
+        raise ValueError(f"{text} is not between 0 and 30 days")
     return seconds
 
 
@@ -150,6 +174,22 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         help="JSON file of extra model → family rules (env KEYSVC_MODEL_FAMILIES_FILE)",
     )
+    parser.add_argument(
+        "--check-timeout",
+        type=_flag_type("seconds", _parse_timeout),
+        help="seconds one key check may take (env KEYSVC_CHECK_TIMEOUT, default 10)",
+    )
+    parser.add_argument(
+        "--check-interval",
+        type=_flag_type("seconds", _parse_interval),
+        help="seconds between batches of key checks (env KEYSVC_CHECK_INTERVAL, default 3)",
+    )
+    parser.add_argument(
+        "--recheck-interval",
+        type=_flag_type("duration", _parse_interval),
+        help="period of the full recheck of live keys, e.g. 8h; 0 = never "
+        "(env KEYSVC_RECHECK_INTERVAL, default 8h)",
+    )
 
 
 def settings_from(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> Settings:
@@ -170,6 +210,9 @@ def settings_from(args: argparse.Namespace, env: Mapping[str, str] | None = None
         log_format=_from_env(env, "KEYSVC_LOG_FORMAT", _choice(LOG_FORMATS), "text"),
         shutdown_grace=_from_env(env, "KEYSVC_SHUTDOWN_GRACE", _parse_seconds, 10.0),
         model_families_file=_from_env(env, "KEYSVC_MODEL_FAMILIES_FILE", Path, None),
+        check_timeout=_from_env(env, "KEYSVC_CHECK_TIMEOUT", _parse_timeout, 10.0),
+        check_interval=_from_env(env, "KEYSVC_CHECK_INTERVAL", _parse_interval, 3.0),
+        recheck_interval=_from_env(env, "KEYSVC_RECHECK_INTERVAL", _parse_interval, 8 * 3600.0),
     )
     overrides = {
         name: value

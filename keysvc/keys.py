@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import re
 from dataclasses import dataclass, field
 
-__all__ = ["DisableReason", "Key", "KeyProfile", "hash_key", "parse_key_list"]
+__all__ = ["DisableReason", "Key", "KeyProfile", "hash_key", "parse_key_list", "lists_model"]
 
 SERVICE_OPENAI = "openai"
 
@@ -30,9 +31,30 @@ class KeyProfile:
 
     families: frozenset[str]
     is_trial: bool = False
+    #: The model ids the upstream listed for the key; None until the checker has seen them.
+    model_ids: frozenset[str] | None = None
 
-    def serves(self, family: str, *, embeddings: bool) -> bool:
-        return family in self.families and not (embeddings and self.is_trial)
+    def serves(self, model: str, family: str, *, embeddings: bool) -> bool:
+        """Whether a key of this profile may serve ``model`` (of ``family``).
+
+        Once the model ids are known, the model must be one of them (or a dated
+        snapshot of one); before that the family decides alone.
+        """
+        if family not in self.families or (embeddings and self.is_trial):
+            return False
+        return self.model_ids is None or lists_model(self.model_ids, model)
+
+
+# "-2024-08-06" (gpt-4o-2024-08-06) or "-0613" (gpt-4-0613) at the end of a model name.
+_SNAPSHOT_SUFFIX = re.compile(r"-(?:\d{4}-\d{2}-\d{2}|\d{4})$")
+
+
+def lists_model(model_ids: frozenset[str], model: str) -> bool:
+    """Whether ``model`` is in ``model_ids``, counting a dated snapshot of a listed model."""
+    if model in model_ids:
+        return True
+    base = _SNAPSHOT_SUFFIX.sub("", model)
+    return base != model and base in model_ids
 
 
 def hash_key(secret: str, organization_id: str = "") -> str:
@@ -79,6 +101,10 @@ class Key:
     #: A 429 was reported since the key was last handed out.
     saw_rate_limit: bool = False
     token_usage: dict[str, int] = field(default_factory=dict)
+    #: Disabled before a Recheck: stays out until its new check says it is alive.
+    revive_if_alive: bool = False
+    #: Hash of the key this organization clone was made from; empty for loaded keys.
+    cloned_from: str = ""
     #: The pool's live index entry for this key; None while the key is not indexed.
     index_entry: object = field(default=None, repr=False)
 
@@ -89,3 +115,7 @@ class Key:
     @property
     def is_trial(self) -> bool:
         return self.profile.is_trial
+
+    @property
+    def model_ids(self) -> frozenset[str] | None:
+        return self.profile.model_ids

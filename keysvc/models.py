@@ -17,6 +17,7 @@ __all__ = [
     "DEFAULT_FAMILY",
     "DEFAULT_RULES",
     "GPT4_32K",
+    "LISTED_DEFAULT_FAMILY",
     "ModelInfo",
     "ModelRule",
     "ModelTable",
@@ -25,6 +26,8 @@ __all__ = [
 
 #: Family of a model no rule matches (the seed's default for requests).
 DEFAULT_FAMILY = "gpt4"
+#: Family of a model id the upstream lists for a key that no rule matches.
+LISTED_DEFAULT_FAMILY = "turbo"
 #: The family unchecked keys do not get: only the checker can grant it.
 GPT4_32K = "gpt4-32k"
 
@@ -119,14 +122,28 @@ class ModelTable:
         """Returns the family of ``model`` and whether it is an embeddings model."""
         info = self._cache.get(model)
         if info is None:
-            info = ModelInfo(self.default_family, embeddings=False)
-            for regex, rule in self._compiled:
-                if regex.match(model):
-                    info = ModelInfo(rule.family, rule.embeddings)
-                    break
+            info = self._match(model) or ModelInfo(self.default_family, embeddings=False)
             if len(self._cache) < 10_000:  # bounded: model names come from callers
                 self._cache[model] = info
         return info
+
+    def _match(self, model: str) -> ModelInfo | None:
+        for regex, rule in self._compiled:
+            if regex.match(model):
+                return ModelInfo(rule.family, rule.embeddings)
+        return None
+
+    def listed_families(self, model_ids: Iterable[str]) -> frozenset[str]:
+        """The families of the model ids the upstream lists for a key.
+
+        An id no rule matches counts as ``LISTED_DEFAULT_FAMILY`` (turbo), as the
+        seed's checker does, not as the request default.
+        """
+        families = set()
+        for model_id in model_ids:
+            info = self._match(model_id)
+            families.add(info.family if info is not None else LISTED_DEFAULT_FAMILY)
+        return frozenset(families)
 
     def family(self, model: str) -> str:
         return self.lookup(model).family

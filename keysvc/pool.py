@@ -12,7 +12,8 @@ instead of its 30 s window):
 4. keys *without* gpt4-32k before keys with it (keep scarce 32k keys free);
 5. the least recently used.
 
-Keys are indexed by ``KeyProfile`` (families + trial flag): all keys of one
+Keys are indexed by ``KeyProfile`` (families, trial flag and, once the checker
+has listed them, the key's model ids): all keys of one
 profile share rules 3 and 4, so each profile needs only two heaps — unlocked
 keys by last use, locked keys by unlock time — and a selection peeks one heap top
 per eligible profile. That is O(P + log n) per call for P distinct profiles
@@ -50,6 +51,8 @@ KEY_REUSE_DELAY: Final = 1.0
 MAX_RESET: Final = 10.0
 #: Lock length after a 429 that came without any reset header.
 RATE_LIMIT_FALLBACK: Final = 10.0
+#: Bound on the eligible-index cache, which is keyed by model name (names come from callers).
+ELIGIBLE_CACHE_SIZE: Final = 4096
 #: The model GetLockoutPeriod assumes when none is given (as the seed).
 DEFAULT_LOCKOUT_MODEL: Final = "gpt-4"
 
@@ -158,8 +161,9 @@ class KeyPool:
         self._allowed = allowed_families
         self._reuse_delay = reuse_delay
         self._indexes: dict[KeyProfile, _ProfileIndex] = {}
-        self._eligible_cache: dict[tuple[str, bool], list[_ProfileIndex]] = {}
+        self._eligible_cache: dict[str, list[_ProfileIndex]] = {}
         self._profiles: dict[KeyProfile, KeyProfile] = {}
+        self._model_id_sets: dict[frozenset[str], frozenset[str]] = {}
         self._next_seq = 0
         now = clock.now()
         for key in store:
@@ -236,7 +240,7 @@ class KeyPool:
         if self._allowed is not None and info.family not in self._allowed:
             raise FamilyDisallowed(info.family, model)
         now = self._clock.now()
-        best_index, best_entry = self._select(self._eligible(info), now)
+        best_index, best_entry = self._select(self._eligible(model, info), now)
         if best_index is None or best_entry is None:
             raise NoKeysForFamily(info.family, model)
         best_index.pop_top(best_entry)
@@ -266,7 +270,7 @@ class KeyPool:
         if self._allowed is not None and info.family not in self._allowed:
             return 0.0
         now = self._clock.now()
-        _, entry = self._select(self._eligible(info), now)
+        _, entry = self._select(self._eligible(model, info), now)
         if entry is None or len(entry) == 3:
             return 0.0
         return max(0.0, entry[0] - now)
@@ -294,17 +298,18 @@ class KeyPool:
                 best_index, best_entry, best_rank = index, entry, rank
         return best_index, best_entry
 
-    def _eligible(self, info: ModelInfo) -> list[_ProfileIndex]:
+    def _eligible(self, model: str, info: ModelInfo) -> list[_ProfileIndex]:
         """The profile indexes whose keys may serve the model; shared by get and lockout."""
-        cache_key = (info.family, info.embeddings)
-        indexes = self._eligible_cache.get(cache_key)
+        indexes = self._eligible_cache.get(model)
         if indexes is None:
             indexes = [
                 index
                 for index in self._indexes.values()
-                if index.profile.serves(info.family, embeddings=info.embeddings)
+                if index.profile.serves(model, info.family, embeddings=info.embeddings)
             ]
-            self._eligible_cache[cache_key] = indexes
+            if len(self._eligible_cache) >= ELIGIBLE_CACHE_SIZE:
+                self._eligible_cache.clear()
+            self._eligible_cache[model] = indexes
         return indexes
 
     # -- learning from upstream answers --------------------------------------
@@ -367,6 +372,8 @@ class KeyPool:
     def disable(self, key_hash: str, reason: DisableReason) -> Key:
         """Takes a key out of service for good (until a recheck); its families are kept."""
         key = self.key(key_hash)
+        # Newer news than a Recheck in flight: the key's check must not revive it.
+        key.revive_if_alive = False
         if reason is DisableReason.REVOKED:
             key.is_revoked = True
         elif reason is DisableReason.QUOTA:
@@ -384,8 +391,23 @@ class KeyPool:
         self._store.changed(key)
         return key
 
-    def recheck(self) -> None:
-        """Clears every key's disabled, revoked and over-quota flags and marks it unchecked."""
+    def recheck(self, *, until_checked: bool = False) -> None:
+        """Marks every key unchecked so it is checked again.
+
+        Args:
+            until_checked: a key checker is running. Keys disabled now stay
+                disabled, and out of every Get, until their new check says they
+                are alive (``apply_check``). Without a checker (False) every
+                key's disabled, revoked and over-quota flags are cleared at
+                once, as the seed does.
+        """
+        if until_checked:
+            for key in self._store:
+                key.last_checked = 0.0
+                key.revive_if_alive = key.is_disabled
+                self._store.changed(key)
+            _log.info("all keys marked for recheck", extra={"keys": len(self._store)})
+            return
         now = self._clock.now()
         for key in self._store:
             was_disabled = key.is_disabled
@@ -397,6 +419,87 @@ class KeyPool:
                 self._place(key, now)
             self._store.changed(key)
         _log.info("all keys marked for recheck", extra={"keys": len(self._store)})
+
+    # -- what the key checker learned -----------------------------------------
+
+    def apply_check(
+        self,
+        key_hash: str,
+        *,
+        model_ids: Iterable[str] | None,
+        is_trial: bool,
+        organization_id: str | None = None,
+    ) -> Key:
+        """Records a check that found the key alive.
+
+        Args:
+            key_hash: the checked key.
+            model_ids: the ids the upstream listed for the key; None when the
+                list could not be read this time (the known ones are kept).
+            is_trial: the key is trial-level.
+            organization_id: the key's default organization, when learned.
+
+        A key disabled before a Recheck (``revive_if_alive``) comes back into
+        service; a key disabled since (by a proxy's report) stays disabled.
+        """
+        key = self.key(key_hash)
+        profile = key.profile
+        if model_ids is not None:
+            ids = frozenset(model_ids)
+            ids = self._model_id_sets.setdefault(ids, ids)
+            profile = KeyProfile(self._models.listed_families(ids), is_trial, ids)
+        else:
+            profile = KeyProfile(profile.families, is_trial, profile.model_ids)
+        self._set_profile(key, profile)
+        if organization_id is not None:
+            key.organization_id = organization_id
+        key.last_checked = self._clock.now()
+        if key.is_disabled and key.revive_if_alive:
+            key.is_disabled = key.is_revoked = key.is_over_quota = False
+            key.disable_reason = None
+            key.disabled_at = 0.0
+            self._place(key, key.last_checked)
+            _log.info("key alive again after recheck", extra={"key_hash": key.hash})
+        key.revive_if_alive = False
+        self._store.changed(key)
+        return key
+
+    def apply_dead_check(self, key_hash: str, reason: DisableReason) -> Key:
+        """Records a check that found the key revoked or out of quota."""
+        key = self.key(key_hash)
+        key.last_checked = self._clock.now()
+        if key.is_disabled and key.revive_if_alive:
+            # Still dead after a Recheck: the new verdict replaces the old one.
+            key.revive_if_alive = False
+            key.is_revoked = reason is DisableReason.REVOKED
+            key.is_over_quota = reason is DisableReason.QUOTA
+            key.disable_reason = reason
+            self._store.changed(key)
+            _log.info(
+                "key still disabled after recheck",
+                extra={"key_hash": key.hash, "reason": reason.value},
+            )
+            return key
+        return self.disable(key_hash, reason)
+
+    def clone_for_org(self, key_hash: str, organization_id: str) -> Key | None:
+        """Adds an unchecked clone of a key for another of its organizations.
+
+        Returns:
+            The clone, or None when that clone is already in the pool.
+        """
+        parent = self.key(key_hash)
+        if not organization_id:
+            raise InvalidArgument("organization_id", "is required")
+        clone = self.add_key(parent.secret, organization_id=organization_id)
+        if clone is not None:
+            clone.cloned_from = parent.hash
+            self._store.changed(clone)
+            _log.info(
+                "cloned key for organization",
+                extra={"key_hash": clone.hash, "parent_hash": parent.hash},
+            )
+        return clone
 
     # -- queries -------------------------------------------------------------
 
@@ -461,8 +564,24 @@ class KeyPool:
 
     def _unplace(self, key: Key) -> None:
         if key.index_entry is not None:
-            self._indexes[key.profile].live -= 1
+            index = self._indexes[key.profile]
+            index.live -= 1
             key.index_entry = None
+            if index.live == 0:
+                # Checks move keys between profiles; do not keep empty ones to scan.
+                del self._indexes[key.profile]
+                self._eligible_cache.clear()
+
+    def _set_profile(self, key: Key, profile: KeyProfile) -> None:
+        """Moves a key to another profile: out of the old index before the profile changes."""
+        profile = self._intern(profile)
+        if profile is key.profile:
+            return
+        placed = key.index_entry is not None
+        self._unplace(key)
+        key.profile = profile
+        if placed:
+            self._place(key, self._clock.now())
 
     def _index_for(self, profile: KeyProfile) -> _ProfileIndex:
         index = self._indexes.get(profile)

@@ -21,12 +21,13 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
+from .checker import CheckerConfig, KeyChecker
 from .clock import Clock, SystemClock
 from .config import Settings
 from .errors import ERROR_DOMAIN, KeysvcError
 from .models import ModelTable
 from .pool import KeyPool
-from .service import KeyService
+from .service import KeyService, Rechecker
 from .v1 import keysvc_pb2, keysvc_pb2_grpc
 
 __all__ = ["SERVICE_NAME", "ErrorMappingInterceptor", "KeysvcServer", "create_server", "serve"]
@@ -130,10 +131,12 @@ def create_server(
     host: str = "127.0.0.1",
     port: int = 0,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    checker: Rechecker | None = None,
 ) -> KeysvcServer:
     """Builds a server for ``pool`` bound to ``host:port`` (0 picks a free port).
 
-    ``interceptors`` run inside the error mapping, after keysvc's own.
+    ``interceptors`` run inside the error mapping, after keysvc's own. With a
+    ``checker``, Recheck goes through it (and wakes it).
 
     Raises:
         OSError: the address cannot be bound.
@@ -144,7 +147,7 @@ def create_server(
     server = grpc.aio.server(
         interceptors=[ErrorMappingInterceptor(), *interceptors], options=options
     )
-    keysvc_pb2_grpc.add_KeyServiceServicer_to_server(KeyService(pool), server)
+    keysvc_pb2_grpc.add_KeyServiceServicer_to_server(KeyService(pool, checker), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
@@ -189,26 +192,59 @@ def build_pool(settings: Settings, clock: Clock) -> KeyPool:
 
 async def serve(settings: Settings, *, clock: Clock | None = None) -> None:
     """Runs keysvc until SIGTERM or SIGINT, then drains and returns."""
-    pool = build_pool(settings, clock or SystemClock())
+    clock = clock or SystemClock()
+    pool = build_pool(settings, clock)
     if len(pool) == 0:
         _log.warning("OPENAI_KEY is not set; serving an empty pool, every Get will fail")
     else:
         _log.info("loaded keys", extra={"keys": len(pool)})
-    if settings.check_keys:
-        _log.warning("key checking is not available yet; keys are used as loaded")
-    running = create_server(pool, host=settings.host, port=settings.port)
+    checker = build_checker(settings, pool, clock) if settings.check_keys else None
+    try:
+        running = create_server(pool, host=settings.host, port=settings.port, checker=checker)
+    except BaseException:
+        if checker is not None:
+            await checker.aclose()
+        raise
     # Handlers go in before "serving" is logged: a supervisor may signal right after.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    checking: asyncio.Task[None] | None = None
     try:
         await running.start()
         _log.info("serving", extra={"address": _address(settings.host, running.port)})
+        if checker is not None:
+            checking = asyncio.create_task(checker.run(), name="key-checker")
+            checking.add_done_callback(_report_checker_end)
+        else:
+            _log.info("key checking is off (CHECK_KEYS=false); keys are used as loaded")
         await stop.wait()
         _log.info("shutting down", extra={"grace_seconds": settings.shutdown_grace})
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
+        if checking is not None:
+            checking.cancel()  # a check in flight is abandoned; it changed nothing yet
+            await asyncio.wait([checking])
         await running.shutdown(settings.shutdown_grace)
     _log.info("stopped")
+
+
+def build_checker(settings: Settings, pool: KeyPool, clock: Clock) -> KeyChecker:
+    """The key checker the settings describe, over ``pool``."""
+    return KeyChecker(
+        pool,
+        clock=clock,
+        config=CheckerConfig(
+            base_url=settings.openai_base_url,
+            timeout=settings.check_timeout,
+            check_interval=settings.check_interval,
+            recheck_interval=settings.recheck_interval,
+        ),
+    )
+
+
+def _report_checker_end(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        _log.error("key checker stopped on an error", exc_info=task.exception())

@@ -6,7 +6,7 @@ It holds no logic of its own; the pool validates and decides, and
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from google.protobuf import duration_pb2, timestamp_pb2
@@ -17,7 +17,7 @@ from .pool import KeyPool
 from .v1 import keysvc_pb2 as pb
 from .v1 import keysvc_pb2_grpc as pb_grpc
 
-__all__ = ["KeyService", "key_to_proto"]
+__all__ = ["KeyService", "Rechecker", "key_to_proto"]
 
 _Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -71,11 +71,18 @@ def key_to_proto(key: Key) -> pb.Key:
     )
 
 
-class KeyService(pb_grpc.KeyServiceServicer):
-    """keysvc.v1.KeyService over a ``KeyPool``."""
+class Rechecker(Protocol):
+    """What Recheck calls when a key checker runs (``keysvc.checker.KeyChecker``)."""
 
-    def __init__(self, pool: KeyPool) -> None:
+    def recheck(self) -> None: ...
+
+
+class KeyService(pb_grpc.KeyServiceServicer):
+    """keysvc.v1.KeyService over a ``KeyPool``, and its key checker if one runs."""
+
+    def __init__(self, pool: KeyPool, checker: Rechecker | None = None) -> None:
         self._pool = pool
+        self._checker = checker
 
     async def Get(self, request: pb.GetRequest, context: _Context) -> pb.GetResponse:
         key = self._pool.get(request.model)
@@ -121,5 +128,8 @@ class KeyService(pb_grpc.KeyServiceServicer):
         return pb.AvailableResponse(count=self._pool.available())
 
     async def Recheck(self, request: pb.RecheckRequest, context: _Context) -> pb.RecheckResponse:
-        self._pool.recheck()
+        if self._checker is not None:
+            self._checker.recheck()  # dead keys stay out until their new check says alive
+        else:
+            self._pool.recheck()
         return pb.RecheckResponse()

@@ -22,6 +22,7 @@ from keysvc.keys import Key, KeyProfile, hash_key
 from keysvc.models import ModelTable
 from keysvc.pool import KeyPool
 from keysvc.server import KeysvcServer, create_server
+from keysvc.service import Rechecker
 from keysvc.store import MemoryKeyStore
 from keysvc.v1 import keysvc_pb2_grpc
 
@@ -41,10 +42,15 @@ def make_pool(
 
 @contextlib.asynccontextmanager
 async def serving(
-    pool: KeyPool, interceptors: Sequence[grpc.aio.ServerInterceptor] = ()
+    pool: KeyPool,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    *,
+    checker: Rechecker | None = None,
 ) -> AsyncIterator[KeysvcServer]:
     """A started keysvc server on a free loopback port; stopped on exit."""
-    server = create_server(pool, host="127.0.0.1", port=0, interceptors=interceptors)
+    server = create_server(
+        pool, host="127.0.0.1", port=0, interceptors=interceptors, checker=checker
+    )
     await server.start()
     try:
         yield server
