@@ -69,6 +69,9 @@ class Limits:
     HEADER_NAME_LENGTH: Final = 256
     HEADER_VALUE_LENGTH: Final = 4096
     TOKENS: Final = 1_000_000_000
+    #: Largest request message the server accepts (bigger: RESOURCE_EXHAUSTED,
+    #: before keysvc decodes it). Room for the largest valid UpdateRateLimits.
+    MESSAGE_BYTES: Final = 1024 * 1024
 
 
 # Heap entries. Ready: (last_used, seq, key). Locked: (until, last_used, seq, key).
@@ -217,9 +220,30 @@ class KeyPool:
             seq=self._take_seq(),
             organization_id=organization_id,
         )
+        # A persistent store may give the key its saved state (flags, families, usage).
         self._store.add(key)
-        self._place(key, self._clock.now())
+        key.profile = self._intern(key.profile)
+        self._derive_until(key)
+        if not key.is_disabled:
+            self._place(key, self._clock.now())
         return key
+
+    def remove_key(self, key_hash: str) -> Key | None:
+        """Takes a key out of the pool (its secret left the configuration).
+
+        Returns:
+            The removed key, or None when no key has that hash.
+        """
+        key = self._store.get(key_hash)
+        if key is None:
+            return None
+        self._unplace(key)
+        self._store.remove(key_hash)
+        return key
+
+    async def flush(self) -> None:
+        """Returns once every change so far is durable in the store (a no-op in memory)."""
+        await self._store.flush()
 
     # -- hand-out ------------------------------------------------------------
 
