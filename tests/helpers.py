@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import grpc
 from google.rpc import error_details_pb2
@@ -31,10 +32,15 @@ def make_pool(
 
 @contextlib.asynccontextmanager
 async def serving(
-    pool: KeyPool, interceptors: Sequence[grpc.aio.ServerInterceptor] = ()
+    pool: KeyPool,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    **options: Any,
 ) -> AsyncIterator[KeysvcServer]:
-    """A started keysvc server on a free loopback port; stopped on exit."""
-    server = create_server(pool, host="127.0.0.1", port=0, interceptors=interceptors)
+    """A started keysvc server on a free loopback port; stopped on exit.
+
+    ``options`` go to ``create_server`` (tokens, tls, ...).
+    """
+    server = create_server(pool, host="127.0.0.1", port=0, interceptors=interceptors, **options)
     await server.start()
     try:
         yield server
