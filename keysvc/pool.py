@@ -363,7 +363,7 @@ class KeyPool:
             if seconds is None:
                 _log.warning(
                     "ignoring unparseable rate-limit header",
-                    extra={"key_hash": key.hash, "header": header, "value": raw[:64]},
+                    extra={"key_hash": key.hash, "header": header, "value": _loggable(raw)},
                 )
                 continue
             seconds = min(seconds, MAX_RESET)
@@ -508,6 +508,17 @@ def _check_model(model: str) -> None:
         raise InvalidArgument("model", "is required")
     if len(model) > Limits.MODEL_LENGTH:
         raise InvalidArgument("model", f"is longer than {Limits.MODEL_LENGTH} characters")
+
+
+#: Characters a duration is written with; a value with any other character is
+#: not logged verbatim, in case a caller put something secret in it.
+_DURATION_CHARS: Final = re.compile(r"[0-9.hmnsuµ+-]{0,32}")
+
+
+def _loggable(value: str) -> str:
+    if _DURATION_CHARS.fullmatch(value):
+        return value
+    return f"<{len(value)} characters, not shown>"
 
 
 def _check_headers(headers: Mapping[str, str]) -> None:
