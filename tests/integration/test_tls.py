@@ -13,6 +13,7 @@ from keysvc.v1 import keysvc_pb2 as pb
 from keysvc.v1 import keysvc_pb2_grpc
 from tests.certs import Issued, TestCA
 from tests.helpers import make_pool, serving
+from tests.procs import ServerProcess, run_keysvc
 
 SECRET = "sk-tls-test-0000000000000000000"
 
@@ -100,3 +101,40 @@ async def test_mtls_and_tokens_together(ca: TestCA, server_cert: Issued, tmp_pat
             server.port, creds, metadata=(("authorization", "Bearer px-token"),)
         )
         assert count == 1
+
+
+def test_server_process_with_mtls_from_env(ca: TestCA, server_cert: Issued, tmp_path: Path) -> None:
+    cert, key = server_cert.write(tmp_path, "server")
+    client_ca = tmp_path / "client-ca.crt"
+    client_ca.write_bytes(ca.cert_pem)
+    server = ServerProcess(
+        {
+            "OPENAI_KEY": SECRET,
+            "KEYSVC_TLS_CERT": str(cert),
+            "KEYSVC_TLS_KEY": str(key),
+            "KEYSVC_TLS_CLIENT_CA": str(client_ca),
+        }
+    )
+    try:
+        port = server.wait_serving()
+        server.wait_for_log("tls on.*client_certificates=required")
+        good = ca.issue("proxy-1", server=False)
+        creds = grpc.ssl_channel_credentials(ca.cert_pem, good.key_pem, good.cert_pem)
+        with grpc.secure_channel(f"localhost:{port}", creds) as channel:
+            stub = keysvc_pb2_grpc.KeyServiceStub(channel)
+            assert stub.Available(pb.AvailableRequest(), timeout=5).count == 1
+        with grpc.secure_channel(
+            f"localhost:{port}", grpc.ssl_channel_credentials(ca.cert_pem)
+        ) as channel:
+            stub = keysvc_pb2_grpc.KeyServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as exc:
+                stub.Available(pb.AvailableRequest(), timeout=5)
+            assert exc.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+    finally:
+        server.stop()
+
+
+def test_half_configured_tls_process_exits_2(tmp_path: Path) -> None:
+    done = run_keysvc({"KEYSVC_TLS_CERT": str(tmp_path / "server.crt")})
+    assert done.returncode == 2
+    assert "KEYSVC_TLS_CERT is set but KEYSVC_TLS_KEY is not" in done.stderr
