@@ -163,6 +163,8 @@ class DrainInterceptor(grpc.aio.ServerInterceptor):
 
     async def wait_idle(self, timeout: float) -> bool:
         """Waits up to ``timeout`` seconds for the calls in flight; True when none is left."""
+        if self._in_flight == 0:
+            return True
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
         except TimeoutError:
