@@ -8,17 +8,27 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+from .auth import parse_token_text
 from .durations import parse_go_duration
 from .keys import parse_key_list
 from .logs import LOG_FORMATS, LOG_LEVELS
 
-__all__ = ["ConfigError", "Settings", "add_serve_arguments", "settings_from"]
+__all__ = [
+    "ConfigError",
+    "Settings",
+    "add_serve_arguments",
+    "check_settings",
+    "is_loopback",
+    "settings_from",
+    "tls_problem",
+]
 
 DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"
 
@@ -53,6 +63,21 @@ class Settings:
     check_interval: float = 3.0
     #: Seconds between full rechecks of every live key; 0 turns them off.
     recheck_interval: float = 8 * 3600.0
+    #: Bearer tokens of the proxy and admin roles; none at all turns auth off.
+    proxy_tokens: frozenset[str] = field(default=frozenset(), repr=False)
+    admin_tokens: frozenset[str] = field(default=frozenset(), repr=False)
+    #: TLS: server certificate chain and key (PEM); a client CA turns on mutual TLS.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    #: Allow a non-loopback address with neither tokens nor TLS.
+    insecure: bool = False
+    #: Where key state survives restarts; None keeps it in memory only.
+    state_file: Path | None = None
+    #: Start with empty state when the state file is corrupt (moved aside, not overwritten).
+    ignore_state: bool = False
+    #: More keys, one per line; reloaded on SIGHUP and when the file changes.
+    keys_file: Path | None = None
 
 
 def _parse_bool(text: str) -> bool:
@@ -190,6 +215,117 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="period of the full recheck of live keys, e.g. 8h; 0 = never "
         "(env KEYSVC_RECHECK_INTERVAL, default 8h)",
     )
+    # Tokens are secrets: only their files have flags (a command line is visible to `ps`).
+    parser.add_argument(
+        "--proxy-tokens-file",
+        type=Path,
+        help="file of proxy-role bearer tokens (env KEYSVC_PROXY_TOKENS_FILE;"
+        " or KEYSVC_PROXY_TOKENS, comma-separated)",
+    )
+    parser.add_argument(
+        "--admin-tokens-file",
+        type=Path,
+        help="file of admin-role bearer tokens (env KEYSVC_ADMIN_TOKENS_FILE;"
+        " or KEYSVC_ADMIN_TOKENS, comma-separated)",
+    )
+    parser.add_argument(
+        "--tls-cert", type=Path, help="PEM server certificate chain (env KEYSVC_TLS_CERT)"
+    )
+    parser.add_argument("--tls-key", type=Path, help="PEM server private key (env KEYSVC_TLS_KEY)")
+    parser.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        help="PEM CA for client certificates; turns on mutual TLS (env KEYSVC_TLS_CLIENT_CA)",
+    )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        default=None,
+        help="allow a non-loopback --host with neither tokens nor TLS (env KEYSVC_INSECURE)",
+    )
+    parser.add_argument(
+        "--state-file",
+        type=Path,
+        help="JSON file where key state survives restarts (env KEYSVC_STATE_FILE)",
+    )
+    parser.add_argument(
+        "--ignore-state",
+        action="store_true",
+        default=None,
+        help="start with empty state if the state file is corrupt; it is moved aside"
+        " (env KEYSVC_IGNORE_STATE)",
+    )
+    parser.add_argument(
+        "--keys-file",
+        type=Path,
+        help="file of more keys, one per line, reloaded on SIGHUP or change (env KEYSVC_KEYS_FILE)",
+    )
+
+
+def tls_problem(cert: Path | None, key: Path | None, client_ca: Path | None) -> str | None:
+    """What is wrong with a half-configured TLS set-up, or None when it is whole or absent."""
+    if cert is None and key is None:
+        if client_ca is not None:
+            return (
+                "KEYSVC_TLS_CLIENT_CA is set but KEYSVC_TLS_CERT and KEYSVC_TLS_KEY are not:"
+                " client certificates need TLS; set both or unset the client CA"
+            )
+        return None
+    if cert is None:
+        return "KEYSVC_TLS_KEY is set but KEYSVC_TLS_CERT is not: TLS needs both"
+    if key is None:
+        return "KEYSVC_TLS_CERT is set but KEYSVC_TLS_KEY is not: TLS needs both"
+    return None
+
+
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _tokens(env: Mapping[str, str], name: str, file_flag: Path | None) -> frozenset[str]:
+    """Tokens from ``name`` (a comma list) and from ``name``_FILE or its flag."""
+    none: list[str] = []
+    found = _from_env(env, name, parse_token_text, none)
+    path = file_flag or _from_env(env, f"{name}_FILE", Path, None)
+    if path is not None:
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{name}_FILE: cannot read {path}: {exc}") from exc
+        try:
+            found += parse_token_text(text)
+        except ValueError as exc:
+            raise ConfigError(f"{name}_FILE: {path}: {exc}") from exc
+    return frozenset(found)
+
+
+def check_settings(settings: Settings) -> None:
+    """The start-up checks that need several settings at once.
+
+    Raises:
+        ConfigError: TLS is half-configured, or the server would listen beyond
+            this machine with neither tokens nor TLS and ``insecure`` is not set.
+    """
+    problem = tls_problem(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+    if problem:
+        raise ConfigError(problem)
+    has_tokens = bool(settings.proxy_tokens or settings.admin_tokens)
+    if not is_loopback(settings.host) and not has_tokens and settings.tls_cert is None:
+        if not settings.insecure:
+            raise ConfigError(
+                f"refusing to listen on {settings.host!r} with neither tokens nor TLS: anyone"
+                " who can reach it could take the keys. Set KEYSVC_PROXY_TOKENS/"
+                "KEYSVC_ADMIN_TOKENS and/or KEYSVC_TLS_CERT+KEYSVC_TLS_KEY, listen on"
+                " 127.0.0.1, or pass --insecure (KEYSVC_INSECURE=true) if the network is"
+                " protected by other means"
+            )
 
 
 def settings_from(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> Settings:
@@ -213,10 +349,21 @@ def settings_from(args: argparse.Namespace, env: Mapping[str, str] | None = None
         check_timeout=_from_env(env, "KEYSVC_CHECK_TIMEOUT", _parse_timeout, 10.0),
         check_interval=_from_env(env, "KEYSVC_CHECK_INTERVAL", _parse_interval, 3.0),
         recheck_interval=_from_env(env, "KEYSVC_RECHECK_INTERVAL", _parse_interval, 8 * 3600.0),
+        proxy_tokens=_tokens(env, "KEYSVC_PROXY_TOKENS", getattr(args, "proxy_tokens_file", None)),
+        admin_tokens=_tokens(env, "KEYSVC_ADMIN_TOKENS", getattr(args, "admin_tokens_file", None)),
+        tls_cert=_from_env(env, "KEYSVC_TLS_CERT", Path, None),
+        tls_key=_from_env(env, "KEYSVC_TLS_KEY", Path, None),
+        tls_client_ca=_from_env(env, "KEYSVC_TLS_CLIENT_CA", Path, None),
+        insecure=_from_env(env, "KEYSVC_INSECURE", _parse_bool, False),
+        state_file=_from_env(env, "KEYSVC_STATE_FILE", Path, None),
+        ignore_state=_from_env(env, "KEYSVC_IGNORE_STATE", _parse_bool, False),
+        keys_file=_from_env(env, "KEYSVC_KEYS_FILE", Path, None),
     )
     overrides = {
         name: value
         for name, value in vars(args).items()
         if value is not None and name in Settings.__dataclass_fields__
     }
-    return dataclasses.replace(base, **overrides)
+    settings = dataclasses.replace(base, **overrides)
+    check_settings(settings)
+    return settings

@@ -10,7 +10,10 @@ Exception tree::
     ├── InvalidArgument         INVALID_ARGUMENT    INVALID_ARGUMENT
     ├── KeyNotFound             NOT_FOUND           KEY_NOT_FOUND
     ├── NoKeysForFamily         FAILED_PRECONDITION NO_KEYS_FOR_FAMILY
-    └── FamilyDisallowed        PERMISSION_DENIED   FAMILY_DISALLOWED
+    ├── FamilyDisallowed        PERMISSION_DENIED   FAMILY_DISALLOWED
+    ├── Unauthenticated         UNAUTHENTICATED     MISSING_TOKEN or BAD_TOKEN
+    ├── RoleDenied              PERMISSION_DENIED   ROLE_DENIED
+    └── ShuttingDown            UNAVAILABLE         SHUTTING_DOWN
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ __all__ = [
     "KeyNotFound",
     "KeysvcError",
     "NoKeysForFamily",
+    "RoleDenied",
+    "ShuttingDown",
+    "Unauthenticated",
 ]
 
 #: The ``domain`` of every ErrorInfo keysvc sends.
@@ -93,3 +99,44 @@ class FamilyDisallowed(KeysvcError):
             metadata={"family": family, "model": model},
         )
         self.family = family
+
+
+class Unauthenticated(KeysvcError):
+    """The call carries no bearer token, or one keysvc does not know.
+
+    The reason is ``MISSING_TOKEN`` or ``BAD_TOKEN``; the message never repeats
+    what the caller sent.
+    """
+
+    code = "UNAUTHENTICATED"
+
+    def __init__(self, *, missing: bool) -> None:
+        if missing:
+            message = "missing credentials: send metadata 'authorization: Bearer <token>'"
+        else:
+            message = "invalid credentials: the bearer token is not known"
+        super().__init__(message)
+        self.reason = "MISSING_TOKEN" if missing else "BAD_TOKEN"
+
+
+class RoleDenied(KeysvcError):
+    """The token is valid but its role may not call the method."""
+
+    code = "PERMISSION_DENIED"
+    reason = "ROLE_DENIED"
+
+    def __init__(self, method: str, role: str, required: str) -> None:
+        super().__init__(
+            f"the {role} role may not call {method}; it needs the {required} role",
+            metadata={"method": method, "role": role, "required_role": required},
+        )
+
+
+class ShuttingDown(KeysvcError):
+    """The server is draining: it finishes the calls it has and takes no new ones."""
+
+    code = "UNAVAILABLE"
+    reason = "SHUTTING_DOWN"
+
+    def __init__(self) -> None:
+        super().__init__("keysvc is shutting down; retry on another instance")

@@ -72,6 +72,9 @@ class Limits:
     HEADER_NAME_LENGTH: Final = 256
     HEADER_VALUE_LENGTH: Final = 4096
     TOKENS: Final = 1_000_000_000
+    #: Largest request message the server accepts (bigger: RESOURCE_EXHAUSTED,
+    #: before keysvc decodes it). Room for the largest valid UpdateRateLimits.
+    MESSAGE_BYTES: Final = 1024 * 1024
 
 
 # Heap entries. Ready: (last_used, seq, key). Locked: (until, last_used, seq, key).
@@ -221,9 +224,30 @@ class KeyPool:
             seq=self._take_seq(),
             organization_id=organization_id,
         )
+        # A persistent store may give the key its saved state (flags, families, usage).
         self._store.add(key)
-        self._place(key, self._clock.now())
+        key.profile = self._intern(key.profile)
+        self._derive_until(key)
+        if not key.is_disabled:
+            self._place(key, self._clock.now())
         return key
+
+    def remove_key(self, key_hash: str) -> Key | None:
+        """Takes a key out of the pool (its secret left the configuration).
+
+        Returns:
+            The removed key, or None when no key has that hash.
+        """
+        key = self._store.get(key_hash)
+        if key is None:
+            return None
+        self._unplace(key)
+        self._store.remove(key_hash)
+        return key
+
+    async def flush(self) -> None:
+        """Returns once every change so far is durable in the store (a no-op in memory)."""
+        await self._store.flush()
 
     # -- hand-out ------------------------------------------------------------
 
@@ -344,7 +368,7 @@ class KeyPool:
             if seconds is None:
                 _log.warning(
                     "ignoring unparseable rate-limit header",
-                    extra={"key_hash": key.hash, "header": header, "value": raw[:64]},
+                    extra={"key_hash": key.hash, "header": header, "value": _loggable(raw)},
                 )
                 continue
             seconds = min(seconds, MAX_RESET)
@@ -603,6 +627,17 @@ def _check_model(model: str) -> None:
         raise InvalidArgument("model", "is required")
     if len(model) > Limits.MODEL_LENGTH:
         raise InvalidArgument("model", f"is longer than {Limits.MODEL_LENGTH} characters")
+
+
+#: Characters a duration is written with; a value with any other character is
+#: not logged verbatim, in case a caller put something secret in it.
+_DURATION_CHARS: Final = re.compile(r"[0-9.hmnsuµ+-]{0,32}")
+
+
+def _loggable(value: str) -> str:
+    if _DURATION_CHARS.fullmatch(value):
+        return value
+    return f"<{len(value)} characters, not shown>"
 
 
 def _check_headers(headers: Mapping[str, str]) -> None:

@@ -21,16 +21,28 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
+from .auth import SERVICE_PREFIX, AuthInterceptor, AuthTokens, wrap_unary
 from .checker import CheckerConfig, KeyChecker
 from .clock import Clock, SystemClock
-from .config import Settings
-from .errors import ERROR_DOMAIN, KeysvcError
+from .config import Settings, is_loopback
+from .errors import ERROR_DOMAIN, KeysvcError, ShuttingDown
 from .models import ModelTable
-from .pool import KeyPool
+from .pool import KeyPool, Limits
+from .reload import KeysFileWatcher, read_keys_file, restore_clones
 from .service import KeyService, Rechecker
+from .state import FileStateStore, StateFileError
+from .store import KeyStore, MemoryKeyStore
+from .tls import TlsConfig
 from .v1 import keysvc_pb2, keysvc_pb2_grpc
 
-__all__ = ["SERVICE_NAME", "ErrorMappingInterceptor", "KeysvcServer", "create_server", "serve"]
+__all__ = [
+    "SERVICE_NAME",
+    "DrainInterceptor",
+    "ErrorMappingInterceptor",
+    "KeysvcServer",
+    "create_server",
+    "serve",
+]
 
 SERVICE_NAME: str = keysvc_pb2.DESCRIPTOR.services_by_name["KeyService"].full_name
 
@@ -101,6 +113,66 @@ def _guard(method: str, behavior: _Behavior) -> _Behavior:
     return guarded
 
 
+class DrainInterceptor(grpc.aio.ServerInterceptor):
+    """Counts KeyService calls in flight and, once draining, refuses new ones.
+
+    Health and reflection stay answerable while draining, so probes see
+    NOT_SERVING instead of a closed port.
+    """
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.draining = False
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(handler_call_details)
+        method: str = handler_call_details.method
+        if handler is None or handler.unary_unary is None or not method.startswith(SERVICE_PREFIX):
+            return handler
+        wrapped = self._wrapped.get(method)
+        if wrapped is None:
+            wrapped = self._wrapped[method] = wrap_unary(handler, self._count)
+        return wrapped
+
+    def _count(self, behavior: _Behavior) -> _Behavior:
+        async def counted(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            if self.draining:
+                raise ShuttingDown()
+            self._in_flight += 1
+            self._idle.clear()
+            try:
+                return await behavior(request, context)
+            finally:
+                self._in_flight -= 1
+                if self._in_flight == 0:
+                    self._idle.set()
+
+        return counted
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Waits up to ``timeout`` seconds for the calls in flight; True when none is left."""
+        if self._in_flight == 0:
+            return True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+
 @dataclass(slots=True)
 class KeysvcServer:
     """A built, not yet started, keysvc server."""
@@ -108,15 +180,29 @@ class KeysvcServer:
     server: grpc.aio.Server
     port: int
     health: health_aio.HealthServicer
+    pool: KeyPool
+    drain: DrainInterceptor
 
     async def start(self) -> None:
         await self.server.start()
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
 
     async def shutdown(self, grace: float) -> None:
-        """Reports NOT_SERVING, refuses new calls, gives in-flight calls ``grace`` seconds."""
+        """Drains: NOT_SERVING at once, new calls UNAVAILABLE, in-flight calls get ``grace``.
+
+        Then writes the pool's state and stops the server.
+        """
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
+        self.drain.draining = True
+        if not await self.drain.wait_idle(grace):
+            _log.warning(
+                "grace period over; cancelling calls in flight",
+                extra={"calls": self.drain.in_flight},
+            )
+        try:
+            await self.pool.flush()
+        finally:
+            await self.server.stop(0)
 
 
 def _address(host: str, port: int) -> str:
@@ -131,21 +217,33 @@ def create_server(
     host: str = "127.0.0.1",
     port: int = 0,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    tokens: AuthTokens | None = None,
+    tls: TlsConfig | None = None,
+    max_message_bytes: int = Limits.MESSAGE_BYTES,
     checker: Rechecker | None = None,
 ) -> KeysvcServer:
     """Builds a server for ``pool`` bound to ``host:port`` (0 picks a free port).
 
-    ``interceptors`` run inside the error mapping, after keysvc's own. With a
+    ``interceptors`` run inside the error mapping, after keysvc's own (drain,
+    then auth), so they see only calls that passed both. ``tokens`` with at
+    least one token turns auth on; ``tls`` turns TLS (or mutual TLS) on. With a
     ``checker``, Recheck goes through it (and wakes it).
 
     Raises:
         OSError: the address cannot be bound.
     """
-    # Without this, gRPC sets SO_REUSEPORT and a second keysvc on the same port
-    # would silently share it instead of failing to start.
-    options = [("grpc.so_reuseport", 0)]
+    drain = DrainInterceptor()
+    own: list[grpc.aio.ServerInterceptor] = [ErrorMappingInterceptor(), drain]
+    if tokens is not None and tokens.enabled:
+        own.append(AuthInterceptor(tokens))
     server = grpc.aio.server(
-        interceptors=[ErrorMappingInterceptor(), *interceptors], options=options
+        interceptors=[*own, *interceptors],
+        options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            # Without this, gRPC sets SO_REUSEPORT and a second keysvc on the same
+            # port would silently share it instead of failing to start.
+            ("grpc.so_reuseport", 0),
+        ],
     )
     keysvc_pb2_grpc.add_KeyServiceServicer_to_server(KeyService(pool, checker), server)
     health = health_aio.HealthServicer()
@@ -160,16 +258,25 @@ def create_server(
     )
     address = _address(host, port)
     try:
-        bound = server.add_insecure_port(address)
+        if tls is None:
+            bound = server.add_insecure_port(address)
+        else:
+            bound = server.add_secure_port(address, tls.server_credentials())
     except RuntimeError as exc:
         raise OSError(f"cannot listen on {address}: {exc}") from exc
     if bound == 0:
         raise OSError(f"cannot listen on {address}")
-    return KeysvcServer(server=server, port=bound, health=health)
+    return KeysvcServer(server=server, port=bound, health=health, pool=pool, drain=drain)
 
 
-def build_pool(settings: Settings, clock: Clock) -> KeyPool:
-    """The pool the settings describe, with the keys of OPENAI_KEY loaded unchecked."""
+def build_pool(
+    settings: Settings,
+    clock: Clock,
+    *,
+    store: KeyStore | None = None,
+    extra_keys: Sequence[str] = (),
+) -> KeyPool:
+    """The pool the settings describe, with the keys of OPENAI_KEY (then ``extra_keys``)."""
     models = (
         ModelTable.from_file(settings.model_families_file)
         if settings.model_families_file
@@ -182,52 +289,124 @@ def build_pool(settings: Settings, clock: Clock) -> KeyPool:
                 "ALLOWED_MODEL_FAMILIES names families no model maps to",
                 extra={"families": ",".join(sorted(unknown))},
             )
-    return KeyPool.from_secrets(
-        settings.openai_keys,
-        models=models,
-        clock=clock,
-        allowed_families=settings.allowed_families,
+    store = store if store is not None else MemoryKeyStore()
+    pool = KeyPool(
+        store=store, models=models, clock=clock, allowed_families=settings.allowed_families
     )
+    for secret in dict.fromkeys([*settings.openai_keys, *extra_keys]):
+        pool.add_key(secret)
+    restore_clones(pool, store)
+    return pool
+
+
+def _log_protection(settings: Settings, tokens: AuthTokens, tls: TlsConfig | None) -> None:
+    if tokens.enabled:
+        _log.info(
+            "auth on",
+            extra={"proxy_tokens": len(tokens.proxy), "admin_tokens": len(tokens.admin)},
+        )
+    else:
+        _log.warning("auth off: no KEYSVC_PROXY_TOKENS or KEYSVC_ADMIN_TOKENS configured")
+    if tls is not None:
+        _log.info("tls on", extra={"client_certificates": "required" if tls.mutual else "no"})
+    if not is_loopback(settings.host):
+        if not tokens.enabled and (tls is None or not tls.mutual):
+            _log.warning(
+                "listening beyond loopback without tokens or client certificates:"
+                " anyone who can reach the port can take keys",
+                extra={"host": settings.host, "insecure": settings.insecure},
+            )
 
 
 async def serve(settings: Settings, *, clock: Clock | None = None) -> None:
-    """Runs keysvc until SIGTERM or SIGINT, then drains and returns."""
+    """Runs keysvc until SIGTERM or SIGINT, then drains and returns.
+
+    Raises:
+        ConfigError: a TLS, state or keys file is unusable (start-up refused).
+        OSError: the address cannot be bound.
+    """
     clock = clock or SystemClock()
-    pool = build_pool(settings, clock)
+    tls = TlsConfig.from_files(
+        cert=settings.tls_cert, key=settings.tls_key, client_ca=settings.tls_client_ca
+    )
+    tokens = AuthTokens(proxy=settings.proxy_tokens, admin=settings.admin_tokens)
+    file_keys = read_keys_file(settings.keys_file) if settings.keys_file else []
+    store: KeyStore
+    state: FileStateStore | None = None
+    if settings.state_file is not None:
+        store = state = FileStateStore.open(
+            settings.state_file, ignore_corrupt=settings.ignore_state
+        )
+    else:
+        store = MemoryKeyStore()
+        _log.info("no state file: disabled flags and usage are lost on restart")
+    pool = build_pool(settings, clock, store=store, extra_keys=file_keys)
     if len(pool) == 0:
-        _log.warning("OPENAI_KEY is not set; serving an empty pool, every Get will fail")
+        _log.warning(
+            "no keys configured (OPENAI_KEY and KEYSVC_KEYS_FILE are empty);"
+            " serving an empty pool, every Get will fail"
+        )
     else:
         _log.info("loaded keys", extra={"keys": len(pool)})
+    if state is not None:
+        try:
+            await state.flush()  # proves the file is writable before serving
+        except OSError as exc:
+            raise StateFileError(
+                f"KEYSVC_STATE_FILE: cannot write {settings.state_file}: {exc.strerror or exc}"
+            ) from exc
+        state.start()
+    _log_protection(settings, tokens, tls)
     checker = build_checker(settings, pool, clock) if settings.check_keys else None
     try:
-        running = create_server(pool, host=settings.host, port=settings.port, checker=checker)
+        running = create_server(
+            pool,
+            host=settings.host,
+            port=settings.port,
+            tokens=tokens,
+            tls=tls,
+            checker=checker,
+        )
     except BaseException:
         if checker is not None:
             await checker.aclose()
         raise
+
+    loop = asyncio.get_running_loop()
+    background: list[asyncio.Task[None]] = []
+    watcher: KeysFileWatcher | None = None
+    if settings.keys_file is not None:
+        watcher = KeysFileWatcher(
+            settings.keys_file, pool=pool, store=store, base_keys=settings.openai_keys
+        )
+        background.append(loop.create_task(watcher.run()))
+        loop.add_signal_handler(signal.SIGHUP, watcher.request_reload)
+
     # Handlers go in before "serving" is logged: a supervisor may signal right after.
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    checking: asyncio.Task[None] | None = None
     try:
         await running.start()
         _log.info("serving", extra={"address": _address(settings.host, running.port)})
         if checker is not None:
-            checking = asyncio.create_task(checker.run(), name="key-checker")
+            checking = loop.create_task(checker.run(), name="key-checker")
             checking.add_done_callback(_report_checker_end)
+            background.append(checking)
         else:
             _log.info("key checking is off (CHECK_KEYS=false); keys are used as loaded")
         await stop.wait()
         _log.info("shutting down", extra={"grace_seconds": settings.shutdown_grace})
     finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
-        if checking is not None:
-            checking.cancel()  # a check in flight is abandoned; it changed nothing yet
-            await asyncio.wait([checking])
+        # A check in flight is abandoned; it has changed nothing yet.
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
         await running.shutdown(settings.shutdown_grace)
+        if state is not None:
+            await state.close()
     _log.info("stopped")
 
 

@@ -92,7 +92,10 @@ class KeyService(pb_grpc.KeyServiceServicer):
         reason = _REASON_FROM_PROTO.get(request.reason)
         if reason is None:
             raise InvalidArgument("reason", f"unknown DisableReason {request.reason}")
-        return pb.DisableResponse(key=key_to_proto(self._pool.disable(request.hash, reason)))
+        key = self._pool.disable(request.hash, reason)
+        # A Disable is durable before it is acknowledged: a restart must never revive the key.
+        await self._pool.flush()
+        return pb.DisableResponse(key=key_to_proto(key))
 
     async def MarkRateLimited(
         self, request: pb.MarkRateLimitedRequest, context: _Context

@@ -27,8 +27,16 @@ class KeyStore(Protocol):
 
     def __len__(self) -> int: ...
 
+    def remove(self, key_hash: str) -> None:
+        """Forgets the key; a persistent store may keep its state for when it returns."""
+        ...
+
     def changed(self, key: Key) -> None:
         """Called after the pool has mutated ``key``."""
+        ...
+
+    async def flush(self) -> None:
+        """Returns once every change reported so far is durable."""
         ...
 
 
@@ -52,5 +60,11 @@ class MemoryKeyStore:
     def __len__(self) -> int:
         return len(self._keys)
 
+    def remove(self, key_hash: str) -> None:
+        del self._keys[key_hash]
+
     def changed(self, key: Key) -> None:
         """Nothing to write: the record is the stored object."""
+
+    async def flush(self) -> None:
+        """Nothing to write."""

@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 from google.rpc import error_details_pb2
@@ -22,7 +23,6 @@ from keysvc.keys import Key, KeyProfile, hash_key
 from keysvc.models import ModelTable
 from keysvc.pool import KeyPool
 from keysvc.server import KeysvcServer, create_server
-from keysvc.service import Rechecker
 from keysvc.store import MemoryKeyStore
 from keysvc.v1 import keysvc_pb2_grpc
 
@@ -44,13 +44,13 @@ def make_pool(
 async def serving(
     pool: KeyPool,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
-    *,
-    checker: Rechecker | None = None,
+    **options: Any,
 ) -> AsyncIterator[KeysvcServer]:
-    """A started keysvc server on a free loopback port; stopped on exit."""
-    server = create_server(
-        pool, host="127.0.0.1", port=0, interceptors=interceptors, checker=checker
-    )
+    """A started keysvc server on a free loopback port; stopped on exit.
+
+    ``options`` go to ``create_server`` (tokens, tls, ...).
+    """
+    server = create_server(pool, host="127.0.0.1", port=0, interceptors=interceptors, **options)
     await server.start()
     try:
         yield server

@@ -41,7 +41,7 @@ def test_python_dash_m_serves_an_empty_pool_with_a_warning() -> None:
         assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # type: ignore[attr-defined]
         code, log = child.stop()
     assert code == 0
-    assert "OPENAI_KEY is not set" in log
+    assert "no keys configured (OPENAI_KEY" in log
 
 
 def test_json_logs() -> None:
@@ -51,7 +51,9 @@ def test_json_logs() -> None:
     records = [json.loads(line) for line in log.splitlines()]
     assert {"time", "level", "logger", "event"} <= set(records[0])
     assert [r["event"] for r in records][-1] == "stopped"
-    assert {"event": "loaded keys", "keys": 1}.items() <= records[0].items()
+    assert {"event": "loaded keys", "keys": 1} in [
+        {k: r[k] for k in ("event", "keys") if k in r} for r in records
+    ]
 
 
 @pytest.mark.parametrize(
