@@ -66,10 +66,9 @@ def restore_clones(pool: KeyPool, store: KeyStore) -> int:
         return 0
     restored = 0
     for parent_hash, organization_id in saved_clones():
-        parent = store.get(parent_hash)
-        if parent is None or not organization_id:
+        if store.get(parent_hash) is None or not organization_id:
             continue
-        if pool.add_key(parent.secret, organization_id=organization_id) is not None:
+        if pool.clone_for_org(parent_hash, organization_id) is not None:
             restored += 1
     return restored
 

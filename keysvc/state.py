@@ -48,7 +48,9 @@ _FIELD_TYPES: Final[dict[str, tuple[type, ...]]] = {
     "organization_id": (str,),
     "parent": (str,),
     "families": (list,),
+    "model_ids": (list, type(None)),
     "is_trial": (bool,),
+    "revive_if_alive": (bool,),
     "is_disabled": (bool,),
     "is_revoked": (bool,),
     "is_over_quota": (bool,),
@@ -69,7 +71,9 @@ def _record(key: Key) -> _Record:
     record: _Record = {
         "organization_id": key.organization_id,
         "families": sorted(key.model_families),
+        "model_ids": None if key.model_ids is None else sorted(key.model_ids),
         "is_trial": key.is_trial,
+        "revive_if_alive": key.revive_if_alive,
         "is_disabled": key.is_disabled,
         "is_revoked": key.is_revoked,
         "is_over_quota": key.is_over_quota,
@@ -92,7 +96,13 @@ def _apply(record: _Record, key: Key) -> None:
     key.organization_id = record.get("organization_id", key.organization_id)
     families = record.get("families")
     if families:
-        key.profile = KeyProfile(frozenset(families), bool(record.get("is_trial", False)))
+        model_ids = record.get("model_ids")
+        key.profile = KeyProfile(
+            frozenset(families),
+            bool(record.get("is_trial", False)),
+            None if model_ids is None else frozenset(model_ids),
+        )
+    key.revive_if_alive = record.get("revive_if_alive", False)
     key.is_disabled = record.get("is_disabled", False)
     key.is_revoked = record.get("is_revoked", False)
     key.is_over_quota = record.get("is_over_quota", False)
@@ -118,6 +128,8 @@ def _check_record(key_hash: str, record: Any) -> None:
             raise ValueError(f"key {key_hash}: field {name!r} has the wrong type")
     if not all(isinstance(f, str) for f in record.get("families", [])):
         raise ValueError(f"key {key_hash}: families must be strings")
+    if not all(isinstance(m, str) for m in record.get("model_ids") or []):
+        raise ValueError(f"key {key_hash}: model_ids must be strings")
     usage = record.get("token_usage", {})
     if not all(isinstance(k, str) and type(v) is int and v >= 0 for k, v in usage.items()):
         raise ValueError(f"key {key_hash}: token_usage must map families to counts >= 0")

@@ -66,10 +66,13 @@ async def test_families_trial_and_org_clones_are_kept(tmp_path: Path) -> None:
     store = pool._store
     key = pool.key(hash_key(A))
     # What a key checker learns: families (32k included), trial flag, org.
-    key.profile = type(key.profile)(frozenset({"turbo", GPT4_32K}), is_trial=True)
+    key.profile = type(key.profile)(
+        frozenset({"turbo", GPT4_32K}), is_trial=True, model_ids=frozenset({"gpt-4-32k"})
+    )
     key.organization_id = "org-default"
+    key.revive_if_alive = True
     store.changed(key)
-    clone = pool.add_key(A, organization_id="org-second")
+    clone = pool.clone_for_org(key.hash, "org-second")
     assert clone is not None
     pool.increment_usage(clone.hash, "gpt-4o", 9)
     await pool.flush()
@@ -78,9 +81,12 @@ async def test_families_trial_and_org_clones_are_kept(tmp_path: Path) -> None:
     again = _pool(path, [A])
     restored = again.key(hash_key(A))
     assert restored.model_families == {"turbo", GPT4_32K} and restored.is_trial
+    assert restored.model_ids == {"gpt-4-32k"}
     assert restored.organization_id == "org-default"
+    assert restored.revive_if_alive
     restored_clone = again.key(hash_key(A, "org-second"))
     assert restored_clone.secret == A and restored_clone.organization_id == "org-second"
+    assert restored_clone.cloned_from == restored.hash
     assert restored_clone.token_usage == {"gpt4o": 9}
     assert len(again) == 2
 
