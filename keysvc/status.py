@@ -1,0 +1,213 @@
+"""The pool at a glance: key counts by family and state, lockouts, tokens used.
+
+One summary serves three views: the Prometheus gauges, the HTML status page
+(both read the pool on the event loop) and ``keysvc status`` (which reads
+``List`` and ``GetLockoutPeriod`` over gRPC). Each view turns its keys into
+``KeyState`` rows first, so the counting rules live here only.
+
+States of a key:
+
+- ``active``: not disabled and not locked (it would be handed out now);
+- ``locked``: not disabled, but locked (``now < rate_limited_until``);
+- ``disabled``: never handed out (revoked and over-quota keys are disabled too).
+
+Every key of a family is in exactly one of those three. ``trial``, ``revoked``
+and ``over_quota`` count keys with that flag and overlap with them: trial counts
+the trial keys that are not disabled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Final
+
+from .keys import Key
+
+__all__ = [
+    "COUNTED_STATES",
+    "PROBE_MODELS",
+    "FamilySummary",
+    "KeyState",
+    "format_duration",
+    "key_state",
+    "render_text",
+    "summarize",
+]
+
+#: The states a family's keys are counted in, in display order.
+COUNTED_STATES: Final = ("active", "locked", "trial", "disabled", "revoked", "over_quota")
+
+#: One model name per built-in family, for asking GetLockoutPeriod about a
+#: family over the wire (the RPC takes a model). A unit test checks each one
+#: maps back to its family and that every built-in family has one.
+PROBE_MODELS: Final[Mapping[str, str]] = {
+    "turbo": "gpt-3.5-turbo",
+    "gpt4": "gpt-4",
+    "gpt4-32k": "gpt-4-32k",
+    "gpt4-turbo": "gpt-4-turbo",
+    "gpt4o": "gpt-4o",
+    "gpt41": "gpt-4.1",
+    "gpt41-mini": "gpt-4.1-mini",
+    "gpt41-nano": "gpt-4.1-nano",
+    "gpt45": "gpt-4.5-preview",
+    "gpt5": "gpt-5",
+    "gpt5-mini": "gpt-5-mini",
+    "gpt5-nano": "gpt-5-nano",
+    "dall-e": "dall-e-3",
+    "o1": "o1",
+    "o1-mini": "o1-mini",
+    "o3": "o3",
+    "o3-mini": "o3-mini",
+    "o4-mini": "o4-mini",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class KeyState:
+    """The public facts about one key that the views show. There is no secret here."""
+
+    hash: str
+    families: frozenset[str]
+    is_trial: bool
+    is_disabled: bool
+    is_revoked: bool
+    is_over_quota: bool
+    locked: bool
+    prompt_count: int = 0
+    token_usage: Mapping[str, int] = field(default_factory=dict)
+
+    @property
+    def state(self) -> str:
+        """One word: revoked, over_quota, disabled, locked or active."""
+        if self.is_revoked:
+            return "revoked"
+        if self.is_over_quota:
+            return "over_quota"
+        if self.is_disabled:
+            return "disabled"
+        return "locked" if self.locked else "active"
+
+
+def key_state(key: Key, now: float) -> KeyState:
+    """The view of a pool key at time ``now``."""
+    return KeyState(
+        hash=key.hash,
+        families=key.model_families,
+        is_trial=key.is_trial,
+        is_disabled=key.is_disabled,
+        is_revoked=key.is_revoked,
+        is_over_quota=key.is_over_quota,
+        locked=now < key.rate_limited_until,
+        prompt_count=key.prompt_count,
+        token_usage=key.token_usage,
+    )
+
+
+@dataclass(slots=True)
+class FamilySummary:
+    """One model family: its keys by state, current lockout and tokens used.
+
+    ``lockout`` is None when it is not known (``keysvc status`` has no model
+    name to ask the server with for a family from an operator's model file).
+    """
+
+    family: str
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTED_STATES, 0))
+    lockout: float | None = 0.0
+    tokens: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.counts["active"] + self.counts["locked"] + self.counts["disabled"]
+
+
+def summarize(
+    keys: Iterable[KeyState],
+    lockout: Callable[[str], float | None],
+    *,
+    families: Iterable[str] = (),
+) -> list[FamilySummary]:
+    """Per family, sorted by name: every family in ``families`` and every family a key has.
+
+    Tokens are summed from each key's usage; ``lockout(family)`` gives the lockout.
+    """
+    summaries: dict[str, FamilySummary] = {f: FamilySummary(f) for f in families}
+    for key in keys:
+        for family in key.families:
+            summary = summaries.get(family)
+            if summary is None:
+                summary = summaries[family] = FamilySummary(family)
+            counts = summary.counts
+            if key.is_disabled:
+                counts["disabled"] += 1
+            elif key.locked:
+                counts["locked"] += 1
+            else:
+                counts["active"] += 1
+            if key.is_trial and not key.is_disabled:
+                counts["trial"] += 1
+            if key.is_revoked:
+                counts["revoked"] += 1
+            if key.is_over_quota:
+                counts["over_quota"] += 1
+        # Usage is recorded against the family of the model used, which the key
+        # may no longer have (after a check); it still counts for that family.
+        for family, tokens in key.token_usage.items():
+            summary = summaries.get(family)
+            if summary is None:
+                summary = summaries[family] = FamilySummary(family)
+            summary.tokens += tokens
+    result = sorted(summaries.values(), key=lambda s: s.family)
+    for summary in result:
+        summary.lockout = lockout(summary.family)
+    return result
+
+
+def format_duration(seconds: float | None) -> str:
+    """``"-"`` when unknown, ``"0s"`` when free, else e.g. ``"1.5s"``."""
+    if seconds is None:
+        return "-"
+    if seconds <= 0:
+        return "0s"
+    return f"{seconds:.1f}s"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        first, *rest = cells
+        return "  ".join(
+            [first.ljust(widths[0]), *(c.rjust(w) for c, w in zip(rest, widths[1:], strict=True))]
+        ).rstrip()
+
+    return [line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)]
+
+
+def render_text(summaries: list[FamilySummary], keys: list[KeyState]) -> str:
+    """The summary as terminal tables: families first, then keys by hash."""
+    if not keys:
+        return "no keys in the pool\n"
+    family_rows = [
+        [
+            s.family,
+            *(str(s.counts[state]) for state in COUNTED_STATES),
+            format_duration(s.lockout),
+            str(s.tokens),
+        ]
+        for s in summaries
+    ]
+    lines = _table(["family", *COUNTED_STATES, "lockout", "tokens"], family_rows)
+    key_rows = [
+        [
+            k.hash,
+            k.state,
+            "yes" if k.is_trial else "no",
+            str(k.prompt_count),
+            str(sum(k.token_usage.values())),
+        ]
+        for k in sorted(keys, key=lambda k: k.hash)
+    ]
+    lines += ["", *_table(["key", "state", "trial", "prompts", "tokens"], key_rows)]
+    return "\n".join(lines) + "\n"
