@@ -46,6 +46,9 @@ class Settings:
     shutdown_grace: float = 10.0
     #: Extra model → family rules, tried before the built-in ones.
     model_families_file: Path | None = None
+    #: Port of the HTTP server for /metrics, the status page, /healthz and /readyz; None = off.
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
 
 
 def _parse_bool(text: str) -> bool:
@@ -150,6 +153,16 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         help="JSON file of extra model → family rules (env KEYSVC_MODEL_FAMILIES_FILE)",
     )
+    parser.add_argument(
+        "--metrics-port",
+        type=_flag_type("port", _parse_port),
+        help="HTTP port for /metrics, the status page, /healthz and /readyz "
+        "(env KEYSVC_METRICS_PORT, default off)",
+    )
+    parser.add_argument(
+        "--metrics-host",
+        help="address the HTTP port listens on (env KEYSVC_METRICS_HOST, default 127.0.0.1)",
+    )
 
 
 def settings_from(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> Settings:
@@ -170,6 +183,8 @@ def settings_from(args: argparse.Namespace, env: Mapping[str, str] | None = None
         log_format=_from_env(env, "KEYSVC_LOG_FORMAT", _choice(LOG_FORMATS), "text"),
         shutdown_grace=_from_env(env, "KEYSVC_SHUTDOWN_GRACE", _parse_seconds, 10.0),
         model_families_file=_from_env(env, "KEYSVC_MODEL_FAMILIES_FILE", Path, None),
+        metrics_port=_from_env(env, "KEYSVC_METRICS_PORT", _parse_port, None),
+        metrics_host=_from_env(env, "KEYSVC_METRICS_HOST", str.strip, "127.0.0.1"),
     )
     overrides = {
         name: value

@@ -24,10 +24,13 @@ from grpc_status import rpc_status
 from .clock import Clock, SystemClock
 from .config import Settings
 from .errors import ERROR_DOMAIN, KeysvcError
+from .events import PoolObserver
+from .metrics import Metrics, RpcInterceptor
 from .models import ModelTable
 from .pool import KeyPool
 from .service import KeyService
 from .v1 import keysvc_pb2, keysvc_pb2_grpc
+from .web import HttpServer, build_app, start_http
 
 __all__ = ["SERVICE_NAME", "ErrorMappingInterceptor", "KeysvcServer", "create_server", "serve"]
 
@@ -112,6 +115,16 @@ class KeysvcServer:
         await self.server.start()
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
 
+    def serving(self, service: str = "") -> bool:
+        """Whether gRPC health reports ``service`` ("" = the whole server) as SERVING.
+
+        For /healthz and /readyz, which mirror gRPC health for HTTP-only load
+        balancers. The aio HealthServicer keeps its statuses in a dict it does
+        not expose; this reads it.
+        """
+        status = self.health._server_status.get(service)
+        return bool(status == health_pb2.HealthCheckResponse.SERVING)
+
     async def shutdown(self, grace: float) -> None:
         """Reports NOT_SERVING, refuses new calls, gives in-flight calls ``grace`` seconds."""
         await self.health.enter_graceful_shutdown()
@@ -130,15 +143,20 @@ def create_server(
     host: str = "127.0.0.1",
     port: int = 0,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    metrics: Metrics | None = None,
 ) -> KeysvcServer:
     """Builds a server for ``pool`` bound to ``host:port`` (0 picks a free port).
 
-    ``interceptors`` run inside the error mapping, after keysvc's own.
+    ``interceptors`` run inside the error mapping, after keysvc's own. The RPC
+    observer (debug log line per call, and RPC metrics when ``metrics`` is
+    given) runs outermost, so it records the status the caller gets.
 
     Raises:
         OSError: the address cannot be bound.
     """
-    server = grpc.aio.server(interceptors=[ErrorMappingInterceptor(), *interceptors])
+    server = grpc.aio.server(
+        interceptors=[RpcInterceptor(metrics), ErrorMappingInterceptor(), *interceptors]
+    )
     keysvc_pb2_grpc.add_KeyServiceServicer_to_server(KeyService(pool), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -160,7 +178,9 @@ def create_server(
     return KeysvcServer(server=server, port=bound, health=health)
 
 
-def build_pool(settings: Settings, clock: Clock) -> KeyPool:
+def build_pool(
+    settings: Settings, clock: Clock, *, observer: PoolObserver | None = None
+) -> KeyPool:
     """The pool the settings describe, with the keys of OPENAI_KEY loaded unchecked."""
     models = (
         ModelTable.from_file(settings.model_families_file)
@@ -179,19 +199,35 @@ def build_pool(settings: Settings, clock: Clock) -> KeyPool:
         models=models,
         clock=clock,
         allowed_families=settings.allowed_families,
+        observer=observer,
     )
 
 
 async def serve(settings: Settings, *, clock: Clock | None = None) -> None:
     """Runs keysvc until SIGTERM or SIGINT, then drains and returns."""
-    pool = build_pool(settings, clock or SystemClock())
+    metrics = Metrics() if settings.metrics_port is not None else None
+    pool = build_pool(settings, clock or SystemClock(), observer=metrics)
     if len(pool) == 0:
         _log.warning("OPENAI_KEY is not set; serving an empty pool, every Get will fail")
     else:
         _log.info("loaded keys", extra={"keys": len(pool)})
     if settings.check_keys:
         _log.warning("key checking is not available yet; keys are used as loaded")
-    running = create_server(pool, host=settings.host, port=settings.port)
+    running = create_server(pool, host=settings.host, port=settings.port, metrics=metrics)
+    http: HttpServer | None = None
+    if metrics is not None and settings.metrics_port is not None:
+        metrics.watch_pool(pool)
+        app = build_app(
+            pool,
+            metrics.registry,
+            live=running.serving,
+            ready=lambda: running.serving(SERVICE_NAME),
+        )
+        http = await start_http(app, host=settings.metrics_host, port=settings.metrics_port)
+        _log.info(
+            "serving metrics and status page",
+            extra={"address": _address(settings.metrics_host, http.port)},
+        )
     await running.start()
     _log.info("serving", extra={"address": _address(settings.host, running.port)})
 
@@ -205,5 +241,8 @@ async def serve(settings: Settings, *, clock: Clock | None = None) -> None:
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
+        # Stopped last, so /readyz answers 503 while in-flight calls drain.
         await running.shutdown(settings.shutdown_grace)
+        if http is not None:
+            await http.stop()
     _log.info("stopped")
