@@ -165,12 +165,12 @@ def summarize(
 
 
 def format_duration(seconds: float | None) -> str:
-    """``"-"`` when unknown, ``"0s"`` when free, else e.g. ``"1.5s"``."""
+    """``"-"`` when unknown, ``"0s"`` when free, else e.g. ``"1.50s"``."""
     if seconds is None:
         return "-"
     if seconds <= 0:
         return "0s"
-    return f"{seconds:.1f}s"
+    return f"{seconds:.2f}s"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
