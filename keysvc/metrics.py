@@ -27,7 +27,7 @@ from prometheus_client.registry import Collector
 
 from .events import KeyChange
 from .pool import HASH_PATTERN, KeyPool
-from .status import COUNTED_STATES, key_state, summarize
+from .status import COUNTED_STATES, summarize_pool
 from .v1 import keysvc_pb2
 
 __all__ = ["Metrics", "PoolCollector", "RpcInterceptor"]
@@ -150,10 +150,8 @@ class PoolCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         pool = self._pool
         now = pool.now()
-        summaries = summarize(
-            (key_state(key, now) for key in pool.keys()),
-            pool.family_lockout,
-            families=pool.families(),
+        summaries = summarize_pool(
+            pool.keys(), now, pool.family_lockout, families=pool.families(), with_tokens=False
         )
         keys = GaugeMetricFamily(
             "keysvc_keys",

@@ -13,10 +13,12 @@ escaped, and no secret is ever in it (it is built from ``KeyState`` rows).
 
 from __future__ import annotations
 
+import heapq
 import html
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from operator import attrgetter
 from typing import Final
 
 from aiohttp import web
@@ -31,13 +33,16 @@ from .status import (
     KeyState,
     format_duration,
     key_state,
-    summarize,
+    summarize_pool,
 )
 
 __all__ = ["HttpServer", "build_app", "render_status_page", "start_http"]
 
 #: Seconds between the status page's own reloads.
 PAGE_REFRESH: Final = 10
+#: Rows of the page's key table; a larger pool is summarized, not listed
+#: (``keysvc status`` lists every key).
+PAGE_KEYS: Final = 1000
 
 HealthCheck = Callable[[], bool]
 
@@ -61,9 +66,21 @@ code { font: 13px ui-monospace, monospace; }
 
 
 def render_status_page(
-    summaries: list[FamilySummary], keys: list[KeyState], *, now: float, ready: bool
+    summaries: list[FamilySummary],
+    keys: list[KeyState],
+    *,
+    now: float,
+    ready: bool,
+    total_keys: int | None = None,
 ) -> str:
-    """The status page: families table, then keys by hash."""
+    """The status page: families table, then ``keys`` by hash (of ``total_keys`` in all)."""
+    total = len(keys) if total_keys is None else total_keys
+    shown = (
+        ""
+        if total == len(keys)
+        else f'<p class="meta">The first {len(keys)} of {total} keys by hash; '
+        "<code>keysvc status</code> lists them all.</p>"
+    )
     state_headers = "".join(f"<th>{_e(s.replace('_', ' '))}</th>" for s in COUNTED_STATES)
     family_rows = "\n".join(
         "<tr>"
@@ -95,7 +112,7 @@ def render_status_page(
 </head>
 <body>
 <h1>keysvc status</h1>
-<p class="meta">keysvc {_e(__version__)} &middot; {_e(readiness)} &middot; {len(keys)} keys
+<p class="meta">keysvc {_e(__version__)} &middot; {_e(readiness)} &middot; {total} keys
 &middot; {_e(stamp)} &middot; refreshes every {PAGE_REFRESH} s &middot;
 <a href="/metrics">metrics</a></p>
 <h2>Model families</h2>
@@ -106,6 +123,7 @@ def render_status_page(
 </tbody>
 </table>
 <h2>Keys</h2>
+{shown}
 <table id="keys">
 <thead><tr><th>key</th><th>state</th><th>trial</th><th>prompts</th><th>tokens</th>
 <th>families</th></tr></thead>
@@ -136,9 +154,16 @@ def build_app(
 
     async def status_page(request: web.Request) -> web.Response:
         now = pool.now()
-        keys = [key_state(key, now) for key in pool.keys()]
-        summaries = summarize(keys, pool.family_lockout)
-        body = render_status_page(summaries, keys, now=now, ready=ready())
+        keys = pool.keys()
+        summaries = summarize_pool(keys, now, pool.family_lockout)
+        listed = heapq.nsmallest(PAGE_KEYS, keys, key=attrgetter("hash"))
+        body = render_status_page(
+            summaries,
+            [key_state(key, now) for key in listed],
+            now=now,
+            ready=ready(),
+            total_keys=len(keys),
+        )
         return web.Response(
             text=body,
             content_type="text/html",

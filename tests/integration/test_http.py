@@ -12,6 +12,7 @@ from keysvc.metrics import Metrics
 from keysvc.models import ModelTable
 from keysvc.pool import KeyPool
 from keysvc.v1 import keysvc_pb2 as pb
+from keysvc.web import PAGE_KEYS
 from tests.helpers import client
 
 from .observed import fetch, observed_server, page_tables
@@ -170,3 +171,17 @@ def check_page_against_api(html: str, listing: pb.ListResponse, now: float) -> N
         assert row["disabled"] == str(sum(k.is_disabled for k in members)), family
         assert row["revoked"] == str(states.count("revoked")), family
         assert row["tokens used"] == str(sum(k.token_usage.get(family, 0) for k in listing.keys))
+
+
+async def test_a_large_pool_is_summarized_not_listed() -> None:
+    metrics = Metrics()
+    secrets = [f"sk-large-pool-{n:05d}" for n in range(PAGE_KEYS + 5)]
+    pool = KeyPool.from_secrets(secrets, models=ModelTable(), clock=ManualClock(), observer=metrics)
+    async with observed_server(pool, metrics) as observed:
+        _, _, html = await fetch(observed.base_url + "/")
+    tables = page_tables(html)
+    listed = [row["key"] for row in tables["keys"]]
+    assert listed == sorted(k.hash for k in pool.keys())[:PAGE_KEYS]
+    assert f"The first {PAGE_KEYS} of {PAGE_KEYS + 5} keys" in html
+    gpt4 = next(row for row in tables["families"] if row["family"] == "gpt4")
+    assert gpt4["active"] == str(PAGE_KEYS + 5)

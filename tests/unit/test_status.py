@@ -2,8 +2,18 @@
 
 from __future__ import annotations
 
+from keysvc.clock import ManualClock
+from keysvc.keys import DisableReason
 from keysvc.models import DEFAULT_RULES, ModelTable
-from keysvc.status import PROBE_MODELS, KeyState, render_text, summarize
+from keysvc.pool import KeyPool
+from keysvc.status import (
+    PROBE_MODELS,
+    KeyState,
+    key_state,
+    render_text,
+    summarize,
+    summarize_pool,
+)
 
 
 def state(
@@ -81,3 +91,26 @@ def test_text_tables() -> None:
     assert lines[6].split() == ["oai-000000aa", "locked", "no", "0", "42"]
     assert lines[7].split() == ["oai-000000bb", "revoked", "no", "0", "0"]
     assert render_text([], []) == "no keys in the pool\n"
+
+
+def test_pool_summary_agrees_with_the_key_state_summary() -> None:
+    clock = ManualClock()
+    pool = KeyPool.from_secrets(
+        [f"sk-agree-{n:04d}" for n in range(40)], models=ModelTable(), clock=clock
+    )
+    keys = pool.keys()
+    for n in range(15):
+        key = pool.get("gpt-4o" if n % 2 else "gpt-3.5-turbo")
+        pool.increment_usage(key.hash, "gpt-4o", n)
+    pool.disable(keys[1].hash, DisableReason.REVOKED)
+    pool.disable(keys[2].hash, DisableReason.QUOTA)
+    pool.disable(keys[3].hash, DisableReason.MANUAL)
+    clock.advance(0.5)
+    pool.mark_rate_limited(keys[4].hash)
+    now = clock.now()
+    direct = summarize_pool(keys, now, pool.family_lockout, families=["gpt4-32k"])
+    viewed = summarize(
+        [key_state(k, now) for k in keys], pool.family_lockout, families=["gpt4-32k"]
+    )
+    assert direct == viewed
+    assert next(s for s in direct if s.family == "gpt4o").tokens == sum(range(15))
