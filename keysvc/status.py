@@ -230,12 +230,15 @@ def format_duration(seconds: float | None) -> str:
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    columns = range(len(header))
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in columns]
+    # Numbers line up on the right, words on the left.
+    numeric = [bool(rows) and all(r[i][:1].isdigit() or r[i] == "-" for r in rows) for i in columns]
 
     def line(cells: list[str]) -> str:
-        first, *rest = cells
         return "  ".join(
-            [first.ljust(widths[0]), *(c.rjust(w) for c, w in zip(rest, widths[1:], strict=True))]
+            c.rjust(w) if right else c.ljust(w)
+            for c, w, right in zip(cells, widths, numeric, strict=True)
         ).rstrip()
 
     return [line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)]
