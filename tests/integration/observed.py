@@ -14,6 +14,7 @@ import grpc
 from keysvc.metrics import Metrics
 from keysvc.pool import KeyPool
 from keysvc.server import SERVICE_NAME, KeysvcServer, create_server
+from keysvc.v1 import keysvc_pb2 as pb
 from keysvc.web import HttpServer, build_app, start_http
 
 
@@ -106,3 +107,38 @@ def page_tables(html: str) -> dict[str, list[dict[str, str]]]:
         header, *body = rows
         result[table_id] = [dict(zip(header, row, strict=True)) for row in body]
     return result
+
+
+def expected_state(key: pb.Key, now: float) -> str:
+    if key.is_revoked:
+        return "revoked"
+    if key.is_over_quota:
+        return "over_quota"
+    if key.is_disabled:
+        return "disabled"
+    until = key.rate_limited_until.ToNanoseconds() / 1e9
+    return "locked" if now < until else "active"
+
+
+def check_page_against_api(html: str, listing: pb.ListResponse, now: float) -> None:
+    """The page's key table has exactly the API's keys and states, and its family table
+    the counts and token sums those keys give."""
+    tables = page_tables(html)
+    page_keys = {row["key"]: row for row in tables["keys"]}
+    assert set(page_keys) == {k.hash for k in listing.keys}
+    for key in listing.keys:
+        row = page_keys[key.hash]
+        assert row["state"] == expected_state(key, now), key.hash
+        assert row["prompts"] == str(key.prompt_count)
+        assert row["tokens"] == str(sum(key.token_usage.values()))
+        assert row["trial"] == ("yes" if key.is_trial else "no")
+    families = {row["family"]: row for row in tables["families"]}
+    assert set(families) == {f for k in listing.keys for f in k.model_families}
+    for family, row in families.items():
+        members = [k for k in listing.keys if family in k.model_families]
+        states = [expected_state(k, now) for k in members]
+        assert row["active"] == str(states.count("active")), family
+        assert row["locked"] == str(states.count("locked")), family
+        assert row["disabled"] == str(sum(k.is_disabled for k in members)), family
+        assert row["revoked"] == str(states.count("revoked")), family
+        assert row["tokens used"] == str(sum(k.token_usage.get(family, 0) for k in listing.keys))

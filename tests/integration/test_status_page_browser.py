@@ -23,8 +23,7 @@ from keysvc.pool import KeyPool
 from keysvc.v1 import keysvc_pb2 as pb
 from tests.helpers import client
 
-from .observed import observed_server
-from .test_http import check_page_against_api
+from .observed import check_page_against_api, observed_server
 
 SECRETS = [f"sk-browser-test-{n:02d}-eeeeeeeeeeeeeeee" for n in range(8)]
 

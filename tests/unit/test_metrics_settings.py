@@ -6,10 +6,10 @@ import argparse
 
 import pytest
 
-from keysvc.config import ConfigError, add_serve_arguments, settings_from
+from keysvc.config import ConfigError, Settings, add_serve_arguments, settings_from
 
 
-def parse(argv: list[str], env: dict[str, str]) -> object:
+def parse(argv: list[str], env: dict[str, str]) -> Settings:
     parser = argparse.ArgumentParser()
     add_serve_arguments(parser)
     return settings_from(parser.parse_args(argv), env)
@@ -17,16 +17,16 @@ def parse(argv: list[str], env: dict[str, str]) -> object:
 
 def test_metrics_are_off_by_default_on_loopback() -> None:
     settings = parse([], {})
-    assert settings.metrics_port is None  # type: ignore[attr-defined]
-    assert settings.metrics_host == "127.0.0.1"  # type: ignore[attr-defined]
+    assert settings.metrics_port is None
+    assert settings.metrics_host == "127.0.0.1"
 
 
 def test_env_then_flag() -> None:
     env = {"KEYSVC_METRICS_PORT": "9100", "KEYSVC_METRICS_HOST": "0.0.0.0"}
     settings = parse([], env)
-    assert (settings.metrics_port, settings.metrics_host) == (9100, "0.0.0.0")  # type: ignore[attr-defined]
+    assert (settings.metrics_port, settings.metrics_host) == (9100, "0.0.0.0")
     settings = parse(["--metrics-port", "9200", "--metrics-host", "::1"], env)
-    assert (settings.metrics_port, settings.metrics_host) == (9200, "::1")  # type: ignore[attr-defined]
+    assert (settings.metrics_port, settings.metrics_host) == (9200, "::1")
 
 
 def test_bad_port_is_a_config_error() -> None:
