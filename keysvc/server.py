@@ -32,7 +32,14 @@ from .service import KeyService
 from .v1 import keysvc_pb2, keysvc_pb2_grpc
 from .web import HttpServer, build_app, start_http
 
-__all__ = ["SERVICE_NAME", "ErrorMappingInterceptor", "KeysvcServer", "create_server", "serve"]
+__all__ = [
+    "SERVICE_NAME",
+    "ErrorMappingInterceptor",
+    "KeysvcServer",
+    "create_server",
+    "serve",
+    "start_http_port",
+]
 
 SERVICE_NAME: str = keysvc_pb2.DESCRIPTOR.services_by_name["KeyService"].full_name
 
@@ -178,6 +185,26 @@ def create_server(
     return KeysvcServer(server=server, port=bound, health=health)
 
 
+async def start_http_port(
+    running: KeysvcServer, pool: KeyPool, metrics: Metrics, *, host: str, port: int
+) -> HttpServer:
+    """Serves /metrics, the status page, /healthz and /readyz for ``running`` on ``host:port``.
+
+    ``metrics`` must be ``pool``'s observer; this adds the gauges read from ``pool``.
+
+    Raises:
+        OSError: the address cannot be bound.
+    """
+    metrics.watch_pool(pool)
+    app = build_app(
+        pool,
+        metrics.registry,
+        live=running.serving,
+        ready=lambda: running.serving(SERVICE_NAME),
+    )
+    return await start_http(app, host=host, port=port)
+
+
 def build_pool(
     settings: Settings, clock: Clock, *, observer: PoolObserver | None = None
 ) -> KeyPool:
@@ -216,14 +243,9 @@ async def serve(settings: Settings, *, clock: Clock | None = None) -> None:
     running = create_server(pool, host=settings.host, port=settings.port, metrics=metrics)
     http: HttpServer | None = None
     if metrics is not None and settings.metrics_port is not None:
-        metrics.watch_pool(pool)
-        app = build_app(
-            pool,
-            metrics.registry,
-            live=running.serving,
-            ready=lambda: running.serving(SERVICE_NAME),
+        http = await start_http_port(
+            running, pool, metrics, host=settings.metrics_host, port=settings.metrics_port
         )
-        http = await start_http(app, host=settings.metrics_host, port=settings.metrics_port)
         _log.info(
             "serving metrics and status page",
             extra={"address": _address(settings.metrics_host, http.port)},

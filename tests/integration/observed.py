@@ -13,9 +13,9 @@ import grpc
 
 from keysvc.metrics import Metrics
 from keysvc.pool import KeyPool
-from keysvc.server import SERVICE_NAME, KeysvcServer, create_server
+from keysvc.server import KeysvcServer, create_server, start_http_port
 from keysvc.v1 import keysvc_pb2 as pb
-from keysvc.web import HttpServer, build_app, start_http
+from keysvc.web import HttpServer
 
 
 @dataclass
@@ -44,14 +44,7 @@ async def observed_server(
     server = create_server(
         pool, host="127.0.0.1", port=0, metrics=metrics, interceptors=interceptors
     )
-    metrics.watch_pool(pool)
-    app = build_app(
-        pool,
-        metrics.registry,
-        live=server.serving,
-        ready=lambda: server.serving(SERVICE_NAME),
-    )
-    http = await start_http(app, host="127.0.0.1", port=0)
+    http = await start_http_port(server, pool, metrics, host="127.0.0.1", port=0)
     if start:
         await server.start()
     try:

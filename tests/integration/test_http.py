@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from keysvc.clock import ManualClock
 from keysvc.metrics import Metrics
@@ -13,25 +12,12 @@ from keysvc.models import ModelTable
 from keysvc.pool import KeyPool
 from keysvc.v1 import keysvc_pb2 as pb
 from keysvc.web import PAGE_KEYS
+from tests.exposition import parse, value
 from tests.helpers import client
 
 from .observed import check_page_against_api, fetch, observed_server, page_tables
 
 SECRETS = [f"sk-http-test-{n:02d}-bbbbbbbbbbbbbbbb" for n in range(5)]
-
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-def parse(text: str) -> Samples:
-    samples: Samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return samples
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples[(name, tuple(sorted(labels.items())))]
 
 
 def make() -> tuple[KeyPool, Metrics, ManualClock]:

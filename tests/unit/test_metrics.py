@@ -6,7 +6,6 @@ from collections.abc import Iterator
 
 import pytest
 from prometheus_client import generate_latest
-from prometheus_client.parser import text_string_to_metric_families
 
 from keysvc.clock import ManualClock
 from keysvc.keys import DisableReason, Key
@@ -14,23 +13,14 @@ from keysvc.metrics import Metrics
 from keysvc.models import ModelTable
 from keysvc.pool import KeyPool
 from keysvc.store import MemoryKeyStore
+from tests.exposition import Samples, parse, value
 
 SECRETS = [f"sk-metrics-test-{n:02d}-aaaaaaaaaaaa" for n in range(4)]
-
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
 def scrape(metrics: Metrics) -> tuple[str, Samples]:
     text = generate_latest(metrics.registry).decode()
-    samples: Samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return text, samples
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples[(name, tuple(sorted(labels.items())))]
+    return text, parse(text)
 
 
 def scenario() -> tuple[KeyPool, Metrics, ManualClock]:
