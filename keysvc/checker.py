@@ -405,11 +405,15 @@ class KeyChecker:
 
     async def _check_and_log(self, key: Key) -> None:
         try:
-            await self.check_key(key)
+            verdict = await self.check_key(key)
         except Exception:
             # A defect must not stop the checker; the key is tried again later.
             _log.exception("key check failed unexpectedly", extra={"key_hash": key.hash})
             self._retry_later(key, "internal error")
+            outcome = "error"
+        else:
+            outcome = check_outcome(verdict, key)
+        self._pool.observer.check_result(outcome)
 
     async def check_key(self, key: Key) -> Verdict:
         """Checks one key now and applies what was learned to the pool.
@@ -573,3 +577,12 @@ def _list_data(body: object) -> list[dict[str, Any]] | None:
     if not isinstance(body, dict) or not isinstance(body.get("data"), list):
         return None
     return [item for item in body["data"] if isinstance(item, dict)]
+
+
+def check_outcome(verdict: Verdict, key: Key) -> str:
+    """The label a finished check is counted under: alive, trial, revoked, over_quota or retry."""
+    if verdict is Verdict.DEAD:
+        return "revoked" if key.is_revoked else "over_quota"
+    if verdict is Verdict.RETRY:
+        return "retry"
+    return "trial" if key.is_trial else "alive"

@@ -1,4 +1,4 @@
-"""Command line: ``keysvc serve`` (also ``python -m keysvc serve``)."""
+"""Command line: ``keysvc serve`` (also ``python -m keysvc serve``) and ``keysvc status``."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from .config import ConfigError, add_serve_arguments, settings_from
 from .logs import configure_logging
 from .models import ModelTableError
 from .server import serve
+from .status_command import add_status_arguments, run_status
 
 __all__ = ["main"]
 
@@ -31,12 +32,21 @@ def _parser() -> argparse.ArgumentParser:
         description="Serve keysvc.v1.KeyService. Keys come from OPENAI_KEY (comma-separated).",
     )
     add_serve_arguments(serve_parser)
+    status_parser = commands.add_parser(
+        "status",
+        help="print a running server's keys by family and state",
+        description="Ask a running keysvc (List, GetLockoutPeriod) and print its keys by "
+        "model family and state, lockouts and tokens used.",
+    )
+    add_status_arguments(status_parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command; returns the process exit code."""
     args = _parser().parse_args(argv)
+    if args.command == "status":
+        return run_status(args)
     try:
         settings = settings_from(args)
     except ConfigError as exc:

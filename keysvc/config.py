@@ -78,6 +78,9 @@ class Settings:
     ignore_state: bool = False
     #: More keys, one per line; reloaded on SIGHUP and when the file changes.
     keys_file: Path | None = None
+    #: Port of the HTTP server for /metrics, the status page, /healthz and /readyz; None = off.
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
 
 
 def _parse_bool(text: str) -> bool:
@@ -260,6 +263,16 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         help="file of more keys, one per line, reloaded on SIGHUP or change (env KEYSVC_KEYS_FILE)",
     )
+    parser.add_argument(
+        "--metrics-port",
+        type=_flag_type("port", _parse_port),
+        help="HTTP port for /metrics, the status page, /healthz and /readyz "
+        "(env KEYSVC_METRICS_PORT, default off)",
+    )
+    parser.add_argument(
+        "--metrics-host",
+        help="address the HTTP port listens on (env KEYSVC_METRICS_HOST, default 127.0.0.1)",
+    )
 
 
 def tls_problem(cert: Path | None, key: Path | None, client_ca: Path | None) -> str | None:
@@ -358,6 +371,8 @@ def settings_from(args: argparse.Namespace, env: Mapping[str, str] | None = None
         state_file=_from_env(env, "KEYSVC_STATE_FILE", Path, None),
         ignore_state=_from_env(env, "KEYSVC_IGNORE_STATE", _parse_bool, False),
         keys_file=_from_env(env, "KEYSVC_KEYS_FILE", Path, None),
+        metrics_port=_from_env(env, "KEYSVC_METRICS_PORT", _parse_port, None),
+        metrics_host=_from_env(env, "KEYSVC_METRICS_HOST", str.strip, "127.0.0.1"),
     )
     overrides = {
         name: value

@@ -34,15 +34,16 @@ class KeyProfile:
     #: The model ids the upstream listed for the key; None until the checker has seen them.
     model_ids: frozenset[str] | None = None
 
-    def serves(self, model: str, family: str, *, embeddings: bool) -> bool:
+    def serves(self, model: str | None, family: str, *, embeddings: bool) -> bool:
         """Whether a key of this profile may serve ``model`` (of ``family``).
 
         Once the model ids are known, the model must be one of them (or a dated
-        snapshot of one); before that the family decides alone.
+        snapshot of one); before that the family decides alone. ``model`` None
+        asks about the family as a whole.
         """
         if family not in self.families or (embeddings and self.is_trial):
             return False
-        return self.model_ids is None or lists_model(self.model_ids, model)
+        return self.model_ids is None or model is None or lists_model(self.model_ids, model)
 
 
 # "-2024-08-06" (gpt-4o-2024-08-06) or "-0613" (gpt-4-0613) at the end of a model name.

@@ -35,6 +35,7 @@ from typing import Final
 from .clock import Clock
 from .durations import parse_go_duration
 from .errors import FamilyDisallowed, InvalidArgument, KeyNotFound, NoKeysForFamily
+from .events import KeyChange, NullObserver, PoolObserver
 from .keys import DisableReason, Key, KeyProfile, hash_key
 from .models import GPT4_32K, ModelInfo, ModelTable
 from .store import KeyStore, MemoryKeyStore
@@ -59,6 +60,15 @@ DEFAULT_LOCKOUT_MODEL: Final = "gpt-4"
 #: What a key hash looks like. Checked before lookup so that a secret sent by
 #: mistake in a hash field is never echoed back in an error.
 HASH_PATTERN: Final = re.compile(r"[a-z]{1,16}-[0-9a-f]{8}")
+
+#: The log event and level of each key state change.
+_CHANGE_LOGS: Final = {
+    KeyChange.DISABLED: ("key disabled", logging.WARNING),
+    KeyChange.REVOKED: ("key revoked", logging.WARNING),
+    KeyChange.OVER_QUOTA: ("key over quota", logging.WARNING),
+    KeyChange.RATE_LIMITED: ("key rate limited", logging.INFO),
+    KeyChange.CLONED: ("key cloned", logging.INFO),
+}
 
 REQUESTS_RESET_HEADER: Final = "x-ratelimit-reset-requests"
 TOKENS_RESET_HEADER: Final = "x-ratelimit-reset-tokens"
@@ -148,6 +158,7 @@ class KeyPool:
         clock: Clock,
         allowed_families: frozenset[str] | None = None,
         reuse_delay: float = KEY_REUSE_DELAY,
+        observer: PoolObserver | None = None,
     ) -> None:
         """Builds a pool over the keys already in ``store``.
 
@@ -157,14 +168,16 @@ class KeyPool:
             clock: the time source for every decision.
             allowed_families: families the operator allows; None allows all.
             reuse_delay: seconds a key is held back after being handed out.
+            observer: told of hand-outs, token usage and key state changes.
         """
         self._store = store
         self._models = models
         self._clock = clock
         self._allowed = allowed_families
         self._reuse_delay = reuse_delay
+        self._observer: PoolObserver = observer or NullObserver()
         self._indexes: dict[KeyProfile, _ProfileIndex] = {}
-        self._eligible_cache: dict[str, list[_ProfileIndex]] = {}
+        self._eligible_cache: dict[tuple[str | None, str, bool], list[_ProfileIndex]] = {}
         self._profiles: dict[KeyProfile, KeyProfile] = {}
         self._model_id_sets: dict[frozenset[str], frozenset[str]] = {}
         self._next_seq = 0
@@ -185,6 +198,7 @@ class KeyPool:
         clock: Clock,
         allowed_families: frozenset[str] | None = None,
         reuse_delay: float = KEY_REUSE_DELAY,
+        observer: PoolObserver | None = None,
     ) -> KeyPool:
         """A pool over an in-memory store holding ``secrets`` as unchecked keys."""
         pool = cls(
@@ -193,6 +207,7 @@ class KeyPool:
             clock=clock,
             allowed_families=allowed_families,
             reuse_delay=reuse_delay,
+            observer=observer,
         )
         for secret in secrets:
             pool.add_key(secret)
@@ -279,6 +294,7 @@ class KeyPool:
         self._derive_until(key)
         best_index.push(key, now)
         self._store.changed(key)
+        self._observer.handed_out(info.family)
         return key
 
     def lockout_period(self, model: str) -> float:
@@ -290,7 +306,13 @@ class KeyPool:
         """
         model = model or DEFAULT_LOCKOUT_MODEL
         _check_model(model)
-        info = self._models.lookup(model)
+        return self._lockout(model, self._models.lookup(model))
+
+    def family_lockout(self, family: str) -> float:
+        """``lockout_period`` over every key of ``family``, whatever models it lists."""
+        return self._lockout(None, ModelInfo(family, embeddings=False))
+
+    def _lockout(self, model: str | None, info: ModelInfo) -> float:
         if self._allowed is not None and info.family not in self._allowed:
             return 0.0
         now = self._clock.now()
@@ -322,9 +344,13 @@ class KeyPool:
                 best_index, best_entry, best_rank = index, entry, rank
         return best_index, best_entry
 
-    def _eligible(self, model: str, info: ModelInfo) -> list[_ProfileIndex]:
-        """The profile indexes whose keys may serve the model; shared by get and lockout."""
-        indexes = self._eligible_cache.get(model)
+    def _eligible(self, model: str | None, info: ModelInfo) -> list[_ProfileIndex]:
+        """The profile indexes whose keys may serve the model; shared by get and lockout.
+
+        ``model`` None: every index serving the family, whatever its model ids.
+        """
+        cache_key = (model, info.family, info.embeddings)
+        indexes = self._eligible_cache.get(cache_key)
         if indexes is None:
             indexes = [
                 index
@@ -333,7 +359,7 @@ class KeyPool:
             ]
             if len(self._eligible_cache) >= ELIGIBLE_CACHE_SIZE:
                 self._eligible_cache.clear()
-            self._eligible_cache[model] = indexes
+            self._eligible_cache[cache_key] = indexes
         return indexes
 
     # -- learning from upstream answers --------------------------------------
@@ -344,10 +370,13 @@ class KeyPool:
         if model:
             _check_model(model)
         now = self._clock.now()
+        first_report = not key.saw_rate_limit
         key.rate_limited_at = now
         key.saw_rate_limit = True
         self._reposition(key, now)
-        _log.debug("key rate limited", extra={"key_hash": key.hash})
+        if first_report:  # once per hand-out: proxies may report the same 429 twice
+            reason = f"upstream answered 429 for {model}" if model else "upstream answered 429"
+            self._state_changed(key, KeyChange.RATE_LIMITED, reason)
 
     def update_rate_limits(self, key_hash: str, headers: Mapping[str, str]) -> None:
         """Records an upstream answer's reset headers (Go durations, clamped to 10 s).
@@ -390,6 +419,7 @@ class KeyPool:
         key.token_usage[family] = key.token_usage.get(family, 0) + tokens
         key.prompt_count += 1
         self._store.changed(key)
+        self._observer.tokens_used(family, tokens)
 
     # -- key state -------------------------------------------------------------
 
@@ -398,10 +428,15 @@ class KeyPool:
         key = self.key(key_hash)
         # Newer news than a Recheck in flight: the key's check must not revive it.
         key.revive_if_alive = False
+        change: KeyChange | None = None
         if reason is DisableReason.REVOKED:
+            change = None if key.is_revoked else KeyChange.REVOKED
             key.is_revoked = True
         elif reason is DisableReason.QUOTA:
+            change = None if key.is_over_quota else KeyChange.OVER_QUOTA
             key.is_over_quota = True
+        elif not key.is_disabled:
+            change = KeyChange.DISABLED
         if key.is_disabled:
             # The first report is kept; a later one may only name a reason.
             if key.disable_reason is DisableReason.UNSPECIFIED:
@@ -411,7 +446,8 @@ class KeyPool:
             key.disable_reason = reason
             key.disabled_at = self._clock.now()
             self._unplace(key)
-            _log.warning("key disabled", extra={"key_hash": key.hash, "reason": reason.value})
+        if change is not None:
+            self._state_changed(key, change, reason.value)
         self._store.changed(key)
         return key
 
@@ -519,9 +555,11 @@ class KeyPool:
         if clone is not None:
             clone.cloned_from = parent.hash
             self._store.changed(clone)
-            _log.info(
-                "cloned key for organization",
-                extra={"key_hash": clone.hash, "parent_hash": parent.hash},
+            self._state_changed(
+                clone,
+                KeyChange.CLONED,
+                f"key belongs to organization {organization_id}",
+                parent_hash=parent.hash,
             )
         return clone
 
@@ -547,6 +585,19 @@ class KeyPool:
         """Every key, in load order."""
         return list(self._store)
 
+    def families(self) -> tuple[str, ...]:
+        """Every family the model table knows, in table order."""
+        return self._models.families
+
+    def now(self) -> float:
+        """The pool's clock, for views that judge whether a key is locked."""
+        return self._clock.now()
+
+    @property
+    def observer(self) -> PoolObserver:
+        """Where the pool reports its events; the key checker reports check results here."""
+        return self._observer
+
     def available(self) -> int:
         """How many keys are not disabled."""
         return sum(index.live for index in self._indexes.values())
@@ -555,6 +606,12 @@ class KeyPool:
         return len(self._store)
 
     # -- index upkeep ----------------------------------------------------------
+
+    def _state_changed(self, key: Key, change: KeyChange, reason: str, **fields: str) -> None:
+        """The one place a key state change is logged and reported, once per change."""
+        event, level = _CHANGE_LOGS[change]
+        _log.log(level, event, extra={"key_hash": key.hash, "reason": reason, **fields})
+        self._observer.state_changed(key.hash, change, reason)
 
     def _derive_until(self, key: Key) -> None:
         """``rate_limited_until`` = the later of the reuse throttle and the rate-limit window.

@@ -26,6 +26,8 @@ from .checker import CheckerConfig, KeyChecker
 from .clock import Clock, SystemClock
 from .config import Settings, is_loopback
 from .errors import ERROR_DOMAIN, KeysvcError, ShuttingDown
+from .events import PoolObserver
+from .metrics import Metrics, RpcInterceptor
 from .models import ModelTable
 from .pool import KeyPool, Limits
 from .reload import KeysFileWatcher, read_keys_file, restore_clones
@@ -34,6 +36,7 @@ from .state import FileStateStore, StateFileError
 from .store import KeyStore, MemoryKeyStore
 from .tls import TlsConfig
 from .v1 import keysvc_pb2, keysvc_pb2_grpc
+from .web import HttpServer, build_app, start_http
 
 __all__ = [
     "SERVICE_NAME",
@@ -42,6 +45,7 @@ __all__ = [
     "KeysvcServer",
     "create_server",
     "serve",
+    "start_http_port",
 ]
 
 SERVICE_NAME: str = keysvc_pb2.DESCRIPTOR.services_by_name["KeyService"].full_name
@@ -187,6 +191,16 @@ class KeysvcServer:
         await self.server.start()
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
 
+    def serving(self, service: str = "") -> bool:
+        """Whether gRPC health reports ``service`` ("" = the whole server) as SERVING.
+
+        For /healthz and /readyz, which mirror gRPC health for HTTP-only load
+        balancers. The aio HealthServicer keeps its statuses in a dict it does
+        not expose; this reads it.
+        """
+        status = self.health._server_status.get(service)
+        return bool(status == health_pb2.HealthCheckResponse.SERVING)
+
     async def shutdown(self, grace: float) -> None:
         """Drains: NOT_SERVING at once, new calls UNAVAILABLE, in-flight calls get ``grace``.
 
@@ -221,19 +235,26 @@ def create_server(
     tls: TlsConfig | None = None,
     max_message_bytes: int = Limits.MESSAGE_BYTES,
     checker: Rechecker | None = None,
+    metrics: Metrics | None = None,
 ) -> KeysvcServer:
     """Builds a server for ``pool`` bound to ``host:port`` (0 picks a free port).
 
     ``interceptors`` run inside the error mapping, after keysvc's own (drain,
     then auth), so they see only calls that passed both. ``tokens`` with at
     least one token turns auth on; ``tls`` turns TLS (or mutual TLS) on. With a
-    ``checker``, Recheck goes through it (and wakes it).
+    ``checker``, Recheck goes through it (and wakes it). The RPC observer (debug
+    log line per call, and RPC metrics when ``metrics`` is given) runs outermost,
+    so it records the status the caller gets, auth refusals included.
 
     Raises:
         OSError: the address cannot be bound.
     """
     drain = DrainInterceptor()
-    own: list[grpc.aio.ServerInterceptor] = [ErrorMappingInterceptor(), drain]
+    own: list[grpc.aio.ServerInterceptor] = [
+        RpcInterceptor(metrics),
+        ErrorMappingInterceptor(),
+        drain,
+    ]
     if tokens is not None and tokens.enabled:
         own.append(AuthInterceptor(tokens))
     server = grpc.aio.server(
@@ -269,12 +290,33 @@ def create_server(
     return KeysvcServer(server=server, port=bound, health=health, pool=pool, drain=drain)
 
 
+async def start_http_port(
+    running: KeysvcServer, pool: KeyPool, metrics: Metrics, *, host: str, port: int
+) -> HttpServer:
+    """Serves /metrics, the status page, /healthz and /readyz for ``running`` on ``host:port``.
+
+    ``metrics`` must be ``pool``'s observer; this adds the gauges read from ``pool``.
+
+    Raises:
+        OSError: the address cannot be bound.
+    """
+    metrics.watch_pool(pool)
+    app = build_app(
+        pool,
+        metrics.registry,
+        live=running.serving,
+        ready=lambda: running.serving(SERVICE_NAME),
+    )
+    return await start_http(app, host=host, port=port)
+
+
 def build_pool(
     settings: Settings,
     clock: Clock,
     *,
     store: KeyStore | None = None,
     extra_keys: Sequence[str] = (),
+    observer: PoolObserver | None = None,
 ) -> KeyPool:
     """The pool the settings describe, with the keys of OPENAI_KEY (then ``extra_keys``)."""
     models = (
@@ -291,7 +333,11 @@ def build_pool(
             )
     store = store if store is not None else MemoryKeyStore()
     pool = KeyPool(
-        store=store, models=models, clock=clock, allowed_families=settings.allowed_families
+        store=store,
+        models=models,
+        clock=clock,
+        allowed_families=settings.allowed_families,
+        observer=observer,
     )
     for secret in dict.fromkeys([*settings.openai_keys, *extra_keys]):
         pool.add_key(secret)
@@ -340,7 +386,8 @@ async def serve(settings: Settings, *, clock: Clock | None = None) -> None:
     else:
         store = MemoryKeyStore()
         _log.info("no state file: disabled flags and usage are lost on restart")
-    pool = build_pool(settings, clock, store=store, extra_keys=file_keys)
+    metrics = Metrics() if settings.metrics_port is not None else None
+    pool = build_pool(settings, clock, store=store, extra_keys=file_keys, observer=metrics)
     if len(pool) == 0:
         _log.warning(
             "no keys configured (OPENAI_KEY and KEYSVC_KEYS_FILE are empty);"
@@ -366,6 +413,7 @@ async def serve(settings: Settings, *, clock: Clock | None = None) -> None:
             tokens=tokens,
             tls=tls,
             checker=checker,
+            metrics=metrics,
         )
     except BaseException:
         if checker is not None:
@@ -381,6 +429,16 @@ async def serve(settings: Settings, *, clock: Clock | None = None) -> None:
         )
         background.append(loop.create_task(watcher.run()))
         loop.add_signal_handler(signal.SIGHUP, watcher.request_reload)
+
+    http: HttpServer | None = None
+    if metrics is not None and settings.metrics_port is not None:
+        http = await start_http_port(
+            running, pool, metrics, host=settings.metrics_host, port=settings.metrics_port
+        )
+        _log.info(
+            "serving metrics and status page",
+            extra={"address": _address(settings.metrics_host, http.port)},
+        )
 
     # Handlers go in before "serving" is logged: a supervisor may signal right after.
     stop = asyncio.Event()
@@ -405,6 +463,9 @@ async def serve(settings: Settings, *, clock: Clock | None = None) -> None:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
         await running.shutdown(settings.shutdown_grace)
+        # Stopped after the drain, so /readyz answers 503 while in-flight calls finish.
+        if http is not None:
+            await http.stop()
         if state is not None:
             await state.close()
     _log.info("stopped")

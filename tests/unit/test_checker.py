@@ -22,6 +22,7 @@ from keysvc.checker import (
 )
 from keysvc.clock import ManualClock
 from keysvc.keys import DisableReason, Key, hash_key
+from keysvc.models import ModelTable
 from keysvc.pool import KeyPool
 from tests.helpers import make_pool
 
@@ -425,3 +426,28 @@ async def test_periodic_full_recheck_rechecks_live_keys_only() -> None:
         await checker.step()
         assert len(seen) == 3 and a.last_checked > first
         assert b.is_disabled and not b.last_checked
+
+
+async def test_each_finished_check_is_reported_to_the_pool_observer() -> None:
+    outcomes: list[str] = []
+
+    class Recorder:
+        def handed_out(self, family: str) -> None: ...
+        def tokens_used(self, family: str, tokens: int) -> None: ...
+        def state_changed(self, key_hash: str, change: Any, reason: str) -> None: ...
+        def check_result(self, outcome: str) -> None:
+            outcomes.append(outcome)
+
+    clock = ManualClock()
+    pool = KeyPool.from_secrets(
+        ["sk-alive", "sk-revoked"], models=ModelTable(), clock=clock, observer=Recorder()
+    )
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        if request.headers["authorization"] == "Bearer sk-revoked":
+            return httpx.Response(401, json=err("invalid_request_error", "invalid_api_key"))
+        return handler()(request)
+
+    async with make_checker(pool, clock, handle) as checker:
+        await checker.step()
+    assert sorted(outcomes) == ["alive", "revoked"]

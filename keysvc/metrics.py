@@ -1,0 +1,276 @@
+"""Prometheus metrics: pool events, RPCs, and pool gauges computed on scrape.
+
+- ``Metrics`` owns a registry and the counters; it is the pool's
+  ``PoolObserver`` (hand-outs, tokens, state changes, checker results), so the
+  hot path only increments a cached counter child.
+- ``PoolCollector`` computes the gauges that need the whole pool (keys by
+  family and state, lockout per family) when Prometheus scrapes, on the event
+  loop that owns the pool.
+- ``RpcInterceptor`` counts every RPC by method and status code, times it, and
+  logs one debug line per call (logging works with metrics off too).
+
+No metric carries a secret: labels are families, methods, codes, outcomes and
+change kinds, all from fixed sets (the operator's model table for families).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, Final, cast
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .events import KeyChange
+from .pool import HASH_PATTERN, KeyPool
+from .status import COUNTED_STATES, summarize_pool
+from .v1 import keysvc_pb2
+
+__all__ = ["Metrics", "PoolCollector", "RpcInterceptor"]
+
+_rpc_log = logging.getLogger("keysvc.rpc")
+
+#: Buckets for RPC latency: the pool answers in microseconds, the network in milliseconds.
+LATENCY_BUCKETS: Final = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+)
+
+_CODE_NAMES: Final = {code.value[0]: code.name for code in grpc.StatusCode}
+
+
+class Metrics:
+    """keysvc's counters in their own registry; also the pool's observer.
+
+    A registry per server (not prometheus_client's global one) lets tests build
+    many servers in one process.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self._handouts = Counter(
+            "keysvc_key_handouts",
+            "Keys handed out by Get, by the requested model's family.",
+            ["family"],
+            registry=self.registry,
+        )
+        self._tokens = Counter(
+            "keysvc_tokens_used",
+            "Tokens reported through IncrementUsage, by model family.",
+            ["family"],
+            registry=self.registry,
+        )
+        self._changes = Counter(
+            "keysvc_key_state_changes",
+            "Key state changes (disabled, revoked, over_quota, rate_limited, cloned).",
+            ["change"],
+            registry=self.registry,
+        )
+        self._checks = Counter(
+            "keysvc_checker_results",
+            "Keys checked against the upstream API, by outcome.",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self._rpcs = Counter(
+            "keysvc_rpcs",
+            "RPCs handled, by full method name and gRPC status code.",
+            ["method", "code"],
+            registry=self.registry,
+        )
+        self._latency = Histogram(
+            "keysvc_rpc_duration_seconds",
+            "Time to handle an RPC on the server, by full method name.",
+            ["method"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        # labels() takes a lock and builds a tuple: look each child up once.
+        self._handout_children: dict[str, Any] = {}
+        self._token_children: dict[str, Any] = {}
+        for change in KeyChange:
+            self._changes.labels(change.value)
+
+    def watch_pool(self, pool: KeyPool) -> None:
+        """Adds the gauges computed from ``pool`` on each scrape."""
+        self.registry.register(PoolCollector(pool))
+
+    # -- PoolObserver ------------------------------------------------------------
+
+    def handed_out(self, family: str) -> None:
+        child = self._handout_children.get(family)
+        if child is None:
+            child = self._handout_children[family] = self._handouts.labels(family)
+        child.inc()
+
+    def tokens_used(self, family: str, tokens: int) -> None:
+        child = self._token_children.get(family)
+        if child is None:
+            child = self._token_children[family] = self._tokens.labels(family)
+        child.inc(tokens)
+
+    def state_changed(self, key_hash: str, change: KeyChange, reason: str) -> None:
+        self._changes.labels(change.value).inc()
+
+    def check_result(self, outcome: str) -> None:
+        self._checks.labels(outcome).inc()
+
+    # -- RPCs --------------------------------------------------------------------
+
+    def rpc_done(self, method: str, code: str, seconds: float) -> None:
+        self._rpcs.labels(method, code).inc()
+        self._latency.labels(method).observe(seconds)
+
+
+class PoolCollector(Collector):
+    """Gauges computed from the pool at scrape time.
+
+    The scrape runs on the event loop (the HTTP server is an asyncio one), so
+    the pool is read without locks, like every other pool call.
+    """
+
+    def __init__(self, pool: KeyPool) -> None:
+        self._pool = pool
+
+    def collect(self) -> Iterator[Metric]:
+        pool = self._pool
+        now = pool.now()
+        summaries = summarize_pool(
+            pool.keys(), now, pool.family_lockout, families=pool.families(), with_tokens=False
+        )
+        keys = GaugeMetricFamily(
+            "keysvc_keys",
+            "Keys by model family and state. active + locked + disabled = all keys of the "
+            "family; trial (not disabled), revoked and over_quota overlap with them.",
+            labels=["family", "state"],
+        )
+        lockout = GaugeMetricFamily(
+            "keysvc_lockout_seconds",
+            "Seconds until a key for the family is free; 0 when one is free or none can serve.",
+            labels=["family"],
+        )
+        for summary in summaries:
+            for state in COUNTED_STATES:
+                keys.add_metric([summary.family, state], summary.counts[state])
+            lockout.add_metric([summary.family], summary.lockout or 0.0)
+        yield keys
+        yield lockout
+
+    def describe(self) -> Iterator[Metric]:
+        # Declared without samples so registering does not walk the pool.
+        yield GaugeMetricFamily("keysvc_keys", "", labels=["family", "state"])
+        yield GaugeMetricFamily("keysvc_lockout_seconds", "", labels=["family"])
+
+
+# -- RPC interceptor ---------------------------------------------------------------
+
+_Behavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
+
+
+def _code_name(context: grpc.aio.ServicerContext[Any, Any], default: str) -> str:
+    code: object = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    if isinstance(code, int):
+        return _CODE_NAMES.get(code, default)
+    return default
+
+
+def _key_hash(request: Any, response: Any) -> str | None:
+    """The hash the call was about, if any: a request's ``hash`` or a response's ``key``.
+
+    A request hash is logged only when it looks like a hash, so a secret sent by
+    mistake in the hash field never reaches the log.
+    """
+    key = getattr(response, "key", None)
+    if isinstance(key, keysvc_pb2.Key) and key.hash:
+        return key.hash
+    value = getattr(request, "hash", None)
+    if isinstance(value, str) and HASH_PATTERN.fullmatch(value):
+        return value
+    return None
+
+
+class RpcInterceptor(grpc.aio.ServerInterceptor):
+    """Counts, times and logs (at debug) every unary call, whatever its outcome.
+
+    Installed outermost, so it sees the status the caller sees, including the
+    ones keysvc's error mapping and any auth interceptor produce.
+    """
+
+    def __init__(self, metrics: Metrics | None = None) -> None:
+        self._metrics = metrics
+        # method → (the inner behaviour, its wrapped handler); methods are the
+        # server's registered ones, since unknown methods have no handler.
+        self._wrapped: dict[str, tuple[_Behavior, grpc.RpcMethodHandler[Any, Any]]] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        method: str = handler_call_details.method
+        behavior = cast(_Behavior, handler.unary_unary)
+        # Reused only for the very same behaviour: an inner interceptor may hand
+        # out a different handler per call (e.g. one that rejects bad credentials).
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is behavior:
+            return cached[1]
+        wrapped = grpc.unary_unary_rpc_method_handler(
+            self._observe(method, behavior),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+        self._wrapped[method] = (behavior, wrapped)
+        return wrapped
+
+    def _observe(self, method: str, behavior: _Behavior) -> _Behavior:
+        metrics = self._metrics
+
+        async def observed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            start = time.perf_counter()
+            response: Any = None
+            code = "UNKNOWN"
+            try:
+                response = await behavior(request, context)
+                code = _code_name(context, "OK")
+                return response
+            except grpc.aio.AbortError:
+                code = _code_name(context, "UNKNOWN")
+                raise
+            finally:
+                seconds = time.perf_counter() - start
+                if metrics is not None:
+                    metrics.rpc_done(method, code, seconds)
+                if _rpc_log.isEnabledFor(logging.DEBUG):
+                    extra: dict[str, object] = {
+                        "method": method,
+                        "status": code,
+                        "duration_ms": round(seconds * 1000, 3),
+                    }
+                    key_hash = _key_hash(request, response)
+                    if key_hash:
+                        extra["key_hash"] = key_hash
+                    _rpc_log.debug("rpc", extra=extra)
+
+        return observed

@@ -1,0 +1,218 @@
+"""The HTTP port: /metrics, the status page at /, /healthz and /readyz.
+
+It is an aiohttp server on the same event loop as the gRPC server, so a scrape
+or a page view reads the pool on the loop that owns it, without locks, and
+nothing blocks the loop. aiohttp because prometheus_client ships an aiohttp
+handler for /metrics (content negotiation, OpenMetrics, compression) and the
+status page needs more than prometheus_client's own threaded server can serve;
+a hand-written HTTP server would be ours to harden.
+
+The page is plain server-rendered HTML that refreshes itself; every value is
+escaped, and no secret is ever in it (it is built from ``KeyState`` rows).
+"""
+
+from __future__ import annotations
+
+import heapq
+import html
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from operator import attrgetter
+from typing import Final
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+from prometheus_client.aiohttp import make_aiohttp_handler
+
+from . import __version__
+from .pool import KeyPool
+from .status import (
+    COUNTED_STATES,
+    FamilySummary,
+    KeyState,
+    format_duration,
+    key_state,
+    summarize_pool,
+)
+
+__all__ = ["HttpServer", "build_app", "render_status_page", "start_http"]
+
+#: Seconds between the status page's own reloads.
+PAGE_REFRESH: Final = 10
+#: Rows of the page's key table; a larger pool is summarized, not listed
+#: (``keysvc status`` lists every key).
+PAGE_KEYS: Final = 1000
+
+HealthCheck = Callable[[], bool]
+
+
+def _e(value: object) -> str:
+    return html.escape(str(value), quote=True)
+
+
+_STYLE: Final = """
+body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; }
+h1 { font-size: 1.4em; margin: 0 0 .2em; } h2 { font-size: 1.1em; margin: 1.4em 0 .4em; }
+p.meta { color: #666; margin: 0; }
+table { border-collapse: collapse; }
+th, td { border: 1px solid #ccc; padding: .25em .6em; text-align: right; }
+th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
+#keys td:nth-child(2), #keys th:nth-child(2) { text-align: left; }
+td.state-active { color: #186a1f; } td.state-locked { color: #8a5a00; }
+td.state-disabled, td.state-revoked, td.state-over_quota { color: #a31515; }
+code { font: 13px ui-monospace, monospace; }
+"""
+
+
+def render_status_page(
+    summaries: list[FamilySummary],
+    keys: list[KeyState],
+    *,
+    now: float,
+    ready: bool,
+    total_keys: int | None = None,
+) -> str:
+    """The status page: families table, then ``keys`` by hash (of ``total_keys`` in all)."""
+    total = len(keys) if total_keys is None else total_keys
+    shown = (
+        ""
+        if total == len(keys)
+        else f'<p class="meta">The first {len(keys)} of {total} keys by hash; '
+        "<code>keysvc status</code> lists them all.</p>"
+    )
+    state_headers = "".join(f"<th>{_e(s.replace('_', ' '))}</th>" for s in COUNTED_STATES)
+    family_rows = "\n".join(
+        "<tr>"
+        f'<td data-family="{_e(s.family)}">{_e(s.family)}</td>'
+        + "".join(f'<td data-state="{_e(st)}">{s.counts[st]}</td>' for st in COUNTED_STATES)
+        + f"<td>{_e(format_duration(s.lockout))}</td><td>{s.tokens}</td></tr>"
+        for s in summaries
+    )
+    key_rows = "\n".join(
+        "<tr>"
+        f"<td><code>{_e(k.hash)}</code></td>"
+        f'<td class="state-{_e(k.state)}">{_e(k.state)}</td>'
+        f"<td>{'yes' if k.is_trial else 'no'}</td>"
+        f"<td>{k.prompt_count}</td>"
+        f"<td>{sum(k.token_usage.values())}</td>"
+        f"<td>{len(k.families)}</td>"
+        "</tr>"
+        for k in sorted(keys, key=lambda k: k.hash)
+    )
+    stamp = datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    readiness = "ready" if ready else "not ready"
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta http-equiv="refresh" content="{PAGE_REFRESH}">
+<title>keysvc status</title>
+<style>{_STYLE}</style>
+</head>
+<body>
+<h1>keysvc status</h1>
+<p class="meta">keysvc {_e(__version__)} &middot; {_e(readiness)} &middot; {total} keys
+&middot; {_e(stamp)} &middot; refreshes every {PAGE_REFRESH} s &middot;
+<a href="/metrics">metrics</a></p>
+<h2>Model families</h2>
+<table id="families">
+<thead><tr><th>family</th>{state_headers}<th>lockout</th><th>tokens used</th></tr></thead>
+<tbody>
+{family_rows}
+</tbody>
+</table>
+<h2>Keys</h2>
+{shown}
+<table id="keys">
+<thead><tr><th>key</th><th>state</th><th>trial</th><th>prompts</th><th>tokens</th>
+<th>families</th></tr></thead>
+<tbody>
+{key_rows}
+</tbody>
+</table>
+</body>
+</html>
+"""
+
+
+def build_app(
+    pool: KeyPool,
+    registry: CollectorRegistry,
+    *,
+    live: HealthCheck,
+    ready: HealthCheck,
+) -> web.Application:
+    """The routes of the HTTP port.
+
+    Args:
+        pool: read for the status page.
+        registry: exposed at /metrics.
+        live: whether the process is serving (gRPC health of "").
+        ready: whether KeyService is serving (gRPC health of keysvc.v1.KeyService).
+    """
+
+    async def status_page(request: web.Request) -> web.Response:
+        now = pool.now()
+        keys = pool.keys()
+        summaries = summarize_pool(keys, now, pool.family_lockout)
+        listed = heapq.nsmallest(PAGE_KEYS, keys, key=attrgetter("hash"))
+        body = render_status_page(
+            summaries,
+            [key_state(key, now) for key in listed],
+            now=now,
+            ready=ready(),
+            total_keys=len(keys),
+        )
+        return web.Response(
+            text=body,
+            content_type="text/html",
+            headers={"Cache-Control": "no-store"},
+        )
+
+    def probe(check: HealthCheck) -> Callable[[web.Request], Awaitable[web.Response]]:
+        async def handler(request: web.Request) -> web.Response:
+            if check():
+                return web.Response(text="ok\n")
+            return web.Response(status=503, text="not serving\n")
+
+        return handler
+
+    app = web.Application()
+    app.router.add_get("/", status_page)
+    app.router.add_get("/metrics", make_aiohttp_handler(registry))
+    app.router.add_get("/healthz", probe(live))
+    app.router.add_get("/readyz", probe(ready))
+    return app
+
+
+@dataclass(slots=True)
+class HttpServer:
+    """A started HTTP port; ``port`` is the bound one (useful with port 0)."""
+
+    runner: web.AppRunner
+    port: int
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+
+async def start_http(app: web.Application, *, host: str, port: int) -> HttpServer:
+    """Serves ``app`` on ``host:port`` (0 picks a free port).
+
+    Raises:
+        OSError: the address cannot be bound.
+    """
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    try:
+        await site.start()
+    except OSError:
+        await runner.cleanup()
+        raise
+    bound = port
+    for address in runner.addresses:
+        bound = int(address[1])
+        break
+    return HttpServer(runner=runner, port=bound)
