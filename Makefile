@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
 .PHONY: help install run test test-python lint proto clean
-.PHONY: tools lint-proto test-clients test-client-python test-grpcurl test-client-go test-client-node
+.PHONY: tools lint-proto test-clients test-client-python test-client-go test-client-node
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -67,11 +67,8 @@ tools: $(TOOLS_STAMP) $(NODE_STAMP) ## install the pinned codegen/test tools (Go
 lint-proto: $(TOOLS_STAMP) ## buf lint (STANDARD) on protos/
 	tools/node_modules/.bin/buf lint protos
 
-test-client-python: install
-	$(PY) -m pytest -p no:cacheprovider clients/python/tests
-
-test-grpcurl: install $(TOOLS_STAMP)
-	PATH=$(CURDIR)/$(TOOLS):$$PATH $(PY) -m pytest -p no:cacheprovider clients/grpcurl
+test-client-python: install $(TOOLS_STAMP) ## Python client and grpcurl tests
+	PATH=$(CURDIR)/$(TOOLS):$$PATH $(PY) -m pytest -p no:cacheprovider clients/python/tests
 
 test-client-go: install tools
 	cd clients/go && KEYSVC_BIN=$(CURDIR)/$(VENV)/bin/keysvc go test -count=1 ./...
@@ -79,7 +76,7 @@ test-client-go: install tools
 test-client-node: install tools
 	cd clients/node && KEYSVC_BIN=$(CURDIR)/$(VENV)/bin/keysvc npm test
 
-test-clients: test-client-python test-grpcurl test-client-go test-client-node ## every client suite against a live keysvc
+test-clients: test-client-python test-client-go test-client-node ## every client suite against a live keysvc
 
 clean: ## remove the virtualenv and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis $(TOOLS) tools/node_modules clients/node/node_modules clients/node/dist
