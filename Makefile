@@ -31,8 +31,8 @@ lint: install ## ruff and mypy --strict on the package
 	$(VENV)/bin/ruff check keysvc tests scripts
 	$(VENV)/bin/ruff format --check keysvc tests
 	$(VENV)/bin/mypy keysvc
-	$(VENV)/bin/ruff check clients/python
-	$(VENV)/bin/ruff format --check clients/python/src clients/python/tests
+	$(VENV)/bin/ruff check clients
+	$(VENV)/bin/ruff format --check clients/python/src clients/python/tests clients/test_codegen.py
 	$(VENV)/bin/mypy clients/python/src clients/python/examples
 	$(MAKE) --no-print-directory lint-proto
 
@@ -70,13 +70,16 @@ lint-proto: $(TOOLS_STAMP) ## buf lint (STANDARD) on protos/
 test-client-python: install $(TOOLS_STAMP) ## Python client and grpcurl tests
 	PATH=$(CURDIR)/$(TOOLS):$$PATH $(PY) -m pytest -p no:cacheprovider clients/python/tests
 
+test-codegen: install tools ## the checked-in Go and TypeScript code is fresh
+	$(PY) -m pytest -p no:cacheprovider clients/test_codegen.py
+
 test-client-go: install tools
 	cd clients/go && KEYSVC_BIN=$(CURDIR)/$(VENV)/bin/keysvc go test -count=1 ./...
 
 test-client-node: install tools
 	cd clients/node && KEYSVC_BIN=$(CURDIR)/$(VENV)/bin/keysvc npm test
 
-test-clients: test-client-python test-client-go test-client-node ## every client suite against a live keysvc
+test-clients: test-codegen test-client-python test-client-go test-client-node ## every client suite against a live keysvc
 
 clean: ## remove the virtualenv and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis $(TOOLS) tools/node_modules clients/node/node_modules clients/node/dist
