@@ -1,0 +1,175 @@
+// Package keysvc is a thin typed client for keysvc.v1.KeyService.
+//
+//	keys, err := keysvc.New("127.0.0.1:50051")
+//	lease, err := keys.Get(ctx, "gpt-4o") // lease.Secret goes upstream, lease.Key.Hash comes back
+//
+// Every method takes a context; when it has no deadline, the client's default timeout
+// (WithTimeout) applies. Every failed call returns an *Error carrying the gRPC code and
+// the google.rpc.ErrorInfo reason keysvc attached.
+package keysvc
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"net/http"
+	"strings"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/metadata"
+
+	"keysvc/clients/go/keysvcv1"
+)
+
+// DefaultTimeout bounds a call whose context has no deadline.
+const DefaultTimeout = 5 * time.Second
+
+// Client calls keysvc over one gRPC connection; it is safe for concurrent use.
+type Client struct {
+	conn    *grpc.ClientConn
+	rpc     keysvcv1.KeyServiceClient
+	timeout time.Duration
+	token   string
+}
+
+type config struct {
+	timeout time.Duration
+	tls     *tls.Config
+	token   string
+	dial    []grpc.DialOption
+}
+
+// Option configures New.
+type Option func(*config)
+
+// WithTimeout sets the deadline of calls whose context has none; 0 means no deadline.
+func WithTimeout(d time.Duration) Option { return func(c *config) { c.timeout = d } }
+
+// WithTLS dials with TLS (nil config: the system's roots); without it the channel is plaintext.
+func WithTLS(cfg *tls.Config) Option {
+	return func(c *config) {
+		if cfg == nil {
+			cfg = &tls.Config{MinVersion: tls.VersionTLS12}
+		}
+		c.tls = cfg
+	}
+}
+
+// WithToken sends "authorization: Bearer <token>" with every call.
+func WithToken(token string) Option { return func(c *config) { c.token = token } }
+
+// WithDialOptions passes extra options to grpc.NewClient.
+func WithDialOptions(opts ...grpc.DialOption) Option {
+	return func(c *config) { c.dial = append(c.dial, opts...) }
+}
+
+// New makes a client for target ("host:port"); it connects lazily, on the first call.
+func New(target string, opts ...Option) (*Client, error) {
+	cfg := config{timeout: DefaultTimeout}
+	for _, opt := range opts {
+		opt(&cfg)
+	}
+	if strings.ContainsAny(cfg.token, "\r\n") {
+		return nil, errors.New("keysvc: token must be a single line")
+	}
+	creds := insecure.NewCredentials()
+	if cfg.tls != nil {
+		creds = credentials.NewTLS(cfg.tls)
+	}
+	conn, err := grpc.NewClient(target, append([]grpc.DialOption{grpc.WithTransportCredentials(creds)}, cfg.dial...)...)
+	if err != nil {
+		return nil, err
+	}
+	return &Client{conn: conn, rpc: keysvcv1.NewKeyServiceClient(conn), timeout: cfg.timeout, token: cfg.token}, nil
+}
+
+// Close closes the connection.
+func (c *Client) Close() error { return c.conn.Close() }
+
+func (c *Client) ctx(ctx context.Context) (context.Context, context.CancelFunc) {
+	if c.token != "" {
+		ctx = metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+c.token)
+	}
+	if _, has := ctx.Deadline(); has || c.timeout <= 0 {
+		return ctx, func() {}
+	}
+	return context.WithTimeout(ctx, c.timeout)
+}
+
+func call[Req, Resp any](c *Client, ctx context.Context, rpc func(context.Context, Req, ...grpc.CallOption) (Resp, error), req Req) (Resp, error) {
+	ctx, cancel := c.ctx(ctx)
+	defer cancel()
+	resp, err := rpc(ctx, req)
+	return resp, wrap(err)
+}
+
+// Get hands out a key for model: Secret goes upstream, Key.Hash is what later calls name.
+func (c *Client) Get(ctx context.Context, model string) (*keysvcv1.GetResponse, error) {
+	return call(c, ctx, c.rpc.Get, &keysvcv1.GetRequest{Model: model})
+}
+
+// Disable takes the key out of service and returns it as it now stands.
+func (c *Client) Disable(ctx context.Context, hash string, reason keysvcv1.DisableReason) (*keysvcv1.Key, error) {
+	resp, err := call(c, ctx, c.rpc.Disable, &keysvcv1.DisableRequest{Hash: hash, Reason: reason})
+	return resp.GetKey(), err
+}
+
+// MarkRateLimited reports that the upstream answered 429 for the key (model may be empty).
+func (c *Client) MarkRateLimited(ctx context.Context, hash, model string) error {
+	_, err := call(c, ctx, c.rpc.MarkRateLimited, &keysvcv1.MarkRateLimitedRequest{Hash: hash, Model: model})
+	return err
+}
+
+// UpdateRateLimits passes on the x-ratelimit-* headers of an upstream answer; the rest stay here.
+func (c *Client) UpdateRateLimits(ctx context.Context, hash string, header http.Header) error {
+	_, err := call(c, ctx, c.rpc.UpdateRateLimits, &keysvcv1.UpdateRateLimitsRequest{Hash: hash, Headers: RateLimitHeaders(header)})
+	return err
+}
+
+// GetLockoutPeriod says how long until a key for model is free; zero when one is free now.
+func (c *Client) GetLockoutPeriod(ctx context.Context, model string) (time.Duration, error) {
+	resp, err := call(c, ctx, c.rpc.GetLockoutPeriod, &keysvcv1.GetLockoutPeriodRequest{Model: model})
+	if err != nil {
+		return 0, err
+	}
+	return resp.GetLockout().AsDuration(), nil
+}
+
+// IncrementUsage adds a finished request's tokens to the key's usage.
+func (c *Client) IncrementUsage(ctx context.Context, hash, model string, tokens int64) error {
+	_, err := call(c, ctx, c.rpc.IncrementUsage, &keysvcv1.IncrementUsageRequest{Hash: hash, Model: model, Tokens: tokens})
+	return err
+}
+
+// List returns the public view of every key (no secrets).
+func (c *Client) List(ctx context.Context) ([]*keysvcv1.Key, error) {
+	resp, err := call(c, ctx, c.rpc.List, &keysvcv1.ListRequest{})
+	return resp.GetKeys(), err
+}
+
+// Available counts the keys that are not disabled.
+func (c *Client) Available(ctx context.Context) (int64, error) {
+	resp, err := call(c, ctx, c.rpc.Available, &keysvcv1.AvailableRequest{})
+	return resp.GetCount(), err
+}
+
+// Recheck clears every key's disabled flags and has the checker look at them again.
+func (c *Client) Recheck(ctx context.Context) error {
+	_, err := call(c, ctx, c.rpc.Recheck, &keysvcv1.RecheckRequest{})
+	return err
+}
+
+// RateLimitHeaders keeps the x-ratelimit-* headers (first value each), names lower-cased.
+func RateLimitHeaders(header http.Header) map[string]string {
+	out := map[string]string{}
+	for name, values := range header {
+		lower := strings.ToLower(name)
+		if strings.HasPrefix(lower, "x-ratelimit-") && len(values) > 0 {
+			out[lower] = values[0]
+		}
+	}
+	return out
+}

@@ -1,0 +1,275 @@
+"""``KeysvcClient`` (blocking) and ``AsyncKeysvcClient`` (asyncio) for keysvc.v1.KeyService.
+
+Both have the same methods, arguments and results; every method takes an optional
+``timeout`` (seconds) that overrides the client's default deadline for that call, and
+every failed call raises ``KeysvcRpcError``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import timedelta
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+import grpc
+from grpc import aio
+
+from keysvc.v1 import keysvc_pb2 as pb
+from keysvc.v1 import keysvc_pb2_grpc as pb_grpc
+
+from ._errors import from_rpc_error
+from ._options import (
+    DEFAULT_TARGET,
+    DEFAULT_TIMEOUT,
+    TLSConfig,
+    call_metadata,
+    rate_limit_headers,
+)
+
+__all__ = ["AsyncKeysvcClient", "KeysvcClient"]
+
+_Req = TypeVar("_Req")
+_Resp = TypeVar("_Resp")
+
+
+class _Base:
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float | None,
+        tls: TLSConfig | None,
+        token: str | None,
+        options: Sequence[tuple[str, Any]],
+    ) -> None:
+        self.target = target
+        self.timeout = timeout
+        self._tls = tls
+        self._metadata = call_metadata(token)
+        self._options = [*options, *(tls.channel_options() if tls else [])]
+
+    def _deadline(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is None else timeout
+
+    def __repr__(self) -> str:
+        # Never the token.
+        return f"{type(self).__name__}({self.target!r}, tls={self._tls is not None})"
+
+
+class KeysvcClient(_Base):
+    """A blocking client; use it as a context manager or call ``close()``.
+
+    Args:
+        target: ``host:port`` of keysvc.
+        timeout: default deadline of each call in seconds; ``None`` for no deadline.
+        tls: TLS settings; ``None`` for a plaintext channel.
+        token: bearer token sent as ``authorization: Bearer <token>`` on every call.
+        options: extra gRPC channel options.
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        tls: TLSConfig | None = None,
+        token: str | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        super().__init__(target, timeout=timeout, tls=tls, token=token, options=options)
+        self._channel = (
+            grpc.secure_channel(target, tls.credentials(), options=self._options)
+            if tls
+            else grpc.insecure_channel(target, options=self._options)
+        )
+        self._stub = pb_grpc.KeyServiceStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _call(
+        self,
+        method: grpc.UnaryUnaryMultiCallable[_Req, _Resp],
+        request: _Req,
+        timeout: float | None,
+    ) -> _Resp:
+        try:
+            return method(request, timeout=self._deadline(timeout), metadata=self._metadata)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+
+    def get(self, model: str, *, timeout: float | None = None) -> pb.GetResponse:
+        """A key for ``model``: ``.secret`` to send upstream, ``.key.hash`` to report back."""
+        return self._call(self._stub.Get, pb.GetRequest(model=model), timeout)
+
+    def disable(
+        self,
+        key_hash: str,
+        reason: pb.DisableReason.ValueType = pb.DISABLE_REASON_UNSPECIFIED,
+        *,
+        timeout: float | None = None,
+    ) -> pb.Key:
+        """Takes the key out of service; returns it as it now stands."""
+        request = pb.DisableRequest(hash=key_hash, reason=reason)
+        return self._call(self._stub.Disable, request, timeout).key
+
+    def mark_rate_limited(
+        self, key_hash: str, model: str = "", *, timeout: float | None = None
+    ) -> None:
+        """Reports that the upstream answered 429 for the key (for ``model``, if given)."""
+        self._call(
+            self._stub.MarkRateLimited,
+            pb.MarkRateLimitedRequest(hash=key_hash, model=model),
+            timeout,
+        )
+
+    def update_rate_limits(
+        self, key_hash: str, headers: Mapping[str, str], *, timeout: float | None = None
+    ) -> None:
+        """Passes on an upstream answer's ``x-ratelimit-*`` headers (the rest are dropped)."""
+        request = pb.UpdateRateLimitsRequest(hash=key_hash, headers=rate_limit_headers(headers))
+        self._call(self._stub.UpdateRateLimits, request, timeout)
+
+    def get_lockout_period(self, model: str = "", *, timeout: float | None = None) -> timedelta:
+        """How long until a key for ``model`` is free; zero when one is free now."""
+        response = self._call(
+            self._stub.GetLockoutPeriod, pb.GetLockoutPeriodRequest(model=model), timeout
+        )
+        return response.lockout.ToTimedelta()
+
+    def increment_usage(
+        self, key_hash: str, model: str, tokens: int, *, timeout: float | None = None
+    ) -> None:
+        """Adds a finished request's tokens to the key's usage."""
+        request = pb.IncrementUsageRequest(hash=key_hash, model=model, tokens=tokens)
+        self._call(self._stub.IncrementUsage, request, timeout)
+
+    def list(self, *, timeout: float | None = None) -> list[pb.Key]:
+        """The public view of every key (no secrets)."""
+        return list(self._call(self._stub.List, pb.ListRequest(), timeout).keys)
+
+    def available(self, *, timeout: float | None = None) -> int:
+        """How many keys are not disabled."""
+        return self._call(self._stub.Available, pb.AvailableRequest(), timeout).count
+
+    def recheck(self, *, timeout: float | None = None) -> None:
+        """Clears every key's disabled flags and has the checker look at them again."""
+        self._call(self._stub.Recheck, pb.RecheckRequest(), timeout)
+
+
+class AsyncKeysvcClient(_Base):
+    """An asyncio client; the same methods as ``KeysvcClient``, as coroutines.
+
+    Create it inside a running event loop; use ``async with`` or await ``close()``.
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        tls: TLSConfig | None = None,
+        token: str | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        super().__init__(target, timeout=timeout, tls=tls, token=token, options=options)
+        self._channel = (
+            aio.secure_channel(target, tls.credentials(), options=self._options)
+            if tls
+            else aio.insecure_channel(target, options=self._options)
+        )
+        self._stub = pb_grpc.KeyServiceStub(self._channel)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def _call(
+        self,
+        method: aio.UnaryUnaryMultiCallable[_Req, _Resp],
+        request: _Req,
+        timeout: float | None,
+    ) -> _Resp:
+        try:
+            return await method(request, timeout=self._deadline(timeout), metadata=self._metadata)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+
+    async def get(self, model: str, *, timeout: float | None = None) -> pb.GetResponse:
+        """A key for ``model``: ``.secret`` to send upstream, ``.key.hash`` to report back."""
+        return await self._call(self._stub.Get, pb.GetRequest(model=model), timeout)
+
+    async def disable(
+        self,
+        key_hash: str,
+        reason: pb.DisableReason.ValueType = pb.DISABLE_REASON_UNSPECIFIED,
+        *,
+        timeout: float | None = None,
+    ) -> pb.Key:
+        """Takes the key out of service; returns it as it now stands."""
+        request = pb.DisableRequest(hash=key_hash, reason=reason)
+        return (await self._call(self._stub.Disable, request, timeout)).key
+
+    async def mark_rate_limited(
+        self, key_hash: str, model: str = "", *, timeout: float | None = None
+    ) -> None:
+        """Reports that the upstream answered 429 for the key (for ``model``, if given)."""
+        request = pb.MarkRateLimitedRequest(hash=key_hash, model=model)
+        await self._call(self._stub.MarkRateLimited, request, timeout)
+
+    async def update_rate_limits(
+        self, key_hash: str, headers: Mapping[str, str], *, timeout: float | None = None
+    ) -> None:
+        """Passes on an upstream answer's ``x-ratelimit-*`` headers (the rest are dropped)."""
+        request = pb.UpdateRateLimitsRequest(hash=key_hash, headers=rate_limit_headers(headers))
+        await self._call(self._stub.UpdateRateLimits, request, timeout)
+
+    async def get_lockout_period(
+        self, model: str = "", *, timeout: float | None = None
+    ) -> timedelta:
+        """How long until a key for ``model`` is free; zero when one is free now."""
+        request = pb.GetLockoutPeriodRequest(model=model)
+        return (
+            await self._call(self._stub.GetLockoutPeriod, request, timeout)
+        ).lockout.ToTimedelta()
+
+    async def increment_usage(
+        self, key_hash: str, model: str, tokens: int, *, timeout: float | None = None
+    ) -> None:
+        """Adds a finished request's tokens to the key's usage."""
+        request = pb.IncrementUsageRequest(hash=key_hash, model=model, tokens=tokens)
+        await self._call(self._stub.IncrementUsage, request, timeout)
+
+    async def list(self, *, timeout: float | None = None) -> list[pb.Key]:
+        """The public view of every key (no secrets)."""
+        return list((await self._call(self._stub.List, pb.ListRequest(), timeout)).keys)
+
+    async def available(self, *, timeout: float | None = None) -> int:
+        """How many keys are not disabled."""
+        return (await self._call(self._stub.Available, pb.AvailableRequest(), timeout)).count
+
+    async def recheck(self, *, timeout: float | None = None) -> None:
+        """Clears every key's disabled flags and has the checker look at them again."""
+        await self._call(self._stub.Recheck, pb.RecheckRequest(), timeout)
