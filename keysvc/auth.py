@@ -16,13 +16,14 @@ from __future__ import annotations
 import enum
 import hashlib
 import hmac
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final, cast
+from typing import Any, Final
 
 import grpc
 
 from .errors import RoleDenied, Unauthenticated
+from .interceptors import Behavior, UnaryInterceptor
 
 __all__ = [
     "METHOD_ROLES",
@@ -31,7 +32,6 @@ __all__ = [
     "AuthTokens",
     "Role",
     "parse_token_text",
-    "wrap_unary",
 ]
 
 
@@ -129,21 +129,6 @@ def parse_token_text(text: str) -> list[str]:
     return list(dict.fromkeys(tokens))
 
 
-_Behavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
-
-
-def wrap_unary(
-    handler: grpc.RpcMethodHandler[Any, Any], wrap: Callable[[_Behavior], _Behavior]
-) -> grpc.RpcMethodHandler[Any, Any]:
-    """A copy of a unary-unary ``handler`` whose behaviour is ``wrap(behaviour)``."""
-    assert handler.unary_unary is not None
-    return grpc.unary_unary_rpc_method_handler(
-        wrap(cast(_Behavior, handler.unary_unary)),
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
-
-
 def _token_from(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
     for name, value in metadata or ():
         if name == "authorization":
@@ -151,33 +136,20 @@ def _token_from(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | Non
     return None
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
+class AuthInterceptor(UnaryInterceptor):
     """Lets a KeyService call through only with a token whose role allows the method."""
 
     def __init__(self, tokens: AuthTokens) -> None:
+        super().__init__()
         self._tokens = tokens
-        self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(handler_call_details)
-        method: str = handler_call_details.method
-        if handler is None or handler.unary_unary is None or not method.startswith(SERVICE_PREFIX):
-            return handler
-        wrapped = self._wrapped.get(method)
-        if wrapped is None:
-            required = METHOD_ROLES.get(method, Role.ADMIN)
-            wrapped = self._wrapped[method] = wrap_unary(
-                handler, lambda behavior: self._guard(method, required, behavior)
-            )
-        return wrapped
+    def applies_to(self, method: str) -> bool:
+        return method.startswith(SERVICE_PREFIX)
 
-    def _guard(self, method: str, required: Role, behavior: _Behavior) -> _Behavior:
+    def wrap(self, method: str, behavior: Behavior) -> Behavior:
+        return self._guard(method, METHOD_ROLES.get(method, Role.ADMIN), behavior)
+
+    def _guard(self, method: str, required: Role, behavior: Behavior) -> Behavior:
         tokens = self._tokens
         name = method.rsplit("/", 1)[-1]
 

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from typing import Any, Final, cast
+from collections.abc import Iterator
+from typing import Any, Final
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -26,6 +26,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .events import KeyChange
+from .interceptors import Behavior, UnaryInterceptor
 from .pool import HASH_PATTERN, KeyPool
 from .status import COUNTED_STATES, summarize_pool
 from .v1 import keysvc_pb2
@@ -179,8 +180,6 @@ class PoolCollector(Collector):
 
 # -- RPC interceptor ---------------------------------------------------------------
 
-_Behavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
-
 
 def _code_name(context: grpc.aio.ServicerContext[Any, Any], default: str) -> str:
     code: object = context.code()
@@ -206,7 +205,7 @@ def _key_hash(request: Any, response: Any) -> str | None:
     return None
 
 
-class RpcInterceptor(grpc.aio.ServerInterceptor):
+class RpcInterceptor(UnaryInterceptor):
     """Counts, times and logs (at debug) every unary call, whatever its outcome.
 
     Installed outermost, so it sees the status the caller sees, including the
@@ -214,37 +213,13 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
     """
 
     def __init__(self, metrics: Metrics | None = None) -> None:
+        super().__init__()
         self._metrics = metrics
-        # method → (the inner behaviour, its wrapped handler); methods are the
-        # server's registered ones, since unknown methods have no handler.
-        self._wrapped: dict[str, tuple[_Behavior, grpc.RpcMethodHandler[Any, Any]]] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
-            return handler
-        method: str = handler_call_details.method
-        behavior = cast(_Behavior, handler.unary_unary)
-        # Reused only for the very same behaviour: an inner interceptor may hand
-        # out a different handler per call (e.g. one that rejects bad credentials).
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is behavior:
-            return cached[1]
-        wrapped = grpc.unary_unary_rpc_method_handler(
-            self._observe(method, behavior),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-        self._wrapped[method] = (behavior, wrapped)
-        return wrapped
+    def wrap(self, method: str, behavior: Behavior) -> Behavior:
+        return self._observe(method, behavior)
 
-    def _observe(self, method: str, behavior: _Behavior) -> _Behavior:
+    def _observe(self, method: str, behavior: Behavior) -> Behavior:
         metrics = self._metrics
 
         async def observed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:

@@ -9,9 +9,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import grpc
 from google.protobuf import any_pb2
@@ -21,12 +21,13 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
-from .auth import SERVICE_PREFIX, AuthInterceptor, AuthTokens, wrap_unary
+from .auth import SERVICE_PREFIX, AuthInterceptor, AuthTokens
 from .checker import CheckerConfig, KeyChecker
 from .clock import Clock, SystemClock
 from .config import Settings, is_loopback
 from .errors import ERROR_DOMAIN, KeysvcError, ShuttingDown
 from .events import PoolObserver
+from .interceptors import Behavior, UnaryInterceptor
 from .metrics import Metrics, RpcInterceptor
 from .models import ModelTable
 from .pool import KeyPool, Limits
@@ -52,8 +53,6 @@ SERVICE_NAME: str = keysvc_pb2.DESCRIPTOR.services_by_name["KeyService"].full_na
 
 _log = logging.getLogger("keysvc.server")
 
-_Behavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
-
 
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: KeysvcError) -> None:
     """Ends the call with the error's status and a google.rpc.ErrorInfo detail."""
@@ -70,7 +69,7 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: KeysvcError
     await context.abort(status.code, status.details, status.trailing_metadata)
 
 
-class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+class ErrorMappingInterceptor(UnaryInterceptor):
     """The one place keysvc errors become gRPC statuses.
 
     ``KeysvcError`` → its code, message and ErrorInfo reason. Anything else →
@@ -78,31 +77,11 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
     never sees UNKNOWN nor an internal detail.
     """
 
-    def __init__(self) -> None:
-        self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
-
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
-            return handler
-        method: str = handler_call_details.method
-        wrapped = self._wrapped.get(method)
-        if wrapped is None:
-            wrapped = self._wrapped[method] = grpc.unary_unary_rpc_method_handler(
-                _guard(method, cast(_Behavior, handler.unary_unary)),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return wrapped
+    def wrap(self, method: str, behavior: Behavior) -> Behavior:
+        return _guard(method, behavior)
 
 
-def _guard(method: str, behavior: _Behavior) -> _Behavior:
+def _guard(method: str, behavior: Behavior) -> Behavior:
     async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         try:
             return await behavior(request, context)
@@ -117,7 +96,7 @@ def _guard(method: str, behavior: _Behavior) -> _Behavior:
     return guarded
 
 
-class DrainInterceptor(grpc.aio.ServerInterceptor):
+class DrainInterceptor(UnaryInterceptor):
     """Counts KeyService calls in flight and, once draining, refuses new ones.
 
     Health and reflection stay answerable while draining, so probes see
@@ -125,7 +104,7 @@ class DrainInterceptor(grpc.aio.ServerInterceptor):
     """
 
     def __init__(self) -> None:
-        self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+        super().__init__()
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -135,23 +114,13 @@ class DrainInterceptor(grpc.aio.ServerInterceptor):
     def in_flight(self) -> int:
         return self._in_flight
 
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(handler_call_details)
-        method: str = handler_call_details.method
-        if handler is None or handler.unary_unary is None or not method.startswith(SERVICE_PREFIX):
-            return handler
-        wrapped = self._wrapped.get(method)
-        if wrapped is None:
-            wrapped = self._wrapped[method] = wrap_unary(handler, self._count)
-        return wrapped
+    def applies_to(self, method: str) -> bool:
+        return method.startswith(SERVICE_PREFIX)
 
-    def _count(self, behavior: _Behavior) -> _Behavior:
+    def wrap(self, method: str, behavior: Behavior) -> Behavior:
+        return self._count(behavior)
+
+    def _count(self, behavior: Behavior) -> Behavior:
         async def counted(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             if self.draining:
                 raise ShuttingDown()

@@ -14,8 +14,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from keysvc.auth import wrap_unary
 from keysvc.clock import ManualClock
+from keysvc.interceptors import wrap_unary
 from keysvc.keys import hash_key
 from keysvc.models import ModelTable
 from keysvc.pool import KeyPool
