@@ -38,6 +38,7 @@ from .errors import FamilyDisallowed, InvalidArgument, KeyNotFound, NoKeysForFam
 from .events import KeyChange, NullObserver, PoolObserver
 from .keys import DisableReason, Key, KeyProfile, hash_key
 from .models import GPT4_32K, ModelInfo, ModelTable
+from .outcomes import Decision, UpstreamError, decide
 from .store import KeyStore, MemoryKeyStore
 
 __all__ = ["KeyPool", "Limits"]
@@ -82,6 +83,10 @@ class Limits:
     HEADER_NAME_LENGTH: Final = 256
     HEADER_VALUE_LENGTH: Final = 4096
     TOKENS: Final = 1_000_000_000
+    #: Longest error type or code in a ReportOutcome.
+    ERROR_NAME_LENGTH: Final = 256
+    #: Longest error message in a ReportOutcome.
+    ERROR_MESSAGE_LENGTH: Final = 8192
     #: Largest request message the server accepts (bigger: RESOURCE_EXHAUSTED,
     #: before keysvc decodes it). Room for the largest valid UpdateRateLimits.
     MESSAGE_BYTES: Final = 1024 * 1024
@@ -420,6 +425,58 @@ class KeyPool:
         key.prompt_count += 1
         self._store.changed(key)
         self._observer.tokens_used(family, tokens)
+
+    def report_outcome(
+        self,
+        key_hash: str,
+        model: str,
+        *,
+        status: int,
+        headers: Mapping[str, str],
+        error: UpstreamError,
+        prompt_tokens: int = 0,
+        completion_tokens: int = 0,
+    ) -> tuple[Decision, Key]:
+        """Applies one upstream answer: the whole table of ``keysvc.outcomes.decide``.
+
+        Every input is checked before anything changes. The headers are stored
+        as ``update_rate_limits`` does; then, as the answer says, the tokens are
+        counted, the key is disabled, or it is marked rate limited for the
+        model. A caller that disables must ``flush`` before acknowledging.
+
+        Returns:
+            The decision (action, what was done and why) and the key.
+        """
+        key = self.key(key_hash)
+        _check_model(model)
+        _check_headers(headers)
+        if not 100 <= status <= 599:
+            raise InvalidArgument("status", "must be an HTTP status code (100 to 599)")
+        for name, value in (("error_type", error.type), ("error_code", error.code)):
+            if len(value) > Limits.ERROR_NAME_LENGTH:
+                raise InvalidArgument(name, f"is longer than {Limits.ERROR_NAME_LENGTH} characters")
+        if len(error.message) > Limits.ERROR_MESSAGE_LENGTH:
+            raise InvalidArgument(
+                "error_message", f"is longer than {Limits.ERROR_MESSAGE_LENGTH} characters"
+            )
+        for name, tokens in (
+            ("prompt_tokens", prompt_tokens),
+            ("completion_tokens", completion_tokens),
+        ):
+            if not 0 <= tokens <= Limits.TOKENS:
+                raise InvalidArgument(name, f"must be between 0 and {Limits.TOKENS}")
+        decision = decide(status, error)
+        self.update_rate_limits(key.hash, headers)
+        if decision.count_usage:
+            self.increment_usage(
+                key.hash, model, min(prompt_tokens + completion_tokens, Limits.TOKENS)
+            )
+        if decision.rate_limited:
+            self.mark_rate_limited(key.hash, model)
+        if decision.disable is not None:
+            self.disable(key.hash, decision.disable)
+        self._observer.outcome_reported(decision.action.value)
+        return decision, key
 
     # -- key state -------------------------------------------------------------
 

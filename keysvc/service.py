@@ -13,6 +13,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 
 from .errors import InvalidArgument
 from .keys import DisableReason, Key
+from .outcomes import OutcomeAction, UpstreamError
 from .pool import KeyPool
 from .v1 import keysvc_pb2 as pb
 from .v1 import keysvc_pb2_grpc as pb_grpc
@@ -31,6 +32,11 @@ _REASON_TO_PROTO: dict[DisableReason | None, pb.DisableReason.ValueType] = {
     reason: number for number, reason in _REASON_FROM_PROTO.items()
 }
 _REASON_TO_PROTO[None] = pb.DISABLE_REASON_UNSPECIFIED
+_ACTION_TO_PROTO = {
+    OutcomeAction.DONE: pb.OUTCOME_ACTION_DONE,
+    OutcomeAction.RETRY_WITH_ANOTHER_KEY: pb.OUTCOME_ACTION_RETRY_WITH_ANOTHER_KEY,
+    OutcomeAction.RETURN_ERROR: pb.OUTCOME_ACTION_RETURN_ERROR,
+}
 
 
 def _timestamp(seconds: float) -> timestamp_pb2.Timestamp | None:
@@ -121,6 +127,25 @@ class KeyService(pb_grpc.KeyServiceServicer):
     ) -> pb.IncrementUsageResponse:
         self._pool.increment_usage(request.hash, request.model, request.tokens)
         return pb.IncrementUsageResponse()
+
+    async def ReportOutcome(
+        self, request: pb.ReportOutcomeRequest, context: _Context
+    ) -> pb.ReportOutcomeResponse:
+        decision, key = self._pool.report_outcome(
+            request.hash,
+            request.model,
+            status=request.status,
+            headers=request.headers,
+            error=UpstreamError(request.error_type, request.error_code, request.error_message),
+            prompt_tokens=request.prompt_tokens,
+            completion_tokens=request.completion_tokens,
+        )
+        if decision.disable is not None:
+            # Durable before acknowledged, exactly as Disable.
+            await self._pool.flush()
+        return pb.ReportOutcomeResponse(
+            action=_ACTION_TO_PROTO[decision.action], key=key_to_proto(key), reason=decision.why
+        )
 
     async def List(self, request: pb.ListRequest, context: _Context) -> pb.ListResponse:
         return pb.ListResponse(keys=[key_to_proto(key) for key in self._pool.keys()])

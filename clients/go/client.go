@@ -144,6 +144,29 @@ func (c *Client) IncrementUsage(ctx context.Context, hash, model string, tokens 
 	return err
 }
 
+// Outcome is one upstream answer, as ReportOutcome sends it.
+type Outcome struct {
+	Hash   string // the key the request was sent with
+	Model  string // the request's model
+	Status int    // the upstream HTTP status
+	// Header is the upstream answer's headers; only x-ratelimit-* are sent.
+	Header http.Header
+	// ErrorType, ErrorCode and ErrorMessage come from an OpenAI error body's "error".
+	ErrorType, ErrorCode, ErrorMessage string
+	// PromptTokens and CompletionTokens come from a successful answer's "usage".
+	PromptTokens, CompletionTokens int64
+}
+
+// ReportOutcome applies one upstream answer to the key; the reply's Action says what to
+// do with the request (DONE, RETRY_WITH_ANOTHER_KEY or RETURN_ERROR).
+func (c *Client) ReportOutcome(ctx context.Context, o Outcome) (*keysvcv1.ReportOutcomeResponse, error) {
+	return call(c, ctx, c.rpc.ReportOutcome, &keysvcv1.ReportOutcomeRequest{
+		Hash: o.Hash, Model: o.Model, Status: int32(o.Status), Headers: RateLimitHeaders(o.Header),
+		ErrorType: o.ErrorType, ErrorCode: o.ErrorCode, ErrorMessage: o.ErrorMessage,
+		PromptTokens: o.PromptTokens, CompletionTokens: o.CompletionTokens,
+	})
+}
+
 // List returns the public view of every key (no secrets).
 func (c *Client) List(ctx context.Context) ([]*keysvcv1.Key, error) {
 	resp, err := call(c, ctx, c.rpc.List, &keysvcv1.ListRequest{})

@@ -51,6 +51,44 @@ DISABLE_REASON_MANUAL: DisableReason.ValueType  # 3
 """An operator took the key out of service by hand."""
 Global___DisableReason: _TypeAlias = DisableReason  # noqa: Y015
 
+class _OutcomeAction:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _OutcomeActionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_OutcomeAction.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    OUTCOME_ACTION_UNSPECIFIED: _OutcomeAction.ValueType  # 0
+    """Never sent by keysvc."""
+    OUTCOME_ACTION_DONE: _OutcomeAction.ValueType  # 1
+    """The request succeeded: return the answer to the client."""
+    OUTCOME_ACTION_RETRY_WITH_ANOTHER_KEY: _OutcomeAction.ValueType  # 2
+    """The key (or the upstream at that moment) failed, not the request: Get
+    another key and send the request again. Bound the attempts.
+    """
+    OUTCOME_ACTION_RETURN_ERROR: _OutcomeAction.ValueType  # 3
+    """The answer is the request's own (content policy, unknown model, per-day
+    limit): return it to the client.
+    """
+
+class OutcomeAction(_OutcomeAction, metaclass=_OutcomeActionEnumTypeWrapper):
+    """OutcomeAction is what a proxy should do with a request after the upstream
+    answered it.
+    """
+
+OUTCOME_ACTION_UNSPECIFIED: OutcomeAction.ValueType  # 0
+"""Never sent by keysvc."""
+OUTCOME_ACTION_DONE: OutcomeAction.ValueType  # 1
+"""The request succeeded: return the answer to the client."""
+OUTCOME_ACTION_RETRY_WITH_ANOTHER_KEY: OutcomeAction.ValueType  # 2
+"""The key (or the upstream at that moment) failed, not the request: Get
+another key and send the request again. Bound the attempts.
+"""
+OUTCOME_ACTION_RETURN_ERROR: OutcomeAction.ValueType  # 3
+"""The answer is the request's own (content policy, unknown model, per-day
+limit): return it to the client.
+"""
+Global___OutcomeAction: _TypeAlias = OutcomeAction  # noqa: Y015
+
 @_typing.final
 class Key(_message.Message):
     """Key is the public view of one key in the pool. It has no secret: the secret
@@ -597,3 +635,117 @@ class RecheckResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RecheckResponse: _TypeAlias = RecheckResponse  # noqa: Y015
+
+@_typing.final
+class ReportOutcomeRequest(_message.Message):
+    """ReportOutcomeRequest describes one upstream answer to a request made with a
+    key from Get.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class HeadersEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    HASH_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    HEADERS_FIELD_NUMBER: _builtins.int
+    ERROR_TYPE_FIELD_NUMBER: _builtins.int
+    ERROR_CODE_FIELD_NUMBER: _builtins.int
+    ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
+    PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
+    hash: _builtins.str
+    """Hash of the key the request was sent with. Required."""
+    model: _builtins.str
+    """Model of the request. Required: it names the rate-limit family."""
+    status: _builtins.int
+    """HTTP status code of the upstream answer (100 to 599). Required."""
+    error_type: _builtins.str
+    """error.type of an OpenAI error body; empty when there is none."""
+    error_code: _builtins.str
+    """error.code of an OpenAI error body; empty when there is none."""
+    error_message: _builtins.str
+    """error.message of an OpenAI error body; empty when there is none."""
+    prompt_tokens: _builtins.int
+    """usage.prompt_tokens of a successful answer; zero or more."""
+    completion_tokens: _builtins.int
+    """usage.completion_tokens of a successful answer; zero or more."""
+    @_builtins.property
+    def headers(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Response headers; only x-ratelimit-* are read. Names are matched
+        case-insensitively.
+        """
+
+    def __init__(
+        self,
+        *,
+        hash: _builtins.str = ...,
+        model: _builtins.str = ...,
+        status: _builtins.int = ...,
+        headers: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        error_type: _builtins.str = ...,
+        error_code: _builtins.str = ...,
+        error_message: _builtins.str = ...,
+        prompt_tokens: _builtins.int = ...,
+        completion_tokens: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion_tokens", b"completion_tokens", "error_code", b"error_code", "error_message", b"error_message", "error_type", b"error_type", "hash", b"hash", "headers", b"headers", "model", b"model", "prompt_tokens", b"prompt_tokens", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportOutcomeRequest: _TypeAlias = ReportOutcomeRequest  # noqa: Y015
+
+@_typing.final
+class ReportOutcomeResponse(_message.Message):
+    """ReportOutcomeResponse says what the proxy should do next."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACTION_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    action: Global___OutcomeAction.ValueType
+    """What to do with the request."""
+    reason: _builtins.str
+    """Short explanation for the proxy's log, e.g. "HTTP 429 rate_limit_exceeded:
+    rate limited". Never a secret; not meant for branching.
+    """
+    @_builtins.property
+    def key(self) -> Global___Key:
+        """Public view of the key after the answer was applied."""
+
+    def __init__(
+        self,
+        *,
+        action: Global___OutcomeAction.ValueType = ...,
+        key: Global___Key | None = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "key", b"key", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportOutcomeResponse: _TypeAlias = ReportOutcomeResponse  # noqa: Y015

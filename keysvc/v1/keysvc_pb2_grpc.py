@@ -85,6 +85,11 @@ class KeyServiceStub:
                 request_serializer=keysvc_dot_v1_dot_keysvc__pb2.RecheckRequest.SerializeToString,
                 response_deserializer=keysvc_dot_v1_dot_keysvc__pb2.RecheckResponse.FromString,
                 _registered_method=True)
+        self.ReportOutcome = channel.unary_unary(
+                '/keysvc.v1.KeyService/ReportOutcome',
+                request_serializer=keysvc_dot_v1_dot_keysvc__pb2.ReportOutcomeRequest.SerializeToString,
+                response_deserializer=keysvc_dot_v1_dot_keysvc__pb2.ReportOutcomeResponse.FromString,
+                _registered_method=True)
 
 
 class KeyServiceServicer:
@@ -162,6 +167,17 @@ class KeyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportOutcome(self, request, context):
+        """ReportOutcome reports one upstream answer for a key handed out by Get and
+        applies the whole upstream error table in one call: it stores the
+        rate-limit headers, counts the tokens of a success, disables a dead key
+        (durably, as Disable does) and marks a rate-limited key. The reply says
+        what the proxy should do with the request.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KeyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -209,6 +225,11 @@ def add_KeyServiceServicer_to_server(servicer, server):
                     servicer.Recheck,
                     request_deserializer=keysvc_dot_v1_dot_keysvc__pb2.RecheckRequest.FromString,
                     response_serializer=keysvc_dot_v1_dot_keysvc__pb2.RecheckResponse.SerializeToString,
+            ),
+            'ReportOutcome': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportOutcome,
+                    request_deserializer=keysvc_dot_v1_dot_keysvc__pb2.ReportOutcomeRequest.FromString,
+                    response_serializer=keysvc_dot_v1_dot_keysvc__pb2.ReportOutcomeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -460,6 +481,33 @@ class KeyService:
             '/keysvc.v1.KeyService/Recheck',
             keysvc_dot_v1_dot_keysvc__pb2.RecheckRequest.SerializeToString,
             keysvc_dot_v1_dot_keysvc__pb2.RecheckResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportOutcome(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keysvc.v1.KeyService/ReportOutcome',
+            keysvc_dot_v1_dot_keysvc__pb2.ReportOutcomeRequest.SerializeToString,
+            keysvc_dot_v1_dot_keysvc__pb2.ReportOutcomeResponse.FromString,
             options,
             channel_credentials,
             insecure,

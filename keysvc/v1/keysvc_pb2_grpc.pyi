@@ -65,6 +65,13 @@ class KeyServiceStub:
     """Recheck clears every key's disabled, revoked and over-quota flags and
     marks all keys unchecked so the key checker looks at them again.
     """
+    ReportOutcome: _grpc.UnaryUnaryMultiCallable[_keysvc_pb2.ReportOutcomeRequest, _keysvc_pb2.ReportOutcomeResponse]
+    """ReportOutcome reports one upstream answer for a key handed out by Get and
+    applies the whole upstream error table in one call: it stores the
+    rate-limit headers, counts the tokens of a success, disables a dead key
+    (durably, as Disable does) and marks a rate-limited key. The reply says
+    what the proxy should do with the request.
+    """
 
 @_typing.type_check_only
 class KeyServiceAsyncStub(KeyServiceStub):
@@ -100,6 +107,13 @@ class KeyServiceAsyncStub(KeyServiceStub):
     Recheck: _aio.UnaryUnaryMultiCallable[_keysvc_pb2.RecheckRequest, _keysvc_pb2.RecheckResponse]  # type: ignore[assignment]
     """Recheck clears every key's disabled, revoked and over-quota flags and
     marks all keys unchecked so the key checker looks at them again.
+    """
+    ReportOutcome: _aio.UnaryUnaryMultiCallable[_keysvc_pb2.ReportOutcomeRequest, _keysvc_pb2.ReportOutcomeResponse]  # type: ignore[assignment]
+    """ReportOutcome reports one upstream answer for a key handed out by Get and
+    applies the whole upstream error table in one call: it stores the
+    rate-limit headers, counts the tokens of a success, disables a dead key
+    (durably, as Disable does) and marks a rate-limited key. The reply says
+    what the proxy should do with the request.
     """
 
 class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -187,6 +201,19 @@ class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_keysvc_pb2.RecheckResponse, _abc.Awaitable[_keysvc_pb2.RecheckResponse]]:
         """Recheck clears every key's disabled, revoked and over-quota flags and
         marks all keys unchecked so the key checker looks at them again.
+        """
+
+    @_abc_1.abstractmethod
+    def ReportOutcome(
+        self,
+        request: _keysvc_pb2.ReportOutcomeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_keysvc_pb2.ReportOutcomeResponse, _abc.Awaitable[_keysvc_pb2.ReportOutcomeResponse]]:
+        """ReportOutcome reports one upstream answer for a key handed out by Get and
+        applies the whole upstream error table in one call: it stores the
+        rate-limit headers, counts the tokens of a success, disables a dead key
+        (durably, as Disable does) and marks a rate-limited key. The reply says
+        what the proxy should do with the request.
         """
 
 def add_KeyServiceServicer_to_server(servicer: KeyServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

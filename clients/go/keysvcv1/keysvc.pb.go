@@ -83,6 +83,66 @@ func (DisableReason) EnumDescriptor() ([]byte, []int) {
 	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{0}
 }
 
+// OutcomeAction is what a proxy should do with a request after the upstream
+// answered it.
+type OutcomeAction int32
+
+const (
+	// Never sent by keysvc.
+	OutcomeAction_OUTCOME_ACTION_UNSPECIFIED OutcomeAction = 0
+	// The request succeeded: return the answer to the client.
+	OutcomeAction_OUTCOME_ACTION_DONE OutcomeAction = 1
+	// The key (or the upstream at that moment) failed, not the request: Get
+	// another key and send the request again. Bound the attempts.
+	OutcomeAction_OUTCOME_ACTION_RETRY_WITH_ANOTHER_KEY OutcomeAction = 2
+	// The answer is the request's own (content policy, unknown model, per-day
+	// limit): return it to the client.
+	OutcomeAction_OUTCOME_ACTION_RETURN_ERROR OutcomeAction = 3
+)
+
+// Enum value maps for OutcomeAction.
+var (
+	OutcomeAction_name = map[int32]string{
+		0: "OUTCOME_ACTION_UNSPECIFIED",
+		1: "OUTCOME_ACTION_DONE",
+		2: "OUTCOME_ACTION_RETRY_WITH_ANOTHER_KEY",
+		3: "OUTCOME_ACTION_RETURN_ERROR",
+	}
+	OutcomeAction_value = map[string]int32{
+		"OUTCOME_ACTION_UNSPECIFIED":            0,
+		"OUTCOME_ACTION_DONE":                   1,
+		"OUTCOME_ACTION_RETRY_WITH_ANOTHER_KEY": 2,
+		"OUTCOME_ACTION_RETURN_ERROR":           3,
+	}
+)
+
+func (x OutcomeAction) Enum() *OutcomeAction {
+	p := new(OutcomeAction)
+	*p = x
+	return p
+}
+
+func (x OutcomeAction) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (OutcomeAction) Descriptor() protoreflect.EnumDescriptor {
+	return file_keysvc_v1_keysvc_proto_enumTypes[1].Descriptor()
+}
+
+func (OutcomeAction) Type() protoreflect.EnumType {
+	return &file_keysvc_v1_keysvc_proto_enumTypes[1]
+}
+
+func (x OutcomeAction) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use OutcomeAction.Descriptor instead.
+func (OutcomeAction) EnumDescriptor() ([]byte, []int) {
+	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{1}
+}
+
 // Key is the public view of one key in the pool. It has no secret: the secret
 // leaves the service only in GetResponse.secret.
 type Key struct {
@@ -1103,6 +1163,191 @@ func (*RecheckResponse) Descriptor() ([]byte, []int) {
 	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{18}
 }
 
+// ReportOutcomeRequest describes one upstream answer to a request made with a
+// key from Get.
+type ReportOutcomeRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Hash of the key the request was sent with. Required.
+	Hash string `protobuf:"bytes,1,opt,name=hash,proto3" json:"hash,omitempty"`
+	// Model of the request. Required: it names the rate-limit family.
+	Model string `protobuf:"bytes,2,opt,name=model,proto3" json:"model,omitempty"`
+	// HTTP status code of the upstream answer (100 to 599). Required.
+	Status int32 `protobuf:"varint,3,opt,name=status,proto3" json:"status,omitempty"`
+	// Response headers; only x-ratelimit-* are read. Names are matched
+	// case-insensitively.
+	Headers map[string]string `protobuf:"bytes,4,rep,name=headers,proto3" json:"headers,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	// error.type of an OpenAI error body; empty when there is none.
+	ErrorType string `protobuf:"bytes,5,opt,name=error_type,json=errorType,proto3" json:"error_type,omitempty"`
+	// error.code of an OpenAI error body; empty when there is none.
+	ErrorCode string `protobuf:"bytes,6,opt,name=error_code,json=errorCode,proto3" json:"error_code,omitempty"`
+	// error.message of an OpenAI error body; empty when there is none.
+	ErrorMessage string `protobuf:"bytes,7,opt,name=error_message,json=errorMessage,proto3" json:"error_message,omitempty"`
+	// usage.prompt_tokens of a successful answer; zero or more.
+	PromptTokens int64 `protobuf:"varint,8,opt,name=prompt_tokens,json=promptTokens,proto3" json:"prompt_tokens,omitempty"`
+	// usage.completion_tokens of a successful answer; zero or more.
+	CompletionTokens int64 `protobuf:"varint,9,opt,name=completion_tokens,json=completionTokens,proto3" json:"completion_tokens,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
+}
+
+func (x *ReportOutcomeRequest) Reset() {
+	*x = ReportOutcomeRequest{}
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReportOutcomeRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReportOutcomeRequest) ProtoMessage() {}
+
+func (x *ReportOutcomeRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReportOutcomeRequest.ProtoReflect.Descriptor instead.
+func (*ReportOutcomeRequest) Descriptor() ([]byte, []int) {
+	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *ReportOutcomeRequest) GetHash() string {
+	if x != nil {
+		return x.Hash
+	}
+	return ""
+}
+
+func (x *ReportOutcomeRequest) GetModel() string {
+	if x != nil {
+		return x.Model
+	}
+	return ""
+}
+
+func (x *ReportOutcomeRequest) GetStatus() int32 {
+	if x != nil {
+		return x.Status
+	}
+	return 0
+}
+
+func (x *ReportOutcomeRequest) GetHeaders() map[string]string {
+	if x != nil {
+		return x.Headers
+	}
+	return nil
+}
+
+func (x *ReportOutcomeRequest) GetErrorType() string {
+	if x != nil {
+		return x.ErrorType
+	}
+	return ""
+}
+
+func (x *ReportOutcomeRequest) GetErrorCode() string {
+	if x != nil {
+		return x.ErrorCode
+	}
+	return ""
+}
+
+func (x *ReportOutcomeRequest) GetErrorMessage() string {
+	if x != nil {
+		return x.ErrorMessage
+	}
+	return ""
+}
+
+func (x *ReportOutcomeRequest) GetPromptTokens() int64 {
+	if x != nil {
+		return x.PromptTokens
+	}
+	return 0
+}
+
+func (x *ReportOutcomeRequest) GetCompletionTokens() int64 {
+	if x != nil {
+		return x.CompletionTokens
+	}
+	return 0
+}
+
+// ReportOutcomeResponse says what the proxy should do next.
+type ReportOutcomeResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// What to do with the request.
+	Action OutcomeAction `protobuf:"varint,1,opt,name=action,proto3,enum=keysvc.v1.OutcomeAction" json:"action,omitempty"`
+	// Public view of the key after the answer was applied.
+	Key *Key `protobuf:"bytes,2,opt,name=key,proto3" json:"key,omitempty"`
+	// Short explanation for the proxy's log, e.g. "HTTP 429 rate_limit_exceeded:
+	// rate limited". Never a secret; not meant for branching.
+	Reason        string `protobuf:"bytes,3,opt,name=reason,proto3" json:"reason,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReportOutcomeResponse) Reset() {
+	*x = ReportOutcomeResponse{}
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReportOutcomeResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReportOutcomeResponse) ProtoMessage() {}
+
+func (x *ReportOutcomeResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReportOutcomeResponse.ProtoReflect.Descriptor instead.
+func (*ReportOutcomeResponse) Descriptor() ([]byte, []int) {
+	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *ReportOutcomeResponse) GetAction() OutcomeAction {
+	if x != nil {
+		return x.Action
+	}
+	return OutcomeAction_OUTCOME_ACTION_UNSPECIFIED
+}
+
+func (x *ReportOutcomeResponse) GetKey() *Key {
+	if x != nil {
+		return x.Key
+	}
+	return nil
+}
+
+func (x *ReportOutcomeResponse) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
 var File_keysvc_v1_keysvc_proto protoreflect.FileDescriptor
 
 const file_keysvc_v1_keysvc_proto_rawDesc = "" +
@@ -1173,12 +1418,36 @@ const file_keysvc_v1_keysvc_proto_rawDesc = "" +
 	"\x11AvailableResponse\x12\x14\n" +
 	"\x05count\x18\x01 \x01(\x03R\x05count\"\x10\n" +
 	"\x0eRecheckRequest\"\x11\n" +
-	"\x0fRecheckResponse*\x80\x01\n" +
+	"\x0fRecheckResponse\"\x91\x03\n" +
+	"\x14ReportOutcomeRequest\x12\x12\n" +
+	"\x04hash\x18\x01 \x01(\tR\x04hash\x12\x14\n" +
+	"\x05model\x18\x02 \x01(\tR\x05model\x12\x16\n" +
+	"\x06status\x18\x03 \x01(\x05R\x06status\x12F\n" +
+	"\aheaders\x18\x04 \x03(\v2,.keysvc.v1.ReportOutcomeRequest.HeadersEntryR\aheaders\x12\x1d\n" +
+	"\n" +
+	"error_type\x18\x05 \x01(\tR\terrorType\x12\x1d\n" +
+	"\n" +
+	"error_code\x18\x06 \x01(\tR\terrorCode\x12#\n" +
+	"\rerror_message\x18\a \x01(\tR\ferrorMessage\x12#\n" +
+	"\rprompt_tokens\x18\b \x01(\x03R\fpromptTokens\x12+\n" +
+	"\x11completion_tokens\x18\t \x01(\x03R\x10completionTokens\x1a:\n" +
+	"\fHeadersEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x83\x01\n" +
+	"\x15ReportOutcomeResponse\x120\n" +
+	"\x06action\x18\x01 \x01(\x0e2\x18.keysvc.v1.OutcomeActionR\x06action\x12 \n" +
+	"\x03key\x18\x02 \x01(\v2\x0e.keysvc.v1.KeyR\x03key\x12\x16\n" +
+	"\x06reason\x18\x03 \x01(\tR\x06reason*\x80\x01\n" +
 	"\rDisableReason\x12\x1e\n" +
 	"\x1aDISABLE_REASON_UNSPECIFIED\x10\x00\x12\x1a\n" +
 	"\x16DISABLE_REASON_REVOKED\x10\x01\x12\x18\n" +
 	"\x14DISABLE_REASON_QUOTA\x10\x02\x12\x19\n" +
-	"\x15DISABLE_REASON_MANUAL\x10\x032\xb2\x05\n" +
+	"\x15DISABLE_REASON_MANUAL\x10\x03*\x94\x01\n" +
+	"\rOutcomeAction\x12\x1e\n" +
+	"\x1aOUTCOME_ACTION_UNSPECIFIED\x10\x00\x12\x17\n" +
+	"\x13OUTCOME_ACTION_DONE\x10\x01\x12)\n" +
+	"%OUTCOME_ACTION_RETRY_WITH_ANOTHER_KEY\x10\x02\x12\x1f\n" +
+	"\x1bOUTCOME_ACTION_RETURN_ERROR\x10\x032\x86\x06\n" +
 	"\n" +
 	"KeyService\x124\n" +
 	"\x03Get\x12\x15.keysvc.v1.GetRequest\x1a\x16.keysvc.v1.GetResponse\x12@\n" +
@@ -1189,7 +1458,8 @@ const file_keysvc_v1_keysvc_proto_rawDesc = "" +
 	"\x0eIncrementUsage\x12 .keysvc.v1.IncrementUsageRequest\x1a!.keysvc.v1.IncrementUsageResponse\x127\n" +
 	"\x04List\x12\x16.keysvc.v1.ListRequest\x1a\x17.keysvc.v1.ListResponse\x12F\n" +
 	"\tAvailable\x12\x1b.keysvc.v1.AvailableRequest\x1a\x1c.keysvc.v1.AvailableResponse\x12@\n" +
-	"\aRecheck\x12\x19.keysvc.v1.RecheckRequest\x1a\x1a.keysvc.v1.RecheckResponseB%Z#keysvc/clients/go/keysvcv1;keysvcv1b\x06proto3"
+	"\aRecheck\x12\x19.keysvc.v1.RecheckRequest\x1a\x1a.keysvc.v1.RecheckResponse\x12R\n" +
+	"\rReportOutcome\x12\x1f.keysvc.v1.ReportOutcomeRequest\x1a .keysvc.v1.ReportOutcomeResponseB%Z#keysvc/clients/go/keysvcv1;keysvcv1b\x06proto3"
 
 var (
 	file_keysvc_v1_keysvc_proto_rawDescOnce sync.Once
@@ -1203,73 +1473,82 @@ func file_keysvc_v1_keysvc_proto_rawDescGZIP() []byte {
 	return file_keysvc_v1_keysvc_proto_rawDescData
 }
 
-var file_keysvc_v1_keysvc_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_keysvc_v1_keysvc_proto_msgTypes = make([]protoimpl.MessageInfo, 21)
+var file_keysvc_v1_keysvc_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
+var file_keysvc_v1_keysvc_proto_msgTypes = make([]protoimpl.MessageInfo, 24)
 var file_keysvc_v1_keysvc_proto_goTypes = []any{
 	(DisableReason)(0),               // 0: keysvc.v1.DisableReason
-	(*Key)(nil),                      // 1: keysvc.v1.Key
-	(*GetRequest)(nil),               // 2: keysvc.v1.GetRequest
-	(*GetResponse)(nil),              // 3: keysvc.v1.GetResponse
-	(*DisableRequest)(nil),           // 4: keysvc.v1.DisableRequest
-	(*DisableResponse)(nil),          // 5: keysvc.v1.DisableResponse
-	(*MarkRateLimitedRequest)(nil),   // 6: keysvc.v1.MarkRateLimitedRequest
-	(*MarkRateLimitedResponse)(nil),  // 7: keysvc.v1.MarkRateLimitedResponse
-	(*UpdateRateLimitsRequest)(nil),  // 8: keysvc.v1.UpdateRateLimitsRequest
-	(*UpdateRateLimitsResponse)(nil), // 9: keysvc.v1.UpdateRateLimitsResponse
-	(*GetLockoutPeriodRequest)(nil),  // 10: keysvc.v1.GetLockoutPeriodRequest
-	(*GetLockoutPeriodResponse)(nil), // 11: keysvc.v1.GetLockoutPeriodResponse
-	(*IncrementUsageRequest)(nil),    // 12: keysvc.v1.IncrementUsageRequest
-	(*IncrementUsageResponse)(nil),   // 13: keysvc.v1.IncrementUsageResponse
-	(*ListRequest)(nil),              // 14: keysvc.v1.ListRequest
-	(*ListResponse)(nil),             // 15: keysvc.v1.ListResponse
-	(*AvailableRequest)(nil),         // 16: keysvc.v1.AvailableRequest
-	(*AvailableResponse)(nil),        // 17: keysvc.v1.AvailableResponse
-	(*RecheckRequest)(nil),           // 18: keysvc.v1.RecheckRequest
-	(*RecheckResponse)(nil),          // 19: keysvc.v1.RecheckResponse
-	nil,                              // 20: keysvc.v1.Key.TokenUsageEntry
-	nil,                              // 21: keysvc.v1.UpdateRateLimitsRequest.HeadersEntry
-	(*timestamppb.Timestamp)(nil),    // 22: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),      // 23: google.protobuf.Duration
+	(OutcomeAction)(0),               // 1: keysvc.v1.OutcomeAction
+	(*Key)(nil),                      // 2: keysvc.v1.Key
+	(*GetRequest)(nil),               // 3: keysvc.v1.GetRequest
+	(*GetResponse)(nil),              // 4: keysvc.v1.GetResponse
+	(*DisableRequest)(nil),           // 5: keysvc.v1.DisableRequest
+	(*DisableResponse)(nil),          // 6: keysvc.v1.DisableResponse
+	(*MarkRateLimitedRequest)(nil),   // 7: keysvc.v1.MarkRateLimitedRequest
+	(*MarkRateLimitedResponse)(nil),  // 8: keysvc.v1.MarkRateLimitedResponse
+	(*UpdateRateLimitsRequest)(nil),  // 9: keysvc.v1.UpdateRateLimitsRequest
+	(*UpdateRateLimitsResponse)(nil), // 10: keysvc.v1.UpdateRateLimitsResponse
+	(*GetLockoutPeriodRequest)(nil),  // 11: keysvc.v1.GetLockoutPeriodRequest
+	(*GetLockoutPeriodResponse)(nil), // 12: keysvc.v1.GetLockoutPeriodResponse
+	(*IncrementUsageRequest)(nil),    // 13: keysvc.v1.IncrementUsageRequest
+	(*IncrementUsageResponse)(nil),   // 14: keysvc.v1.IncrementUsageResponse
+	(*ListRequest)(nil),              // 15: keysvc.v1.ListRequest
+	(*ListResponse)(nil),             // 16: keysvc.v1.ListResponse
+	(*AvailableRequest)(nil),         // 17: keysvc.v1.AvailableRequest
+	(*AvailableResponse)(nil),        // 18: keysvc.v1.AvailableResponse
+	(*RecheckRequest)(nil),           // 19: keysvc.v1.RecheckRequest
+	(*RecheckResponse)(nil),          // 20: keysvc.v1.RecheckResponse
+	(*ReportOutcomeRequest)(nil),     // 21: keysvc.v1.ReportOutcomeRequest
+	(*ReportOutcomeResponse)(nil),    // 22: keysvc.v1.ReportOutcomeResponse
+	nil,                              // 23: keysvc.v1.Key.TokenUsageEntry
+	nil,                              // 24: keysvc.v1.UpdateRateLimitsRequest.HeadersEntry
+	nil,                              // 25: keysvc.v1.ReportOutcomeRequest.HeadersEntry
+	(*timestamppb.Timestamp)(nil),    // 26: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),      // 27: google.protobuf.Duration
 }
 var file_keysvc_v1_keysvc_proto_depIdxs = []int32{
-	22, // 0: keysvc.v1.Key.last_used:type_name -> google.protobuf.Timestamp
-	22, // 1: keysvc.v1.Key.last_checked:type_name -> google.protobuf.Timestamp
-	22, // 2: keysvc.v1.Key.rate_limited_at:type_name -> google.protobuf.Timestamp
-	22, // 3: keysvc.v1.Key.rate_limited_until:type_name -> google.protobuf.Timestamp
-	23, // 4: keysvc.v1.Key.rate_limit_requests_reset:type_name -> google.protobuf.Duration
-	23, // 5: keysvc.v1.Key.rate_limit_tokens_reset:type_name -> google.protobuf.Duration
-	20, // 6: keysvc.v1.Key.token_usage:type_name -> keysvc.v1.Key.TokenUsageEntry
+	26, // 0: keysvc.v1.Key.last_used:type_name -> google.protobuf.Timestamp
+	26, // 1: keysvc.v1.Key.last_checked:type_name -> google.protobuf.Timestamp
+	26, // 2: keysvc.v1.Key.rate_limited_at:type_name -> google.protobuf.Timestamp
+	26, // 3: keysvc.v1.Key.rate_limited_until:type_name -> google.protobuf.Timestamp
+	27, // 4: keysvc.v1.Key.rate_limit_requests_reset:type_name -> google.protobuf.Duration
+	27, // 5: keysvc.v1.Key.rate_limit_tokens_reset:type_name -> google.protobuf.Duration
+	23, // 6: keysvc.v1.Key.token_usage:type_name -> keysvc.v1.Key.TokenUsageEntry
 	0,  // 7: keysvc.v1.Key.disable_reason:type_name -> keysvc.v1.DisableReason
-	22, // 8: keysvc.v1.Key.disabled_at:type_name -> google.protobuf.Timestamp
-	1,  // 9: keysvc.v1.GetResponse.key:type_name -> keysvc.v1.Key
+	26, // 8: keysvc.v1.Key.disabled_at:type_name -> google.protobuf.Timestamp
+	2,  // 9: keysvc.v1.GetResponse.key:type_name -> keysvc.v1.Key
 	0,  // 10: keysvc.v1.DisableRequest.reason:type_name -> keysvc.v1.DisableReason
-	1,  // 11: keysvc.v1.DisableResponse.key:type_name -> keysvc.v1.Key
-	21, // 12: keysvc.v1.UpdateRateLimitsRequest.headers:type_name -> keysvc.v1.UpdateRateLimitsRequest.HeadersEntry
-	23, // 13: keysvc.v1.GetLockoutPeriodResponse.lockout:type_name -> google.protobuf.Duration
-	1,  // 14: keysvc.v1.ListResponse.keys:type_name -> keysvc.v1.Key
-	2,  // 15: keysvc.v1.KeyService.Get:input_type -> keysvc.v1.GetRequest
-	4,  // 16: keysvc.v1.KeyService.Disable:input_type -> keysvc.v1.DisableRequest
-	6,  // 17: keysvc.v1.KeyService.MarkRateLimited:input_type -> keysvc.v1.MarkRateLimitedRequest
-	8,  // 18: keysvc.v1.KeyService.UpdateRateLimits:input_type -> keysvc.v1.UpdateRateLimitsRequest
-	10, // 19: keysvc.v1.KeyService.GetLockoutPeriod:input_type -> keysvc.v1.GetLockoutPeriodRequest
-	12, // 20: keysvc.v1.KeyService.IncrementUsage:input_type -> keysvc.v1.IncrementUsageRequest
-	14, // 21: keysvc.v1.KeyService.List:input_type -> keysvc.v1.ListRequest
-	16, // 22: keysvc.v1.KeyService.Available:input_type -> keysvc.v1.AvailableRequest
-	18, // 23: keysvc.v1.KeyService.Recheck:input_type -> keysvc.v1.RecheckRequest
-	3,  // 24: keysvc.v1.KeyService.Get:output_type -> keysvc.v1.GetResponse
-	5,  // 25: keysvc.v1.KeyService.Disable:output_type -> keysvc.v1.DisableResponse
-	7,  // 26: keysvc.v1.KeyService.MarkRateLimited:output_type -> keysvc.v1.MarkRateLimitedResponse
-	9,  // 27: keysvc.v1.KeyService.UpdateRateLimits:output_type -> keysvc.v1.UpdateRateLimitsResponse
-	11, // 28: keysvc.v1.KeyService.GetLockoutPeriod:output_type -> keysvc.v1.GetLockoutPeriodResponse
-	13, // 29: keysvc.v1.KeyService.IncrementUsage:output_type -> keysvc.v1.IncrementUsageResponse
-	15, // 30: keysvc.v1.KeyService.List:output_type -> keysvc.v1.ListResponse
-	17, // 31: keysvc.v1.KeyService.Available:output_type -> keysvc.v1.AvailableResponse
-	19, // 32: keysvc.v1.KeyService.Recheck:output_type -> keysvc.v1.RecheckResponse
-	24, // [24:33] is the sub-list for method output_type
-	15, // [15:24] is the sub-list for method input_type
-	15, // [15:15] is the sub-list for extension type_name
-	15, // [15:15] is the sub-list for extension extendee
-	0,  // [0:15] is the sub-list for field type_name
+	2,  // 11: keysvc.v1.DisableResponse.key:type_name -> keysvc.v1.Key
+	24, // 12: keysvc.v1.UpdateRateLimitsRequest.headers:type_name -> keysvc.v1.UpdateRateLimitsRequest.HeadersEntry
+	27, // 13: keysvc.v1.GetLockoutPeriodResponse.lockout:type_name -> google.protobuf.Duration
+	2,  // 14: keysvc.v1.ListResponse.keys:type_name -> keysvc.v1.Key
+	25, // 15: keysvc.v1.ReportOutcomeRequest.headers:type_name -> keysvc.v1.ReportOutcomeRequest.HeadersEntry
+	1,  // 16: keysvc.v1.ReportOutcomeResponse.action:type_name -> keysvc.v1.OutcomeAction
+	2,  // 17: keysvc.v1.ReportOutcomeResponse.key:type_name -> keysvc.v1.Key
+	3,  // 18: keysvc.v1.KeyService.Get:input_type -> keysvc.v1.GetRequest
+	5,  // 19: keysvc.v1.KeyService.Disable:input_type -> keysvc.v1.DisableRequest
+	7,  // 20: keysvc.v1.KeyService.MarkRateLimited:input_type -> keysvc.v1.MarkRateLimitedRequest
+	9,  // 21: keysvc.v1.KeyService.UpdateRateLimits:input_type -> keysvc.v1.UpdateRateLimitsRequest
+	11, // 22: keysvc.v1.KeyService.GetLockoutPeriod:input_type -> keysvc.v1.GetLockoutPeriodRequest
+	13, // 23: keysvc.v1.KeyService.IncrementUsage:input_type -> keysvc.v1.IncrementUsageRequest
+	15, // 24: keysvc.v1.KeyService.List:input_type -> keysvc.v1.ListRequest
+	17, // 25: keysvc.v1.KeyService.Available:input_type -> keysvc.v1.AvailableRequest
+	19, // 26: keysvc.v1.KeyService.Recheck:input_type -> keysvc.v1.RecheckRequest
+	21, // 27: keysvc.v1.KeyService.ReportOutcome:input_type -> keysvc.v1.ReportOutcomeRequest
+	4,  // 28: keysvc.v1.KeyService.Get:output_type -> keysvc.v1.GetResponse
+	6,  // 29: keysvc.v1.KeyService.Disable:output_type -> keysvc.v1.DisableResponse
+	8,  // 30: keysvc.v1.KeyService.MarkRateLimited:output_type -> keysvc.v1.MarkRateLimitedResponse
+	10, // 31: keysvc.v1.KeyService.UpdateRateLimits:output_type -> keysvc.v1.UpdateRateLimitsResponse
+	12, // 32: keysvc.v1.KeyService.GetLockoutPeriod:output_type -> keysvc.v1.GetLockoutPeriodResponse
+	14, // 33: keysvc.v1.KeyService.IncrementUsage:output_type -> keysvc.v1.IncrementUsageResponse
+	16, // 34: keysvc.v1.KeyService.List:output_type -> keysvc.v1.ListResponse
+	18, // 35: keysvc.v1.KeyService.Available:output_type -> keysvc.v1.AvailableResponse
+	20, // 36: keysvc.v1.KeyService.Recheck:output_type -> keysvc.v1.RecheckResponse
+	22, // 37: keysvc.v1.KeyService.ReportOutcome:output_type -> keysvc.v1.ReportOutcomeResponse
+	28, // [28:38] is the sub-list for method output_type
+	18, // [18:28] is the sub-list for method input_type
+	18, // [18:18] is the sub-list for extension type_name
+	18, // [18:18] is the sub-list for extension extendee
+	0,  // [0:18] is the sub-list for field type_name
 }
 
 func init() { file_keysvc_v1_keysvc_proto_init() }
@@ -1282,8 +1561,8 @@ func file_keysvc_v1_keysvc_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_keysvc_v1_keysvc_proto_rawDesc), len(file_keysvc_v1_keysvc_proto_rawDesc)),
-			NumEnums:      1,
-			NumMessages:   21,
+			NumEnums:      2,
+			NumMessages:   24,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

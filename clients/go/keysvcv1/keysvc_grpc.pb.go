@@ -31,6 +31,7 @@ const (
 	KeyService_List_FullMethodName             = "/keysvc.v1.KeyService/List"
 	KeyService_Available_FullMethodName        = "/keysvc.v1.KeyService/Available"
 	KeyService_Recheck_FullMethodName          = "/keysvc.v1.KeyService/Recheck"
+	KeyService_ReportOutcome_FullMethodName    = "/keysvc.v1.KeyService/ReportOutcome"
 )
 
 // KeyServiceClient is the client API for KeyService service.
@@ -65,6 +66,12 @@ type KeyServiceClient interface {
 	// Recheck clears every key's disabled, revoked and over-quota flags and
 	// marks all keys unchecked so the key checker looks at them again.
 	Recheck(ctx context.Context, in *RecheckRequest, opts ...grpc.CallOption) (*RecheckResponse, error)
+	// ReportOutcome reports one upstream answer for a key handed out by Get and
+	// applies the whole upstream error table in one call: it stores the
+	// rate-limit headers, counts the tokens of a success, disables a dead key
+	// (durably, as Disable does) and marks a rate-limited key. The reply says
+	// what the proxy should do with the request.
+	ReportOutcome(ctx context.Context, in *ReportOutcomeRequest, opts ...grpc.CallOption) (*ReportOutcomeResponse, error)
 }
 
 type keyServiceClient struct {
@@ -165,6 +172,16 @@ func (c *keyServiceClient) Recheck(ctx context.Context, in *RecheckRequest, opts
 	return out, nil
 }
 
+func (c *keyServiceClient) ReportOutcome(ctx context.Context, in *ReportOutcomeRequest, opts ...grpc.CallOption) (*ReportOutcomeResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ReportOutcomeResponse)
+	err := c.cc.Invoke(ctx, KeyService_ReportOutcome_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // KeyServiceServer is the server API for KeyService service.
 // All implementations must embed UnimplementedKeyServiceServer
 // for forward compatibility.
@@ -197,6 +214,12 @@ type KeyServiceServer interface {
 	// Recheck clears every key's disabled, revoked and over-quota flags and
 	// marks all keys unchecked so the key checker looks at them again.
 	Recheck(context.Context, *RecheckRequest) (*RecheckResponse, error)
+	// ReportOutcome reports one upstream answer for a key handed out by Get and
+	// applies the whole upstream error table in one call: it stores the
+	// rate-limit headers, counts the tokens of a success, disables a dead key
+	// (durably, as Disable does) and marks a rate-limited key. The reply says
+	// what the proxy should do with the request.
+	ReportOutcome(context.Context, *ReportOutcomeRequest) (*ReportOutcomeResponse, error)
 	mustEmbedUnimplementedKeyServiceServer()
 }
 
@@ -233,6 +256,9 @@ func (UnimplementedKeyServiceServer) Available(context.Context, *AvailableReques
 }
 func (UnimplementedKeyServiceServer) Recheck(context.Context, *RecheckRequest) (*RecheckResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Recheck not implemented")
+}
+func (UnimplementedKeyServiceServer) ReportOutcome(context.Context, *ReportOutcomeRequest) (*ReportOutcomeResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ReportOutcome not implemented")
 }
 func (UnimplementedKeyServiceServer) mustEmbedUnimplementedKeyServiceServer() {}
 func (UnimplementedKeyServiceServer) testEmbeddedByValue()                    {}
@@ -417,6 +443,24 @@ func _KeyService_Recheck_Handler(srv interface{}, ctx context.Context, dec func(
 	return interceptor(ctx, in, info, handler)
 }
 
+func _KeyService_ReportOutcome_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ReportOutcomeRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(KeyServiceServer).ReportOutcome(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: KeyService_ReportOutcome_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(KeyServiceServer).ReportOutcome(ctx, req.(*ReportOutcomeRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // KeyService_ServiceDesc is the grpc.ServiceDesc for KeyService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -459,6 +503,10 @@ var KeyService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Recheck",
 			Handler:    _KeyService_Recheck_Handler,
+		},
+		{
+			MethodName: "ReportOutcome",
+			Handler:    _KeyService_ReportOutcome_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

@@ -9,7 +9,12 @@ import {
 } from "@grpc/grpc-js";
 
 import { KeysvcError } from "./errors";
-import { DisableReason, KeyServiceClient, type Key } from "./gen/keysvc/v1/keysvc";
+import {
+  DisableReason,
+  KeyServiceClient,
+  type Key,
+  type OutcomeAction,
+} from "./gen/keysvc/v1/keysvc";
 
 /** Where `keysvc serve` listens by default. */
 export const DEFAULT_TARGET = "127.0.0.1:50051";
@@ -53,6 +58,33 @@ export interface Lease {
 export type HeadersLike =
   | { forEach(callback: (value: string, name: string) => void): void }
   | Record<string, string | string[] | undefined>;
+
+/** One upstream answer, as `reportOutcome` sends it. */
+export interface Outcome {
+  /** The key the request was sent with. */
+  hash: string;
+  /** The request's model. */
+  model: string;
+  /** The upstream HTTP status. */
+  status: number;
+  /** The upstream answer's headers; only `x-ratelimit-*` are sent. */
+  headers?: HeadersLike;
+  /** The `error` object of an OpenAI error body (type, code, message). */
+  error?: { type?: string | null; code?: string | null; message?: string | null };
+  /** `usage.prompt_tokens` and `usage.completion_tokens` of a successful answer. */
+  promptTokens?: number;
+  completionTokens?: number;
+}
+
+/** What keysvc made of an upstream answer. */
+export interface OutcomeReply {
+  /** DONE, RETRY_WITH_ANOTHER_KEY or RETURN_ERROR. */
+  action: OutcomeAction;
+  /** The key as it now stands. */
+  key: Key;
+  /** A short explanation for logs; not for branching. */
+  reason: string;
+}
 
 type Unary<Req, Resp> = (
   request: Req,
@@ -125,6 +157,27 @@ export class KeysvcClient {
   /** Adds a finished request's tokens to the key's usage. */
   async incrementUsage(hash: string, model: string, tokens: number, opts?: CallOpts): Promise<void> {
     await this.call(this.stub.incrementUsage, { hash, model, tokens }, opts);
+  }
+
+  /** Applies one upstream answer to its key; `action` says what to do with the request. */
+  async reportOutcome(outcome: Outcome, opts?: CallOpts): Promise<OutcomeReply> {
+    const response = await this.call(
+      this.stub.reportOutcome,
+      {
+        hash: outcome.hash,
+        model: outcome.model,
+        status: outcome.status,
+        headers: outcome.headers ? rateLimitHeaders(outcome.headers) : {},
+        errorType: outcome.error?.type ?? "",
+        errorCode: outcome.error?.code ?? "",
+        errorMessage: outcome.error?.message ?? "",
+        promptTokens: outcome.promptTokens ?? 0,
+        completionTokens: outcome.completionTokens ?? 0,
+      },
+      opts,
+    );
+    if (!response.key) throw new KeysvcError(status.INTERNAL, "the response carries no key");
+    return { action: response.action, key: response.key, reason: response.reason };
   }
 
   /** The public view of every key (no secrets). */

@@ -33,6 +33,29 @@ _Req = TypeVar("_Req")
 _Resp = TypeVar("_Resp")
 
 
+def _outcome_request(
+    key_hash: str,
+    model: str,
+    status: int,
+    headers: Mapping[str, str] | None,
+    error: Mapping[str, Any] | None,
+    prompt_tokens: int,
+    completion_tokens: int,
+) -> pb.ReportOutcomeRequest:
+    error = error or {}
+    return pb.ReportOutcomeRequest(
+        hash=key_hash,
+        model=model,
+        status=status,
+        headers=rate_limit_headers(headers or {}),
+        error_type=str(error.get("type") or ""),
+        error_code=str(error.get("code") or ""),
+        error_message=str(error.get("message") or ""),
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+    )
+
+
 class _Base:
     def __init__(
         self,
@@ -156,6 +179,29 @@ class KeysvcClient(_Base):
         request = pb.IncrementUsageRequest(hash=key_hash, model=model, tokens=tokens)
         self._call(self._stub.IncrementUsage, request, timeout)
 
+    def report_outcome(
+        self,
+        key_hash: str,
+        model: str,
+        status: int,
+        *,
+        headers: Mapping[str, str] | None = None,
+        error: Mapping[str, Any] | None = None,
+        prompt_tokens: int = 0,
+        completion_tokens: int = 0,
+        timeout: float | None = None,
+    ) -> pb.ReportOutcomeResponse:
+        """Reports one upstream answer; ``.action`` says what to do with the request.
+
+        ``error`` is the ``error`` object of an OpenAI error body (its ``type``,
+        ``code`` and ``message`` are sent); ``headers`` are the answer's headers
+        (only ``x-ratelimit-*`` are sent).
+        """
+        request = _outcome_request(
+            key_hash, model, status, headers, error, prompt_tokens, completion_tokens
+        )
+        return self._call(self._stub.ReportOutcome, request, timeout)
+
     def list(self, *, timeout: float | None = None) -> list[pb.Key]:
         """The public view of every key (no secrets)."""
         return list(self._call(self._stub.List, pb.ListRequest(), timeout).keys)
@@ -261,6 +307,24 @@ class AsyncKeysvcClient(_Base):
         """Adds a finished request's tokens to the key's usage."""
         request = pb.IncrementUsageRequest(hash=key_hash, model=model, tokens=tokens)
         await self._call(self._stub.IncrementUsage, request, timeout)
+
+    async def report_outcome(
+        self,
+        key_hash: str,
+        model: str,
+        status: int,
+        *,
+        headers: Mapping[str, str] | None = None,
+        error: Mapping[str, Any] | None = None,
+        prompt_tokens: int = 0,
+        completion_tokens: int = 0,
+        timeout: float | None = None,
+    ) -> pb.ReportOutcomeResponse:
+        """Reports one upstream answer; ``.action`` says what to do with the request."""
+        request = _outcome_request(
+            key_hash, model, status, headers, error, prompt_tokens, completion_tokens
+        )
+        return await self._call(self._stub.ReportOutcome, request, timeout)
 
     async def list(self, *, timeout: float | None = None) -> list[pb.Key]:
         """The public view of every key (no secrets)."""

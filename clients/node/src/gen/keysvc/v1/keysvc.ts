@@ -81,6 +81,65 @@ export function disableReasonToJSON(object: DisableReason): string {
 }
 
 /**
+ * OutcomeAction is what a proxy should do with a request after the upstream
+ * answered it.
+ */
+export enum OutcomeAction {
+  /** OUTCOME_ACTION_UNSPECIFIED - Never sent by keysvc. */
+  OUTCOME_ACTION_UNSPECIFIED = 0,
+  /** OUTCOME_ACTION_DONE - The request succeeded: return the answer to the client. */
+  OUTCOME_ACTION_DONE = 1,
+  /**
+   * OUTCOME_ACTION_RETRY_WITH_ANOTHER_KEY - The key (or the upstream at that moment) failed, not the request: Get
+   * another key and send the request again. Bound the attempts.
+   */
+  OUTCOME_ACTION_RETRY_WITH_ANOTHER_KEY = 2,
+  /**
+   * OUTCOME_ACTION_RETURN_ERROR - The answer is the request's own (content policy, unknown model, per-day
+   * limit): return it to the client.
+   */
+  OUTCOME_ACTION_RETURN_ERROR = 3,
+  UNRECOGNIZED = -1,
+}
+
+export function outcomeActionFromJSON(object: any): OutcomeAction {
+  switch (object) {
+    case 0:
+    case "OUTCOME_ACTION_UNSPECIFIED":
+      return OutcomeAction.OUTCOME_ACTION_UNSPECIFIED;
+    case 1:
+    case "OUTCOME_ACTION_DONE":
+      return OutcomeAction.OUTCOME_ACTION_DONE;
+    case 2:
+    case "OUTCOME_ACTION_RETRY_WITH_ANOTHER_KEY":
+      return OutcomeAction.OUTCOME_ACTION_RETRY_WITH_ANOTHER_KEY;
+    case 3:
+    case "OUTCOME_ACTION_RETURN_ERROR":
+      return OutcomeAction.OUTCOME_ACTION_RETURN_ERROR;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return OutcomeAction.UNRECOGNIZED;
+  }
+}
+
+export function outcomeActionToJSON(object: OutcomeAction): string {
+  switch (object) {
+    case OutcomeAction.OUTCOME_ACTION_UNSPECIFIED:
+      return "OUTCOME_ACTION_UNSPECIFIED";
+    case OutcomeAction.OUTCOME_ACTION_DONE:
+      return "OUTCOME_ACTION_DONE";
+    case OutcomeAction.OUTCOME_ACTION_RETRY_WITH_ANOTHER_KEY:
+      return "OUTCOME_ACTION_RETRY_WITH_ANOTHER_KEY";
+    case OutcomeAction.OUTCOME_ACTION_RETURN_ERROR:
+      return "OUTCOME_ACTION_RETURN_ERROR";
+    case OutcomeAction.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
+/**
  * Key is the public view of one key in the pool. It has no secret: the secret
  * leaves the service only in GetResponse.secret.
  */
@@ -252,6 +311,54 @@ export interface RecheckRequest {
 
 /** RecheckResponse is empty. */
 export interface RecheckResponse {
+}
+
+/**
+ * ReportOutcomeRequest describes one upstream answer to a request made with a
+ * key from Get.
+ */
+export interface ReportOutcomeRequest {
+  /** Hash of the key the request was sent with. Required. */
+  hash: string;
+  /** Model of the request. Required: it names the rate-limit family. */
+  model: string;
+  /** HTTP status code of the upstream answer (100 to 599). Required. */
+  status: number;
+  /**
+   * Response headers; only x-ratelimit-* are read. Names are matched
+   * case-insensitively.
+   */
+  headers: { [key: string]: string };
+  /** error.type of an OpenAI error body; empty when there is none. */
+  errorType: string;
+  /** error.code of an OpenAI error body; empty when there is none. */
+  errorCode: string;
+  /** error.message of an OpenAI error body; empty when there is none. */
+  errorMessage: string;
+  /** usage.prompt_tokens of a successful answer; zero or more. */
+  promptTokens: number;
+  /** usage.completion_tokens of a successful answer; zero or more. */
+  completionTokens: number;
+}
+
+export interface ReportOutcomeRequest_HeadersEntry {
+  key: string;
+  value: string;
+}
+
+/** ReportOutcomeResponse says what the proxy should do next. */
+export interface ReportOutcomeResponse {
+  /** What to do with the request. */
+  action: OutcomeAction;
+  /** Public view of the key after the answer was applied. */
+  key:
+    | Key
+    | undefined;
+  /**
+   * Short explanation for the proxy's log, e.g. "HTTP 429 rate_limit_exceeded:
+   * rate limited". Never a secret; not meant for branching.
+   */
+  reason: string;
 }
 
 function createBaseKey(): Key {
@@ -2131,6 +2238,449 @@ export const RecheckResponse: MessageFns<RecheckResponse> = {
   },
 };
 
+function createBaseReportOutcomeRequest(): ReportOutcomeRequest {
+  return {
+    hash: "",
+    model: "",
+    status: 0,
+    headers: {},
+    errorType: "",
+    errorCode: "",
+    errorMessage: "",
+    promptTokens: 0,
+    completionTokens: 0,
+  };
+}
+
+export const ReportOutcomeRequest: MessageFns<ReportOutcomeRequest> = {
+  encode(message: ReportOutcomeRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.hash !== "") {
+      writer.uint32(10).string(message.hash);
+    }
+    if (message.model !== "") {
+      writer.uint32(18).string(message.model);
+    }
+    if (message.status !== 0) {
+      writer.uint32(24).int32(message.status);
+    }
+    globalThis.Object.entries(message.headers).forEach(([key, value]: [string, string]) => {
+      ReportOutcomeRequest_HeadersEntry.encode({ key: key as any, value }, writer.uint32(34).fork()).join();
+    });
+    if (message.errorType !== "") {
+      writer.uint32(42).string(message.errorType);
+    }
+    if (message.errorCode !== "") {
+      writer.uint32(50).string(message.errorCode);
+    }
+    if (message.errorMessage !== "") {
+      writer.uint32(58).string(message.errorMessage);
+    }
+    if (message.promptTokens !== 0) {
+      writer.uint32(64).int64(message.promptTokens);
+    }
+    if (message.completionTokens !== 0) {
+      writer.uint32(72).int64(message.completionTokens);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ReportOutcomeRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseReportOutcomeRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.hash = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.model = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.status = reader.int32();
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            const entry4 = ReportOutcomeRequest_HeadersEntry.decode(reader, reader.uint32());
+            if (entry4.value !== undefined) {
+              message.headers[entry4.key] = entry4.value;
+            }
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.errorType = reader.string();
+            continue;
+          }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.errorCode = reader.string();
+            continue;
+          }
+          case 7: {
+            if (tag !== 58) {
+              break;
+            }
+
+            message.errorMessage = reader.string();
+            continue;
+          }
+          case 8: {
+            if (tag !== 64) {
+              break;
+            }
+
+            message.promptTokens = longToNumber(reader.int64());
+            continue;
+          }
+          case 9: {
+            if (tag !== 72) {
+              break;
+            }
+
+            message.completionTokens = longToNumber(reader.int64());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ReportOutcomeRequest {
+    return {
+      hash: isSet(object.hash) ? globalThis.String(object.hash) : "",
+      model: isSet(object.model) ? globalThis.String(object.model) : "",
+      status: isSet(object.status) ? globalThis.Number(object.status) : 0,
+      headers: isObject(object.headers)
+        ? (globalThis.Object.entries(object.headers) as [string, any][]).reduce(
+          (acc: { [key: string]: string }, [key, value]: [string, any]) => {
+            globalThis.Object.defineProperty(acc, key, {
+              value: globalThis.String(value),
+              enumerable: true,
+              configurable: true,
+              writable: true,
+            });
+            return acc;
+          },
+          {},
+        )
+        : {},
+      errorType: isSet(object.errorType)
+        ? globalThis.String(object.errorType)
+        : isSet(object.error_type)
+        ? globalThis.String(object.error_type)
+        : "",
+      errorCode: isSet(object.errorCode)
+        ? globalThis.String(object.errorCode)
+        : isSet(object.error_code)
+        ? globalThis.String(object.error_code)
+        : "",
+      errorMessage: isSet(object.errorMessage)
+        ? globalThis.String(object.errorMessage)
+        : isSet(object.error_message)
+        ? globalThis.String(object.error_message)
+        : "",
+      promptTokens: isSet(object.promptTokens)
+        ? globalThis.Number(object.promptTokens)
+        : isSet(object.prompt_tokens)
+        ? globalThis.Number(object.prompt_tokens)
+        : 0,
+      completionTokens: isSet(object.completionTokens)
+        ? globalThis.Number(object.completionTokens)
+        : isSet(object.completion_tokens)
+        ? globalThis.Number(object.completion_tokens)
+        : 0,
+    };
+  },
+
+  toJSON(message: ReportOutcomeRequest): unknown {
+    const obj: any = {};
+    if (message.hash !== "") {
+      obj.hash = message.hash;
+    }
+    if (message.model !== "") {
+      obj.model = message.model;
+    }
+    if (message.status !== 0) {
+      obj.status = Math.round(message.status);
+    }
+    if (message.headers) {
+      const entries = globalThis.Object.entries(message.headers) as [string, string][];
+      if (entries.length > 0) {
+        obj.headers = {};
+        entries.forEach(([k, v]) => {
+          obj.headers[k] = v;
+        });
+      }
+    }
+    if (message.errorType !== "") {
+      obj.errorType = message.errorType;
+    }
+    if (message.errorCode !== "") {
+      obj.errorCode = message.errorCode;
+    }
+    if (message.errorMessage !== "") {
+      obj.errorMessage = message.errorMessage;
+    }
+    if (message.promptTokens !== 0) {
+      obj.promptTokens = Math.round(message.promptTokens);
+    }
+    if (message.completionTokens !== 0) {
+      obj.completionTokens = Math.round(message.completionTokens);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ReportOutcomeRequest>): ReportOutcomeRequest {
+    return ReportOutcomeRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ReportOutcomeRequest>): ReportOutcomeRequest {
+    const message = createBaseReportOutcomeRequest();
+    message.hash = object.hash ?? "";
+    message.model = object.model ?? "";
+    message.status = object.status ?? 0;
+    message.headers = (globalThis.Object.entries(object.headers ?? {}) as [string, string][]).reduce(
+      (acc: { [key: string]: string }, [key, value]: [string, string]) => {
+        if (value !== undefined) {
+          acc[key] = globalThis.String(value);
+        }
+        return acc;
+      },
+      {},
+    );
+    message.errorType = object.errorType ?? "";
+    message.errorCode = object.errorCode ?? "";
+    message.errorMessage = object.errorMessage ?? "";
+    message.promptTokens = object.promptTokens ?? 0;
+    message.completionTokens = object.completionTokens ?? 0;
+    return message;
+  },
+};
+
+function createBaseReportOutcomeRequest_HeadersEntry(): ReportOutcomeRequest_HeadersEntry {
+  return { key: "", value: "" };
+}
+
+export const ReportOutcomeRequest_HeadersEntry: MessageFns<ReportOutcomeRequest_HeadersEntry> = {
+  encode(message: ReportOutcomeRequest_HeadersEntry, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.key !== "") {
+      writer.uint32(10).string(message.key);
+    }
+    if (message.value !== "") {
+      writer.uint32(18).string(message.value);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ReportOutcomeRequest_HeadersEntry {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseReportOutcomeRequest_HeadersEntry();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.key = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.value = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ReportOutcomeRequest_HeadersEntry {
+    return {
+      key: isSet(object.key) ? globalThis.String(object.key) : "",
+      value: isSet(object.value) ? globalThis.String(object.value) : "",
+    };
+  },
+
+  toJSON(message: ReportOutcomeRequest_HeadersEntry): unknown {
+    const obj: any = {};
+    if (message.key !== "") {
+      obj.key = message.key;
+    }
+    if (message.value !== "") {
+      obj.value = message.value;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ReportOutcomeRequest_HeadersEntry>): ReportOutcomeRequest_HeadersEntry {
+    return ReportOutcomeRequest_HeadersEntry.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ReportOutcomeRequest_HeadersEntry>): ReportOutcomeRequest_HeadersEntry {
+    const message = createBaseReportOutcomeRequest_HeadersEntry();
+    message.key = object.key ?? "";
+    message.value = object.value ?? "";
+    return message;
+  },
+};
+
+function createBaseReportOutcomeResponse(): ReportOutcomeResponse {
+  return { action: 0, key: undefined, reason: "" };
+}
+
+export const ReportOutcomeResponse: MessageFns<ReportOutcomeResponse> = {
+  encode(message: ReportOutcomeResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.action !== 0) {
+      writer.uint32(8).int32(message.action);
+    }
+    if (message.key !== undefined) {
+      Key.encode(message.key, writer.uint32(18).fork()).join();
+    }
+    if (message.reason !== "") {
+      writer.uint32(26).string(message.reason);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ReportOutcomeResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseReportOutcomeResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.action = reader.int32() as any;
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.key = Key.decode(reader, reader.uint32());
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.reason = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ReportOutcomeResponse {
+    return {
+      action: isSet(object.action) ? outcomeActionFromJSON(object.action) : 0,
+      key: isSet(object.key) ? Key.fromJSON(object.key) : undefined,
+      reason: isSet(object.reason) ? globalThis.String(object.reason) : "",
+    };
+  },
+
+  toJSON(message: ReportOutcomeResponse): unknown {
+    const obj: any = {};
+    if (message.action !== 0) {
+      obj.action = outcomeActionToJSON(message.action);
+    }
+    if (message.key !== undefined) {
+      obj.key = Key.toJSON(message.key);
+    }
+    if (message.reason !== "") {
+      obj.reason = message.reason;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ReportOutcomeResponse>): ReportOutcomeResponse {
+    return ReportOutcomeResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ReportOutcomeResponse>): ReportOutcomeResponse {
+    const message = createBaseReportOutcomeResponse();
+    message.action = object.action ?? 0;
+    message.key = (object.key !== undefined && object.key !== null) ? Key.fromPartial(object.key) : undefined;
+    message.reason = object.reason ?? "";
+    return message;
+  },
+};
+
 /**
  * KeyService hands out upstream API keys and learns from what the proxies
  * report back about each upstream answer.
@@ -2248,6 +2798,23 @@ export const KeyServiceService = {
     responseSerialize: (value: RecheckResponse): Buffer => Buffer.from(RecheckResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): RecheckResponse => RecheckResponse.decode(value),
   },
+  /**
+   * ReportOutcome reports one upstream answer for a key handed out by Get and
+   * applies the whole upstream error table in one call: it stores the
+   * rate-limit headers, counts the tokens of a success, disables a dead key
+   * (durably, as Disable does) and marks a rate-limited key. The reply says
+   * what the proxy should do with the request.
+   */
+  reportOutcome: {
+    path: "/keysvc.v1.KeyService/ReportOutcome" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: ReportOutcomeRequest): Buffer => Buffer.from(ReportOutcomeRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): ReportOutcomeRequest => ReportOutcomeRequest.decode(value),
+    responseSerialize: (value: ReportOutcomeResponse): Buffer =>
+      Buffer.from(ReportOutcomeResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): ReportOutcomeResponse => ReportOutcomeResponse.decode(value),
+  },
 } as const;
 
 export interface KeyServiceServer extends UntypedServiceImplementation {
@@ -2278,6 +2845,14 @@ export interface KeyServiceServer extends UntypedServiceImplementation {
    * marks all keys unchecked so the key checker looks at them again.
    */
   recheck: handleUnaryCall<RecheckRequest, RecheckResponse>;
+  /**
+   * ReportOutcome reports one upstream answer for a key handed out by Get and
+   * applies the whole upstream error table in one call: it stores the
+   * rate-limit headers, counts the tokens of a success, disables a dead key
+   * (durably, as Disable does) and marks a rate-limited key. The reply says
+   * what the proxy should do with the request.
+   */
+  reportOutcome: handleUnaryCall<ReportOutcomeRequest, ReportOutcomeResponse>;
 }
 
 export interface KeyServiceClient extends Client {
@@ -2427,6 +3002,28 @@ export interface KeyServiceClient extends Client {
     metadata: Metadata,
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: RecheckResponse) => void,
+  ): ClientUnaryCall;
+  /**
+   * ReportOutcome reports one upstream answer for a key handed out by Get and
+   * applies the whole upstream error table in one call: it stores the
+   * rate-limit headers, counts the tokens of a success, disables a dead key
+   * (durably, as Disable does) and marks a rate-limited key. The reply says
+   * what the proxy should do with the request.
+   */
+  reportOutcome(
+    request: ReportOutcomeRequest,
+    callback: (error: ServiceError | null, response: ReportOutcomeResponse) => void,
+  ): ClientUnaryCall;
+  reportOutcome(
+    request: ReportOutcomeRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: ReportOutcomeResponse) => void,
+  ): ClientUnaryCall;
+  reportOutcome(
+    request: ReportOutcomeRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: ReportOutcomeResponse) => void,
   ): ClientUnaryCall;
 }
 
