@@ -12,7 +12,7 @@ import grpc
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from .errors import InvalidArgument
-from .keys import DisableReason, Key
+from .keys import DisableReason, Key, RateState
 from .outcomes import OutcomeAction, UpstreamError
 from .pool import KeyPool
 from .v1 import keysvc_pb2 as pb
@@ -74,6 +74,24 @@ def key_to_proto(key: Key) -> pb.Key:
         token_usage=key.token_usage,
         disable_reason=_REASON_TO_PROTO[key.disable_reason],
         disabled_at=_timestamp(key.disabled_at),
+        family_rate_limits=[
+            _family_to_proto(key, state)
+            for state in sorted(key.family_states(), key=lambda s: s.family)
+            if state.used
+        ],
+    )
+
+
+def _family_to_proto(key: Key, state: RateState) -> pb.FamilyRateLimit:
+    return pb.FamilyRateLimit(
+        family=state.family,
+        last_used=_timestamp(state.last_used),
+        rate_limited_at=_timestamp(state.rate_limited_at),
+        rate_limited_until=_timestamp(key.until_in(state.family)),
+        requests_reset=_duration(state.requests_reset),
+        tokens_reset=_duration(state.tokens_reset),
+        remaining_requests=state.remaining_requests,
+        remaining_tokens=state.remaining_tokens,
     )
 
 
@@ -112,7 +130,7 @@ class KeyService(pb_grpc.KeyServiceServicer):
     async def UpdateRateLimits(
         self, request: pb.UpdateRateLimitsRequest, context: _Context
     ) -> pb.UpdateRateLimitsResponse:
-        self._pool.update_rate_limits(request.hash, request.headers)
+        self._pool.update_rate_limits(request.hash, request.headers, request.model)
         return pb.UpdateRateLimitsResponse()
 
     async def GetLockoutPeriod(

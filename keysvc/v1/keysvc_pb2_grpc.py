@@ -117,14 +117,16 @@ class KeyServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def MarkRateLimited(self, request, context):
-        """MarkRateLimited records that the upstream answered 429 for the key.
+        """MarkRateLimited records that the upstream answered 429 for the key (for
+        the model's family, or for every family when no model is given).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def UpdateRateLimits(self, request, context):
-        """UpdateRateLimits records the rate-limit headers of an upstream answer.
+        """UpdateRateLimits records the rate-limit headers of an upstream answer
+        (for the model's family, or key-wide when no model is given).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

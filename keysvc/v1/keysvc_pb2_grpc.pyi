@@ -48,9 +48,13 @@ class KeyServiceStub:
     Disable: _grpc.UnaryUnaryMultiCallable[_keysvc_pb2.DisableRequest, _keysvc_pb2.DisableResponse]
     """Disable stops a key from ever being handed out again (until Recheck)."""
     MarkRateLimited: _grpc.UnaryUnaryMultiCallable[_keysvc_pb2.MarkRateLimitedRequest, _keysvc_pb2.MarkRateLimitedResponse]
-    """MarkRateLimited records that the upstream answered 429 for the key."""
+    """MarkRateLimited records that the upstream answered 429 for the key (for
+    the model's family, or for every family when no model is given).
+    """
     UpdateRateLimits: _grpc.UnaryUnaryMultiCallable[_keysvc_pb2.UpdateRateLimitsRequest, _keysvc_pb2.UpdateRateLimitsResponse]
-    """UpdateRateLimits records the rate-limit headers of an upstream answer."""
+    """UpdateRateLimits records the rate-limit headers of an upstream answer
+    (for the model's family, or key-wide when no model is given).
+    """
     GetLockoutPeriod: _grpc.UnaryUnaryMultiCallable[_keysvc_pb2.GetLockoutPeriodRequest, _keysvc_pb2.GetLockoutPeriodResponse]
     """GetLockoutPeriod says how long until a key for the model is free; zero
     when one is free now or when none could ever serve it.
@@ -91,9 +95,13 @@ class KeyServiceAsyncStub(KeyServiceStub):
     Disable: _aio.UnaryUnaryMultiCallable[_keysvc_pb2.DisableRequest, _keysvc_pb2.DisableResponse]  # type: ignore[assignment]
     """Disable stops a key from ever being handed out again (until Recheck)."""
     MarkRateLimited: _aio.UnaryUnaryMultiCallable[_keysvc_pb2.MarkRateLimitedRequest, _keysvc_pb2.MarkRateLimitedResponse]  # type: ignore[assignment]
-    """MarkRateLimited records that the upstream answered 429 for the key."""
+    """MarkRateLimited records that the upstream answered 429 for the key (for
+    the model's family, or for every family when no model is given).
+    """
     UpdateRateLimits: _aio.UnaryUnaryMultiCallable[_keysvc_pb2.UpdateRateLimitsRequest, _keysvc_pb2.UpdateRateLimitsResponse]  # type: ignore[assignment]
-    """UpdateRateLimits records the rate-limit headers of an upstream answer."""
+    """UpdateRateLimits records the rate-limit headers of an upstream answer
+    (for the model's family, or key-wide when no model is given).
+    """
     GetLockoutPeriod: _aio.UnaryUnaryMultiCallable[_keysvc_pb2.GetLockoutPeriodRequest, _keysvc_pb2.GetLockoutPeriodResponse]  # type: ignore[assignment]
     """GetLockoutPeriod says how long until a key for the model is free; zero
     when one is free now or when none could ever serve it.
@@ -149,7 +157,9 @@ class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _keysvc_pb2.MarkRateLimitedRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_keysvc_pb2.MarkRateLimitedResponse, _abc.Awaitable[_keysvc_pb2.MarkRateLimitedResponse]]:
-        """MarkRateLimited records that the upstream answered 429 for the key."""
+        """MarkRateLimited records that the upstream answered 429 for the key (for
+        the model's family, or for every family when no model is given).
+        """
 
     @_abc_1.abstractmethod
     def UpdateRateLimits(
@@ -157,7 +167,9 @@ class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _keysvc_pb2.UpdateRateLimitsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_keysvc_pb2.UpdateRateLimitsResponse, _abc.Awaitable[_keysvc_pb2.UpdateRateLimitsResponse]]:
-        """UpdateRateLimits records the rate-limit headers of an upstream answer."""
+        """UpdateRateLimits records the rate-limit headers of an upstream answer
+        (for the model's family, or key-wide when no model is given).
+        """
 
     @_abc_1.abstractmethod
     def GetLockoutPeriod(

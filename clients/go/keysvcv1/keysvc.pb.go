@@ -169,22 +169,28 @@ type Key struct {
 	LastChecked *timestamppb.Timestamp `protobuf:"bytes,10,opt,name=last_checked,json=lastChecked,proto3" json:"last_checked,omitempty"`
 	// How many finished requests were reported through IncrementUsage.
 	PromptCount int64 `protobuf:"varint,11,opt,name=prompt_count,json=promptCount,proto3" json:"prompt_count,omitempty"`
-	// When the key was last handed out or reported rate limited; unset if never.
+	// When the key was last handed out or reported rate limited, for any
+	// family; unset if never.
 	RateLimitedAt *timestamppb.Timestamp `protobuf:"bytes,12,opt,name=rate_limited_at,json=rateLimitedAt,proto3" json:"rate_limited_at,omitempty"`
-	// The key is locked (not preferred) until this time; unset if never locked.
+	// Until this time the key is locked (not preferred) for at least one family;
+	// the latest lock end over every family. Unset if never locked.
 	RateLimitedUntil *timestamppb.Timestamp `protobuf:"bytes,13,opt,name=rate_limited_until,json=rateLimitedUntil,proto3" json:"rate_limited_until,omitempty"`
-	// Last known x-ratelimit-reset-requests, clamped to 10 s; unset if unknown.
+	// Longest x-ratelimit-reset-requests known since the last hand-out, over
+	// every family and key-wide reports, clamped to 10 s; unset if unknown.
 	RateLimitRequestsReset *durationpb.Duration `protobuf:"bytes,14,opt,name=rate_limit_requests_reset,json=rateLimitRequestsReset,proto3" json:"rate_limit_requests_reset,omitempty"`
-	// Last known x-ratelimit-reset-tokens, clamped to 10 s; unset if unknown.
+	// Longest x-ratelimit-reset-tokens known likewise; unset if unknown.
 	RateLimitTokensReset *durationpb.Duration `protobuf:"bytes,15,opt,name=rate_limit_tokens_reset,json=rateLimitTokensReset,proto3" json:"rate_limit_tokens_reset,omitempty"`
 	// Tokens used, by model family.
 	TokenUsage map[string]int64 `protobuf:"bytes,16,rep,name=token_usage,json=tokenUsage,proto3" json:"token_usage,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
 	// Why the key was disabled; UNSPECIFIED when it is not disabled.
 	DisableReason DisableReason `protobuf:"varint,17,opt,name=disable_reason,json=disableReason,proto3,enum=keysvc.v1.DisableReason" json:"disable_reason,omitempty"`
 	// When the key was disabled; unset when it is not disabled.
-	DisabledAt    *timestamppb.Timestamp `protobuf:"bytes,18,opt,name=disabled_at,json=disabledAt,proto3" json:"disabled_at,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	DisabledAt *timestamppb.Timestamp `protobuf:"bytes,18,opt,name=disabled_at,json=disabledAt,proto3" json:"disabled_at,omitempty"`
+	// Rate-limit state per model family, sorted by family; only families the
+	// key was handed out for or reported about.
+	FamilyRateLimits []*FamilyRateLimit `protobuf:"bytes,19,rep,name=family_rate_limits,json=familyRateLimits,proto3" json:"family_rate_limits,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *Key) Reset() {
@@ -343,6 +349,126 @@ func (x *Key) GetDisabledAt() *timestamppb.Timestamp {
 	return nil
 }
 
+func (x *Key) GetFamilyRateLimits() []*FamilyRateLimit {
+	if x != nil {
+		return x.FamilyRateLimits
+	}
+	return nil
+}
+
+// FamilyRateLimit is a key's rate-limit state in one model family: the
+// upstream limits each key per model, so a 429 for one family does not lock
+// the key for another.
+type FamilyRateLimit struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The model family, e.g. "gpt4o".
+	Family string `protobuf:"bytes,1,opt,name=family,proto3" json:"family,omitempty"`
+	// When the key was last handed out for this family; unset if never.
+	LastUsed *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=last_used,json=lastUsed,proto3" json:"last_used,omitempty"`
+	// Start of the current rate-limit window (the hand-out or the latest 429);
+	// unset if never.
+	RateLimitedAt *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=rate_limited_at,json=rateLimitedAt,proto3" json:"rate_limited_at,omitempty"`
+	// The key is locked for this family until this time (including locks from
+	// reports that named no model); unset if never locked.
+	RateLimitedUntil *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=rate_limited_until,json=rateLimitedUntil,proto3" json:"rate_limited_until,omitempty"`
+	// Last x-ratelimit-reset-requests since the hand-out, clamped to 10 s.
+	RequestsReset *durationpb.Duration `protobuf:"bytes,5,opt,name=requests_reset,json=requestsReset,proto3" json:"requests_reset,omitempty"`
+	// Last x-ratelimit-reset-tokens since the hand-out, clamped to 10 s.
+	TokensReset *durationpb.Duration `protobuf:"bytes,6,opt,name=tokens_reset,json=tokensReset,proto3" json:"tokens_reset,omitempty"`
+	// Last x-ratelimit-remaining-requests since the hand-out; unset if unknown.
+	RemainingRequests *int64 `protobuf:"varint,7,opt,name=remaining_requests,json=remainingRequests,proto3,oneof" json:"remaining_requests,omitempty"`
+	// Last x-ratelimit-remaining-tokens since the hand-out; unset if unknown.
+	RemainingTokens *int64 `protobuf:"varint,8,opt,name=remaining_tokens,json=remainingTokens,proto3,oneof" json:"remaining_tokens,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *FamilyRateLimit) Reset() {
+	*x = FamilyRateLimit{}
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *FamilyRateLimit) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*FamilyRateLimit) ProtoMessage() {}
+
+func (x *FamilyRateLimit) ProtoReflect() protoreflect.Message {
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use FamilyRateLimit.ProtoReflect.Descriptor instead.
+func (*FamilyRateLimit) Descriptor() ([]byte, []int) {
+	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *FamilyRateLimit) GetFamily() string {
+	if x != nil {
+		return x.Family
+	}
+	return ""
+}
+
+func (x *FamilyRateLimit) GetLastUsed() *timestamppb.Timestamp {
+	if x != nil {
+		return x.LastUsed
+	}
+	return nil
+}
+
+func (x *FamilyRateLimit) GetRateLimitedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.RateLimitedAt
+	}
+	return nil
+}
+
+func (x *FamilyRateLimit) GetRateLimitedUntil() *timestamppb.Timestamp {
+	if x != nil {
+		return x.RateLimitedUntil
+	}
+	return nil
+}
+
+func (x *FamilyRateLimit) GetRequestsReset() *durationpb.Duration {
+	if x != nil {
+		return x.RequestsReset
+	}
+	return nil
+}
+
+func (x *FamilyRateLimit) GetTokensReset() *durationpb.Duration {
+	if x != nil {
+		return x.TokensReset
+	}
+	return nil
+}
+
+func (x *FamilyRateLimit) GetRemainingRequests() int64 {
+	if x != nil && x.RemainingRequests != nil {
+		return *x.RemainingRequests
+	}
+	return 0
+}
+
+func (x *FamilyRateLimit) GetRemainingTokens() int64 {
+	if x != nil && x.RemainingTokens != nil {
+		return *x.RemainingTokens
+	}
+	return 0
+}
+
 // GetRequest asks for a key for one model.
 type GetRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -354,7 +480,7 @@ type GetRequest struct {
 
 func (x *GetRequest) Reset() {
 	*x = GetRequest{}
-	mi := &file_keysvc_v1_keysvc_proto_msgTypes[1]
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -366,7 +492,7 @@ func (x *GetRequest) String() string {
 func (*GetRequest) ProtoMessage() {}
 
 func (x *GetRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_keysvc_v1_keysvc_proto_msgTypes[1]
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -379,7 +505,7 @@ func (x *GetRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetRequest.ProtoReflect.Descriptor instead.
 func (*GetRequest) Descriptor() ([]byte, []int) {
-	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{1}
+	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *GetRequest) GetModel() string {
@@ -402,7 +528,7 @@ type GetResponse struct {
 
 func (x *GetResponse) Reset() {
 	*x = GetResponse{}
-	mi := &file_keysvc_v1_keysvc_proto_msgTypes[2]
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -414,7 +540,7 @@ func (x *GetResponse) String() string {
 func (*GetResponse) ProtoMessage() {}
 
 func (x *GetResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_keysvc_v1_keysvc_proto_msgTypes[2]
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -427,7 +553,7 @@ func (x *GetResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetResponse.ProtoReflect.Descriptor instead.
 func (*GetResponse) Descriptor() ([]byte, []int) {
-	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{2}
+	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *GetResponse) GetSecret() string {
@@ -457,7 +583,7 @@ type DisableRequest struct {
 
 func (x *DisableRequest) Reset() {
 	*x = DisableRequest{}
-	mi := &file_keysvc_v1_keysvc_proto_msgTypes[3]
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -469,7 +595,7 @@ func (x *DisableRequest) String() string {
 func (*DisableRequest) ProtoMessage() {}
 
 func (x *DisableRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_keysvc_v1_keysvc_proto_msgTypes[3]
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -482,7 +608,7 @@ func (x *DisableRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DisableRequest.ProtoReflect.Descriptor instead.
 func (*DisableRequest) Descriptor() ([]byte, []int) {
-	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{3}
+	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *DisableRequest) GetHash() string {
@@ -510,7 +636,7 @@ type DisableResponse struct {
 
 func (x *DisableResponse) Reset() {
 	*x = DisableResponse{}
-	mi := &file_keysvc_v1_keysvc_proto_msgTypes[4]
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -522,7 +648,7 @@ func (x *DisableResponse) String() string {
 func (*DisableResponse) ProtoMessage() {}
 
 func (x *DisableResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_keysvc_v1_keysvc_proto_msgTypes[4]
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -535,7 +661,7 @@ func (x *DisableResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DisableResponse.ProtoReflect.Descriptor instead.
 func (*DisableResponse) Descriptor() ([]byte, []int) {
-	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{4}
+	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *DisableResponse) GetKey() *Key {
@@ -550,7 +676,8 @@ type MarkRateLimitedRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Hash of the key. Required.
 	Hash string `protobuf:"bytes,1,opt,name=hash,proto3" json:"hash,omitempty"`
-	// Model of the request that was limited. Optional; validated when given.
+	// Model of the request that was limited. Optional: when given, only the
+	// model's family is locked; when empty, every family of the key.
 	Model         string `protobuf:"bytes,2,opt,name=model,proto3" json:"model,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -558,7 +685,7 @@ type MarkRateLimitedRequest struct {
 
 func (x *MarkRateLimitedRequest) Reset() {
 	*x = MarkRateLimitedRequest{}
-	mi := &file_keysvc_v1_keysvc_proto_msgTypes[5]
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -570,7 +697,7 @@ func (x *MarkRateLimitedRequest) String() string {
 func (*MarkRateLimitedRequest) ProtoMessage() {}
 
 func (x *MarkRateLimitedRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_keysvc_v1_keysvc_proto_msgTypes[5]
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -583,7 +710,7 @@ func (x *MarkRateLimitedRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MarkRateLimitedRequest.ProtoReflect.Descriptor instead.
 func (*MarkRateLimitedRequest) Descriptor() ([]byte, []int) {
-	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{5}
+	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *MarkRateLimitedRequest) GetHash() string {
@@ -609,7 +736,7 @@ type MarkRateLimitedResponse struct {
 
 func (x *MarkRateLimitedResponse) Reset() {
 	*x = MarkRateLimitedResponse{}
-	mi := &file_keysvc_v1_keysvc_proto_msgTypes[6]
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -621,7 +748,7 @@ func (x *MarkRateLimitedResponse) String() string {
 func (*MarkRateLimitedResponse) ProtoMessage() {}
 
 func (x *MarkRateLimitedResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_keysvc_v1_keysvc_proto_msgTypes[6]
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -634,7 +761,7 @@ func (x *MarkRateLimitedResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MarkRateLimitedResponse.ProtoReflect.Descriptor instead.
 func (*MarkRateLimitedResponse) Descriptor() ([]byte, []int) {
-	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{6}
+	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{7}
 }
 
 // UpdateRateLimitsRequest passes on an upstream answer's rate-limit headers.
@@ -642,16 +769,19 @@ type UpdateRateLimitsRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Hash of the key. Required.
 	Hash string `protobuf:"bytes,1,opt,name=hash,proto3" json:"hash,omitempty"`
-	// Response headers; only x-ratelimit-* are read. Names are matched
-	// case-insensitively.
-	Headers       map[string]string `protobuf:"bytes,2,rep,name=headers,proto3" json:"headers,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	// Response headers; only x-ratelimit-* are read (reset-* and remaining-*).
+	// Names are matched case-insensitively.
+	Headers map[string]string `protobuf:"bytes,2,rep,name=headers,proto3" json:"headers,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	// Model of the request. Optional: when given, the headers apply to the
+	// model's family only; when empty, to every family of the key.
+	Model         string `protobuf:"bytes,3,opt,name=model,proto3" json:"model,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *UpdateRateLimitsRequest) Reset() {
 	*x = UpdateRateLimitsRequest{}
-	mi := &file_keysvc_v1_keysvc_proto_msgTypes[7]
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -663,7 +793,7 @@ func (x *UpdateRateLimitsRequest) String() string {
 func (*UpdateRateLimitsRequest) ProtoMessage() {}
 
 func (x *UpdateRateLimitsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_keysvc_v1_keysvc_proto_msgTypes[7]
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -676,7 +806,7 @@ func (x *UpdateRateLimitsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateRateLimitsRequest.ProtoReflect.Descriptor instead.
 func (*UpdateRateLimitsRequest) Descriptor() ([]byte, []int) {
-	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{7}
+	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *UpdateRateLimitsRequest) GetHash() string {
@@ -693,6 +823,13 @@ func (x *UpdateRateLimitsRequest) GetHeaders() map[string]string {
 	return nil
 }
 
+func (x *UpdateRateLimitsRequest) GetModel() string {
+	if x != nil {
+		return x.Model
+	}
+	return ""
+}
+
 // UpdateRateLimitsResponse is empty.
 type UpdateRateLimitsResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -702,7 +839,7 @@ type UpdateRateLimitsResponse struct {
 
 func (x *UpdateRateLimitsResponse) Reset() {
 	*x = UpdateRateLimitsResponse{}
-	mi := &file_keysvc_v1_keysvc_proto_msgTypes[8]
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -714,7 +851,7 @@ func (x *UpdateRateLimitsResponse) String() string {
 func (*UpdateRateLimitsResponse) ProtoMessage() {}
 
 func (x *UpdateRateLimitsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_keysvc_v1_keysvc_proto_msgTypes[8]
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -727,7 +864,7 @@ func (x *UpdateRateLimitsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateRateLimitsResponse.ProtoReflect.Descriptor instead.
 func (*UpdateRateLimitsResponse) Descriptor() ([]byte, []int) {
-	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{8}
+	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{9}
 }
 
 // GetLockoutPeriodRequest names the model a caller wants to use.
@@ -741,7 +878,7 @@ type GetLockoutPeriodRequest struct {
 
 func (x *GetLockoutPeriodRequest) Reset() {
 	*x = GetLockoutPeriodRequest{}
-	mi := &file_keysvc_v1_keysvc_proto_msgTypes[9]
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -753,7 +890,7 @@ func (x *GetLockoutPeriodRequest) String() string {
 func (*GetLockoutPeriodRequest) ProtoMessage() {}
 
 func (x *GetLockoutPeriodRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_keysvc_v1_keysvc_proto_msgTypes[9]
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -766,7 +903,7 @@ func (x *GetLockoutPeriodRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetLockoutPeriodRequest.ProtoReflect.Descriptor instead.
 func (*GetLockoutPeriodRequest) Descriptor() ([]byte, []int) {
-	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{9}
+	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *GetLockoutPeriodRequest) GetModel() string {
@@ -787,7 +924,7 @@ type GetLockoutPeriodResponse struct {
 
 func (x *GetLockoutPeriodResponse) Reset() {
 	*x = GetLockoutPeriodResponse{}
-	mi := &file_keysvc_v1_keysvc_proto_msgTypes[10]
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -799,7 +936,7 @@ func (x *GetLockoutPeriodResponse) String() string {
 func (*GetLockoutPeriodResponse) ProtoMessage() {}
 
 func (x *GetLockoutPeriodResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_keysvc_v1_keysvc_proto_msgTypes[10]
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -812,7 +949,7 @@ func (x *GetLockoutPeriodResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetLockoutPeriodResponse.ProtoReflect.Descriptor instead.
 func (*GetLockoutPeriodResponse) Descriptor() ([]byte, []int) {
-	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{10}
+	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *GetLockoutPeriodResponse) GetLockout() *durationpb.Duration {
@@ -837,7 +974,7 @@ type IncrementUsageRequest struct {
 
 func (x *IncrementUsageRequest) Reset() {
 	*x = IncrementUsageRequest{}
-	mi := &file_keysvc_v1_keysvc_proto_msgTypes[11]
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -849,7 +986,7 @@ func (x *IncrementUsageRequest) String() string {
 func (*IncrementUsageRequest) ProtoMessage() {}
 
 func (x *IncrementUsageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_keysvc_v1_keysvc_proto_msgTypes[11]
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -862,7 +999,7 @@ func (x *IncrementUsageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use IncrementUsageRequest.ProtoReflect.Descriptor instead.
 func (*IncrementUsageRequest) Descriptor() ([]byte, []int) {
-	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{11}
+	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *IncrementUsageRequest) GetHash() string {
@@ -895,7 +1032,7 @@ type IncrementUsageResponse struct {
 
 func (x *IncrementUsageResponse) Reset() {
 	*x = IncrementUsageResponse{}
-	mi := &file_keysvc_v1_keysvc_proto_msgTypes[12]
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -907,7 +1044,7 @@ func (x *IncrementUsageResponse) String() string {
 func (*IncrementUsageResponse) ProtoMessage() {}
 
 func (x *IncrementUsageResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_keysvc_v1_keysvc_proto_msgTypes[12]
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -920,7 +1057,7 @@ func (x *IncrementUsageResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use IncrementUsageResponse.ProtoReflect.Descriptor instead.
 func (*IncrementUsageResponse) Descriptor() ([]byte, []int) {
-	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{12}
+	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{13}
 }
 
 // ListRequest is empty.
@@ -932,7 +1069,7 @@ type ListRequest struct {
 
 func (x *ListRequest) Reset() {
 	*x = ListRequest{}
-	mi := &file_keysvc_v1_keysvc_proto_msgTypes[13]
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -944,7 +1081,7 @@ func (x *ListRequest) String() string {
 func (*ListRequest) ProtoMessage() {}
 
 func (x *ListRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_keysvc_v1_keysvc_proto_msgTypes[13]
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -957,7 +1094,7 @@ func (x *ListRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListRequest.ProtoReflect.Descriptor instead.
 func (*ListRequest) Descriptor() ([]byte, []int) {
-	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{13}
+	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{14}
 }
 
 // ListResponse holds every key in the pool.
@@ -971,7 +1108,7 @@ type ListResponse struct {
 
 func (x *ListResponse) Reset() {
 	*x = ListResponse{}
-	mi := &file_keysvc_v1_keysvc_proto_msgTypes[14]
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -983,7 +1120,7 @@ func (x *ListResponse) String() string {
 func (*ListResponse) ProtoMessage() {}
 
 func (x *ListResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_keysvc_v1_keysvc_proto_msgTypes[14]
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -996,7 +1133,7 @@ func (x *ListResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListResponse.ProtoReflect.Descriptor instead.
 func (*ListResponse) Descriptor() ([]byte, []int) {
-	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{14}
+	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *ListResponse) GetKeys() []*Key {
@@ -1015,7 +1152,7 @@ type AvailableRequest struct {
 
 func (x *AvailableRequest) Reset() {
 	*x = AvailableRequest{}
-	mi := &file_keysvc_v1_keysvc_proto_msgTypes[15]
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1027,7 +1164,7 @@ func (x *AvailableRequest) String() string {
 func (*AvailableRequest) ProtoMessage() {}
 
 func (x *AvailableRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_keysvc_v1_keysvc_proto_msgTypes[15]
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1040,7 +1177,7 @@ func (x *AvailableRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AvailableRequest.ProtoReflect.Descriptor instead.
 func (*AvailableRequest) Descriptor() ([]byte, []int) {
-	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{15}
+	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{16}
 }
 
 // AvailableResponse counts usable keys.
@@ -1054,7 +1191,7 @@ type AvailableResponse struct {
 
 func (x *AvailableResponse) Reset() {
 	*x = AvailableResponse{}
-	mi := &file_keysvc_v1_keysvc_proto_msgTypes[16]
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1066,7 +1203,7 @@ func (x *AvailableResponse) String() string {
 func (*AvailableResponse) ProtoMessage() {}
 
 func (x *AvailableResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_keysvc_v1_keysvc_proto_msgTypes[16]
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1079,7 +1216,7 @@ func (x *AvailableResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AvailableResponse.ProtoReflect.Descriptor instead.
 func (*AvailableResponse) Descriptor() ([]byte, []int) {
-	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{16}
+	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *AvailableResponse) GetCount() int64 {
@@ -1098,7 +1235,7 @@ type RecheckRequest struct {
 
 func (x *RecheckRequest) Reset() {
 	*x = RecheckRequest{}
-	mi := &file_keysvc_v1_keysvc_proto_msgTypes[17]
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1110,7 +1247,7 @@ func (x *RecheckRequest) String() string {
 func (*RecheckRequest) ProtoMessage() {}
 
 func (x *RecheckRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_keysvc_v1_keysvc_proto_msgTypes[17]
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1123,7 +1260,7 @@ func (x *RecheckRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RecheckRequest.ProtoReflect.Descriptor instead.
 func (*RecheckRequest) Descriptor() ([]byte, []int) {
-	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{17}
+	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{18}
 }
 
 // RecheckResponse is empty.
@@ -1135,7 +1272,7 @@ type RecheckResponse struct {
 
 func (x *RecheckResponse) Reset() {
 	*x = RecheckResponse{}
-	mi := &file_keysvc_v1_keysvc_proto_msgTypes[18]
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1147,7 +1284,7 @@ func (x *RecheckResponse) String() string {
 func (*RecheckResponse) ProtoMessage() {}
 
 func (x *RecheckResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_keysvc_v1_keysvc_proto_msgTypes[18]
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1160,7 +1297,7 @@ func (x *RecheckResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RecheckResponse.ProtoReflect.Descriptor instead.
 func (*RecheckResponse) Descriptor() ([]byte, []int) {
-	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{18}
+	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{19}
 }
 
 // ReportOutcomeRequest describes one upstream answer to a request made with a
@@ -1192,7 +1329,7 @@ type ReportOutcomeRequest struct {
 
 func (x *ReportOutcomeRequest) Reset() {
 	*x = ReportOutcomeRequest{}
-	mi := &file_keysvc_v1_keysvc_proto_msgTypes[19]
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1204,7 +1341,7 @@ func (x *ReportOutcomeRequest) String() string {
 func (*ReportOutcomeRequest) ProtoMessage() {}
 
 func (x *ReportOutcomeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_keysvc_v1_keysvc_proto_msgTypes[19]
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1217,7 +1354,7 @@ func (x *ReportOutcomeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReportOutcomeRequest.ProtoReflect.Descriptor instead.
 func (*ReportOutcomeRequest) Descriptor() ([]byte, []int) {
-	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{19}
+	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *ReportOutcomeRequest) GetHash() string {
@@ -1299,7 +1436,7 @@ type ReportOutcomeResponse struct {
 
 func (x *ReportOutcomeResponse) Reset() {
 	*x = ReportOutcomeResponse{}
-	mi := &file_keysvc_v1_keysvc_proto_msgTypes[20]
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1311,7 +1448,7 @@ func (x *ReportOutcomeResponse) String() string {
 func (*ReportOutcomeResponse) ProtoMessage() {}
 
 func (x *ReportOutcomeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_keysvc_v1_keysvc_proto_msgTypes[20]
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1324,7 +1461,7 @@ func (x *ReportOutcomeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReportOutcomeResponse.ProtoReflect.Descriptor instead.
 func (*ReportOutcomeResponse) Descriptor() ([]byte, []int) {
-	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{20}
+	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *ReportOutcomeResponse) GetAction() OutcomeAction {
@@ -1352,7 +1489,7 @@ var File_keysvc_v1_keysvc_proto protoreflect.FileDescriptor
 
 const file_keysvc_v1_keysvc_proto_rawDesc = "" +
 	"\n" +
-	"\x16keysvc/v1/keysvc.proto\x12\tkeysvc.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd1\a\n" +
+	"\x16keysvc/v1/keysvc.proto\x12\tkeysvc.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9b\b\n" +
 	"\x03Key\x12\x12\n" +
 	"\x04hash\x18\x01 \x01(\tR\x04hash\x12\x18\n" +
 	"\aservice\x18\x02 \x01(\tR\aservice\x12%\n" +
@@ -1376,10 +1513,22 @@ const file_keysvc_v1_keysvc_proto_rawDesc = "" +
 	"tokenUsage\x12?\n" +
 	"\x0edisable_reason\x18\x11 \x01(\x0e2\x18.keysvc.v1.DisableReasonR\rdisableReason\x12;\n" +
 	"\vdisabled_at\x18\x12 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
-	"disabledAt\x1a=\n" +
+	"disabledAt\x12H\n" +
+	"\x12family_rate_limits\x18\x13 \x03(\v2\x1a.keysvc.v1.FamilyRateLimitR\x10familyRateLimits\x1a=\n" +
 	"\x0fTokenUsageEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\x03R\x05value:\x028\x01\"\"\n" +
+	"\x05value\x18\x02 \x01(\x03R\x05value:\x028\x01\"\x80\x04\n" +
+	"\x0fFamilyRateLimit\x12\x16\n" +
+	"\x06family\x18\x01 \x01(\tR\x06family\x127\n" +
+	"\tlast_used\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\blastUsed\x12B\n" +
+	"\x0frate_limited_at\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\rrateLimitedAt\x12H\n" +
+	"\x12rate_limited_until\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\x10rateLimitedUntil\x12@\n" +
+	"\x0erequests_reset\x18\x05 \x01(\v2\x19.google.protobuf.DurationR\rrequestsReset\x12<\n" +
+	"\ftokens_reset\x18\x06 \x01(\v2\x19.google.protobuf.DurationR\vtokensReset\x122\n" +
+	"\x12remaining_requests\x18\a \x01(\x03H\x00R\x11remainingRequests\x88\x01\x01\x12.\n" +
+	"\x10remaining_tokens\x18\b \x01(\x03H\x01R\x0fremainingTokens\x88\x01\x01B\x15\n" +
+	"\x13_remaining_requestsB\x13\n" +
+	"\x11_remaining_tokens\"\"\n" +
 	"\n" +
 	"GetRequest\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\tR\x05model\"G\n" +
@@ -1394,10 +1543,11 @@ const file_keysvc_v1_keysvc_proto_rawDesc = "" +
 	"\x16MarkRateLimitedRequest\x12\x12\n" +
 	"\x04hash\x18\x01 \x01(\tR\x04hash\x12\x14\n" +
 	"\x05model\x18\x02 \x01(\tR\x05model\"\x19\n" +
-	"\x17MarkRateLimitedResponse\"\xb4\x01\n" +
+	"\x17MarkRateLimitedResponse\"\xca\x01\n" +
 	"\x17UpdateRateLimitsRequest\x12\x12\n" +
 	"\x04hash\x18\x01 \x01(\tR\x04hash\x12I\n" +
-	"\aheaders\x18\x02 \x03(\v2/.keysvc.v1.UpdateRateLimitsRequest.HeadersEntryR\aheaders\x1a:\n" +
+	"\aheaders\x18\x02 \x03(\v2/.keysvc.v1.UpdateRateLimitsRequest.HeadersEntryR\aheaders\x12\x14\n" +
+	"\x05model\x18\x03 \x01(\tR\x05model\x1a:\n" +
 	"\fHeadersEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x1a\n" +
@@ -1474,81 +1624,88 @@ func file_keysvc_v1_keysvc_proto_rawDescGZIP() []byte {
 }
 
 var file_keysvc_v1_keysvc_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_keysvc_v1_keysvc_proto_msgTypes = make([]protoimpl.MessageInfo, 24)
+var file_keysvc_v1_keysvc_proto_msgTypes = make([]protoimpl.MessageInfo, 25)
 var file_keysvc_v1_keysvc_proto_goTypes = []any{
 	(DisableReason)(0),               // 0: keysvc.v1.DisableReason
 	(OutcomeAction)(0),               // 1: keysvc.v1.OutcomeAction
 	(*Key)(nil),                      // 2: keysvc.v1.Key
-	(*GetRequest)(nil),               // 3: keysvc.v1.GetRequest
-	(*GetResponse)(nil),              // 4: keysvc.v1.GetResponse
-	(*DisableRequest)(nil),           // 5: keysvc.v1.DisableRequest
-	(*DisableResponse)(nil),          // 6: keysvc.v1.DisableResponse
-	(*MarkRateLimitedRequest)(nil),   // 7: keysvc.v1.MarkRateLimitedRequest
-	(*MarkRateLimitedResponse)(nil),  // 8: keysvc.v1.MarkRateLimitedResponse
-	(*UpdateRateLimitsRequest)(nil),  // 9: keysvc.v1.UpdateRateLimitsRequest
-	(*UpdateRateLimitsResponse)(nil), // 10: keysvc.v1.UpdateRateLimitsResponse
-	(*GetLockoutPeriodRequest)(nil),  // 11: keysvc.v1.GetLockoutPeriodRequest
-	(*GetLockoutPeriodResponse)(nil), // 12: keysvc.v1.GetLockoutPeriodResponse
-	(*IncrementUsageRequest)(nil),    // 13: keysvc.v1.IncrementUsageRequest
-	(*IncrementUsageResponse)(nil),   // 14: keysvc.v1.IncrementUsageResponse
-	(*ListRequest)(nil),              // 15: keysvc.v1.ListRequest
-	(*ListResponse)(nil),             // 16: keysvc.v1.ListResponse
-	(*AvailableRequest)(nil),         // 17: keysvc.v1.AvailableRequest
-	(*AvailableResponse)(nil),        // 18: keysvc.v1.AvailableResponse
-	(*RecheckRequest)(nil),           // 19: keysvc.v1.RecheckRequest
-	(*RecheckResponse)(nil),          // 20: keysvc.v1.RecheckResponse
-	(*ReportOutcomeRequest)(nil),     // 21: keysvc.v1.ReportOutcomeRequest
-	(*ReportOutcomeResponse)(nil),    // 22: keysvc.v1.ReportOutcomeResponse
-	nil,                              // 23: keysvc.v1.Key.TokenUsageEntry
-	nil,                              // 24: keysvc.v1.UpdateRateLimitsRequest.HeadersEntry
-	nil,                              // 25: keysvc.v1.ReportOutcomeRequest.HeadersEntry
-	(*timestamppb.Timestamp)(nil),    // 26: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),      // 27: google.protobuf.Duration
+	(*FamilyRateLimit)(nil),          // 3: keysvc.v1.FamilyRateLimit
+	(*GetRequest)(nil),               // 4: keysvc.v1.GetRequest
+	(*GetResponse)(nil),              // 5: keysvc.v1.GetResponse
+	(*DisableRequest)(nil),           // 6: keysvc.v1.DisableRequest
+	(*DisableResponse)(nil),          // 7: keysvc.v1.DisableResponse
+	(*MarkRateLimitedRequest)(nil),   // 8: keysvc.v1.MarkRateLimitedRequest
+	(*MarkRateLimitedResponse)(nil),  // 9: keysvc.v1.MarkRateLimitedResponse
+	(*UpdateRateLimitsRequest)(nil),  // 10: keysvc.v1.UpdateRateLimitsRequest
+	(*UpdateRateLimitsResponse)(nil), // 11: keysvc.v1.UpdateRateLimitsResponse
+	(*GetLockoutPeriodRequest)(nil),  // 12: keysvc.v1.GetLockoutPeriodRequest
+	(*GetLockoutPeriodResponse)(nil), // 13: keysvc.v1.GetLockoutPeriodResponse
+	(*IncrementUsageRequest)(nil),    // 14: keysvc.v1.IncrementUsageRequest
+	(*IncrementUsageResponse)(nil),   // 15: keysvc.v1.IncrementUsageResponse
+	(*ListRequest)(nil),              // 16: keysvc.v1.ListRequest
+	(*ListResponse)(nil),             // 17: keysvc.v1.ListResponse
+	(*AvailableRequest)(nil),         // 18: keysvc.v1.AvailableRequest
+	(*AvailableResponse)(nil),        // 19: keysvc.v1.AvailableResponse
+	(*RecheckRequest)(nil),           // 20: keysvc.v1.RecheckRequest
+	(*RecheckResponse)(nil),          // 21: keysvc.v1.RecheckResponse
+	(*ReportOutcomeRequest)(nil),     // 22: keysvc.v1.ReportOutcomeRequest
+	(*ReportOutcomeResponse)(nil),    // 23: keysvc.v1.ReportOutcomeResponse
+	nil,                              // 24: keysvc.v1.Key.TokenUsageEntry
+	nil,                              // 25: keysvc.v1.UpdateRateLimitsRequest.HeadersEntry
+	nil,                              // 26: keysvc.v1.ReportOutcomeRequest.HeadersEntry
+	(*timestamppb.Timestamp)(nil),    // 27: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),      // 28: google.protobuf.Duration
 }
 var file_keysvc_v1_keysvc_proto_depIdxs = []int32{
-	26, // 0: keysvc.v1.Key.last_used:type_name -> google.protobuf.Timestamp
-	26, // 1: keysvc.v1.Key.last_checked:type_name -> google.protobuf.Timestamp
-	26, // 2: keysvc.v1.Key.rate_limited_at:type_name -> google.protobuf.Timestamp
-	26, // 3: keysvc.v1.Key.rate_limited_until:type_name -> google.protobuf.Timestamp
-	27, // 4: keysvc.v1.Key.rate_limit_requests_reset:type_name -> google.protobuf.Duration
-	27, // 5: keysvc.v1.Key.rate_limit_tokens_reset:type_name -> google.protobuf.Duration
-	23, // 6: keysvc.v1.Key.token_usage:type_name -> keysvc.v1.Key.TokenUsageEntry
+	27, // 0: keysvc.v1.Key.last_used:type_name -> google.protobuf.Timestamp
+	27, // 1: keysvc.v1.Key.last_checked:type_name -> google.protobuf.Timestamp
+	27, // 2: keysvc.v1.Key.rate_limited_at:type_name -> google.protobuf.Timestamp
+	27, // 3: keysvc.v1.Key.rate_limited_until:type_name -> google.protobuf.Timestamp
+	28, // 4: keysvc.v1.Key.rate_limit_requests_reset:type_name -> google.protobuf.Duration
+	28, // 5: keysvc.v1.Key.rate_limit_tokens_reset:type_name -> google.protobuf.Duration
+	24, // 6: keysvc.v1.Key.token_usage:type_name -> keysvc.v1.Key.TokenUsageEntry
 	0,  // 7: keysvc.v1.Key.disable_reason:type_name -> keysvc.v1.DisableReason
-	26, // 8: keysvc.v1.Key.disabled_at:type_name -> google.protobuf.Timestamp
-	2,  // 9: keysvc.v1.GetResponse.key:type_name -> keysvc.v1.Key
-	0,  // 10: keysvc.v1.DisableRequest.reason:type_name -> keysvc.v1.DisableReason
-	2,  // 11: keysvc.v1.DisableResponse.key:type_name -> keysvc.v1.Key
-	24, // 12: keysvc.v1.UpdateRateLimitsRequest.headers:type_name -> keysvc.v1.UpdateRateLimitsRequest.HeadersEntry
-	27, // 13: keysvc.v1.GetLockoutPeriodResponse.lockout:type_name -> google.protobuf.Duration
-	2,  // 14: keysvc.v1.ListResponse.keys:type_name -> keysvc.v1.Key
-	25, // 15: keysvc.v1.ReportOutcomeRequest.headers:type_name -> keysvc.v1.ReportOutcomeRequest.HeadersEntry
-	1,  // 16: keysvc.v1.ReportOutcomeResponse.action:type_name -> keysvc.v1.OutcomeAction
-	2,  // 17: keysvc.v1.ReportOutcomeResponse.key:type_name -> keysvc.v1.Key
-	3,  // 18: keysvc.v1.KeyService.Get:input_type -> keysvc.v1.GetRequest
-	5,  // 19: keysvc.v1.KeyService.Disable:input_type -> keysvc.v1.DisableRequest
-	7,  // 20: keysvc.v1.KeyService.MarkRateLimited:input_type -> keysvc.v1.MarkRateLimitedRequest
-	9,  // 21: keysvc.v1.KeyService.UpdateRateLimits:input_type -> keysvc.v1.UpdateRateLimitsRequest
-	11, // 22: keysvc.v1.KeyService.GetLockoutPeriod:input_type -> keysvc.v1.GetLockoutPeriodRequest
-	13, // 23: keysvc.v1.KeyService.IncrementUsage:input_type -> keysvc.v1.IncrementUsageRequest
-	15, // 24: keysvc.v1.KeyService.List:input_type -> keysvc.v1.ListRequest
-	17, // 25: keysvc.v1.KeyService.Available:input_type -> keysvc.v1.AvailableRequest
-	19, // 26: keysvc.v1.KeyService.Recheck:input_type -> keysvc.v1.RecheckRequest
-	21, // 27: keysvc.v1.KeyService.ReportOutcome:input_type -> keysvc.v1.ReportOutcomeRequest
-	4,  // 28: keysvc.v1.KeyService.Get:output_type -> keysvc.v1.GetResponse
-	6,  // 29: keysvc.v1.KeyService.Disable:output_type -> keysvc.v1.DisableResponse
-	8,  // 30: keysvc.v1.KeyService.MarkRateLimited:output_type -> keysvc.v1.MarkRateLimitedResponse
-	10, // 31: keysvc.v1.KeyService.UpdateRateLimits:output_type -> keysvc.v1.UpdateRateLimitsResponse
-	12, // 32: keysvc.v1.KeyService.GetLockoutPeriod:output_type -> keysvc.v1.GetLockoutPeriodResponse
-	14, // 33: keysvc.v1.KeyService.IncrementUsage:output_type -> keysvc.v1.IncrementUsageResponse
-	16, // 34: keysvc.v1.KeyService.List:output_type -> keysvc.v1.ListResponse
-	18, // 35: keysvc.v1.KeyService.Available:output_type -> keysvc.v1.AvailableResponse
-	20, // 36: keysvc.v1.KeyService.Recheck:output_type -> keysvc.v1.RecheckResponse
-	22, // 37: keysvc.v1.KeyService.ReportOutcome:output_type -> keysvc.v1.ReportOutcomeResponse
-	28, // [28:38] is the sub-list for method output_type
-	18, // [18:28] is the sub-list for method input_type
-	18, // [18:18] is the sub-list for extension type_name
-	18, // [18:18] is the sub-list for extension extendee
-	0,  // [0:18] is the sub-list for field type_name
+	27, // 8: keysvc.v1.Key.disabled_at:type_name -> google.protobuf.Timestamp
+	3,  // 9: keysvc.v1.Key.family_rate_limits:type_name -> keysvc.v1.FamilyRateLimit
+	27, // 10: keysvc.v1.FamilyRateLimit.last_used:type_name -> google.protobuf.Timestamp
+	27, // 11: keysvc.v1.FamilyRateLimit.rate_limited_at:type_name -> google.protobuf.Timestamp
+	27, // 12: keysvc.v1.FamilyRateLimit.rate_limited_until:type_name -> google.protobuf.Timestamp
+	28, // 13: keysvc.v1.FamilyRateLimit.requests_reset:type_name -> google.protobuf.Duration
+	28, // 14: keysvc.v1.FamilyRateLimit.tokens_reset:type_name -> google.protobuf.Duration
+	2,  // 15: keysvc.v1.GetResponse.key:type_name -> keysvc.v1.Key
+	0,  // 16: keysvc.v1.DisableRequest.reason:type_name -> keysvc.v1.DisableReason
+	2,  // 17: keysvc.v1.DisableResponse.key:type_name -> keysvc.v1.Key
+	25, // 18: keysvc.v1.UpdateRateLimitsRequest.headers:type_name -> keysvc.v1.UpdateRateLimitsRequest.HeadersEntry
+	28, // 19: keysvc.v1.GetLockoutPeriodResponse.lockout:type_name -> google.protobuf.Duration
+	2,  // 20: keysvc.v1.ListResponse.keys:type_name -> keysvc.v1.Key
+	26, // 21: keysvc.v1.ReportOutcomeRequest.headers:type_name -> keysvc.v1.ReportOutcomeRequest.HeadersEntry
+	1,  // 22: keysvc.v1.ReportOutcomeResponse.action:type_name -> keysvc.v1.OutcomeAction
+	2,  // 23: keysvc.v1.ReportOutcomeResponse.key:type_name -> keysvc.v1.Key
+	4,  // 24: keysvc.v1.KeyService.Get:input_type -> keysvc.v1.GetRequest
+	6,  // 25: keysvc.v1.KeyService.Disable:input_type -> keysvc.v1.DisableRequest
+	8,  // 26: keysvc.v1.KeyService.MarkRateLimited:input_type -> keysvc.v1.MarkRateLimitedRequest
+	10, // 27: keysvc.v1.KeyService.UpdateRateLimits:input_type -> keysvc.v1.UpdateRateLimitsRequest
+	12, // 28: keysvc.v1.KeyService.GetLockoutPeriod:input_type -> keysvc.v1.GetLockoutPeriodRequest
+	14, // 29: keysvc.v1.KeyService.IncrementUsage:input_type -> keysvc.v1.IncrementUsageRequest
+	16, // 30: keysvc.v1.KeyService.List:input_type -> keysvc.v1.ListRequest
+	18, // 31: keysvc.v1.KeyService.Available:input_type -> keysvc.v1.AvailableRequest
+	20, // 32: keysvc.v1.KeyService.Recheck:input_type -> keysvc.v1.RecheckRequest
+	22, // 33: keysvc.v1.KeyService.ReportOutcome:input_type -> keysvc.v1.ReportOutcomeRequest
+	5,  // 34: keysvc.v1.KeyService.Get:output_type -> keysvc.v1.GetResponse
+	7,  // 35: keysvc.v1.KeyService.Disable:output_type -> keysvc.v1.DisableResponse
+	9,  // 36: keysvc.v1.KeyService.MarkRateLimited:output_type -> keysvc.v1.MarkRateLimitedResponse
+	11, // 37: keysvc.v1.KeyService.UpdateRateLimits:output_type -> keysvc.v1.UpdateRateLimitsResponse
+	13, // 38: keysvc.v1.KeyService.GetLockoutPeriod:output_type -> keysvc.v1.GetLockoutPeriodResponse
+	15, // 39: keysvc.v1.KeyService.IncrementUsage:output_type -> keysvc.v1.IncrementUsageResponse
+	17, // 40: keysvc.v1.KeyService.List:output_type -> keysvc.v1.ListResponse
+	19, // 41: keysvc.v1.KeyService.Available:output_type -> keysvc.v1.AvailableResponse
+	21, // 42: keysvc.v1.KeyService.Recheck:output_type -> keysvc.v1.RecheckResponse
+	23, // 43: keysvc.v1.KeyService.ReportOutcome:output_type -> keysvc.v1.ReportOutcomeResponse
+	34, // [34:44] is the sub-list for method output_type
+	24, // [24:34] is the sub-list for method input_type
+	24, // [24:24] is the sub-list for extension type_name
+	24, // [24:24] is the sub-list for extension extendee
+	0,  // [0:24] is the sub-list for field type_name
 }
 
 func init() { file_keysvc_v1_keysvc_proto_init() }
@@ -1556,13 +1713,14 @@ func file_keysvc_v1_keysvc_proto_init() {
 	if File_keysvc_v1_keysvc_proto != nil {
 		return
 	}
+	file_keysvc_v1_keysvc_proto_msgTypes[1].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_keysvc_v1_keysvc_proto_rawDesc), len(file_keysvc_v1_keysvc_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   24,
+			NumMessages:   25,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

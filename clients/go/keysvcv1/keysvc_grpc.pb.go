@@ -50,9 +50,11 @@ type KeyServiceClient interface {
 	Get(ctx context.Context, in *GetRequest, opts ...grpc.CallOption) (*GetResponse, error)
 	// Disable stops a key from ever being handed out again (until Recheck).
 	Disable(ctx context.Context, in *DisableRequest, opts ...grpc.CallOption) (*DisableResponse, error)
-	// MarkRateLimited records that the upstream answered 429 for the key.
+	// MarkRateLimited records that the upstream answered 429 for the key (for
+	// the model's family, or for every family when no model is given).
 	MarkRateLimited(ctx context.Context, in *MarkRateLimitedRequest, opts ...grpc.CallOption) (*MarkRateLimitedResponse, error)
-	// UpdateRateLimits records the rate-limit headers of an upstream answer.
+	// UpdateRateLimits records the rate-limit headers of an upstream answer
+	// (for the model's family, or key-wide when no model is given).
 	UpdateRateLimits(ctx context.Context, in *UpdateRateLimitsRequest, opts ...grpc.CallOption) (*UpdateRateLimitsResponse, error)
 	// GetLockoutPeriod says how long until a key for the model is free; zero
 	// when one is free now or when none could ever serve it.
@@ -198,9 +200,11 @@ type KeyServiceServer interface {
 	Get(context.Context, *GetRequest) (*GetResponse, error)
 	// Disable stops a key from ever being handed out again (until Recheck).
 	Disable(context.Context, *DisableRequest) (*DisableResponse, error)
-	// MarkRateLimited records that the upstream answered 429 for the key.
+	// MarkRateLimited records that the upstream answered 429 for the key (for
+	// the model's family, or for every family when no model is given).
 	MarkRateLimited(context.Context, *MarkRateLimitedRequest) (*MarkRateLimitedResponse, error)
-	// UpdateRateLimits records the rate-limit headers of an upstream answer.
+	// UpdateRateLimits records the rate-limit headers of an upstream answer
+	// (for the model's family, or key-wide when no model is given).
 	UpdateRateLimits(context.Context, *UpdateRateLimitsRequest) (*UpdateRateLimitsResponse, error)
 	// GetLockoutPeriod says how long until a key for the model is free; zero
 	// when one is free now or when none could ever serve it.

@@ -143,9 +143,17 @@ export class KeysvcClient {
     await this.call(this.stub.markRateLimited, { hash, model }, opts);
   }
 
-  /** Passes on an upstream answer's `x-ratelimit-*` headers; the others stay here. */
-  async updateRateLimits(hash: string, headers: HeadersLike, opts?: CallOpts): Promise<void> {
-    await this.call(this.stub.updateRateLimits, { hash, headers: rateLimitHeaders(headers) }, opts);
+  /**
+   * Passes on an upstream answer's `x-ratelimit-*` headers; the others stay here. With
+   * `opts.model` they apply to that model's family only; without, to every family.
+   */
+  async updateRateLimits(
+    hash: string,
+    headers: HeadersLike,
+    opts?: CallOpts & { model?: string },
+  ): Promise<void> {
+    const request = { hash, headers: rateLimitHeaders(headers), model: opts?.model ?? "" };
+    await this.call(this.stub.updateRateLimits, request, opts);
   }
 
   /** Milliseconds until a key for `model` is free; 0 when one is free now. */

@@ -222,3 +222,19 @@ def test_report_outcome_tells_the_proxy_what_to_do(
         other.key.hash, "gpt-4o", 400, error={"code": "content_policy_violation"}
     )
     assert policy.action == OUTCOME_ACTION_RETURN_ERROR and not policy.key.is_disabled
+
+
+def test_rate_limit_state_is_per_family(client: KeysvcClient, server: LiveServer) -> None:
+    lease = client.get("gpt-4o")
+    client.update_rate_limits(
+        lease.key.hash,
+        {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "9s"},
+        model="gpt-4o",
+    )
+    (key,) = [k for k in client.list() if k.hash == lease.key.hash]
+    (gpt4o,) = key.family_rate_limits
+    assert gpt4o.family == "gpt4o" and gpt4o.remaining_requests == 0
+    assert gpt4o.requests_reset.ToTimedelta() == timedelta(seconds=9)
+    # Locked for gpt4o, but free for turbo: the upstream limits each model apart.
+    turbo = [client.get("gpt-3.5-turbo").key.hash for _ in server.secrets]
+    assert lease.key.hash in turbo

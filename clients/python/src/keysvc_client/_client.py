@@ -159,10 +159,20 @@ class KeysvcClient(_Base):
         )
 
     def update_rate_limits(
-        self, key_hash: str, headers: Mapping[str, str], *, timeout: float | None = None
+        self,
+        key_hash: str,
+        headers: Mapping[str, str],
+        *,
+        model: str = "",
+        timeout: float | None = None,
     ) -> None:
-        """Passes on an upstream answer's ``x-ratelimit-*`` headers (the rest are dropped)."""
-        request = pb.UpdateRateLimitsRequest(hash=key_hash, headers=rate_limit_headers(headers))
+        """Passes on an upstream answer's ``x-ratelimit-*`` headers (the rest are dropped).
+
+        With ``model`` they apply to the model's family only; without, to every family.
+        """
+        request = pb.UpdateRateLimitsRequest(
+            hash=key_hash, headers=rate_limit_headers(headers), model=model
+        )
         self._call(self._stub.UpdateRateLimits, request, timeout)
 
     def get_lockout_period(self, model: str = "", *, timeout: float | None = None) -> timedelta:
@@ -286,10 +296,17 @@ class AsyncKeysvcClient(_Base):
         await self._call(self._stub.MarkRateLimited, request, timeout)
 
     async def update_rate_limits(
-        self, key_hash: str, headers: Mapping[str, str], *, timeout: float | None = None
+        self,
+        key_hash: str,
+        headers: Mapping[str, str],
+        *,
+        model: str = "",
+        timeout: float | None = None,
     ) -> None:
         """Passes on an upstream answer's ``x-ratelimit-*`` headers (the rest are dropped)."""
-        request = pb.UpdateRateLimitsRequest(hash=key_hash, headers=rate_limit_headers(headers))
+        request = pb.UpdateRateLimitsRequest(
+            hash=key_hash, headers=rate_limit_headers(headers), model=model
+        )
         await self._call(self._stub.UpdateRateLimits, request, timeout)
 
     async def get_lockout_period(

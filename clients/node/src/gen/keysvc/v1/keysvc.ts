@@ -170,19 +170,28 @@ export interface Key {
     | undefined;
   /** How many finished requests were reported through IncrementUsage. */
   promptCount: number;
-  /** When the key was last handed out or reported rate limited; unset if never. */
+  /**
+   * When the key was last handed out or reported rate limited, for any
+   * family; unset if never.
+   */
   rateLimitedAt:
     | Date
     | undefined;
-  /** The key is locked (not preferred) until this time; unset if never locked. */
+  /**
+   * Until this time the key is locked (not preferred) for at least one family;
+   * the latest lock end over every family. Unset if never locked.
+   */
   rateLimitedUntil:
     | Date
     | undefined;
-  /** Last known x-ratelimit-reset-requests, clamped to 10 s; unset if unknown. */
+  /**
+   * Longest x-ratelimit-reset-requests known since the last hand-out, over
+   * every family and key-wide reports, clamped to 10 s; unset if unknown.
+   */
   rateLimitRequestsReset:
     | Duration
     | undefined;
-  /** Last known x-ratelimit-reset-tokens, clamped to 10 s; unset if unknown. */
+  /** Longest x-ratelimit-reset-tokens known likewise; unset if unknown. */
   rateLimitTokensReset:
     | Duration
     | undefined;
@@ -191,12 +200,61 @@ export interface Key {
   /** Why the key was disabled; UNSPECIFIED when it is not disabled. */
   disableReason: DisableReason;
   /** When the key was disabled; unset when it is not disabled. */
-  disabledAt: Date | undefined;
+  disabledAt:
+    | Date
+    | undefined;
+  /**
+   * Rate-limit state per model family, sorted by family; only families the
+   * key was handed out for or reported about.
+   */
+  familyRateLimits: FamilyRateLimit[];
 }
 
 export interface Key_TokenUsageEntry {
   key: string;
   value: number;
+}
+
+/**
+ * FamilyRateLimit is a key's rate-limit state in one model family: the
+ * upstream limits each key per model, so a 429 for one family does not lock
+ * the key for another.
+ */
+export interface FamilyRateLimit {
+  /** The model family, e.g. "gpt4o". */
+  family: string;
+  /** When the key was last handed out for this family; unset if never. */
+  lastUsed:
+    | Date
+    | undefined;
+  /**
+   * Start of the current rate-limit window (the hand-out or the latest 429);
+   * unset if never.
+   */
+  rateLimitedAt:
+    | Date
+    | undefined;
+  /**
+   * The key is locked for this family until this time (including locks from
+   * reports that named no model); unset if never locked.
+   */
+  rateLimitedUntil:
+    | Date
+    | undefined;
+  /** Last x-ratelimit-reset-requests since the hand-out, clamped to 10 s. */
+  requestsReset:
+    | Duration
+    | undefined;
+  /** Last x-ratelimit-reset-tokens since the hand-out, clamped to 10 s. */
+  tokensReset:
+    | Duration
+    | undefined;
+  /** Last x-ratelimit-remaining-requests since the hand-out; unset if unknown. */
+  remainingRequests?:
+    | number
+    | undefined;
+  /** Last x-ratelimit-remaining-tokens since the hand-out; unset if unknown. */
+  remainingTokens?: number | undefined;
 }
 
 /** GetRequest asks for a key for one model. */
@@ -231,7 +289,10 @@ export interface DisableResponse {
 export interface MarkRateLimitedRequest {
   /** Hash of the key. Required. */
   hash: string;
-  /** Model of the request that was limited. Optional; validated when given. */
+  /**
+   * Model of the request that was limited. Optional: when given, only the
+   * model's family is locked; when empty, every family of the key.
+   */
   model: string;
 }
 
@@ -244,10 +305,15 @@ export interface UpdateRateLimitsRequest {
   /** Hash of the key. Required. */
   hash: string;
   /**
-   * Response headers; only x-ratelimit-* are read. Names are matched
-   * case-insensitively.
+   * Response headers; only x-ratelimit-* are read (reset-* and remaining-*).
+   * Names are matched case-insensitively.
    */
   headers: { [key: string]: string };
+  /**
+   * Model of the request. Optional: when given, the headers apply to the
+   * model's family only; when empty, to every family of the key.
+   */
+  model: string;
 }
 
 export interface UpdateRateLimitsRequest_HeadersEntry {
@@ -381,6 +447,7 @@ function createBaseKey(): Key {
     tokenUsage: {},
     disableReason: 0,
     disabledAt: undefined,
+    familyRateLimits: [],
   };
 }
 
@@ -439,6 +506,9 @@ export const Key: MessageFns<Key> = {
     }
     if (message.disabledAt !== undefined) {
       Timestamp.encode(toTimestamp(message.disabledAt), writer.uint32(146).fork()).join();
+    }
+    for (const v of message.familyRateLimits) {
+      FamilyRateLimit.encode(v!, writer.uint32(154).fork()).join();
     }
     return writer;
   },
@@ -603,6 +673,14 @@ export const Key: MessageFns<Key> = {
             message.disabledAt = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
             continue;
           }
+          case 19: {
+            if (tag !== 154) {
+              break;
+            }
+
+            message.familyRateLimits.push(FamilyRateLimit.decode(reader, reader.uint32()));
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -721,6 +799,11 @@ export const Key: MessageFns<Key> = {
         : isSet(object.disabled_at)
         ? fromJsonTimestamp(object.disabled_at)
         : undefined,
+      familyRateLimits: globalThis.Array.isArray(object?.familyRateLimits)
+        ? object.familyRateLimits.map((e: any) => FamilyRateLimit.fromJSON(e))
+        : globalThis.Array.isArray(object?.family_rate_limits)
+        ? object.family_rate_limits.map((e: any) => FamilyRateLimit.fromJSON(e))
+        : [],
     };
   },
 
@@ -786,6 +869,9 @@ export const Key: MessageFns<Key> = {
     if (message.disabledAt !== undefined) {
       obj.disabledAt = message.disabledAt.toISOString();
     }
+    if (message.familyRateLimits?.length) {
+      obj.familyRateLimits = message.familyRateLimits.map((e) => FamilyRateLimit.toJSON(e));
+    }
     return obj;
   },
 
@@ -825,6 +911,7 @@ export const Key: MessageFns<Key> = {
     );
     message.disableReason = object.disableReason ?? 0;
     message.disabledAt = object.disabledAt ?? undefined;
+    message.familyRateLimits = object.familyRateLimits?.map((e) => FamilyRateLimit.fromPartial(e)) || [];
     return message;
   },
 };
@@ -910,6 +997,228 @@ export const Key_TokenUsageEntry: MessageFns<Key_TokenUsageEntry> = {
     const message = createBaseKey_TokenUsageEntry();
     message.key = object.key ?? "";
     message.value = object.value ?? 0;
+    return message;
+  },
+};
+
+function createBaseFamilyRateLimit(): FamilyRateLimit {
+  return {
+    family: "",
+    lastUsed: undefined,
+    rateLimitedAt: undefined,
+    rateLimitedUntil: undefined,
+    requestsReset: undefined,
+    tokensReset: undefined,
+    remainingRequests: undefined,
+    remainingTokens: undefined,
+  };
+}
+
+export const FamilyRateLimit: MessageFns<FamilyRateLimit> = {
+  encode(message: FamilyRateLimit, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.family !== "") {
+      writer.uint32(10).string(message.family);
+    }
+    if (message.lastUsed !== undefined) {
+      Timestamp.encode(toTimestamp(message.lastUsed), writer.uint32(18).fork()).join();
+    }
+    if (message.rateLimitedAt !== undefined) {
+      Timestamp.encode(toTimestamp(message.rateLimitedAt), writer.uint32(26).fork()).join();
+    }
+    if (message.rateLimitedUntil !== undefined) {
+      Timestamp.encode(toTimestamp(message.rateLimitedUntil), writer.uint32(34).fork()).join();
+    }
+    if (message.requestsReset !== undefined) {
+      Duration.encode(message.requestsReset, writer.uint32(42).fork()).join();
+    }
+    if (message.tokensReset !== undefined) {
+      Duration.encode(message.tokensReset, writer.uint32(50).fork()).join();
+    }
+    if (message.remainingRequests !== undefined) {
+      writer.uint32(56).int64(message.remainingRequests);
+    }
+    if (message.remainingTokens !== undefined) {
+      writer.uint32(64).int64(message.remainingTokens);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): FamilyRateLimit {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseFamilyRateLimit();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.family = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.lastUsed = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.rateLimitedAt = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.rateLimitedUntil = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.requestsReset = Duration.decode(reader, reader.uint32());
+            continue;
+          }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.tokensReset = Duration.decode(reader, reader.uint32());
+            continue;
+          }
+          case 7: {
+            if (tag !== 56) {
+              break;
+            }
+
+            message.remainingRequests = longToNumber(reader.int64());
+            continue;
+          }
+          case 8: {
+            if (tag !== 64) {
+              break;
+            }
+
+            message.remainingTokens = longToNumber(reader.int64());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): FamilyRateLimit {
+    return {
+      family: isSet(object.family) ? globalThis.String(object.family) : "",
+      lastUsed: isSet(object.lastUsed)
+        ? fromJsonTimestamp(object.lastUsed)
+        : isSet(object.last_used)
+        ? fromJsonTimestamp(object.last_used)
+        : undefined,
+      rateLimitedAt: isSet(object.rateLimitedAt)
+        ? fromJsonTimestamp(object.rateLimitedAt)
+        : isSet(object.rate_limited_at)
+        ? fromJsonTimestamp(object.rate_limited_at)
+        : undefined,
+      rateLimitedUntil: isSet(object.rateLimitedUntil)
+        ? fromJsonTimestamp(object.rateLimitedUntil)
+        : isSet(object.rate_limited_until)
+        ? fromJsonTimestamp(object.rate_limited_until)
+        : undefined,
+      requestsReset: isSet(object.requestsReset)
+        ? Duration.fromJSON(object.requestsReset)
+        : isSet(object.requests_reset)
+        ? Duration.fromJSON(object.requests_reset)
+        : undefined,
+      tokensReset: isSet(object.tokensReset)
+        ? Duration.fromJSON(object.tokensReset)
+        : isSet(object.tokens_reset)
+        ? Duration.fromJSON(object.tokens_reset)
+        : undefined,
+      remainingRequests: isSet(object.remainingRequests)
+        ? globalThis.Number(object.remainingRequests)
+        : isSet(object.remaining_requests)
+        ? globalThis.Number(object.remaining_requests)
+        : undefined,
+      remainingTokens: isSet(object.remainingTokens)
+        ? globalThis.Number(object.remainingTokens)
+        : isSet(object.remaining_tokens)
+        ? globalThis.Number(object.remaining_tokens)
+        : undefined,
+    };
+  },
+
+  toJSON(message: FamilyRateLimit): unknown {
+    const obj: any = {};
+    if (message.family !== "") {
+      obj.family = message.family;
+    }
+    if (message.lastUsed !== undefined) {
+      obj.lastUsed = message.lastUsed.toISOString();
+    }
+    if (message.rateLimitedAt !== undefined) {
+      obj.rateLimitedAt = message.rateLimitedAt.toISOString();
+    }
+    if (message.rateLimitedUntil !== undefined) {
+      obj.rateLimitedUntil = message.rateLimitedUntil.toISOString();
+    }
+    if (message.requestsReset !== undefined) {
+      obj.requestsReset = Duration.toJSON(message.requestsReset);
+    }
+    if (message.tokensReset !== undefined) {
+      obj.tokensReset = Duration.toJSON(message.tokensReset);
+    }
+    if (message.remainingRequests !== undefined) {
+      obj.remainingRequests = Math.round(message.remainingRequests);
+    }
+    if (message.remainingTokens !== undefined) {
+      obj.remainingTokens = Math.round(message.remainingTokens);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<FamilyRateLimit>): FamilyRateLimit {
+    return FamilyRateLimit.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<FamilyRateLimit>): FamilyRateLimit {
+    const message = createBaseFamilyRateLimit();
+    message.family = object.family ?? "";
+    message.lastUsed = object.lastUsed ?? undefined;
+    message.rateLimitedAt = object.rateLimitedAt ?? undefined;
+    message.rateLimitedUntil = object.rateLimitedUntil ?? undefined;
+    message.requestsReset = (object.requestsReset !== undefined && object.requestsReset !== null)
+      ? Duration.fromPartial(object.requestsReset)
+      : undefined;
+    message.tokensReset = (object.tokensReset !== undefined && object.tokensReset !== null)
+      ? Duration.fromPartial(object.tokensReset)
+      : undefined;
+    message.remainingRequests = object.remainingRequests ?? undefined;
+    message.remainingTokens = object.remainingTokens ?? undefined;
     return message;
   },
 };
@@ -1356,7 +1665,7 @@ export const MarkRateLimitedResponse: MessageFns<MarkRateLimitedResponse> = {
 };
 
 function createBaseUpdateRateLimitsRequest(): UpdateRateLimitsRequest {
-  return { hash: "", headers: {} };
+  return { hash: "", headers: {}, model: "" };
 }
 
 export const UpdateRateLimitsRequest: MessageFns<UpdateRateLimitsRequest> = {
@@ -1367,6 +1676,9 @@ export const UpdateRateLimitsRequest: MessageFns<UpdateRateLimitsRequest> = {
     globalThis.Object.entries(message.headers).forEach(([key, value]: [string, string]) => {
       UpdateRateLimitsRequest_HeadersEntry.encode({ key: key as any, value }, writer.uint32(18).fork()).join();
     });
+    if (message.model !== "") {
+      writer.uint32(26).string(message.model);
+    }
     return writer;
   },
 
@@ -1402,6 +1714,14 @@ export const UpdateRateLimitsRequest: MessageFns<UpdateRateLimitsRequest> = {
             }
             continue;
           }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.model = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1431,6 +1751,7 @@ export const UpdateRateLimitsRequest: MessageFns<UpdateRateLimitsRequest> = {
           {},
         )
         : {},
+      model: isSet(object.model) ? globalThis.String(object.model) : "",
     };
   },
 
@@ -1447,6 +1768,9 @@ export const UpdateRateLimitsRequest: MessageFns<UpdateRateLimitsRequest> = {
           obj.headers[k] = v;
         });
       }
+    }
+    if (message.model !== "") {
+      obj.model = message.model;
     }
     return obj;
   },
@@ -1466,6 +1790,7 @@ export const UpdateRateLimitsRequest: MessageFns<UpdateRateLimitsRequest> = {
       },
       {},
     );
+    message.model = object.model ?? "";
     return message;
   },
 };
@@ -2714,7 +3039,10 @@ export const KeyServiceService = {
     responseSerialize: (value: DisableResponse): Buffer => Buffer.from(DisableResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): DisableResponse => DisableResponse.decode(value),
   },
-  /** MarkRateLimited records that the upstream answered 429 for the key. */
+  /**
+   * MarkRateLimited records that the upstream answered 429 for the key (for
+   * the model's family, or for every family when no model is given).
+   */
   markRateLimited: {
     path: "/keysvc.v1.KeyService/MarkRateLimited" as const,
     requestStream: false as const,
@@ -2726,7 +3054,10 @@ export const KeyServiceService = {
       Buffer.from(MarkRateLimitedResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): MarkRateLimitedResponse => MarkRateLimitedResponse.decode(value),
   },
-  /** UpdateRateLimits records the rate-limit headers of an upstream answer. */
+  /**
+   * UpdateRateLimits records the rate-limit headers of an upstream answer
+   * (for the model's family, or key-wide when no model is given).
+   */
   updateRateLimits: {
     path: "/keysvc.v1.KeyService/UpdateRateLimits" as const,
     requestStream: false as const,
@@ -2825,9 +3156,15 @@ export interface KeyServiceServer extends UntypedServiceImplementation {
   get: handleUnaryCall<GetRequest, GetResponse>;
   /** Disable stops a key from ever being handed out again (until Recheck). */
   disable: handleUnaryCall<DisableRequest, DisableResponse>;
-  /** MarkRateLimited records that the upstream answered 429 for the key. */
+  /**
+   * MarkRateLimited records that the upstream answered 429 for the key (for
+   * the model's family, or for every family when no model is given).
+   */
   markRateLimited: handleUnaryCall<MarkRateLimitedRequest, MarkRateLimitedResponse>;
-  /** UpdateRateLimits records the rate-limit headers of an upstream answer. */
+  /**
+   * UpdateRateLimits records the rate-limit headers of an upstream answer
+   * (for the model's family, or key-wide when no model is given).
+   */
   updateRateLimits: handleUnaryCall<UpdateRateLimitsRequest, UpdateRateLimitsResponse>;
   /**
    * GetLockoutPeriod says how long until a key for the model is free; zero
@@ -2888,7 +3225,10 @@ export interface KeyServiceClient extends Client {
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: DisableResponse) => void,
   ): ClientUnaryCall;
-  /** MarkRateLimited records that the upstream answered 429 for the key. */
+  /**
+   * MarkRateLimited records that the upstream answered 429 for the key (for
+   * the model's family, or for every family when no model is given).
+   */
   markRateLimited(
     request: MarkRateLimitedRequest,
     callback: (error: ServiceError | null, response: MarkRateLimitedResponse) => void,
@@ -2904,7 +3244,10 @@ export interface KeyServiceClient extends Client {
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: MarkRateLimitedResponse) => void,
   ): ClientUnaryCall;
-  /** UpdateRateLimits records the rate-limit headers of an upstream answer. */
+  /**
+   * UpdateRateLimits records the rate-limit headers of an upstream answer
+   * (for the model's family, or key-wide when no model is given).
+   */
   updateRateLimits(
     request: UpdateRateLimitsRequest,
     callback: (error: ServiceError | null, response: UpdateRateLimitsResponse) => void,
