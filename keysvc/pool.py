@@ -58,14 +58,16 @@ key-wide change re-places it in every index it is in.
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import logging
 import math
 import re
+from collections import deque
 from collections.abc import Iterable, Mapping
 from typing import Final
 
-from .clock import Clock
+from .clock import Clock, Timer
 from .durations import parse_go_duration
 from .errors import FamilyDisallowed, InvalidArgument, KeyNotFound, NoKeysForFamily
 from .events import KeyChange, NullObserver, PoolObserver
@@ -74,7 +76,7 @@ from .models import GPT4_32K, ModelInfo, ModelTable
 from .outcomes import Decision, UpstreamError, decide
 from .store import KeyStore, MemoryKeyStore
 
-__all__ = ["KeyPool", "Limits"]
+__all__ = ["MAX_WAIT", "KeyPool", "Limits"]
 
 _log = logging.getLogger("keysvc.pool")
 
@@ -88,6 +90,8 @@ MAX_RESET: Final = 10.0
 RATE_LIMIT_FALLBACK: Final = 10.0
 #: Bound on the eligible-index cache, which is keyed by model name (names come from callers).
 ELIGIBLE_CACHE_SIZE: Final = 4096
+#: The longest a Get may wait for a key to unlock (``get_waiting``).
+MAX_WAIT: Final = 60.0
 #: The model GetLockoutPeriod assumes when none is given (as the seed).
 DEFAULT_LOCKOUT_MODEL: Final = "gpt-4"
 
@@ -224,6 +228,32 @@ class _FamilyIndex:
         heapq.heapify(self.locked)
 
 
+class _Waiter:
+    """A ``get_waiting`` call waiting its turn."""
+
+    __slots__ = ("deadline", "future", "timer")
+
+    def __init__(self, deadline: float, future: asyncio.Future[None]) -> None:
+        self.deadline = deadline
+        self.future = future
+        self.timer: Timer | None = None
+
+    def wake(self) -> None:
+        if not self.future.done():
+            self.future.set_result(None)
+
+
+class _WaitQueue:
+    """The waiters for one eligibility class (a model), first come first served."""
+
+    __slots__ = ("info", "model", "waiters")
+
+    def __init__(self, model: str, info: ModelInfo) -> None:
+        self.model = model
+        self.info = info
+        self.waiters: deque[_Waiter] = deque()
+
+
 class KeyPool:
     """The keys of one upstream service and the rules for handing them out."""
 
@@ -261,6 +291,12 @@ class KeyPool:
         #: Keys with a key-wide state (``key.wide``); few, and only they can lock
         #: a family nobody has asked about yet (``family_lockout``).
         self._wide_keys: set[Key] = set()
+        # get_waiting: queues by (model, family, embeddings), the one timer set for
+        # the earliest unlock any queue head waits for, and a pending dispatch.
+        self._queues: dict[tuple[str, str, bool], _WaitQueue] = {}
+        self._timer: Timer | None = None
+        self._timer_at = math.inf
+        self._dispatch_pending = False
         self._profiles: dict[KeyProfile, KeyProfile] = {}
         self._model_id_sets: dict[frozenset[str], frozenset[str]] = {}
         self._next_seq = 0
@@ -365,6 +401,104 @@ class KeyPool:
         if index is None or entry is None:
             raise NoKeysForFamily(info.family, model)
         return self._hand_out(index, entry, now)
+
+    async def get_waiting(self, model: str, max_wait: float) -> Key:
+        """``get``, but when every eligible key is locked, waits up to ``max_wait``
+        seconds for the first to unlock and hands that one out.
+
+        Waiters for a model are served in arrival order; wake-ups are timers at
+        the earliest unlock time (and pool changes that may free a key), never
+        polling. A waiter that is cancelled (its caller went away) leaves no
+        trace: keys are only taken by a waiter that is running. If every key is
+        still locked at the deadline, the call ends as ``get`` would: with the
+        key that unlocks first. Plain ``get`` calls do not queue.
+
+        Raises:
+            InvalidArgument: ``max_wait`` is negative or over ``MAX_WAIT``, or
+                ``model`` is bad.
+            FamilyDisallowed, NoKeysForFamily: as ``get``, at once or when the
+                last eligible key is disabled while waiting.
+        """
+        _check_model(model)
+        if not 0.0 <= max_wait <= MAX_WAIT:
+            raise InvalidArgument("max_wait", f"must be between 0 and {MAX_WAIT:g} seconds")
+        if max_wait == 0.0:
+            return self.get(model)
+        info = self._models.lookup(model)
+        if self._allowed is not None and info.family not in self._allowed:
+            raise FamilyDisallowed(info.family, model)
+        now = self._clock.now()
+        queue = self._queues.get((model, info.family, info.embeddings))
+        if queue is None:  # nobody waits before us: a free key is ours
+            index, entry = self._select(self._eligible(model, info), now)
+            if index is None or entry is None:
+                raise NoKeysForFamily(info.family, model)
+            if len(entry) == 3:
+                return self._hand_out(index, entry, now)
+            queue = self._queues[(model, info.family, info.embeddings)] = _WaitQueue(model, info)
+        loop = asyncio.get_running_loop()
+        waiter = _Waiter(now + max_wait, loop.create_future())
+        waiter.timer = self._clock.call_at(waiter.deadline, waiter.wake)
+        queue.waiters.append(waiter)
+        self._schedule_dispatch()
+        try:
+            while True:
+                await waiter.future
+                now = self._clock.now()
+                if now >= waiter.deadline:
+                    break
+                if queue.waiters[0] is waiter:
+                    index, entry = self._select(self._eligible(model, info), now)
+                    if index is None or entry is None:
+                        raise NoKeysForFamily(info.family, model)
+                    if len(entry) == 3:
+                        return self._hand_out(index, entry, now)
+                # Woken, but a plain Get took the key, or not first in line: wait on.
+                waiter.future = loop.create_future()
+                self._schedule_dispatch()
+        finally:
+            waiter.timer.cancel()
+            queue.waiters.remove(waiter)
+            if not queue.waiters:
+                del self._queues[(model, info.family, info.embeddings)]
+            self._schedule_dispatch()
+        return self.get(model)
+
+    def _schedule_dispatch(self) -> None:
+        """Looks at the waiters soon (once per loop turn however often asked)."""
+        if self._queues:
+            if not self._dispatch_pending:
+                self._dispatch_pending = True
+                asyncio.get_running_loop().call_soon(self._dispatch)
+        elif self._timer is not None:
+            self._timer.cancel()
+            self._timer, self._timer_at = None, math.inf
+
+    def _dispatch(self) -> None:
+        """Wakes each queue's head whose key is free; sets the timer for the next unlock."""
+        self._dispatch_pending = False
+        now = self._clock.now()
+        first_unlock = math.inf
+        for queue in self._queues.values():
+            head = queue.waiters[0]
+            if head.future.done():
+                continue  # already woken; it acts when it runs
+            _, entry = self._select(self._eligible(queue.model, queue.info), now)
+            if entry is None or len(entry) == 3:
+                head.wake()  # a free key, or none at all (the head raises)
+            elif entry[0] < first_unlock:
+                first_unlock = entry[0]
+        if first_unlock != self._timer_at or self._timer is None:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self._timer_at = first_unlock
+            if first_unlock < math.inf:
+                self._timer = self._clock.call_at(first_unlock, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer, self._timer_at = None, math.inf
+        self._dispatch()
 
     def _hand_out(self, index: _FamilyIndex, entry: _ReadyEntry | _LockedEntry, now: float) -> Key:
         """Throttles the key of ``entry`` (the top of ``index``) for its family and returns it."""
@@ -826,6 +960,8 @@ class KeyPool:
                 if index is not None:
                     index.push(state, now)
         self._store.changed(key)
+        if self._queues:  # a lock may have got shorter
+            self._schedule_dispatch()
 
     def _push_all(self, key: Key, now: float) -> None:
         """(Re-)places an indexed key in every family index of its profile."""
@@ -841,6 +977,8 @@ class KeyPool:
             group.live += 1
             key.indexed = True
         self._push_all(key, now)
+        if self._queues:  # a key came (back) into service
+            self._schedule_dispatch()
 
     def _unplace(self, key: Key) -> None:
         if not key.indexed:
@@ -854,6 +992,8 @@ class KeyPool:
             # Checks move keys between profiles; do not keep empty ones to scan.
             del self._groups[key.profile]
             self._eligible_cache.clear()
+        if self._queues:  # waiters whose last key this was must hear of it
+            self._schedule_dispatch()
 
     def _set_profile(self, key: Key, profile: KeyProfile) -> None:
         """Moves a key to another profile: out of the old index before the profile changes."""

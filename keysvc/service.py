@@ -109,7 +109,11 @@ class KeyService(pb_grpc.KeyServiceServicer):
         self._checker = checker
 
     async def Get(self, request: pb.GetRequest, context: _Context) -> pb.GetResponse:
-        key = self._pool.get(request.model)
+        if request.HasField("max_wait"):
+            wait = request.max_wait
+            key = await self._pool.get_waiting(request.model, wait.seconds + wait.nanos / 1e9)
+        else:
+            key = self._pool.get(request.model)
         return pb.GetResponse(secret=key.secret, key=key_to_proto(key))
 
     async def Disable(self, request: pb.DisableRequest, context: _Context) -> pb.DisableResponse:

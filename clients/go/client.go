@@ -20,6 +20,7 @@ import (
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
+	"google.golang.org/protobuf/types/known/durationpb"
 
 	"keysvc/clients/go/keysvcv1"
 )
@@ -109,6 +110,18 @@ func call[Req, Resp any](c *Client, ctx context.Context, rpc func(context.Contex
 // Get hands out a key for model: Secret goes upstream, Key.Hash is what later calls name.
 func (c *Client) Get(ctx context.Context, model string) (*keysvcv1.GetResponse, error) {
 	return call(c, ctx, c.rpc.Get, &keysvcv1.GetRequest{Model: model})
+}
+
+// GetWait is Get that, when every key for model is locked, lets the server wait up to
+// maxWait (at most 60 s) for the first to unlock. When ctx has no deadline, the call's
+// default timeout grows by maxWait.
+func (c *Client) GetWait(ctx context.Context, model string, maxWait time.Duration) (*keysvcv1.GetResponse, error) {
+	if _, has := ctx.Deadline(); !has && c.timeout > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, c.timeout+maxWait)
+		defer cancel()
+	}
+	return call(c, ctx, c.rpc.Get, &keysvcv1.GetRequest{Model: model, MaxWait: durationpb.New(maxWait)})
 }
 
 // Disable takes the key out of service and returns it as it now stands.

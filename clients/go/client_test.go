@@ -245,3 +245,24 @@ func TestReportOutcomeSaysWhatToDo(t *testing.T) {
 	_, err = client.ReportOutcome(ctx, keysvc.Outcome{Hash: hash, Model: "gpt-4o", Status: 0})
 	wantError(t, err, codes.InvalidArgument, "INVALID_ARGUMENT")
 }
+
+func TestGetWaitWaitsForAKeyToUnlock(t *testing.T) {
+	client := newClient(t, startServer(t))
+	first := mustGet(t, client, "gpt-4o").GetKey().GetHash()
+	for range secrets[1:] {
+		mustGet(t, client, "gpt-4o") // every key is now throttled for 1 s
+	}
+	started := time.Now()
+	lease, err := client.GetWait(context.Background(), "gpt-4o", 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if waited := time.Since(started); waited < 500*time.Millisecond || waited > 3*time.Second {
+		t.Fatalf("waited %v for a 1 s throttle", waited)
+	}
+	if lease.GetKey().GetHash() != first {
+		t.Fatalf("want the first key to unlock, got %s", lease.GetKey().GetHash())
+	}
+	_, err = client.GetWait(context.Background(), "gpt-4o", 61*time.Second)
+	wantError(t, err, codes.InvalidArgument, "INVALID_ARGUMENT")
+}

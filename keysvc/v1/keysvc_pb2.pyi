@@ -314,16 +314,28 @@ class GetRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     MODEL_FIELD_NUMBER: _builtins.int
+    MAX_WAIT_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Upstream model name, e.g. "gpt-4o" or "gpt-3.5-turbo". Required."""
+    @_builtins.property
+    def max_wait(self) -> _duration_pb2.Duration:
+        """Optional, at most 60 s. When every key for the model is locked, wait up
+        to this long, server-side, for the first to unlock and return it; callers
+        with max_wait are served in arrival order. If keys are still locked at
+        the deadline, the key that unlocks first is returned, as without
+        max_wait. Unset or zero: never wait. Give the call a deadline longer than
+        max_wait.
+        """
+
     def __init__(
         self,
         *,
         model: _builtins.str = ...,
+        max_wait: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["max_wait", b"max_wait"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_wait", b"max_wait", "model", b"model"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -103,7 +103,8 @@ class KeyServiceServicer:
 
     def Get(self, request, context):
         """Get hands out the key most likely to succeed for the model and throttles
-        it briefly so a burst does not pile onto one key.
+        it briefly (for that model's family) so a burst does not pile onto one
+        key. With max_wait it waits for a locked key to unlock.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

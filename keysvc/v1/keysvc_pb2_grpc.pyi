@@ -43,7 +43,8 @@ class KeyServiceStub:
     def __new__(cls, channel: _aio.Channel) -> KeyServiceAsyncStub: ...
     Get: _grpc.UnaryUnaryMultiCallable[_keysvc_pb2.GetRequest, _keysvc_pb2.GetResponse]
     """Get hands out the key most likely to succeed for the model and throttles
-    it briefly so a burst does not pile onto one key.
+    it briefly (for that model's family) so a burst does not pile onto one
+    key. With max_wait it waits for a locked key to unlock.
     """
     Disable: _grpc.UnaryUnaryMultiCallable[_keysvc_pb2.DisableRequest, _keysvc_pb2.DisableResponse]
     """Disable stops a key from ever being handed out again (until Recheck)."""
@@ -90,7 +91,8 @@ class KeyServiceAsyncStub(KeyServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Get: _aio.UnaryUnaryMultiCallable[_keysvc_pb2.GetRequest, _keysvc_pb2.GetResponse]  # type: ignore[assignment]
     """Get hands out the key most likely to succeed for the model and throttles
-    it briefly so a burst does not pile onto one key.
+    it briefly (for that model's family) so a burst does not pile onto one
+    key. With max_wait it waits for a locked key to unlock.
     """
     Disable: _aio.UnaryUnaryMultiCallable[_keysvc_pb2.DisableRequest, _keysvc_pb2.DisableResponse]  # type: ignore[assignment]
     """Disable stops a key from ever being handed out again (until Recheck)."""
@@ -140,7 +142,8 @@ class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_keysvc_pb2.GetResponse, _abc.Awaitable[_keysvc_pb2.GetResponse]]:
         """Get hands out the key most likely to succeed for the model and throttles
-        it briefly so a burst does not pile onto one key.
+        it briefly (for that model's family) so a burst does not pile onto one
+        key. With max_wait it waits for a locked key to unlock.
         """
 
     @_abc_1.abstractmethod

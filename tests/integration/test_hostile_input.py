@@ -98,9 +98,22 @@ _tokens = st.one_of(
 _reasons = st.one_of(st.sampled_from([0, 1, 2, 3]), st.integers(-(2**31), 2**31 - 1))
 _credentials = st.sampled_from(["admin"] * 9 + ["proxy"] * 9 + ["none", "bad"])
 
+
+def _waiting_get(model: str, max_wait: float) -> pb.GetRequest:
+    request = pb.GetRequest(model=model)
+    request.max_wait.FromNanoseconds(int(max_wait * 1e9))
+    return request
+
+
 _requests = st.one_of(
     st.tuples(st.just("Get"), st.builds(pb.GetRequest, model=_models)),
     st.tuples(st.just("Get"), st.builds(pb.GetRequest, model=_models)),
+    st.tuples(
+        st.just("Get"),
+        st.builds(
+            _waiting_get, model=_models, max_wait=st.sampled_from([-1.0, 0.0, 0.05, 0.2, 61.0])
+        ),
+    ),
     st.tuples(st.just("Disable"), st.builds(pb.DisableRequest, hash=_hashes, reason=_reasons)),
     st.tuples(
         st.just("MarkRateLimited"),

@@ -473,7 +473,14 @@ func (x *FamilyRateLimit) GetRemainingTokens() int64 {
 type GetRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Upstream model name, e.g. "gpt-4o" or "gpt-3.5-turbo". Required.
-	Model         string `protobuf:"bytes,1,opt,name=model,proto3" json:"model,omitempty"`
+	Model string `protobuf:"bytes,1,opt,name=model,proto3" json:"model,omitempty"`
+	// Optional, at most 60 s. When every key for the model is locked, wait up
+	// to this long, server-side, for the first to unlock and return it; callers
+	// with max_wait are served in arrival order. If keys are still locked at
+	// the deadline, the key that unlocks first is returned, as without
+	// max_wait. Unset or zero: never wait. Give the call a deadline longer than
+	// max_wait.
+	MaxWait       *durationpb.Duration `protobuf:"bytes,2,opt,name=max_wait,json=maxWait,proto3" json:"max_wait,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -513,6 +520,13 @@ func (x *GetRequest) GetModel() string {
 		return x.Model
 	}
 	return ""
+}
+
+func (x *GetRequest) GetMaxWait() *durationpb.Duration {
+	if x != nil {
+		return x.MaxWait
+	}
+	return nil
 }
 
 // GetResponse carries the chosen key.
@@ -1528,10 +1542,11 @@ const file_keysvc_v1_keysvc_proto_rawDesc = "" +
 	"\x12remaining_requests\x18\a \x01(\x03H\x00R\x11remainingRequests\x88\x01\x01\x12.\n" +
 	"\x10remaining_tokens\x18\b \x01(\x03H\x01R\x0fremainingTokens\x88\x01\x01B\x15\n" +
 	"\x13_remaining_requestsB\x13\n" +
-	"\x11_remaining_tokens\"\"\n" +
+	"\x11_remaining_tokens\"X\n" +
 	"\n" +
 	"GetRequest\x12\x14\n" +
-	"\x05model\x18\x01 \x01(\tR\x05model\"G\n" +
+	"\x05model\x18\x01 \x01(\tR\x05model\x124\n" +
+	"\bmax_wait\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\amaxWait\"G\n" +
 	"\vGetResponse\x12\x16\n" +
 	"\x06secret\x18\x01 \x01(\tR\x06secret\x12 \n" +
 	"\x03key\x18\x02 \x01(\v2\x0e.keysvc.v1.KeyR\x03key\"V\n" +
@@ -1672,40 +1687,41 @@ var file_keysvc_v1_keysvc_proto_depIdxs = []int32{
 	27, // 12: keysvc.v1.FamilyRateLimit.rate_limited_until:type_name -> google.protobuf.Timestamp
 	28, // 13: keysvc.v1.FamilyRateLimit.requests_reset:type_name -> google.protobuf.Duration
 	28, // 14: keysvc.v1.FamilyRateLimit.tokens_reset:type_name -> google.protobuf.Duration
-	2,  // 15: keysvc.v1.GetResponse.key:type_name -> keysvc.v1.Key
-	0,  // 16: keysvc.v1.DisableRequest.reason:type_name -> keysvc.v1.DisableReason
-	2,  // 17: keysvc.v1.DisableResponse.key:type_name -> keysvc.v1.Key
-	25, // 18: keysvc.v1.UpdateRateLimitsRequest.headers:type_name -> keysvc.v1.UpdateRateLimitsRequest.HeadersEntry
-	28, // 19: keysvc.v1.GetLockoutPeriodResponse.lockout:type_name -> google.protobuf.Duration
-	2,  // 20: keysvc.v1.ListResponse.keys:type_name -> keysvc.v1.Key
-	26, // 21: keysvc.v1.ReportOutcomeRequest.headers:type_name -> keysvc.v1.ReportOutcomeRequest.HeadersEntry
-	1,  // 22: keysvc.v1.ReportOutcomeResponse.action:type_name -> keysvc.v1.OutcomeAction
-	2,  // 23: keysvc.v1.ReportOutcomeResponse.key:type_name -> keysvc.v1.Key
-	4,  // 24: keysvc.v1.KeyService.Get:input_type -> keysvc.v1.GetRequest
-	6,  // 25: keysvc.v1.KeyService.Disable:input_type -> keysvc.v1.DisableRequest
-	8,  // 26: keysvc.v1.KeyService.MarkRateLimited:input_type -> keysvc.v1.MarkRateLimitedRequest
-	10, // 27: keysvc.v1.KeyService.UpdateRateLimits:input_type -> keysvc.v1.UpdateRateLimitsRequest
-	12, // 28: keysvc.v1.KeyService.GetLockoutPeriod:input_type -> keysvc.v1.GetLockoutPeriodRequest
-	14, // 29: keysvc.v1.KeyService.IncrementUsage:input_type -> keysvc.v1.IncrementUsageRequest
-	16, // 30: keysvc.v1.KeyService.List:input_type -> keysvc.v1.ListRequest
-	18, // 31: keysvc.v1.KeyService.Available:input_type -> keysvc.v1.AvailableRequest
-	20, // 32: keysvc.v1.KeyService.Recheck:input_type -> keysvc.v1.RecheckRequest
-	22, // 33: keysvc.v1.KeyService.ReportOutcome:input_type -> keysvc.v1.ReportOutcomeRequest
-	5,  // 34: keysvc.v1.KeyService.Get:output_type -> keysvc.v1.GetResponse
-	7,  // 35: keysvc.v1.KeyService.Disable:output_type -> keysvc.v1.DisableResponse
-	9,  // 36: keysvc.v1.KeyService.MarkRateLimited:output_type -> keysvc.v1.MarkRateLimitedResponse
-	11, // 37: keysvc.v1.KeyService.UpdateRateLimits:output_type -> keysvc.v1.UpdateRateLimitsResponse
-	13, // 38: keysvc.v1.KeyService.GetLockoutPeriod:output_type -> keysvc.v1.GetLockoutPeriodResponse
-	15, // 39: keysvc.v1.KeyService.IncrementUsage:output_type -> keysvc.v1.IncrementUsageResponse
-	17, // 40: keysvc.v1.KeyService.List:output_type -> keysvc.v1.ListResponse
-	19, // 41: keysvc.v1.KeyService.Available:output_type -> keysvc.v1.AvailableResponse
-	21, // 42: keysvc.v1.KeyService.Recheck:output_type -> keysvc.v1.RecheckResponse
-	23, // 43: keysvc.v1.KeyService.ReportOutcome:output_type -> keysvc.v1.ReportOutcomeResponse
-	34, // [34:44] is the sub-list for method output_type
-	24, // [24:34] is the sub-list for method input_type
-	24, // [24:24] is the sub-list for extension type_name
-	24, // [24:24] is the sub-list for extension extendee
-	0,  // [0:24] is the sub-list for field type_name
+	28, // 15: keysvc.v1.GetRequest.max_wait:type_name -> google.protobuf.Duration
+	2,  // 16: keysvc.v1.GetResponse.key:type_name -> keysvc.v1.Key
+	0,  // 17: keysvc.v1.DisableRequest.reason:type_name -> keysvc.v1.DisableReason
+	2,  // 18: keysvc.v1.DisableResponse.key:type_name -> keysvc.v1.Key
+	25, // 19: keysvc.v1.UpdateRateLimitsRequest.headers:type_name -> keysvc.v1.UpdateRateLimitsRequest.HeadersEntry
+	28, // 20: keysvc.v1.GetLockoutPeriodResponse.lockout:type_name -> google.protobuf.Duration
+	2,  // 21: keysvc.v1.ListResponse.keys:type_name -> keysvc.v1.Key
+	26, // 22: keysvc.v1.ReportOutcomeRequest.headers:type_name -> keysvc.v1.ReportOutcomeRequest.HeadersEntry
+	1,  // 23: keysvc.v1.ReportOutcomeResponse.action:type_name -> keysvc.v1.OutcomeAction
+	2,  // 24: keysvc.v1.ReportOutcomeResponse.key:type_name -> keysvc.v1.Key
+	4,  // 25: keysvc.v1.KeyService.Get:input_type -> keysvc.v1.GetRequest
+	6,  // 26: keysvc.v1.KeyService.Disable:input_type -> keysvc.v1.DisableRequest
+	8,  // 27: keysvc.v1.KeyService.MarkRateLimited:input_type -> keysvc.v1.MarkRateLimitedRequest
+	10, // 28: keysvc.v1.KeyService.UpdateRateLimits:input_type -> keysvc.v1.UpdateRateLimitsRequest
+	12, // 29: keysvc.v1.KeyService.GetLockoutPeriod:input_type -> keysvc.v1.GetLockoutPeriodRequest
+	14, // 30: keysvc.v1.KeyService.IncrementUsage:input_type -> keysvc.v1.IncrementUsageRequest
+	16, // 31: keysvc.v1.KeyService.List:input_type -> keysvc.v1.ListRequest
+	18, // 32: keysvc.v1.KeyService.Available:input_type -> keysvc.v1.AvailableRequest
+	20, // 33: keysvc.v1.KeyService.Recheck:input_type -> keysvc.v1.RecheckRequest
+	22, // 34: keysvc.v1.KeyService.ReportOutcome:input_type -> keysvc.v1.ReportOutcomeRequest
+	5,  // 35: keysvc.v1.KeyService.Get:output_type -> keysvc.v1.GetResponse
+	7,  // 36: keysvc.v1.KeyService.Disable:output_type -> keysvc.v1.DisableResponse
+	9,  // 37: keysvc.v1.KeyService.MarkRateLimited:output_type -> keysvc.v1.MarkRateLimitedResponse
+	11, // 38: keysvc.v1.KeyService.UpdateRateLimits:output_type -> keysvc.v1.UpdateRateLimitsResponse
+	13, // 39: keysvc.v1.KeyService.GetLockoutPeriod:output_type -> keysvc.v1.GetLockoutPeriodResponse
+	15, // 40: keysvc.v1.KeyService.IncrementUsage:output_type -> keysvc.v1.IncrementUsageResponse
+	17, // 41: keysvc.v1.KeyService.List:output_type -> keysvc.v1.ListResponse
+	19, // 42: keysvc.v1.KeyService.Available:output_type -> keysvc.v1.AvailableResponse
+	21, // 43: keysvc.v1.KeyService.Recheck:output_type -> keysvc.v1.RecheckResponse
+	23, // 44: keysvc.v1.KeyService.ReportOutcome:output_type -> keysvc.v1.ReportOutcomeResponse
+	35, // [35:45] is the sub-list for method output_type
+	25, // [25:35] is the sub-list for method input_type
+	25, // [25:25] is the sub-list for extension type_name
+	25, // [25:25] is the sub-list for extension extendee
+	0,  // [0:25] is the sub-list for field type_name
 }
 
 func init() { file_keysvc_v1_keysvc_proto_init() }

@@ -46,7 +46,8 @@ const (
 // FAMILY_DISALLOWED, INVALID_ARGUMENT), not on the message text.
 type KeyServiceClient interface {
 	// Get hands out the key most likely to succeed for the model and throttles
-	// it briefly so a burst does not pile onto one key.
+	// it briefly (for that model's family) so a burst does not pile onto one
+	// key. With max_wait it waits for a locked key to unlock.
 	Get(ctx context.Context, in *GetRequest, opts ...grpc.CallOption) (*GetResponse, error)
 	// Disable stops a key from ever being handed out again (until Recheck).
 	Disable(ctx context.Context, in *DisableRequest, opts ...grpc.CallOption) (*DisableResponse, error)
@@ -196,7 +197,8 @@ func (c *keyServiceClient) ReportOutcome(ctx context.Context, in *ReportOutcomeR
 // FAMILY_DISALLOWED, INVALID_ARGUMENT), not on the message text.
 type KeyServiceServer interface {
 	// Get hands out the key most likely to succeed for the model and throttles
-	// it briefly so a burst does not pile onto one key.
+	// it briefly (for that model's family) so a burst does not pile onto one
+	// key. With max_wait it waits for a locked key to unlock.
 	Get(context.Context, *GetRequest) (*GetResponse, error)
 	// Disable stops a key from ever being handed out again (until Recheck).
 	Disable(context.Context, *DisableRequest) (*DisableResponse, error)

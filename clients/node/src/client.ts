@@ -12,6 +12,7 @@ import { KeysvcError } from "./errors";
 import {
   DisableReason,
   KeyServiceClient,
+  type GetRequest,
   type Key,
   type OutcomeAction,
 } from "./gen/keysvc/v1/keysvc";
@@ -120,9 +121,23 @@ export class KeysvcClient {
     this.stub.close();
   }
 
-  /** A key for `model`. */
-  async get(model: string, opts?: CallOpts): Promise<Lease> {
-    const response = await this.call(this.stub.get, { model }, opts);
+  /**
+   * A key for `model`. With `opts.maxWaitMs` (at most 60000), when every key is locked
+   * the server waits that long for one to unlock; the default deadline grows by as much.
+   */
+  async get(model: string, opts?: CallOpts & { maxWaitMs?: number }): Promise<Lease> {
+    const maxWaitMs = opts?.maxWaitMs;
+    let request: GetRequest = { model, maxWait: undefined };
+    let callOpts = opts;
+    if (maxWaitMs !== undefined) {
+      const nanos = Math.round(maxWaitMs * 1e6);
+      const seconds = Math.trunc(nanos / 1e9);
+      request = { model, maxWait: { seconds, nanos: nanos - seconds * 1e9 } };
+      if (opts?.timeoutMs === undefined && this.timeoutMs !== null) {
+        callOpts = { ...opts, timeoutMs: this.timeoutMs + maxWaitMs };
+      }
+    }
+    const response = await this.call(this.stub.get, request, callOpts);
     if (!response.key) throw new KeysvcError(status.INTERNAL, "the response carries no key");
     return { secret: response.secret, key: response.key };
   }

@@ -140,6 +140,17 @@ describe("KeysvcClient against a live keysvc", () => {
     assert.equal(await client.available(), SECRETS.length - 1);
   });
 
+  it("Get with maxWaitMs waits for a key to unlock", async () => {
+    const first = (await client.get("gpt-4o")).key.hash;
+    for (const _ of SECRETS.slice(1)) await client.get("gpt-4o"); // all throttled 1 s
+    const started = Date.now();
+    const lease = await client.get("gpt-4o", { maxWaitMs: 5000 });
+    const waited = Date.now() - started;
+    assert.equal(lease.key.hash, first);
+    assert.ok(waited > 500 && waited < 3000, `waited ${waited} ms`);
+    await rejectsWith(client.get("gpt-4o", { maxWaitMs: 61000 }), status.INVALID_ARGUMENT, "INVALID_ARGUMENT");
+  });
+
   it("an expired per-call deadline is honoured", async () => {
     await rejectsWith(client.get("gpt-4o", { timeoutMs: -1000 }), status.DEADLINE_EXCEEDED, undefined);
     assert.ok((await client.get("gpt-4o", { timeoutMs: 5000 })).secret);

@@ -238,3 +238,17 @@ def test_rate_limit_state_is_per_family(client: KeysvcClient, server: LiveServer
     # Locked for gpt4o, but free for turbo: the upstream limits each model apart.
     turbo = [client.get("gpt-3.5-turbo").key.hash for _ in server.secrets]
     assert lease.key.hash in turbo
+
+
+def test_get_with_max_wait_waits_for_a_key_to_unlock(
+    client: KeysvcClient, server: LiveServer
+) -> None:
+    first = [client.get("gpt-4o").key.hash for _ in server.secrets][0]  # all throttled 1 s
+    started = time.monotonic()
+    lease = client.get("gpt-4o", max_wait=timedelta(seconds=5))
+    waited = time.monotonic() - started
+    assert lease.key.hash == first  # the first to unlock
+    assert 0.5 < waited < 3, waited
+    with pytest.raises(KeysvcRpcError) as caught:
+        client.get("gpt-4o", max_wait=61)
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT

@@ -72,8 +72,26 @@ class _Base:
         self._metadata = call_metadata(token)
         self._options = [*options, *(tls.channel_options() if tls else [])]
 
-    def _deadline(self, timeout: float | None) -> float | None:
-        return self.timeout if timeout is None else timeout
+    def _deadline(self, timeout: float | None, max_wait: float | None = None) -> float | None:
+        if timeout is not None:
+            return timeout
+        if self.timeout is not None and max_wait:
+            return self.timeout + max_wait  # the call may wait that long on the server
+        return self.timeout
+
+
+def _get_request(model: str, max_wait: float | timedelta | None) -> pb.GetRequest:
+    request = pb.GetRequest(model=model)
+    if max_wait is not None:
+        if isinstance(max_wait, timedelta):
+            request.max_wait.FromTimedelta(max_wait)
+        else:
+            request.max_wait.FromNanoseconds(round(max_wait * 1e9))
+    return request
+
+
+def _seconds(max_wait: float | timedelta | None) -> float | None:
+    return max_wait.total_seconds() if isinstance(max_wait, timedelta) else max_wait
 
     def __repr__(self) -> str:
         # Never the token.
@@ -127,15 +145,28 @@ class KeysvcClient(_Base):
         method: grpc.UnaryUnaryMultiCallable[_Req, _Resp],
         request: _Req,
         timeout: float | None,
+        max_wait: float | None = None,
     ) -> _Resp:
+        deadline = self._deadline(timeout, max_wait)
         try:
-            return method(request, timeout=self._deadline(timeout), metadata=self._metadata)
+            return method(request, timeout=deadline, metadata=self._metadata)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
 
-    def get(self, model: str, *, timeout: float | None = None) -> pb.GetResponse:
-        """A key for ``model``: ``.secret`` to send upstream, ``.key.hash`` to report back."""
-        return self._call(self._stub.Get, pb.GetRequest(model=model), timeout)
+    def get(
+        self,
+        model: str,
+        *,
+        max_wait: float | timedelta | None = None,
+        timeout: float | None = None,
+    ) -> pb.GetResponse:
+        """A key for ``model``: ``.secret`` to send upstream, ``.key.hash`` to report back.
+
+        With ``max_wait`` (seconds, at most 60), when every key is locked the server
+        waits that long for one to unlock; the default deadline grows by as much.
+        """
+        request = _get_request(model, max_wait)
+        return self._call(self._stub.Get, request, timeout, _seconds(max_wait))
 
     def disable(
         self,
@@ -267,15 +298,24 @@ class AsyncKeysvcClient(_Base):
         method: aio.UnaryUnaryMultiCallable[_Req, _Resp],
         request: _Req,
         timeout: float | None,
+        max_wait: float | None = None,
     ) -> _Resp:
+        deadline = self._deadline(timeout, max_wait)
         try:
-            return await method(request, timeout=self._deadline(timeout), metadata=self._metadata)
+            return await method(request, timeout=deadline, metadata=self._metadata)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
 
-    async def get(self, model: str, *, timeout: float | None = None) -> pb.GetResponse:
-        """A key for ``model``: ``.secret`` to send upstream, ``.key.hash`` to report back."""
-        return await self._call(self._stub.Get, pb.GetRequest(model=model), timeout)
+    async def get(
+        self,
+        model: str,
+        *,
+        max_wait: float | timedelta | None = None,
+        timeout: float | None = None,
+    ) -> pb.GetResponse:
+        """A key for ``model``; ``max_wait`` as for ``KeysvcClient.get``."""
+        request = _get_request(model, max_wait)
+        return await self._call(self._stub.Get, request, timeout, _seconds(max_wait))
 
     async def disable(
         self,

@@ -261,6 +261,15 @@ export interface FamilyRateLimit {
 export interface GetRequest {
   /** Upstream model name, e.g. "gpt-4o" or "gpt-3.5-turbo". Required. */
   model: string;
+  /**
+   * Optional, at most 60 s. When every key for the model is locked, wait up
+   * to this long, server-side, for the first to unlock and return it; callers
+   * with max_wait are served in arrival order. If keys are still locked at
+   * the deadline, the key that unlocks first is returned, as without
+   * max_wait. Unset or zero: never wait. Give the call a deadline longer than
+   * max_wait.
+   */
+  maxWait: Duration | undefined;
 }
 
 /** GetResponse carries the chosen key. */
@@ -1224,13 +1233,16 @@ export const FamilyRateLimit: MessageFns<FamilyRateLimit> = {
 };
 
 function createBaseGetRequest(): GetRequest {
-  return { model: "" };
+  return { model: "", maxWait: undefined };
 }
 
 export const GetRequest: MessageFns<GetRequest> = {
   encode(message: GetRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.model !== "") {
       writer.uint32(10).string(message.model);
+    }
+    if (message.maxWait !== undefined) {
+      Duration.encode(message.maxWait, writer.uint32(18).fork()).join();
     }
     return writer;
   },
@@ -1256,6 +1268,14 @@ export const GetRequest: MessageFns<GetRequest> = {
             message.model = reader.string();
             continue;
           }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.maxWait = Duration.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1269,13 +1289,23 @@ export const GetRequest: MessageFns<GetRequest> = {
   },
 
   fromJSON(object: any): GetRequest {
-    return { model: isSet(object.model) ? globalThis.String(object.model) : "" };
+    return {
+      model: isSet(object.model) ? globalThis.String(object.model) : "",
+      maxWait: isSet(object.maxWait)
+        ? Duration.fromJSON(object.maxWait)
+        : isSet(object.max_wait)
+        ? Duration.fromJSON(object.max_wait)
+        : undefined,
+    };
   },
 
   toJSON(message: GetRequest): unknown {
     const obj: any = {};
     if (message.model !== "") {
       obj.model = message.model;
+    }
+    if (message.maxWait !== undefined) {
+      obj.maxWait = Duration.toJSON(message.maxWait);
     }
     return obj;
   },
@@ -1286,6 +1316,9 @@ export const GetRequest: MessageFns<GetRequest> = {
   fromPartial(object: DeepPartial<GetRequest>): GetRequest {
     const message = createBaseGetRequest();
     message.model = object.model ?? "";
+    message.maxWait = (object.maxWait !== undefined && object.maxWait !== null)
+      ? Duration.fromPartial(object.maxWait)
+      : undefined;
     return message;
   },
 };
@@ -3018,7 +3051,8 @@ export type KeyServiceService = typeof KeyServiceService;
 export const KeyServiceService = {
   /**
    * Get hands out the key most likely to succeed for the model and throttles
-   * it briefly so a burst does not pile onto one key.
+   * it briefly (for that model's family) so a burst does not pile onto one
+   * key. With max_wait it waits for a locked key to unlock.
    */
   get: {
     path: "/keysvc.v1.KeyService/Get" as const,
@@ -3151,7 +3185,8 @@ export const KeyServiceService = {
 export interface KeyServiceServer extends UntypedServiceImplementation {
   /**
    * Get hands out the key most likely to succeed for the model and throttles
-   * it briefly so a burst does not pile onto one key.
+   * it briefly (for that model's family) so a burst does not pile onto one
+   * key. With max_wait it waits for a locked key to unlock.
    */
   get: handleUnaryCall<GetRequest, GetResponse>;
   /** Disable stops a key from ever being handed out again (until Recheck). */
@@ -3195,7 +3230,8 @@ export interface KeyServiceServer extends UntypedServiceImplementation {
 export interface KeyServiceClient extends Client {
   /**
    * Get hands out the key most likely to succeed for the model and throttles
-   * it briefly so a burst does not pile onto one key.
+   * it briefly (for that model's family) so a burst does not pile onto one
+   * key. With max_wait it waits for a locked key to unlock.
    */
   get(request: GetRequest, callback: (error: ServiceError | null, response: GetResponse) => void): ClientUnaryCall;
   get(
