@@ -42,6 +42,14 @@ class KeyProfile:
     is_trial: bool = False
     #: The model ids the upstream listed for the key; None until the checker has seen them.
     model_ids: frozenset[str] | None = None
+    # The pool looks keys' groups up by profile on every report: hash once, not per lookup.
+    _hash: int = field(default=0, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((self.families, self.is_trial, self.model_ids)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     def serves(self, model: str | None, family: str, *, embeddings: bool) -> bool:
         """Whether a key of this profile may serve ``model`` (of ``family``).
