@@ -44,6 +44,7 @@ from .clock import Clock
 from .config import DEFAULT_OPENAI_BASE_URL
 from .errors import KeyNotFound
 from .keys import DisableReason, Key
+from .outcomes import UpstreamError, dead_key_reason, upstream_error
 from .pool import KeyPool
 
 __all__ = [
@@ -123,33 +124,6 @@ class Outcome:
     problem: str = ""
 
 
-@dataclass(frozen=True, slots=True)
-class UpstreamError:
-    """The ``error`` object of an OpenAI error body."""
-
-    type: str
-    code: str
-    message: str
-
-    def names(self, *names: str) -> bool:
-        """Whether the error's type or code is one of ``names``."""
-        return self.type in names or self.code in names
-
-
-def upstream_error(body: object) -> UpstreamError | None:
-    """The error of an OpenAI-shaped body ``{"error": {"type", "code", "message"}}``, else None."""
-    if not isinstance(body, dict):
-        return None
-    error = body.get("error")
-    if not isinstance(error, dict):
-        return None
-    fields = [error.get(name) for name in ("type", "code", "message")]
-    if not any(isinstance(f, str) for f in fields[:2]):
-        return None
-    type_, code, message = (f if isinstance(f, str) else "" for f in fields)
-    return UpstreamError(type_, code, message)
-
-
 def classify(status: int, body: object, *, trial: bool) -> Outcome:
     """The error table: what a non-2xx answer says about the key.
 
@@ -160,19 +134,14 @@ def classify(status: int, body: object, *, trial: bool) -> Outcome:
     if error is None:
         return Outcome(Verdict.RETRY, problem=f"HTTP {status} without an OpenAI error body")
     label = f"HTTP {status} {error.code or error.type}"
-    if status == 401:
-        return Outcome(Verdict.DEAD, DisableReason.REVOKED, label)
+    reason = dead_key_reason(status, error)  # the rows shared with ReportOutcome
+    if reason is not None:
+        return Outcome(Verdict.DEAD, reason, label)
     if status == 429:
-        if error.names("insufficient_quota", "billing_not_active"):
-            return Outcome(Verdict.DEAD, DisableReason.QUOTA, label)
-        if error.names("access_terminated"):
-            return Outcome(Verdict.DEAD, DisableReason.REVOKED, label)
         if error.type == "requests" and trial:
             return Outcome(Verdict.DEAD, DisableReason.QUOTA, f"{label} on a trial key")
         return Outcome(Verdict.BUSY, problem=label)
     if status == 400:
-        if error.names("billing_hard_limit_reached"):
-            return Outcome(Verdict.DEAD, DisableReason.QUOTA, label)
         return Outcome(Verdict.ALIVE, problem=label)
     return Outcome(Verdict.RETRY, problem=label)
 

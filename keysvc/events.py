@@ -44,6 +44,10 @@ class PoolObserver(Protocol):
         """The key checker finished checking one key with ``outcome`` (e.g. "ok", "revoked")."""
         ...
 
+    def outcome_reported(self, action: str) -> None:
+        """ReportOutcome applied an upstream answer and told the proxy ``action``."""
+        ...
+
 
 class NullObserver:
     """Observes nothing."""
@@ -58,4 +62,7 @@ class NullObserver:
         pass
 
     def check_result(self, outcome: str) -> None:
+        pass
+
+    def outcome_reported(self, action: str) -> None:
         pass

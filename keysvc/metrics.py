@@ -27,6 +27,7 @@ from prometheus_client.registry import Collector
 
 from .events import KeyChange
 from .interceptors import Behavior, UnaryInterceptor
+from .outcomes import OutcomeAction
 from .pool import HASH_PATTERN, KeyPool
 from .status import COUNTED_STATES, summarize_pool
 from .v1 import keysvc_pb2
@@ -88,6 +89,12 @@ class Metrics:
             ["outcome"],
             registry=self.registry,
         )
+        self._outcomes = Counter(
+            "keysvc_outcomes",
+            "Upstream answers reported through ReportOutcome, by the action keysvc answered.",
+            ["action"],
+            registry=self.registry,
+        )
         self._rpcs = Counter(
             "keysvc_rpcs",
             "RPCs handled, by full method name and gRPC status code.",
@@ -106,6 +113,9 @@ class Metrics:
         self._token_children: dict[str, Any] = {}
         for change in KeyChange:
             self._changes.labels(change.value)
+        self._outcome_children = {
+            action.value: self._outcomes.labels(action.value) for action in OutcomeAction
+        }
 
     def watch_pool(self, pool: KeyPool) -> None:
         """Adds the gauges computed from ``pool`` on each scrape."""
@@ -130,6 +140,9 @@ class Metrics:
 
     def check_result(self, outcome: str) -> None:
         self._checks.labels(outcome).inc()
+
+    def outcome_reported(self, action: str) -> None:
+        self._outcome_children[action].inc()
 
     # -- RPCs --------------------------------------------------------------------
 

@@ -1,46 +1,83 @@
 """The key pool: which key to hand out, and what each upstream answer teaches.
 
 The pool imports nothing from grpc. Every method runs on the server's event loop
-and none awaits, so select-and-throttle is atomic without locks.
+and none awaits (except ``get_waiting``, which waits between atomic steps), so
+select-and-throttle is atomic without locks.
 
-Selection order for ``get(model)`` (the seed's, with ``rate_limited_until``
+Rate-limit state is kept per (key, model family), because the upstream limits
+each key per model: a 429 for gpt-4 says nothing about the same key on turbo.
+A ``RateState`` per family holds the hand-out time, the last answer's reset
+and remaining headers and whether a 429 came; reports that name no model go
+to the key-wide state (``key.wide``), which locks every family (the seed's
+behaviour). A key's lock in family f ends at the later of the two.
+
+A family's lock (``RateState.until``) is the later of
+
+- the reuse throttle: ``last_used + reuse_delay`` (1 s) after a hand-out for
+  that family, so a burst does not pile onto one key before its headers come
+  back. Per family, like the upstream limits: a turbo hand-out does not hold
+  the key back from gpt-4;
+- the rate-limit window from ``rate_limited_at`` (the hand-out, or the latest
+  429):
+
+  - after a 429: the longer known reset, else 10 s (a 429 is authoritative
+    even when the remaining-* headers say otherwise);
+  - else, when remaining-* headers are known: the reset of each remaining
+    that is 0 (10 s if that reset is unknown); when none is 0, no window: the
+    key still has quota and only the throttle holds it back;
+  - else (no remaining-* known): the longer known reset (the seed's rule).
+
+The inputs are stored and the lock derived from them, so the order of
+MarkRateLimited and UpdateRateLimits does not matter.
+
+Selection order for ``get(model)`` of family f (the seed's, with the lock
 instead of its 30 s window):
 
-1. keys that are not locked (``now >= rate_limited_until``);
-2. among locked keys, the one whose lock ends first;
+1. keys not locked for f;
+2. among locked keys, the one whose lock for f ends first;
 3. trial keys before paid keys (spend the small quotas first);
 4. keys *without* gpt4-32k before keys with it (keep scarce 32k keys free);
-5. the least recently used.
+5. the least recently used for f.
 
-Keys are indexed by ``KeyProfile`` (families, trial flag and, once the checker
-has listed them, the key's model ids): all keys of one
-profile share rules 3 and 4, so each profile needs only two heaps — unlocked
-keys by last use, locked keys by unlock time — and a selection peeks one heap top
-per eligible profile. That is O(P + log n) per call for P distinct profiles
-(a handful) and n keys, instead of the seed's sort of the whole pool.
+Keys are grouped by ``KeyProfile`` (families, trial flag and, once the checker
+has listed them, the key's model ids): all keys of one profile share rules 3
+and 4. Each group has one index per family, created when that family is first
+asked for (then for every key of the profile at once), with two heaps —
+unlocked keys by last use, locked keys by unlock time — so a selection peeks
+one heap top per eligible profile: O(P + log n) for P distinct profiles (a
+handful) and n keys, instead of the seed's sort of the whole pool. A key gets
+a ``RateState`` for a family only when that family is indexed or reported, so
+families nobody asks for cost no memory.
 
 Heap entries are never updated in place: when a key moves, a new entry is pushed
-and ``key.index_entry`` points at it; entries it no longer points at are stale
-and are dropped when they reach a heap top or when the heap is compacted.
+and its ``RateState.entry`` points at it; entries it no longer points at are
+stale and are dropped when they reach a heap top or when the heap is compacted.
+A family-state change re-places the key in that family's index only; a
+key-wide change re-places it in every index it is in.
 """
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import heapq
 import logging
+import math
 import re
+from collections import deque
 from collections.abc import Iterable, Mapping
 from typing import Final
 
-from .clock import Clock
+from .clock import Clock, Timer
 from .durations import parse_go_duration
 from .errors import FamilyDisallowed, InvalidArgument, KeyNotFound, NoKeysForFamily
 from .events import KeyChange, NullObserver, PoolObserver
-from .keys import DisableReason, Key, KeyProfile, hash_key
+from .keys import DisableReason, Key, KeyProfile, RateState, hash_key
 from .models import GPT4_32K, ModelInfo, ModelTable
+from .outcomes import Decision, UpstreamError, decide
 from .store import KeyStore, MemoryKeyStore
 
-__all__ = ["KeyPool", "Limits"]
+__all__ = ["MAX_WAIT", "KeyPool", "Limits"]
 
 _log = logging.getLogger("keysvc.pool")
 
@@ -54,6 +91,8 @@ MAX_RESET: Final = 10.0
 RATE_LIMIT_FALLBACK: Final = 10.0
 #: Bound on the eligible-index cache, which is keyed by model name (names come from callers).
 ELIGIBLE_CACHE_SIZE: Final = 4096
+#: The longest a Get may wait for a key to unlock (``get_waiting``).
+MAX_WAIT: Final = 60.0
 #: The model GetLockoutPeriod assumes when none is given (as the seed).
 DEFAULT_LOCKOUT_MODEL: Final = "gpt-4"
 
@@ -72,6 +111,8 @@ _CHANGE_LOGS: Final = {
 
 REQUESTS_RESET_HEADER: Final = "x-ratelimit-reset-requests"
 TOKENS_RESET_HEADER: Final = "x-ratelimit-reset-tokens"
+REMAINING_REQUESTS_HEADER: Final = "x-ratelimit-remaining-requests"
+REMAINING_TOKENS_HEADER: Final = "x-ratelimit-remaining-tokens"
 
 
 class Limits:
@@ -82,54 +123,95 @@ class Limits:
     HEADER_NAME_LENGTH: Final = 256
     HEADER_VALUE_LENGTH: Final = 4096
     TOKENS: Final = 1_000_000_000
+    #: Longest error type or code in a ReportOutcome.
+    ERROR_NAME_LENGTH: Final = 256
+    #: Longest error message in a ReportOutcome.
+    ERROR_MESSAGE_LENGTH: Final = 8192
     #: Largest request message the server accepts (bigger: RESOURCE_EXHAUSTED,
     #: before keysvc decodes it). Room for the largest valid UpdateRateLimits.
     MESSAGE_BYTES: Final = 1024 * 1024
 
 
-# Heap entries. Ready: (last_used, seq, key). Locked: (until, last_used, seq, key).
-_ReadyEntry = tuple[float, int, Key]
-_LockedEntry = tuple[float, float, int, Key]
+# Heap entries. Ready: (last_used, seq, state). Locked: (until, last_used, seq, state).
+# ``state`` is the key's RateState for the index's family; ``state.key`` the key.
+_ReadyEntry = tuple[float, int, RateState]
+_LockedEntry = tuple[float, float, int, RateState]
 
 
-class _ProfileIndex:
-    """The indexed, not-disabled keys of one profile."""
+class _ProfileGroup:
+    """The indexed (not disabled) keys of one profile, with one index per family asked for."""
 
-    __slots__ = ("live", "locked", "profile", "ready")
+    __slots__ = ("indexes", "live", "profile")
 
     def __init__(self, profile: KeyProfile) -> None:
         self.profile = profile
-        self.ready: list[_ReadyEntry] = []
-        self.locked: list[_LockedEntry] = []
+        self.indexes: dict[str, _FamilyIndex] = {}
         self.live = 0
 
-    def push(self, key: Key, now: float) -> None:
+
+class _FamilyIndex:
+    """The keys of one profile, ordered by their state in one family."""
+
+    __slots__ = ("family", "group", "locked", "profile", "ready")
+
+    def __init__(self, group: _ProfileGroup, family: str) -> None:
+        self.group = group
+        self.profile = group.profile
+        self.family = family
+        self.ready: list[_ReadyEntry] = []
+        self.locked: list[_LockedEntry] = []
+
+    def push(self, state: RateState, now: float) -> None:
+        """(Re-)places the key of ``state`` by its lock for this family."""
+        until = state.until
+        wide = state.key.wide
+        if wide is not None and wide.until > until:
+            until = wide.until
         entry: _ReadyEntry | _LockedEntry
-        if key.rate_limited_until > now:
-            entry = (key.rate_limited_until, key.last_used, key.seq, key)
+        if until > now:
+            entry = (until, state.last_used, state.key.seq, state)
             heapq.heappush(self.locked, entry)
         else:
-            entry = (key.last_used, key.seq, key)
+            entry = (state.last_used, state.key.seq, state)
             heapq.heappush(self.ready, entry)
-        key.index_entry = entry
-        if len(self.ready) + len(self.locked) > 2 * self.live + 64:
+        state.entry = entry
+        if len(self.ready) + len(self.locked) > 2 * self.group.live + 64:
             self._compact()
+
+    def append(self, state: RateState, now: float) -> None:
+        """``push`` without keeping the heaps ordered; call ``heapify`` after a batch."""
+        until = state.until
+        wide = state.key.wide
+        if wide is not None and wide.until > until:
+            until = wide.until
+        entry: _ReadyEntry | _LockedEntry
+        if until > now:
+            entry = (until, state.last_used, state.key.seq, state)
+            self.locked.append(entry)
+        else:
+            entry = (state.last_used, state.key.seq, state)
+            self.ready.append(entry)
+        state.entry = entry
+
+    def heapify(self) -> None:
+        heapq.heapify(self.ready)
+        heapq.heapify(self.locked)
 
     def top(self, now: float) -> _ReadyEntry | _LockedEntry | None:
         """The best live entry (unlocked first, else earliest unlock), left on its heap."""
         locked, ready = self.locked, self.ready
         while locked and locked[0][0] <= now:
             entry = heapq.heappop(locked)
-            key = entry[3]
-            if key.index_entry is entry:
-                promoted = (key.last_used, key.seq, key)
+            state = entry[3]
+            if state.entry is entry:
+                promoted = (entry[1], entry[2], state)
                 heapq.heappush(ready, promoted)
-                key.index_entry = promoted
-        while ready and ready[0][2].index_entry is not ready[0]:
+                state.entry = promoted
+        while ready and ready[0][2].entry is not ready[0]:
             heapq.heappop(ready)
         if ready:
             return ready[0]
-        while locked and locked[0][3].index_entry is not locked[0]:
+        while locked and locked[0][3].entry is not locked[0]:
             heapq.heappop(locked)
         return locked[0] if locked else None
 
@@ -141,10 +223,36 @@ class _ProfileIndex:
             heapq.heappop(self.locked)
 
     def _compact(self) -> None:
-        self.ready = [e for e in self.ready if e[2].index_entry is e]
-        self.locked = [e for e in self.locked if e[3].index_entry is e]
+        self.ready = [e for e in self.ready if e[2].entry is e]
+        self.locked = [e for e in self.locked if e[3].entry is e]
         heapq.heapify(self.ready)
         heapq.heapify(self.locked)
+
+
+class _Waiter:
+    """A ``get_waiting`` call waiting its turn."""
+
+    __slots__ = ("deadline", "future", "timer")
+
+    def __init__(self, deadline: float, future: asyncio.Future[None]) -> None:
+        self.deadline = deadline
+        self.future = future
+        self.timer: Timer | None = None
+
+    def wake(self) -> None:
+        if not self.future.done():
+            self.future.set_result(None)
+
+
+class _WaitQueue:
+    """The waiters for one eligibility class (a model), first come first served."""
+
+    __slots__ = ("info", "model", "waiters")
+
+    def __init__(self, model: str, info: ModelInfo) -> None:
+        self.model = model
+        self.info = info
+        self.waiters: deque[_Waiter] = deque()
 
 
 class KeyPool:
@@ -176,8 +284,20 @@ class KeyPool:
         self._allowed = allowed_families
         self._reuse_delay = reuse_delay
         self._observer: PoolObserver = observer or NullObserver()
-        self._indexes: dict[KeyProfile, _ProfileIndex] = {}
-        self._eligible_cache: dict[tuple[str | None, str, bool], list[_ProfileIndex]] = {}
+        self._groups: dict[KeyProfile, _ProfileGroup] = {}
+        #: Families some caller has asked about: every group has an index for each
+        #: of them that its profile has.
+        self._indexed_families: set[str] = set()
+        self._eligible_cache: dict[tuple[str | None, str, bool], list[_FamilyIndex]] = {}
+        #: Keys with a key-wide state (``key.wide``); few, and only they can lock
+        #: a family nobody has asked about yet (``family_lockout``).
+        self._wide_keys: set[Key] = set()
+        # get_waiting: queues by (model, family, embeddings), the one timer set for
+        # the earliest unlock any queue head waits for, and a pending dispatch.
+        self._queues: dict[tuple[str, str, bool], _WaitQueue] = {}
+        self._timer: Timer | None = None
+        self._timer_at = math.inf
+        self._dispatch_pending = False
         self._profiles: dict[KeyProfile, KeyProfile] = {}
         self._model_id_sets: dict[frozenset[str], frozenset[str]] = {}
         self._next_seq = 0
@@ -185,7 +305,6 @@ class KeyPool:
         for key in store:
             key.profile = self._intern(key.profile)
             key.seq = self._take_seq()
-            self._derive_until(key)
             if not key.is_disabled:
                 self._place(key, now)
 
@@ -242,7 +361,6 @@ class KeyPool:
         # A persistent store may give the key its saved state (flags, families, usage).
         self._store.add(key)
         key.profile = self._intern(key.profile)
-        self._derive_until(key)
         if not key.is_disabled:
             self._place(key, self._clock.now())
         return key
@@ -257,6 +375,7 @@ class KeyPool:
         if key is None:
             return None
         self._unplace(key)
+        self._wide_keys.discard(key)
         self._store.remove(key_hash)
         return key
 
@@ -279,22 +398,131 @@ class KeyPool:
         if self._allowed is not None and info.family not in self._allowed:
             raise FamilyDisallowed(info.family, model)
         now = self._clock.now()
-        best_index, best_entry = self._select(self._eligible(model, info), now)
-        if best_index is None or best_entry is None:
+        index, entry = self._select(self._eligible(model, info), now)
+        if index is None or entry is None:
             raise NoKeysForFamily(info.family, model)
-        best_index.pop_top(best_entry)
-        key = best_entry[-1]
-        assert isinstance(key, Key)
-        key.last_used = now
-        key.rate_limited_at = now
-        # Reset headers describe the previous answer; the coming answer brings its own.
-        key.requests_reset = None
-        key.tokens_reset = None
-        key.saw_rate_limit = False
-        self._derive_until(key)
-        best_index.push(key, now)
+        return self._hand_out(index, entry, now)
+
+    async def get_waiting(self, model: str, max_wait: float) -> Key:
+        """``get``, but when every eligible key is locked, waits up to ``max_wait``
+        seconds for the first to unlock and hands that one out.
+
+        Waiters for a model are served in arrival order; wake-ups are timers at
+        the earliest unlock time (and pool changes that may free a key), never
+        polling. A waiter that is cancelled (its caller went away) leaves no
+        trace: keys are only taken by a waiter that is running. If every key is
+        still locked at the deadline, the call ends as ``get`` would: with the
+        key that unlocks first. Plain ``get`` calls do not queue.
+
+        Raises:
+            InvalidArgument: ``max_wait`` is negative or over ``MAX_WAIT``, or
+                ``model`` is bad.
+            FamilyDisallowed, NoKeysForFamily: as ``get``, at once or when the
+                last eligible key is disabled while waiting.
+        """
+        _check_model(model)
+        if not 0.0 <= max_wait <= MAX_WAIT:
+            raise InvalidArgument("max_wait", f"must be between 0 and {MAX_WAIT:g} seconds")
+        if max_wait == 0.0:
+            return self.get(model)
+        info = self._models.lookup(model)
+        if self._allowed is not None and info.family not in self._allowed:
+            raise FamilyDisallowed(info.family, model)
+        now = self._clock.now()
+        queue = self._queues.get((model, info.family, info.embeddings))
+        if queue is None:  # nobody waits before us: a free key is ours
+            index, entry = self._select(self._eligible(model, info), now)
+            if index is None or entry is None:
+                raise NoKeysForFamily(info.family, model)
+            if len(entry) == 3:
+                return self._hand_out(index, entry, now)
+            queue = self._queues[(model, info.family, info.embeddings)] = _WaitQueue(model, info)
+        loop = asyncio.get_running_loop()
+        waiter = _Waiter(now + max_wait, loop.create_future())
+        waiter.timer = self._clock.call_at(waiter.deadline, waiter.wake)
+        queue.waiters.append(waiter)
+        self._schedule_dispatch()
+        try:
+            while True:
+                await waiter.future
+                now = self._clock.now()
+                if now >= waiter.deadline:
+                    break
+                if queue.waiters[0] is waiter:
+                    index, entry = self._select(self._eligible(model, info), now)
+                    if index is None or entry is None:
+                        raise NoKeysForFamily(info.family, model)
+                    if len(entry) == 3:
+                        return self._hand_out(index, entry, now)
+                # Woken, but a plain Get took the key, or not first in line: wait on.
+                waiter.future = loop.create_future()
+                self._schedule_dispatch()
+        finally:
+            waiter.timer.cancel()
+            queue.waiters.remove(waiter)
+            if not queue.waiters:
+                del self._queues[(model, info.family, info.embeddings)]
+            self._schedule_dispatch()
+        return self.get(model)
+
+    def _schedule_dispatch(self) -> None:
+        """Looks at the waiters soon (once per loop turn however often asked)."""
+        if self._queues:
+            if not self._dispatch_pending:
+                self._dispatch_pending = True
+                asyncio.get_running_loop().call_soon(self._dispatch)
+        elif self._timer is not None:
+            self._timer.cancel()
+            self._timer, self._timer_at = None, math.inf
+
+    def _dispatch(self) -> None:
+        """Wakes each queue's head whose key is free; sets the timer for the next unlock."""
+        self._dispatch_pending = False
+        now = self._clock.now()
+        first_unlock = math.inf
+        for queue in self._queues.values():
+            head = queue.waiters[0]
+            if head.future.done():
+                continue  # already woken; it acts when it runs
+            _, entry = self._select(self._eligible(queue.model, queue.info), now)
+            if entry is None or len(entry) == 3:
+                head.wake()  # a free key, or none at all (the head raises)
+            elif entry[0] < first_unlock:
+                first_unlock = entry[0]
+        if first_unlock != self._timer_at or self._timer is None:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self._timer_at = first_unlock
+            if first_unlock < math.inf:
+                self._timer = self._clock.call_at(first_unlock, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer, self._timer_at = None, math.inf
+        self._dispatch()
+
+    def _hand_out(self, index: _FamilyIndex, entry: _ReadyEntry | _LockedEntry, now: float) -> Key:
+        """Throttles the key of ``entry`` (the top of ``index``) for its family and returns it."""
+        index.pop_top(entry)
+        state = entry[-1]
+        assert isinstance(state, RateState)
+        key = state.key
+        state.last_used = state.rate_limited_at = key.last_used = now
+        # The previous answer's headers are spent; the coming answer brings its own.
+        state.requests_reset = state.tokens_reset = None
+        state.remaining_requests = state.remaining_tokens = None
+        state.saw_rate_limit = False
+        state.until = now + self._reuse_delay
+        wide = key.wide
+        if wide is None:
+            index.push(state, now)
+        else:
+            # Key-wide reports describe answers before this hand-out, as in the seed.
+            key.wide = None
+            self._wide_keys.discard(key)
+            self._push_all(key, now)
         self._store.changed(key)
-        self._observer.handed_out(info.family)
+        self._observer.handed_out(index.family)
         return key
 
     def lockout_period(self, model: str) -> float:
@@ -309,8 +537,28 @@ class KeyPool:
         return self._lockout(model, self._models.lookup(model))
 
     def family_lockout(self, family: str) -> float:
-        """``lockout_period`` over every key of ``family``, whatever models it lists."""
-        return self._lockout(None, ModelInfo(family, embeddings=False))
+        """``lockout_period`` over every key of ``family``, whatever models it lists.
+
+        For status pages and metrics: a family nobody has asked about is not
+        indexed for it; only key-wide locks can hold its keys back then.
+        """
+        if family in self._indexed_families:
+            return self._lockout(None, ModelInfo(family, embeddings=False))
+        if self._allowed is not None and family not in self._allowed:
+            return 0.0
+        live = sum(g.live for g in self._groups.values() if family in g.profile.families)
+        now = self._clock.now()
+        locked, first_unlock = 0, math.inf
+        for key in self._wide_keys:
+            wide = key.wide
+            if wide is None or wide.until <= now or not key.indexed:
+                continue
+            if family in key.profile.families:
+                locked += 1
+                first_unlock = min(first_unlock, wide.until)
+        if live == 0 or locked < live:
+            return 0.0
+        return first_unlock - now
 
     def _lockout(self, model: str | None, info: ModelInfo) -> float:
         if self._allowed is not None and info.family not in self._allowed:
@@ -322,9 +570,9 @@ class KeyPool:
         return max(0.0, entry[0] - now)
 
     def _select(
-        self, indexes: list[_ProfileIndex], now: float
-    ) -> tuple[_ProfileIndex | None, _ReadyEntry | _LockedEntry | None]:
-        best_index: _ProfileIndex | None = None
+        self, indexes: list[_FamilyIndex], now: float
+    ) -> tuple[_FamilyIndex | None, _ReadyEntry | _LockedEntry | None]:
+        best_index: _FamilyIndex | None = None
         best_entry: _ReadyEntry | _LockedEntry | None = None
         best_rank: tuple[float, ...] | None = None
         for index in indexes:
@@ -336,26 +584,27 @@ class KeyPool:
             profile = index.profile
             trial_rank = 0 if profile.is_trial else 1
             has_32k_rank = 1 if GPT4_32K in profile.families else 0
-            if len(entry) == 3:  # unlocked: (last_used, seq, key)
+            if len(entry) == 3:  # unlocked: (last_used, seq, state)
                 rank: tuple[float, ...] = (0, 0.0, trial_rank, has_32k_rank, entry[0], entry[1])
-            else:  # locked: (until, last_used, seq, key)
+            else:  # locked: (until, last_used, seq, state)
                 rank = (1, entry[0], trial_rank, has_32k_rank, entry[1], entry[2])
             if best_rank is None or rank < best_rank:
                 best_index, best_entry, best_rank = index, entry, rank
         return best_index, best_entry
 
-    def _eligible(self, model: str | None, info: ModelInfo) -> list[_ProfileIndex]:
-        """The profile indexes whose keys may serve the model; shared by get and lockout.
+    def _eligible(self, model: str | None, info: ModelInfo) -> list[_FamilyIndex]:
+        """The family indexes whose keys may serve the model; shared by get, lockout, waiters.
 
         ``model`` None: every index serving the family, whatever its model ids.
         """
         cache_key = (model, info.family, info.embeddings)
         indexes = self._eligible_cache.get(cache_key)
         if indexes is None:
+            self._index_family(info.family)
             indexes = [
-                index
-                for index in self._indexes.values()
-                if index.profile.serves(model, info.family, embeddings=info.embeddings)
+                group.indexes[info.family]
+                for group in self._groups.values()
+                if group.profile.serves(model, info.family, embeddings=info.embeddings)
             ]
             if len(self._eligible_cache) >= ELIGIBLE_CACHE_SIZE:
                 self._eligible_cache.clear()
@@ -365,49 +614,67 @@ class KeyPool:
     # -- learning from upstream answers --------------------------------------
 
     def mark_rate_limited(self, key_hash: str, model: str = "") -> None:
-        """Records that the upstream answered 429 for the key just now."""
+        """Records that the upstream answered 429 for the key just now.
+
+        With ``model``, only the model's family is locked; without, every family.
+        """
         key = self.key(key_hash)
         if model:
             _check_model(model)
+        state = self._report_state(key, model)
         now = self._clock.now()
-        first_report = not key.saw_rate_limit
-        key.rate_limited_at = now
-        key.saw_rate_limit = True
-        self._reposition(key, now)
+        first_report = self._mark(state, now)
+        self._reposition(state, now)
         if first_report:  # once per hand-out: proxies may report the same 429 twice
             reason = f"upstream answered 429 for {model}" if model else "upstream answered 429"
             self._state_changed(key, KeyChange.RATE_LIMITED, reason)
 
-    def update_rate_limits(self, key_hash: str, headers: Mapping[str, str]) -> None:
-        """Records an upstream answer's reset headers (Go durations, clamped to 10 s).
+    def update_rate_limits(
+        self, key_hash: str, headers: Mapping[str, str], model: str = ""
+    ) -> None:
+        """Records an answer's rate-limit headers: resets (Go durations, clamped to
+        10 s) and remaining requests and tokens.
 
-        An unparseable value is ignored and logged; without either header nothing
-        changes. Together with ``mark_rate_limited`` the result does not depend on
-        which of the two is reported first.
+        With ``model``, they apply to the model's family; without, key-wide. An
+        unparseable value is ignored and logged; without any of the headers
+        nothing changes. Together with ``mark_rate_limited`` the result does not
+        depend on which of the two is reported first.
         """
         key = self.key(key_hash)
         _check_headers(headers)
-        lowered = {name.lower(): value for name, value in headers.items()}
-        changed = False
-        for header in (REQUESTS_RESET_HEADER, TOKENS_RESET_HEADER):
-            raw = lowered.get(header)
-            if raw is None:
-                continue
-            seconds = parse_go_duration(raw)
-            if seconds is None:
-                _log.warning(
-                    "ignoring unparseable rate-limit header",
-                    extra={"key_hash": key.hash, "header": header, "value": _loggable(raw)},
-                )
-                continue
-            seconds = min(seconds, MAX_RESET)
-            if header == REQUESTS_RESET_HEADER:
-                key.requests_reset = seconds
-            else:
-                key.tokens_reset = seconds
-            changed = True
-        if changed:
-            self._reposition(key, self._clock.now())
+        if model:
+            _check_model(model)
+        parsed = _parse_rate_headers(key, headers)
+        if parsed is None:
+            return
+        state = self._report_state(key, model)
+        _apply_rate_headers(state, parsed)
+        self._reposition(state, self._clock.now())
+
+    def _report_state(self, key: Key, model: str) -> RateState:
+        """The state a report about ``model`` changes: its family's, or key-wide without one."""
+        if not model:
+            wide = key.wide
+            if wide is None:
+                # The window of a key-wide report starts at the key's last hand-out.
+                wide = key.wide = RateState(key, "", rate_limited_at=key.last_used)
+                self._wide_keys.add(key)
+            return wide
+        family = self._models.family(model)
+        # States exist only for indexed families (family_lockout relies on it).
+        self._index_family(family)
+        state = key.state_in(family)
+        if state is None:  # the key's profile lacks the family, or it is disabled
+            state = key.add_state(RateState(key, family))
+        return state
+
+    @staticmethod
+    def _mark(state: RateState, now: float) -> bool:
+        """Records a 429 in ``state``; True when it is the first since the hand-out."""
+        first = not state.saw_rate_limit
+        state.rate_limited_at = now
+        state.saw_rate_limit = True
+        return first
 
     def increment_usage(self, key_hash: str, model: str, tokens: int) -> None:
         """Adds a finished request's tokens to the model family's usage."""
@@ -420,6 +687,64 @@ class KeyPool:
         key.prompt_count += 1
         self._store.changed(key)
         self._observer.tokens_used(family, tokens)
+
+    def report_outcome(
+        self,
+        key_hash: str,
+        model: str,
+        *,
+        status: int,
+        headers: Mapping[str, str],
+        error: UpstreamError,
+        prompt_tokens: int = 0,
+        completion_tokens: int = 0,
+    ) -> tuple[Decision, Key]:
+        """Applies one upstream answer: the whole table of ``keysvc.outcomes.decide``.
+
+        Every input is checked before anything changes. The headers are stored
+        as ``update_rate_limits`` does; then, as the answer says, the tokens are
+        counted, the key is disabled, or it is marked rate limited for the
+        model. A caller that disables must ``flush`` before acknowledging.
+
+        Returns:
+            The decision (action, what was done and why) and the key.
+        """
+        key = self.key(key_hash)
+        _check_model(model)
+        _check_headers(headers)
+        if not 100 <= status <= 599:
+            raise InvalidArgument("status", "must be an HTTP status code (100 to 599)")
+        for name, value in (("error_type", error.type), ("error_code", error.code)):
+            if len(value) > Limits.ERROR_NAME_LENGTH:
+                raise InvalidArgument(name, f"is longer than {Limits.ERROR_NAME_LENGTH} characters")
+        if len(error.message) > Limits.ERROR_MESSAGE_LENGTH:
+            raise InvalidArgument(
+                "error_message", f"is longer than {Limits.ERROR_MESSAGE_LENGTH} characters"
+            )
+        for name, tokens in (
+            ("prompt_tokens", prompt_tokens),
+            ("completion_tokens", completion_tokens),
+        ):
+            if not 0 <= tokens <= Limits.TOKENS:
+                raise InvalidArgument(name, f"must be between 0 and {Limits.TOKENS}")
+        decision = decide(status, error)
+        parsed = _parse_rate_headers(key, headers)
+        if parsed is not None or decision.rate_limited:
+            now = self._clock.now()
+            state = self._report_state(key, model)
+            if parsed is not None:
+                _apply_rate_headers(state, parsed)
+            first_report = decision.rate_limited and self._mark(state, now)
+            self._reposition(state, now)
+            if first_report:
+                self._state_changed(key, KeyChange.RATE_LIMITED, decision.why)
+        if decision.count_usage:
+            tokens = min(prompt_tokens + completion_tokens, Limits.TOKENS)
+            self.increment_usage(key.hash, model, tokens)
+        if decision.disable is not None:
+            self.disable(key.hash, decision.disable)
+        self._observer.outcome_reported(decision.action.value)
+        return decision, key
 
     # -- key state -------------------------------------------------------------
 
@@ -600,7 +925,7 @@ class KeyPool:
 
     def available(self) -> int:
         """How many keys are not disabled."""
-        return sum(index.live for index in self._indexes.values())
+        return sum(group.live for group in self._groups.values())
 
     def __len__(self) -> int:
         return len(self._store)
@@ -613,63 +938,115 @@ class KeyPool:
         _log.log(level, event, extra={"key_hash": key.hash, "reason": reason, **fields})
         self._observer.state_changed(key.hash, change, reason)
 
-    def _derive_until(self, key: Key) -> None:
-        """``rate_limited_until`` = the later of the reuse throttle and the rate-limit window.
-
-        The window starts at ``rate_limited_at`` and lasts the longer of the
-        known resets; after a 429 with no reset header, 10 s.
-        """
-        if not key.last_used and not key.rate_limited_at:
-            key.rate_limited_until = 0.0
+    def _derive(self, state: RateState) -> None:
+        """``state.until``: the later of the reuse throttle and the rate-limit window
+        (module docstring). The key-wide state has no throttle of its own."""
+        if not state.last_used and not state.rate_limited_at:
+            state.until = 0.0
             return
-        resets = [r for r in (key.requests_reset, key.tokens_reset) if r is not None]
-        if resets:
-            window = max(resets)
-        else:
-            window = RATE_LIMIT_FALLBACK if key.saw_rate_limit else 0.0
-        key.rate_limited_until = max(
-            key.last_used + self._reuse_delay, key.rate_limited_at + window
-        )
+        until = state.rate_limited_at + _window(state)
+        if state.last_used and state.last_used + self._reuse_delay > until:
+            until = state.last_used + self._reuse_delay
+        state.until = until
 
-    def _reposition(self, key: Key, now: float) -> None:
-        self._derive_until(key)
-        if not key.is_disabled:
-            self._place(key, now)
+    def _reposition(self, state: RateState, now: float) -> None:
+        """Re-derives ``state`` and re-places its key where the change matters."""
+        self._derive(state)
+        key = state.key
+        if key.indexed:
+            if state is key.wide:
+                self._push_all(key, now)
+            else:
+                index = self._groups[key.profile].indexes.get(state.family)
+                if index is not None:
+                    index.push(state, now)
         self._store.changed(key)
+        if self._queues:  # a lock may have got shorter
+            self._schedule_dispatch()
+
+    def _push_all(self, key: Key, now: float) -> None:
+        """(Re-)places an indexed key in every family index of its profile."""
+        for family, index in self._groups[key.profile].indexes.items():
+            state = key.state_in(family)
+            if state is None:
+                state = key.add_state(RateState(key, family))
+            index.push(state, now)
 
     def _place(self, key: Key, now: float) -> None:
-        index = self._index_for(key.profile)
-        if key.index_entry is None:
-            index.live += 1
-        index.push(key, now)
+        group = self._group_for(key.profile)
+        if not key.indexed:
+            group.live += 1
+            key.indexed = True
+        self._push_all(key, now)
+        if self._queues:  # a key came (back) into service
+            self._schedule_dispatch()
 
     def _unplace(self, key: Key) -> None:
-        if key.index_entry is not None:
-            index = self._indexes[key.profile]
-            index.live -= 1
-            key.index_entry = None
-            if index.live == 0:
-                # Checks move keys between profiles; do not keep empty ones to scan.
-                del self._indexes[key.profile]
-                self._eligible_cache.clear()
+        if not key.indexed:
+            return
+        key.indexed = False
+        for state in key.family_states():
+            state.entry = None
+        group = self._groups[key.profile]
+        group.live -= 1
+        if group.live == 0:
+            # Checks move keys between profiles; do not keep empty ones to scan.
+            del self._groups[key.profile]
+            self._eligible_cache.clear()
+        if self._queues:  # waiters whose last key this was must hear of it
+            self._schedule_dispatch()
 
     def _set_profile(self, key: Key, profile: KeyProfile) -> None:
         """Moves a key to another profile: out of the old index before the profile changes."""
         profile = self._intern(profile)
         if profile is key.profile:
             return
-        placed = key.index_entry is not None
+        placed = key.indexed
         self._unplace(key)
         key.profile = profile
         if placed:
             self._place(key, self._clock.now())
 
-    def _index_for(self, profile: KeyProfile) -> _ProfileIndex:
-        index = self._indexes.get(profile)
-        if index is None:
-            index = self._indexes[profile] = _ProfileIndex(profile)
+    def _group_for(self, profile: KeyProfile) -> _ProfileGroup:
+        group = self._groups.get(profile)
+        if group is None:
+            group = self._groups[profile] = _ProfileGroup(profile)
+            for family in self._indexed_families & profile.families:
+                group.indexes[family] = _FamilyIndex(group, family)
             self._eligible_cache.clear()
-        return index
+        return group
+
+    def _index_family(self, family: str) -> None:
+        """Indexes every key for ``family`` the first time someone asks about it.
+
+        One pass over the pool, once per family in the process's life.
+        """
+        if family in self._indexed_families:
+            return
+        self._indexed_families.add(family)
+        for group in self._groups.values():
+            if family in group.profile.families:
+                group.indexes[family] = _FamilyIndex(group, family)
+        now = self._clock.now()
+        # Two new objects per key: without the collector running over the whole
+        # pool again and again meanwhile, the pass takes a third of the time.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            for key in self._store:
+                if key.indexed and family in key.profile.families:
+                    state = key.state_in(family)
+                    if state is None:
+                        state = key.add_state(RateState(key, family))
+                    self._groups[key.profile].indexes[family].append(state, now)
+        finally:
+            if collecting:
+                gc.enable()
+        for group in self._groups.values():
+            index = group.indexes.get(family)
+            if index is not None:
+                index.heapify()
+        self._eligible_cache.clear()
 
     def _intern(self, profile: KeyProfile) -> KeyProfile:
         return self._profiles.setdefault(profile, profile)
@@ -677,6 +1054,82 @@ class KeyPool:
     def _take_seq(self) -> int:
         self._next_seq += 1
         return self._next_seq
+
+
+#: Parsed rate-limit headers: (requests reset, tokens reset, remaining requests,
+#: remaining tokens), None for each one absent or unparseable.
+_RateHeaders = tuple[float | None, float | None, int | None, int | None]
+
+
+def _parse_rate_headers(key: Key, headers: Mapping[str, str]) -> _RateHeaders | None:
+    """The x-ratelimit-reset-* (clamped) and -remaining-* values; None when there are none."""
+    if not headers:
+        return None
+    lowered = {name.lower(): value for name, value in headers.items()}
+    parsed = (
+        _reset(key, REQUESTS_RESET_HEADER, lowered.get(REQUESTS_RESET_HEADER)),
+        _reset(key, TOKENS_RESET_HEADER, lowered.get(TOKENS_RESET_HEADER)),
+        _remaining(key, REMAINING_REQUESTS_HEADER, lowered.get(REMAINING_REQUESTS_HEADER)),
+        _remaining(key, REMAINING_TOKENS_HEADER, lowered.get(REMAINING_TOKENS_HEADER)),
+    )
+    return None if parsed == (None, None, None, None) else parsed
+
+
+def _reset(key: Key, header: str, raw: str | None) -> float | None:
+    if raw is None:
+        return None
+    seconds = parse_go_duration(raw)
+    if seconds is None:
+        _log_unparseable(key, header, raw)
+        return None
+    return min(seconds, MAX_RESET)
+
+
+def _remaining(key: Key, header: str, raw: str | None) -> int | None:
+    if raw is None:
+        return None
+    text = raw.strip()
+    if not (text.isascii() and text.isdigit() and len(text) <= 18):
+        _log_unparseable(key, header, raw)
+        return None
+    return int(text)
+
+
+def _log_unparseable(key: Key, header: str, raw: str) -> None:
+    _log.warning(
+        "ignoring unparseable rate-limit header",
+        extra={"key_hash": key.hash, "header": header, "value": _loggable(raw)},
+    )
+
+
+def _apply_rate_headers(state: RateState, parsed: _RateHeaders) -> None:
+    """Stores what the headers told; a header that was not sent leaves its field alone."""
+    requests_reset, tokens_reset, remaining_requests, remaining_tokens = parsed
+    if requests_reset is not None:
+        state.requests_reset = requests_reset
+    if tokens_reset is not None:
+        state.tokens_reset = tokens_reset
+    if remaining_requests is not None:
+        state.remaining_requests = remaining_requests
+    if remaining_tokens is not None:
+        state.remaining_tokens = remaining_tokens
+
+
+def _window(state: RateState) -> float:
+    """How long after ``rate_limited_at`` the key stays locked (module docstring)."""
+    requests_reset, tokens_reset = state.requests_reset, state.tokens_reset
+    if not state.saw_rate_limit and (
+        state.remaining_requests is not None or state.remaining_tokens is not None
+    ):
+        window = 0.0
+        if state.remaining_requests == 0:
+            window = RATE_LIMIT_FALLBACK if requests_reset is None else requests_reset
+        if state.remaining_tokens == 0:
+            window = max(window, RATE_LIMIT_FALLBACK if tokens_reset is None else tokens_reset)
+        return window
+    if requests_reset is not None or tokens_reset is not None:
+        return max(r for r in (requests_reset, tokens_reset) if r is not None)
+    return RATE_LIMIT_FALLBACK if state.saw_rate_limit else 0.0
 
 
 def _check_model(model: str) -> None:

@@ -12,7 +12,8 @@ import grpc
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from .errors import InvalidArgument
-from .keys import DisableReason, Key
+from .keys import DisableReason, Key, RateState
+from .outcomes import OutcomeAction, UpstreamError
 from .pool import KeyPool
 from .v1 import keysvc_pb2 as pb
 from .v1 import keysvc_pb2_grpc as pb_grpc
@@ -31,6 +32,11 @@ _REASON_TO_PROTO: dict[DisableReason | None, pb.DisableReason.ValueType] = {
     reason: number for number, reason in _REASON_FROM_PROTO.items()
 }
 _REASON_TO_PROTO[None] = pb.DISABLE_REASON_UNSPECIFIED
+_ACTION_TO_PROTO = {
+    OutcomeAction.DONE: pb.OUTCOME_ACTION_DONE,
+    OutcomeAction.RETRY_WITH_ANOTHER_KEY: pb.OUTCOME_ACTION_RETRY_WITH_ANOTHER_KEY,
+    OutcomeAction.RETURN_ERROR: pb.OUTCOME_ACTION_RETURN_ERROR,
+}
 
 
 def _timestamp(seconds: float) -> timestamp_pb2.Timestamp | None:
@@ -68,6 +74,24 @@ def key_to_proto(key: Key) -> pb.Key:
         token_usage=key.token_usage,
         disable_reason=_REASON_TO_PROTO[key.disable_reason],
         disabled_at=_timestamp(key.disabled_at),
+        family_rate_limits=[
+            _family_to_proto(key, state)
+            for state in sorted(key.family_states(), key=lambda s: s.family)
+            if state.used
+        ],
+    )
+
+
+def _family_to_proto(key: Key, state: RateState) -> pb.FamilyRateLimit:
+    return pb.FamilyRateLimit(
+        family=state.family,
+        last_used=_timestamp(state.last_used),
+        rate_limited_at=_timestamp(state.rate_limited_at),
+        rate_limited_until=_timestamp(key.until_in(state.family)),
+        requests_reset=_duration(state.requests_reset),
+        tokens_reset=_duration(state.tokens_reset),
+        remaining_requests=state.remaining_requests,
+        remaining_tokens=state.remaining_tokens,
     )
 
 
@@ -85,7 +109,11 @@ class KeyService(pb_grpc.KeyServiceServicer):
         self._checker = checker
 
     async def Get(self, request: pb.GetRequest, context: _Context) -> pb.GetResponse:
-        key = self._pool.get(request.model)
+        if request.HasField("max_wait"):
+            wait = request.max_wait
+            key = await self._pool.get_waiting(request.model, wait.seconds + wait.nanos / 1e9)
+        else:
+            key = self._pool.get(request.model)
         return pb.GetResponse(secret=key.secret, key=key_to_proto(key))
 
     async def Disable(self, request: pb.DisableRequest, context: _Context) -> pb.DisableResponse:
@@ -106,7 +134,7 @@ class KeyService(pb_grpc.KeyServiceServicer):
     async def UpdateRateLimits(
         self, request: pb.UpdateRateLimitsRequest, context: _Context
     ) -> pb.UpdateRateLimitsResponse:
-        self._pool.update_rate_limits(request.hash, request.headers)
+        self._pool.update_rate_limits(request.hash, request.headers, request.model)
         return pb.UpdateRateLimitsResponse()
 
     async def GetLockoutPeriod(
@@ -121,6 +149,25 @@ class KeyService(pb_grpc.KeyServiceServicer):
     ) -> pb.IncrementUsageResponse:
         self._pool.increment_usage(request.hash, request.model, request.tokens)
         return pb.IncrementUsageResponse()
+
+    async def ReportOutcome(
+        self, request: pb.ReportOutcomeRequest, context: _Context
+    ) -> pb.ReportOutcomeResponse:
+        decision, key = self._pool.report_outcome(
+            request.hash,
+            request.model,
+            status=request.status,
+            headers=request.headers,
+            error=UpstreamError(request.error_type, request.error_code, request.error_message),
+            prompt_tokens=request.prompt_tokens,
+            completion_tokens=request.completion_tokens,
+        )
+        if decision.disable is not None:
+            # Durable before acknowledged, exactly as Disable.
+            await self._pool.flush()
+        return pb.ReportOutcomeResponse(
+            action=_ACTION_TO_PROTO[decision.action], key=key_to_proto(key), reason=decision.why
+        )
 
     async def List(self, request: pb.ListRequest, context: _Context) -> pb.ListResponse:
         return pb.ListResponse(keys=[key_to_proto(key) for key in self._pool.keys()])

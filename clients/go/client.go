@@ -20,6 +20,7 @@ import (
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
+	"google.golang.org/protobuf/types/known/durationpb"
 
 	"keysvc/clients/go/keysvcv1"
 )
@@ -111,6 +112,18 @@ func (c *Client) Get(ctx context.Context, model string) (*keysvcv1.GetResponse, 
 	return call(c, ctx, c.rpc.Get, &keysvcv1.GetRequest{Model: model})
 }
 
+// GetWait is Get that, when every key for model is locked, lets the server wait up to
+// maxWait (at most 60 s) for the first to unlock. When ctx has no deadline, the call's
+// default timeout grows by maxWait.
+func (c *Client) GetWait(ctx context.Context, model string, maxWait time.Duration) (*keysvcv1.GetResponse, error) {
+	if _, has := ctx.Deadline(); !has && c.timeout > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, c.timeout+maxWait)
+		defer cancel()
+	}
+	return call(c, ctx, c.rpc.Get, &keysvcv1.GetRequest{Model: model, MaxWait: durationpb.New(maxWait)})
+}
+
 // Disable takes the key out of service and returns it as it now stands.
 func (c *Client) Disable(ctx context.Context, hash string, reason keysvcv1.DisableReason) (*keysvcv1.Key, error) {
 	resp, err := call(c, ctx, c.rpc.Disable, &keysvcv1.DisableRequest{Hash: hash, Reason: reason})
@@ -142,6 +155,29 @@ func (c *Client) GetLockoutPeriod(ctx context.Context, model string) (time.Durat
 func (c *Client) IncrementUsage(ctx context.Context, hash, model string, tokens int64) error {
 	_, err := call(c, ctx, c.rpc.IncrementUsage, &keysvcv1.IncrementUsageRequest{Hash: hash, Model: model, Tokens: tokens})
 	return err
+}
+
+// Outcome is one upstream answer, as ReportOutcome sends it.
+type Outcome struct {
+	Hash   string // the key the request was sent with
+	Model  string // the request's model
+	Status int    // the upstream HTTP status
+	// Header is the upstream answer's headers; only x-ratelimit-* are sent.
+	Header http.Header
+	// ErrorType, ErrorCode and ErrorMessage come from an OpenAI error body's "error".
+	ErrorType, ErrorCode, ErrorMessage string
+	// PromptTokens and CompletionTokens come from a successful answer's "usage".
+	PromptTokens, CompletionTokens int64
+}
+
+// ReportOutcome applies one upstream answer to the key; the reply's Action says what to
+// do with the request (DONE, RETRY_WITH_ANOTHER_KEY or RETURN_ERROR).
+func (c *Client) ReportOutcome(ctx context.Context, o Outcome) (*keysvcv1.ReportOutcomeResponse, error) {
+	return call(c, ctx, c.rpc.ReportOutcome, &keysvcv1.ReportOutcomeRequest{
+		Hash: o.Hash, Model: o.Model, Status: int32(o.Status), Headers: RateLimitHeaders(o.Header),
+		ErrorType: o.ErrorType, ErrorCode: o.ErrorCode, ErrorMessage: o.ErrorMessage,
+		PromptTokens: o.PromptTokens, CompletionTokens: o.CompletionTokens,
+	})
 }
 
 // List returns the public view of every key (no secrets).

@@ -214,3 +214,55 @@ func TestTheTokenGoesAlong(t *testing.T) {
 		t.Fatal("a multi-line token was accepted")
 	}
 }
+
+func TestReportOutcomeSaysWhatToDo(t *testing.T) {
+	ctx := context.Background()
+	client := newClient(t, startServer(t))
+	lease := mustGet(t, client, "gpt-4o")
+	hash := lease.GetKey().GetHash()
+	done, err := client.ReportOutcome(ctx, keysvc.Outcome{
+		Hash: hash, Model: "gpt-4o", Status: 200, PromptTokens: 100, CompletionTokens: 20,
+		Header: http.Header{"X-Ratelimit-Remaining-Requests": {"10"}, "Date": {"x"}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if done.GetAction() != keysvcv1.OutcomeAction_OUTCOME_ACTION_DONE || done.GetKey().GetTokenUsage()["gpt4o"] != 120 {
+		t.Fatalf("2xx: got %v, usage %v", done.GetAction(), done.GetKey().GetTokenUsage())
+	}
+	busy, err := client.ReportOutcome(ctx, keysvc.Outcome{Hash: hash, Model: "gpt-4o", Status: 429, ErrorType: "tokens"})
+	if err != nil || busy.GetAction() != keysvcv1.OutcomeAction_OUTCOME_ACTION_RETRY_WITH_ANOTHER_KEY || busy.GetKey().GetIsDisabled() {
+		t.Fatalf("429: got %v %v", busy.GetAction(), err)
+	}
+	dead, err := client.ReportOutcome(ctx, keysvc.Outcome{Hash: hash, Model: "gpt-4o", Status: 429, ErrorCode: "insufficient_quota"})
+	if err != nil || dead.GetAction() != keysvcv1.OutcomeAction_OUTCOME_ACTION_RETRY_WITH_ANOTHER_KEY || !dead.GetKey().GetIsOverQuota() {
+		t.Fatalf("quota: got %v %v", dead.GetAction(), err)
+	}
+	policy, err := client.ReportOutcome(ctx, keysvc.Outcome{Hash: keyHash(secrets[1]), Model: "gpt-4o", Status: 404, ErrorCode: "model_not_found"})
+	if err != nil || policy.GetAction() != keysvcv1.OutcomeAction_OUTCOME_ACTION_RETURN_ERROR {
+		t.Fatalf("404: got %v %v", policy.GetAction(), err)
+	}
+	_, err = client.ReportOutcome(ctx, keysvc.Outcome{Hash: hash, Model: "gpt-4o", Status: 0})
+	wantError(t, err, codes.InvalidArgument, "INVALID_ARGUMENT")
+}
+
+func TestGetWaitWaitsForAKeyToUnlock(t *testing.T) {
+	client := newClient(t, startServer(t))
+	first := mustGet(t, client, "gpt-4o").GetKey().GetHash()
+	for range secrets[1:] {
+		mustGet(t, client, "gpt-4o") // every key is now throttled for 1 s
+	}
+	started := time.Now()
+	lease, err := client.GetWait(context.Background(), "gpt-4o", 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if waited := time.Since(started); waited < 500*time.Millisecond || waited > 3*time.Second {
+		t.Fatalf("waited %v for a 1 s throttle", waited)
+	}
+	if lease.GetKey().GetHash() != first {
+		t.Fatalf("want the first key to unlock, got %s", lease.GetKey().GetHash())
+	}
+	_, err = client.GetWait(context.Background(), "gpt-4o", 61*time.Second)
+	wantError(t, err, codes.InvalidArgument, "INVALID_ARGUMENT")
+}

@@ -51,6 +51,44 @@ DISABLE_REASON_MANUAL: DisableReason.ValueType  # 3
 """An operator took the key out of service by hand."""
 Global___DisableReason: _TypeAlias = DisableReason  # noqa: Y015
 
+class _OutcomeAction:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _OutcomeActionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_OutcomeAction.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    OUTCOME_ACTION_UNSPECIFIED: _OutcomeAction.ValueType  # 0
+    """Never sent by keysvc."""
+    OUTCOME_ACTION_DONE: _OutcomeAction.ValueType  # 1
+    """The request succeeded: return the answer to the client."""
+    OUTCOME_ACTION_RETRY_WITH_ANOTHER_KEY: _OutcomeAction.ValueType  # 2
+    """The key (or the upstream at that moment) failed, not the request: Get
+    another key and send the request again. Bound the attempts.
+    """
+    OUTCOME_ACTION_RETURN_ERROR: _OutcomeAction.ValueType  # 3
+    """The answer is the request's own (content policy, unknown model, per-day
+    limit): return it to the client.
+    """
+
+class OutcomeAction(_OutcomeAction, metaclass=_OutcomeActionEnumTypeWrapper):
+    """OutcomeAction is what a proxy should do with a request after the upstream
+    answered it.
+    """
+
+OUTCOME_ACTION_UNSPECIFIED: OutcomeAction.ValueType  # 0
+"""Never sent by keysvc."""
+OUTCOME_ACTION_DONE: OutcomeAction.ValueType  # 1
+"""The request succeeded: return the answer to the client."""
+OUTCOME_ACTION_RETRY_WITH_ANOTHER_KEY: OutcomeAction.ValueType  # 2
+"""The key (or the upstream at that moment) failed, not the request: Get
+another key and send the request again. Bound the attempts.
+"""
+OUTCOME_ACTION_RETURN_ERROR: OutcomeAction.ValueType  # 3
+"""The answer is the request's own (content policy, unknown model, per-day
+limit): return it to the client.
+"""
+Global___OutcomeAction: _TypeAlias = OutcomeAction  # noqa: Y015
+
 @_typing.final
 class Key(_message.Message):
     """Key is the public view of one key in the pool. It has no secret: the secret
@@ -97,6 +135,7 @@ class Key(_message.Message):
     TOKEN_USAGE_FIELD_NUMBER: _builtins.int
     DISABLE_REASON_FIELD_NUMBER: _builtins.int
     DISABLED_AT_FIELD_NUMBER: _builtins.int
+    FAMILY_RATE_LIMITS_FIELD_NUMBER: _builtins.int
     hash: _builtins.str
     """Stable identifier: "oai-" followed by 8 hex digits of sha256(secret)."""
     service: _builtins.str
@@ -129,19 +168,25 @@ class Key(_message.Message):
 
     @_builtins.property
     def rate_limited_at(self) -> _timestamp_pb2.Timestamp:
-        """When the key was last handed out or reported rate limited; unset if never."""
+        """When the key was last handed out or reported rate limited, for any
+        family; unset if never.
+        """
 
     @_builtins.property
     def rate_limited_until(self) -> _timestamp_pb2.Timestamp:
-        """The key is locked (not preferred) until this time; unset if never locked."""
+        """Until this time the key is locked (not preferred) for at least one family;
+        the latest lock end over every family. Unset if never locked.
+        """
 
     @_builtins.property
     def rate_limit_requests_reset(self) -> _duration_pb2.Duration:
-        """Last known x-ratelimit-reset-requests, clamped to 10 s; unset if unknown."""
+        """Longest x-ratelimit-reset-requests known since the last hand-out, over
+        every family and key-wide reports, clamped to 10 s; unset if unknown.
+        """
 
     @_builtins.property
     def rate_limit_tokens_reset(self) -> _duration_pb2.Duration:
-        """Last known x-ratelimit-reset-tokens, clamped to 10 s; unset if unknown."""
+        """Longest x-ratelimit-reset-tokens known likewise; unset if unknown."""
 
     @_builtins.property
     def token_usage(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
@@ -150,6 +195,12 @@ class Key(_message.Message):
     @_builtins.property
     def disabled_at(self) -> _timestamp_pb2.Timestamp:
         """When the key was disabled; unset when it is not disabled."""
+
+    @_builtins.property
+    def family_rate_limits(self) -> _containers.RepeatedCompositeFieldContainer[Global___FamilyRateLimit]:
+        """Rate-limit state per model family, sorted by family; only families the
+        key was handed out for or reported about.
+        """
 
     def __init__(
         self,
@@ -172,14 +223,89 @@ class Key(_message.Message):
         token_usage: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
         disable_reason: Global___DisableReason.ValueType = ...,
         disabled_at: _timestamp_pb2.Timestamp | None = ...,
+        family_rate_limits: _abc.Iterable[Global___FamilyRateLimit] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["disabled_at", b"disabled_at", "last_checked", b"last_checked", "last_used", b"last_used", "rate_limit_requests_reset", b"rate_limit_requests_reset", "rate_limit_tokens_reset", b"rate_limit_tokens_reset", "rate_limited_at", b"rate_limited_at", "rate_limited_until", b"rate_limited_until"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["disable_reason", b"disable_reason", "disabled_at", b"disabled_at", "hash", b"hash", "is_disabled", b"is_disabled", "is_over_quota", b"is_over_quota", "is_revoked", b"is_revoked", "is_trial", b"is_trial", "last_checked", b"last_checked", "last_used", b"last_used", "model_families", b"model_families", "organization_id", b"organization_id", "prompt_count", b"prompt_count", "rate_limit_requests_reset", b"rate_limit_requests_reset", "rate_limit_tokens_reset", b"rate_limit_tokens_reset", "rate_limited_at", b"rate_limited_at", "rate_limited_until", b"rate_limited_until", "service", b"service", "token_usage", b"token_usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["disable_reason", b"disable_reason", "disabled_at", b"disabled_at", "family_rate_limits", b"family_rate_limits", "hash", b"hash", "is_disabled", b"is_disabled", "is_over_quota", b"is_over_quota", "is_revoked", b"is_revoked", "is_trial", b"is_trial", "last_checked", b"last_checked", "last_used", b"last_used", "model_families", b"model_families", "organization_id", b"organization_id", "prompt_count", b"prompt_count", "rate_limit_requests_reset", b"rate_limit_requests_reset", "rate_limit_tokens_reset", b"rate_limit_tokens_reset", "rate_limited_at", b"rate_limited_at", "rate_limited_until", b"rate_limited_until", "service", b"service", "token_usage", b"token_usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Key: _TypeAlias = Key  # noqa: Y015
+
+@_typing.final
+class FamilyRateLimit(_message.Message):
+    """FamilyRateLimit is a key's rate-limit state in one model family: the
+    upstream limits each key per model, so a 429 for one family does not lock
+    the key for another.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FAMILY_FIELD_NUMBER: _builtins.int
+    LAST_USED_FIELD_NUMBER: _builtins.int
+    RATE_LIMITED_AT_FIELD_NUMBER: _builtins.int
+    RATE_LIMITED_UNTIL_FIELD_NUMBER: _builtins.int
+    REQUESTS_RESET_FIELD_NUMBER: _builtins.int
+    TOKENS_RESET_FIELD_NUMBER: _builtins.int
+    REMAINING_REQUESTS_FIELD_NUMBER: _builtins.int
+    REMAINING_TOKENS_FIELD_NUMBER: _builtins.int
+    family: _builtins.str
+    """The model family, e.g. "gpt4o"."""
+    remaining_requests: _builtins.int
+    """Last x-ratelimit-remaining-requests since the hand-out; unset if unknown."""
+    remaining_tokens: _builtins.int
+    """Last x-ratelimit-remaining-tokens since the hand-out; unset if unknown."""
+    @_builtins.property
+    def last_used(self) -> _timestamp_pb2.Timestamp:
+        """When the key was last handed out for this family; unset if never."""
+
+    @_builtins.property
+    def rate_limited_at(self) -> _timestamp_pb2.Timestamp:
+        """Start of the current rate-limit window (the hand-out or the latest 429);
+        unset if never.
+        """
+
+    @_builtins.property
+    def rate_limited_until(self) -> _timestamp_pb2.Timestamp:
+        """The key is locked for this family until this time (including locks from
+        reports that named no model); unset if never locked.
+        """
+
+    @_builtins.property
+    def requests_reset(self) -> _duration_pb2.Duration:
+        """Last x-ratelimit-reset-requests since the hand-out, clamped to 10 s."""
+
+    @_builtins.property
+    def tokens_reset(self) -> _duration_pb2.Duration:
+        """Last x-ratelimit-reset-tokens since the hand-out, clamped to 10 s."""
+
+    def __init__(
+        self,
+        *,
+        family: _builtins.str = ...,
+        last_used: _timestamp_pb2.Timestamp | None = ...,
+        rate_limited_at: _timestamp_pb2.Timestamp | None = ...,
+        rate_limited_until: _timestamp_pb2.Timestamp | None = ...,
+        requests_reset: _duration_pb2.Duration | None = ...,
+        tokens_reset: _duration_pb2.Duration | None = ...,
+        remaining_requests: _builtins.int | None = ...,
+        remaining_tokens: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_remaining_requests", b"_remaining_requests", "_remaining_tokens", b"_remaining_tokens", "last_used", b"last_used", "rate_limited_at", b"rate_limited_at", "rate_limited_until", b"rate_limited_until", "remaining_requests", b"remaining_requests", "remaining_tokens", b"remaining_tokens", "requests_reset", b"requests_reset", "tokens_reset", b"tokens_reset"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_remaining_requests", b"_remaining_requests", "_remaining_tokens", b"_remaining_tokens", "family", b"family", "last_used", b"last_used", "rate_limited_at", b"rate_limited_at", "rate_limited_until", b"rate_limited_until", "remaining_requests", b"remaining_requests", "remaining_tokens", b"remaining_tokens", "requests_reset", b"requests_reset", "tokens_reset", b"tokens_reset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__remaining_requests: _TypeAlias = _typing.Literal["remaining_requests"]  # noqa: Y015
+    _WhichOneofArgType__remaining_requests: _TypeAlias = _typing.Literal["_remaining_requests", b"_remaining_requests"]  # noqa: Y015
+    _WhichOneofReturnType__remaining_tokens: _TypeAlias = _typing.Literal["remaining_tokens"]  # noqa: Y015
+    _WhichOneofArgType__remaining_tokens: _TypeAlias = _typing.Literal["_remaining_tokens", b"_remaining_tokens"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__remaining_requests) -> _WhichOneofReturnType__remaining_requests | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__remaining_tokens) -> _WhichOneofReturnType__remaining_tokens | None: ...
+
+Global___FamilyRateLimit: _TypeAlias = FamilyRateLimit  # noqa: Y015
 
 @_typing.final
 class GetRequest(_message.Message):
@@ -188,16 +314,28 @@ class GetRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     MODEL_FIELD_NUMBER: _builtins.int
+    MAX_WAIT_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Upstream model name, e.g. "gpt-4o" or "gpt-3.5-turbo". Required."""
+    @_builtins.property
+    def max_wait(self) -> _duration_pb2.Duration:
+        """Optional, at most 60 s. When every key for the model is locked, wait up
+        to this long, server-side, for the first to unlock and return it; callers
+        with max_wait are served in arrival order. If keys are still locked at
+        the deadline, the key that unlocks first is returned, as without
+        max_wait. Unset or zero: never wait. Give the call a deadline longer than
+        max_wait.
+        """
+
     def __init__(
         self,
         *,
         model: _builtins.str = ...,
+        max_wait: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["max_wait", b"max_wait"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_wait", b"max_wait", "model", b"model"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -292,7 +430,9 @@ class MarkRateLimitedRequest(_message.Message):
     hash: _builtins.str
     """Hash of the key. Required."""
     model: _builtins.str
-    """Model of the request that was limited. Optional; validated when given."""
+    """Model of the request that was limited. Optional: when given, only the
+    model's family is locked; when empty, every family of the key.
+    """
     def __init__(
         self,
         *,
@@ -352,12 +492,17 @@ class UpdateRateLimitsRequest(_message.Message):
 
     HASH_FIELD_NUMBER: _builtins.int
     HEADERS_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
     hash: _builtins.str
     """Hash of the key. Required."""
+    model: _builtins.str
+    """Model of the request. Optional: when given, the headers apply to the
+    model's family only; when empty, to every family of the key.
+    """
     @_builtins.property
     def headers(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Response headers; only x-ratelimit-* are read. Names are matched
-        case-insensitively.
+        """Response headers; only x-ratelimit-* are read (reset-* and remaining-*).
+        Names are matched case-insensitively.
         """
 
     def __init__(
@@ -365,10 +510,11 @@ class UpdateRateLimitsRequest(_message.Message):
         *,
         hash: _builtins.str = ...,
         headers: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        model: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hash", b"hash", "headers", b"headers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hash", b"hash", "headers", b"headers", "model", b"model"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -597,3 +743,117 @@ class RecheckResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RecheckResponse: _TypeAlias = RecheckResponse  # noqa: Y015
+
+@_typing.final
+class ReportOutcomeRequest(_message.Message):
+    """ReportOutcomeRequest describes one upstream answer to a request made with a
+    key from Get.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class HeadersEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    HASH_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    HEADERS_FIELD_NUMBER: _builtins.int
+    ERROR_TYPE_FIELD_NUMBER: _builtins.int
+    ERROR_CODE_FIELD_NUMBER: _builtins.int
+    ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
+    PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
+    hash: _builtins.str
+    """Hash of the key the request was sent with. Required."""
+    model: _builtins.str
+    """Model of the request. Required: it names the rate-limit family."""
+    status: _builtins.int
+    """HTTP status code of the upstream answer (100 to 599). Required."""
+    error_type: _builtins.str
+    """error.type of an OpenAI error body; empty when there is none."""
+    error_code: _builtins.str
+    """error.code of an OpenAI error body; empty when there is none."""
+    error_message: _builtins.str
+    """error.message of an OpenAI error body; empty when there is none."""
+    prompt_tokens: _builtins.int
+    """usage.prompt_tokens of a successful answer; zero or more."""
+    completion_tokens: _builtins.int
+    """usage.completion_tokens of a successful answer; zero or more."""
+    @_builtins.property
+    def headers(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Response headers; only x-ratelimit-* are read. Names are matched
+        case-insensitively.
+        """
+
+    def __init__(
+        self,
+        *,
+        hash: _builtins.str = ...,
+        model: _builtins.str = ...,
+        status: _builtins.int = ...,
+        headers: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        error_type: _builtins.str = ...,
+        error_code: _builtins.str = ...,
+        error_message: _builtins.str = ...,
+        prompt_tokens: _builtins.int = ...,
+        completion_tokens: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion_tokens", b"completion_tokens", "error_code", b"error_code", "error_message", b"error_message", "error_type", b"error_type", "hash", b"hash", "headers", b"headers", "model", b"model", "prompt_tokens", b"prompt_tokens", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportOutcomeRequest: _TypeAlias = ReportOutcomeRequest  # noqa: Y015
+
+@_typing.final
+class ReportOutcomeResponse(_message.Message):
+    """ReportOutcomeResponse says what the proxy should do next."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACTION_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    action: Global___OutcomeAction.ValueType
+    """What to do with the request."""
+    reason: _builtins.str
+    """Short explanation for the proxy's log, e.g. "HTTP 429 rate_limit_exceeded:
+    rate limited". Never a secret; not meant for branching.
+    """
+    @_builtins.property
+    def key(self) -> Global___Key:
+        """Public view of the key after the answer was applied."""
+
+    def __init__(
+        self,
+        *,
+        action: Global___OutcomeAction.ValueType = ...,
+        key: Global___Key | None = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "key", b"key", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportOutcomeResponse: _TypeAlias = ReportOutcomeResponse  # noqa: Y015

@@ -85,6 +85,11 @@ class KeyServiceStub:
                 request_serializer=keysvc_dot_v1_dot_keysvc__pb2.RecheckRequest.SerializeToString,
                 response_deserializer=keysvc_dot_v1_dot_keysvc__pb2.RecheckResponse.FromString,
                 _registered_method=True)
+        self.ReportOutcome = channel.unary_unary(
+                '/keysvc.v1.KeyService/ReportOutcome',
+                request_serializer=keysvc_dot_v1_dot_keysvc__pb2.ReportOutcomeRequest.SerializeToString,
+                response_deserializer=keysvc_dot_v1_dot_keysvc__pb2.ReportOutcomeResponse.FromString,
+                _registered_method=True)
 
 
 class KeyServiceServicer:
@@ -98,7 +103,8 @@ class KeyServiceServicer:
 
     def Get(self, request, context):
         """Get hands out the key most likely to succeed for the model and throttles
-        it briefly so a burst does not pile onto one key.
+        it briefly (for that model's family) so a burst does not pile onto one
+        key. With max_wait it waits for a locked key to unlock.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -112,14 +118,16 @@ class KeyServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def MarkRateLimited(self, request, context):
-        """MarkRateLimited records that the upstream answered 429 for the key.
+        """MarkRateLimited records that the upstream answered 429 for the key (for
+        the model's family, or for every family when no model is given).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def UpdateRateLimits(self, request, context):
-        """UpdateRateLimits records the rate-limit headers of an upstream answer.
+        """UpdateRateLimits records the rate-limit headers of an upstream answer
+        (for the model's family, or key-wide when no model is given).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -157,6 +165,17 @@ class KeyServiceServicer:
     def Recheck(self, request, context):
         """Recheck clears every key's disabled, revoked and over-quota flags and
         marks all keys unchecked so the key checker looks at them again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportOutcome(self, request, context):
+        """ReportOutcome reports one upstream answer for a key handed out by Get and
+        applies the whole upstream error table in one call: it stores the
+        rate-limit headers, counts the tokens of a success, disables a dead key
+        (durably, as Disable does) and marks a rate-limited key. The reply says
+        what the proxy should do with the request.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -209,6 +228,11 @@ def add_KeyServiceServicer_to_server(servicer, server):
                     servicer.Recheck,
                     request_deserializer=keysvc_dot_v1_dot_keysvc__pb2.RecheckRequest.FromString,
                     response_serializer=keysvc_dot_v1_dot_keysvc__pb2.RecheckResponse.SerializeToString,
+            ),
+            'ReportOutcome': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportOutcome,
+                    request_deserializer=keysvc_dot_v1_dot_keysvc__pb2.ReportOutcomeRequest.FromString,
+                    response_serializer=keysvc_dot_v1_dot_keysvc__pb2.ReportOutcomeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -460,6 +484,33 @@ class KeyService:
             '/keysvc.v1.KeyService/Recheck',
             keysvc_dot_v1_dot_keysvc__pb2.RecheckRequest.SerializeToString,
             keysvc_dot_v1_dot_keysvc__pb2.RecheckResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportOutcome(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keysvc.v1.KeyService/ReportOutcome',
+            keysvc_dot_v1_dot_keysvc__pb2.ReportOutcomeRequest.SerializeToString,
+            keysvc_dot_v1_dot_keysvc__pb2.ReportOutcomeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -43,14 +43,19 @@ class KeyServiceStub:
     def __new__(cls, channel: _aio.Channel) -> KeyServiceAsyncStub: ...
     Get: _grpc.UnaryUnaryMultiCallable[_keysvc_pb2.GetRequest, _keysvc_pb2.GetResponse]
     """Get hands out the key most likely to succeed for the model and throttles
-    it briefly so a burst does not pile onto one key.
+    it briefly (for that model's family) so a burst does not pile onto one
+    key. With max_wait it waits for a locked key to unlock.
     """
     Disable: _grpc.UnaryUnaryMultiCallable[_keysvc_pb2.DisableRequest, _keysvc_pb2.DisableResponse]
     """Disable stops a key from ever being handed out again (until Recheck)."""
     MarkRateLimited: _grpc.UnaryUnaryMultiCallable[_keysvc_pb2.MarkRateLimitedRequest, _keysvc_pb2.MarkRateLimitedResponse]
-    """MarkRateLimited records that the upstream answered 429 for the key."""
+    """MarkRateLimited records that the upstream answered 429 for the key (for
+    the model's family, or for every family when no model is given).
+    """
     UpdateRateLimits: _grpc.UnaryUnaryMultiCallable[_keysvc_pb2.UpdateRateLimitsRequest, _keysvc_pb2.UpdateRateLimitsResponse]
-    """UpdateRateLimits records the rate-limit headers of an upstream answer."""
+    """UpdateRateLimits records the rate-limit headers of an upstream answer
+    (for the model's family, or key-wide when no model is given).
+    """
     GetLockoutPeriod: _grpc.UnaryUnaryMultiCallable[_keysvc_pb2.GetLockoutPeriodRequest, _keysvc_pb2.GetLockoutPeriodResponse]
     """GetLockoutPeriod says how long until a key for the model is free; zero
     when one is free now or when none could ever serve it.
@@ -64,6 +69,13 @@ class KeyServiceStub:
     Recheck: _grpc.UnaryUnaryMultiCallable[_keysvc_pb2.RecheckRequest, _keysvc_pb2.RecheckResponse]
     """Recheck clears every key's disabled, revoked and over-quota flags and
     marks all keys unchecked so the key checker looks at them again.
+    """
+    ReportOutcome: _grpc.UnaryUnaryMultiCallable[_keysvc_pb2.ReportOutcomeRequest, _keysvc_pb2.ReportOutcomeResponse]
+    """ReportOutcome reports one upstream answer for a key handed out by Get and
+    applies the whole upstream error table in one call: it stores the
+    rate-limit headers, counts the tokens of a success, disables a dead key
+    (durably, as Disable does) and marks a rate-limited key. The reply says
+    what the proxy should do with the request.
     """
 
 @_typing.type_check_only
@@ -79,14 +91,19 @@ class KeyServiceAsyncStub(KeyServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Get: _aio.UnaryUnaryMultiCallable[_keysvc_pb2.GetRequest, _keysvc_pb2.GetResponse]  # type: ignore[assignment]
     """Get hands out the key most likely to succeed for the model and throttles
-    it briefly so a burst does not pile onto one key.
+    it briefly (for that model's family) so a burst does not pile onto one
+    key. With max_wait it waits for a locked key to unlock.
     """
     Disable: _aio.UnaryUnaryMultiCallable[_keysvc_pb2.DisableRequest, _keysvc_pb2.DisableResponse]  # type: ignore[assignment]
     """Disable stops a key from ever being handed out again (until Recheck)."""
     MarkRateLimited: _aio.UnaryUnaryMultiCallable[_keysvc_pb2.MarkRateLimitedRequest, _keysvc_pb2.MarkRateLimitedResponse]  # type: ignore[assignment]
-    """MarkRateLimited records that the upstream answered 429 for the key."""
+    """MarkRateLimited records that the upstream answered 429 for the key (for
+    the model's family, or for every family when no model is given).
+    """
     UpdateRateLimits: _aio.UnaryUnaryMultiCallable[_keysvc_pb2.UpdateRateLimitsRequest, _keysvc_pb2.UpdateRateLimitsResponse]  # type: ignore[assignment]
-    """UpdateRateLimits records the rate-limit headers of an upstream answer."""
+    """UpdateRateLimits records the rate-limit headers of an upstream answer
+    (for the model's family, or key-wide when no model is given).
+    """
     GetLockoutPeriod: _aio.UnaryUnaryMultiCallable[_keysvc_pb2.GetLockoutPeriodRequest, _keysvc_pb2.GetLockoutPeriodResponse]  # type: ignore[assignment]
     """GetLockoutPeriod says how long until a key for the model is free; zero
     when one is free now or when none could ever serve it.
@@ -100,6 +117,13 @@ class KeyServiceAsyncStub(KeyServiceStub):
     Recheck: _aio.UnaryUnaryMultiCallable[_keysvc_pb2.RecheckRequest, _keysvc_pb2.RecheckResponse]  # type: ignore[assignment]
     """Recheck clears every key's disabled, revoked and over-quota flags and
     marks all keys unchecked so the key checker looks at them again.
+    """
+    ReportOutcome: _aio.UnaryUnaryMultiCallable[_keysvc_pb2.ReportOutcomeRequest, _keysvc_pb2.ReportOutcomeResponse]  # type: ignore[assignment]
+    """ReportOutcome reports one upstream answer for a key handed out by Get and
+    applies the whole upstream error table in one call: it stores the
+    rate-limit headers, counts the tokens of a success, disables a dead key
+    (durably, as Disable does) and marks a rate-limited key. The reply says
+    what the proxy should do with the request.
     """
 
 class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -118,7 +142,8 @@ class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_keysvc_pb2.GetResponse, _abc.Awaitable[_keysvc_pb2.GetResponse]]:
         """Get hands out the key most likely to succeed for the model and throttles
-        it briefly so a burst does not pile onto one key.
+        it briefly (for that model's family) so a burst does not pile onto one
+        key. With max_wait it waits for a locked key to unlock.
         """
 
     @_abc_1.abstractmethod
@@ -135,7 +160,9 @@ class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _keysvc_pb2.MarkRateLimitedRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_keysvc_pb2.MarkRateLimitedResponse, _abc.Awaitable[_keysvc_pb2.MarkRateLimitedResponse]]:
-        """MarkRateLimited records that the upstream answered 429 for the key."""
+        """MarkRateLimited records that the upstream answered 429 for the key (for
+        the model's family, or for every family when no model is given).
+        """
 
     @_abc_1.abstractmethod
     def UpdateRateLimits(
@@ -143,7 +170,9 @@ class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _keysvc_pb2.UpdateRateLimitsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_keysvc_pb2.UpdateRateLimitsResponse, _abc.Awaitable[_keysvc_pb2.UpdateRateLimitsResponse]]:
-        """UpdateRateLimits records the rate-limit headers of an upstream answer."""
+        """UpdateRateLimits records the rate-limit headers of an upstream answer
+        (for the model's family, or key-wide when no model is given).
+        """
 
     @_abc_1.abstractmethod
     def GetLockoutPeriod(
@@ -187,6 +216,19 @@ class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_keysvc_pb2.RecheckResponse, _abc.Awaitable[_keysvc_pb2.RecheckResponse]]:
         """Recheck clears every key's disabled, revoked and over-quota flags and
         marks all keys unchecked so the key checker looks at them again.
+        """
+
+    @_abc_1.abstractmethod
+    def ReportOutcome(
+        self,
+        request: _keysvc_pb2.ReportOutcomeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_keysvc_pb2.ReportOutcomeResponse, _abc.Awaitable[_keysvc_pb2.ReportOutcomeResponse]]:
+        """ReportOutcome reports one upstream answer for a key handed out by Get and
+        applies the whole upstream error table in one call: it stores the
+        rate-limit headers, counts the tokens of a success, disables a dead key
+        (durably, as Disable does) and marks a rate-limited key. The reply says
+        what the proxy should do with the request.
         """
 
 def add_KeyServiceServicer_to_server(servicer: KeyServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

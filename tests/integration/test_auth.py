@@ -32,6 +32,7 @@ CALLS: dict[str, object] = {
     "List": pb.ListRequest(),
     "Available": pb.AvailableRequest(),
     "Recheck": pb.RecheckRequest(),
+    "ReportOutcome": pb.ReportOutcomeRequest(hash=HASH, model="gpt-4o", status=200),
 }
 PROXY_ALLOWED = {
     "Get",
@@ -41,6 +42,7 @@ PROXY_ALLOWED = {
     "GetLockoutPeriod",
     "IncrementUsage",
     "Available",
+    "ReportOutcome",
 }
 
 

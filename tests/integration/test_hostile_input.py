@@ -98,9 +98,22 @@ _tokens = st.one_of(
 _reasons = st.one_of(st.sampled_from([0, 1, 2, 3]), st.integers(-(2**31), 2**31 - 1))
 _credentials = st.sampled_from(["admin"] * 9 + ["proxy"] * 9 + ["none", "bad"])
 
+
+def _waiting_get(model: str, max_wait: float) -> pb.GetRequest:
+    request = pb.GetRequest(model=model)
+    request.max_wait.FromNanoseconds(int(max_wait * 1e9))
+    return request
+
+
 _requests = st.one_of(
     st.tuples(st.just("Get"), st.builds(pb.GetRequest, model=_models)),
     st.tuples(st.just("Get"), st.builds(pb.GetRequest, model=_models)),
+    st.tuples(
+        st.just("Get"),
+        st.builds(
+            _waiting_get, model=_models, max_wait=st.sampled_from([-1.0, 0.0, 0.05, 0.2, 61.0])
+        ),
+    ),
     st.tuples(st.just("Disable"), st.builds(pb.DisableRequest, hash=_hashes, reason=_reasons)),
     st.tuples(
         st.just("MarkRateLimited"),
@@ -114,6 +127,35 @@ _requests = st.one_of(
     st.tuples(
         st.just("IncrementUsage"),
         st.builds(pb.IncrementUsageRequest, hash=_hashes, model=_models, tokens=_tokens),
+    ),
+    st.tuples(
+        st.just("UpdateRateLimits"),
+        st.builds(pb.UpdateRateLimitsRequest, hash=_hashes, headers=_headers, model=_models),
+    ),
+    st.tuples(
+        st.just("ReportOutcome"),
+        st.builds(
+            pb.ReportOutcomeRequest,
+            hash=_hashes,
+            model=_models,
+            status=st.one_of(
+                st.sampled_from([200, 400, 401, 404, 429, 500, 503]),
+                st.integers(-(2**31), 2**31 - 1),
+            ),
+            headers=_headers,
+            error_type=st.one_of(st.sampled_from(["requests", "tokens", ""]), st.text(max_size=8)),
+            error_code=st.one_of(
+                st.sampled_from(["insufficient_quota", "access_terminated", ""]),
+                st.builds(lambda n: "c" * n, st.integers(250, 260)),
+            ),
+            error_message=st.one_of(
+                st.sampled_from(["", "Rate limit reached on requests per day"]),
+                st.text(max_size=20),
+                st.builds(lambda n: "m" * n, st.integers(8190, 8194)),
+            ),
+            prompt_tokens=_tokens,
+            completion_tokens=_tokens,
+        ),
     ),
     st.tuples(st.just("List"), st.just(pb.ListRequest())),
     st.tuples(st.just("Available"), st.just(pb.AvailableRequest())),

@@ -438,6 +438,8 @@ async def test_each_finished_check_is_reported_to_the_pool_observer() -> None:
         def check_result(self, outcome: str) -> None:
             outcomes.append(outcome)
 
+        def outcome_reported(self, action: str) -> None: ...
+
     clock = ManualClock()
     pool = KeyPool.from_secrets(
         ["sk-alive", "sk-revoked"], models=ModelTable(), clock=clock, observer=Recorder()

@@ -22,6 +22,7 @@ class Recorder:
         self.tokens: list[tuple[str, int]] = []
         self.changes: list[tuple[str, KeyChange, str]] = []
         self.checks: list[str] = []
+        self.outcomes: list[str] = []
 
     def handed_out(self, family: str) -> None:
         self.handouts.append(family)
@@ -34,6 +35,9 @@ class Recorder:
 
     def check_result(self, outcome: str) -> None:
         self.checks.append(outcome)
+
+    def outcome_reported(self, action: str) -> None:
+        self.outcomes.append(action)
 
 
 def observed_pool() -> tuple[KeyPool, Recorder, ManualClock]:

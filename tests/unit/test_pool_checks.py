@@ -88,7 +88,7 @@ def test_keys_of_one_tier_share_one_profile_and_index() -> None:
         pool.apply_check(key.hash, model_ids=list(CHAT_IDS), is_trial=False)
     profiles = {id(key.profile) for key in pool.keys()}
     assert len(profiles) == 1
-    assert len(pool._indexes) == 1  # the unchecked profile's index went away when it emptied
+    assert len(pool._groups) == 1  # the unchecked profile's group went away when it emptied
     assert pool.available() == 10
 
 
@@ -99,7 +99,7 @@ def test_profile_change_keeps_counts_and_heaps_right() -> None:
     pool.apply_check(a.hash, model_ids=["gpt-4"], is_trial=False)
     pool.apply_check(a.hash, model_ids=["gpt-4", "gpt-4o"], is_trial=True)
     assert pool.available() == 3
-    assert sum(index.live for index in pool._indexes.values()) == 3
+    assert sum(group.live for group in pool._groups.values()) == 3
     seen = {pool.get("gpt-4").hash for _ in range(3)}
     assert seen == {a.hash, b.hash, c.hash}  # each key handed out exactly once, none twice
     pool.disable(b.hash, DisableReason.REVOKED)

@@ -83,6 +83,66 @@ func (DisableReason) EnumDescriptor() ([]byte, []int) {
 	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{0}
 }
 
+// OutcomeAction is what a proxy should do with a request after the upstream
+// answered it.
+type OutcomeAction int32
+
+const (
+	// Never sent by keysvc.
+	OutcomeAction_OUTCOME_ACTION_UNSPECIFIED OutcomeAction = 0
+	// The request succeeded: return the answer to the client.
+	OutcomeAction_OUTCOME_ACTION_DONE OutcomeAction = 1
+	// The key (or the upstream at that moment) failed, not the request: Get
+	// another key and send the request again. Bound the attempts.
+	OutcomeAction_OUTCOME_ACTION_RETRY_WITH_ANOTHER_KEY OutcomeAction = 2
+	// The answer is the request's own (content policy, unknown model, per-day
+	// limit): return it to the client.
+	OutcomeAction_OUTCOME_ACTION_RETURN_ERROR OutcomeAction = 3
+)
+
+// Enum value maps for OutcomeAction.
+var (
+	OutcomeAction_name = map[int32]string{
+		0: "OUTCOME_ACTION_UNSPECIFIED",
+		1: "OUTCOME_ACTION_DONE",
+		2: "OUTCOME_ACTION_RETRY_WITH_ANOTHER_KEY",
+		3: "OUTCOME_ACTION_RETURN_ERROR",
+	}
+	OutcomeAction_value = map[string]int32{
+		"OUTCOME_ACTION_UNSPECIFIED":            0,
+		"OUTCOME_ACTION_DONE":                   1,
+		"OUTCOME_ACTION_RETRY_WITH_ANOTHER_KEY": 2,
+		"OUTCOME_ACTION_RETURN_ERROR":           3,
+	}
+)
+
+func (x OutcomeAction) Enum() *OutcomeAction {
+	p := new(OutcomeAction)
+	*p = x
+	return p
+}
+
+func (x OutcomeAction) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (OutcomeAction) Descriptor() protoreflect.EnumDescriptor {
+	return file_keysvc_v1_keysvc_proto_enumTypes[1].Descriptor()
+}
+
+func (OutcomeAction) Type() protoreflect.EnumType {
+	return &file_keysvc_v1_keysvc_proto_enumTypes[1]
+}
+
+func (x OutcomeAction) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use OutcomeAction.Descriptor instead.
+func (OutcomeAction) EnumDescriptor() ([]byte, []int) {
+	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{1}
+}
+
 // Key is the public view of one key in the pool. It has no secret: the secret
 // leaves the service only in GetResponse.secret.
 type Key struct {
@@ -109,22 +169,28 @@ type Key struct {
 	LastChecked *timestamppb.Timestamp `protobuf:"bytes,10,opt,name=last_checked,json=lastChecked,proto3" json:"last_checked,omitempty"`
 	// How many finished requests were reported through IncrementUsage.
 	PromptCount int64 `protobuf:"varint,11,opt,name=prompt_count,json=promptCount,proto3" json:"prompt_count,omitempty"`
-	// When the key was last handed out or reported rate limited; unset if never.
+	// When the key was last handed out or reported rate limited, for any
+	// family; unset if never.
 	RateLimitedAt *timestamppb.Timestamp `protobuf:"bytes,12,opt,name=rate_limited_at,json=rateLimitedAt,proto3" json:"rate_limited_at,omitempty"`
-	// The key is locked (not preferred) until this time; unset if never locked.
+	// Until this time the key is locked (not preferred) for at least one family;
+	// the latest lock end over every family. Unset if never locked.
 	RateLimitedUntil *timestamppb.Timestamp `protobuf:"bytes,13,opt,name=rate_limited_until,json=rateLimitedUntil,proto3" json:"rate_limited_until,omitempty"`
-	// Last known x-ratelimit-reset-requests, clamped to 10 s; unset if unknown.
+	// Longest x-ratelimit-reset-requests known since the last hand-out, over
+	// every family and key-wide reports, clamped to 10 s; unset if unknown.
 	RateLimitRequestsReset *durationpb.Duration `protobuf:"bytes,14,opt,name=rate_limit_requests_reset,json=rateLimitRequestsReset,proto3" json:"rate_limit_requests_reset,omitempty"`
-	// Last known x-ratelimit-reset-tokens, clamped to 10 s; unset if unknown.
+	// Longest x-ratelimit-reset-tokens known likewise; unset if unknown.
 	RateLimitTokensReset *durationpb.Duration `protobuf:"bytes,15,opt,name=rate_limit_tokens_reset,json=rateLimitTokensReset,proto3" json:"rate_limit_tokens_reset,omitempty"`
 	// Tokens used, by model family.
 	TokenUsage map[string]int64 `protobuf:"bytes,16,rep,name=token_usage,json=tokenUsage,proto3" json:"token_usage,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
 	// Why the key was disabled; UNSPECIFIED when it is not disabled.
 	DisableReason DisableReason `protobuf:"varint,17,opt,name=disable_reason,json=disableReason,proto3,enum=keysvc.v1.DisableReason" json:"disable_reason,omitempty"`
 	// When the key was disabled; unset when it is not disabled.
-	DisabledAt    *timestamppb.Timestamp `protobuf:"bytes,18,opt,name=disabled_at,json=disabledAt,proto3" json:"disabled_at,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	DisabledAt *timestamppb.Timestamp `protobuf:"bytes,18,opt,name=disabled_at,json=disabledAt,proto3" json:"disabled_at,omitempty"`
+	// Rate-limit state per model family, sorted by family; only families the
+	// key was handed out for or reported about.
+	FamilyRateLimits []*FamilyRateLimit `protobuf:"bytes,19,rep,name=family_rate_limits,json=familyRateLimits,proto3" json:"family_rate_limits,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *Key) Reset() {
@@ -283,18 +349,145 @@ func (x *Key) GetDisabledAt() *timestamppb.Timestamp {
 	return nil
 }
 
+func (x *Key) GetFamilyRateLimits() []*FamilyRateLimit {
+	if x != nil {
+		return x.FamilyRateLimits
+	}
+	return nil
+}
+
+// FamilyRateLimit is a key's rate-limit state in one model family: the
+// upstream limits each key per model, so a 429 for one family does not lock
+// the key for another.
+type FamilyRateLimit struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The model family, e.g. "gpt4o".
+	Family string `protobuf:"bytes,1,opt,name=family,proto3" json:"family,omitempty"`
+	// When the key was last handed out for this family; unset if never.
+	LastUsed *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=last_used,json=lastUsed,proto3" json:"last_used,omitempty"`
+	// Start of the current rate-limit window (the hand-out or the latest 429);
+	// unset if never.
+	RateLimitedAt *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=rate_limited_at,json=rateLimitedAt,proto3" json:"rate_limited_at,omitempty"`
+	// The key is locked for this family until this time (including locks from
+	// reports that named no model); unset if never locked.
+	RateLimitedUntil *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=rate_limited_until,json=rateLimitedUntil,proto3" json:"rate_limited_until,omitempty"`
+	// Last x-ratelimit-reset-requests since the hand-out, clamped to 10 s.
+	RequestsReset *durationpb.Duration `protobuf:"bytes,5,opt,name=requests_reset,json=requestsReset,proto3" json:"requests_reset,omitempty"`
+	// Last x-ratelimit-reset-tokens since the hand-out, clamped to 10 s.
+	TokensReset *durationpb.Duration `protobuf:"bytes,6,opt,name=tokens_reset,json=tokensReset,proto3" json:"tokens_reset,omitempty"`
+	// Last x-ratelimit-remaining-requests since the hand-out; unset if unknown.
+	RemainingRequests *int64 `protobuf:"varint,7,opt,name=remaining_requests,json=remainingRequests,proto3,oneof" json:"remaining_requests,omitempty"`
+	// Last x-ratelimit-remaining-tokens since the hand-out; unset if unknown.
+	RemainingTokens *int64 `protobuf:"varint,8,opt,name=remaining_tokens,json=remainingTokens,proto3,oneof" json:"remaining_tokens,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *FamilyRateLimit) Reset() {
+	*x = FamilyRateLimit{}
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *FamilyRateLimit) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*FamilyRateLimit) ProtoMessage() {}
+
+func (x *FamilyRateLimit) ProtoReflect() protoreflect.Message {
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use FamilyRateLimit.ProtoReflect.Descriptor instead.
+func (*FamilyRateLimit) Descriptor() ([]byte, []int) {
+	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *FamilyRateLimit) GetFamily() string {
+	if x != nil {
+		return x.Family
+	}
+	return ""
+}
+
+func (x *FamilyRateLimit) GetLastUsed() *timestamppb.Timestamp {
+	if x != nil {
+		return x.LastUsed
+	}
+	return nil
+}
+
+func (x *FamilyRateLimit) GetRateLimitedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.RateLimitedAt
+	}
+	return nil
+}
+
+func (x *FamilyRateLimit) GetRateLimitedUntil() *timestamppb.Timestamp {
+	if x != nil {
+		return x.RateLimitedUntil
+	}
+	return nil
+}
+
+func (x *FamilyRateLimit) GetRequestsReset() *durationpb.Duration {
+	if x != nil {
+		return x.RequestsReset
+	}
+	return nil
+}
+
+func (x *FamilyRateLimit) GetTokensReset() *durationpb.Duration {
+	if x != nil {
+		return x.TokensReset
+	}
+	return nil
+}
+
+func (x *FamilyRateLimit) GetRemainingRequests() int64 {
+	if x != nil && x.RemainingRequests != nil {
+		return *x.RemainingRequests
+	}
+	return 0
+}
+
+func (x *FamilyRateLimit) GetRemainingTokens() int64 {
+	if x != nil && x.RemainingTokens != nil {
+		return *x.RemainingTokens
+	}
+	return 0
+}
+
 // GetRequest asks for a key for one model.
 type GetRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Upstream model name, e.g. "gpt-4o" or "gpt-3.5-turbo". Required.
-	Model         string `protobuf:"bytes,1,opt,name=model,proto3" json:"model,omitempty"`
+	Model string `protobuf:"bytes,1,opt,name=model,proto3" json:"model,omitempty"`
+	// Optional, at most 60 s. When every key for the model is locked, wait up
+	// to this long, server-side, for the first to unlock and return it; callers
+	// with max_wait are served in arrival order. If keys are still locked at
+	// the deadline, the key that unlocks first is returned, as without
+	// max_wait. Unset or zero: never wait. Give the call a deadline longer than
+	// max_wait.
+	MaxWait       *durationpb.Duration `protobuf:"bytes,2,opt,name=max_wait,json=maxWait,proto3" json:"max_wait,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *GetRequest) Reset() {
 	*x = GetRequest{}
-	mi := &file_keysvc_v1_keysvc_proto_msgTypes[1]
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -306,7 +499,7 @@ func (x *GetRequest) String() string {
 func (*GetRequest) ProtoMessage() {}
 
 func (x *GetRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_keysvc_v1_keysvc_proto_msgTypes[1]
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -319,7 +512,7 @@ func (x *GetRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetRequest.ProtoReflect.Descriptor instead.
 func (*GetRequest) Descriptor() ([]byte, []int) {
-	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{1}
+	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *GetRequest) GetModel() string {
@@ -327,6 +520,13 @@ func (x *GetRequest) GetModel() string {
 		return x.Model
 	}
 	return ""
+}
+
+func (x *GetRequest) GetMaxWait() *durationpb.Duration {
+	if x != nil {
+		return x.MaxWait
+	}
+	return nil
 }
 
 // GetResponse carries the chosen key.
@@ -342,7 +542,7 @@ type GetResponse struct {
 
 func (x *GetResponse) Reset() {
 	*x = GetResponse{}
-	mi := &file_keysvc_v1_keysvc_proto_msgTypes[2]
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -354,7 +554,7 @@ func (x *GetResponse) String() string {
 func (*GetResponse) ProtoMessage() {}
 
 func (x *GetResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_keysvc_v1_keysvc_proto_msgTypes[2]
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -367,7 +567,7 @@ func (x *GetResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetResponse.ProtoReflect.Descriptor instead.
 func (*GetResponse) Descriptor() ([]byte, []int) {
-	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{2}
+	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *GetResponse) GetSecret() string {
@@ -397,7 +597,7 @@ type DisableRequest struct {
 
 func (x *DisableRequest) Reset() {
 	*x = DisableRequest{}
-	mi := &file_keysvc_v1_keysvc_proto_msgTypes[3]
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -409,7 +609,7 @@ func (x *DisableRequest) String() string {
 func (*DisableRequest) ProtoMessage() {}
 
 func (x *DisableRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_keysvc_v1_keysvc_proto_msgTypes[3]
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -422,7 +622,7 @@ func (x *DisableRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DisableRequest.ProtoReflect.Descriptor instead.
 func (*DisableRequest) Descriptor() ([]byte, []int) {
-	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{3}
+	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *DisableRequest) GetHash() string {
@@ -450,7 +650,7 @@ type DisableResponse struct {
 
 func (x *DisableResponse) Reset() {
 	*x = DisableResponse{}
-	mi := &file_keysvc_v1_keysvc_proto_msgTypes[4]
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -462,7 +662,7 @@ func (x *DisableResponse) String() string {
 func (*DisableResponse) ProtoMessage() {}
 
 func (x *DisableResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_keysvc_v1_keysvc_proto_msgTypes[4]
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -475,7 +675,7 @@ func (x *DisableResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DisableResponse.ProtoReflect.Descriptor instead.
 func (*DisableResponse) Descriptor() ([]byte, []int) {
-	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{4}
+	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *DisableResponse) GetKey() *Key {
@@ -490,7 +690,8 @@ type MarkRateLimitedRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Hash of the key. Required.
 	Hash string `protobuf:"bytes,1,opt,name=hash,proto3" json:"hash,omitempty"`
-	// Model of the request that was limited. Optional; validated when given.
+	// Model of the request that was limited. Optional: when given, only the
+	// model's family is locked; when empty, every family of the key.
 	Model         string `protobuf:"bytes,2,opt,name=model,proto3" json:"model,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -498,7 +699,7 @@ type MarkRateLimitedRequest struct {
 
 func (x *MarkRateLimitedRequest) Reset() {
 	*x = MarkRateLimitedRequest{}
-	mi := &file_keysvc_v1_keysvc_proto_msgTypes[5]
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -510,7 +711,7 @@ func (x *MarkRateLimitedRequest) String() string {
 func (*MarkRateLimitedRequest) ProtoMessage() {}
 
 func (x *MarkRateLimitedRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_keysvc_v1_keysvc_proto_msgTypes[5]
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -523,7 +724,7 @@ func (x *MarkRateLimitedRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MarkRateLimitedRequest.ProtoReflect.Descriptor instead.
 func (*MarkRateLimitedRequest) Descriptor() ([]byte, []int) {
-	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{5}
+	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *MarkRateLimitedRequest) GetHash() string {
@@ -549,7 +750,7 @@ type MarkRateLimitedResponse struct {
 
 func (x *MarkRateLimitedResponse) Reset() {
 	*x = MarkRateLimitedResponse{}
-	mi := &file_keysvc_v1_keysvc_proto_msgTypes[6]
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -561,7 +762,7 @@ func (x *MarkRateLimitedResponse) String() string {
 func (*MarkRateLimitedResponse) ProtoMessage() {}
 
 func (x *MarkRateLimitedResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_keysvc_v1_keysvc_proto_msgTypes[6]
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -574,7 +775,7 @@ func (x *MarkRateLimitedResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MarkRateLimitedResponse.ProtoReflect.Descriptor instead.
 func (*MarkRateLimitedResponse) Descriptor() ([]byte, []int) {
-	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{6}
+	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{7}
 }
 
 // UpdateRateLimitsRequest passes on an upstream answer's rate-limit headers.
@@ -582,16 +783,19 @@ type UpdateRateLimitsRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Hash of the key. Required.
 	Hash string `protobuf:"bytes,1,opt,name=hash,proto3" json:"hash,omitempty"`
-	// Response headers; only x-ratelimit-* are read. Names are matched
-	// case-insensitively.
-	Headers       map[string]string `protobuf:"bytes,2,rep,name=headers,proto3" json:"headers,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	// Response headers; only x-ratelimit-* are read (reset-* and remaining-*).
+	// Names are matched case-insensitively.
+	Headers map[string]string `protobuf:"bytes,2,rep,name=headers,proto3" json:"headers,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	// Model of the request. Optional: when given, the headers apply to the
+	// model's family only; when empty, to every family of the key.
+	Model         string `protobuf:"bytes,3,opt,name=model,proto3" json:"model,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *UpdateRateLimitsRequest) Reset() {
 	*x = UpdateRateLimitsRequest{}
-	mi := &file_keysvc_v1_keysvc_proto_msgTypes[7]
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -603,7 +807,7 @@ func (x *UpdateRateLimitsRequest) String() string {
 func (*UpdateRateLimitsRequest) ProtoMessage() {}
 
 func (x *UpdateRateLimitsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_keysvc_v1_keysvc_proto_msgTypes[7]
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -616,7 +820,7 @@ func (x *UpdateRateLimitsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateRateLimitsRequest.ProtoReflect.Descriptor instead.
 func (*UpdateRateLimitsRequest) Descriptor() ([]byte, []int) {
-	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{7}
+	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *UpdateRateLimitsRequest) GetHash() string {
@@ -633,6 +837,13 @@ func (x *UpdateRateLimitsRequest) GetHeaders() map[string]string {
 	return nil
 }
 
+func (x *UpdateRateLimitsRequest) GetModel() string {
+	if x != nil {
+		return x.Model
+	}
+	return ""
+}
+
 // UpdateRateLimitsResponse is empty.
 type UpdateRateLimitsResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -642,7 +853,7 @@ type UpdateRateLimitsResponse struct {
 
 func (x *UpdateRateLimitsResponse) Reset() {
 	*x = UpdateRateLimitsResponse{}
-	mi := &file_keysvc_v1_keysvc_proto_msgTypes[8]
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -654,7 +865,7 @@ func (x *UpdateRateLimitsResponse) String() string {
 func (*UpdateRateLimitsResponse) ProtoMessage() {}
 
 func (x *UpdateRateLimitsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_keysvc_v1_keysvc_proto_msgTypes[8]
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -667,7 +878,7 @@ func (x *UpdateRateLimitsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateRateLimitsResponse.ProtoReflect.Descriptor instead.
 func (*UpdateRateLimitsResponse) Descriptor() ([]byte, []int) {
-	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{8}
+	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{9}
 }
 
 // GetLockoutPeriodRequest names the model a caller wants to use.
@@ -681,7 +892,7 @@ type GetLockoutPeriodRequest struct {
 
 func (x *GetLockoutPeriodRequest) Reset() {
 	*x = GetLockoutPeriodRequest{}
-	mi := &file_keysvc_v1_keysvc_proto_msgTypes[9]
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -693,7 +904,7 @@ func (x *GetLockoutPeriodRequest) String() string {
 func (*GetLockoutPeriodRequest) ProtoMessage() {}
 
 func (x *GetLockoutPeriodRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_keysvc_v1_keysvc_proto_msgTypes[9]
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -706,7 +917,7 @@ func (x *GetLockoutPeriodRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetLockoutPeriodRequest.ProtoReflect.Descriptor instead.
 func (*GetLockoutPeriodRequest) Descriptor() ([]byte, []int) {
-	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{9}
+	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *GetLockoutPeriodRequest) GetModel() string {
@@ -727,7 +938,7 @@ type GetLockoutPeriodResponse struct {
 
 func (x *GetLockoutPeriodResponse) Reset() {
 	*x = GetLockoutPeriodResponse{}
-	mi := &file_keysvc_v1_keysvc_proto_msgTypes[10]
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -739,7 +950,7 @@ func (x *GetLockoutPeriodResponse) String() string {
 func (*GetLockoutPeriodResponse) ProtoMessage() {}
 
 func (x *GetLockoutPeriodResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_keysvc_v1_keysvc_proto_msgTypes[10]
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -752,7 +963,7 @@ func (x *GetLockoutPeriodResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetLockoutPeriodResponse.ProtoReflect.Descriptor instead.
 func (*GetLockoutPeriodResponse) Descriptor() ([]byte, []int) {
-	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{10}
+	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *GetLockoutPeriodResponse) GetLockout() *durationpb.Duration {
@@ -777,7 +988,7 @@ type IncrementUsageRequest struct {
 
 func (x *IncrementUsageRequest) Reset() {
 	*x = IncrementUsageRequest{}
-	mi := &file_keysvc_v1_keysvc_proto_msgTypes[11]
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -789,7 +1000,7 @@ func (x *IncrementUsageRequest) String() string {
 func (*IncrementUsageRequest) ProtoMessage() {}
 
 func (x *IncrementUsageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_keysvc_v1_keysvc_proto_msgTypes[11]
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -802,7 +1013,7 @@ func (x *IncrementUsageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use IncrementUsageRequest.ProtoReflect.Descriptor instead.
 func (*IncrementUsageRequest) Descriptor() ([]byte, []int) {
-	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{11}
+	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *IncrementUsageRequest) GetHash() string {
@@ -835,7 +1046,7 @@ type IncrementUsageResponse struct {
 
 func (x *IncrementUsageResponse) Reset() {
 	*x = IncrementUsageResponse{}
-	mi := &file_keysvc_v1_keysvc_proto_msgTypes[12]
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -847,7 +1058,7 @@ func (x *IncrementUsageResponse) String() string {
 func (*IncrementUsageResponse) ProtoMessage() {}
 
 func (x *IncrementUsageResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_keysvc_v1_keysvc_proto_msgTypes[12]
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -860,7 +1071,7 @@ func (x *IncrementUsageResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use IncrementUsageResponse.ProtoReflect.Descriptor instead.
 func (*IncrementUsageResponse) Descriptor() ([]byte, []int) {
-	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{12}
+	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{13}
 }
 
 // ListRequest is empty.
@@ -872,7 +1083,7 @@ type ListRequest struct {
 
 func (x *ListRequest) Reset() {
 	*x = ListRequest{}
-	mi := &file_keysvc_v1_keysvc_proto_msgTypes[13]
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -884,7 +1095,7 @@ func (x *ListRequest) String() string {
 func (*ListRequest) ProtoMessage() {}
 
 func (x *ListRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_keysvc_v1_keysvc_proto_msgTypes[13]
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -897,7 +1108,7 @@ func (x *ListRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListRequest.ProtoReflect.Descriptor instead.
 func (*ListRequest) Descriptor() ([]byte, []int) {
-	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{13}
+	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{14}
 }
 
 // ListResponse holds every key in the pool.
@@ -911,7 +1122,7 @@ type ListResponse struct {
 
 func (x *ListResponse) Reset() {
 	*x = ListResponse{}
-	mi := &file_keysvc_v1_keysvc_proto_msgTypes[14]
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -923,7 +1134,7 @@ func (x *ListResponse) String() string {
 func (*ListResponse) ProtoMessage() {}
 
 func (x *ListResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_keysvc_v1_keysvc_proto_msgTypes[14]
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -936,7 +1147,7 @@ func (x *ListResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListResponse.ProtoReflect.Descriptor instead.
 func (*ListResponse) Descriptor() ([]byte, []int) {
-	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{14}
+	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *ListResponse) GetKeys() []*Key {
@@ -955,7 +1166,7 @@ type AvailableRequest struct {
 
 func (x *AvailableRequest) Reset() {
 	*x = AvailableRequest{}
-	mi := &file_keysvc_v1_keysvc_proto_msgTypes[15]
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -967,7 +1178,7 @@ func (x *AvailableRequest) String() string {
 func (*AvailableRequest) ProtoMessage() {}
 
 func (x *AvailableRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_keysvc_v1_keysvc_proto_msgTypes[15]
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -980,7 +1191,7 @@ func (x *AvailableRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AvailableRequest.ProtoReflect.Descriptor instead.
 func (*AvailableRequest) Descriptor() ([]byte, []int) {
-	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{15}
+	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{16}
 }
 
 // AvailableResponse counts usable keys.
@@ -994,7 +1205,7 @@ type AvailableResponse struct {
 
 func (x *AvailableResponse) Reset() {
 	*x = AvailableResponse{}
-	mi := &file_keysvc_v1_keysvc_proto_msgTypes[16]
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1006,7 +1217,7 @@ func (x *AvailableResponse) String() string {
 func (*AvailableResponse) ProtoMessage() {}
 
 func (x *AvailableResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_keysvc_v1_keysvc_proto_msgTypes[16]
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1019,7 +1230,7 @@ func (x *AvailableResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AvailableResponse.ProtoReflect.Descriptor instead.
 func (*AvailableResponse) Descriptor() ([]byte, []int) {
-	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{16}
+	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *AvailableResponse) GetCount() int64 {
@@ -1038,7 +1249,7 @@ type RecheckRequest struct {
 
 func (x *RecheckRequest) Reset() {
 	*x = RecheckRequest{}
-	mi := &file_keysvc_v1_keysvc_proto_msgTypes[17]
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1050,7 +1261,7 @@ func (x *RecheckRequest) String() string {
 func (*RecheckRequest) ProtoMessage() {}
 
 func (x *RecheckRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_keysvc_v1_keysvc_proto_msgTypes[17]
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1063,7 +1274,7 @@ func (x *RecheckRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RecheckRequest.ProtoReflect.Descriptor instead.
 func (*RecheckRequest) Descriptor() ([]byte, []int) {
-	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{17}
+	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{18}
 }
 
 // RecheckResponse is empty.
@@ -1075,7 +1286,7 @@ type RecheckResponse struct {
 
 func (x *RecheckResponse) Reset() {
 	*x = RecheckResponse{}
-	mi := &file_keysvc_v1_keysvc_proto_msgTypes[18]
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1087,7 +1298,7 @@ func (x *RecheckResponse) String() string {
 func (*RecheckResponse) ProtoMessage() {}
 
 func (x *RecheckResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_keysvc_v1_keysvc_proto_msgTypes[18]
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1100,14 +1311,199 @@ func (x *RecheckResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RecheckResponse.ProtoReflect.Descriptor instead.
 func (*RecheckResponse) Descriptor() ([]byte, []int) {
-	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{18}
+	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{19}
+}
+
+// ReportOutcomeRequest describes one upstream answer to a request made with a
+// key from Get.
+type ReportOutcomeRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Hash of the key the request was sent with. Required.
+	Hash string `protobuf:"bytes,1,opt,name=hash,proto3" json:"hash,omitempty"`
+	// Model of the request. Required: it names the rate-limit family.
+	Model string `protobuf:"bytes,2,opt,name=model,proto3" json:"model,omitempty"`
+	// HTTP status code of the upstream answer (100 to 599). Required.
+	Status int32 `protobuf:"varint,3,opt,name=status,proto3" json:"status,omitempty"`
+	// Response headers; only x-ratelimit-* are read. Names are matched
+	// case-insensitively.
+	Headers map[string]string `protobuf:"bytes,4,rep,name=headers,proto3" json:"headers,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	// error.type of an OpenAI error body; empty when there is none.
+	ErrorType string `protobuf:"bytes,5,opt,name=error_type,json=errorType,proto3" json:"error_type,omitempty"`
+	// error.code of an OpenAI error body; empty when there is none.
+	ErrorCode string `protobuf:"bytes,6,opt,name=error_code,json=errorCode,proto3" json:"error_code,omitempty"`
+	// error.message of an OpenAI error body; empty when there is none.
+	ErrorMessage string `protobuf:"bytes,7,opt,name=error_message,json=errorMessage,proto3" json:"error_message,omitempty"`
+	// usage.prompt_tokens of a successful answer; zero or more.
+	PromptTokens int64 `protobuf:"varint,8,opt,name=prompt_tokens,json=promptTokens,proto3" json:"prompt_tokens,omitempty"`
+	// usage.completion_tokens of a successful answer; zero or more.
+	CompletionTokens int64 `protobuf:"varint,9,opt,name=completion_tokens,json=completionTokens,proto3" json:"completion_tokens,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
+}
+
+func (x *ReportOutcomeRequest) Reset() {
+	*x = ReportOutcomeRequest{}
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReportOutcomeRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReportOutcomeRequest) ProtoMessage() {}
+
+func (x *ReportOutcomeRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReportOutcomeRequest.ProtoReflect.Descriptor instead.
+func (*ReportOutcomeRequest) Descriptor() ([]byte, []int) {
+	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *ReportOutcomeRequest) GetHash() string {
+	if x != nil {
+		return x.Hash
+	}
+	return ""
+}
+
+func (x *ReportOutcomeRequest) GetModel() string {
+	if x != nil {
+		return x.Model
+	}
+	return ""
+}
+
+func (x *ReportOutcomeRequest) GetStatus() int32 {
+	if x != nil {
+		return x.Status
+	}
+	return 0
+}
+
+func (x *ReportOutcomeRequest) GetHeaders() map[string]string {
+	if x != nil {
+		return x.Headers
+	}
+	return nil
+}
+
+func (x *ReportOutcomeRequest) GetErrorType() string {
+	if x != nil {
+		return x.ErrorType
+	}
+	return ""
+}
+
+func (x *ReportOutcomeRequest) GetErrorCode() string {
+	if x != nil {
+		return x.ErrorCode
+	}
+	return ""
+}
+
+func (x *ReportOutcomeRequest) GetErrorMessage() string {
+	if x != nil {
+		return x.ErrorMessage
+	}
+	return ""
+}
+
+func (x *ReportOutcomeRequest) GetPromptTokens() int64 {
+	if x != nil {
+		return x.PromptTokens
+	}
+	return 0
+}
+
+func (x *ReportOutcomeRequest) GetCompletionTokens() int64 {
+	if x != nil {
+		return x.CompletionTokens
+	}
+	return 0
+}
+
+// ReportOutcomeResponse says what the proxy should do next.
+type ReportOutcomeResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// What to do with the request.
+	Action OutcomeAction `protobuf:"varint,1,opt,name=action,proto3,enum=keysvc.v1.OutcomeAction" json:"action,omitempty"`
+	// Public view of the key after the answer was applied.
+	Key *Key `protobuf:"bytes,2,opt,name=key,proto3" json:"key,omitempty"`
+	// Short explanation for the proxy's log, e.g. "HTTP 429 rate_limit_exceeded:
+	// rate limited". Never a secret; not meant for branching.
+	Reason        string `protobuf:"bytes,3,opt,name=reason,proto3" json:"reason,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReportOutcomeResponse) Reset() {
+	*x = ReportOutcomeResponse{}
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReportOutcomeResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReportOutcomeResponse) ProtoMessage() {}
+
+func (x *ReportOutcomeResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_keysvc_v1_keysvc_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReportOutcomeResponse.ProtoReflect.Descriptor instead.
+func (*ReportOutcomeResponse) Descriptor() ([]byte, []int) {
+	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{21}
+}
+
+func (x *ReportOutcomeResponse) GetAction() OutcomeAction {
+	if x != nil {
+		return x.Action
+	}
+	return OutcomeAction_OUTCOME_ACTION_UNSPECIFIED
+}
+
+func (x *ReportOutcomeResponse) GetKey() *Key {
+	if x != nil {
+		return x.Key
+	}
+	return nil
+}
+
+func (x *ReportOutcomeResponse) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
 }
 
 var File_keysvc_v1_keysvc_proto protoreflect.FileDescriptor
 
 const file_keysvc_v1_keysvc_proto_rawDesc = "" +
 	"\n" +
-	"\x16keysvc/v1/keysvc.proto\x12\tkeysvc.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd1\a\n" +
+	"\x16keysvc/v1/keysvc.proto\x12\tkeysvc.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9b\b\n" +
 	"\x03Key\x12\x12\n" +
 	"\x04hash\x18\x01 \x01(\tR\x04hash\x12\x18\n" +
 	"\aservice\x18\x02 \x01(\tR\aservice\x12%\n" +
@@ -1131,13 +1527,26 @@ const file_keysvc_v1_keysvc_proto_rawDesc = "" +
 	"tokenUsage\x12?\n" +
 	"\x0edisable_reason\x18\x11 \x01(\x0e2\x18.keysvc.v1.DisableReasonR\rdisableReason\x12;\n" +
 	"\vdisabled_at\x18\x12 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
-	"disabledAt\x1a=\n" +
+	"disabledAt\x12H\n" +
+	"\x12family_rate_limits\x18\x13 \x03(\v2\x1a.keysvc.v1.FamilyRateLimitR\x10familyRateLimits\x1a=\n" +
 	"\x0fTokenUsageEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\x03R\x05value:\x028\x01\"\"\n" +
+	"\x05value\x18\x02 \x01(\x03R\x05value:\x028\x01\"\x80\x04\n" +
+	"\x0fFamilyRateLimit\x12\x16\n" +
+	"\x06family\x18\x01 \x01(\tR\x06family\x127\n" +
+	"\tlast_used\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\blastUsed\x12B\n" +
+	"\x0frate_limited_at\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\rrateLimitedAt\x12H\n" +
+	"\x12rate_limited_until\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\x10rateLimitedUntil\x12@\n" +
+	"\x0erequests_reset\x18\x05 \x01(\v2\x19.google.protobuf.DurationR\rrequestsReset\x12<\n" +
+	"\ftokens_reset\x18\x06 \x01(\v2\x19.google.protobuf.DurationR\vtokensReset\x122\n" +
+	"\x12remaining_requests\x18\a \x01(\x03H\x00R\x11remainingRequests\x88\x01\x01\x12.\n" +
+	"\x10remaining_tokens\x18\b \x01(\x03H\x01R\x0fremainingTokens\x88\x01\x01B\x15\n" +
+	"\x13_remaining_requestsB\x13\n" +
+	"\x11_remaining_tokens\"X\n" +
 	"\n" +
 	"GetRequest\x12\x14\n" +
-	"\x05model\x18\x01 \x01(\tR\x05model\"G\n" +
+	"\x05model\x18\x01 \x01(\tR\x05model\x124\n" +
+	"\bmax_wait\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\amaxWait\"G\n" +
 	"\vGetResponse\x12\x16\n" +
 	"\x06secret\x18\x01 \x01(\tR\x06secret\x12 \n" +
 	"\x03key\x18\x02 \x01(\v2\x0e.keysvc.v1.KeyR\x03key\"V\n" +
@@ -1149,10 +1558,11 @@ const file_keysvc_v1_keysvc_proto_rawDesc = "" +
 	"\x16MarkRateLimitedRequest\x12\x12\n" +
 	"\x04hash\x18\x01 \x01(\tR\x04hash\x12\x14\n" +
 	"\x05model\x18\x02 \x01(\tR\x05model\"\x19\n" +
-	"\x17MarkRateLimitedResponse\"\xb4\x01\n" +
+	"\x17MarkRateLimitedResponse\"\xca\x01\n" +
 	"\x17UpdateRateLimitsRequest\x12\x12\n" +
 	"\x04hash\x18\x01 \x01(\tR\x04hash\x12I\n" +
-	"\aheaders\x18\x02 \x03(\v2/.keysvc.v1.UpdateRateLimitsRequest.HeadersEntryR\aheaders\x1a:\n" +
+	"\aheaders\x18\x02 \x03(\v2/.keysvc.v1.UpdateRateLimitsRequest.HeadersEntryR\aheaders\x12\x14\n" +
+	"\x05model\x18\x03 \x01(\tR\x05model\x1a:\n" +
 	"\fHeadersEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x1a\n" +
@@ -1173,12 +1583,36 @@ const file_keysvc_v1_keysvc_proto_rawDesc = "" +
 	"\x11AvailableResponse\x12\x14\n" +
 	"\x05count\x18\x01 \x01(\x03R\x05count\"\x10\n" +
 	"\x0eRecheckRequest\"\x11\n" +
-	"\x0fRecheckResponse*\x80\x01\n" +
+	"\x0fRecheckResponse\"\x91\x03\n" +
+	"\x14ReportOutcomeRequest\x12\x12\n" +
+	"\x04hash\x18\x01 \x01(\tR\x04hash\x12\x14\n" +
+	"\x05model\x18\x02 \x01(\tR\x05model\x12\x16\n" +
+	"\x06status\x18\x03 \x01(\x05R\x06status\x12F\n" +
+	"\aheaders\x18\x04 \x03(\v2,.keysvc.v1.ReportOutcomeRequest.HeadersEntryR\aheaders\x12\x1d\n" +
+	"\n" +
+	"error_type\x18\x05 \x01(\tR\terrorType\x12\x1d\n" +
+	"\n" +
+	"error_code\x18\x06 \x01(\tR\terrorCode\x12#\n" +
+	"\rerror_message\x18\a \x01(\tR\ferrorMessage\x12#\n" +
+	"\rprompt_tokens\x18\b \x01(\x03R\fpromptTokens\x12+\n" +
+	"\x11completion_tokens\x18\t \x01(\x03R\x10completionTokens\x1a:\n" +
+	"\fHeadersEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x83\x01\n" +
+	"\x15ReportOutcomeResponse\x120\n" +
+	"\x06action\x18\x01 \x01(\x0e2\x18.keysvc.v1.OutcomeActionR\x06action\x12 \n" +
+	"\x03key\x18\x02 \x01(\v2\x0e.keysvc.v1.KeyR\x03key\x12\x16\n" +
+	"\x06reason\x18\x03 \x01(\tR\x06reason*\x80\x01\n" +
 	"\rDisableReason\x12\x1e\n" +
 	"\x1aDISABLE_REASON_UNSPECIFIED\x10\x00\x12\x1a\n" +
 	"\x16DISABLE_REASON_REVOKED\x10\x01\x12\x18\n" +
 	"\x14DISABLE_REASON_QUOTA\x10\x02\x12\x19\n" +
-	"\x15DISABLE_REASON_MANUAL\x10\x032\xb2\x05\n" +
+	"\x15DISABLE_REASON_MANUAL\x10\x03*\x94\x01\n" +
+	"\rOutcomeAction\x12\x1e\n" +
+	"\x1aOUTCOME_ACTION_UNSPECIFIED\x10\x00\x12\x17\n" +
+	"\x13OUTCOME_ACTION_DONE\x10\x01\x12)\n" +
+	"%OUTCOME_ACTION_RETRY_WITH_ANOTHER_KEY\x10\x02\x12\x1f\n" +
+	"\x1bOUTCOME_ACTION_RETURN_ERROR\x10\x032\x86\x06\n" +
 	"\n" +
 	"KeyService\x124\n" +
 	"\x03Get\x12\x15.keysvc.v1.GetRequest\x1a\x16.keysvc.v1.GetResponse\x12@\n" +
@@ -1189,7 +1623,8 @@ const file_keysvc_v1_keysvc_proto_rawDesc = "" +
 	"\x0eIncrementUsage\x12 .keysvc.v1.IncrementUsageRequest\x1a!.keysvc.v1.IncrementUsageResponse\x127\n" +
 	"\x04List\x12\x16.keysvc.v1.ListRequest\x1a\x17.keysvc.v1.ListResponse\x12F\n" +
 	"\tAvailable\x12\x1b.keysvc.v1.AvailableRequest\x1a\x1c.keysvc.v1.AvailableResponse\x12@\n" +
-	"\aRecheck\x12\x19.keysvc.v1.RecheckRequest\x1a\x1a.keysvc.v1.RecheckResponseB%Z#keysvc/clients/go/keysvcv1;keysvcv1b\x06proto3"
+	"\aRecheck\x12\x19.keysvc.v1.RecheckRequest\x1a\x1a.keysvc.v1.RecheckResponse\x12R\n" +
+	"\rReportOutcome\x12\x1f.keysvc.v1.ReportOutcomeRequest\x1a .keysvc.v1.ReportOutcomeResponseB%Z#keysvc/clients/go/keysvcv1;keysvcv1b\x06proto3"
 
 var (
 	file_keysvc_v1_keysvc_proto_rawDescOnce sync.Once
@@ -1203,73 +1638,90 @@ func file_keysvc_v1_keysvc_proto_rawDescGZIP() []byte {
 	return file_keysvc_v1_keysvc_proto_rawDescData
 }
 
-var file_keysvc_v1_keysvc_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_keysvc_v1_keysvc_proto_msgTypes = make([]protoimpl.MessageInfo, 21)
+var file_keysvc_v1_keysvc_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
+var file_keysvc_v1_keysvc_proto_msgTypes = make([]protoimpl.MessageInfo, 25)
 var file_keysvc_v1_keysvc_proto_goTypes = []any{
 	(DisableReason)(0),               // 0: keysvc.v1.DisableReason
-	(*Key)(nil),                      // 1: keysvc.v1.Key
-	(*GetRequest)(nil),               // 2: keysvc.v1.GetRequest
-	(*GetResponse)(nil),              // 3: keysvc.v1.GetResponse
-	(*DisableRequest)(nil),           // 4: keysvc.v1.DisableRequest
-	(*DisableResponse)(nil),          // 5: keysvc.v1.DisableResponse
-	(*MarkRateLimitedRequest)(nil),   // 6: keysvc.v1.MarkRateLimitedRequest
-	(*MarkRateLimitedResponse)(nil),  // 7: keysvc.v1.MarkRateLimitedResponse
-	(*UpdateRateLimitsRequest)(nil),  // 8: keysvc.v1.UpdateRateLimitsRequest
-	(*UpdateRateLimitsResponse)(nil), // 9: keysvc.v1.UpdateRateLimitsResponse
-	(*GetLockoutPeriodRequest)(nil),  // 10: keysvc.v1.GetLockoutPeriodRequest
-	(*GetLockoutPeriodResponse)(nil), // 11: keysvc.v1.GetLockoutPeriodResponse
-	(*IncrementUsageRequest)(nil),    // 12: keysvc.v1.IncrementUsageRequest
-	(*IncrementUsageResponse)(nil),   // 13: keysvc.v1.IncrementUsageResponse
-	(*ListRequest)(nil),              // 14: keysvc.v1.ListRequest
-	(*ListResponse)(nil),             // 15: keysvc.v1.ListResponse
-	(*AvailableRequest)(nil),         // 16: keysvc.v1.AvailableRequest
-	(*AvailableResponse)(nil),        // 17: keysvc.v1.AvailableResponse
-	(*RecheckRequest)(nil),           // 18: keysvc.v1.RecheckRequest
-	(*RecheckResponse)(nil),          // 19: keysvc.v1.RecheckResponse
-	nil,                              // 20: keysvc.v1.Key.TokenUsageEntry
-	nil,                              // 21: keysvc.v1.UpdateRateLimitsRequest.HeadersEntry
-	(*timestamppb.Timestamp)(nil),    // 22: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),      // 23: google.protobuf.Duration
+	(OutcomeAction)(0),               // 1: keysvc.v1.OutcomeAction
+	(*Key)(nil),                      // 2: keysvc.v1.Key
+	(*FamilyRateLimit)(nil),          // 3: keysvc.v1.FamilyRateLimit
+	(*GetRequest)(nil),               // 4: keysvc.v1.GetRequest
+	(*GetResponse)(nil),              // 5: keysvc.v1.GetResponse
+	(*DisableRequest)(nil),           // 6: keysvc.v1.DisableRequest
+	(*DisableResponse)(nil),          // 7: keysvc.v1.DisableResponse
+	(*MarkRateLimitedRequest)(nil),   // 8: keysvc.v1.MarkRateLimitedRequest
+	(*MarkRateLimitedResponse)(nil),  // 9: keysvc.v1.MarkRateLimitedResponse
+	(*UpdateRateLimitsRequest)(nil),  // 10: keysvc.v1.UpdateRateLimitsRequest
+	(*UpdateRateLimitsResponse)(nil), // 11: keysvc.v1.UpdateRateLimitsResponse
+	(*GetLockoutPeriodRequest)(nil),  // 12: keysvc.v1.GetLockoutPeriodRequest
+	(*GetLockoutPeriodResponse)(nil), // 13: keysvc.v1.GetLockoutPeriodResponse
+	(*IncrementUsageRequest)(nil),    // 14: keysvc.v1.IncrementUsageRequest
+	(*IncrementUsageResponse)(nil),   // 15: keysvc.v1.IncrementUsageResponse
+	(*ListRequest)(nil),              // 16: keysvc.v1.ListRequest
+	(*ListResponse)(nil),             // 17: keysvc.v1.ListResponse
+	(*AvailableRequest)(nil),         // 18: keysvc.v1.AvailableRequest
+	(*AvailableResponse)(nil),        // 19: keysvc.v1.AvailableResponse
+	(*RecheckRequest)(nil),           // 20: keysvc.v1.RecheckRequest
+	(*RecheckResponse)(nil),          // 21: keysvc.v1.RecheckResponse
+	(*ReportOutcomeRequest)(nil),     // 22: keysvc.v1.ReportOutcomeRequest
+	(*ReportOutcomeResponse)(nil),    // 23: keysvc.v1.ReportOutcomeResponse
+	nil,                              // 24: keysvc.v1.Key.TokenUsageEntry
+	nil,                              // 25: keysvc.v1.UpdateRateLimitsRequest.HeadersEntry
+	nil,                              // 26: keysvc.v1.ReportOutcomeRequest.HeadersEntry
+	(*timestamppb.Timestamp)(nil),    // 27: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),      // 28: google.protobuf.Duration
 }
 var file_keysvc_v1_keysvc_proto_depIdxs = []int32{
-	22, // 0: keysvc.v1.Key.last_used:type_name -> google.protobuf.Timestamp
-	22, // 1: keysvc.v1.Key.last_checked:type_name -> google.protobuf.Timestamp
-	22, // 2: keysvc.v1.Key.rate_limited_at:type_name -> google.protobuf.Timestamp
-	22, // 3: keysvc.v1.Key.rate_limited_until:type_name -> google.protobuf.Timestamp
-	23, // 4: keysvc.v1.Key.rate_limit_requests_reset:type_name -> google.protobuf.Duration
-	23, // 5: keysvc.v1.Key.rate_limit_tokens_reset:type_name -> google.protobuf.Duration
-	20, // 6: keysvc.v1.Key.token_usage:type_name -> keysvc.v1.Key.TokenUsageEntry
+	27, // 0: keysvc.v1.Key.last_used:type_name -> google.protobuf.Timestamp
+	27, // 1: keysvc.v1.Key.last_checked:type_name -> google.protobuf.Timestamp
+	27, // 2: keysvc.v1.Key.rate_limited_at:type_name -> google.protobuf.Timestamp
+	27, // 3: keysvc.v1.Key.rate_limited_until:type_name -> google.protobuf.Timestamp
+	28, // 4: keysvc.v1.Key.rate_limit_requests_reset:type_name -> google.protobuf.Duration
+	28, // 5: keysvc.v1.Key.rate_limit_tokens_reset:type_name -> google.protobuf.Duration
+	24, // 6: keysvc.v1.Key.token_usage:type_name -> keysvc.v1.Key.TokenUsageEntry
 	0,  // 7: keysvc.v1.Key.disable_reason:type_name -> keysvc.v1.DisableReason
-	22, // 8: keysvc.v1.Key.disabled_at:type_name -> google.protobuf.Timestamp
-	1,  // 9: keysvc.v1.GetResponse.key:type_name -> keysvc.v1.Key
-	0,  // 10: keysvc.v1.DisableRequest.reason:type_name -> keysvc.v1.DisableReason
-	1,  // 11: keysvc.v1.DisableResponse.key:type_name -> keysvc.v1.Key
-	21, // 12: keysvc.v1.UpdateRateLimitsRequest.headers:type_name -> keysvc.v1.UpdateRateLimitsRequest.HeadersEntry
-	23, // 13: keysvc.v1.GetLockoutPeriodResponse.lockout:type_name -> google.protobuf.Duration
-	1,  // 14: keysvc.v1.ListResponse.keys:type_name -> keysvc.v1.Key
-	2,  // 15: keysvc.v1.KeyService.Get:input_type -> keysvc.v1.GetRequest
-	4,  // 16: keysvc.v1.KeyService.Disable:input_type -> keysvc.v1.DisableRequest
-	6,  // 17: keysvc.v1.KeyService.MarkRateLimited:input_type -> keysvc.v1.MarkRateLimitedRequest
-	8,  // 18: keysvc.v1.KeyService.UpdateRateLimits:input_type -> keysvc.v1.UpdateRateLimitsRequest
-	10, // 19: keysvc.v1.KeyService.GetLockoutPeriod:input_type -> keysvc.v1.GetLockoutPeriodRequest
-	12, // 20: keysvc.v1.KeyService.IncrementUsage:input_type -> keysvc.v1.IncrementUsageRequest
-	14, // 21: keysvc.v1.KeyService.List:input_type -> keysvc.v1.ListRequest
-	16, // 22: keysvc.v1.KeyService.Available:input_type -> keysvc.v1.AvailableRequest
-	18, // 23: keysvc.v1.KeyService.Recheck:input_type -> keysvc.v1.RecheckRequest
-	3,  // 24: keysvc.v1.KeyService.Get:output_type -> keysvc.v1.GetResponse
-	5,  // 25: keysvc.v1.KeyService.Disable:output_type -> keysvc.v1.DisableResponse
-	7,  // 26: keysvc.v1.KeyService.MarkRateLimited:output_type -> keysvc.v1.MarkRateLimitedResponse
-	9,  // 27: keysvc.v1.KeyService.UpdateRateLimits:output_type -> keysvc.v1.UpdateRateLimitsResponse
-	11, // 28: keysvc.v1.KeyService.GetLockoutPeriod:output_type -> keysvc.v1.GetLockoutPeriodResponse
-	13, // 29: keysvc.v1.KeyService.IncrementUsage:output_type -> keysvc.v1.IncrementUsageResponse
-	15, // 30: keysvc.v1.KeyService.List:output_type -> keysvc.v1.ListResponse
-	17, // 31: keysvc.v1.KeyService.Available:output_type -> keysvc.v1.AvailableResponse
-	19, // 32: keysvc.v1.KeyService.Recheck:output_type -> keysvc.v1.RecheckResponse
-	24, // [24:33] is the sub-list for method output_type
-	15, // [15:24] is the sub-list for method input_type
-	15, // [15:15] is the sub-list for extension type_name
-	15, // [15:15] is the sub-list for extension extendee
-	0,  // [0:15] is the sub-list for field type_name
+	27, // 8: keysvc.v1.Key.disabled_at:type_name -> google.protobuf.Timestamp
+	3,  // 9: keysvc.v1.Key.family_rate_limits:type_name -> keysvc.v1.FamilyRateLimit
+	27, // 10: keysvc.v1.FamilyRateLimit.last_used:type_name -> google.protobuf.Timestamp
+	27, // 11: keysvc.v1.FamilyRateLimit.rate_limited_at:type_name -> google.protobuf.Timestamp
+	27, // 12: keysvc.v1.FamilyRateLimit.rate_limited_until:type_name -> google.protobuf.Timestamp
+	28, // 13: keysvc.v1.FamilyRateLimit.requests_reset:type_name -> google.protobuf.Duration
+	28, // 14: keysvc.v1.FamilyRateLimit.tokens_reset:type_name -> google.protobuf.Duration
+	28, // 15: keysvc.v1.GetRequest.max_wait:type_name -> google.protobuf.Duration
+	2,  // 16: keysvc.v1.GetResponse.key:type_name -> keysvc.v1.Key
+	0,  // 17: keysvc.v1.DisableRequest.reason:type_name -> keysvc.v1.DisableReason
+	2,  // 18: keysvc.v1.DisableResponse.key:type_name -> keysvc.v1.Key
+	25, // 19: keysvc.v1.UpdateRateLimitsRequest.headers:type_name -> keysvc.v1.UpdateRateLimitsRequest.HeadersEntry
+	28, // 20: keysvc.v1.GetLockoutPeriodResponse.lockout:type_name -> google.protobuf.Duration
+	2,  // 21: keysvc.v1.ListResponse.keys:type_name -> keysvc.v1.Key
+	26, // 22: keysvc.v1.ReportOutcomeRequest.headers:type_name -> keysvc.v1.ReportOutcomeRequest.HeadersEntry
+	1,  // 23: keysvc.v1.ReportOutcomeResponse.action:type_name -> keysvc.v1.OutcomeAction
+	2,  // 24: keysvc.v1.ReportOutcomeResponse.key:type_name -> keysvc.v1.Key
+	4,  // 25: keysvc.v1.KeyService.Get:input_type -> keysvc.v1.GetRequest
+	6,  // 26: keysvc.v1.KeyService.Disable:input_type -> keysvc.v1.DisableRequest
+	8,  // 27: keysvc.v1.KeyService.MarkRateLimited:input_type -> keysvc.v1.MarkRateLimitedRequest
+	10, // 28: keysvc.v1.KeyService.UpdateRateLimits:input_type -> keysvc.v1.UpdateRateLimitsRequest
+	12, // 29: keysvc.v1.KeyService.GetLockoutPeriod:input_type -> keysvc.v1.GetLockoutPeriodRequest
+	14, // 30: keysvc.v1.KeyService.IncrementUsage:input_type -> keysvc.v1.IncrementUsageRequest
+	16, // 31: keysvc.v1.KeyService.List:input_type -> keysvc.v1.ListRequest
+	18, // 32: keysvc.v1.KeyService.Available:input_type -> keysvc.v1.AvailableRequest
+	20, // 33: keysvc.v1.KeyService.Recheck:input_type -> keysvc.v1.RecheckRequest
+	22, // 34: keysvc.v1.KeyService.ReportOutcome:input_type -> keysvc.v1.ReportOutcomeRequest
+	5,  // 35: keysvc.v1.KeyService.Get:output_type -> keysvc.v1.GetResponse
+	7,  // 36: keysvc.v1.KeyService.Disable:output_type -> keysvc.v1.DisableResponse
+	9,  // 37: keysvc.v1.KeyService.MarkRateLimited:output_type -> keysvc.v1.MarkRateLimitedResponse
+	11, // 38: keysvc.v1.KeyService.UpdateRateLimits:output_type -> keysvc.v1.UpdateRateLimitsResponse
+	13, // 39: keysvc.v1.KeyService.GetLockoutPeriod:output_type -> keysvc.v1.GetLockoutPeriodResponse
+	15, // 40: keysvc.v1.KeyService.IncrementUsage:output_type -> keysvc.v1.IncrementUsageResponse
+	17, // 41: keysvc.v1.KeyService.List:output_type -> keysvc.v1.ListResponse
+	19, // 42: keysvc.v1.KeyService.Available:output_type -> keysvc.v1.AvailableResponse
+	21, // 43: keysvc.v1.KeyService.Recheck:output_type -> keysvc.v1.RecheckResponse
+	23, // 44: keysvc.v1.KeyService.ReportOutcome:output_type -> keysvc.v1.ReportOutcomeResponse
+	35, // [35:45] is the sub-list for method output_type
+	25, // [25:35] is the sub-list for method input_type
+	25, // [25:25] is the sub-list for extension type_name
+	25, // [25:25] is the sub-list for extension extendee
+	0,  // [0:25] is the sub-list for field type_name
 }
 
 func init() { file_keysvc_v1_keysvc_proto_init() }
@@ -1277,13 +1729,14 @@ func file_keysvc_v1_keysvc_proto_init() {
 	if File_keysvc_v1_keysvc_proto != nil {
 		return
 	}
+	file_keysvc_v1_keysvc_proto_msgTypes[1].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_keysvc_v1_keysvc_proto_rawDesc), len(file_keysvc_v1_keysvc_proto_rawDesc)),
-			NumEnums:      1,
-			NumMessages:   21,
+			NumEnums:      2,
+			NumMessages:   25,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

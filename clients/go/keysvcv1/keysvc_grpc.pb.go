@@ -31,6 +31,7 @@ const (
 	KeyService_List_FullMethodName             = "/keysvc.v1.KeyService/List"
 	KeyService_Available_FullMethodName        = "/keysvc.v1.KeyService/Available"
 	KeyService_Recheck_FullMethodName          = "/keysvc.v1.KeyService/Recheck"
+	KeyService_ReportOutcome_FullMethodName    = "/keysvc.v1.KeyService/ReportOutcome"
 )
 
 // KeyServiceClient is the client API for KeyService service.
@@ -45,13 +46,16 @@ const (
 // FAMILY_DISALLOWED, INVALID_ARGUMENT), not on the message text.
 type KeyServiceClient interface {
 	// Get hands out the key most likely to succeed for the model and throttles
-	// it briefly so a burst does not pile onto one key.
+	// it briefly (for that model's family) so a burst does not pile onto one
+	// key. With max_wait it waits for a locked key to unlock.
 	Get(ctx context.Context, in *GetRequest, opts ...grpc.CallOption) (*GetResponse, error)
 	// Disable stops a key from ever being handed out again (until Recheck).
 	Disable(ctx context.Context, in *DisableRequest, opts ...grpc.CallOption) (*DisableResponse, error)
-	// MarkRateLimited records that the upstream answered 429 for the key.
+	// MarkRateLimited records that the upstream answered 429 for the key (for
+	// the model's family, or for every family when no model is given).
 	MarkRateLimited(ctx context.Context, in *MarkRateLimitedRequest, opts ...grpc.CallOption) (*MarkRateLimitedResponse, error)
-	// UpdateRateLimits records the rate-limit headers of an upstream answer.
+	// UpdateRateLimits records the rate-limit headers of an upstream answer
+	// (for the model's family, or key-wide when no model is given).
 	UpdateRateLimits(ctx context.Context, in *UpdateRateLimitsRequest, opts ...grpc.CallOption) (*UpdateRateLimitsResponse, error)
 	// GetLockoutPeriod says how long until a key for the model is free; zero
 	// when one is free now or when none could ever serve it.
@@ -65,6 +69,12 @@ type KeyServiceClient interface {
 	// Recheck clears every key's disabled, revoked and over-quota flags and
 	// marks all keys unchecked so the key checker looks at them again.
 	Recheck(ctx context.Context, in *RecheckRequest, opts ...grpc.CallOption) (*RecheckResponse, error)
+	// ReportOutcome reports one upstream answer for a key handed out by Get and
+	// applies the whole upstream error table in one call: it stores the
+	// rate-limit headers, counts the tokens of a success, disables a dead key
+	// (durably, as Disable does) and marks a rate-limited key. The reply says
+	// what the proxy should do with the request.
+	ReportOutcome(ctx context.Context, in *ReportOutcomeRequest, opts ...grpc.CallOption) (*ReportOutcomeResponse, error)
 }
 
 type keyServiceClient struct {
@@ -165,6 +175,16 @@ func (c *keyServiceClient) Recheck(ctx context.Context, in *RecheckRequest, opts
 	return out, nil
 }
 
+func (c *keyServiceClient) ReportOutcome(ctx context.Context, in *ReportOutcomeRequest, opts ...grpc.CallOption) (*ReportOutcomeResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ReportOutcomeResponse)
+	err := c.cc.Invoke(ctx, KeyService_ReportOutcome_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // KeyServiceServer is the server API for KeyService service.
 // All implementations must embed UnimplementedKeyServiceServer
 // for forward compatibility.
@@ -177,13 +197,16 @@ func (c *keyServiceClient) Recheck(ctx context.Context, in *RecheckRequest, opts
 // FAMILY_DISALLOWED, INVALID_ARGUMENT), not on the message text.
 type KeyServiceServer interface {
 	// Get hands out the key most likely to succeed for the model and throttles
-	// it briefly so a burst does not pile onto one key.
+	// it briefly (for that model's family) so a burst does not pile onto one
+	// key. With max_wait it waits for a locked key to unlock.
 	Get(context.Context, *GetRequest) (*GetResponse, error)
 	// Disable stops a key from ever being handed out again (until Recheck).
 	Disable(context.Context, *DisableRequest) (*DisableResponse, error)
-	// MarkRateLimited records that the upstream answered 429 for the key.
+	// MarkRateLimited records that the upstream answered 429 for the key (for
+	// the model's family, or for every family when no model is given).
 	MarkRateLimited(context.Context, *MarkRateLimitedRequest) (*MarkRateLimitedResponse, error)
-	// UpdateRateLimits records the rate-limit headers of an upstream answer.
+	// UpdateRateLimits records the rate-limit headers of an upstream answer
+	// (for the model's family, or key-wide when no model is given).
 	UpdateRateLimits(context.Context, *UpdateRateLimitsRequest) (*UpdateRateLimitsResponse, error)
 	// GetLockoutPeriod says how long until a key for the model is free; zero
 	// when one is free now or when none could ever serve it.
@@ -197,6 +220,12 @@ type KeyServiceServer interface {
 	// Recheck clears every key's disabled, revoked and over-quota flags and
 	// marks all keys unchecked so the key checker looks at them again.
 	Recheck(context.Context, *RecheckRequest) (*RecheckResponse, error)
+	// ReportOutcome reports one upstream answer for a key handed out by Get and
+	// applies the whole upstream error table in one call: it stores the
+	// rate-limit headers, counts the tokens of a success, disables a dead key
+	// (durably, as Disable does) and marks a rate-limited key. The reply says
+	// what the proxy should do with the request.
+	ReportOutcome(context.Context, *ReportOutcomeRequest) (*ReportOutcomeResponse, error)
 	mustEmbedUnimplementedKeyServiceServer()
 }
 
@@ -233,6 +262,9 @@ func (UnimplementedKeyServiceServer) Available(context.Context, *AvailableReques
 }
 func (UnimplementedKeyServiceServer) Recheck(context.Context, *RecheckRequest) (*RecheckResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Recheck not implemented")
+}
+func (UnimplementedKeyServiceServer) ReportOutcome(context.Context, *ReportOutcomeRequest) (*ReportOutcomeResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ReportOutcome not implemented")
 }
 func (UnimplementedKeyServiceServer) mustEmbedUnimplementedKeyServiceServer() {}
 func (UnimplementedKeyServiceServer) testEmbeddedByValue()                    {}
@@ -417,6 +449,24 @@ func _KeyService_Recheck_Handler(srv interface{}, ctx context.Context, dec func(
 	return interceptor(ctx, in, info, handler)
 }
 
+func _KeyService_ReportOutcome_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ReportOutcomeRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(KeyServiceServer).ReportOutcome(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: KeyService_ReportOutcome_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(KeyServiceServer).ReportOutcome(ctx, req.(*ReportOutcomeRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // KeyService_ServiceDesc is the grpc.ServiceDesc for KeyService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -459,6 +509,10 @@ var KeyService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Recheck",
 			Handler:    _KeyService_Recheck_Handler,
+		},
+		{
+			MethodName: "ReportOutcome",
+			Handler:    _KeyService_ReportOutcome_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

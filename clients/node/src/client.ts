@@ -9,7 +9,13 @@ import {
 } from "@grpc/grpc-js";
 
 import { KeysvcError } from "./errors";
-import { DisableReason, KeyServiceClient, type Key } from "./gen/keysvc/v1/keysvc";
+import {
+  DisableReason,
+  KeyServiceClient,
+  type GetRequest,
+  type Key,
+  type OutcomeAction,
+} from "./gen/keysvc/v1/keysvc";
 
 /** Where `keysvc serve` listens by default. */
 export const DEFAULT_TARGET = "127.0.0.1:50051";
@@ -54,6 +60,33 @@ export type HeadersLike =
   | { forEach(callback: (value: string, name: string) => void): void }
   | Record<string, string | string[] | undefined>;
 
+/** One upstream answer, as `reportOutcome` sends it. */
+export interface Outcome {
+  /** The key the request was sent with. */
+  hash: string;
+  /** The request's model. */
+  model: string;
+  /** The upstream HTTP status. */
+  status: number;
+  /** The upstream answer's headers; only `x-ratelimit-*` are sent. */
+  headers?: HeadersLike;
+  /** The `error` object of an OpenAI error body (type, code, message). */
+  error?: { type?: string | null; code?: string | null; message?: string | null };
+  /** `usage.prompt_tokens` and `usage.completion_tokens` of a successful answer. */
+  promptTokens?: number;
+  completionTokens?: number;
+}
+
+/** What keysvc made of an upstream answer. */
+export interface OutcomeReply {
+  /** DONE, RETRY_WITH_ANOTHER_KEY or RETURN_ERROR. */
+  action: OutcomeAction;
+  /** The key as it now stands. */
+  key: Key;
+  /** A short explanation for logs; not for branching. */
+  reason: string;
+}
+
 type Unary<Req, Resp> = (
   request: Req,
   metadata: Metadata,
@@ -88,9 +121,23 @@ export class KeysvcClient {
     this.stub.close();
   }
 
-  /** A key for `model`. */
-  async get(model: string, opts?: CallOpts): Promise<Lease> {
-    const response = await this.call(this.stub.get, { model }, opts);
+  /**
+   * A key for `model`. With `opts.maxWaitMs` (at most 60000), when every key is locked
+   * the server waits that long for one to unlock; the default deadline grows by as much.
+   */
+  async get(model: string, opts?: CallOpts & { maxWaitMs?: number }): Promise<Lease> {
+    const maxWaitMs = opts?.maxWaitMs;
+    let request: GetRequest = { model, maxWait: undefined };
+    let callOpts = opts;
+    if (maxWaitMs !== undefined) {
+      const nanos = Math.round(maxWaitMs * 1e6);
+      const seconds = Math.trunc(nanos / 1e9);
+      request = { model, maxWait: { seconds, nanos: nanos - seconds * 1e9 } };
+      if (opts?.timeoutMs === undefined && this.timeoutMs !== null) {
+        callOpts = { ...opts, timeoutMs: this.timeoutMs + maxWaitMs };
+      }
+    }
+    const response = await this.call(this.stub.get, request, callOpts);
     if (!response.key) throw new KeysvcError(status.INTERNAL, "the response carries no key");
     return { secret: response.secret, key: response.key };
   }
@@ -111,9 +158,17 @@ export class KeysvcClient {
     await this.call(this.stub.markRateLimited, { hash, model }, opts);
   }
 
-  /** Passes on an upstream answer's `x-ratelimit-*` headers; the others stay here. */
-  async updateRateLimits(hash: string, headers: HeadersLike, opts?: CallOpts): Promise<void> {
-    await this.call(this.stub.updateRateLimits, { hash, headers: rateLimitHeaders(headers) }, opts);
+  /**
+   * Passes on an upstream answer's `x-ratelimit-*` headers; the others stay here. With
+   * `opts.model` they apply to that model's family only; without, to every family.
+   */
+  async updateRateLimits(
+    hash: string,
+    headers: HeadersLike,
+    opts?: CallOpts & { model?: string },
+  ): Promise<void> {
+    const request = { hash, headers: rateLimitHeaders(headers), model: opts?.model ?? "" };
+    await this.call(this.stub.updateRateLimits, request, opts);
   }
 
   /** Milliseconds until a key for `model` is free; 0 when one is free now. */
@@ -125,6 +180,27 @@ export class KeysvcClient {
   /** Adds a finished request's tokens to the key's usage. */
   async incrementUsage(hash: string, model: string, tokens: number, opts?: CallOpts): Promise<void> {
     await this.call(this.stub.incrementUsage, { hash, model, tokens }, opts);
+  }
+
+  /** Applies one upstream answer to its key; `action` says what to do with the request. */
+  async reportOutcome(outcome: Outcome, opts?: CallOpts): Promise<OutcomeReply> {
+    const response = await this.call(
+      this.stub.reportOutcome,
+      {
+        hash: outcome.hash,
+        model: outcome.model,
+        status: outcome.status,
+        headers: outcome.headers ? rateLimitHeaders(outcome.headers) : {},
+        errorType: outcome.error?.type ?? "",
+        errorCode: outcome.error?.code ?? "",
+        errorMessage: outcome.error?.message ?? "",
+        promptTokens: outcome.promptTokens ?? 0,
+        completionTokens: outcome.completionTokens ?? 0,
+      },
+      opts,
+    );
+    if (!response.key) throw new KeysvcError(status.INTERNAL, "the response carries no key");
+    return { action: response.action, key: response.key, reason: response.reason };
   }
 
   /** The public view of every key (no secrets). */

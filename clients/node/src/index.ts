@@ -13,8 +13,10 @@ export {
   type HeadersLike,
   type KeysvcClientOptions,
   type Lease,
+  type Outcome,
+  type OutcomeReply,
   type TlsOptions,
 } from "./client";
 export { KeysvcError, type ErrorInfo } from "./errors";
-export { DisableReason, type Key } from "./gen/keysvc/v1/keysvc";
+export { DisableReason, OutcomeAction, type Key } from "./gen/keysvc/v1/keysvc";
 export { status } from "@grpc/grpc-js";

@@ -2,7 +2,7 @@ import assert from "node:assert/strict";
 import { createServer, type Server, type Socket } from "node:net";
 import { afterEach, beforeEach, describe, it } from "node:test";
 
-import { DisableReason, KeysvcClient, KeysvcError, status } from "../src";
+import { DisableReason, KeysvcClient, KeysvcError, OutcomeAction, status } from "../src";
 import { keyHash, SECRETS, startServer, type LiveServer } from "./server";
 
 async function rejectsWith(promise: Promise<unknown>, code: status, reason: string | undefined) {
@@ -106,6 +106,49 @@ describe("KeysvcClient against a live keysvc", () => {
     for (const _ of SECRETS) await client.get("gpt-4o"); // each Get locks its key for 1 s
     const lockout = await client.getLockoutPeriod("gpt-4o");
     assert.ok(lockout > 0 && lockout <= 1000, `lockout ${lockout} ms`);
+  });
+
+  it("ReportOutcome says what to do with the request", async () => {
+    const lease = await client.get("gpt-4o");
+    const done = await client.reportOutcome({
+      hash: lease.key.hash,
+      model: "gpt-4o",
+      status: 200,
+      headers: { "X-RateLimit-Remaining-Requests": "10", date: "x" },
+      promptTokens: 100,
+      completionTokens: 20,
+    });
+    assert.equal(done.action, OutcomeAction.OUTCOME_ACTION_DONE);
+    assert.equal(done.key.tokenUsage["gpt4o"], 120);
+    const busy = await client.reportOutcome({
+      hash: lease.key.hash,
+      model: "gpt-4o",
+      status: 429,
+      error: { type: "requests", code: "rate_limit_exceeded", message: "Rate limit reached" },
+    });
+    assert.equal(busy.action, OutcomeAction.OUTCOME_ACTION_RETRY_WITH_ANOTHER_KEY);
+    const perDay = await client.reportOutcome({
+      hash: lease.key.hash,
+      model: "gpt-4o",
+      status: 429,
+      error: { type: "requests", message: "Rate limit reached on requests per day (RPD)" },
+    });
+    assert.equal(perDay.action, OutcomeAction.OUTCOME_ACTION_RETURN_ERROR);
+    const dead = await client.reportOutcome({ hash: lease.key.hash, model: "gpt-4o", status: 401 });
+    assert.equal(dead.action, OutcomeAction.OUTCOME_ACTION_RETRY_WITH_ANOTHER_KEY);
+    assert.equal(dead.key.isRevoked, true);
+    assert.equal(await client.available(), SECRETS.length - 1);
+  });
+
+  it("Get with maxWaitMs waits for a key to unlock", async () => {
+    const first = (await client.get("gpt-4o")).key.hash;
+    for (const _ of SECRETS.slice(1)) await client.get("gpt-4o"); // all throttled 1 s
+    const started = Date.now();
+    const lease = await client.get("gpt-4o", { maxWaitMs: 5000 });
+    const waited = Date.now() - started;
+    assert.equal(lease.key.hash, first);
+    assert.ok(waited > 500 && waited < 3000, `waited ${waited} ms`);
+    await rejectsWith(client.get("gpt-4o", { maxWaitMs: 61000 }), status.INVALID_ARGUMENT, "INVALID_ARGUMENT");
   });
 
   it("an expired per-call deadline is honoured", async () => {

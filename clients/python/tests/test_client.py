@@ -13,6 +13,9 @@ import grpc
 import pytest
 from keysvc_client import (
     DISABLE_REASON_MANUAL,
+    OUTCOME_ACTION_DONE,
+    OUTCOME_ACTION_RETRY_WITH_ANOTHER_KEY,
+    OUTCOME_ACTION_RETURN_ERROR,
     AsyncKeysvcClient,
     KeysvcClient,
     KeysvcRpcError,
@@ -190,3 +193,62 @@ async def test_async_default_deadline_bounds_a_call_to_a_silent_server(
         elapsed = time.monotonic() - start
     assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert 0.4 < elapsed < 3
+
+
+def test_report_outcome_tells_the_proxy_what_to_do(
+    client: KeysvcClient, server: LiveServer
+) -> None:
+    lease = client.get("gpt-4o")
+    done = client.report_outcome(
+        lease.key.hash,
+        "gpt-4o",
+        200,
+        headers={"X-RateLimit-Remaining-Requests": "10", "Date": "x"},
+        prompt_tokens=100,
+        completion_tokens=20,
+    )
+    assert done.action == OUTCOME_ACTION_DONE
+    assert done.key.token_usage["gpt4o"] == 120 and done.key.prompt_count == 1
+    busy = client.report_outcome(
+        lease.key.hash, "gpt-4o", 429, error={"type": "tokens", "code": "rate_limit_exceeded"}
+    )
+    assert busy.action == OUTCOME_ACTION_RETRY_WITH_ANOTHER_KEY
+    assert not busy.key.is_disabled
+    dead = client.report_outcome(lease.key.hash, "gpt-4o", 401)
+    assert dead.action == OUTCOME_ACTION_RETRY_WITH_ANOTHER_KEY and dead.key.is_revoked
+    assert client.available() == len(server.secrets) - 1
+    other = client.get("gpt-4o")
+    policy = client.report_outcome(
+        other.key.hash, "gpt-4o", 400, error={"code": "content_policy_violation"}
+    )
+    assert policy.action == OUTCOME_ACTION_RETURN_ERROR and not policy.key.is_disabled
+
+
+def test_rate_limit_state_is_per_family(client: KeysvcClient, server: LiveServer) -> None:
+    lease = client.get("gpt-4o")
+    client.update_rate_limits(
+        lease.key.hash,
+        {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "9s"},
+        model="gpt-4o",
+    )
+    (key,) = [k for k in client.list() if k.hash == lease.key.hash]
+    (gpt4o,) = key.family_rate_limits
+    assert gpt4o.family == "gpt4o" and gpt4o.remaining_requests == 0
+    assert gpt4o.requests_reset.ToTimedelta() == timedelta(seconds=9)
+    # Locked for gpt4o, but free for turbo: the upstream limits each model apart.
+    turbo = [client.get("gpt-3.5-turbo").key.hash for _ in server.secrets]
+    assert lease.key.hash in turbo
+
+
+def test_get_with_max_wait_waits_for_a_key_to_unlock(
+    client: KeysvcClient, server: LiveServer
+) -> None:
+    first = [client.get("gpt-4o").key.hash for _ in server.secrets][0]  # all throttled 1 s
+    started = time.monotonic()
+    lease = client.get("gpt-4o", max_wait=timedelta(seconds=5))
+    waited = time.monotonic() - started
+    assert lease.key.hash == first  # the first to unlock
+    assert 0.5 < waited < 3, waited
+    with pytest.raises(KeysvcRpcError) as caught:
+        client.get("gpt-4o", max_wait=61)
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT

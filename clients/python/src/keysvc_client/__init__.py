@@ -17,9 +17,14 @@ from keysvc.v1.keysvc_pb2 import (
     DISABLE_REASON_QUOTA,
     DISABLE_REASON_REVOKED,
     DISABLE_REASON_UNSPECIFIED,
+    OUTCOME_ACTION_DONE,
+    OUTCOME_ACTION_RETRY_WITH_ANOTHER_KEY,
+    OUTCOME_ACTION_RETURN_ERROR,
     DisableReason,
     GetResponse,
     Key,
+    OutcomeAction,
+    ReportOutcomeResponse,
 )
 
 from ._client import AsyncKeysvcClient, KeysvcClient
@@ -33,11 +38,16 @@ __all__ = [
     "DISABLE_REASON_QUOTA",
     "DISABLE_REASON_REVOKED",
     "DISABLE_REASON_UNSPECIFIED",
+    "OUTCOME_ACTION_DONE",
+    "OUTCOME_ACTION_RETRY_WITH_ANOTHER_KEY",
+    "OUTCOME_ACTION_RETURN_ERROR",
     "AsyncKeysvcClient",
     "DisableReason",
     "GetResponse",
     "Key",
     "KeysvcClient",
     "KeysvcRpcError",
+    "OutcomeAction",
+    "ReportOutcomeResponse",
     "TLSConfig",
 ]

@@ -33,6 +33,29 @@ _Req = TypeVar("_Req")
 _Resp = TypeVar("_Resp")
 
 
+def _outcome_request(
+    key_hash: str,
+    model: str,
+    status: int,
+    headers: Mapping[str, str] | None,
+    error: Mapping[str, Any] | None,
+    prompt_tokens: int,
+    completion_tokens: int,
+) -> pb.ReportOutcomeRequest:
+    error = error or {}
+    return pb.ReportOutcomeRequest(
+        hash=key_hash,
+        model=model,
+        status=status,
+        headers=rate_limit_headers(headers or {}),
+        error_type=str(error.get("type") or ""),
+        error_code=str(error.get("code") or ""),
+        error_message=str(error.get("message") or ""),
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+    )
+
+
 class _Base:
     def __init__(
         self,
@@ -49,8 +72,26 @@ class _Base:
         self._metadata = call_metadata(token)
         self._options = [*options, *(tls.channel_options() if tls else [])]
 
-    def _deadline(self, timeout: float | None) -> float | None:
-        return self.timeout if timeout is None else timeout
+    def _deadline(self, timeout: float | None, max_wait: float | None = None) -> float | None:
+        if timeout is not None:
+            return timeout
+        if self.timeout is not None and max_wait:
+            return self.timeout + max_wait  # the call may wait that long on the server
+        return self.timeout
+
+
+def _get_request(model: str, max_wait: float | timedelta | None) -> pb.GetRequest:
+    request = pb.GetRequest(model=model)
+    if max_wait is not None:
+        if isinstance(max_wait, timedelta):
+            request.max_wait.FromTimedelta(max_wait)
+        else:
+            request.max_wait.FromNanoseconds(round(max_wait * 1e9))
+    return request
+
+
+def _seconds(max_wait: float | timedelta | None) -> float | None:
+    return max_wait.total_seconds() if isinstance(max_wait, timedelta) else max_wait
 
     def __repr__(self) -> str:
         # Never the token.
@@ -104,15 +145,28 @@ class KeysvcClient(_Base):
         method: grpc.UnaryUnaryMultiCallable[_Req, _Resp],
         request: _Req,
         timeout: float | None,
+        max_wait: float | None = None,
     ) -> _Resp:
+        deadline = self._deadline(timeout, max_wait)
         try:
-            return method(request, timeout=self._deadline(timeout), metadata=self._metadata)
+            return method(request, timeout=deadline, metadata=self._metadata)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
 
-    def get(self, model: str, *, timeout: float | None = None) -> pb.GetResponse:
-        """A key for ``model``: ``.secret`` to send upstream, ``.key.hash`` to report back."""
-        return self._call(self._stub.Get, pb.GetRequest(model=model), timeout)
+    def get(
+        self,
+        model: str,
+        *,
+        max_wait: float | timedelta | None = None,
+        timeout: float | None = None,
+    ) -> pb.GetResponse:
+        """A key for ``model``: ``.secret`` to send upstream, ``.key.hash`` to report back.
+
+        With ``max_wait`` (seconds, at most 60), when every key is locked the server
+        waits that long for one to unlock; the default deadline grows by as much.
+        """
+        request = _get_request(model, max_wait)
+        return self._call(self._stub.Get, request, timeout, _seconds(max_wait))
 
     def disable(
         self,
@@ -136,10 +190,20 @@ class KeysvcClient(_Base):
         )
 
     def update_rate_limits(
-        self, key_hash: str, headers: Mapping[str, str], *, timeout: float | None = None
+        self,
+        key_hash: str,
+        headers: Mapping[str, str],
+        *,
+        model: str = "",
+        timeout: float | None = None,
     ) -> None:
-        """Passes on an upstream answer's ``x-ratelimit-*`` headers (the rest are dropped)."""
-        request = pb.UpdateRateLimitsRequest(hash=key_hash, headers=rate_limit_headers(headers))
+        """Passes on an upstream answer's ``x-ratelimit-*`` headers (the rest are dropped).
+
+        With ``model`` they apply to the model's family only; without, to every family.
+        """
+        request = pb.UpdateRateLimitsRequest(
+            hash=key_hash, headers=rate_limit_headers(headers), model=model
+        )
         self._call(self._stub.UpdateRateLimits, request, timeout)
 
     def get_lockout_period(self, model: str = "", *, timeout: float | None = None) -> timedelta:
@@ -155,6 +219,29 @@ class KeysvcClient(_Base):
         """Adds a finished request's tokens to the key's usage."""
         request = pb.IncrementUsageRequest(hash=key_hash, model=model, tokens=tokens)
         self._call(self._stub.IncrementUsage, request, timeout)
+
+    def report_outcome(
+        self,
+        key_hash: str,
+        model: str,
+        status: int,
+        *,
+        headers: Mapping[str, str] | None = None,
+        error: Mapping[str, Any] | None = None,
+        prompt_tokens: int = 0,
+        completion_tokens: int = 0,
+        timeout: float | None = None,
+    ) -> pb.ReportOutcomeResponse:
+        """Reports one upstream answer; ``.action`` says what to do with the request.
+
+        ``error`` is the ``error`` object of an OpenAI error body (its ``type``,
+        ``code`` and ``message`` are sent); ``headers`` are the answer's headers
+        (only ``x-ratelimit-*`` are sent).
+        """
+        request = _outcome_request(
+            key_hash, model, status, headers, error, prompt_tokens, completion_tokens
+        )
+        return self._call(self._stub.ReportOutcome, request, timeout)
 
     def list(self, *, timeout: float | None = None) -> list[pb.Key]:
         """The public view of every key (no secrets)."""
@@ -211,15 +298,24 @@ class AsyncKeysvcClient(_Base):
         method: aio.UnaryUnaryMultiCallable[_Req, _Resp],
         request: _Req,
         timeout: float | None,
+        max_wait: float | None = None,
     ) -> _Resp:
+        deadline = self._deadline(timeout, max_wait)
         try:
-            return await method(request, timeout=self._deadline(timeout), metadata=self._metadata)
+            return await method(request, timeout=deadline, metadata=self._metadata)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
 
-    async def get(self, model: str, *, timeout: float | None = None) -> pb.GetResponse:
-        """A key for ``model``: ``.secret`` to send upstream, ``.key.hash`` to report back."""
-        return await self._call(self._stub.Get, pb.GetRequest(model=model), timeout)
+    async def get(
+        self,
+        model: str,
+        *,
+        max_wait: float | timedelta | None = None,
+        timeout: float | None = None,
+    ) -> pb.GetResponse:
+        """A key for ``model``; ``max_wait`` as for ``KeysvcClient.get``."""
+        request = _get_request(model, max_wait)
+        return await self._call(self._stub.Get, request, timeout, _seconds(max_wait))
 
     async def disable(
         self,
@@ -240,10 +336,17 @@ class AsyncKeysvcClient(_Base):
         await self._call(self._stub.MarkRateLimited, request, timeout)
 
     async def update_rate_limits(
-        self, key_hash: str, headers: Mapping[str, str], *, timeout: float | None = None
+        self,
+        key_hash: str,
+        headers: Mapping[str, str],
+        *,
+        model: str = "",
+        timeout: float | None = None,
     ) -> None:
         """Passes on an upstream answer's ``x-ratelimit-*`` headers (the rest are dropped)."""
-        request = pb.UpdateRateLimitsRequest(hash=key_hash, headers=rate_limit_headers(headers))
+        request = pb.UpdateRateLimitsRequest(
+            hash=key_hash, headers=rate_limit_headers(headers), model=model
+        )
         await self._call(self._stub.UpdateRateLimits, request, timeout)
 
     async def get_lockout_period(
@@ -261,6 +364,24 @@ class AsyncKeysvcClient(_Base):
         """Adds a finished request's tokens to the key's usage."""
         request = pb.IncrementUsageRequest(hash=key_hash, model=model, tokens=tokens)
         await self._call(self._stub.IncrementUsage, request, timeout)
+
+    async def report_outcome(
+        self,
+        key_hash: str,
+        model: str,
+        status: int,
+        *,
+        headers: Mapping[str, str] | None = None,
+        error: Mapping[str, Any] | None = None,
+        prompt_tokens: int = 0,
+        completion_tokens: int = 0,
+        timeout: float | None = None,
+    ) -> pb.ReportOutcomeResponse:
+        """Reports one upstream answer; ``.action`` says what to do with the request."""
+        request = _outcome_request(
+            key_hash, model, status, headers, error, prompt_tokens, completion_tokens
+        )
+        return await self._call(self._stub.ReportOutcome, request, timeout)
 
     async def list(self, *, timeout: float | None = None) -> list[pb.Key]:
         """The public view of every key (no secrets)."""

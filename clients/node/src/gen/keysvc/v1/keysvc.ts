@@ -81,6 +81,65 @@ export function disableReasonToJSON(object: DisableReason): string {
 }
 
 /**
+ * OutcomeAction is what a proxy should do with a request after the upstream
+ * answered it.
+ */
+export enum OutcomeAction {
+  /** OUTCOME_ACTION_UNSPECIFIED - Never sent by keysvc. */
+  OUTCOME_ACTION_UNSPECIFIED = 0,
+  /** OUTCOME_ACTION_DONE - The request succeeded: return the answer to the client. */
+  OUTCOME_ACTION_DONE = 1,
+  /**
+   * OUTCOME_ACTION_RETRY_WITH_ANOTHER_KEY - The key (or the upstream at that moment) failed, not the request: Get
+   * another key and send the request again. Bound the attempts.
+   */
+  OUTCOME_ACTION_RETRY_WITH_ANOTHER_KEY = 2,
+  /**
+   * OUTCOME_ACTION_RETURN_ERROR - The answer is the request's own (content policy, unknown model, per-day
+   * limit): return it to the client.
+   */
+  OUTCOME_ACTION_RETURN_ERROR = 3,
+  UNRECOGNIZED = -1,
+}
+
+export function outcomeActionFromJSON(object: any): OutcomeAction {
+  switch (object) {
+    case 0:
+    case "OUTCOME_ACTION_UNSPECIFIED":
+      return OutcomeAction.OUTCOME_ACTION_UNSPECIFIED;
+    case 1:
+    case "OUTCOME_ACTION_DONE":
+      return OutcomeAction.OUTCOME_ACTION_DONE;
+    case 2:
+    case "OUTCOME_ACTION_RETRY_WITH_ANOTHER_KEY":
+      return OutcomeAction.OUTCOME_ACTION_RETRY_WITH_ANOTHER_KEY;
+    case 3:
+    case "OUTCOME_ACTION_RETURN_ERROR":
+      return OutcomeAction.OUTCOME_ACTION_RETURN_ERROR;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return OutcomeAction.UNRECOGNIZED;
+  }
+}
+
+export function outcomeActionToJSON(object: OutcomeAction): string {
+  switch (object) {
+    case OutcomeAction.OUTCOME_ACTION_UNSPECIFIED:
+      return "OUTCOME_ACTION_UNSPECIFIED";
+    case OutcomeAction.OUTCOME_ACTION_DONE:
+      return "OUTCOME_ACTION_DONE";
+    case OutcomeAction.OUTCOME_ACTION_RETRY_WITH_ANOTHER_KEY:
+      return "OUTCOME_ACTION_RETRY_WITH_ANOTHER_KEY";
+    case OutcomeAction.OUTCOME_ACTION_RETURN_ERROR:
+      return "OUTCOME_ACTION_RETURN_ERROR";
+    case OutcomeAction.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
+/**
  * Key is the public view of one key in the pool. It has no secret: the secret
  * leaves the service only in GetResponse.secret.
  */
@@ -111,19 +170,28 @@ export interface Key {
     | undefined;
   /** How many finished requests were reported through IncrementUsage. */
   promptCount: number;
-  /** When the key was last handed out or reported rate limited; unset if never. */
+  /**
+   * When the key was last handed out or reported rate limited, for any
+   * family; unset if never.
+   */
   rateLimitedAt:
     | Date
     | undefined;
-  /** The key is locked (not preferred) until this time; unset if never locked. */
+  /**
+   * Until this time the key is locked (not preferred) for at least one family;
+   * the latest lock end over every family. Unset if never locked.
+   */
   rateLimitedUntil:
     | Date
     | undefined;
-  /** Last known x-ratelimit-reset-requests, clamped to 10 s; unset if unknown. */
+  /**
+   * Longest x-ratelimit-reset-requests known since the last hand-out, over
+   * every family and key-wide reports, clamped to 10 s; unset if unknown.
+   */
   rateLimitRequestsReset:
     | Duration
     | undefined;
-  /** Last known x-ratelimit-reset-tokens, clamped to 10 s; unset if unknown. */
+  /** Longest x-ratelimit-reset-tokens known likewise; unset if unknown. */
   rateLimitTokensReset:
     | Duration
     | undefined;
@@ -132,7 +200,14 @@ export interface Key {
   /** Why the key was disabled; UNSPECIFIED when it is not disabled. */
   disableReason: DisableReason;
   /** When the key was disabled; unset when it is not disabled. */
-  disabledAt: Date | undefined;
+  disabledAt:
+    | Date
+    | undefined;
+  /**
+   * Rate-limit state per model family, sorted by family; only families the
+   * key was handed out for or reported about.
+   */
+  familyRateLimits: FamilyRateLimit[];
 }
 
 export interface Key_TokenUsageEntry {
@@ -140,10 +215,61 @@ export interface Key_TokenUsageEntry {
   value: number;
 }
 
+/**
+ * FamilyRateLimit is a key's rate-limit state in one model family: the
+ * upstream limits each key per model, so a 429 for one family does not lock
+ * the key for another.
+ */
+export interface FamilyRateLimit {
+  /** The model family, e.g. "gpt4o". */
+  family: string;
+  /** When the key was last handed out for this family; unset if never. */
+  lastUsed:
+    | Date
+    | undefined;
+  /**
+   * Start of the current rate-limit window (the hand-out or the latest 429);
+   * unset if never.
+   */
+  rateLimitedAt:
+    | Date
+    | undefined;
+  /**
+   * The key is locked for this family until this time (including locks from
+   * reports that named no model); unset if never locked.
+   */
+  rateLimitedUntil:
+    | Date
+    | undefined;
+  /** Last x-ratelimit-reset-requests since the hand-out, clamped to 10 s. */
+  requestsReset:
+    | Duration
+    | undefined;
+  /** Last x-ratelimit-reset-tokens since the hand-out, clamped to 10 s. */
+  tokensReset:
+    | Duration
+    | undefined;
+  /** Last x-ratelimit-remaining-requests since the hand-out; unset if unknown. */
+  remainingRequests?:
+    | number
+    | undefined;
+  /** Last x-ratelimit-remaining-tokens since the hand-out; unset if unknown. */
+  remainingTokens?: number | undefined;
+}
+
 /** GetRequest asks for a key for one model. */
 export interface GetRequest {
   /** Upstream model name, e.g. "gpt-4o" or "gpt-3.5-turbo". Required. */
   model: string;
+  /**
+   * Optional, at most 60 s. When every key for the model is locked, wait up
+   * to this long, server-side, for the first to unlock and return it; callers
+   * with max_wait are served in arrival order. If keys are still locked at
+   * the deadline, the key that unlocks first is returned, as without
+   * max_wait. Unset or zero: never wait. Give the call a deadline longer than
+   * max_wait.
+   */
+  maxWait: Duration | undefined;
 }
 
 /** GetResponse carries the chosen key. */
@@ -172,7 +298,10 @@ export interface DisableResponse {
 export interface MarkRateLimitedRequest {
   /** Hash of the key. Required. */
   hash: string;
-  /** Model of the request that was limited. Optional; validated when given. */
+  /**
+   * Model of the request that was limited. Optional: when given, only the
+   * model's family is locked; when empty, every family of the key.
+   */
   model: string;
 }
 
@@ -185,10 +314,15 @@ export interface UpdateRateLimitsRequest {
   /** Hash of the key. Required. */
   hash: string;
   /**
-   * Response headers; only x-ratelimit-* are read. Names are matched
-   * case-insensitively.
+   * Response headers; only x-ratelimit-* are read (reset-* and remaining-*).
+   * Names are matched case-insensitively.
    */
   headers: { [key: string]: string };
+  /**
+   * Model of the request. Optional: when given, the headers apply to the
+   * model's family only; when empty, to every family of the key.
+   */
+  model: string;
 }
 
 export interface UpdateRateLimitsRequest_HeadersEntry {
@@ -254,6 +388,54 @@ export interface RecheckRequest {
 export interface RecheckResponse {
 }
 
+/**
+ * ReportOutcomeRequest describes one upstream answer to a request made with a
+ * key from Get.
+ */
+export interface ReportOutcomeRequest {
+  /** Hash of the key the request was sent with. Required. */
+  hash: string;
+  /** Model of the request. Required: it names the rate-limit family. */
+  model: string;
+  /** HTTP status code of the upstream answer (100 to 599). Required. */
+  status: number;
+  /**
+   * Response headers; only x-ratelimit-* are read. Names are matched
+   * case-insensitively.
+   */
+  headers: { [key: string]: string };
+  /** error.type of an OpenAI error body; empty when there is none. */
+  errorType: string;
+  /** error.code of an OpenAI error body; empty when there is none. */
+  errorCode: string;
+  /** error.message of an OpenAI error body; empty when there is none. */
+  errorMessage: string;
+  /** usage.prompt_tokens of a successful answer; zero or more. */
+  promptTokens: number;
+  /** usage.completion_tokens of a successful answer; zero or more. */
+  completionTokens: number;
+}
+
+export interface ReportOutcomeRequest_HeadersEntry {
+  key: string;
+  value: string;
+}
+
+/** ReportOutcomeResponse says what the proxy should do next. */
+export interface ReportOutcomeResponse {
+  /** What to do with the request. */
+  action: OutcomeAction;
+  /** Public view of the key after the answer was applied. */
+  key:
+    | Key
+    | undefined;
+  /**
+   * Short explanation for the proxy's log, e.g. "HTTP 429 rate_limit_exceeded:
+   * rate limited". Never a secret; not meant for branching.
+   */
+  reason: string;
+}
+
 function createBaseKey(): Key {
   return {
     hash: "",
@@ -274,6 +456,7 @@ function createBaseKey(): Key {
     tokenUsage: {},
     disableReason: 0,
     disabledAt: undefined,
+    familyRateLimits: [],
   };
 }
 
@@ -332,6 +515,9 @@ export const Key: MessageFns<Key> = {
     }
     if (message.disabledAt !== undefined) {
       Timestamp.encode(toTimestamp(message.disabledAt), writer.uint32(146).fork()).join();
+    }
+    for (const v of message.familyRateLimits) {
+      FamilyRateLimit.encode(v!, writer.uint32(154).fork()).join();
     }
     return writer;
   },
@@ -496,6 +682,14 @@ export const Key: MessageFns<Key> = {
             message.disabledAt = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
             continue;
           }
+          case 19: {
+            if (tag !== 154) {
+              break;
+            }
+
+            message.familyRateLimits.push(FamilyRateLimit.decode(reader, reader.uint32()));
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -614,6 +808,11 @@ export const Key: MessageFns<Key> = {
         : isSet(object.disabled_at)
         ? fromJsonTimestamp(object.disabled_at)
         : undefined,
+      familyRateLimits: globalThis.Array.isArray(object?.familyRateLimits)
+        ? object.familyRateLimits.map((e: any) => FamilyRateLimit.fromJSON(e))
+        : globalThis.Array.isArray(object?.family_rate_limits)
+        ? object.family_rate_limits.map((e: any) => FamilyRateLimit.fromJSON(e))
+        : [],
     };
   },
 
@@ -679,6 +878,9 @@ export const Key: MessageFns<Key> = {
     if (message.disabledAt !== undefined) {
       obj.disabledAt = message.disabledAt.toISOString();
     }
+    if (message.familyRateLimits?.length) {
+      obj.familyRateLimits = message.familyRateLimits.map((e) => FamilyRateLimit.toJSON(e));
+    }
     return obj;
   },
 
@@ -718,6 +920,7 @@ export const Key: MessageFns<Key> = {
     );
     message.disableReason = object.disableReason ?? 0;
     message.disabledAt = object.disabledAt ?? undefined;
+    message.familyRateLimits = object.familyRateLimits?.map((e) => FamilyRateLimit.fromPartial(e)) || [];
     return message;
   },
 };
@@ -807,14 +1010,239 @@ export const Key_TokenUsageEntry: MessageFns<Key_TokenUsageEntry> = {
   },
 };
 
+function createBaseFamilyRateLimit(): FamilyRateLimit {
+  return {
+    family: "",
+    lastUsed: undefined,
+    rateLimitedAt: undefined,
+    rateLimitedUntil: undefined,
+    requestsReset: undefined,
+    tokensReset: undefined,
+    remainingRequests: undefined,
+    remainingTokens: undefined,
+  };
+}
+
+export const FamilyRateLimit: MessageFns<FamilyRateLimit> = {
+  encode(message: FamilyRateLimit, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.family !== "") {
+      writer.uint32(10).string(message.family);
+    }
+    if (message.lastUsed !== undefined) {
+      Timestamp.encode(toTimestamp(message.lastUsed), writer.uint32(18).fork()).join();
+    }
+    if (message.rateLimitedAt !== undefined) {
+      Timestamp.encode(toTimestamp(message.rateLimitedAt), writer.uint32(26).fork()).join();
+    }
+    if (message.rateLimitedUntil !== undefined) {
+      Timestamp.encode(toTimestamp(message.rateLimitedUntil), writer.uint32(34).fork()).join();
+    }
+    if (message.requestsReset !== undefined) {
+      Duration.encode(message.requestsReset, writer.uint32(42).fork()).join();
+    }
+    if (message.tokensReset !== undefined) {
+      Duration.encode(message.tokensReset, writer.uint32(50).fork()).join();
+    }
+    if (message.remainingRequests !== undefined) {
+      writer.uint32(56).int64(message.remainingRequests);
+    }
+    if (message.remainingTokens !== undefined) {
+      writer.uint32(64).int64(message.remainingTokens);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): FamilyRateLimit {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseFamilyRateLimit();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.family = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.lastUsed = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.rateLimitedAt = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.rateLimitedUntil = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.requestsReset = Duration.decode(reader, reader.uint32());
+            continue;
+          }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.tokensReset = Duration.decode(reader, reader.uint32());
+            continue;
+          }
+          case 7: {
+            if (tag !== 56) {
+              break;
+            }
+
+            message.remainingRequests = longToNumber(reader.int64());
+            continue;
+          }
+          case 8: {
+            if (tag !== 64) {
+              break;
+            }
+
+            message.remainingTokens = longToNumber(reader.int64());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): FamilyRateLimit {
+    return {
+      family: isSet(object.family) ? globalThis.String(object.family) : "",
+      lastUsed: isSet(object.lastUsed)
+        ? fromJsonTimestamp(object.lastUsed)
+        : isSet(object.last_used)
+        ? fromJsonTimestamp(object.last_used)
+        : undefined,
+      rateLimitedAt: isSet(object.rateLimitedAt)
+        ? fromJsonTimestamp(object.rateLimitedAt)
+        : isSet(object.rate_limited_at)
+        ? fromJsonTimestamp(object.rate_limited_at)
+        : undefined,
+      rateLimitedUntil: isSet(object.rateLimitedUntil)
+        ? fromJsonTimestamp(object.rateLimitedUntil)
+        : isSet(object.rate_limited_until)
+        ? fromJsonTimestamp(object.rate_limited_until)
+        : undefined,
+      requestsReset: isSet(object.requestsReset)
+        ? Duration.fromJSON(object.requestsReset)
+        : isSet(object.requests_reset)
+        ? Duration.fromJSON(object.requests_reset)
+        : undefined,
+      tokensReset: isSet(object.tokensReset)
+        ? Duration.fromJSON(object.tokensReset)
+        : isSet(object.tokens_reset)
+        ? Duration.fromJSON(object.tokens_reset)
+        : undefined,
+      remainingRequests: isSet(object.remainingRequests)
+        ? globalThis.Number(object.remainingRequests)
+        : isSet(object.remaining_requests)
+        ? globalThis.Number(object.remaining_requests)
+        : undefined,
+      remainingTokens: isSet(object.remainingTokens)
+        ? globalThis.Number(object.remainingTokens)
+        : isSet(object.remaining_tokens)
+        ? globalThis.Number(object.remaining_tokens)
+        : undefined,
+    };
+  },
+
+  toJSON(message: FamilyRateLimit): unknown {
+    const obj: any = {};
+    if (message.family !== "") {
+      obj.family = message.family;
+    }
+    if (message.lastUsed !== undefined) {
+      obj.lastUsed = message.lastUsed.toISOString();
+    }
+    if (message.rateLimitedAt !== undefined) {
+      obj.rateLimitedAt = message.rateLimitedAt.toISOString();
+    }
+    if (message.rateLimitedUntil !== undefined) {
+      obj.rateLimitedUntil = message.rateLimitedUntil.toISOString();
+    }
+    if (message.requestsReset !== undefined) {
+      obj.requestsReset = Duration.toJSON(message.requestsReset);
+    }
+    if (message.tokensReset !== undefined) {
+      obj.tokensReset = Duration.toJSON(message.tokensReset);
+    }
+    if (message.remainingRequests !== undefined) {
+      obj.remainingRequests = Math.round(message.remainingRequests);
+    }
+    if (message.remainingTokens !== undefined) {
+      obj.remainingTokens = Math.round(message.remainingTokens);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<FamilyRateLimit>): FamilyRateLimit {
+    return FamilyRateLimit.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<FamilyRateLimit>): FamilyRateLimit {
+    const message = createBaseFamilyRateLimit();
+    message.family = object.family ?? "";
+    message.lastUsed = object.lastUsed ?? undefined;
+    message.rateLimitedAt = object.rateLimitedAt ?? undefined;
+    message.rateLimitedUntil = object.rateLimitedUntil ?? undefined;
+    message.requestsReset = (object.requestsReset !== undefined && object.requestsReset !== null)
+      ? Duration.fromPartial(object.requestsReset)
+      : undefined;
+    message.tokensReset = (object.tokensReset !== undefined && object.tokensReset !== null)
+      ? Duration.fromPartial(object.tokensReset)
+      : undefined;
+    message.remainingRequests = object.remainingRequests ?? undefined;
+    message.remainingTokens = object.remainingTokens ?? undefined;
+    return message;
+  },
+};
+
 function createBaseGetRequest(): GetRequest {
-  return { model: "" };
+  return { model: "", maxWait: undefined };
 }
 
 export const GetRequest: MessageFns<GetRequest> = {
   encode(message: GetRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.model !== "") {
       writer.uint32(10).string(message.model);
+    }
+    if (message.maxWait !== undefined) {
+      Duration.encode(message.maxWait, writer.uint32(18).fork()).join();
     }
     return writer;
   },
@@ -840,6 +1268,14 @@ export const GetRequest: MessageFns<GetRequest> = {
             message.model = reader.string();
             continue;
           }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.maxWait = Duration.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -853,13 +1289,23 @@ export const GetRequest: MessageFns<GetRequest> = {
   },
 
   fromJSON(object: any): GetRequest {
-    return { model: isSet(object.model) ? globalThis.String(object.model) : "" };
+    return {
+      model: isSet(object.model) ? globalThis.String(object.model) : "",
+      maxWait: isSet(object.maxWait)
+        ? Duration.fromJSON(object.maxWait)
+        : isSet(object.max_wait)
+        ? Duration.fromJSON(object.max_wait)
+        : undefined,
+    };
   },
 
   toJSON(message: GetRequest): unknown {
     const obj: any = {};
     if (message.model !== "") {
       obj.model = message.model;
+    }
+    if (message.maxWait !== undefined) {
+      obj.maxWait = Duration.toJSON(message.maxWait);
     }
     return obj;
   },
@@ -870,6 +1316,9 @@ export const GetRequest: MessageFns<GetRequest> = {
   fromPartial(object: DeepPartial<GetRequest>): GetRequest {
     const message = createBaseGetRequest();
     message.model = object.model ?? "";
+    message.maxWait = (object.maxWait !== undefined && object.maxWait !== null)
+      ? Duration.fromPartial(object.maxWait)
+      : undefined;
     return message;
   },
 };
@@ -1249,7 +1698,7 @@ export const MarkRateLimitedResponse: MessageFns<MarkRateLimitedResponse> = {
 };
 
 function createBaseUpdateRateLimitsRequest(): UpdateRateLimitsRequest {
-  return { hash: "", headers: {} };
+  return { hash: "", headers: {}, model: "" };
 }
 
 export const UpdateRateLimitsRequest: MessageFns<UpdateRateLimitsRequest> = {
@@ -1260,6 +1709,9 @@ export const UpdateRateLimitsRequest: MessageFns<UpdateRateLimitsRequest> = {
     globalThis.Object.entries(message.headers).forEach(([key, value]: [string, string]) => {
       UpdateRateLimitsRequest_HeadersEntry.encode({ key: key as any, value }, writer.uint32(18).fork()).join();
     });
+    if (message.model !== "") {
+      writer.uint32(26).string(message.model);
+    }
     return writer;
   },
 
@@ -1295,6 +1747,14 @@ export const UpdateRateLimitsRequest: MessageFns<UpdateRateLimitsRequest> = {
             }
             continue;
           }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.model = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1324,6 +1784,7 @@ export const UpdateRateLimitsRequest: MessageFns<UpdateRateLimitsRequest> = {
           {},
         )
         : {},
+      model: isSet(object.model) ? globalThis.String(object.model) : "",
     };
   },
 
@@ -1340,6 +1801,9 @@ export const UpdateRateLimitsRequest: MessageFns<UpdateRateLimitsRequest> = {
           obj.headers[k] = v;
         });
       }
+    }
+    if (message.model !== "") {
+      obj.model = message.model;
     }
     return obj;
   },
@@ -1359,6 +1823,7 @@ export const UpdateRateLimitsRequest: MessageFns<UpdateRateLimitsRequest> = {
       },
       {},
     );
+    message.model = object.model ?? "";
     return message;
   },
 };
@@ -2131,6 +2596,449 @@ export const RecheckResponse: MessageFns<RecheckResponse> = {
   },
 };
 
+function createBaseReportOutcomeRequest(): ReportOutcomeRequest {
+  return {
+    hash: "",
+    model: "",
+    status: 0,
+    headers: {},
+    errorType: "",
+    errorCode: "",
+    errorMessage: "",
+    promptTokens: 0,
+    completionTokens: 0,
+  };
+}
+
+export const ReportOutcomeRequest: MessageFns<ReportOutcomeRequest> = {
+  encode(message: ReportOutcomeRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.hash !== "") {
+      writer.uint32(10).string(message.hash);
+    }
+    if (message.model !== "") {
+      writer.uint32(18).string(message.model);
+    }
+    if (message.status !== 0) {
+      writer.uint32(24).int32(message.status);
+    }
+    globalThis.Object.entries(message.headers).forEach(([key, value]: [string, string]) => {
+      ReportOutcomeRequest_HeadersEntry.encode({ key: key as any, value }, writer.uint32(34).fork()).join();
+    });
+    if (message.errorType !== "") {
+      writer.uint32(42).string(message.errorType);
+    }
+    if (message.errorCode !== "") {
+      writer.uint32(50).string(message.errorCode);
+    }
+    if (message.errorMessage !== "") {
+      writer.uint32(58).string(message.errorMessage);
+    }
+    if (message.promptTokens !== 0) {
+      writer.uint32(64).int64(message.promptTokens);
+    }
+    if (message.completionTokens !== 0) {
+      writer.uint32(72).int64(message.completionTokens);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ReportOutcomeRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseReportOutcomeRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.hash = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.model = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.status = reader.int32();
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            const entry4 = ReportOutcomeRequest_HeadersEntry.decode(reader, reader.uint32());
+            if (entry4.value !== undefined) {
+              message.headers[entry4.key] = entry4.value;
+            }
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.errorType = reader.string();
+            continue;
+          }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.errorCode = reader.string();
+            continue;
+          }
+          case 7: {
+            if (tag !== 58) {
+              break;
+            }
+
+            message.errorMessage = reader.string();
+            continue;
+          }
+          case 8: {
+            if (tag !== 64) {
+              break;
+            }
+
+            message.promptTokens = longToNumber(reader.int64());
+            continue;
+          }
+          case 9: {
+            if (tag !== 72) {
+              break;
+            }
+
+            message.completionTokens = longToNumber(reader.int64());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ReportOutcomeRequest {
+    return {
+      hash: isSet(object.hash) ? globalThis.String(object.hash) : "",
+      model: isSet(object.model) ? globalThis.String(object.model) : "",
+      status: isSet(object.status) ? globalThis.Number(object.status) : 0,
+      headers: isObject(object.headers)
+        ? (globalThis.Object.entries(object.headers) as [string, any][]).reduce(
+          (acc: { [key: string]: string }, [key, value]: [string, any]) => {
+            globalThis.Object.defineProperty(acc, key, {
+              value: globalThis.String(value),
+              enumerable: true,
+              configurable: true,
+              writable: true,
+            });
+            return acc;
+          },
+          {},
+        )
+        : {},
+      errorType: isSet(object.errorType)
+        ? globalThis.String(object.errorType)
+        : isSet(object.error_type)
+        ? globalThis.String(object.error_type)
+        : "",
+      errorCode: isSet(object.errorCode)
+        ? globalThis.String(object.errorCode)
+        : isSet(object.error_code)
+        ? globalThis.String(object.error_code)
+        : "",
+      errorMessage: isSet(object.errorMessage)
+        ? globalThis.String(object.errorMessage)
+        : isSet(object.error_message)
+        ? globalThis.String(object.error_message)
+        : "",
+      promptTokens: isSet(object.promptTokens)
+        ? globalThis.Number(object.promptTokens)
+        : isSet(object.prompt_tokens)
+        ? globalThis.Number(object.prompt_tokens)
+        : 0,
+      completionTokens: isSet(object.completionTokens)
+        ? globalThis.Number(object.completionTokens)
+        : isSet(object.completion_tokens)
+        ? globalThis.Number(object.completion_tokens)
+        : 0,
+    };
+  },
+
+  toJSON(message: ReportOutcomeRequest): unknown {
+    const obj: any = {};
+    if (message.hash !== "") {
+      obj.hash = message.hash;
+    }
+    if (message.model !== "") {
+      obj.model = message.model;
+    }
+    if (message.status !== 0) {
+      obj.status = Math.round(message.status);
+    }
+    if (message.headers) {
+      const entries = globalThis.Object.entries(message.headers) as [string, string][];
+      if (entries.length > 0) {
+        obj.headers = {};
+        entries.forEach(([k, v]) => {
+          obj.headers[k] = v;
+        });
+      }
+    }
+    if (message.errorType !== "") {
+      obj.errorType = message.errorType;
+    }
+    if (message.errorCode !== "") {
+      obj.errorCode = message.errorCode;
+    }
+    if (message.errorMessage !== "") {
+      obj.errorMessage = message.errorMessage;
+    }
+    if (message.promptTokens !== 0) {
+      obj.promptTokens = Math.round(message.promptTokens);
+    }
+    if (message.completionTokens !== 0) {
+      obj.completionTokens = Math.round(message.completionTokens);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ReportOutcomeRequest>): ReportOutcomeRequest {
+    return ReportOutcomeRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ReportOutcomeRequest>): ReportOutcomeRequest {
+    const message = createBaseReportOutcomeRequest();
+    message.hash = object.hash ?? "";
+    message.model = object.model ?? "";
+    message.status = object.status ?? 0;
+    message.headers = (globalThis.Object.entries(object.headers ?? {}) as [string, string][]).reduce(
+      (acc: { [key: string]: string }, [key, value]: [string, string]) => {
+        if (value !== undefined) {
+          acc[key] = globalThis.String(value);
+        }
+        return acc;
+      },
+      {},
+    );
+    message.errorType = object.errorType ?? "";
+    message.errorCode = object.errorCode ?? "";
+    message.errorMessage = object.errorMessage ?? "";
+    message.promptTokens = object.promptTokens ?? 0;
+    message.completionTokens = object.completionTokens ?? 0;
+    return message;
+  },
+};
+
+function createBaseReportOutcomeRequest_HeadersEntry(): ReportOutcomeRequest_HeadersEntry {
+  return { key: "", value: "" };
+}
+
+export const ReportOutcomeRequest_HeadersEntry: MessageFns<ReportOutcomeRequest_HeadersEntry> = {
+  encode(message: ReportOutcomeRequest_HeadersEntry, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.key !== "") {
+      writer.uint32(10).string(message.key);
+    }
+    if (message.value !== "") {
+      writer.uint32(18).string(message.value);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ReportOutcomeRequest_HeadersEntry {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseReportOutcomeRequest_HeadersEntry();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.key = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.value = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ReportOutcomeRequest_HeadersEntry {
+    return {
+      key: isSet(object.key) ? globalThis.String(object.key) : "",
+      value: isSet(object.value) ? globalThis.String(object.value) : "",
+    };
+  },
+
+  toJSON(message: ReportOutcomeRequest_HeadersEntry): unknown {
+    const obj: any = {};
+    if (message.key !== "") {
+      obj.key = message.key;
+    }
+    if (message.value !== "") {
+      obj.value = message.value;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ReportOutcomeRequest_HeadersEntry>): ReportOutcomeRequest_HeadersEntry {
+    return ReportOutcomeRequest_HeadersEntry.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ReportOutcomeRequest_HeadersEntry>): ReportOutcomeRequest_HeadersEntry {
+    const message = createBaseReportOutcomeRequest_HeadersEntry();
+    message.key = object.key ?? "";
+    message.value = object.value ?? "";
+    return message;
+  },
+};
+
+function createBaseReportOutcomeResponse(): ReportOutcomeResponse {
+  return { action: 0, key: undefined, reason: "" };
+}
+
+export const ReportOutcomeResponse: MessageFns<ReportOutcomeResponse> = {
+  encode(message: ReportOutcomeResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.action !== 0) {
+      writer.uint32(8).int32(message.action);
+    }
+    if (message.key !== undefined) {
+      Key.encode(message.key, writer.uint32(18).fork()).join();
+    }
+    if (message.reason !== "") {
+      writer.uint32(26).string(message.reason);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ReportOutcomeResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseReportOutcomeResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.action = reader.int32() as any;
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.key = Key.decode(reader, reader.uint32());
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.reason = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ReportOutcomeResponse {
+    return {
+      action: isSet(object.action) ? outcomeActionFromJSON(object.action) : 0,
+      key: isSet(object.key) ? Key.fromJSON(object.key) : undefined,
+      reason: isSet(object.reason) ? globalThis.String(object.reason) : "",
+    };
+  },
+
+  toJSON(message: ReportOutcomeResponse): unknown {
+    const obj: any = {};
+    if (message.action !== 0) {
+      obj.action = outcomeActionToJSON(message.action);
+    }
+    if (message.key !== undefined) {
+      obj.key = Key.toJSON(message.key);
+    }
+    if (message.reason !== "") {
+      obj.reason = message.reason;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ReportOutcomeResponse>): ReportOutcomeResponse {
+    return ReportOutcomeResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ReportOutcomeResponse>): ReportOutcomeResponse {
+    const message = createBaseReportOutcomeResponse();
+    message.action = object.action ?? 0;
+    message.key = (object.key !== undefined && object.key !== null) ? Key.fromPartial(object.key) : undefined;
+    message.reason = object.reason ?? "";
+    return message;
+  },
+};
+
 /**
  * KeyService hands out upstream API keys and learns from what the proxies
  * report back about each upstream answer.
@@ -2143,7 +3051,8 @@ export type KeyServiceService = typeof KeyServiceService;
 export const KeyServiceService = {
   /**
    * Get hands out the key most likely to succeed for the model and throttles
-   * it briefly so a burst does not pile onto one key.
+   * it briefly (for that model's family) so a burst does not pile onto one
+   * key. With max_wait it waits for a locked key to unlock.
    */
   get: {
     path: "/keysvc.v1.KeyService/Get" as const,
@@ -2164,7 +3073,10 @@ export const KeyServiceService = {
     responseSerialize: (value: DisableResponse): Buffer => Buffer.from(DisableResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): DisableResponse => DisableResponse.decode(value),
   },
-  /** MarkRateLimited records that the upstream answered 429 for the key. */
+  /**
+   * MarkRateLimited records that the upstream answered 429 for the key (for
+   * the model's family, or for every family when no model is given).
+   */
   markRateLimited: {
     path: "/keysvc.v1.KeyService/MarkRateLimited" as const,
     requestStream: false as const,
@@ -2176,7 +3088,10 @@ export const KeyServiceService = {
       Buffer.from(MarkRateLimitedResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): MarkRateLimitedResponse => MarkRateLimitedResponse.decode(value),
   },
-  /** UpdateRateLimits records the rate-limit headers of an upstream answer. */
+  /**
+   * UpdateRateLimits records the rate-limit headers of an upstream answer
+   * (for the model's family, or key-wide when no model is given).
+   */
   updateRateLimits: {
     path: "/keysvc.v1.KeyService/UpdateRateLimits" as const,
     requestStream: false as const,
@@ -2248,19 +3163,43 @@ export const KeyServiceService = {
     responseSerialize: (value: RecheckResponse): Buffer => Buffer.from(RecheckResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): RecheckResponse => RecheckResponse.decode(value),
   },
+  /**
+   * ReportOutcome reports one upstream answer for a key handed out by Get and
+   * applies the whole upstream error table in one call: it stores the
+   * rate-limit headers, counts the tokens of a success, disables a dead key
+   * (durably, as Disable does) and marks a rate-limited key. The reply says
+   * what the proxy should do with the request.
+   */
+  reportOutcome: {
+    path: "/keysvc.v1.KeyService/ReportOutcome" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: ReportOutcomeRequest): Buffer => Buffer.from(ReportOutcomeRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): ReportOutcomeRequest => ReportOutcomeRequest.decode(value),
+    responseSerialize: (value: ReportOutcomeResponse): Buffer =>
+      Buffer.from(ReportOutcomeResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): ReportOutcomeResponse => ReportOutcomeResponse.decode(value),
+  },
 } as const;
 
 export interface KeyServiceServer extends UntypedServiceImplementation {
   /**
    * Get hands out the key most likely to succeed for the model and throttles
-   * it briefly so a burst does not pile onto one key.
+   * it briefly (for that model's family) so a burst does not pile onto one
+   * key. With max_wait it waits for a locked key to unlock.
    */
   get: handleUnaryCall<GetRequest, GetResponse>;
   /** Disable stops a key from ever being handed out again (until Recheck). */
   disable: handleUnaryCall<DisableRequest, DisableResponse>;
-  /** MarkRateLimited records that the upstream answered 429 for the key. */
+  /**
+   * MarkRateLimited records that the upstream answered 429 for the key (for
+   * the model's family, or for every family when no model is given).
+   */
   markRateLimited: handleUnaryCall<MarkRateLimitedRequest, MarkRateLimitedResponse>;
-  /** UpdateRateLimits records the rate-limit headers of an upstream answer. */
+  /**
+   * UpdateRateLimits records the rate-limit headers of an upstream answer
+   * (for the model's family, or key-wide when no model is given).
+   */
   updateRateLimits: handleUnaryCall<UpdateRateLimitsRequest, UpdateRateLimitsResponse>;
   /**
    * GetLockoutPeriod says how long until a key for the model is free; zero
@@ -2278,12 +3217,21 @@ export interface KeyServiceServer extends UntypedServiceImplementation {
    * marks all keys unchecked so the key checker looks at them again.
    */
   recheck: handleUnaryCall<RecheckRequest, RecheckResponse>;
+  /**
+   * ReportOutcome reports one upstream answer for a key handed out by Get and
+   * applies the whole upstream error table in one call: it stores the
+   * rate-limit headers, counts the tokens of a success, disables a dead key
+   * (durably, as Disable does) and marks a rate-limited key. The reply says
+   * what the proxy should do with the request.
+   */
+  reportOutcome: handleUnaryCall<ReportOutcomeRequest, ReportOutcomeResponse>;
 }
 
 export interface KeyServiceClient extends Client {
   /**
    * Get hands out the key most likely to succeed for the model and throttles
-   * it briefly so a burst does not pile onto one key.
+   * it briefly (for that model's family) so a burst does not pile onto one
+   * key. With max_wait it waits for a locked key to unlock.
    */
   get(request: GetRequest, callback: (error: ServiceError | null, response: GetResponse) => void): ClientUnaryCall;
   get(
@@ -2313,7 +3261,10 @@ export interface KeyServiceClient extends Client {
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: DisableResponse) => void,
   ): ClientUnaryCall;
-  /** MarkRateLimited records that the upstream answered 429 for the key. */
+  /**
+   * MarkRateLimited records that the upstream answered 429 for the key (for
+   * the model's family, or for every family when no model is given).
+   */
   markRateLimited(
     request: MarkRateLimitedRequest,
     callback: (error: ServiceError | null, response: MarkRateLimitedResponse) => void,
@@ -2329,7 +3280,10 @@ export interface KeyServiceClient extends Client {
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: MarkRateLimitedResponse) => void,
   ): ClientUnaryCall;
-  /** UpdateRateLimits records the rate-limit headers of an upstream answer. */
+  /**
+   * UpdateRateLimits records the rate-limit headers of an upstream answer
+   * (for the model's family, or key-wide when no model is given).
+   */
   updateRateLimits(
     request: UpdateRateLimitsRequest,
     callback: (error: ServiceError | null, response: UpdateRateLimitsResponse) => void,
@@ -2427,6 +3381,28 @@ export interface KeyServiceClient extends Client {
     metadata: Metadata,
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: RecheckResponse) => void,
+  ): ClientUnaryCall;
+  /**
+   * ReportOutcome reports one upstream answer for a key handed out by Get and
+   * applies the whole upstream error table in one call: it stores the
+   * rate-limit headers, counts the tokens of a success, disables a dead key
+   * (durably, as Disable does) and marks a rate-limited key. The reply says
+   * what the proxy should do with the request.
+   */
+  reportOutcome(
+    request: ReportOutcomeRequest,
+    callback: (error: ServiceError | null, response: ReportOutcomeResponse) => void,
+  ): ClientUnaryCall;
+  reportOutcome(
+    request: ReportOutcomeRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: ReportOutcomeResponse) => void,
+  ): ClientUnaryCall;
+  reportOutcome(
+    request: ReportOutcomeRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: ReportOutcomeResponse) => void,
   ): ClientUnaryCall;
 }
 

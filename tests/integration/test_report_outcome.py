@@ -1,0 +1,147 @@
+"""ReportOutcome through a real server: the reply, the key it changed, durability, metrics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import grpc
+import pytest
+from prometheus_client import generate_latest
+
+from keysvc.clock import ManualClock
+from keysvc.keys import hash_key
+from keysvc.metrics import Metrics
+from keysvc.models import ModelTable
+from keysvc.pool import KeyPool
+from keysvc.state import FileStateStore
+from keysvc.v1 import keysvc_pb2 as pb
+from tests.exposition import parse, value
+from tests.helpers import client, error_reason, make_pool, serving
+
+SECRETS = ["sk-outcome-0001", "sk-outcome-0002"]
+A, B = (hash_key(s) for s in SECRETS)
+
+
+async def test_success_counts_tokens_and_says_done() -> None:
+    pool, _ = make_pool(SECRETS)
+    async with serving(pool) as server, client(server.port) as stub:
+        lease = await stub.Get(pb.GetRequest(model="gpt-4o"))
+        reply = await stub.ReportOutcome(
+            pb.ReportOutcomeRequest(
+                hash=lease.key.hash,
+                model="gpt-4o",
+                status=200,
+                headers={
+                    "x-ratelimit-remaining-requests": "99",
+                    "x-ratelimit-reset-requests": "2s",
+                },
+                prompt_tokens=30,
+                completion_tokens=12,
+            )
+        )
+    assert reply.action == pb.OUTCOME_ACTION_DONE
+    assert reply.key.hash == lease.key.hash
+    assert dict(reply.key.token_usage) == {"gpt4o": 42}
+    assert reply.key.prompt_count == 1
+    assert reply.reason
+
+
+async def test_rate_limit_says_retry_and_locks_the_key() -> None:
+    pool, clock = make_pool(SECRETS)
+    async with serving(pool) as server, client(server.port) as stub:
+        lease = await stub.Get(pb.GetRequest(model="gpt-4"))
+        reply = await stub.ReportOutcome(
+            pb.ReportOutcomeRequest(
+                hash=lease.key.hash, model="gpt-4", status=429, error_type="requests"
+            )
+        )
+        assert reply.action == pb.OUTCOME_ACTION_RETRY_WITH_ANOTHER_KEY
+        assert not reply.key.is_disabled
+        clock.advance(2)  # past the reuse delay, within the 429's lock
+        again = await stub.Get(pb.GetRequest(model="gpt-4"))
+    assert again.key.hash != lease.key.hash
+
+
+async def test_dead_key_is_durable_before_the_reply(tmp_path: Path) -> None:
+    path = tmp_path / "state.json"
+    # No background writer and an hour-long batch: only a flush writes the file.
+    store = FileStateStore(path, batch_seconds=3600)
+    pool = KeyPool(store=store, models=ModelTable(), clock=ManualClock())
+    for secret in SECRETS:
+        pool.add_key(secret)
+    async with serving(pool) as server, client(server.port) as stub:
+        reply = await stub.ReportOutcome(
+            pb.ReportOutcomeRequest(
+                hash=A, model="gpt-4o", status=429, error_code="insufficient_quota"
+            )
+        )
+        assert reply.action == pb.OUTCOME_ACTION_RETRY_WITH_ANOTHER_KEY
+        assert reply.key.is_over_quota
+        saved = json.loads(path.read_text())["keys"]
+        assert saved[A]["is_disabled"] and saved[A]["is_over_quota"]
+        assert not saved[B]["is_disabled"]
+        assert (await stub.Available(pb.AvailableRequest())).count == 1
+
+
+def report(**fields: object) -> pb.ReportOutcomeRequest:
+    """A valid 200 report for key A, with ``fields`` changed."""
+    return pb.ReportOutcomeRequest(**{"hash": A, "model": "gpt-4o", "status": 200, **fields})
+
+
+@pytest.mark.parametrize(
+    ("field", "request_"),
+    [
+        ("status", report(status=0)),
+        ("status", report(status=600)),
+        ("model", report(model="")),
+        ("prompt_tokens", report(prompt_tokens=-1)),
+        ("completion_tokens", report(completion_tokens=2_000_000_000)),
+        ("error_message", report(status=429, error_message="x" * 9000)),
+        ("error_code", report(status=429, error_code="x" * 300)),
+        ("headers", report(headers={"x-ratelimit-reset-requests": "1" * 5000})),
+        ("hash", report(hash="")),
+    ],
+)
+async def test_bad_reports_are_invalid_and_change_nothing(
+    field: str, request_: pb.ReportOutcomeRequest
+) -> None:
+    pool, _ = make_pool(SECRETS)
+    async with serving(pool) as server, client(server.port) as stub:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.ReportOutcome(request_)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert error_reason(caught.value) == "INVALID_ARGUMENT"
+        assert field in (caught.value.details() or "")
+    key = pool.key(A)
+    assert not key.is_disabled and key.prompt_count == 0 and not key.token_usage
+
+
+async def test_unknown_key_is_not_found() -> None:
+    pool, _ = make_pool(SECRETS)
+    async with serving(pool) as server, client(server.port) as stub:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.ReportOutcome(
+                pb.ReportOutcomeRequest(hash="oai-00000000", model="gpt-4o", status=200)
+            )
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_outcomes_are_counted_by_action_once() -> None:
+    metrics = Metrics()
+    pool = KeyPool.from_secrets(SECRETS, models=ModelTable(), clock=ManualClock(), observer=metrics)
+    async with serving(pool, metrics=metrics) as server, client(server.port) as stub:
+        lease = await stub.Get(pb.GetRequest(model="gpt-4o"))
+        for status in (200, 200, 429, 404):
+            await stub.ReportOutcome(
+                pb.ReportOutcomeRequest(
+                    hash=lease.key.hash, model="gpt-4o", status=status, prompt_tokens=5
+                )
+            )
+    samples = parse(generate_latest(metrics.registry).decode())
+    assert value(samples, "keysvc_outcomes_total", action="done") == 2
+    assert value(samples, "keysvc_outcomes_total", action="retry_with_another_key") == 1
+    assert value(samples, "keysvc_outcomes_total", action="return_error") == 1
+    assert value(samples, "keysvc_tokens_used_total", family="gpt4o") == 10
+    assert value(samples, "keysvc_key_handouts_total", family="gpt4o") == 1
+    assert value(samples, "keysvc_key_state_changes_total", change="rate_limited") == 1

@@ -1,0 +1,206 @@
+"""Get with max_wait (``KeyPool.get_waiting``) on a manual clock: timers fire only when
+the test advances the clock, so nothing here sleeps."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from keysvc.errors import InvalidArgument, NoKeysForFamily
+from keysvc.keys import DisableReason, Key
+from keysvc.pool import KEY_REUSE_DELAY, MAX_WAIT, KeyPool
+from tests.helpers import PAID, pool_of
+
+
+async def settle() -> None:
+    """Lets every ready task and callback run."""
+    for _ in range(10):
+        await asyncio.sleep(0)
+
+
+def waiting(pool: KeyPool, model: str = "gpt-4", max_wait: float = 30.0) -> asyncio.Task[Key]:
+    return asyncio.get_running_loop().create_task(pool.get_waiting(model, max_wait))
+
+
+def snapshot(keys: list[Key]) -> list[tuple[float, float, float]]:
+    return [(k.last_used, k.rate_limited_at, k.until_in("gpt4")) for k in keys]
+
+
+async def test_a_free_key_is_handed_out_at_once() -> None:
+    pool, clock, (a, b) = pool_of([PAID, PAID])
+    assert await pool.get_waiting("gpt-4", 5) is a
+    assert await pool.get_waiting("gpt-4", 5) is b
+    assert clock.pending() == 0
+
+
+async def test_waits_for_the_first_key_to_unlock_and_hands_it_out() -> None:
+    pool, clock, (a, b) = pool_of([PAID, PAID])
+    pool.get("gpt-4")  # a, until t+1
+    clock.advance(0.5)
+    pool.get("gpt-4")  # b, until t+1.5
+    task = waiting(pool)
+    await settle()
+    assert not task.done()
+    assert clock.pending() == 2  # the deadline and the one unlock timer: no polling
+    clock.advance(0.4)
+    await settle()
+    assert not task.done()
+    clock.advance(0.1)  # a unlocks
+    await settle()
+    assert task.result() is a
+    assert a.last_used == clock.now()
+    assert clock.pending() == 0  # its deadline timer is gone
+
+
+async def test_no_busy_polling_while_waiting(monkeypatch: pytest.MonkeyPatch) -> None:
+    pool, clock, (a,) = pool_of([PAID])
+    pool.mark_rate_limited(a.hash, "gpt-4")  # 10 s
+    selects = 0
+    real_select = pool._select
+
+    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+        nonlocal selects
+        selects += 1
+        return real_select(*args, **kwargs)
+
+    monkeypatch.setattr(pool, "_select", counting)
+    task = waiting(pool)
+    await settle()
+    after_start = selects
+    for _ in range(50):
+        await asyncio.sleep(0)
+    assert selects == after_start  # nothing runs until the unlock timer fires
+    clock.advance(10)
+    await settle()
+    assert task.result() is a
+
+
+async def test_waiters_are_served_in_arrival_order() -> None:
+    pool, clock, (a, b, c) = pool_of([PAID, PAID, PAID])
+    for key in (a, b, c):
+        assert pool.get("gpt-4") is key
+        clock.advance(0.2)  # a until t+1, b until t+1.2, c until t+1.4
+    tasks = [waiting(pool) for _ in range(4)]
+    await settle()
+    served: list[tuple[int, Key]] = []
+    for task_number, task in enumerate(tasks):
+        task.add_done_callback(lambda t, n=task_number: served.append((n, t.result())))
+    clock.advance(0.5)  # t+1.1: a is free
+    await settle()
+    assert served == [(0, a)]
+    clock.advance(0.3)  # t+1.4: b and c are free
+    await settle()
+    assert served == [(0, a), (1, b), (2, c)]
+    clock.advance(1.0)  # a's second throttle (from t+1.1) ended at t+2.1
+    await settle()
+    assert served[3] == (3, a)
+
+
+async def test_a_cancelled_waiter_leaves_no_trace() -> None:
+    pool, clock, (a, b) = pool_of([PAID, PAID])
+    pool.get("gpt-4")
+    pool.get("gpt-4")
+    before = snapshot([a, b])
+    task = waiting(pool)
+    await settle()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await settle()
+    assert pool._queues == {}
+    assert clock.pending() == 0
+    clock.advance(5)
+    await settle()
+    assert snapshot([a, b]) == before  # no key was throttled for the gone caller
+
+
+async def test_a_waiter_cancelled_right_after_being_woken_takes_no_key() -> None:
+    pool, clock, (a,) = pool_of([PAID])
+    pool.get("gpt-4")
+    first, second = waiting(pool), waiting(pool)
+    await settle()
+    clock.advance(KEY_REUSE_DELAY)  # a unlocks: the first waiter is woken...
+    first.cancel()  # ...but its caller goes away before it runs
+    await settle()
+    assert first.cancelled()
+    assert second.result() is a  # the key went to the next in line
+    assert a.last_used == clock.now()
+
+
+async def test_at_the_deadline_the_first_key_to_unlock_is_handed_out() -> None:
+    pool, clock, (a, b) = pool_of([PAID, PAID])
+    pool.mark_rate_limited(a.hash, "gpt-4")  # until t+10
+    clock.advance(1)
+    pool.mark_rate_limited(b.hash, "gpt-4")  # until t+11
+    task = waiting(pool, max_wait=3)
+    await settle()
+    clock.advance(3)
+    await settle()
+    assert task.result() is a  # still locked: as Get without max_wait would
+    assert pool._queues == {} and clock.pending() == 0
+
+
+async def test_a_shorter_lock_wakes_the_waiter_without_the_clock_moving() -> None:
+    pool, clock, (a,) = pool_of([PAID])
+    pool.get("gpt-4")
+    pool.update_rate_limits(
+        a.hash, {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "8s"}, "gpt-4"
+    )
+    clock.advance(2)
+    task = waiting(pool)
+    await settle()
+    assert not task.done()
+    # The next answer says there is quota left: the lock shrinks to the (spent) throttle.
+    pool.update_rate_limits(a.hash, {"x-ratelimit-remaining-requests": "3"}, "gpt-4")
+    await settle()
+    assert task.result() is a
+
+
+async def test_a_key_coming_back_is_handed_to_the_waiter() -> None:
+    pool, clock, (a,) = pool_of([PAID])
+    pool.mark_rate_limited(a.hash, "gpt-4")
+    task = waiting(pool)
+    await settle()
+    pool.add_key("sk-new-key-0001")
+    await settle()
+    assert task.result().secret == "sk-new-key-0001"
+
+
+async def test_disabling_the_last_key_ends_the_wait_with_no_keys() -> None:
+    pool, clock, (a,) = pool_of([PAID])
+    pool.mark_rate_limited(a.hash)
+    tasks = [waiting(pool), waiting(pool)]
+    await settle()
+    pool.disable(a.hash, DisableReason.REVOKED)
+    await settle()
+    for task in tasks:
+        with pytest.raises(NoKeysForFamily):
+            task.result()
+    assert pool._queues == {} and clock.pending() == 0
+
+
+async def test_families_wait_apart() -> None:
+    pool, clock, (a,) = pool_of([PAID])
+    pool.mark_rate_limited(a.hash, "gpt-4")
+    gpt4 = waiting(pool, "gpt-4")
+    await settle()
+    assert await pool.get_waiting("gpt-3.5-turbo", 5) is a  # free for turbo
+    assert not gpt4.done()
+    clock.advance(10)
+    await settle()
+    assert gpt4.result() is a
+
+
+@pytest.mark.parametrize("max_wait", [-0.001, MAX_WAIT + 0.001, float("nan")])
+async def test_max_wait_out_of_range_is_invalid(max_wait: float) -> None:
+    pool, _, _ = pool_of([PAID])
+    with pytest.raises(InvalidArgument, match="max_wait"):
+        await pool.get_waiting("gpt-4", max_wait)
+
+
+async def test_zero_max_wait_is_a_plain_get() -> None:
+    pool, clock, (a,) = pool_of([PAID])
+    pool.mark_rate_limited(a.hash)
+    assert await pool.get_waiting("gpt-4", 0) is a
+    assert clock.pending() == 0
