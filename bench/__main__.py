@@ -11,11 +11,12 @@ import sys
 import time
 from pathlib import Path
 
-from . import pool_scale
+from . import memory, pool_scale
 from .report import Section, render
 
 BENCHMARKS = {
     "pool_scale": pool_scale.run,
+    "memory": memory.run,
 }
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
