@@ -11,12 +11,13 @@ import sys
 import time
 from pathlib import Path
 
-from . import memory, pool_scale
+from . import memory, pool_scale, rpc_cost
 from .report import Section, render
 
 BENCHMARKS = {
     "pool_scale": pool_scale.run,
     "memory": memory.run,
+    "rpc_cost": rpc_cost.run,
 }
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
