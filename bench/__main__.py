@@ -9,15 +9,17 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from . import memory, pool_scale, rpc_cost
+from . import memory, pool_scale, rpc_cost, simulate
 from .report import Section, render
 
-BENCHMARKS = {
+BENCHMARKS: dict[str, Callable[..., Section]] = {
     "pool_scale": pool_scale.run,
     "memory": memory.run,
     "rpc_cost": rpc_cost.run,
+    "simulate": simulate.run,
 }
 
 RESULTS = Path(__file__).with_name("RESULTS.md")

@@ -187,4 +187,6 @@ def run(*, smoke: bool = False) -> Section:
     for name, r in results.items():
         for field, value in r.items():
             figures[f"{name}:{field}"] = value
-    return Section("RPC cost: server CPU per Get vs an empty RPC", "\n".join(body), targets, figures)
+    return Section(
+        "RPC cost: server CPU per Get vs an empty RPC", "\n".join(body), targets, figures
+    )
