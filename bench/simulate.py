@@ -74,9 +74,9 @@ class Scenario:
         default_factory=lambda: {"gpt-4o": (200, 1_800), "gpt-4o-mini": (200, 1_800)}
     )
     load: float = 1.2
-    scale: float = 12.0
-    warmup: float = 60.0
-    measure: float = 300.0
+    scale: float = 15.0
+    warmup: float = 120.0
+    measure: float = 600.0
     deadline: float = 60.0
     seed: int = 7
 
@@ -104,6 +104,10 @@ class Outcome:
     waits: list[float]
     arrived: int
     gave_up: int
+    #: Share of the window's capacity lost because a key's quota sat full (unused).
+    wasted: float
+    #: How late the harness dispatched arrivals (p99, real seconds): it kept up if small.
+    lag_p99: float
 
     @property
     def share_429(self) -> float:
@@ -171,6 +175,20 @@ async def _simulate(policy: str, scenario: Scenario, port: int, keys: list[str])
         horizon = scenario.warmup + scenario.measure + scenario.deadline
         requests: list[Request] = []
         tasks: list[asyncio.Task[None]] = []
+        lags: list[float] = []
+        wasted_at: list[dict[str, float]] = []
+
+        async def snapshot_waste() -> None:
+            for edge in window:
+                await asyncio.sleep(max(0.0, edge - clock.now()))
+                wasted_at.append(
+                    {
+                        m: upstream.wasted(m, tokens=scenario.per_key_capacity(m)[1])
+                        for m in scenario.models
+                    }
+                )
+
+        waste_task = asyncio.create_task(snapshot_waste())
 
         async def one(request: Request) -> None:
             request.ok = await loop.serve(request)
@@ -183,6 +201,7 @@ async def _simulate(policy: str, scenario: Scenario, port: int, keys: list[str])
             if delay > 0:
                 await asyncio.sleep(delay)
             now = clock.now()
+            lags.append(now - real_at)
             request = Request(
                 model, tokens, arrived=now, deadline=now + scenario.deadline / scenario.scale
             )
@@ -194,6 +213,7 @@ async def _simulate(policy: str, scenario: Scenario, port: int, keys: list[str])
             if window[0] <= r.arrived < window[1]
         ]
         await asyncio.gather(*(t for _, t in in_window))
+        await waste_task
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -216,6 +236,14 @@ async def _simulate(policy: str, scenario: Scenario, port: int, keys: list[str])
         share_by_model[model] = share
         weighted += share * scenario.capacity(model)
     share = weighted / sum(scenario.capacity(m) for m in scenario.models)
+    wasted = 0.0
+    for model in scenario.models:
+        lost = wasted_at[1][model] - wasted_at[0][model]
+        per_key, token_bound = scenario.per_key_capacity(model)
+        quota_rate = scenario.models[model].tpm if token_bound else scenario.models[model].rpm
+        quota = scenario.keys * quota_rate / 60.0 * measured * scenario.scale
+        wasted += lost / quota * scenario.capacity(model)
+    wasted /= sum(scenario.capacity(m) for m in scenario.models)
     window_calls = [status for at, status in calls if window[0] <= at < window[1]]
     arrived = [r for r, _ in in_window]
     return Outcome(
@@ -227,6 +255,8 @@ async def _simulate(policy: str, scenario: Scenario, port: int, keys: list[str])
         waits=[(r.done - r.arrived) * scenario.scale for r in arrived],
         arrived=len(arrived),
         gave_up=sum(1 for r in arrived if not r.ok),
+        wasted=wasted,
+        lag_p99=percentile(lags, 0.99),
     )
 
 
@@ -286,6 +316,8 @@ def run(
         ("p99 wait (s)", *(f"{percentile(outcomes[n].waits, 0.99):.2f}" for n in names)),
         row("requests arrived", "{:,}", "arrived"),
         row("requests given up", "{:,}", "gave_up"),
+        row("capacity left unused (quota full)", "{:.1%}", "wasted"),
+        ("harness lag p99 (real ms)", *(f"{outcomes[n].lag_p99 * 1000:.1f}" for n in names)),
     ]
     limits = "; ".join(
         f"{m}: {lim.rpm} RPM, {lim.tpm:,} TPM, {scenario.tokens[m][0]}–{scenario.tokens[m][1]} "
@@ -305,7 +337,7 @@ def run(
         "Policies: "
         + "; ".join(
             f"**{n}** = {POLICIES[n][0]} pool + {POLICIES[n][1].__name__}"
-            f" ({(POLICIES[n][1].__doc__ or '').split(chr(10))[0].strip()})"
+            f" ({' '.join((POLICIES[n][1].__doc__ or '').split())})"
             for n in names
         ),
         "",

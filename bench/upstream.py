@@ -72,7 +72,7 @@ def _trim(number: str) -> str:
 class _Window:
     """A quota that refills continuously: ``limit`` per simulated minute."""
 
-    __slots__ = ("last", "level", "limit", "rate")
+    __slots__ = ("last", "level", "limit", "rate", "wasted")
 
     def __init__(self, limit: int, now: float) -> None:
         self.limit = limit
@@ -81,9 +81,15 @@ class _Window:
         self.level = 0.0
         self.rate = limit / WINDOW
         self.last = now
+        #: Quota that refilled into a full window and was lost: capacity nobody used.
+        self.wasted = 0.0
 
     def refill(self, now: float) -> None:
-        self.level = min(self.limit, self.level + (now - self.last) * self.rate)
+        level = self.level + (now - self.last) * self.rate
+        if level > self.limit:
+            self.wasted += level - self.limit
+            level = self.limit
+        self.level = level
         self.last = now
 
     def reset(self) -> float:
@@ -115,6 +121,16 @@ class RateLimitedUpstream:
     def now(self) -> float:
         """Simulated seconds (monotonic)."""
         return time.monotonic() * self._scale
+
+    def wasted(self, model: str, *, tokens: bool) -> float:
+        """Quota of ``model`` lost so far to full windows, over every key (requests or tokens)."""
+        now = self.now()
+        total = 0.0
+        for key in self._keys:
+            window = self._windows_for(key, model, now)[1 if tokens else 0]
+            window.refill(now)
+            total += window.wasted
+        return total
 
     async def __aenter__(self) -> RateLimitedUpstream:
         app = web.Application()
