@@ -9,7 +9,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: help install run test test-python lint proto clean demo
+.PHONY: help install run test test-python lint proto clean demo bench
 .PHONY: tools lint-proto test-clients test-client-python test-client-go test-client-node
 
 help: ## list the targets
@@ -37,12 +37,18 @@ lint: install ## ruff and mypy --strict on the package
 	$(VENV)/bin/ruff check clients
 	$(VENV)/bin/ruff format --check clients/python/src clients/python/tests clients/test_codegen.py
 	$(VENV)/bin/mypy clients/python/src clients/python/examples
+	$(VENV)/bin/ruff check bench
+	$(VENV)/bin/ruff format --check bench
+	$(VENV)/bin/mypy --strict bench
 	$(MAKE) --no-print-directory lint-proto
 
 test-python: install
 	$(PY) -m pytest
 
 test: lint test-python test-clients ## every test tier
+
+bench: install ## the benchmarks in full (~2.5 min; bench/README.md); writes bench/RESULTS.md
+	$(PY) -m bench
 
 proto: install tools ## regenerate the checked-in code (Python, Go, Node) from protos/
 	PYTHON=$(PY) scripts/gen_proto.sh

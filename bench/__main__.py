@@ -1,0 +1,55 @@
+"""``python -m bench``: runs every benchmark and writes bench/RESULTS.md.
+
+``python -m bench pool_scale memory`` runs only the named ones and prints them
+(RESULTS.md is written only by a full run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from . import memory, pool_scale, rpc_cost, simulate
+from .report import Section, render
+
+BENCHMARKS: dict[str, Callable[..., Section]] = {
+    "pool_scale": pool_scale.run,
+    "memory": memory.run,
+    "rpc_cost": rpc_cost.run,
+    "simulate": simulate.run,
+}
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("names", nargs="*", metavar="name", help=", ".join(BENCHMARKS))
+    parser.add_argument("--smoke", action="store_true", help="short runs, for tests")
+    args = parser.parse_args(argv)
+    unknown = [name for name in args.names if name not in BENCHMARKS]
+    if unknown:
+        parser.error(f"unknown benchmark {unknown[0]!r}; choose from {', '.join(BENCHMARKS)}")
+    names = args.names or list(BENCHMARKS)
+    sections: list[Section] = []
+    for name in names:
+        started = time.monotonic()
+        print(f"== {name}", flush=True)
+        section = BENCHMARKS[name](smoke=args.smoke)
+        print(section.body, flush=True)
+        for target in section.targets:
+            verdict = "met" if target.met else "MISSED"
+            print(f"target {target.name}: {target.figure} (goal {target.goal}) {verdict}")
+        print(f"({time.monotonic() - started:.0f} s)\n", flush=True)
+        sections.append(section)
+    if not args.names and not args.smoke:
+        RESULTS.write_text(render("make bench", sections), encoding="utf-8")
+        print(f"wrote {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

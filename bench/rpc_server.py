@@ -1,0 +1,34 @@
+"""A keysvc server for the RPC-cost benchmark, in a process of its own.
+
+``python -m bench.rpc_server KEYS`` builds the pool and the server exactly as
+``keysvc serve`` does (``create_server``: the RPC observer, error mapping and
+drain interceptors, health, reflection), prints the port and serves until SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+
+from keysvc.clock import SystemClock
+from keysvc.models import ModelTable
+from keysvc.pool import KeyPool
+from keysvc.server import create_server
+
+from .pool_scale import secrets
+
+
+async def main(keys: int) -> None:
+    pool = KeyPool.from_secrets(secrets(keys), models=ModelTable(), clock=SystemClock())
+    running = create_server(pool, host="127.0.0.1", port=0)
+    await running.start()
+    print(running.port, flush=True)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()
+    await running.shutdown(0)
+
+
+if __name__ == "__main__":
+    asyncio.run(main(int(sys.argv[1])))

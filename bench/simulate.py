@@ -1,0 +1,390 @@
+"""Allocation simulator: proxies at 120 % of the keys' capacity against a live keysvc.
+
+A fake upstream (bench/upstream.py) enforces per-key, per-model RPM and TPM
+limits and sends the six ``x-ratelimit-*`` headers. Requests arrive (Poisson,
+the same schedule for every policy) at ``load`` × the aggregate capacity of
+each model; each is served by a proxy loop (bench/proxy_loops.py) against a
+keysvc server in its own process (bench/sim_server.py) over the real gRPC API.
+Time is scaled: ``scale`` simulated seconds pass per real second, in keysvc
+(its clock), the upstream and the proxies alike; every figure below is in
+simulated time. A request gives up ``deadline`` after it arrived.
+
+Figures cover the measurement window, after a warm-up:
+
+- delivered share of capacity: per model, the binding quota delivered (tokens
+  for a TPM-bound model, requests for an RPM-bound one) over that quota's
+  capacity in the window; overall, weighted by each model's capacity;
+- 429 share: upstream answers 429 over all upstream calls in the window;
+- wait: from a request's arrival to its 200 (or its give-up), for requests
+  that arrived in the window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import grpc
+
+from keysvc.v1 import keysvc_pb2_grpc as pb_grpc
+
+from .pool_scale import secrets
+from .proxy_loops import (
+    Answer,
+    KeysvcLoop,
+    ProxyLoop,
+    ReportOutcomeLoop,
+    Request,
+    SeedQueueLoop,
+    SimTime,
+)
+from .report import Section, Target, percentile, table
+from .upstream import ModelLimits, RateLimitedUpstream
+
+__all__ = ["POLICIES", "Scenario", "run", "simulate"]
+
+#: Policy name → (the pool the keysvc server runs, the proxy loop). The baseline first.
+#: To compare a new loop (e.g. ReportOutcome + Get(max_wait)), add or replace an entry.
+POLICIES: dict[str, tuple[str, type[ProxyLoop]]] = {
+    "seed": ("seed", SeedQueueLoop),
+    "keysvc": ("keysvc", ReportOutcomeLoop),
+    "keysvc-old-rpcs": ("keysvc", KeysvcLoop),
+}
+BASELINE = "seed"
+CANDIDATE = "keysvc"
+
+TARGET_SHARE = 0.95
+TARGET_429 = 0.02
+TARGET_FEWER_429 = 1.3
+
+
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    keys: int = 6
+    #: Per-key limits. gpt-4o is TPM-bound (30k TPM at 1,000 tokens a request: 30/min),
+    #: gpt-4o-mini RPM-bound (20/min): 50 requests a minute per key in all.
+    models: dict[str, ModelLimits] = field(
+        default_factory=lambda: {
+            "gpt-4o": ModelLimits(rpm=500, tpm=30_000),
+            "gpt-4o-mini": ModelLimits(rpm=20, tpm=200_000),
+        }
+    )
+    #: Tokens per request, uniform in [low, high].
+    tokens: dict[str, tuple[int, int]] = field(
+        default_factory=lambda: {"gpt-4o": (200, 1_800), "gpt-4o-mini": (200, 1_800)}
+    )
+    load: float = 1.2
+    scale: float = 15.0
+    warmup: float = 120.0
+    measure: float = 600.0
+    deadline: float = 60.0
+    seed: int = 7
+
+    def per_key_capacity(self, model: str) -> tuple[float, bool]:
+        """Requests per simulated second one key can take for ``model``; True when TPM binds."""
+        limits = self.models[model]
+        low, high = self.tokens[model]
+        by_tokens = limits.tpm / ((low + high) / 2)
+        return min(limits.rpm, by_tokens) / 60.0, by_tokens < limits.rpm
+
+    def capacity(self, model: str) -> float:
+        return self.keys * self.per_key_capacity(model)[0]
+
+
+SMOKE = Scenario(keys=2, scale=60.0, warmup=30.0, measure=90.0, deadline=30.0)
+
+
+@dataclass(slots=True)
+class Outcome:
+    policy: str
+    share: float
+    share_by_model: dict[str, float]
+    calls: int
+    rate_limited: int
+    waits: list[float]
+    arrived: int
+    gave_up: int
+    #: Share of the window's capacity lost because a key's quota sat full (unused).
+    wasted: float
+    #: How late the harness dispatched arrivals (p99, real seconds): it kept up if small.
+    lag_p99: float
+
+    @property
+    def share_429(self) -> float:
+        return self.rate_limited / self.calls if self.calls else 0.0
+
+    @property
+    def mean_wait(self) -> float:
+        return sum(self.waits) / len(self.waits) if self.waits else 0.0
+
+
+def _arrivals(scenario: Scenario, until: float) -> list[tuple[float, str, int]]:
+    """(simulated time, model, tokens), Poisson per model at load × capacity."""
+    rng = random.Random(scenario.seed)
+    out: list[tuple[float, str, int]] = []
+    for model in scenario.models:
+        rate = scenario.load * scenario.capacity(model)
+        t = rng.expovariate(rate)
+        while t < until:
+            out.append((t, model, rng.randint(*scenario.tokens[model])))
+            t += rng.expovariate(rate)
+    out.sort()
+    return out
+
+
+async def _simulate(policy: str, scenario: Scenario, port: int, keys: list[str]) -> Outcome:
+    pool_policy, loop_class = POLICIES[policy]
+    del pool_policy
+    clock = SimTime(scenario.scale)
+    calls: list[tuple[float, int]] = []
+    async with (
+        RateLimitedUpstream(scenario.models, keys=keys, scale=scenario.scale) as upstream,
+        aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=60)
+        ) as session,
+        grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel,
+    ):
+        url = upstream.base_url + "/chat/completions"
+
+        async def call_upstream(secret: str, model: str, tokens: int) -> Answer:
+            async with session.post(
+                url,
+                json={"model": model, "max_tokens": tokens, "messages": []},
+                headers={"Authorization": f"Bearer {secret}"},
+            ) as response:
+                body = await response.json()
+                answer = Answer(response.status, dict(response.headers), body)
+            calls.append((clock.now(), answer.status))
+            return answer
+
+        # aiohttp gives headers in their sent case; keysvc expects lower-case names.
+        async def lower_case(secret: str, model: str, tokens: int) -> Answer:
+            answer = await call_upstream(secret, model, tokens)
+            headers = {
+                k.lower(): v for k, v in answer.headers.items() if k.lower().startswith("x-")
+            }
+            return Answer(answer.status, headers, answer.body)
+
+        loop = loop_class(pb_grpc.KeyServiceStub(channel), lower_case, clock)
+        await loop.start()
+        start = clock.now()
+        window = (
+            start + scenario.warmup / scenario.scale,
+            start + (scenario.warmup + scenario.measure) / scenario.scale,
+        )
+        horizon = scenario.warmup + scenario.measure + scenario.deadline
+        requests: list[Request] = []
+        tasks: list[asyncio.Task[None]] = []
+        lags: list[float] = []
+        wasted_at: list[dict[str, float]] = []
+
+        async def snapshot_waste() -> None:
+            for edge in window:
+                await asyncio.sleep(max(0.0, edge - clock.now()))
+                wasted_at.append(
+                    {
+                        m: upstream.wasted(m, tokens=scenario.per_key_capacity(m)[1])
+                        for m in scenario.models
+                    }
+                )
+
+        waste_task = asyncio.create_task(snapshot_waste())
+
+        async def one(request: Request) -> None:
+            request.ok = await loop.serve(request)
+            if not request.ok:
+                request.done = clock.now()
+
+        for at, model, tokens in _arrivals(scenario, horizon):
+            real_at = start + at / scenario.scale
+            delay = real_at - clock.now()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            now = clock.now()
+            lags.append(now - real_at)
+            request = Request(
+                model, tokens, arrived=now, deadline=now + scenario.deadline / scenario.scale
+            )
+            requests.append(request)
+            tasks.append(asyncio.create_task(one(request)))
+        in_window = [
+            (r, t)
+            for r, t in zip(requests, tasks, strict=True)
+            if window[0] <= r.arrived < window[1]
+        ]
+        await asyncio.gather(*(t for _, t in in_window))
+        await waste_task
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await loop.aclose()
+
+    measured = window[1] - window[0]
+    share_by_model: dict[str, float] = {}
+    weighted = 0.0
+    for model in scenario.models:
+        done = [
+            r for r in requests if r.ok and r.model == model and window[0] <= r.done < window[1]
+        ]
+        per_key, token_bound = scenario.per_key_capacity(model)
+        sim_seconds = measured * scenario.scale
+        if token_bound:
+            quota = scenario.keys * scenario.models[model].tpm / 60.0 * sim_seconds
+            share = sum(r.tokens for r in done) / quota
+        else:
+            share = len(done) / (scenario.capacity(model) * sim_seconds)
+        share_by_model[model] = share
+        weighted += share * scenario.capacity(model)
+    share = weighted / sum(scenario.capacity(m) for m in scenario.models)
+    wasted = 0.0
+    for model in scenario.models:
+        lost = wasted_at[1][model] - wasted_at[0][model]
+        per_key, token_bound = scenario.per_key_capacity(model)
+        quota_rate = scenario.models[model].tpm if token_bound else scenario.models[model].rpm
+        quota = scenario.keys * quota_rate / 60.0 * measured * scenario.scale
+        wasted += lost / quota * scenario.capacity(model)
+    wasted /= sum(scenario.capacity(m) for m in scenario.models)
+    window_calls = [status for at, status in calls if window[0] <= at < window[1]]
+    arrived = [r for r, _ in in_window]
+    return Outcome(
+        policy=policy,
+        share=share,
+        share_by_model=share_by_model,
+        calls=len(window_calls),
+        rate_limited=sum(1 for s in window_calls if s == 429),
+        waits=[(r.done - r.arrived) * scenario.scale for r in arrived],
+        arrived=len(arrived),
+        gave_up=sum(1 for r in arrived if not r.ok),
+        wasted=wasted,
+        lag_p99=percentile(lags, 0.99),
+    )
+
+
+def simulate(policy: str, scenario: Scenario) -> Outcome:
+    """Runs ``policy`` through ``scenario`` against a fresh keysvc server."""
+    keys = secrets(scenario.keys)
+    with tempfile.TemporaryDirectory(prefix="keysvc-sim-") as tmp:
+        keys_file = Path(tmp, "keys")
+        keys_file.write_text("\n".join(keys) + "\n", encoding="utf-8")
+        child = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "bench.sim_server",
+                POLICIES[policy][0],
+                str(scenario.scale),
+                str(keys_file),
+            ],
+            stdout=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+        )
+        try:
+            assert child.stdout is not None
+            port = int(child.stdout.readline())
+            return asyncio.run(_simulate(policy, scenario, port, keys))
+        finally:
+            child.send_signal(signal.SIGTERM)
+            try:
+                child.wait(15)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+
+
+def run(
+    *, smoke: bool = False, scenario: Scenario | None = None, policies: Sequence[str] | None = None
+) -> Section:
+    scenario = scenario or (SMOKE if smoke else Scenario())
+    names = list(policies or POLICIES)
+    started = time.monotonic()
+    outcomes = {name: simulate(name, scenario) for name in names}
+    elapsed = time.monotonic() - started
+
+    def row(label: str, fmt: str, attr: str) -> tuple[str, ...]:
+        return (label, *(fmt.format(getattr(outcomes[n], attr)) for n in names))
+
+    rows = [
+        row("delivered share of capacity", "{:.1%}", "share"),
+        *[
+            (f"… {model}", *(f"{outcomes[n].share_by_model[model]:.1%}" for n in names))
+            for model in scenario.models
+        ],
+        row("upstream calls", "{:,}", "calls"),
+        row("429 share of upstream calls", "{:.2%}", "share_429"),
+        row("mean wait (s)", "{:.2f}", "mean_wait"),
+        ("p99 wait (s)", *(f"{percentile(outcomes[n].waits, 0.99):.2f}" for n in names)),
+        row("requests arrived", "{:,}", "arrived"),
+        row("requests given up", "{:,}", "gave_up"),
+        row("capacity left unused (quota full)", "{:.1%}", "wasted"),
+        ("harness lag p99 (real ms)", *(f"{outcomes[n].lag_p99 * 1000:.1f}" for n in names)),
+    ]
+    limits = "; ".join(
+        f"{m}: {lim.rpm} RPM, {lim.tpm:,} TPM, {scenario.tokens[m][0]}–{scenario.tokens[m][1]} "
+        f"tokens a request, answer in {lim.latency[0]}–{lim.latency[1]} s "
+        f"({'TPM' if scenario.per_key_capacity(m)[1] else 'RPM'}-bound, "
+        f"{scenario.per_key_capacity(m)[0] * 60:.0f} requests/min per key)"
+        for m, lim in scenario.models.items()
+    )
+    body = [
+        __doc__.split("\n\n", 1)[1].strip() if __doc__ else "",
+        "",
+        f"Scenario: {scenario.keys} keys; {limits}; load {scenario.load:.0%} of capacity; "
+        f"warm-up {scenario.warmup:.0f} s, window {scenario.measure:.0f} s, give-up after "
+        f"{scenario.deadline:.0f} s; time ×{scenario.scale:g} "
+        f"(this run: {elapsed:.0f} real seconds for {len(names)} policies).",
+        "",
+        "Policies: "
+        + "; ".join(
+            f"**{n}** = {POLICIES[n][0]} pool + {POLICIES[n][1].__name__}"
+            f" ({' '.join((POLICIES[n][1].__doc__ or '').split())})"
+            for n in names
+        ),
+        "",
+        table(("", *names), rows),
+    ]
+    figures: dict[str, float] = {}
+    for name, outcome in outcomes.items():
+        figures[f"{name}:share"] = outcome.share
+        figures[f"{name}:share_429"] = outcome.share_429
+        figures[f"{name}:mean_wait"] = outcome.mean_wait
+        figures[f"{name}:calls"] = float(outcome.calls)
+    targets: list[Target] = []
+    if CANDIDATE in outcomes:
+        ours = outcomes[CANDIDATE]
+        targets += [
+            Target(
+                "delivered share of capacity (simulator)",
+                f"{ours.share:.1%}",
+                f"≥ {TARGET_SHARE:.0%}",
+                ours.share >= TARGET_SHARE,
+            ),
+            Target(
+                "429 share of upstream calls (simulator)",
+                f"{ours.share_429:.2%}",
+                f"≤ {TARGET_429:.0%}",
+                ours.share_429 <= TARGET_429,
+            ),
+        ]
+        if BASELINE in outcomes:
+            theirs = outcomes[BASELINE]
+            fewer = theirs.share_429 / ours.share_429 if ours.share_429 else float("inf")
+            figures["fewer_429"] = fewer
+            targets.append(
+                Target(
+                    "429 share, seed policy ÷ keysvc (simulator)",
+                    f"{fewer:.2f}×",
+                    f"≥ {TARGET_FEWER_429}×",
+                    fewer >= TARGET_FEWER_429,
+                )
+            )
+    return Section("Allocation simulator", "\n".join(body), targets, figures)

@@ -1,0 +1,99 @@
+"""A short run of each benchmark (``make bench`` runs them in full).
+
+These check that each harness measures something real: figures in range and
+consistent with each other, the fake upstream enforcing its limits. They do not
+check the targets: a short run on a shared machine is too noisy for that.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from bench import memory, pool_scale, rpc_cost, simulate
+from bench.seed_pool import seed_reset_seconds
+from bench.upstream import ModelLimits, RateLimitedUpstream, go_duration
+from keysvc.durations import parse_go_duration
+
+
+def test_pool_scale_smoke() -> None:
+    section = pool_scale.run(smoke=True)
+    for size in (10, 1_000, 10_000):
+        ours = section.figures[f"keysvc_median_us_{size}"]
+        seed = section.figures[f"seed_median_us_{size}"]
+        assert 0 < ours < 1_000
+        assert seed > 0
+    # The seed sorts the pool per call: at 10k keys it is far slower than the heaps.
+    assert section.figures["seed_median_us_10000"] > 20 * section.figures["keysvc_median_us_10000"]
+    assert len(section.targets) == 2
+
+
+def test_memory_smoke() -> None:
+    section = memory.run(smoke=True)
+    assert section.figures["rss_loaded"] > section.figures["rss_empty"] > 0
+    assert 0 < section.figures["bytes_per_key"] < 100_000
+    assert 0 < section.figures["start_seconds_empty"] < 30
+    assert section.figures["start_seconds"] > 0
+
+
+def test_rpc_cost_smoke() -> None:
+    section = rpc_cost.run(smoke=True)
+    for name in ("Get", "Health/Check", "Available"):
+        assert section.figures[f"{name}:cpu_us"] > 0
+        assert section.figures[f"{name}:p99_us"] >= section.figures[f"{name}:p50_us"] > 0
+    assert math.isclose(
+        section.figures["ratio"],
+        section.figures["Get:cpu_us"] / section.figures["Health/Check:cpu_us"],
+    )
+
+
+def test_simulator_smoke() -> None:
+    section = simulate.run(smoke=True)
+    for name in simulate.POLICIES:
+        assert 0 < section.figures[f"{name}:share"] <= 1.2
+        assert 0 <= section.figures[f"{name}:share_429"] <= 1
+        assert section.figures[f"{name}:calls"] > 0
+        assert section.figures[f"{name}:mean_wait"] > 0
+    assert "| delivered share of capacity |" in section.body
+
+
+def test_go_durations_round_trip_through_keysvc() -> None:
+    for seconds in (0.02, 0.5, 1.0, 21.003, 60.0, 90.0, 360.0, 3723.0):
+        assert parse_go_duration(go_duration(seconds)) == pytest.approx(seconds)
+    assert go_duration(360.0) == "6m0s"
+    assert go_duration(0.02) == "20ms"
+
+
+def test_seed_regex_reads_durations_as_the_seed_did() -> None:
+    assert seed_reset_seconds("20ms") == pytest.approx(0.02)
+    assert seed_reset_seconds("6m0s") == 0.0
+    assert seed_reset_seconds("1m30s") == 10.0  # "30s", clamped
+    assert seed_reset_seconds("21.0032s") == 10.0
+    assert seed_reset_seconds("1.5s") == 1.5
+
+
+async def test_upstream_enforces_rpm_and_tpm_per_key_and_model() -> None:
+    limits = {"a": ModelLimits(rpm=2, tpm=1_000_000), "b": ModelLimits(rpm=600, tpm=1_000)}
+    upstream = RateLimitedUpstream(limits, keys=["k1", "k2"])
+    for window in upstream._windows_for("k1", "a", upstream.now()):
+        window.level = window.limit  # a fresh minute's quota
+    assert upstream.decide("k1", "a", 1)[0] == 200
+    assert upstream.decide("k1", "a", 1)[0] == 200
+    status, headers, body = upstream.decide("k1", "a", 1)
+    assert status == 429 and body["error"]["type"] == "requests"
+    assert headers["x-ratelimit-remaining-requests"] == "0"
+    assert parse_go_duration(headers["x-ratelimit-reset-requests"]) == pytest.approx(60, abs=1)
+    assert set(headers) == {
+        f"x-ratelimit-{what}-{kind}"
+        for what in ("limit", "remaining", "reset")
+        for kind in ("requests", "tokens")
+    }
+    # Another key, another model: their own quotas (empty at first, like every quota).
+    assert upstream.decide("k2", "a", 1)[0] == 429
+    for window in upstream._windows_for("k1", "b", upstream.now()):
+        window.level = window.limit
+    assert upstream.decide("k1", "b", 600)[0] == 200
+    status, _, body = upstream.decide("k1", "b", 600)
+    assert status == 429 and body["error"]["type"] == "tokens"
+    assert "tokens per min (TPM)" in body["error"]["message"]
