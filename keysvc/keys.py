@@ -44,9 +44,12 @@ class KeyProfile:
     model_ids: frozenset[str] | None = None
     # The pool looks keys' groups up by profile on every report: hash once, not per lookup.
     _hash: int = field(default=0, init=False, repr=False, compare=False)
+    #: ``families`` in name order, for the Key message of every Get: sorted once.
+    sorted_families: tuple[str, ...] = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_hash", hash((self.families, self.is_trial, self.model_ids)))
+        object.__setattr__(self, "sorted_families", tuple(sorted(self.families)))
 
     def __hash__(self) -> int:
         return self._hash

@@ -39,60 +39,71 @@ _ACTION_TO_PROTO = {
 }
 
 
-def _timestamp(seconds: float) -> timestamp_pb2.Timestamp | None:
-    if not seconds:
-        return None
-    whole = int(seconds)
-    return timestamp_pb2.Timestamp(seconds=whole, nanos=int((seconds - whole) * 1e9))
+def _set_time(field: timestamp_pb2.Timestamp, seconds: float) -> None:
+    """Fills ``field`` in place; 0 ("never") leaves it unset."""
+    if seconds:
+        whole = int(seconds)
+        field.seconds = whole
+        field.nanos = int((seconds - whole) * 1e9)
 
 
-def _duration(seconds: float | None) -> duration_pb2.Duration | None:
-    if seconds is None:
-        return None
-    whole = int(seconds)
-    return duration_pb2.Duration(seconds=whole, nanos=int(round((seconds - whole) * 1e9)))
+def _set_duration(field: duration_pb2.Duration, seconds: float | None) -> None:
+    """Fills ``field`` in place; None ("unknown") leaves it unset."""
+    if seconds is not None:
+        whole = int(seconds)
+        field.seconds = whole
+        field.nanos = int(round((seconds - whole) * 1e9))
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    duration = duration_pb2.Duration()
+    _set_duration(duration, seconds)
+    return duration
 
 
 def key_to_proto(key: Key) -> pb.Key:
-    """The public view of a key. There is no secret field to fill."""
-    return pb.Key(
+    """The public view of a key. There is no secret field to fill.
+
+    Built on every Get, so sub-messages are filled in place rather than built
+    and copied, and the sorted family list comes from the (shared) profile.
+    """
+    message = pb.Key(
         hash=key.hash,
         service=key.service,
-        model_families=sorted(key.model_families),
+        model_families=key.profile.sorted_families,
         organization_id=key.organization_id,
         is_trial=key.is_trial,
         is_disabled=key.is_disabled,
         is_revoked=key.is_revoked,
         is_over_quota=key.is_over_quota,
-        last_used=_timestamp(key.last_used),
-        last_checked=_timestamp(key.last_checked),
         prompt_count=key.prompt_count,
-        rate_limited_at=_timestamp(key.rate_limited_at),
-        rate_limited_until=_timestamp(key.rate_limited_until),
-        rate_limit_requests_reset=_duration(key.requests_reset),
-        rate_limit_tokens_reset=_duration(key.tokens_reset),
         token_usage=key.token_usage,
         disable_reason=_REASON_TO_PROTO[key.disable_reason],
-        disabled_at=_timestamp(key.disabled_at),
-        family_rate_limits=[
-            _family_to_proto(key, state)
-            for state in sorted(key.family_states(), key=lambda s: s.family)
-            if state.used
-        ],
     )
+    _set_time(message.last_used, key.last_used)
+    _set_time(message.last_checked, key.last_checked)
+    _set_time(message.rate_limited_at, key.rate_limited_at)
+    _set_time(message.rate_limited_until, key.rate_limited_until)
+    _set_duration(message.rate_limit_requests_reset, key.requests_reset)
+    _set_duration(message.rate_limit_tokens_reset, key.tokens_reset)
+    _set_time(message.disabled_at, key.disabled_at)
+    for state in sorted(key.family_states(), key=lambda s: s.family):
+        if state.used:
+            _family_to_proto(key, state, message.family_rate_limits.add())
+    return message
 
 
-def _family_to_proto(key: Key, state: RateState) -> pb.FamilyRateLimit:
-    return pb.FamilyRateLimit(
-        family=state.family,
-        last_used=_timestamp(state.last_used),
-        rate_limited_at=_timestamp(state.rate_limited_at),
-        rate_limited_until=_timestamp(key.until_in(state.family)),
-        requests_reset=_duration(state.requests_reset),
-        tokens_reset=_duration(state.tokens_reset),
-        remaining_requests=state.remaining_requests,
-        remaining_tokens=state.remaining_tokens,
-    )
+def _family_to_proto(key: Key, state: RateState, message: pb.FamilyRateLimit) -> None:
+    message.family = state.family
+    _set_time(message.last_used, state.last_used)
+    _set_time(message.rate_limited_at, state.rate_limited_at)
+    _set_time(message.rate_limited_until, key.until_in(state.family))
+    _set_duration(message.requests_reset, state.requests_reset)
+    _set_duration(message.tokens_reset, state.tokens_reset)
+    if state.remaining_requests is not None:
+        message.remaining_requests = state.remaining_requests
+    if state.remaining_tokens is not None:
+        message.remaining_tokens = state.remaining_tokens
 
 
 class Rechecker(Protocol):
