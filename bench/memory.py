@@ -12,7 +12,6 @@ started three times, alternately; the figures are medians.
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from .child import stop
 from .pool_scale import secrets
 from .report import Section, Target, median, table
 
@@ -102,12 +102,7 @@ def start_and_measure(keys_file: Path, *, settle: float = 0.5, timeout: float = 
         time.sleep(settle)
         rss = rss_bytes(child.pid)
     finally:
-        child.send_signal(signal.SIGTERM)
-        try:
-            child.wait(15)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
+        stop(child)
     return Start(elapsed, rss)
 
 

@@ -20,9 +20,6 @@ from __future__ import annotations
 import asyncio
 import glob
 import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Awaitable, Callable
 
@@ -31,6 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from keysvc.v1 import keysvc_pb2, keysvc_pb2_grpc
 
+from .child import serving_module
 from .report import Section, Target, median, percentile, table
 
 __all__ = ["run"]
@@ -129,23 +127,8 @@ async def measure(pid: int, port: int, calls: int, rounds: int) -> dict[str, dic
 def run(*, smoke: bool = False) -> Section:
     calls, rounds = (300, 2) if smoke else (2_000, 5)
     keys = 1_000 if smoke else KEYS
-    child = subprocess.Popen(
-        [sys.executable, "-m", "bench.rpc_server", str(keys)],
-        stdout=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        assert child.stdout is not None
-        port = int(child.stdout.readline())
+    with serving_module("bench.rpc_server", str(keys)) as (child, port):
         results = asyncio.run(measure(child.pid, port, calls, rounds))
-    finally:
-        child.send_signal(signal.SIGTERM)
-        try:
-            child.wait(15)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
     ratio = results["Get"]["cpu_us"] / results["Health/Check"]["cpu_us"]
     rows = [
         (

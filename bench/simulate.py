@@ -23,9 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -37,6 +34,7 @@ import grpc
 
 from keysvc.v1 import keysvc_pb2_grpc as pb_grpc
 
+from .child import serving_module
 from .pool_scale import secrets
 from .proxy_loops import (
     Answer,
@@ -275,30 +273,9 @@ def simulate(policy: str, scenario: Scenario) -> Outcome:
     with tempfile.TemporaryDirectory(prefix="keysvc-sim-") as tmp:
         keys_file = Path(tmp, "keys")
         keys_file.write_text("\n".join(keys) + "\n", encoding="utf-8")
-        child = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "bench.sim_server",
-                POLICIES[policy][0],
-                str(scenario.scale),
-                str(keys_file),
-            ],
-            stdout=subprocess.PIPE,
-            stdin=subprocess.DEVNULL,
-            text=True,
-        )
-        try:
-            assert child.stdout is not None
-            port = int(child.stdout.readline())
+        server = ("bench.sim_server", POLICIES[policy][0], str(scenario.scale), str(keys_file))
+        with serving_module(*server) as (_, port):
             return asyncio.run(_simulate(policy, scenario, port, keys))
-        finally:
-            child.send_signal(signal.SIGTERM)
-            try:
-                child.wait(15)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
 
 
 def run(
