@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import signal
 import subprocess
 import sys
 from collections.abc import Iterator
 
-__all__ = ["serving_module", "stop"]
+from keysvc.pool import KeyPool
+from keysvc.server import create_server
+
+__all__ = ["serve_until_sigterm", "serving_module", "stop"]
 
 
 def stop(child: subprocess.Popen[str] | subprocess.Popen[bytes]) -> None:
@@ -38,3 +42,15 @@ def serving_module(*args: str) -> Iterator[tuple[subprocess.Popen[str], int]]:
         yield child, int(child.stdout.readline())
     finally:
         stop(child)
+
+
+async def serve_until_sigterm(pool: KeyPool) -> None:
+    """The child's side: serves ``pool`` on a free loopback port, prints the port, and
+    stops on SIGTERM."""
+    running = create_server(pool, host="127.0.0.1", port=0)
+    await running.start()
+    print(running.port, flush=True)
+    stopped = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stopped.set)
+    await stopped.wait()
+    await running.shutdown(0)

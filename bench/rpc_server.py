@@ -8,26 +8,19 @@ drain interceptors, health, reflection), prints the port and serves until SIGTER
 from __future__ import annotations
 
 import asyncio
-import signal
 import sys
 
 from keysvc.clock import SystemClock
 from keysvc.models import ModelTable
 from keysvc.pool import KeyPool
-from keysvc.server import create_server
 
+from .child import serve_until_sigterm
 from .pool_scale import secrets
 
 
 async def main(keys: int) -> None:
     pool = KeyPool.from_secrets(secrets(keys), models=ModelTable(), clock=SystemClock())
-    running = create_server(pool, host="127.0.0.1", port=0)
-    await running.start()
-    print(running.port, flush=True)
-    stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    await stop.wait()
-    await running.shutdown(0)
+    await serve_until_sigterm(pool)
 
 
 if __name__ == "__main__":

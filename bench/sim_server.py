@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -23,8 +22,8 @@ from keysvc.clock import Timer
 from keysvc.models import ModelTable
 from keysvc.pool import KeyPool
 from keysvc.reload import read_keys_file
-from keysvc.server import create_server
 
+from .child import serve_until_sigterm
 from .seed_pool import SeedPool
 
 __all__ = ["ScaledClock"]
@@ -58,13 +57,7 @@ async def main(policy: str, scale: float, keys_file: Path) -> None:
         pool = cast(KeyPool, SeedPool.from_secrets(secrets, models=models, clock=clock))
     else:
         raise SystemExit(f"unknown policy {policy!r}")
-    running = create_server(pool, host="127.0.0.1", port=0)
-    await running.start()
-    print(running.port, flush=True)
-    stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    await stop.wait()
-    await running.shutdown(0)
+    await serve_until_sigterm(pool)
 
 
 if __name__ == "__main__":
