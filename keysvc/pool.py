@@ -11,7 +11,7 @@ and remaining headers and whether a 429 came; reports that name no model go
 to the key-wide state (``key.wide``), which locks every family (the seed's
 behaviour). A key's lock in family f ends at the later of the two.
 
-A family's lock (``RateState.until``) is the later of
+A family's lock (``RateState.until``) is the latest of
 
 - the reuse throttle: ``last_used + reuse_delay`` (1 s) after a hand-out for
   that family, so a burst does not pile onto one key before its headers come
@@ -20,12 +20,22 @@ A family's lock (``RateState.until``) is the later of
 - the rate-limit window from ``rate_limited_at`` (the hand-out, or the latest
   429):
 
-  - after a 429: the longer known reset, else 10 s (a 429 is authoritative
-    even when the remaining-* headers say otherwise);
+  - after a 429: the reset of the limit its type names (``requests``,
+    ``tokens``), else the longer known reset, else 10 s (a 429 is
+    authoritative even when the remaining-* headers say otherwise);
   - else, when remaining-* headers are known: the reset of each remaining
     that is 0 (10 s if that reset is unknown); when none is 0, no window: the
     key still has quota and only the throttle holds it back;
-  - else (no remaining-* known): the longer known reset (the seed's rule).
+  - else (no remaining-* known): the longer known reset (the seed's rule);
+
+  a dimension (requests or tokens) that has a budget is left to it;
+- the budget (``_budget_until``), for a dimension whose limit, remaining and
+  reset an answer reported: the remaining as of that report (``budget_at``)
+  refills at (limit - remaining) / reset per second, and must cover the
+  hand-outs in flight (each reserves 1 request and ``_token_reserve`` tokens;
+  an answer releases the oldest; they lapse after ``RESERVATION_TTL``) plus one
+  more. The wait is capped at ``MAX_RESET``. A typed 429 spends its budget.
+  The budget outlives hand-outs; the headers of the window above do not.
 
 The inputs are stored and the lock derived from them, so the order of
 MarkRateLimited and UpdateRateLimits does not matter.
