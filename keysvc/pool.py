@@ -100,8 +100,12 @@ MAX_RESET: Final = 10.0
 #: Lock length after a 429 that came without any reset header.
 RATE_LIMIT_FALLBACK: Final = 10.0
 #: A hand-out's reservation of a family's budget lapses after this long without
-#: an answer (a proxy that never reports must not hold a key's budget forever).
-RESERVATION_TTL: Final = 60.0
+#: an answer. Proxies abandon leases (a client went away, a deadline passed), and
+#: each one reserved would hold the key back until it lapses; one lapsing while
+#: its request is still running only means that request is not counted, as
+#: before budgets. So short: the upstream counts a request when it arrives, and
+#: answers that come later report it in their remaining-* anyway.
+RESERVATION_TTL: Final = 10.0
 #: Tokens reserved per hand-out: mean + SPREAD standard deviations of the
 #: family's recent requests (exponentially weighted, WEIGHT per new request),
 #: so that most requests, not just half of them, fit what is reserved.
