@@ -1204,6 +1204,8 @@ def _apply_rate_headers(state: RateState, parsed: _RateHeaders, now: float) -> N
         state.remaining_requests = parsed.remaining_requests
     if parsed.remaining_tokens is not None:
         state.remaining_tokens = parsed.remaining_tokens
+    if not state.family:  # the key-wide state: reports for no model have no budget
+        return
     requests_rate = _refill_rate(
         parsed.limit_requests, parsed.remaining_requests, parsed.requests_reset
     )

@@ -181,7 +181,8 @@ def header_set(
     return headers
 
 
-def apply_headers(state: Shadow, headers: dict[str, str], now: float) -> None:
+def apply_headers(state: Shadow, headers: dict[str, str], now: float, *, budget: bool) -> None:
+    """``budget``: the report named a model (key-wide reports keep no budget)."""
     for dim in ("requests", "tokens"):
         reset = headers.get(f"x-ratelimit-reset-{dim}")
         left = headers.get(f"x-ratelimit-remaining-{dim}")
@@ -190,6 +191,8 @@ def apply_headers(state: Shadow, headers: dict[str, str], now: float) -> None:
             setattr(state, f"{dim}_reset", min(RESETS[reset], MAX_RESET))
         if left is not None:
             setattr(state, f"remaining_{dim}", int(left))
+        if not budget:
+            continue
         if None not in (reset, left, limit) and RESETS[reset] > 0 and int(left) < int(limit):
             state.rate[dim] = (int(limit) - int(left)) / RESETS[reset]
         if left is not None and dim in state.rate:
@@ -294,7 +297,7 @@ class PoolModel(RuleBasedStateMachine):
             state = ref.state(model)
             if model and state.reserved:
                 state.reserved.pop(0)
-            apply_headers(state, headers, self.clock.now())
+            apply_headers(state, headers, self.clock.now(), budget=bool(model))
             if model:
                 state.derive(self.clock.now(), self.reserve(TABLE.family(model)))
 
@@ -327,7 +330,7 @@ class PoolModel(RuleBasedStateMachine):
             own.reserved.pop(0)  # type: ignore[union-attr]
         if headers or status == 429 or released:
             state = ref.state(model)
-            apply_headers(state, headers, now)
+            apply_headers(state, headers, now, budget=True)
             if status == 429:
                 state.rate_limited_at = now
                 state.saw_429 = True
