@@ -184,6 +184,10 @@ class ReportOutcomeLoop(ProxyLoop):
             max_wait = duration_pb2.Duration()
             max_wait.FromNanoseconds(int(min(left, self.MAX_WAIT) * 1e9))
             lease = await self.keys.Get(pb.GetRequest(model=request.model, max_wait=max_wait))
+            if self.clock.now() >= request.deadline:
+                # The wait used up the request's time: like the other loops (and a real
+                # proxy), give up rather than call the upstream for a caller who is gone.
+                return False
             request.attempts += 1
             answer = await self.upstream(lease.secret, request.model, request.tokens)
             if answer.status == 200:

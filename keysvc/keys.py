@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import re
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -101,8 +102,21 @@ class RateState:
     #: ... and x-ratelimit-remaining-* values; None when not reported.
     remaining_requests: int | None = None
     remaining_tokens: int | None = None
-    #: A 429 was reported since the hand-out.
+    #: A 429 was reported since the hand-out ...
     saw_rate_limit: bool = False
+    #: ... and its type ("requests", "tokens"; "" when not told).
+    rate_limit_kind: str = ""
+    #: The family's budget, kept across hand-outs once an answer brought
+    #: x-ratelimit-limit-* with its remaining and reset (``KeyPool`` docstring):
+    #: what remained when the answer was reported (``budget_at``) ...
+    budget_at: float = 0.0
+    budget_requests: float | None = None
+    budget_tokens: float | None = None
+    #: ... and how fast each refills, per second: (limit - remaining) / reset.
+    requests_rate: float | None = None
+    tokens_rate: float | None = None
+    #: Hand-outs not answered yet, oldest first: (when, tokens reserved). None when empty.
+    reserved: deque[tuple[float, float]] | None = field(default=None, repr=False)
     #: The pool's live index entry for (key, family); None when not indexed.
     entry: object = field(default=None, repr=False)
 
@@ -116,6 +130,7 @@ class RateState:
             or self.tokens_reset is not None
             or self.remaining_requests is not None
             or self.remaining_tokens is not None
+            or self.budget_at
         )
 
 

@@ -11,7 +11,7 @@ and remaining headers and whether a 429 came; reports that name no model go
 to the key-wide state (``key.wide``), which locks every family (the seed's
 behaviour). A key's lock in family f ends at the later of the two.
 
-A family's lock (``RateState.until``) is the later of
+A family's lock (``RateState.until``) is the latest of
 
 - the reuse throttle: ``last_used + reuse_delay`` (1 s) after a hand-out for
   that family, so a burst does not pile onto one key before its headers come
@@ -20,12 +20,22 @@ A family's lock (``RateState.until``) is the later of
 - the rate-limit window from ``rate_limited_at`` (the hand-out, or the latest
   429):
 
-  - after a 429: the longer known reset, else 10 s (a 429 is authoritative
-    even when the remaining-* headers say otherwise);
+  - after a 429: the reset of the limit its type names (``requests``,
+    ``tokens``), else the longer known reset, else 10 s (a 429 is
+    authoritative even when the remaining-* headers say otherwise);
   - else, when remaining-* headers are known: the reset of each remaining
     that is 0 (10 s if that reset is unknown); when none is 0, no window: the
     key still has quota and only the throttle holds it back;
-  - else (no remaining-* known): the longer known reset (the seed's rule).
+  - else (no remaining-* known): the longer known reset (the seed's rule);
+
+  a dimension (requests or tokens) that has a budget is left to it;
+- the budget (``_budget_until``), for a dimension whose limit, remaining and
+  reset an answer reported: the remaining as of that report (``budget_at``)
+  refills at (limit - remaining) / reset per second, and must cover the
+  hand-outs in flight (each reserves 1 request and ``_token_reserve`` tokens;
+  an answer releases the oldest; they lapse after ``RESERVATION_TTL``) plus one
+  more. The wait is capped at ``MAX_RESET``. A typed 429 spends its budget.
+  The budget outlives hand-outs; the headers of the window above do not.
 
 The inputs are stored and the lock derived from them, so the order of
 MarkRateLimited and UpdateRateLimits does not matter.
@@ -66,7 +76,7 @@ import math
 import re
 from collections import deque
 from collections.abc import Iterable, Mapping
-from typing import Final
+from typing import Final, NamedTuple
 
 from .clock import Clock, Timer
 from .durations import parse_go_duration
@@ -89,6 +99,18 @@ KEY_REUSE_DELAY: Final = 1.0
 MAX_RESET: Final = 10.0
 #: Lock length after a 429 that came without any reset header.
 RATE_LIMIT_FALLBACK: Final = 10.0
+#: A hand-out's reservation of a family's budget lapses after this long without
+#: an answer. Proxies abandon leases (a client went away, a deadline passed), and
+#: each one reserved would hold the key back until it lapses; one lapsing while
+#: its request is still running only means that request is not counted, as
+#: before budgets. So short: the upstream counts a request when it arrives, and
+#: answers that come later report it in their remaining-* anyway.
+RESERVATION_TTL: Final = 10.0
+#: Tokens reserved per hand-out: mean + SPREAD standard deviations of the
+#: family's recent requests (exponentially weighted, WEIGHT per new request),
+#: so that most requests, not just half of them, fit what is reserved.
+TOKEN_ESTIMATE_WEIGHT: Final = 0.05
+TOKEN_ESTIMATE_SPREAD: Final = 2.0
 #: Bound on the eligible-index cache, which is keyed by model name (names come from callers).
 ELIGIBLE_CACHE_SIZE: Final = 4096
 #: The longest a Get may wait for a key to unlock (``get_waiting``).
@@ -113,6 +135,8 @@ REQUESTS_RESET_HEADER: Final = "x-ratelimit-reset-requests"
 TOKENS_RESET_HEADER: Final = "x-ratelimit-reset-tokens"
 REMAINING_REQUESTS_HEADER: Final = "x-ratelimit-remaining-requests"
 REMAINING_TOKENS_HEADER: Final = "x-ratelimit-remaining-tokens"
+LIMIT_REQUESTS_HEADER: Final = "x-ratelimit-limit-requests"
+LIMIT_TOKENS_HEADER: Final = "x-ratelimit-limit-tokens"
 
 
 class Limits:
@@ -292,6 +316,8 @@ class KeyPool:
         #: Keys with a key-wide state (``key.wide``); few, and only they can lock
         #: a family nobody has asked about yet (``family_lockout``).
         self._wide_keys: set[Key] = set()
+        #: Per family: (mean, variance) of finished requests' tokens, exponentially weighted.
+        self._token_stats: dict[str, tuple[float, float]] = {}
         # get_waiting: queues by (model, family, embeddings), the one timer set for
         # the earliest unlock any queue head waits for, and a pending dispatch.
         self._queues: dict[tuple[str, str, bool], _WaitQueue] = {}
@@ -512,7 +538,12 @@ class KeyPool:
         state.requests_reset = state.tokens_reset = None
         state.remaining_requests = state.remaining_tokens = None
         state.saw_rate_limit = False
-        state.until = now + self._reuse_delay
+        state.rate_limit_kind = ""
+        if state.budget_at:  # only a budget needs to know what is in flight
+            if state.reserved is None:
+                state.reserved = deque()
+            state.reserved.append((now, self._token_reserve(index.family)))
+        self._derive(state, now)
         wide = key.wide
         if wide is None:
             index.push(state, now)
@@ -648,8 +679,11 @@ class KeyPool:
         if parsed is None:
             return
         state = self._report_state(key, model)
-        _apply_rate_headers(state, parsed)
-        self._reposition(state, self._clock.now())
+        now = self._clock.now()
+        if model:  # an answer for the family: its hand-out is no longer in flight
+            _release(state)
+        _apply_rate_headers(state, parsed, now)
+        self._reposition(state, now)
 
     def _report_state(self, key: Key, model: str) -> RateState:
         """The state a report about ``model`` changes: its family's, or key-wide without one."""
@@ -669,11 +703,21 @@ class KeyPool:
         return state
 
     @staticmethod
-    def _mark(state: RateState, now: float) -> bool:
-        """Records a 429 in ``state``; True when it is the first since the hand-out."""
+    def _mark(state: RateState, now: float, kind: str = "") -> bool:
+        """Records a 429 (of type ``kind``, "" if unknown) in ``state``; True when it
+        is the first since the hand-out.
+
+        A 429 is authoritative: a budgeted dimension it names is spent now, whatever
+        the remaining header said.
+        """
         first = not state.saw_rate_limit
         state.rate_limited_at = now
         state.saw_rate_limit = True
+        state.rate_limit_kind = kind if kind in ("requests", "tokens") else ""
+        if state.rate_limit_kind == "requests" and state.requests_rate is not None:
+            state.budget_at, state.budget_requests = now, 0.0
+        elif state.rate_limit_kind == "tokens" and state.tokens_rate is not None:
+            state.budget_at, state.budget_tokens = now, 0.0
         return first
 
     def increment_usage(self, key_hash: str, model: str, tokens: int) -> None:
@@ -684,6 +728,8 @@ class KeyPool:
             raise InvalidArgument("tokens", f"must be between 0 and {Limits.TOKENS}")
         family = self._models.family(model)
         key.token_usage[family] = key.token_usage.get(family, 0) + tokens
+        if tokens:  # 0: the proxy did not read the usage, which says nothing of the size
+            self._learn_tokens(family, tokens)
         key.prompt_count += 1
         self._store.changed(key)
         self._observer.tokens_used(family, tokens)
@@ -729,12 +775,14 @@ class KeyPool:
                 raise InvalidArgument(name, f"must be between 0 and {Limits.TOKENS}")
         decision = decide(status, error)
         parsed = _parse_rate_headers(key, headers)
-        if parsed is not None or decision.rate_limited:
-            now = self._clock.now()
+        now = self._clock.now()
+        answered = key.state_in(self._models.family(model))
+        released = answered is not None and _release(answered)
+        if parsed is not None or decision.rate_limited or released:
             state = self._report_state(key, model)
             if parsed is not None:
-                _apply_rate_headers(state, parsed)
-            first_report = decision.rate_limited and self._mark(state, now)
+                _apply_rate_headers(state, parsed, now)
+            first_report = decision.rate_limited and self._mark(state, now, error.type)
             self._reposition(state, now)
             if first_report:
                 self._state_changed(key, KeyChange.RATE_LIMITED, decision.why)
@@ -938,20 +986,49 @@ class KeyPool:
         _log.log(level, event, extra={"key_hash": key.hash, "reason": reason, **fields})
         self._observer.state_changed(key.hash, change, reason)
 
-    def _derive(self, state: RateState) -> None:
-        """``state.until``: the later of the reuse throttle and the rate-limit window
-        (module docstring). The key-wide state has no throttle of its own."""
-        if not state.last_used and not state.rate_limited_at:
+    def _derive(self, state: RateState, now: float) -> None:
+        """``state.until``: the latest of the reuse throttle, the rate-limit window
+        and the budget (module docstring). The key-wide state has neither throttle
+        nor budget of its own. Reservations that have lapsed are dropped first."""
+        reserved = state.reserved
+        while reserved and reserved[0][0] + RESERVATION_TTL <= now:
+            reserved.popleft()
+        if not state.last_used and not state.rate_limited_at and not state.budget_at:
             state.until = 0.0
             return
-        until = state.rate_limited_at + _window(state)
+        until = state.rate_limited_at + _window(state) if state.rate_limited_at else 0.0
         if state.last_used and state.last_used + self._reuse_delay > until:
             until = state.last_used + self._reuse_delay
+        if state.budget_at:
+            budget = _budget_until(state, self._token_reserve(state.family))
+            if budget > until:
+                until = budget
         state.until = until
+
+    def _token_reserve(self, family: str) -> float:
+        """Tokens a hand-out in ``family`` reserves (``TOKEN_ESTIMATE_*``); 1 before any usage."""
+        stats = self._token_stats.get(family)
+        if stats is None:
+            return 1.0
+        mean, variance = stats
+        return max(1.0, mean + TOKEN_ESTIMATE_SPREAD * math.sqrt(variance))
+
+    def _learn_tokens(self, family: str, tokens: int) -> None:
+        """Folds one finished request's tokens into the family's estimate."""
+        stats = self._token_stats.get(family)
+        if stats is None:
+            self._token_stats[family] = (float(tokens), 0.0)
+            return
+        mean, variance = stats
+        delta = tokens - mean
+        mean += TOKEN_ESTIMATE_WEIGHT * delta
+        # The exponentially weighted variance (West's incremental form).
+        variance = (1 - TOKEN_ESTIMATE_WEIGHT) * (variance + TOKEN_ESTIMATE_WEIGHT * delta * delta)
+        self._token_stats[family] = (mean, variance)
 
     def _reposition(self, state: RateState, now: float) -> None:
         """Re-derives ``state`` and re-places its key where the change matters."""
-        self._derive(state)
+        self._derive(state, now)
         key = state.key
         if key.indexed:
             if state is key.wide:
@@ -1056,23 +1133,32 @@ class KeyPool:
         return self._next_seq
 
 
-#: Parsed rate-limit headers: (requests reset, tokens reset, remaining requests,
-#: remaining tokens), None for each one absent or unparseable.
-_RateHeaders = tuple[float | None, float | None, int | None, int | None]
+class _RateHeaders(NamedTuple):
+    """Parsed rate-limit headers, each None when absent or unparseable."""
+
+    #: x-ratelimit-reset-*, in seconds, as sent (not clamped).
+    requests_reset: float | None
+    tokens_reset: float | None
+    remaining_requests: int | None
+    remaining_tokens: int | None
+    limit_requests: int | None
+    limit_tokens: int | None
 
 
 def _parse_rate_headers(key: Key, headers: Mapping[str, str]) -> _RateHeaders | None:
-    """The x-ratelimit-reset-* (clamped) and -remaining-* values; None when there are none."""
+    """The x-ratelimit-reset-*, -remaining-* and -limit-* values; None when there are none."""
     if not headers:
         return None
     lowered = {name.lower(): value for name, value in headers.items()}
-    parsed = (
+    parsed = _RateHeaders(
         _reset(key, REQUESTS_RESET_HEADER, lowered.get(REQUESTS_RESET_HEADER)),
         _reset(key, TOKENS_RESET_HEADER, lowered.get(TOKENS_RESET_HEADER)),
-        _remaining(key, REMAINING_REQUESTS_HEADER, lowered.get(REMAINING_REQUESTS_HEADER)),
-        _remaining(key, REMAINING_TOKENS_HEADER, lowered.get(REMAINING_TOKENS_HEADER)),
+        _count(key, REMAINING_REQUESTS_HEADER, lowered.get(REMAINING_REQUESTS_HEADER)),
+        _count(key, REMAINING_TOKENS_HEADER, lowered.get(REMAINING_TOKENS_HEADER)),
+        _count(key, LIMIT_REQUESTS_HEADER, lowered.get(LIMIT_REQUESTS_HEADER)),
+        _count(key, LIMIT_TOKENS_HEADER, lowered.get(LIMIT_TOKENS_HEADER)),
     )
-    return None if parsed == (None, None, None, None) else parsed
+    return None if all(value is None for value in parsed) else parsed
 
 
 def _reset(key: Key, header: str, raw: str | None) -> float | None:
@@ -1082,10 +1168,10 @@ def _reset(key: Key, header: str, raw: str | None) -> float | None:
     if seconds is None:
         _log_unparseable(key, header, raw)
         return None
-    return min(seconds, MAX_RESET)
+    return seconds
 
 
-def _remaining(key: Key, header: str, raw: str | None) -> int | None:
+def _count(key: Key, header: str, raw: str | None) -> int | None:
     if raw is None:
         return None
     text = raw.strip()
@@ -1102,34 +1188,114 @@ def _log_unparseable(key: Key, header: str, raw: str) -> None:
     )
 
 
-def _apply_rate_headers(state: RateState, parsed: _RateHeaders) -> None:
-    """Stores what the headers told; a header that was not sent leaves its field alone."""
-    requests_reset, tokens_reset, remaining_requests, remaining_tokens = parsed
-    if requests_reset is not None:
-        state.requests_reset = requests_reset
-    if tokens_reset is not None:
-        state.tokens_reset = tokens_reset
-    if remaining_requests is not None:
-        state.remaining_requests = remaining_requests
-    if remaining_tokens is not None:
-        state.remaining_tokens = remaining_tokens
+def _apply_rate_headers(state: RateState, parsed: _RateHeaders, now: float) -> None:
+    """Stores what the headers told; a header that was not sent leaves its field alone.
+
+    Resets are stored clamped to ``MAX_RESET``. A remaining sent with its limit
+    and reset also sets the family's budget (``KeyPool`` docstring): what is
+    left now and its refill rate, (limit - remaining) / reset, the reset being
+    the time until the whole limit is back.
+    """
+    if parsed.requests_reset is not None:
+        state.requests_reset = min(parsed.requests_reset, MAX_RESET)
+    if parsed.tokens_reset is not None:
+        state.tokens_reset = min(parsed.tokens_reset, MAX_RESET)
+    if parsed.remaining_requests is not None:
+        state.remaining_requests = parsed.remaining_requests
+    if parsed.remaining_tokens is not None:
+        state.remaining_tokens = parsed.remaining_tokens
+    if not state.family:  # the key-wide state: reports for no model have no budget
+        return
+    requests_rate = _refill_rate(
+        parsed.limit_requests, parsed.remaining_requests, parsed.requests_reset
+    )
+    tokens_rate = _refill_rate(parsed.limit_tokens, parsed.remaining_tokens, parsed.tokens_reset)
+    if requests_rate is not None:
+        state.requests_rate = requests_rate
+    if tokens_rate is not None:
+        state.tokens_rate = tokens_rate
+    if state.requests_rate is not None and parsed.remaining_requests is not None:
+        state.budget_at = now
+        state.budget_requests = float(parsed.remaining_requests)
+    if state.tokens_rate is not None and parsed.remaining_tokens is not None:
+        state.budget_at = now
+        state.budget_tokens = float(parsed.remaining_tokens)
+
+
+def _refill_rate(limit: int | None, remaining: int | None, reset: float | None) -> float | None:
+    """Per second: what is missing of ``limit`` over the time it takes to come back."""
+    if limit is None or remaining is None or reset is None or reset <= 0 or remaining >= limit:
+        return None
+    return (limit - remaining) / reset
 
 
 def _window(state: RateState) -> float:
-    """How long after ``rate_limited_at`` the key stays locked (module docstring)."""
+    """How long after ``rate_limited_at`` the key stays locked (module docstring).
+
+    A dimension (requests or tokens) with a known refill rate is left to the
+    budget (``_budget_until``): here it neither locks on its remaining nor,
+    after a 429 of its type, on its reset.
+    """
     requests_reset, tokens_reset = state.requests_reset, state.tokens_reset
-    if not state.saw_rate_limit and (
-        state.remaining_requests is not None or state.remaining_tokens is not None
-    ):
+    by_budget = {
+        "requests": state.requests_rate is not None,
+        "tokens": state.tokens_rate is not None,
+    }
+    if state.saw_rate_limit:
+        kind = state.rate_limit_kind
+        if by_budget.get(kind, False):
+            return 0.0
+        matching = {"requests": requests_reset, "tokens": tokens_reset}.get(kind)
+        if matching is not None:
+            return matching
+    elif state.remaining_requests is not None or state.remaining_tokens is not None:
         window = 0.0
-        if state.remaining_requests == 0:
+        if state.remaining_requests == 0 and not by_budget["requests"]:
             window = RATE_LIMIT_FALLBACK if requests_reset is None else requests_reset
-        if state.remaining_tokens == 0:
+        if state.remaining_tokens == 0 and not by_budget["tokens"]:
             window = max(window, RATE_LIMIT_FALLBACK if tokens_reset is None else tokens_reset)
         return window
     if requests_reset is not None or tokens_reset is not None:
         return max(r for r in (requests_reset, tokens_reset) if r is not None)
     return RATE_LIMIT_FALLBACK if state.saw_rate_limit else 0.0
+
+
+def _release(state: RateState) -> bool:
+    """Ends the oldest reservation of ``state`` (an answer came); False when there was none.
+
+    Answers are not matched to hand-outs (a report names only the key and model);
+    the oldest is the likeliest, and a mismatch only keeps a newer reservation a
+    little longer than needed, which errs on the side of fewer 429s.
+    """
+    if not state.reserved:
+        return False
+    state.reserved.popleft()
+    return True
+
+
+def _budget_until(state: RateState, tokens_needed: float) -> float:
+    """When the family's budget covers the hand-outs in flight and one more; 0 if no budget.
+
+    Each dimension with a known budget refills at its rate from ``budget_at``;
+    the wait is capped at ``MAX_RESET`` (as resets are), and ends when the
+    oldest reservation lapses, since the budget is over-counted from then.
+    """
+    reserved = state.reserved
+    in_flight = len(reserved) if reserved else 0
+    reserved_tokens = sum(tokens for _, tokens in reserved) if reserved else 0.0
+    wait = 0.0
+    for left, rate, needed in (
+        (state.budget_requests, state.requests_rate, in_flight + 1.0),
+        (state.budget_tokens, state.tokens_rate, reserved_tokens + tokens_needed),
+    ):
+        if left is not None and rate is not None and needed > left:
+            wait = max(wait, (needed - left) / rate)
+    if wait <= 0.0:
+        return 0.0
+    until = state.budget_at + min(wait, MAX_RESET)
+    if reserved:
+        until = min(until, reserved[0][0] + RESERVATION_TTL)
+    return until
 
 
 def _check_model(model: str) -> None:
