@@ -354,14 +354,23 @@ def run(
         ]
         if BASELINE in outcomes:
             theirs = outcomes[BASELINE]
-            fewer = theirs.share_429 / ours.share_429 if ours.share_429 else float("inf")
+            if ours.share_429:
+                fewer = theirs.share_429 / ours.share_429
+                figure, met = f"{fewer:.2f}×", fewer >= TARGET_FEWER_429
+            elif theirs.share_429:
+                fewer = float("inf")
+                figure, met = "keysvc had none", True
+            else:
+                # 0 ÷ 0 is no ratio: neither policy saw a 429, so "fewer" cannot be shown.
+                fewer = float("nan")
+                figure, met = "no ratio: neither had a 429", False
             figures["fewer_429"] = fewer
             targets.append(
                 Target(
                     "429 share, seed policy ÷ keysvc (simulator)",
-                    f"{fewer:.2f}×",
+                    figure,
                     f"≥ {TARGET_FEWER_429}×",
-                    fewer >= TARGET_FEWER_429,
+                    met,
                 )
             )
     return Section("Allocation simulator", "\n".join(body), targets, figures)
