@@ -173,6 +173,12 @@ class _ProfileGroup:
         self.live = 0
 
 
+def _lock_end(state: RateState) -> float:
+    """When the key of ``state`` is free in its family: its own lock or a later key-wide one."""
+    wide = state.key.wide
+    return wide.until if wide is not None and wide.until > state.until else state.until
+
+
 class _FamilyIndex:
     """The keys of one profile, ordered by their state in one family."""
 
@@ -187,10 +193,7 @@ class _FamilyIndex:
 
     def push(self, state: RateState, now: float) -> None:
         """(Re-)places the key of ``state`` by its lock for this family."""
-        until = state.until
-        wide = state.key.wide
-        if wide is not None and wide.until > until:
-            until = wide.until
+        until = _lock_end(state)
         entry: _ReadyEntry | _LockedEntry
         if until > now:
             entry = (until, state.last_used, state.key.seq, state)
@@ -204,10 +207,7 @@ class _FamilyIndex:
 
     def append(self, state: RateState, now: float) -> None:
         """``push`` without keeping the heaps ordered; call ``heapify`` after a batch."""
-        until = state.until
-        wide = state.key.wide
-        if wide is not None and wide.until > until:
-            until = wide.until
+        until = _lock_end(state)
         entry: _ReadyEntry | _LockedEntry
         if until > now:
             entry = (until, state.last_used, state.key.seq, state)
