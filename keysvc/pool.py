@@ -843,13 +843,9 @@ class KeyPool:
             return
         now = self._clock.now()
         for key in self._store:
-            was_disabled = key.is_disabled
-            key.is_disabled = key.is_revoked = key.is_over_quota = False
-            key.disable_reason = None
-            key.disabled_at = 0.0
             key.last_checked = 0.0
-            if was_disabled:
-                self._place(key, now)
+            if key.is_disabled:
+                self._enable(key, now)
             self._store.changed(key)
         _log.info("all keys marked for recheck", extra={"keys": len(self._store)})
 
@@ -888,10 +884,7 @@ class KeyPool:
             key.organization_id = organization_id
         key.last_checked = self._clock.now()
         if key.is_disabled and key.revive_if_alive:
-            key.is_disabled = key.is_revoked = key.is_over_quota = False
-            key.disable_reason = None
-            key.disabled_at = 0.0
-            self._place(key, key.last_checked)
+            self._enable(key, key.last_checked)
             _log.info("key alive again after recheck", extra={"key_hash": key.hash})
         key.revive_if_alive = False
         self._store.changed(key)
@@ -1048,6 +1041,13 @@ class KeyPool:
             if state is None:
                 state = key.add_state(RateState(key, family))
             index.push(state, now)
+
+    def _enable(self, key: Key, now: float) -> None:
+        """Undoes a disable: the flags, reason and time go, the key is indexed again."""
+        key.is_disabled = key.is_revoked = key.is_over_quota = False
+        key.disable_reason = None
+        key.disabled_at = 0.0
+        self._place(key, now)
 
     def _place(self, key: Key, now: float) -> None:
         group = self._group_for(key.profile)
