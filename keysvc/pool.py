@@ -52,17 +52,21 @@ instead of its 30 s window):
 Keys are grouped by ``KeyProfile`` (families, trial flag and, once the checker
 has listed them, the key's model ids): all keys of one profile share rules 3
 and 4. Each group has one index per family, created when that family is first
-asked for (then for every key of the profile at once), with two heaps —
-unlocked keys by last use, locked keys by unlock time — so a selection peeks
-one heap top per eligible profile: O(P + log n) for P distinct profiles (a
-handful) and n keys, instead of the seed's sort of the whole pool. A key gets
-a ``RateState`` for a family only when that family is indexed or reported, so
-families nobody asks for cost no memory.
+asked for (then for every key of the profile at once), with two queues: keys
+free or held only by the reuse throttle, by last use (the throttle ends in that
+order, so a key just handed out joins the back and is not moved again when it
+ends), and keys locked for longer, by unlock time, moved to the first queue
+when it comes. A selection peeks one queue head per eligible profile: O(P) for
+P distinct profiles (a handful) whatever the number of keys n (O(log n) only
+for keys that arrive out of order, such as the end of a rate-limit lock),
+instead of the seed's sort of the whole pool. A key gets a ``RateState`` for a
+family only when that family is indexed or reported, so families nobody asks
+for cost no memory.
 
-Heap entries are never updated in place: when a key moves, a new entry is pushed
-and its ``RateState.entry`` points at it; entries it no longer points at are
-stale and are dropped when they reach a heap top or when the heap is compacted.
-A family-state change re-places the key in that family's index only; a
+Queue entries are never updated in place: when a key moves, a new entry is
+pushed and its ``RateState.entry`` points at it; entries it no longer points at
+are stale and are dropped when they reach a queue head or when the queues are
+compacted. A family-state change re-places the key in that family's index only; a
 key-wide change re-places it in every index it is in.
 """
 
@@ -75,8 +79,8 @@ import logging
 import math
 import re
 from collections import deque
-from collections.abc import Iterable, Mapping
-from typing import Final, NamedTuple
+from collections.abc import Callable, Iterable, Mapping
+from typing import Final, Generic, NamedTuple, TypeVar
 
 from .clock import Clock, Timer
 from .durations import parse_go_duration
@@ -160,6 +164,9 @@ class Limits:
 # ``state`` is the key's RateState for the index's family; ``state.key`` the key.
 _ReadyEntry = tuple[float, int, RateState]
 _LockedEntry = tuple[float, float, int, RateState]
+_Entry = TypeVar("_Entry", _ReadyEntry, _LockedEntry)
+#: What ``_FamilyIndex.top`` finds: when the key unlocks (0.0: it is free) and its entry.
+_Top = tuple[float, _ReadyEntry | _LockedEntry]
 
 
 class _ProfileGroup:
@@ -179,78 +186,157 @@ def _lock_end(state: RateState) -> float:
     return wide.until if wide is not None and wide.until > state.until else state.until
 
 
+class _Ordered(Generic[_Entry]):
+    """Entries, smallest first: an in-order run (a deque) beside a heap for the rest.
+
+    Most entries arrive in order, so the run makes them O(1) where a heap of n
+    entries costs O(log n) and a cache miss per level: keys are loaded in
+    sequence order, and a key handed out was used more recently than any other
+    (and its throttle ends after theirs). An entry smaller than
+    the run's last goes to the heap; the smallest is the smaller of the two
+    heads. Entries sort by their leading fields; the trailing ``RateState`` is
+    never reached (its key's ``seq`` is unique within an index).
+    """
+
+    __slots__ = ("heap", "run")
+
+    def __init__(self) -> None:
+        self.run: deque[_Entry] = deque()
+        self.heap: list[_Entry] = []
+
+    def __len__(self) -> int:
+        return len(self.run) + len(self.heap)
+
+    def push(self, entry: _Entry) -> None:
+        run = self.run
+        if not run or run[-1] <= entry:
+            run.append(entry)
+        else:
+            heapq.heappush(self.heap, entry)
+
+    def append(self, entry: _Entry) -> None:
+        """``push`` without keeping the heap ordered; call ``heapify`` after a batch."""
+        run = self.run
+        if not run or run[-1] <= entry:
+            run.append(entry)
+        else:
+            self.heap.append(entry)
+
+    def heapify(self) -> None:
+        heapq.heapify(self.heap)
+
+    def head(self) -> _Entry | None:
+        run, heap = self.run, self.heap
+        if run:
+            return heap[0] if heap and heap[0] < run[0] else run[0]
+        return heap[0] if heap else None
+
+    def pop_head(self, entry: _Entry) -> None:
+        """Removes ``entry``, which ``head`` just returned."""
+        run = self.run
+        if run and run[0] is entry:
+            run.popleft()
+        else:
+            heapq.heappop(self.heap)
+
+    def keep(self, live: Callable[[_Entry], bool]) -> None:
+        """Drops the entries ``live`` rejects (the run stays in order)."""
+        self.run = deque(e for e in self.run if live(e))
+        self.heap = [e for e in self.heap if live(e)]
+        heapq.heapify(self.heap)
+
+
 class _FamilyIndex:
-    """The keys of one profile, ordered by their state in one family."""
+    """The keys of one profile, ordered by their state in one family.
 
-    __slots__ = ("family", "group", "locked", "profile", "ready")
+    ``ready`` holds the keys whose only lock, if any, is the reuse throttle, by
+    last use; ``locked`` the keys locked for longer (a rate-limit window, a
+    budget, a key-wide lock), by unlock time, until that time comes. A key's
+    throttle ends ``reuse_delay`` after its last use, so in ``ready`` the key
+    used least recently is both the best free key and, when it is not free
+    yet, the first to be: a key handed out stays in ``ready`` and needs no
+    move when its throttle ends.
+    """
 
-    def __init__(self, group: _ProfileGroup, family: str) -> None:
+    __slots__ = ("family", "group", "locked", "profile", "ready", "reuse_delay")
+
+    def __init__(self, group: _ProfileGroup, family: str, reuse_delay: float) -> None:
         self.group = group
         self.profile = group.profile
         self.family = family
-        self.ready: list[_ReadyEntry] = []
-        self.locked: list[_LockedEntry] = []
+        self.reuse_delay = reuse_delay
+        self.ready: _Ordered[_ReadyEntry] = _Ordered()
+        self.locked: _Ordered[_LockedEntry] = _Ordered()
 
     def push(self, state: RateState, now: float) -> None:
         """(Re-)places the key of ``state`` by its lock for this family."""
-        until = _lock_end(state)
-        entry: _ReadyEntry | _LockedEntry
-        if until > now:
-            entry = (until, state.last_used, state.key.seq, state)
-            heapq.heappush(self.locked, entry)
-        else:
-            entry = (state.last_used, state.key.seq, state)
-            heapq.heappush(self.ready, entry)
-        state.entry = entry
+        self.append(state, now, ordered=True)
         if len(self.ready) + len(self.locked) > 2 * self.group.live + 64:
             self._compact()
 
-    def append(self, state: RateState, now: float) -> None:
-        """``push`` without keeping the heaps ordered; call ``heapify`` after a batch."""
+    def append(self, state: RateState, now: float, *, ordered: bool = False) -> None:
+        """``push``; unless ``ordered``, without keeping the heaps ordered (call
+        ``heapify`` after a batch)."""
         until = _lock_end(state)
-        entry: _ReadyEntry | _LockedEntry
-        if until > now:
-            entry = (until, state.last_used, state.key.seq, state)
-            self.locked.append(entry)
+        last_used = state.last_used
+        if until <= now or (last_used and until <= last_used + self.reuse_delay):
+            ready: _ReadyEntry = (last_used, state.key.seq, state)
+            if ordered:
+                self.ready.push(ready)
+            else:
+                self.ready.append(ready)
+            state.entry = ready
         else:
-            entry = (state.last_used, state.key.seq, state)
-            self.ready.append(entry)
-        state.entry = entry
+            locked: _LockedEntry = (until, last_used, state.key.seq, state)
+            if ordered:
+                self.locked.push(locked)
+            else:
+                self.locked.append(locked)
+            state.entry = locked
 
     def heapify(self) -> None:
-        heapq.heapify(self.ready)
-        heapq.heapify(self.locked)
+        self.ready.heapify()
+        self.locked.heapify()
 
-    def top(self, now: float) -> _ReadyEntry | _LockedEntry | None:
-        """The best live entry (unlocked first, else earliest unlock), left on its heap."""
+    def top(self, now: float) -> _Top | None:
+        """The best live entry (free first, else first to unlock) and when it
+        unlocks (0.0: free now); the entry is left in place."""
         locked, ready = self.locked, self.ready
-        while locked and locked[0][0] <= now:
-            entry = heapq.heappop(locked)
-            state = entry[3]
-            if state.entry is entry:
-                promoted = (entry[1], entry[2], state)
-                heapq.heappush(ready, promoted)
+        first = locked.head()
+        while first is not None and first[0] <= now:
+            locked.pop_head(first)
+            state = first[3]
+            if state.entry is first:
+                promoted: _ReadyEntry = (first[1], first[2], state)
+                ready.push(promoted)
                 state.entry = promoted
-        while ready and ready[0][2].entry is not ready[0]:
-            heapq.heappop(ready)
-        if ready:
-            return ready[0]
-        while locked and locked[0][3].entry is not locked[0]:
-            heapq.heappop(locked)
-        return locked[0] if locked else None
+            first = locked.head()
+        while first is not None and first[3].entry is not first:
+            locked.pop_head(first)
+            first = locked.head()
+        best = ready.head()
+        while best is not None and best[2].entry is not best:
+            ready.pop_head(best)
+            best = ready.head()
+        if best is not None:
+            last_used = best[0]
+            if not last_used or last_used + self.reuse_delay <= now:
+                return (0.0, best)
+            until = last_used + self.reuse_delay
+            if first is None or (until, last_used, best[1]) <= first[:3]:
+                return (until, best)
+        return None if first is None else (first[0], first)
 
     def pop_top(self, entry: _ReadyEntry | _LockedEntry) -> None:
         """Removes ``entry``, which ``top`` just returned."""
         if len(entry) == 3:
-            heapq.heappop(self.ready)
+            self.ready.pop_head(entry)
         else:
-            heapq.heappop(self.locked)
+            self.locked.pop_head(entry)
 
     def _compact(self) -> None:
-        self.ready = [e for e in self.ready if e[2].entry is e]
-        self.locked = [e for e in self.locked if e[3].entry is e]
-        heapq.heapify(self.ready)
-        heapq.heapify(self.locked)
+        self.ready.keep(lambda e: e[2].entry is e)
+        self.locked.keep(lambda e: e[3].entry is e)
 
 
 class _Waiter:
@@ -424,9 +510,10 @@ class KeyPool:
         if self._allowed is not None and info.family not in self._allowed:
             raise FamilyDisallowed(info.family, model)
         now = self._clock.now()
-        index, entry = self._select(self._eligible(model, info), now)
-        if index is None or entry is None:
+        selected = self._select(self._eligible(model, info), now)
+        if selected is None:
             raise NoKeysForFamily(info.family, model)
+        index, (_, entry) = selected
         return self._hand_out(index, entry, now)
 
     async def get_waiting(self, model: str, max_wait: float) -> Key:
@@ -457,10 +544,11 @@ class KeyPool:
         now = self._clock.now()
         queue = self._queues.get((model, info.family, info.embeddings))
         if queue is None:  # nobody waits before us: a free key is ours
-            index, entry = self._select(self._eligible(model, info), now)
-            if index is None or entry is None:
+            selected = self._select(self._eligible(model, info), now)
+            if selected is None:
                 raise NoKeysForFamily(info.family, model)
-            if len(entry) == 3:
+            index, (until, entry) = selected
+            if until <= now:
                 return self._hand_out(index, entry, now)
             queue = self._queues[(model, info.family, info.embeddings)] = _WaitQueue(model, info)
         loop = asyncio.get_running_loop()
@@ -475,10 +563,11 @@ class KeyPool:
                 if now >= waiter.deadline:
                     break
                 if queue.waiters[0] is waiter:
-                    index, entry = self._select(self._eligible(model, info), now)
-                    if index is None or entry is None:
+                    selected = self._select(self._eligible(model, info), now)
+                    if selected is None:
                         raise NoKeysForFamily(info.family, model)
-                    if len(entry) == 3:
+                    index, (until, entry) = selected
+                    if until <= now:
                         return self._hand_out(index, entry, now)
                 # Woken, but a plain Get took the key, or not first in line: wait on.
                 waiter.future = loop.create_future()
@@ -510,11 +599,12 @@ class KeyPool:
             head = queue.waiters[0]
             if head.future.done():
                 continue  # already woken; it acts when it runs
-            _, entry = self._select(self._eligible(queue.model, queue.info), now)
-            if entry is None or len(entry) == 3:
+            selected = self._select(self._eligible(queue.model, queue.info), now)
+            until = 0.0 if selected is None else selected[1][0]
+            if until <= now:
                 head.wake()  # a free key, or none at all (the head raises)
-            elif entry[0] < first_unlock:
-                first_unlock = entry[0]
+            elif until < first_unlock:
+                first_unlock = until
         if first_unlock != self._timer_at or self._timer is None:
             if self._timer is not None:
                 self._timer.cancel()
@@ -595,33 +685,30 @@ class KeyPool:
         if self._allowed is not None and info.family not in self._allowed:
             return 0.0
         now = self._clock.now()
-        _, entry = self._select(self._eligible(model, info), now)
-        if entry is None or len(entry) == 3:
-            return 0.0
-        return max(0.0, entry[0] - now)
+        selected = self._select(self._eligible(model, info), now)
+        return 0.0 if selected is None else max(0.0, selected[1][0] - now)
 
-    def _select(
-        self, indexes: list[_FamilyIndex], now: float
-    ) -> tuple[_FamilyIndex | None, _ReadyEntry | _LockedEntry | None]:
-        best_index: _FamilyIndex | None = None
-        best_entry: _ReadyEntry | _LockedEntry | None = None
+    def _select(self, indexes: list[_FamilyIndex], now: float) -> tuple[_FamilyIndex, _Top] | None:
+        """The best key over ``indexes`` (selection order in the module docstring)."""
+        best: tuple[_FamilyIndex, _Top] | None = None
         best_rank: tuple[float, ...] | None = None
         for index in indexes:
-            entry = index.top(now)
-            if entry is None:
+            top = index.top(now)
+            if top is None:
                 continue
             if len(indexes) == 1:
-                return index, entry
+                return index, top
             profile = index.profile
             trial_rank = 0 if profile.is_trial else 1
             has_32k_rank = 1 if GPT4_32K in profile.families else 0
-            if len(entry) == 3:  # unlocked: (last_used, seq, state)
-                rank: tuple[float, ...] = (0, 0.0, trial_rank, has_32k_rank, entry[0], entry[1])
-            else:  # locked: (until, last_used, seq, state)
-                rank = (1, entry[0], trial_rank, has_32k_rank, entry[1], entry[2])
+            until, entry = top
+            if len(entry) == 3:  # (last_used, seq, state)
+                rank: tuple[float, ...] = (until, trial_rank, has_32k_rank, entry[0], entry[1])
+            else:  # (until, last_used, seq, state)
+                rank = (until, trial_rank, has_32k_rank, entry[1], entry[2])
             if best_rank is None or rank < best_rank:
-                best_index, best_entry, best_rank = index, entry, rank
-        return best_index, best_entry
+                best, best_rank = (index, top), rank
+        return best
 
     def _eligible(self, model: str | None, info: ModelInfo) -> list[_FamilyIndex]:
         """The family indexes whose keys may serve the model; shared by get, lockout, waiters.
@@ -1089,7 +1176,7 @@ class KeyPool:
         if group is None:
             group = self._groups[profile] = _ProfileGroup(profile)
             for family in self._indexed_families & profile.families:
-                group.indexes[family] = _FamilyIndex(group, family)
+                group.indexes[family] = _FamilyIndex(group, family, self._reuse_delay)
             self._eligible_cache.clear()
         return group
 
@@ -1103,7 +1190,7 @@ class KeyPool:
         self._indexed_families.add(family)
         for group in self._groups.values():
             if family in group.profile.families:
-                group.indexes[family] = _FamilyIndex(group, family)
+                group.indexes[family] = _FamilyIndex(group, family, self._reuse_delay)
         now = self._clock.now()
         # Two new objects per key: without the collector running over the whole
         # pool again and again meanwhile, the pass takes a third of the time.
