@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         section = BENCHMARKS[name](smoke=args.smoke)
         print(section.body, flush=True)
         for target in section.targets:
-            verdict = "met" if target.met else "MISSED"
+            verdict = target.verdict.upper() if target.verdict == "missed" else target.verdict
             print(f"target {target.name}: {target.figure} (goal {target.goal}) {verdict}")
         print(f"({time.monotonic() - started:.0f} s)\n", flush=True)
         sections.append(section)

@@ -21,6 +21,14 @@ class Target:
     figure: str
     goal: str
     met: bool
+    #: Shown beside the targets for information; not a target of the issue.
+    informational: bool = False
+
+    @property
+    def verdict(self) -> str:
+        if self.informational:
+            return "informational"
+        return "met" if self.met else "missed"
 
 
 @dataclass(slots=True)
@@ -80,7 +88,7 @@ def render(command: str, sections: Sequence[Section]) -> str:
     out += [f"- {name}: {value}" for name, value in machine().items()]
     out += ["", "## Targets", ""]
     rows = [
-        (t.name, t.figure, t.goal, "met" if t.met else "**missed**")
+        (t.name, t.figure, t.goal, "**missed**" if t.verdict == "missed" else t.verdict)
         for s in sections
         for t in s.targets
     ]

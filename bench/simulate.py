@@ -22,6 +22,8 @@ Figures cover the measurement window, after a warm-up:
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import random
 import tempfile
 import time
@@ -48,7 +50,7 @@ from .proxy_loops import (
 from .report import Section, Target, percentile, table
 from .upstream import ModelLimits, RateLimitedUpstream
 
-__all__ = ["POLICIES", "Scenario", "run", "simulate"]
+__all__ = ["FLEET", "POLICIES", "RUNS", "Scenario", "run", "simulate"]
 
 #: Policy name → (the pool the keysvc server runs, the proxy loop). The baseline first.
 #: To compare a new loop (e.g. ReportOutcome + Get(max_wait)), add or replace an entry.
@@ -60,6 +62,11 @@ POLICIES: dict[str, tuple[str, type[ProxyLoop]]] = {
 BASELINE = "seed"
 CANDIDATE = "keysvc"
 
+#: Pools that live inside each proxy's process, as the seed's provider did: with several
+#: proxies, each proxy gets a server of its own, which learns only from that proxy's upstream
+#: answers. The other pools are one keysvc server that every proxy asks.
+PER_PROXY_POOLS = frozenset({"seed"})
+
 TARGET_SHARE = 0.95
 TARGET_429 = 0.02
 TARGET_FEWER_429 = 1.3
@@ -68,6 +75,9 @@ TARGET_FEWER_429 = 1.3
 @dataclass(frozen=True, slots=True)
 class Scenario:
     keys: int = 6
+    #: Proxies sharing the keys. Arrivals go to them in turn (round robin, as a load balancer
+    #: would); each proxy has its own gRPC channel and its own proxy loop.
+    proxies: int = 1
     #: Per-key limits. gpt-4o is TPM-bound (30k TPM at 1,000 tokens a request: 30/min),
     #: gpt-4o-mini RPM-bound (20/min): 50 requests a minute per key in all.
     models: dict[str, ModelLimits] = field(
@@ -97,8 +107,17 @@ class Scenario:
     def capacity(self, model: str) -> float:
         return self.keys * self.per_key_capacity(model)[0]
 
+    @property
+    def label(self) -> str:
+        return "single proxy" if self.proxies == 1 else f"fleet of {self.proxies} proxies"
+
+
+#: The seed's deployment: several proxies share the keys, each with the seed's provider in
+#: its own process. The same keys, load and times as the single-proxy scenario.
+FLEET = Scenario(proxies=4)
 
 SMOKE = Scenario(keys=2, scale=60.0, warmup=30.0, measure=90.0, deadline=30.0)
+SMOKE_FLEET = dataclasses.replace(SMOKE, keys=3, proxies=3)
 
 
 @dataclass(slots=True)
@@ -115,6 +134,10 @@ class Outcome:
     wasted: float
     #: How late the harness dispatched arrivals (p99, real seconds): it kept up if small.
     lag_p99: float
+    #: Pool servers the proxies talked to (one per proxy for a pool in PER_PROXY_POOLS).
+    servers: int = 1
+    #: Requests that arrived in the window and got a 200, by proxy.
+    served_by_proxy: list[int] = field(default_factory=list)
 
     @property
     def share_429(self) -> float:
@@ -139,18 +162,33 @@ def _arrivals(scenario: Scenario, until: float) -> list[tuple[float, str, int]]:
     return out
 
 
-async def _simulate(policy: str, scenario: Scenario, port: int, keys: list[str]) -> Outcome:
-    pool_policy, loop_class = POLICIES[policy]
-    del pool_policy
+async def _simulate(
+    policy: str, scenario: Scenario, ports: Sequence[int], keys: list[str]
+) -> Outcome:
+    """Proxy ``i`` talks to the server on ``ports[i % len(ports)]``."""
+    loop_class = POLICIES[policy][1]
     clock = SimTime(scenario.scale)
     calls: list[tuple[float, int]] = []
-    async with (
-        RateLimitedUpstream(scenario.models, keys=keys, scale=scenario.scale) as upstream,
-        aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=60)
-        ) as session,
-        grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel,
-    ):
+    async with contextlib.AsyncExitStack() as stack:
+        upstream = await stack.enter_async_context(
+            RateLimitedUpstream(scenario.models, keys=keys, scale=scenario.scale)
+        )
+        session = await stack.enter_async_context(
+            aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=60)
+            )
+        )
+        # One channel per proxy, each with connections of its own (no subchannel sharing),
+        # as separate proxy processes would have.
+        channels = [
+            await stack.enter_async_context(
+                grpc.aio.insecure_channel(
+                    f"127.0.0.1:{ports[i % len(ports)]}",
+                    options=[("grpc.use_local_subchannel_pool", 1)],
+                )
+            )
+            for i in range(scenario.proxies)
+        ]
         url = upstream.base_url + "/chat/completions"
 
         async def call_upstream(secret: str, model: str, tokens: int) -> Answer:
@@ -172,8 +210,11 @@ async def _simulate(policy: str, scenario: Scenario, port: int, keys: list[str])
             }
             return Answer(answer.status, headers, answer.body)
 
-        loop = loop_class(pb_grpc.KeyServiceStub(channel), lower_case, clock)
-        await loop.start()
+        loops = [
+            loop_class(pb_grpc.KeyServiceStub(channel), lower_case, clock) for channel in channels
+        ]
+        for loop in loops:
+            await loop.start()
         start = clock.now()
         window = (
             start + scenario.warmup / scenario.scale,
@@ -181,6 +222,7 @@ async def _simulate(policy: str, scenario: Scenario, port: int, keys: list[str])
         )
         horizon = scenario.warmup + scenario.measure + scenario.deadline
         requests: list[Request] = []
+        proxy_of: list[int] = []
         tasks: list[asyncio.Task[None]] = []
         lags: list[float] = []
         wasted_at: list[dict[str, float]] = []
@@ -197,12 +239,12 @@ async def _simulate(policy: str, scenario: Scenario, port: int, keys: list[str])
 
         waste_task = asyncio.create_task(snapshot_waste())
 
-        async def one(request: Request) -> None:
+        async def one(loop: ProxyLoop, request: Request) -> None:
             request.ok = await loop.serve(request)
             if not request.ok:
                 request.done = clock.now()
 
-        for at, model, tokens in _arrivals(scenario, horizon):
+        for index, (at, model, tokens) in enumerate(_arrivals(scenario, horizon)):
             real_at = start + at / scenario.scale
             delay = real_at - clock.now()
             if delay > 0:
@@ -213,7 +255,8 @@ async def _simulate(policy: str, scenario: Scenario, port: int, keys: list[str])
                 model, tokens, arrived=now, deadline=now + scenario.deadline / scenario.scale
             )
             requests.append(request)
-            tasks.append(asyncio.create_task(one(request)))
+            proxy_of.append(index % len(loops))
+            tasks.append(asyncio.create_task(one(loops[proxy_of[-1]], request)))
         in_window = [
             (r, t)
             for r, t in zip(requests, tasks, strict=True)
@@ -224,7 +267,8 @@ async def _simulate(policy: str, scenario: Scenario, port: int, keys: list[str])
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await loop.aclose()
+        for loop in loops:
+            await loop.aclose()
 
     measured = window[1] - window[0]
     share_by_model: dict[str, float] = {}
@@ -253,6 +297,10 @@ async def _simulate(policy: str, scenario: Scenario, port: int, keys: list[str])
     wasted /= sum(scenario.capacity(m) for m in scenario.models)
     window_calls = [status for at, status in calls if window[0] <= at < window[1]]
     arrived = [r for r, _ in in_window]
+    served_by_proxy = [0] * scenario.proxies
+    for request, proxy in zip(requests, proxy_of, strict=True):
+        if request.ok and window[0] <= request.arrived < window[1]:
+            served_by_proxy[proxy] += 1
     return Outcome(
         policy=policy,
         share=share,
@@ -264,28 +312,38 @@ async def _simulate(policy: str, scenario: Scenario, port: int, keys: list[str])
         gave_up=sum(1 for r in arrived if not r.ok),
         wasted=wasted,
         lag_p99=percentile(lags, 0.99),
+        servers=len(ports),
+        served_by_proxy=served_by_proxy,
     )
 
 
 def simulate(policy: str, scenario: Scenario) -> Outcome:
-    """Runs ``policy`` through ``scenario`` against a fresh keysvc server."""
+    """Runs ``policy`` through ``scenario`` against fresh servers: one keysvc for every
+    proxy, or, for a pool in ``PER_PROXY_POOLS``, one per proxy (each over the same keys)."""
     keys = secrets(scenario.keys)
-    with tempfile.TemporaryDirectory(prefix="keysvc-sim-") as tmp:
+    pool = POLICIES[policy][0]
+    servers = scenario.proxies if pool in PER_PROXY_POOLS else 1
+    with tempfile.TemporaryDirectory(prefix="keysvc-sim-") as tmp, contextlib.ExitStack() as stack:
         keys_file = Path(tmp, "keys")
         keys_file.write_text("\n".join(keys) + "\n", encoding="utf-8")
-        server = ("bench.sim_server", POLICIES[policy][0], str(scenario.scale), str(keys_file))
-        with serving_module(*server) as (_, port):
-            return asyncio.run(_simulate(policy, scenario, port, keys))
+        server = ("bench.sim_server", pool, str(scenario.scale), str(keys_file))
+        ports = [stack.enter_context(serving_module(*server))[1] for _ in range(servers)]
+        return asyncio.run(_simulate(policy, scenario, ports, keys))
 
 
-def run(
-    *, smoke: bool = False, scenario: Scenario | None = None, policies: Sequence[str] | None = None
-) -> Section:
-    scenario = scenario or (SMOKE if smoke else Scenario())
-    names = list(policies or POLICIES)
-    started = time.monotonic()
-    outcomes = {name: simulate(name, scenario) for name in names}
-    elapsed = time.monotonic() - started
+def _ratio_429(ours: Outcome, theirs: Outcome) -> tuple[float, str, bool]:
+    """How many times fewer 429s ``ours`` had than ``theirs``: (ratio, as shown, target met)."""
+    if ours.share_429:
+        fewer = theirs.share_429 / ours.share_429
+        return fewer, f"{fewer:.2f}×", fewer >= TARGET_FEWER_429
+    if theirs.share_429:
+        return float("inf"), "keysvc had none", True
+    # 0 ÷ 0 is no ratio: neither policy saw a 429, so "fewer" cannot be shown.
+    return float("nan"), "no ratio: neither had a 429", False
+
+
+def _scenario_text(scenario: Scenario, outcomes: dict[str, Outcome], elapsed: float) -> str:
+    names = list(outcomes)
 
     def row(label: str, fmt: str, attr: str) -> tuple[str, ...]:
         return (label, *(fmt.format(getattr(outcomes[n], attr)) for n in names))
@@ -312,65 +370,130 @@ def run(
         f"{scenario.per_key_capacity(m)[0] * 60:.0f} requests/min per key)"
         for m, lim in scenario.models.items()
     )
-    body = [
-        __doc__.split("\n\n", 1)[1].strip() if __doc__ else "",
-        "",
-        f"Scenario: {scenario.keys} keys; {limits}; load {scenario.load:.0%} of capacity; "
-        f"warm-up {scenario.warmup:.0f} s, window {scenario.measure:.0f} s, give-up after "
-        f"{scenario.deadline:.0f} s; time ×{scenario.scale:g} "
-        f"(this run: {elapsed:.0f} real seconds for {len(names)} policies).",
-        "",
-        "Policies: "
-        + "; ".join(
-            f"**{n}** = {POLICIES[n][0]} pool + {POLICIES[n][1].__name__}"
-            f" ({' '.join((POLICIES[n][1].__doc__ or '').split())})"
+    if scenario.proxies == 1:
+        proxies = "one proxy"
+    else:
+        per_proxy = "; ".join(
+            f"{n}: a {POLICIES[n][0]} pool server per proxy, each learning only from its "
+            "proxy's answers"
+            if POLICIES[n][0] in PER_PROXY_POOLS
+            else f"{n}: one {POLICIES[n][0]} server for every proxy"
             for n in names
-        ),
-        "",
-        table(("", *names), rows),
-    ]
-    figures: dict[str, float] = {}
-    for name, outcome in outcomes.items():
-        figures[f"{name}:share"] = outcome.share
-        figures[f"{name}:share_429"] = outcome.share_429
-        figures[f"{name}:mean_wait"] = outcome.mean_wait
-        figures[f"{name}:calls"] = float(outcome.calls)
-    targets: list[Target] = []
-    if CANDIDATE in outcomes:
-        ours = outcomes[CANDIDATE]
-        targets += [
-            Target(
-                "delivered share of capacity (simulator)",
-                f"{ours.share:.1%}",
-                f"≥ {TARGET_SHARE:.0%}",
-                ours.share >= TARGET_SHARE,
-            ),
-            Target(
-                "429 share of upstream calls (simulator)",
-                f"{ours.share_429:.2%}",
-                f"≤ {TARGET_429:.0%}",
-                ours.share_429 <= TARGET_429,
-            ),
+        )
+        proxies = (
+            f"{scenario.proxies} proxies sharing the keys, arrivals dealt to them in turn "
+            f"({per_proxy})"
+        )
+    return "\n".join(
+        [
+            f"### {scenario.label[0].upper()}{scenario.label[1:]}",
+            "",
+            f"Scenario: {scenario.keys} keys; {proxies}; {limits}; load "
+            f"{scenario.load:.0%} of capacity; warm-up {scenario.warmup:.0f} s, window "
+            f"{scenario.measure:.0f} s, give-up after {scenario.deadline:.0f} s; time "
+            f"×{scenario.scale:g} (this run: {elapsed:.0f} real seconds for {len(names)} "
+            "policies).",
+            "",
+            table(("", *names), rows),
         ]
-        if BASELINE in outcomes:
-            theirs = outcomes[BASELINE]
-            if ours.share_429:
-                fewer = theirs.share_429 / ours.share_429
-                figure, met = f"{fewer:.2f}×", fewer >= TARGET_FEWER_429
-            elif theirs.share_429:
-                fewer = float("inf")
-                figure, met = "keysvc had none", True
-            else:
-                # 0 ÷ 0 is no ratio: neither policy saw a 429, so "fewer" cannot be shown.
-                fewer = float("nan")
-                figure, met = "no ratio: neither had a 429", False
-            figures["fewer_429"] = fewer
+    )
+
+
+def _targets(scenario: Scenario, outcomes: dict[str, Outcome]) -> list[Target]:
+    """keysvc's share and 429 targets in every scenario; the ratio to the seed is a target
+    on a fleet (the deployment keysvc replaces) and shown for information on one proxy."""
+    if CANDIDATE not in outcomes:
+        return []
+    ours = outcomes[CANDIDATE]
+    where = f"simulator, {scenario.label}"
+    targets = [
+        Target(
+            f"delivered share of capacity ({where})",
+            f"{ours.share:.1%}",
+            f"≥ {TARGET_SHARE:.0%}",
+            ours.share >= TARGET_SHARE,
+        ),
+        Target(
+            f"429 share of upstream calls ({where})",
+            f"{ours.share_429:.2%}",
+            f"≤ {TARGET_429:.0%}",
+            ours.share_429 <= TARGET_429,
+        ),
+    ]
+    if BASELINE in outcomes:
+        _, figure, met = _ratio_429(ours, outcomes[BASELINE])
+        if scenario.proxies > 1:
             targets.append(
                 Target(
-                    "429 share, seed policy ÷ keysvc (simulator)",
+                    f"429 share, seed fleet ÷ keysvc fleet ({where})",
                     figure,
                     f"≥ {TARGET_FEWER_429}×",
                     met,
                 )
             )
+        else:
+            targets.append(
+                Target(
+                    f"429 share, seed ÷ keysvc ({where})",
+                    figure,
+                    "none: judged on the fleet",
+                    met,
+                    informational=True,
+                )
+            )
+    return targets
+
+
+#: What ``make bench`` runs: each scenario with the policies it compares (the baseline first).
+RUNS: tuple[tuple[Scenario, tuple[str, ...]], ...] = (
+    (Scenario(), tuple(POLICIES)),
+    (FLEET, tuple(POLICIES)),
+)
+SMOKE_RUNS: tuple[tuple[Scenario, tuple[str, ...]], ...] = (
+    (SMOKE, tuple(POLICIES)),
+    (SMOKE_FLEET, (BASELINE, CANDIDATE)),
+)
+
+
+def run(
+    *, smoke: bool = False, runs: Sequence[tuple[Scenario, Sequence[str]]] | None = None
+) -> Section:
+    """Each scenario with its policies; one section, a table per scenario."""
+    runs = runs or (SMOKE_RUNS if smoke else RUNS)
+    texts: list[str] = []
+    targets: list[Target] = []
+    figures: dict[str, float] = {}
+    names: set[str] = set()
+    for scenario, policies in runs:
+        started = time.monotonic()
+        outcomes = {name: simulate(name, scenario) for name in policies}
+        texts.append(_scenario_text(scenario, outcomes, time.monotonic() - started))
+        targets += _targets(scenario, outcomes)
+        names.update(policies)
+        for name, outcome in outcomes.items():
+            prefix = f"{scenario.label}:{name}"
+            figures[f"{prefix}:share"] = outcome.share
+            figures[f"{prefix}:share_429"] = outcome.share_429
+            figures[f"{prefix}:mean_wait"] = outcome.mean_wait
+            figures[f"{prefix}:calls"] = float(outcome.calls)
+            figures[f"{prefix}:gave_up"] = float(outcome.gave_up)
+            figures[f"{prefix}:servers"] = float(outcome.servers)
+            for proxy, served in enumerate(outcome.served_by_proxy):
+                figures[f"{prefix}:served:proxy{proxy}"] = float(served)
+        if CANDIDATE in outcomes and BASELINE in outcomes:
+            fewer = _ratio_429(outcomes[CANDIDATE], outcomes[BASELINE])[0]
+            figures[f"{scenario.label}:fewer_429"] = fewer
+    policies_text = "Policies: " + "; ".join(
+        f"**{n}** = {POLICIES[n][0]} pool + {POLICIES[n][1].__name__}"
+        f" ({' '.join((POLICIES[n][1].__doc__ or '').split())})"
+        for n in POLICIES
+        if n in names
+    )
+    body = [
+        __doc__.split("\n\n", 1)[1].strip() if __doc__ else "",
+        "",
+        policies_text,
+        "",
+        "\n\n".join(texts),
+    ]
     return Section("Allocation simulator", "\n".join(body), targets, figures)

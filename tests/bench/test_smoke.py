@@ -50,12 +50,55 @@ def test_rpc_cost_smoke() -> None:
 
 def test_simulator_smoke() -> None:
     section = simulate.run(smoke=True)
-    for name in simulate.POLICIES:
-        assert 0 < section.figures[f"{name}:share"] <= 1.2
-        assert 0 <= section.figures[f"{name}:share_429"] <= 1
-        assert section.figures[f"{name}:calls"] > 0
-        assert section.figures[f"{name}:mean_wait"] > 0
-    assert "| delivered share of capacity |" in section.body
+    assert [scenario.proxies for scenario, _ in simulate.SMOKE_RUNS] == [1, 3]
+    for scenario, policies in simulate.SMOKE_RUNS:
+        for name in policies:
+            prefix = f"{scenario.label}:{name}"
+            assert 0 < section.figures[f"{prefix}:share"] <= 1.2
+            assert 0 <= section.figures[f"{prefix}:share_429"] <= 1
+            assert section.figures[f"{prefix}:calls"] > 0
+            assert section.figures[f"{prefix}:mean_wait"] > 0
+            # Every proxy got its turn of the arrivals and served some of them.
+            served = [section.figures[f"{prefix}:served:proxy{i}"] for i in range(scenario.proxies)]
+            assert min(served) > 0
+            assert f"{prefix}:served:proxy{scenario.proxies}" not in section.figures
+        # The seed's provider lives in each proxy: one server per proxy. keysvc: one for all.
+        assert section.figures[f"{scenario.label}:seed:servers"] == scenario.proxies
+        assert section.figures[f"{scenario.label}:keysvc:servers"] == 1
+        assert f"### {scenario.label[0].upper()}{scenario.label[1:]}" in section.body
+    assert section.body.count("| delivered share of capacity |") == len(simulate.SMOKE_RUNS)
+    # keysvc's two targets in each scenario; the ratio to the seed is a target on the fleet
+    # and shown for information on one proxy.
+    names = [t.name for t in section.targets]
+    assert sum("delivered share of capacity" in n for n in names) == 2
+    assert sum("429 share of upstream calls" in n for n in names) == 2
+    (single,) = [t for t in section.targets if t.name.startswith("429 share, seed ÷ keysvc")]
+    (fleet,) = [t for t in section.targets if t.name.startswith("429 share, seed fleet ÷")]
+    assert single.informational and single.verdict == "informational"
+    assert not fleet.informational and fleet.verdict in ("met", "missed")
+    assert "fleet of 3 proxies" in fleet.name
+
+
+def test_ratio_of_429_shares_is_honest_about_zeros() -> None:
+    def outcome(rate_limited: int, calls: int = 100) -> simulate.Outcome:
+        return simulate.Outcome(
+            policy="",
+            share=1.0,
+            share_by_model={},
+            calls=calls,
+            rate_limited=rate_limited,
+            waits=[],
+            arrived=0,
+            gave_up=0,
+            wasted=0.0,
+            lag_p99=0.0,
+        )
+
+    assert simulate._ratio_429(outcome(2), outcome(4))[1:] == ("2.00×", True)
+    assert simulate._ratio_429(outcome(4), outcome(5))[1:] == ("1.25×", False)
+    assert simulate._ratio_429(outcome(0), outcome(3))[1:] == ("keysvc had none", True)
+    ratio, figure, met = simulate._ratio_429(outcome(0), outcome(0))
+    assert math.isnan(ratio) and figure == "no ratio: neither had a 429" and not met
 
 
 def test_go_durations_round_trip_through_keysvc() -> None:
