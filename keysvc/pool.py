@@ -411,6 +411,8 @@ class KeyPool:
         self._timer_at = math.inf
         self._dispatch_pending = False
         self._profiles: dict[KeyProfile, KeyProfile] = {}
+        #: What a key starts as until the checker (or its saved state) says more.
+        self._new_key_profile = self._intern(KeyProfile(models.default_key_families()))
         self._model_id_sets: dict[frozenset[str], frozenset[str]] = {}
         self._next_seq = 0
         now = clock.now()
@@ -462,11 +464,10 @@ class KeyPool:
                     extra={"key_hash": key_hash},
                 )
             return None
-        profile = self._intern(KeyProfile(self._models.default_key_families()))
         key = Key(
             secret=secret,
             hash=key_hash,
-            profile=profile,
+            profile=self._new_key_profile,
             seq=self._take_seq(),
             organization_id=organization_id,
         )
