@@ -1219,10 +1219,11 @@ def _apply_rate_headers(state: RateState, parsed: _RateHeaders, now: float) -> N
         state.tokens_rate = tokens_rate
     if state.requests_rate is not None and parsed.remaining_requests is not None:
         state.budget_at = now
-        state.budget_requests = float(parsed.remaining_requests)
+        # The int itself, shared with remaining_requests: no float per key and family.
+        state.budget_requests = parsed.remaining_requests
     if state.tokens_rate is not None and parsed.remaining_tokens is not None:
         state.budget_at = now
-        state.budget_tokens = float(parsed.remaining_tokens)
+        state.budget_tokens = parsed.remaining_tokens
 
 
 def _refill_rate(limit: int | None, remaining: int | None, reset: float | None) -> float | None:
