@@ -41,12 +41,16 @@ from keysvc.reload import read_keys_file
 from keysvc.server import build_pool
 from keysvc.store import MemoryKeyStore
 
+from .upstream import go_duration
+
 __all__ = ["MODELS", "answer_headers", "build_served_pool", "rss_bytes", "use_every_key"]
 
 #: One model of each of three families (gpt4o, turbo, gpt4).
 MODELS: tuple[str, ...] = ("gpt-4o", "gpt-3.5-turbo", "gpt-4")
 IN_FLIGHT = 32
 ROUNDS = 2
+RPM = 5_000
+TPM = 800_000
 STEP = 0.001  # clock advance per request (s)
 NO_ERROR = UpstreamError()
 
@@ -70,14 +74,19 @@ def build_served_pool(keys_file: Path, clock: ManualClock) -> KeyPool:
 
 
 def answer_headers(n: int, prompt: int, completion: int) -> dict[str, str]:
-    """The six x-ratelimit-* headers of a 200, as the upstream sends them (varying a little)."""
+    """The six x-ratelimit-* headers of a 200 for a key of 5,000 RPM and 800,000 TPM
+    with a few requests' worth missing; each reset is the time the missing part
+    takes to come back, as Go formats it (``"12ms"``, ``"131.25ms"``), as the
+    upstream (and ``bench.upstream``) sends them."""
+    missing_requests = 1 + n % 7
+    missing_tokens = prompt + completion + n % 1000
     return {
-        "x-ratelimit-limit-requests": "5000",
-        "x-ratelimit-limit-tokens": "800000",
-        "x-ratelimit-remaining-requests": str(4999 - n % 7),
-        "x-ratelimit-remaining-tokens": str(800_000 - prompt - completion - n % 1000),
-        "x-ratelimit-reset-requests": f"{12 + n % 5}ms",
-        "x-ratelimit-reset-tokens": f"{40 + n % 60}ms",
+        "x-ratelimit-limit-requests": str(RPM),
+        "x-ratelimit-limit-tokens": str(TPM),
+        "x-ratelimit-remaining-requests": str(RPM - missing_requests),
+        "x-ratelimit-remaining-tokens": str(TPM - missing_tokens),
+        "x-ratelimit-reset-requests": go_duration(missing_requests * 60 / RPM),
+        "x-ratelimit-reset-tokens": go_duration(missing_tokens * 60 / TPM),
     }
 
 
