@@ -10,9 +10,10 @@ times for that model, and prints the VmRSS again: the pool in use in 1, 2, 3
 families. The loop is what the Get and ReportOutcome RPCs call: ``get(model)``,
 then ``report_outcome(hash, model, status=200, ...)`` with the six
 x-ratelimit-* headers of a 200 and the request's tokens; IN_FLIGHT requests are
-handed out before the oldest is answered, and a ManualClock advances STEP per
-request. Two rounds, because the first answer in a family brings the limit
-headers that give it a budget, and only later hand-outs reserve against it.
+handed out before the oldest is answered. The clock is the server's
+(``SystemClock``), so each hand-out and answer stores times of its own. Two
+rounds, because the first answer in a family brings the limit headers that
+give it a budget, and only later hand-outs reserve against it.
 A full collection precedes each reading. Each reading is one JSON line.
 
 With ``--tracemalloc N`` it also traces the allocations made from the pool's
@@ -32,7 +33,7 @@ import tracemalloc
 from collections import deque
 from pathlib import Path
 
-from keysvc.clock import ManualClock
+from keysvc.clock import Clock, SystemClock
 from keysvc.config import settings_from
 from keysvc.keys import Key
 from keysvc.outcomes import UpstreamError
@@ -51,7 +52,6 @@ IN_FLIGHT = 32
 ROUNDS = 2
 RPM = 5_000
 TPM = 800_000
-STEP = 0.001  # clock advance per request (s)
 NO_ERROR = UpstreamError()
 
 
@@ -64,7 +64,7 @@ def rss_bytes() -> int:
     raise RuntimeError("no VmRSS")
 
 
-def build_served_pool(keys_file: Path, clock: ManualClock) -> KeyPool:
+def build_served_pool(keys_file: Path, clock: Clock) -> KeyPool:
     """The pool ``keysvc serve --no-check-keys`` builds over ``keys_file``."""
     env = {"OPENAI_KEY": "", "KEYSVC_KEYS_FILE": str(keys_file), "CHECK_KEYS": "false"}
     settings = settings_from(argparse.Namespace(), env)
@@ -90,7 +90,7 @@ def answer_headers(n: int, prompt: int, completion: int) -> dict[str, str]:
     }
 
 
-def use_every_key(pool: KeyPool, clock: ManualClock, model: str, rounds: int = 2) -> int:
+def use_every_key(pool: KeyPool, model: str, rounds: int = 2) -> int:
     """Runs the proxy loop for ``model`` until every key was handed out and answered
     ``rounds`` times; returns the number of requests."""
     requests = len(pool) * rounds
@@ -113,10 +113,8 @@ def use_every_key(pool: KeyPool, clock: ManualClock, model: str, rounds: int = 2
         in_flight.append((pool.get(model), n))
         if len(in_flight) > IN_FLIGHT:
             answer()
-        clock.advance(STEP)
     while in_flight:
         answer()
-        clock.advance(STEP)
     return requests
 
 
@@ -140,13 +138,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.tracemalloc:
         tracemalloc.start(1)
-    clock = ManualClock()
+    clock = SystemClock()
     started = time.perf_counter()
     pool = build_served_pool(args.keys_file, clock)
     _reading(pool, 0, 0, started)
     for families, model in enumerate(MODELS, start=1):
         started = time.perf_counter()
-        requests = use_every_key(pool, clock, model, args.rounds) if len(pool) else 0
+        requests = use_every_key(pool, model, args.rounds) if len(pool) else 0
         _reading(pool, families, requests, started)
     if args.tracemalloc:
         snapshot = tracemalloc.take_snapshot()

@@ -14,7 +14,7 @@ import pytest
 from bench import memory, pool_scale, rpc_cost, simulate, used_pool
 from bench.seed_pool import seed_reset_seconds
 from bench.upstream import ModelLimits, RateLimitedUpstream, go_duration
-from keysvc.clock import ManualClock
+from keysvc.clock import SystemClock
 from keysvc.durations import parse_go_duration
 from keysvc.models import ModelTable
 from keysvc.pool import KeyPool
@@ -47,11 +47,12 @@ def test_memory_smoke() -> None:
 
 
 def test_used_pool_hands_out_and_answers_every_key_in_each_family() -> None:
-    clock = ManualClock()
-    pool = KeyPool.from_secrets(pool_scale.secrets(300), models=ModelTable(), clock=clock)
+    # The server's clock, as in the benchmark: on a stopped clock every locked key
+    # would unlock at once and the lowest load order would win every time.
+    pool = KeyPool.from_secrets(pool_scale.secrets(300), models=ModelTable(), clock=SystemClock())
     models = ModelTable()
     for done, model in enumerate(used_pool.MODELS, start=1):
-        assert used_pool.use_every_key(pool, clock, model) == 2 * 300
+        assert used_pool.use_every_key(pool, model) == 2 * 300
         for key in pool.keys():
             assert key.prompt_count == 2 * done
             for used_model in used_pool.MODELS[:done]:
@@ -59,7 +60,7 @@ def test_used_pool_hands_out_and_answers_every_key_in_each_family() -> None:
                 # Handed out, answered with the six headers: a budget, nothing in flight.
                 assert state is not None and state.last_used > 0
                 assert state.remaining_requests is not None and state.tokens_rate is not None
-                assert state.budget_at > 0 and not state.reserved
+                assert state.budget_at > 0 and state.reserved is None
 
 
 def test_rpc_cost_smoke() -> None:
