@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Final
 
 __all__ = ["parse_go_duration"]
 
@@ -20,6 +21,14 @@ _UNIT_SECONDS = {
 _PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
 _WHOLE = re.compile(r"(?:(?:\d+(?:\.\d*)?|\.\d+)(?:ns|us|µs|μs|ms|s|m|h))+")
 
+#: Durations up to _CACHED_LENGTH characters, at most _CACHE_SIZE of them
+#: (emptied when full). The pool keeps each key's last reset per family, and the
+#: upstream sends a small set of distinct texts ("12ms", "6m0s"): with the cache,
+#: equal texts give the one float object instead of one per key and family.
+_CACHE_SIZE: Final = 4096
+_CACHED_LENGTH: Final = 32
+_cache: dict[str, float | None] = {}
+
 
 def parse_go_duration(text: str) -> float | None:
     """Parses a Go ``time.Duration`` string into seconds.
@@ -32,6 +41,19 @@ def parse_go_duration(text: str) -> float | None:
     Returns:
         The duration in seconds, or None when ``text`` is not a duration.
     """
+    try:
+        return _cache[text]
+    except KeyError:
+        pass
+    seconds = _parse(text)
+    if seconds is not None and len(text) <= _CACHED_LENGTH:  # durations only, no caller junk
+        if len(_cache) >= _CACHE_SIZE:
+            _cache.clear()
+        _cache[text] = seconds
+    return seconds
+
+
+def _parse(text: str) -> float | None:
     text = text.strip()
     if text == "0":
         return 0.0

@@ -108,7 +108,8 @@ class RateState:
     rate_limit_kind: str = ""
     #: The family's budget, kept across hand-outs once an answer brought
     #: x-ratelimit-limit-* with its remaining and reset (``KeyPool`` docstring):
-    #: what remained when the answer was reported (``budget_at``) ...
+    #: what remained when the answer was reported (``budget_at``; the reported
+    #: int, the same object as ``remaining_*``, or 0.0 after a typed 429) ...
     budget_at: float = 0.0
     budget_requests: float | None = None
     budget_tokens: float | None = None

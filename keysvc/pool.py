@@ -1072,8 +1072,11 @@ class KeyPool:
         and the budget (module docstring). The key-wide state has neither throttle
         nor budget of its own. Reservations that have lapsed are dropped first."""
         reserved = state.reserved
-        while reserved and reserved[0][0] + RESERVATION_TTL <= now:
-            reserved.popleft()
+        if reserved is not None:
+            while reserved and reserved[0][0] + RESERVATION_TTL <= now:
+                reserved.popleft()
+            if not reserved:  # an empty deque costs ~760 B per (key, family)
+                state.reserved = None
         if not state.last_used and not state.rate_limited_at and not state.budget_at:
             state.until = 0.0
             return
@@ -1304,10 +1307,11 @@ def _apply_rate_headers(state: RateState, parsed: _RateHeaders, now: float) -> N
         state.tokens_rate = tokens_rate
     if state.requests_rate is not None and parsed.remaining_requests is not None:
         state.budget_at = now
-        state.budget_requests = float(parsed.remaining_requests)
+        # The int itself, shared with remaining_requests: no float per key and family.
+        state.budget_requests = parsed.remaining_requests
     if state.tokens_rate is not None and parsed.remaining_tokens is not None:
         state.budget_at = now
-        state.budget_tokens = float(parsed.remaining_tokens)
+        state.budget_tokens = parsed.remaining_tokens
 
 
 def _refill_rate(limit: int | None, remaining: int | None, reset: float | None) -> float | None:
@@ -1358,6 +1362,8 @@ def _release(state: RateState) -> bool:
     if not state.reserved:
         return False
     state.reserved.popleft()
+    if not state.reserved:
+        state.reserved = None
     return True
 
 

@@ -11,10 +11,13 @@ import math
 
 import pytest
 
-from bench import memory, pool_scale, rpc_cost, simulate
+from bench import memory, pool_scale, rpc_cost, simulate, used_pool
 from bench.seed_pool import seed_reset_seconds
 from bench.upstream import ModelLimits, RateLimitedUpstream, go_duration
+from keysvc.clock import SystemClock
 from keysvc.durations import parse_go_duration
+from keysvc.models import ModelTable
+from keysvc.pool import KeyPool
 
 
 def test_pool_scale_smoke() -> None:
@@ -35,6 +38,29 @@ def test_memory_smoke() -> None:
     assert 0 < section.figures["bytes_per_key"] < 100_000
     assert 0 < section.figures["start_seconds_empty"] < 30
     assert section.figures["start_seconds"] > 0
+    # In use: each family's rate-limit state and index entries cost every key something.
+    used = [section.figures[f"bytes_per_key_used_{n}"] for n in range(len(used_pool.MODELS) + 1)]
+    assert 0 < used[0] < 100_000
+    for fewer, more in zip(used, used[1:], strict=False):
+        assert more > fewer + 50
+    assert len(section.targets) == 3
+
+
+def test_used_pool_hands_out_and_answers_every_key_in_each_family() -> None:
+    # The server's clock, as in the benchmark: on a stopped clock every locked key
+    # would unlock at once and the lowest load order would win every time.
+    pool = KeyPool.from_secrets(pool_scale.secrets(300), models=ModelTable(), clock=SystemClock())
+    models = ModelTable()
+    for done, model in enumerate(used_pool.MODELS, start=1):
+        assert used_pool.use_every_key(pool, model) == 2 * 300
+        for key in pool.keys():
+            assert key.prompt_count == 2 * done
+            for used_model in used_pool.MODELS[:done]:
+                state = key.state_in(models.family(used_model))
+                # Handed out, answered with the six headers: a budget, nothing in flight.
+                assert state is not None and state.last_used > 0
+                assert state.remaining_requests is not None and state.tokens_rate is not None
+                assert state.budget_at > 0 and state.reserved is None
 
 
 def test_rpc_cost_smoke() -> None:

@@ -1,5 +1,6 @@
 import pytest
 
+from keysvc import durations
 from keysvc.durations import parse_go_duration
 
 
@@ -32,3 +33,16 @@ def test_parses_go_durations(text: str, seconds: float) -> None:
 )
 def test_rejects_what_is_not_a_duration(text: str) -> None:
     assert parse_go_duration(text) is None
+
+
+def test_equal_texts_give_one_float_object_and_the_cache_stays_bounded() -> None:
+    # Every key keeps its last resets per family: equal header texts share one float.
+    first = parse_go_duration("".join(["1", "7ms"]))
+    assert first is not None and first is parse_go_duration("17ms")
+    assert parse_go_duration("1.25s") == pytest.approx(1.25)
+    for n in range(3 * durations._CACHE_SIZE):
+        assert parse_go_duration(f"{n}ms") == pytest.approx(n / 1000)
+    assert len(durations._cache) <= durations._CACHE_SIZE
+    # Only durations are kept, never arbitrary caller text.
+    assert parse_go_duration("not-a-duration") is None
+    assert "not-a-duration" not in durations._cache

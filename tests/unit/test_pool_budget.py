@@ -98,7 +98,7 @@ def test_an_answer_releases_its_reservation() -> None:
     pool.report_outcome(a.hash, "gpt-4o", status=200, headers=budget, error=OK)
     assert a.until_in("gpt4o") == clock.now() + KEY_REUSE_DELAY
     state = a.state_in("gpt4o")
-    assert state is not None and not state.reserved
+    assert state is not None and state.reserved is None  # no empty deque kept per family
 
 
 def test_a_reservation_nobody_answers_lapses() -> None:
@@ -119,7 +119,7 @@ def test_a_reservation_nobody_answers_lapses() -> None:
     assert state is not None and state.reserved is not None and len(state.reserved) == 2
     clock.advance(RESERVATION_TTL)
     pool.report_outcome(a.hash, "gpt-4o", status=500, headers={}, error=OK)
-    assert not state.reserved  # one released by the 500, the other lapsed
+    assert state.reserved is None  # one released by the 500, the other lapsed
 
 
 def test_tokens_reserved_per_hand_out_follow_the_family_s_requests() -> None:
