@@ -279,7 +279,11 @@ class _FamilyIndex:
         ``heapify`` after a batch)."""
         until = _lock_end(state)
         last_used = state.last_used
+        # The key's live entry, if it is placed: (last_used, seq, state) or (until, ...).
+        placed = state.entry if isinstance(state.entry, tuple) else ()
         if until <= now or (last_used and until <= last_used + self.reuse_delay):
+            if len(placed) == 3 and placed[0] == last_used:
+                return  # already in place: most answers leave a key where it was
             ready: _ReadyEntry = (last_used, state.key.seq, state)
             if ordered:
                 self.ready.push(ready)
@@ -287,6 +291,8 @@ class _FamilyIndex:
                 self.ready.append(ready)
             state.entry = ready
         else:
+            if len(placed) == 4 and placed[0] == until and placed[1] == last_used:
+                return  # already in place
             locked: _LockedEntry = (until, last_used, state.key.seq, state)
             if ordered:
                 self.locked.push(locked)
@@ -328,11 +334,12 @@ class _FamilyIndex:
         return None if first is None else (first[0], first)
 
     def pop_top(self, entry: _ReadyEntry | _LockedEntry) -> None:
-        """Removes ``entry``, which ``top`` just returned."""
+        """Removes ``entry``, which ``top`` just returned: its key is not placed until pushed."""
         if len(entry) == 3:
             self.ready.pop_head(entry)
         else:
             self.locked.pop_head(entry)
+        entry[-1].entry = None
 
     def _compact(self) -> None:
         self.ready.keep(lambda e: e[2].entry is e)
