@@ -28,6 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from keysvc.v1 import keysvc_pb2, keysvc_pb2_grpc
 
+from . import aio
 from .child import serving_module
 from .report import Section, Target, median, percentile, table
 
@@ -128,7 +129,7 @@ def run(*, smoke: bool = False) -> Section:
     calls, rounds = (300, 2) if smoke else (2_000, 5)
     keys = 1_000 if smoke else KEYS
     with serving_module("bench.rpc_server", str(keys)) as (child, port):
-        results = asyncio.run(measure(child.pid, port, calls, rounds))
+        results = aio.run(measure(child.pid, port, calls, rounds))
     ratio = results["Get"]["cpu_us"] / results["Health/Check"]["cpu_us"]
     rows = [
         (

@@ -36,6 +36,7 @@ import grpc
 
 from keysvc.v1 import keysvc_pb2_grpc as pb_grpc
 
+from . import aio
 from .child import serving_module
 from .pool_scale import secrets
 from .proxy_loops import (
@@ -328,7 +329,7 @@ def simulate(policy: str, scenario: Scenario) -> Outcome:
         keys_file.write_text("\n".join(keys) + "\n", encoding="utf-8")
         server = ("bench.sim_server", pool, str(scenario.scale), str(keys_file))
         ports = [stack.enter_context(serving_module(*server))[1] for _ in range(servers)]
-        return asyncio.run(_simulate(policy, scenario, ports, keys))
+        return aio.run(_simulate(policy, scenario, ports, keys))
 
 
 def _ratio_429(ours: Outcome, theirs: Outcome) -> tuple[float, str, bool]:
