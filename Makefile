@@ -47,7 +47,7 @@ test-python: install
 
 test: lint test-python test-clients ## every test tier
 
-bench: install ## the benchmarks in full (~6 min; bench/README.md); writes bench/RESULTS.md
+bench: install ## the benchmarks in full (~8 min; bench/README.md); writes bench/RESULTS.md
 	$(PY) -m bench
 
 proto: install tools ## regenerate the checked-in code (Python, Go, Node) from protos/
