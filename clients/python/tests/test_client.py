@@ -103,9 +103,12 @@ def test_lockout_period_once_every_key_is_busy(client: KeysvcClient, server: Liv
     assert timedelta(0) < lockout <= timedelta(seconds=1)
 
 
-def test_a_per_call_deadline_is_honoured(client: KeysvcClient) -> None:
+def test_a_per_call_deadline_is_honoured(client: KeysvcClient, server: LiveServer) -> None:
+    for _ in server.secrets:
+        client.get("gpt-4o")  # every key is throttled for 1 s ...
     with pytest.raises(KeysvcRpcError) as caught:
-        client.get("gpt-4o", timeout=0)
+        # ... so the server would wait for one, but the call's deadline comes first.
+        client.get("gpt-4o", max_wait=5, timeout=0.2)
     assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert caught.value.reason is None
     assert client.get("gpt-4o", timeout=5).secret  # the channel is still usable
