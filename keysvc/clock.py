@@ -26,7 +26,13 @@ class Timer(Protocol):
 
 
 class Clock(Protocol):
-    """Wall-clock time in seconds since the Unix epoch, and timers on that time."""
+    """Time in seconds since the Unix epoch that never goes back, and timers on it.
+
+    The pool relies on it never going back: a key's reuse throttle ends one
+    second after its last use, so if the time stepped back D seconds, every key
+    used in the last D seconds would look throttled for D more, and the key
+    handed out first after the step would be handed out again and again.
+    """
 
     def now(self) -> float: ...
 
@@ -36,14 +42,25 @@ class Clock(Protocol):
         ...
 
 
+#: The wall clock at start-up less the monotonic clock then: shared by every
+#: ``SystemClock`` in the process, so they all tell the same time.
+_EPOCH_OFFSET = time.time() - time.monotonic()
+
+
 class SystemClock:
-    """The real wall clock; timers run on the running asyncio loop."""
+    """The wall clock as read at start-up, advanced by the monotonic clock.
+
+    ``time.time()`` steps back when NTP corrects it or a VM resumes; this clock
+    does not (``Clock``). The price: after a step, the times keysvc shows differ
+    from the host's wall clock by the step until it restarts. Timers run on the
+    running asyncio loop.
+    """
 
     def now(self) -> float:
-        return time.time()
+        return _EPOCH_OFFSET + time.monotonic()
 
     def call_at(self, when: float, callback: Callable[[], None]) -> Timer:
-        delay = max(0.0, when - time.time())
+        delay = max(0.0, when - self.now())
         return asyncio.get_running_loop().call_later(delay, callback)
 
 
