@@ -93,7 +93,7 @@ def run(*, sizes: Sequence[int] | None = None, smoke: bool = False) -> Section:
         seeds[size] = (SeedPool.from_secrets(keys, models=models, clock=seed_clock), seed_clock)
     ours: dict[int, list[float]] = {size: [] for size in sizes}
     theirs: dict[int, list[float]] = {size: [] for size in sizes}
-    for size in sizes:  # warm-up: keys move to the locked heap
+    for size in sizes:  # warm-up: every size reaches its steady state of used keys
         _time_calls(pools[size][0].get, pools[size][1], calls.keysvc // 4)
         _time_calls(seeds[size][0].get, seeds[size][1], max(1, calls.seed(size) // 4))
     gc.collect()

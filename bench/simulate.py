@@ -422,7 +422,13 @@ def _targets(scenario: Scenario, outcomes: dict[str, Outcome]) -> list[Target]:
         ),
     ]
     if BASELINE in outcomes:
-        _, figure, met = _ratio_429(ours, outcomes[BASELINE])
+        theirs = outcomes[BASELINE]
+        _, figure, met = _ratio_429(ours, theirs)
+        # The verdict alone hides what the seed got for its 429s: show both sides.
+        figure += (
+            f" (seed: {theirs.share_429:.2%} of calls, {theirs.share:.1%} of capacity;"
+            f" keysvc: {ours.share_429:.2%}, {ours.share:.1%})"
+        )
         if scenario.proxies > 1:
             targets.append(
                 Target(
@@ -437,7 +443,7 @@ def _targets(scenario: Scenario, outcomes: dict[str, Outcome]) -> list[Target]:
                 Target(
                     f"429 share, seed ÷ keysvc ({where})",
                     figure,
-                    "none: judged on the fleet",
+                    f"≥ {TARGET_FEWER_429}× is judged on the fleet: 0 ÷ 0 here",
                     met,
                     informational=True,
                 )

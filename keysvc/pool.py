@@ -160,7 +160,7 @@ class Limits:
     MESSAGE_BYTES: Final = 1024 * 1024
 
 
-# Heap entries. Ready: (last_used, seq, state). Locked: (until, last_used, seq, state).
+# Queue entries. Ready: (last_used, seq, state). Locked: (until, last_used, seq, state).
 # ``state`` is the key's RateState for the index's family; ``state.key`` the key.
 _ReadyEntry = tuple[float, int, RateState]
 _LockedEntry = tuple[float, float, int, RateState]
@@ -192,10 +192,11 @@ class _Ordered(Generic[_Entry]):
     Most entries arrive in order, so the run makes them O(1) where a heap of n
     entries costs O(log n) and a cache miss per level: keys are loaded in
     sequence order, and a key handed out was used more recently than any other
-    (and its throttle ends after theirs). An entry smaller than the run's last
-    goes to the heap; the smallest is the smaller of the two heads. Entries
-    sort by their leading fields; the trailing ``RateState`` is never reached
-    (its key's ``seq`` is unique within an index).
+    and its throttle ends after theirs (the clock never goes back: ``Clock``).
+    An entry smaller than the run's last goes to the heap; the smallest is the
+    smaller of the two heads. Entries sort by their leading fields; the
+    trailing ``RateState`` is never reached (its key's ``seq`` is unique within
+    an index).
     """
 
     __slots__ = ("heap", "run")
