@@ -42,13 +42,22 @@ class Clock(Protocol):
         ...
 
 
-#: The wall clock at start-up less the monotonic clock then: shared by every
+#: Seconds that never go back. Linux's boot-time clock also counts time the
+#: machine spent suspended, which the monotonic clock skips.
+_STEADY_CLOCK: int = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
+
+
+def _steady() -> float:
+    return time.clock_gettime(_STEADY_CLOCK)
+
+
+#: The wall clock at start-up less the steady clock then: shared by every
 #: ``SystemClock`` in the process, so they all tell the same time.
-_EPOCH_OFFSET = time.time() - time.monotonic()
+_EPOCH_OFFSET = time.time() - _steady()
 
 
 class SystemClock:
-    """The wall clock as read at start-up, advanced by the monotonic clock.
+    """The wall clock as read at start-up, advanced by a clock that never goes back.
 
     ``time.time()`` steps back when NTP corrects it or a VM resumes; this clock
     does not (``Clock``). The price: after a step, the times keysvc shows differ
@@ -57,7 +66,7 @@ class SystemClock:
     """
 
     def now(self) -> float:
-        return _EPOCH_OFFSET + time.monotonic()
+        return _EPOCH_OFFSET + _steady()
 
     def call_at(self, when: float, callback: Callable[[], None]) -> Timer:
         delay = max(0.0, when - self.now())
