@@ -553,12 +553,9 @@ class KeyPool:
         now = self._clock.now()
         queue = self._queues.get((model, info.family, info.embeddings))
         if queue is None:  # nobody waits before us: a free key is ours
-            selected = self._select(self._eligible(model, info), now)
-            if selected is None:
-                raise NoKeysForFamily(info.family, model)
-            index, (until, entry) = selected
-            if until <= now:
-                return self._hand_out(index, entry, now)
+            key = self._hand_out_free(model, info, now)
+            if key is not None:
+                return key
             queue = self._queues[(model, info.family, info.embeddings)] = _WaitQueue(model, info)
         loop = asyncio.get_running_loop()
         waiter = _Waiter(now + max_wait, loop.create_future())
@@ -572,12 +569,9 @@ class KeyPool:
                 if now >= waiter.deadline:
                     break
                 if queue.waiters[0] is waiter:
-                    selected = self._select(self._eligible(model, info), now)
-                    if selected is None:
-                        raise NoKeysForFamily(info.family, model)
-                    index, (until, entry) = selected
-                    if until <= now:
-                        return self._hand_out(index, entry, now)
+                    key = self._hand_out_free(model, info, now)
+                    if key is not None:
+                        return key
                 # Woken, but a plain Get took the key, or not first in line: wait on.
                 waiter.future = loop.create_future()
                 self._schedule_dispatch()
@@ -588,6 +582,18 @@ class KeyPool:
                 del self._queues[(model, info.family, info.embeddings)]
             self._schedule_dispatch()
         return self.get(model)
+
+    def _hand_out_free(self, model: str, info: ModelInfo, now: float) -> Key | None:
+        """Hands out the best key for ``model`` if one is free now; None if all are locked.
+
+        Raises:
+            NoKeysForFamily: no key is eligible for the model.
+        """
+        selected = self._select(self._eligible(model, info), now)
+        if selected is None:
+            raise NoKeysForFamily(info.family, model)
+        index, (until, entry) = selected
+        return self._hand_out(index, entry, now) if until <= now else None
 
     def _schedule_dispatch(self) -> None:
         """Looks at the waiters soon (once per loop turn however often asked)."""
