@@ -5,15 +5,18 @@ from __future__ import annotations
 import enum
 import hashlib
 import re
-from collections import deque
-from collections.abc import Iterable
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from .rates import RateBook, RateState
 
 __all__ = [
     "DisableReason",
     "Key",
     "KeyProfile",
     "RateState",
+    "RateSummary",
     "hash_key",
     "lists_model",
     "parse_key_list",
@@ -79,65 +82,30 @@ def lists_model(model_ids: frozenset[str], model: str) -> bool:
     return base != model and base in model_ids
 
 
-@dataclass(slots=True, eq=False)
-class RateState:
-    """What the pool knows of a key's rate limits in one model family, or key-wide.
+class RateSummary(NamedTuple):
+    """A key's rate-limit state over every family and the key-wide state (``Key.rate_summary``)."""
 
-    Mutated only by the pool. ``until`` is derived by the pool from the other
-    fields (``KeyPool`` docstring); times are epoch seconds, 0 meaning never.
-    """
+    #: The per-family states, by family name.
+    states: list[RateState]
+    #: The key-wide state, if any.
+    wide: RateState | None
+    #: The latest hand-out or 429 in any family; 0 if never.
+    rate_limited_at: float
+    #: When the key is free in every family: the latest lock end; 0 if never locked.
+    rate_limited_until: float
+    #: The longest x-ratelimit-reset-* known (key-wide or any family).
+    requests_reset: float | None
+    tokens_reset: float | None
 
-    key: Key = field(repr=False)
-    #: The model family; "" for the key-wide state.
-    family: str
-    #: When the key was last handed out for this family (0 for the key-wide state).
-    last_used: float = 0.0
-    #: Start of the current rate-limit window: the hand-out, or the latest 429.
-    rate_limited_at: float = 0.0
-    #: The key is locked (not preferred) for the family until then.
-    until: float = 0.0
-    #: Since the hand-out: the last x-ratelimit-reset-* (seconds, clamped) ...
-    requests_reset: float | None = None
-    tokens_reset: float | None = None
-    #: ... and x-ratelimit-remaining-* values; None when not reported.
-    remaining_requests: int | None = None
-    remaining_tokens: int | None = None
-    #: A 429 was reported since the hand-out ...
-    saw_rate_limit: bool = False
-    #: ... and its type ("requests", "tokens"; "" when not told).
-    rate_limit_kind: str = ""
-    #: The family's budget, kept across hand-outs once an answer brought
-    #: x-ratelimit-limit-* with its remaining and reset (``KeyPool`` docstring):
-    #: what remained when the answer was reported (``budget_at``; the reported
-    #: int, the same object as ``remaining_*``, or 0.0 after a typed 429) ...
-    budget_at: float = 0.0
-    budget_requests: float | None = None
-    budget_tokens: float | None = None
-    #: ... and how fast each refills, per second: (limit - remaining) / reset.
-    requests_rate: float | None = None
-    tokens_rate: float | None = None
-    #: Hand-outs not answered yet, oldest first: (when, tokens reserved). None when empty.
-    reserved: deque[tuple[float, float]] | None = field(default=None, repr=False)
-    #: The pool's live index entry for (key, family); None when not indexed.
-    entry: object = field(default=None, repr=False)
-
-    @property
-    def used(self) -> bool:
-        """Whether anything happened in this family (a hand-out, a report)."""
-        return bool(
-            self.last_used
-            or self.rate_limited_at
-            or self.requests_reset is not None
-            or self.tokens_reset is not None
-            or self.remaining_requests is not None
-            or self.remaining_tokens is not None
-            or self.budget_at
-        )
+    def until_in(self, state: RateState) -> float:
+        """When the key is free in ``state``'s family: its lock, or a later key-wide one."""
+        if self.wide is not None and self.wide.until > state.until:
+            return self.wide.until
+        return state.until
 
 
-def _longest(values: Iterable[float | None]) -> float | None:
-    known = [v for v in values if v is not None]
-    return max(known) if known else None
+def _by_family(state: RateState) -> str:
+    return state.family
 
 
 def hash_key(secret: str, organization_id: str = "") -> str:
@@ -176,104 +144,111 @@ class Key:
     last_used: float = 0.0
     last_checked: float = 0.0
     prompt_count: int = 0
-    token_usage: dict[str, int] = field(default_factory=dict)
     #: Disabled before a Recheck: stays out until its new check says it is alive.
     revive_if_alive: bool = False
     #: Hash of the key this organization clone was made from; empty for loaded keys.
     cloned_from: str = ""
-    #: Rate-limit state from reports that named no model, since the key was last
-    #: handed out; it applies to every family. None when there is none.
-    wide: RateState | None = field(default=None, repr=False)
-    #: Rate-limit state per family: one ``RateState`` (the common case), a tuple
-    #: of them (a tuple is a third of a dict's size and a key has a handful), or
-    #: None. Only families the pool has indexed or been told about have one; a
-    #: missing family means "never used".
-    states: RateState | tuple[RateState, ...] | None = field(default=None, repr=False)
     #: The key is in the pool's selection indexes (it is not disabled).
     indexed: bool = field(default=False, repr=False)
+    #: Where the key's rate-limit state and token usage live: the pool's book,
+    #: row ``seq`` (``keysvc.rates``). None until the key joins a pool.
+    book: RateBook | None = field(default=None, repr=False)
+    #: Token usage set before the key joined a pool (a state file's record).
+    _usage: dict[str, int] | None = field(default=None, repr=False)
+
+    @property
+    def token_usage(self) -> dict[str, int]:
+        """Tokens counted per model family (a copy)."""
+        if self.book is not None:
+            return self.book.usage(self.seq)
+        return dict(self._usage) if self._usage else {}
+
+    @token_usage.setter
+    def token_usage(self, usage: Mapping[str, int]) -> None:
+        if self.book is not None:
+            self.book.set_usage(self.seq, usage)
+        else:
+            self._usage = dict(usage)
+
+    def __lt__(self, other: Key) -> bool:
+        """Keys order by load order (``seq``), the last tie-break of selection."""
+        return self.seq < other.seq
+
+    def join(self, book: RateBook) -> None:
+        """Moves the key's state into ``book`` (row ``seq``), where the pool keeps it."""
+        book.add_row(self.seq)
+        usage = self.token_usage
+        self.book, self._usage = book, None
+        self.token_usage = usage
 
     def state_in(self, family: str) -> RateState | None:
         """The key's rate-limit state in ``family``, if it has one."""
-        states = self.states
-        if type(states) is RateState:
-            return states if states.family == family else None
-        if states is None:
-            return None
-        assert isinstance(states, tuple)
-        for state in states:
-            if state.family == family:
-                return state
-        return None
-
-    def add_state(self, state: RateState) -> RateState:
-        """Records ``state`` (for a family the key has no state in yet) and returns it."""
-        states = self.states
-        if states is None:
-            self.states = state
-        elif type(states) is RateState:
-            self.states = (states, state)
-        else:
-            assert isinstance(states, tuple)
-            self.states = (*states, state)
-        return state
+        return None if self.book is None else self.book.state(self.seq, family)
 
     def family_states(self) -> list[RateState]:
         """Every per-family state of the key."""
-        states = self.states
-        if states is None:
-            return []
-        if type(states) is RateState:
-            return [states]
-        assert isinstance(states, tuple)
-        return list(states)
+        return [] if self.book is None else self.book.states(self.seq)
+
+    @property
+    def wide(self) -> RateState | None:
+        """Rate-limit state from reports that named no model, since the key was last
+        handed out; it applies to every family. None when there is none."""
+        return None if self.book is None else self.book.state(self.seq, "")
 
     def until_in(self, family: str) -> float:
         """When the key's lock for ``family`` ends: its own, or a key-wide one if later."""
-        state = self.state_in(family)
-        until = state.until if state is not None else 0.0
-        if self.wide is not None and self.wide.until > until:
-            return self.wide.until
-        return until
+        return 0.0 if self.book is None else self.book.lock_end(self.seq, family)
 
     # Key-wide summaries over the key-wide state and every family (the Key message).
+
+    def rate_summary(self) -> RateSummary:
+        """The key's rate-limit state, read once: what the Key message shows.
+
+        Built for every Get's reply: one pass, no intermediate lists.
+        """
+        states = self.family_states()
+        if len(states) > 1:
+            states.sort(key=_by_family)
+        wide = self.wide
+        rate_limited_at = rate_limited_until = 0.0
+        requests_reset: float | None = None
+        tokens_reset: float | None = None
+        for state in states if wide is None else (*states, wide):
+            if state.rate_limited_at > rate_limited_at:
+                rate_limited_at = state.rate_limited_at
+            if state.until > rate_limited_until:
+                rate_limited_until = state.until
+            if state.requests_reset is not None and (
+                requests_reset is None or state.requests_reset > requests_reset
+            ):
+                requests_reset = state.requests_reset
+            if state.tokens_reset is not None and (
+                tokens_reset is None or state.tokens_reset > tokens_reset
+            ):
+                tokens_reset = state.tokens_reset
+        return RateSummary(
+            states, wide, rate_limited_at, rate_limited_until, requests_reset, tokens_reset
+        )
 
     @property
     def rate_limited_until(self) -> float:
         """When the key is free in every family: the latest lock end; 0 if never locked."""
-        until = self.wide.until if self.wide is not None else 0.0
-        states = self.states
-        if type(states) is RateState:
-            return states.until if states.until > until else until
-        if states is not None:
-            assert isinstance(states, tuple)
-            for state in states:
-                if state.until > until:
-                    until = state.until
-        return until
+        return 0.0 if self.book is None else self.book.latest_until(self.seq)
 
     @property
     def rate_limited_at(self) -> float:
         """The latest hand-out or 429 in any family; 0 if never."""
-        return max(
-            [s.rate_limited_at for s in self.family_states()]
-            + [self.wide.rate_limited_at if self.wide is not None else 0.0]
-        )
+        return self.rate_summary().rate_limited_at
 
     @property
     def requests_reset(self) -> float | None:
         """The longest x-ratelimit-reset-requests known (key-wide or any family)."""
-        return _longest(s.requests_reset for s in self._all_states())
+        return self.rate_summary().requests_reset
 
     @property
     def tokens_reset(self) -> float | None:
         """The longest x-ratelimit-reset-tokens known (key-wide or any family)."""
-        return _longest(s.tokens_reset for s in self._all_states())
-
-    def _all_states(self) -> list[RateState]:
-        states = self.family_states()
-        if self.wide is not None:
-            states.append(self.wide)
-        return states
+        return self.rate_summary().tokens_reset
 
     @property
     def model_families(self) -> frozenset[str]:

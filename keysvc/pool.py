@@ -6,12 +6,13 @@ select-and-throttle is atomic without locks.
 
 Rate-limit state is kept per (key, model family), because the upstream limits
 each key per model: a 429 for gpt-4 says nothing about the same key on turbo.
-A ``RateState`` per family holds the hand-out time, the last answer's reset
-and remaining headers and whether a 429 came; reports that name no model go
-to the key-wide state (``key.wide``), which locks every family (the seed's
-behaviour). A key's lock in family f ends at the later of the two.
+The state of a family (``keysvc.rates``: one ``RateTable`` per family, a row
+per key) holds the hand-out time, the last answer's reset and remaining
+headers and whether a 429 came; reports that name no model go to the
+key-wide table (family ""), which locks every family (the seed's behaviour).
+A key's lock in family f ends at the later of the two.
 
-A family's lock (``RateState.until``) is the latest of
+A family's lock (its ``until``) is the latest of
 
 - the reuse throttle: ``last_used + reuse_delay`` (1 s) after a hand-out for
   that family, so a burst does not pile onto one key before its headers come
@@ -59,36 +60,50 @@ ends), and keys locked for longer, by unlock time, moved to the first queue
 when it comes. A selection peeks one queue head per eligible profile: O(P) for
 P distinct profiles (a handful) whatever the number of keys n (O(log n) only
 for keys that arrive out of order, such as the end of a rate-limit lock),
-instead of the seed's sort of the whole pool. A key gets a ``RateState`` for a
-family only when that family is indexed or reported, so families nobody asks
-for cost no memory.
+instead of the seed's sort of the whole pool. A family gets a table only
+when it is indexed or reported (or its usage counted), so families nobody
+asks for cost no memory.
 
 Queue entries are never updated in place: when a key moves, a new entry is
-pushed and its ``RateState.entry`` points at it; entries it no longer points at
-are stale and are dropped when they reach a queue head or when the queues are
-compacted. A family-state change re-places the key in that family's index only; a
-key-wide change re-places it in every index it is in.
+pushed and the family's table marks which queue holds it; an entry is stale
+once its key has moved on (``_FamilyIndex``), and is dropped when it reaches a
+queue head or when the queues are compacted. A family-state change re-places
+the key in that family's index only; a key-wide change re-places it in every
+index it is in.
 """
 
 from __future__ import annotations
 
 import asyncio
-import gc
 import heapq
 import logging
 import math
 import re
+from array import array
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from typing import Final, Generic, NamedTuple, TypeVar
+from typing import Final, NamedTuple
 
 from .clock import Clock, Timer
 from .durations import parse_go_duration
 from .errors import FamilyDisallowed, InvalidArgument, KeyNotFound, NoKeysForFamily
 from .events import KeyChange, NullObserver, PoolObserver
-from .keys import DisableReason, Key, KeyProfile, RateState, hash_key
+from .keys import DisableReason, Key, KeyProfile, hash_key
 from .models import GPT4_32K, ModelInfo, ModelTable
 from .outcomes import Decision, UpstreamError, decide
+from .rates import (
+    HAS_STATE,
+    KIND_REQUESTS,
+    KIND_TOKENS,
+    LOCKED,
+    MAX_COUNT,
+    NOT_PLACED,
+    NOT_SET,
+    READY,
+    SAW_RATE_LIMIT,
+    RateBook,
+    RateTable,
+)
 from .store import KeyStore, MemoryKeyStore
 
 __all__ = ["MAX_WAIT", "KeyPool", "Limits"]
@@ -160,15 +175,6 @@ class Limits:
     MESSAGE_BYTES: Final = 1024 * 1024
 
 
-# Queue entries. Ready: (last_used, seq, state). Locked: (until, last_used, seq, state).
-# ``state`` is the key's RateState for the index's family; ``state.key`` the key.
-_ReadyEntry = tuple[float, int, RateState]
-_LockedEntry = tuple[float, float, int, RateState]
-_Entry = TypeVar("_Entry", _ReadyEntry, _LockedEntry)
-#: What ``_FamilyIndex.top`` finds: when the key unlocks (0.0: it is free) and its entry.
-_Top = tuple[float, _ReadyEntry | _LockedEntry]
-
-
 class _ProfileGroup:
     """The indexed (not disabled) keys of one profile, with one index per family asked for."""
 
@@ -180,71 +186,115 @@ class _ProfileGroup:
         self.live = 0
 
 
-def _lock_end(state: RateState) -> float:
-    """When the key of ``state`` is free in its family: its own lock or a later key-wide one."""
-    wide = state.key.wide
-    return wide.until if wide is not None and wide.until > state.until else state.until
+def _lock_end(book: RateBook, table: RateTable, row: int) -> float:
+    """When key ``row`` is free in the family of ``table``: its own lock or a later key-wide one."""
+    until = table.until[row]
+    wide = book.wide
+    if wide is not None and wide.until[row] > until:
+        return wide.until[row]
+    return until
 
 
-class _Ordered(Generic[_Entry]):
-    """Entries, smallest first: an in-order run (a deque) beside a heap for the rest.
+#: A heap entry: (time, last_used, seq, key).
+_HeapEntry = tuple[float, float, int, Key]
 
-    Most entries arrive in order, so the run makes them O(1) where a heap of n
+
+class _Queue:
+    """Keys in order of (time, last use, seq): an in-order run beside a heap for the rest.
+
+    Most keys arrive in order, so the run makes them O(1) where a heap of n
     entries costs O(log n) and a cache miss per level: keys are loaded in
     sequence order, and a key handed out was used more recently than any other
     and its throttle ends after theirs (the clock never goes back: ``Clock``).
-    An entry smaller than the run's last goes to the heap; the smallest is the
-    smaller of the two heads. Entries sort by their leading fields; the
-    trailing ``RateState`` is never reached (its key's ``seq`` is unique within
-    an index).
+    The run is two deques side by side, the time each key was queued at and
+    the key: no object per entry. An entry that sorts before the run's last
+    goes to the heap as a tuple; the smallest is the smaller of the two heads.
+
+    Entries are not updated when a key moves: the owner pushes a new one, and
+    ``live`` tells whether an entry (key, time) is still where its key is. The
+    rest are dropped when they reach a head, or by ``compact``. An entry at a
+    head is live, so its key's current last use is the one it was queued with.
     """
 
-    __slots__ = ("heap", "run")
+    __slots__ = ("heap", "keys", "last_used", "live", "tail", "times")
 
-    def __init__(self) -> None:
-        self.run: deque[_Entry] = deque()
-        self.heap: list[_Entry] = []
+    def __init__(self, last_used: array[float], live: Callable[[Key, float], bool]) -> None:
+        #: The family's last-use column, for the run head's order.
+        self.last_used = last_used
+        self.live = live
+        self.times: deque[float] = deque()
+        self.keys: deque[Key] = deque()
+        self.heap: list[_HeapEntry] = []
+        #: The order of the run's last entry.
+        self.tail: tuple[float, float, int] = (-math.inf, -math.inf, -1)
 
     def __len__(self) -> int:
-        return len(self.run) + len(self.heap)
+        return len(self.keys) + len(self.heap)
 
-    def push(self, entry: _Entry) -> None:
-        run = self.run
-        if not run or run[-1] <= entry:
-            run.append(entry)
+    def push(self, time: float, last_used: float, key: Key, *, ordered: bool = True) -> None:
+        """Queues ``key``; unless ``ordered``, without keeping the heap ordered (call
+        ``heapify`` after a batch)."""
+        order = (time, last_used, key.seq)
+        if not self.keys or self.tail <= order:
+            self.times.append(time)
+            self.keys.append(key)
+            self.tail = order
+        elif ordered:
+            heapq.heappush(self.heap, (time, last_used, key.seq, key))
         else:
-            heapq.heappush(self.heap, entry)
-
-    def append(self, entry: _Entry) -> None:
-        """``push`` without keeping the heap ordered; call ``heapify`` after a batch."""
-        run = self.run
-        if not run or run[-1] <= entry:
-            run.append(entry)
-        else:
-            self.heap.append(entry)
+            self.heap.append((time, last_used, key.seq, key))
 
     def heapify(self) -> None:
         heapq.heapify(self.heap)
 
-    def head(self) -> _Entry | None:
-        run, heap = self.run, self.heap
-        if run:
-            return heap[0] if heap and heap[0] < run[0] else run[0]
-        return heap[0] if heap else None
+    def head(self) -> tuple[float, Key] | None:
+        """The smallest live entry, (time, key); stale entries before it are dropped."""
+        times, keys, heap, live = self.times, self.keys, self.heap, self.live
+        while keys and not live(keys[0], times[0]):
+            keys.popleft()
+            times.popleft()
+        while heap and not live(heap[0][3], heap[0][0]):
+            heapq.heappop(heap)
+        if keys and not self._heap_first():
+            return times[0], keys[0]
+        return (heap[0][0], heap[0][3]) if heap else None
 
-    def pop_head(self, entry: _Entry) -> None:
-        """Removes ``entry``, which ``head`` just returned."""
-        run = self.run
-        if run and run[0] is entry:
-            run.popleft()
+    def pop_head(self) -> None:
+        """Removes the entry ``head`` just returned."""
+        if self.keys and not self._heap_first():
+            self.keys.popleft()
+            self.times.popleft()
         else:
             heapq.heappop(self.heap)
 
-    def keep(self, live: Callable[[_Entry], bool]) -> None:
-        """Drops the entries ``live`` rejects (the run stays in order)."""
-        self.run = deque(e for e in self.run if live(e))
-        self.heap = [e for e in self.heap if live(e)]
-        heapq.heapify(self.heap)
+    def _heap_first(self) -> bool:
+        """Whether the heap's head sorts before the run's (both live; the run not empty)."""
+        heap = self.heap
+        if not heap:
+            return False
+        key = self.keys[0]
+        return heap[0][:3] < (self.times[0], self.last_used[key.seq], key.seq)
+
+    def compact(self) -> None:
+        """Drops every stale entry, and all but one of a key's equal live entries."""
+        seen: set[int] = set()
+        times: deque[float] = deque()
+        keys: deque[Key] = deque()
+        for time, key in zip(self.times, self.keys, strict=True):
+            if key.seq not in seen and self.live(key, time):
+                seen.add(key.seq)
+                times.append(time)
+                keys.append(key)
+        heap = []
+        for entry in self.heap:
+            if entry[2] not in seen and self.live(entry[3], entry[0]):
+                seen.add(entry[2])
+                heap.append(entry)
+        heapq.heapify(heap)
+        self.times, self.keys, self.heap = times, keys, heap
+        if keys:
+            last = keys[-1]
+            self.tail = (times[-1], self.last_used[last.seq], last.seq)
 
 
 class _FamilyIndex:
@@ -257,94 +307,113 @@ class _FamilyIndex:
     used least recently is both the best free key and, when it is not free
     yet, the first to be: a key handed out stays in ``ready`` and needs no
     move when its throttle ends.
+
+    Which queue holds a key's live entry is marked in the family's
+    ``RateTable.placed``. An entry is live when its key is marked for its
+    queue, still has this profile, and still has the time it was queued by
+    (its last use in ``ready``, its unlock time in ``locked``).
     """
 
-    __slots__ = ("family", "group", "locked", "profile", "ready", "reuse_delay")
+    __slots__ = ("book", "family", "group", "locked", "profile", "ready", "reuse_delay", "table")
 
-    def __init__(self, group: _ProfileGroup, family: str, reuse_delay: float) -> None:
+    def __init__(
+        self, group: _ProfileGroup, family: str, reuse_delay: float, book: RateBook
+    ) -> None:
         self.group = group
         self.profile = group.profile
         self.family = family
         self.reuse_delay = reuse_delay
-        self.ready: _Ordered[_ReadyEntry] = _Ordered()
-        self.locked: _Ordered[_LockedEntry] = _Ordered()
+        self.book = book
+        self.table = book.table(family)
+        self.ready = _Queue(self.table.last_used, self._ready_live)
+        self.locked = _Queue(self.table.last_used, self._locked_live)
 
-    def push(self, state: RateState, now: float) -> None:
-        """(Re-)places the key of ``state`` by its lock for this family."""
-        self.append(state, now, ordered=True)
-        if len(self.ready) + len(self.locked) > 2 * self.group.live + 64:
-            self._compact()
+    def _ready_live(self, key: Key, time: float) -> bool:
+        row = key.seq
+        table = self.table
+        return (
+            table.placed[row] == READY
+            and key.profile is self.profile
+            and table.last_used[row] == time
+        )
 
-    def append(self, state: RateState, now: float, *, ordered: bool = False) -> None:
-        """``push``; unless ``ordered``, without keeping the heaps ordered (call
-        ``heapify`` after a batch)."""
-        until = _lock_end(state)
-        last_used = state.last_used
-        # The key's live entry, if it is placed: (last_used, seq, state) or (until, ...).
-        placed = state.entry if isinstance(state.entry, tuple) else ()
+    def _locked_live(self, key: Key, time: float) -> bool:
+        row = key.seq
+        return (
+            self.table.placed[row] == LOCKED
+            and key.profile is self.profile
+            and _lock_end(self.book, self.table, row) == time
+        )
+
+    def place(
+        self, key: Key, now: float, *, ordered: bool = True, was_until: float = math.nan
+    ) -> None:
+        """(Re-)places ``key`` by its lock for this family.
+
+        ``was_until``: its unlock time before the change that calls for this,
+        when known; a locked key whose unlock time did not change stays put.
+        Unless ``ordered``, the heaps are left unordered (call ``heapify``).
+        """
+        row = key.seq
+        table = self.table
+        until = _lock_end(self.book, table, row)
+        last_used = table.last_used[row]
         if until <= now or (last_used and until <= last_used + self.reuse_delay):
-            if len(placed) == 3 and placed[0] == last_used:
-                return  # already in place: most answers leave a key where it was
-            ready: _ReadyEntry = (last_used, state.key.seq, state)
-            if ordered:
-                self.ready.push(ready)
-            else:
-                self.ready.append(ready)
-            state.entry = ready
+            if table.placed[row] == READY:
+                return  # in place: a ready key moves only when handed out
+            table.placed[row] = READY
+            self.ready.push(last_used, last_used, key, ordered=ordered)
         else:
-            if len(placed) == 4 and placed[0] == until and placed[1] == last_used:
-                return  # already in place
-            locked: _LockedEntry = (until, last_used, state.key.seq, state)
-            if ordered:
-                self.locked.push(locked)
-            else:
-                self.locked.append(locked)
-            state.entry = locked
+            if table.placed[row] == LOCKED and until == was_until:
+                return  # in place: most answers leave a key where it was
+            table.placed[row] = LOCKED
+            self.locked.push(until, last_used, key, ordered=ordered)
+        if ordered and len(self.ready) + len(self.locked) > 2 * self.group.live + 64:
+            self.ready.compact()
+            self.locked.compact()
 
     def heapify(self) -> None:
         self.ready.heapify()
         self.locked.heapify()
 
-    def top(self, now: float) -> _Top | None:
-        """The best live entry (free first, else first to unlock) and when it
-        unlocks (0.0: free now); the entry is left in place."""
-        locked, ready = self.locked, self.ready
+    def top(self, now: float) -> tuple[float, Key] | None:
+        """The best key (free first, else first to unlock) and when it unlocks
+        (0.0: it is free now); its entry is left in place."""
+        locked, ready, table = self.locked, self.ready, self.table
         first = locked.head()
         while first is not None and first[0] <= now:
-            locked.pop_head(first)
-            state = first[3]
-            if state.entry is first:
-                promoted: _ReadyEntry = (first[1], first[2], state)
-                ready.push(promoted)
-                state.entry = promoted
-            first = locked.head()
-        while first is not None and first[3].entry is not first:
-            locked.pop_head(first)
+            locked.pop_head()
+            key = first[1]
+            last_used = table.last_used[key.seq]
+            table.placed[key.seq] = READY
+            ready.push(last_used, last_used, key)
             first = locked.head()
         best = ready.head()
-        while best is not None and best[2].entry is not best:
-            ready.pop_head(best)
-            best = ready.head()
         if best is not None:
-            last_used = best[0]
+            last_used, key = best
             if not last_used or last_used + self.reuse_delay <= now:
-                return (0.0, best)
+                return (0.0, key)
             until = last_used + self.reuse_delay
-            if first is None or (until, last_used, best[1]) <= first[:3]:
-                return (until, best)
-        return None if first is None else (first[0], first)
+            if first is None:
+                return (until, key)
+            other = first[1]
+            if (until, last_used, key.seq) <= (
+                first[0],
+                table.last_used[other.seq],
+                other.seq,
+            ):
+                return (until, key)
+        return first
 
-    def pop_top(self, entry: _ReadyEntry | _LockedEntry) -> None:
-        """Removes ``entry``, which ``top`` just returned: its key is not placed until pushed."""
-        if len(entry) == 3:
-            self.ready.pop_head(entry)
-        else:
-            self.locked.pop_head(entry)
-        entry[-1].entry = None
+    def pop_top(self, key: Key) -> None:
+        """Takes out ``key``, which ``top`` just returned: it is not placed until placed again."""
+        row = key.seq
+        (self.ready if self.table.placed[row] == READY else self.locked).pop_head()
+        self.table.placed[row] = NOT_PLACED
 
-    def _compact(self) -> None:
-        self.ready.keep(lambda e: e[2].entry is e)
-        self.locked.keep(lambda e: e[3].entry is e)
+    def unplace(self, key: Key) -> None:
+        """Marks ``key`` as in no queue: its entries are stale from now on."""
+        self.table.placed[key.seq] = NOT_PLACED
 
 
 class _Waiter:
@@ -403,6 +472,8 @@ class KeyPool:
         self._reuse_delay = reuse_delay
         self._observer: PoolObserver = observer or NullObserver()
         self._groups: dict[KeyProfile, _ProfileGroup] = {}
+        #: Every key's rate-limit state and token usage, by key ``seq``.
+        self._book = RateBook()
         #: Families some caller has asked about: every group has an index for each
         #: of them that its profile has.
         self._indexed_families: set[str] = set()
@@ -427,6 +498,7 @@ class KeyPool:
         for key in store:
             key.profile = self._intern(key.profile)
             key.seq = self._take_seq()
+            key.join(self._book)
             if not key.is_disabled:
                 self._place(key, now)
 
@@ -479,6 +551,7 @@ class KeyPool:
             seq=self._take_seq(),
             organization_id=organization_id,
         )
+        key.join(self._book)
         # A persistent store may give the key its saved state (flags, families, usage).
         self._store.add(key)
         key.profile = self._intern(key.profile)
@@ -522,8 +595,8 @@ class KeyPool:
         selected = self._select(self._eligible(model, info), now)
         if selected is None:
             raise NoKeysForFamily(info.family, model)
-        index, (_, entry) = selected
-        return self._hand_out(index, entry, now)
+        index, (_, key) = selected
+        return self._hand_out(index, key, now)
 
     async def get_waiting(self, model: str, max_wait: float) -> Key:
         """``get``, but when every eligible key is locked, waits up to ``max_wait``
@@ -592,8 +665,8 @@ class KeyPool:
         selected = self._select(self._eligible(model, info), now)
         if selected is None:
             raise NoKeysForFamily(info.family, model)
-        index, (until, entry) = selected
-        return self._hand_out(index, entry, now) if until <= now else None
+        index, (until, key) = selected
+        return self._hand_out(index, key, now) if until <= now else None
 
     def _schedule_dispatch(self) -> None:
         """Looks at the waiters soon (once per loop turn however often asked)."""
@@ -632,31 +705,29 @@ class KeyPool:
         self._timer, self._timer_at = None, math.inf
         self._dispatch()
 
-    def _hand_out(self, index: _FamilyIndex, entry: _ReadyEntry | _LockedEntry, now: float) -> Key:
-        """Throttles the key of ``entry`` (the top of ``index``) for its family and returns it."""
-        index.pop_top(entry)
-        state = entry[-1]
-        assert isinstance(state, RateState)
-        key = state.key
-        state.last_used = state.rate_limited_at = key.last_used = now
+    def _hand_out(self, index: _FamilyIndex, key: Key, now: float) -> Key:
+        """Throttles ``key`` (the top of ``index``) for the index's family and returns it."""
+        index.pop_top(key)
+        table, row = index.table, key.seq
+        table.last_used[row] = table.rate_limited_at[row] = key.last_used = now
         # The previous answer's headers are spent; the coming answer brings its own.
-        state.requests_reset = state.tokens_reset = None
-        state.remaining_requests = state.remaining_tokens = None
-        state.saw_rate_limit = False
-        state.rate_limit_kind = ""
-        if state.budget_at:  # only a budget needs to know what is in flight
-            if state.reserved is None:
-                state.reserved = deque()
-            state.reserved.append((now, self._token_reserve(index.family)))
-        self._derive(state, now)
-        wide = key.wide
-        if wide is None:
-            index.push(state, now)
+        table.requests_reset[row] = table.tokens_reset[row] = NOT_SET
+        table.remaining_requests[row] = table.remaining_tokens[row] = NOT_SET
+        table.flags[row] = HAS_STATE
+        if table.budget_at[row]:  # only a budget needs to know what is in flight
+            reserved = table.reserved.get(row)
+            if reserved is None:
+                reserved = table.reserved[row] = deque()
+            reserved.append((now, self._token_reserve(index.family)))
+        self._derive(table, row, now)
+        wide = self._book.wide
+        if wide is None or not wide.has_state(row):
+            index.place(key, now)
         else:
             # Key-wide reports describe answers before this hand-out, as in the seed.
-            key.wide = None
+            wide.reset(row)
             self._wide_keys.discard(key)
-            self._push_all(key, now)
+            self._place_all(key, now)
         self._store.changed(key)
         self._observer.handed_out(index.family)
         return key
@@ -685,13 +756,15 @@ class KeyPool:
         live = sum(g.live for g in self._groups.values() if family in g.profile.families)
         now = self._clock.now()
         locked, first_unlock = 0, math.inf
-        for key in self._wide_keys:
-            wide = key.wide
-            if wide is None or wide.until <= now or not key.indexed:
+        wide = self._book.wide
+        for key in self._wide_keys if wide is not None else ():
+            assert wide is not None
+            until = wide.until[key.seq]
+            if until <= now or not key.indexed:
                 continue
             if family in key.profile.families:
                 locked += 1
-                first_unlock = min(first_unlock, wide.until)
+                first_unlock = min(first_unlock, until)
         if live == 0 or locked < live:
             return 0.0
         return first_unlock - now
@@ -703,9 +776,12 @@ class KeyPool:
         selected = self._select(self._eligible(model, info), now)
         return 0.0 if selected is None else max(0.0, selected[1][0] - now)
 
-    def _select(self, indexes: list[_FamilyIndex], now: float) -> tuple[_FamilyIndex, _Top] | None:
-        """The best key over ``indexes`` (selection order in the module docstring)."""
-        best: tuple[_FamilyIndex, _Top] | None = None
+    def _select(
+        self, indexes: list[_FamilyIndex], now: float
+    ) -> tuple[_FamilyIndex, tuple[float, Key]] | None:
+        """The best key over ``indexes`` (selection order in the module docstring) and
+        when it unlocks (0.0: free now)."""
+        best: tuple[_FamilyIndex, tuple[float, Key]] | None = None
         best_rank: tuple[float, ...] | None = None
         for index in indexes:
             top = index.top(now)
@@ -714,13 +790,14 @@ class KeyPool:
             if len(indexes) == 1:
                 return index, top
             profile = index.profile
-            trial_rank = 0 if profile.is_trial else 1
-            has_32k_rank = 1 if GPT4_32K in profile.families else 0
-            until, entry = top
-            if len(entry) == 3:  # (last_used, seq, state)
-                rank: tuple[float, ...] = (until, trial_rank, has_32k_rank, entry[0], entry[1])
-            else:  # (until, last_used, seq, state)
-                rank = (until, trial_rank, has_32k_rank, entry[1], entry[2])
+            until, key = top
+            rank = (
+                until,
+                0 if profile.is_trial else 1,
+                1 if GPT4_32K in profile.families else 0,
+                index.table.last_used[key.seq],
+                key.seq,
+            )
             if best_rank is None or rank < best_rank:
                 best, best_rank = (index, top), rank
         return best
@@ -754,10 +831,10 @@ class KeyPool:
         key = self.key(key_hash)
         if model:
             _check_model(model)
-        state = self._report_state(key, model)
+        table = self._report_table(key, model)
         now = self._clock.now()
-        first_report = self._mark(state, now)
-        self._reposition(state, now)
+        first_report = _mark(table, key.seq, now)
+        self._reposition(key, table, now)
         if first_report:  # once per hand-out: proxies may report the same 429 twice
             reason = f"upstream answered 429 for {model}" if model else "upstream answered 429"
             self._state_changed(key, KeyChange.RATE_LIMITED, reason)
@@ -780,47 +857,32 @@ class KeyPool:
         parsed = _parse_rate_headers(key, headers)
         if parsed is None:
             return
-        state = self._report_state(key, model)
+        table = self._report_table(key, model)
         now = self._clock.now()
         if model:  # an answer for the family: its hand-out is no longer in flight
-            _release(state)
-        _apply_rate_headers(state, parsed, now)
-        self._reposition(state, now)
+            _release(table, key.seq)
+        _apply_rate_headers(table, key.seq, parsed, now)
+        self._reposition(key, table, now)
 
-    def _report_state(self, key: Key, model: str) -> RateState:
-        """The state a report about ``model`` changes: its family's, or key-wide without one."""
+    def _report_table(self, key: Key, model: str) -> RateTable:
+        """The table whose row for ``key`` a report about ``model`` changes: the
+        model's family's, or the key-wide one without a model. The key has a
+        state there from now on."""
         if not model:
-            wide = key.wide
-            if wide is None:
+            wide = self._book.table("")
+            if not wide.has_state(key.seq):
                 # The window of a key-wide report starts at the key's last hand-out.
-                wide = key.wide = RateState(key, "", rate_limited_at=key.last_used)
+                wide.flags[key.seq] = HAS_STATE
+                wide.rate_limited_at[key.seq] = key.last_used
                 self._wide_keys.add(key)
             return wide
         family = self._models.family(model)
         # States exist only for indexed families (family_lockout relies on it).
         self._index_family(family)
-        state = key.state_in(family)
-        if state is None:  # the key's profile lacks the family, or it is disabled
-            state = key.add_state(RateState(key, family))
-        return state
-
-    @staticmethod
-    def _mark(state: RateState, now: float, kind: str = "") -> bool:
-        """Records a 429 (of type ``kind``, "" if unknown) in ``state``; True when it
-        is the first since the hand-out.
-
-        A 429 is authoritative: a budgeted dimension it names is spent now, whatever
-        the remaining header said.
-        """
-        first = not state.saw_rate_limit
-        state.rate_limited_at = now
-        state.saw_rate_limit = True
-        state.rate_limit_kind = kind if kind in ("requests", "tokens") else ""
-        if state.rate_limit_kind == "requests" and state.requests_rate is not None:
-            state.budget_at, state.budget_requests = now, 0.0
-        elif state.rate_limit_kind == "tokens" and state.tokens_rate is not None:
-            state.budget_at, state.budget_tokens = now, 0.0
-        return first
+        table = self._book.table(family)
+        # The key's profile may lack the family, or it is disabled: it had none yet.
+        table.flags[key.seq] |= HAS_STATE
+        return table
 
     def increment_usage(self, key_hash: str, model: str, tokens: int) -> None:
         """Adds a finished request's tokens to the model family's usage."""
@@ -829,7 +891,7 @@ class KeyPool:
         if not 0 <= tokens <= Limits.TOKENS:
             raise InvalidArgument("tokens", f"must be between 0 and {Limits.TOKENS}")
         family = self._models.family(model)
-        key.token_usage[family] = key.token_usage.get(family, 0) + tokens
+        self._book.add_usage(key.seq, family, tokens)
         if tokens:  # 0: the proxy did not read the usage, which says nothing of the size
             self._learn_tokens(family, tokens)
         key.prompt_count += 1
@@ -878,14 +940,14 @@ class KeyPool:
         decision = decide(status, error)
         parsed = _parse_rate_headers(key, headers)
         now = self._clock.now()
-        answered = key.state_in(self._models.family(model))
-        released = answered is not None and _release(answered)
+        answered = self._book.get(self._models.family(model))
+        released = answered is not None and _release(answered, key.seq)
         if parsed is not None or decision.rate_limited or released:
-            state = self._report_state(key, model)
+            table = self._report_table(key, model)
             if parsed is not None:
-                _apply_rate_headers(state, parsed, now)
-            first_report = decision.rate_limited and self._mark(state, now, error.type)
-            self._reposition(state, now)
+                _apply_rate_headers(table, key.seq, parsed, now)
+            first_report = decision.rate_limited and _mark(table, key.seq, now, error.type)
+            self._reposition(key, table, now)
             if first_report:
                 self._state_changed(key, KeyChange.RATE_LIMITED, decision.why)
         if decision.count_usage:
@@ -1081,27 +1143,29 @@ class KeyPool:
         _log.log(level, event, extra={"key_hash": key.hash, "reason": reason, **fields})
         self._observer.state_changed(key.hash, change, reason)
 
-    def _derive(self, state: RateState, now: float) -> None:
-        """``state.until``: the latest of the reuse throttle, the rate-limit window
-        and the budget (module docstring). The key-wide state has neither throttle
-        nor budget of its own. Reservations that have lapsed are dropped first."""
-        reserved = state.reserved
+    def _derive(self, table: RateTable, row: int, now: float) -> None:
+        """``until`` of ``row``: the latest of the reuse throttle, the rate-limit
+        window and the budget (module docstring). The key-wide state has neither
+        throttle nor budget of its own. Reservations that have lapsed are dropped first."""
+        reserved = table.reserved.get(row)
         if reserved is not None:
             while reserved and reserved[0][0] + RESERVATION_TTL <= now:
                 reserved.popleft()
-            if not reserved:  # an empty deque costs ~760 B per (key, family)
-                state.reserved = None
-        if not state.last_used and not state.rate_limited_at and not state.budget_at:
-            state.until = 0.0
+            if not reserved:
+                del table.reserved[row]
+        last_used, rate_limited_at = table.last_used[row], table.rate_limited_at[row]
+        budget_at = table.budget_at[row]
+        if not last_used and not rate_limited_at and not budget_at:
+            table.until[row] = 0.0
             return
-        until = state.rate_limited_at + _window(state) if state.rate_limited_at else 0.0
-        if state.last_used and state.last_used + self._reuse_delay > until:
-            until = state.last_used + self._reuse_delay
-        if state.budget_at:
-            budget = _budget_until(state, self._token_reserve(state.family))
+        until = rate_limited_at + _window(table, row) if rate_limited_at else 0.0
+        if last_used and last_used + self._reuse_delay > until:
+            until = last_used + self._reuse_delay
+        if budget_at:
+            budget = _budget_until(table, row, self._token_reserve(table.family))
             if budget > until:
                 until = budget
-        state.until = until
+        table.until[row] = until
 
     def _token_reserve(self, family: str) -> float:
         """Tokens a hand-out in ``family`` reserves (``TOKEN_ESTIMATE_*``); 1 before any usage."""
@@ -1124,28 +1188,36 @@ class KeyPool:
         variance = (1 - TOKEN_ESTIMATE_WEIGHT) * (variance + TOKEN_ESTIMATE_WEIGHT * delta * delta)
         self._token_stats[family] = (mean, variance)
 
-    def _reposition(self, state: RateState, now: float) -> None:
-        """Re-derives ``state`` and re-places its key where the change matters."""
-        self._derive(state, now)
-        key = state.key
-        if key.indexed:
-            if state is key.wide:
-                self._push_all(key, now)
-            else:
-                index = self._groups[key.profile].indexes.get(state.family)
-                if index is not None:
-                    index.push(state, now)
+    def _reposition(self, key: Key, table: RateTable, now: float) -> None:
+        """Re-derives the key's row of ``table`` and re-places the key where the
+        change matters: in that family's index, or in every index for a key-wide change."""
+        row = key.seq
+        if not key.indexed:
+            self._derive(table, row, now)
+        elif table is self._book.wide:
+            indexes = list(self._groups[key.profile].indexes.values())
+            # Unlock times before the change (only _derive changes them): a
+            # locked key whose time stays the same stays where it is.
+            was_until = [_lock_end(self._book, each.table, row) for each in indexes]
+            self._derive(table, row, now)
+            for each, until in zip(indexes, was_until, strict=True):
+                each.place(key, now, was_until=until)
+        else:
+            index = self._groups[key.profile].indexes.get(table.family)
+            until = math.nan if index is None else _lock_end(self._book, table, row)
+            self._derive(table, row, now)
+            if index is not None:
+                index.place(key, now, was_until=until)
         self._store.changed(key)
         if self._queues:  # a lock may have got shorter
             self._schedule_dispatch()
 
-    def _push_all(self, key: Key, now: float) -> None:
+    def _place_all(self, key: Key, now: float) -> None:
         """(Re-)places an indexed key in every family index of its profile."""
-        for family, index in self._groups[key.profile].indexes.items():
-            state = key.state_in(family)
-            if state is None:
-                state = key.add_state(RateState(key, family))
-            index.push(state, now)
+        row = key.seq
+        for index in self._groups[key.profile].indexes.values():
+            index.table.flags[row] |= HAS_STATE
+            index.place(key, now)
 
     def _enable(self, key: Key, now: float) -> None:
         """Undoes a disable: the flags, reason and time go, the key is indexed again."""
@@ -1159,7 +1231,7 @@ class KeyPool:
         if not key.indexed:
             group.live += 1
             key.indexed = True
-        self._push_all(key, now)
+        self._place_all(key, now)
         if self._queues:  # a key came (back) into service
             self._schedule_dispatch()
 
@@ -1167,9 +1239,9 @@ class KeyPool:
         if not key.indexed:
             return
         key.indexed = False
-        for state in key.family_states():
-            state.entry = None
         group = self._groups[key.profile]
+        for index in group.indexes.values():
+            index.unplace(key)
         group.live -= 1
         if group.live == 0:
             # Checks move keys between profiles; do not keep empty ones to scan.
@@ -1194,7 +1266,7 @@ class KeyPool:
         if group is None:
             group = self._groups[profile] = _ProfileGroup(profile)
             for family in self._indexed_families & profile.families:
-                group.indexes[family] = _FamilyIndex(group, family, self._reuse_delay)
+                group.indexes[family] = self._new_index(group, family)
             self._eligible_cache.clear()
         return group
 
@@ -1208,27 +1280,21 @@ class KeyPool:
         self._indexed_families.add(family)
         for group in self._groups.values():
             if family in group.profile.families:
-                group.indexes[family] = _FamilyIndex(group, family, self._reuse_delay)
+                group.indexes[family] = self._new_index(group, family)
         now = self._clock.now()
-        # Two new objects per key: without the collector running over the whole
-        # pool again and again meanwhile, the pass takes a third of the time.
-        collecting = gc.isenabled()
-        gc.disable()
-        try:
-            for key in self._store:
-                if key.indexed and family in key.profile.families:
-                    state = key.state_in(family)
-                    if state is None:
-                        state = key.add_state(RateState(key, family))
-                    self._groups[key.profile].indexes[family].append(state, now)
-        finally:
-            if collecting:
-                gc.enable()
+        flags = self._book.table(family).flags
+        for key in self._store:
+            if key.indexed and family in key.profile.families:
+                flags[key.seq] |= HAS_STATE
+                self._groups[key.profile].indexes[family].place(key, now, ordered=False)
         for group in self._groups.values():
             index = group.indexes.get(family)
             if index is not None:
                 index.heapify()
         self._eligible_cache.clear()
+
+    def _new_index(self, group: _ProfileGroup, family: str) -> _FamilyIndex:
+        return _FamilyIndex(group, family, self._reuse_delay, self._book)
 
     def _intern(self, profile: KeyProfile) -> KeyProfile:
         return self._profiles.setdefault(profile, profile)
@@ -1293,8 +1359,8 @@ def _log_unparseable(key: Key, header: str, raw: str) -> None:
     )
 
 
-def _apply_rate_headers(state: RateState, parsed: _RateHeaders, now: float) -> None:
-    """Stores what the headers told; a header that was not sent leaves its field alone.
+def _apply_rate_headers(table: RateTable, row: int, parsed: _RateHeaders, now: float) -> None:
+    """Stores what the headers told in ``row``; a header that was not sent leaves its field alone.
 
     Resets are stored clamped to ``MAX_RESET``. A remaining sent with its limit
     and reset also sets the family's budget (``KeyPool`` docstring): what is
@@ -1302,30 +1368,39 @@ def _apply_rate_headers(state: RateState, parsed: _RateHeaders, now: float) -> N
     the time until the whole limit is back.
     """
     if parsed.requests_reset is not None:
-        state.requests_reset = min(parsed.requests_reset, MAX_RESET)
+        table.requests_reset[row] = min(parsed.requests_reset, MAX_RESET)
     if parsed.tokens_reset is not None:
-        state.tokens_reset = min(parsed.tokens_reset, MAX_RESET)
-    if parsed.remaining_requests is not None:
-        state.remaining_requests = parsed.remaining_requests
-    if parsed.remaining_tokens is not None:
-        state.remaining_tokens = parsed.remaining_tokens
-    if not state.family:  # the key-wide state: reports for no model have no budget
+        table.tokens_reset[row] = min(parsed.tokens_reset, MAX_RESET)
+    # Counts as the columns keep them: doubles, exact up to rates.MAX_COUNT.
+    remaining_requests = parsed.remaining_requests
+    if remaining_requests is not None:
+        remaining_requests = min(remaining_requests, MAX_COUNT)
+        table.remaining_requests[row] = remaining_requests
+    remaining_tokens = parsed.remaining_tokens
+    if remaining_tokens is not None:
+        remaining_tokens = min(remaining_tokens, MAX_COUNT)
+        table.remaining_tokens[row] = remaining_tokens
+    if not table.family:  # the key-wide state: reports for no model have no budget
         return
     requests_rate = _refill_rate(
         parsed.limit_requests, parsed.remaining_requests, parsed.requests_reset
     )
     tokens_rate = _refill_rate(parsed.limit_tokens, parsed.remaining_tokens, parsed.tokens_reset)
     if requests_rate is not None:
-        state.requests_rate = requests_rate
+        table.requests_rate[row] = requests_rate
     if tokens_rate is not None:
-        state.tokens_rate = tokens_rate
-    if state.requests_rate is not None and parsed.remaining_requests is not None:
-        state.budget_at = now
-        # The int itself, shared with remaining_requests: no float per key and family.
-        state.budget_requests = parsed.remaining_requests
-    if state.tokens_rate is not None and parsed.remaining_tokens is not None:
-        state.budget_at = now
-        state.budget_tokens = parsed.remaining_tokens
+        table.tokens_rate[row] = tokens_rate
+    if remaining_requests is not None and _known(table.requests_rate[row]):
+        table.budget_at[row] = now
+        table.budget_requests[row] = remaining_requests
+    if remaining_tokens is not None and _known(table.tokens_rate[row]):
+        table.budget_at[row] = now
+        table.budget_tokens[row] = remaining_tokens
+
+
+def _known(value: float) -> bool:
+    """Whether a column value is set (not ``NOT_SET``, a NaN)."""
+    return value == value
 
 
 def _refill_rate(limit: int | None, remaining: int | None, reset: float | None) -> float | None:
@@ -1335,72 +1410,104 @@ def _refill_rate(limit: int | None, remaining: int | None, reset: float | None) 
     return (limit - remaining) / reset
 
 
-def _window(state: RateState) -> float:
+def _mark(table: RateTable, row: int, now: float, kind: str = "") -> bool:
+    """Records a 429 (of type ``kind``, "" if unknown) in ``row``; True when it is
+    the first since the hand-out.
+
+    A 429 is authoritative: a budgeted dimension it names is spent now, whatever
+    the remaining header said.
+    """
+    flags = table.flags[row]
+    first = not flags & SAW_RATE_LIMIT
+    kind_bit = KIND_REQUESTS if kind == "requests" else KIND_TOKENS if kind == "tokens" else 0
+    table.flags[row] = (flags & HAS_STATE) | SAW_RATE_LIMIT | kind_bit
+    table.rate_limited_at[row] = now
+    if kind_bit == KIND_REQUESTS and _known(table.requests_rate[row]):
+        table.budget_at[row], table.budget_requests[row] = now, 0.0
+    elif kind_bit == KIND_TOKENS and _known(table.tokens_rate[row]):
+        table.budget_at[row], table.budget_tokens[row] = now, 0.0
+    return first
+
+
+def _window(table: RateTable, row: int) -> float:
     """How long after ``rate_limited_at`` the key stays locked (module docstring).
 
     A dimension (requests or tokens) with a known refill rate is left to the
     budget (``_budget_until``): here it neither locks on its remaining nor,
     after a 429 of its type, on its reset.
     """
-    requests_reset, tokens_reset = state.requests_reset, state.tokens_reset
-    by_budget = {
-        "requests": state.requests_rate is not None,
-        "tokens": state.tokens_rate is not None,
-    }
-    if state.saw_rate_limit:
-        kind = state.rate_limit_kind
-        if by_budget.get(kind, False):
-            return 0.0
-        matching = {"requests": requests_reset, "tokens": tokens_reset}.get(kind)
-        if matching is not None:
-            return matching
-    elif state.remaining_requests is not None or state.remaining_tokens is not None:
-        window = 0.0
-        if state.remaining_requests == 0 and not by_budget["requests"]:
-            window = RATE_LIMIT_FALLBACK if requests_reset is None else requests_reset
-        if state.remaining_tokens == 0 and not by_budget["tokens"]:
-            window = max(window, RATE_LIMIT_FALLBACK if tokens_reset is None else tokens_reset)
-        return window
-    if requests_reset is not None or tokens_reset is not None:
-        return max(r for r in (requests_reset, tokens_reset) if r is not None)
-    return RATE_LIMIT_FALLBACK if state.saw_rate_limit else 0.0
+    requests_reset, tokens_reset = table.requests_reset[row], table.tokens_reset[row]
+    requests_budget = _known(table.requests_rate[row])
+    tokens_budget = _known(table.tokens_rate[row])
+    flags = table.flags[row]
+    if flags & SAW_RATE_LIMIT:
+        if flags & KIND_REQUESTS:
+            if requests_budget:
+                return 0.0
+            if _known(requests_reset):
+                return requests_reset
+        elif flags & KIND_TOKENS:
+            if tokens_budget:
+                return 0.0
+            if _known(tokens_reset):
+                return tokens_reset
+    else:
+        remaining_requests = table.remaining_requests[row]
+        remaining_tokens = table.remaining_tokens[row]
+        if _known(remaining_requests) or _known(remaining_tokens):
+            window = 0.0
+            if remaining_requests == 0 and not requests_budget:
+                window = requests_reset if _known(requests_reset) else RATE_LIMIT_FALLBACK
+            if remaining_tokens == 0 and not tokens_budget:
+                reset = tokens_reset if _known(tokens_reset) else RATE_LIMIT_FALLBACK
+                window = max(window, reset)
+            return window
+    if _known(requests_reset):
+        return max(requests_reset, tokens_reset) if _known(tokens_reset) else requests_reset
+    if _known(tokens_reset):
+        return tokens_reset
+    return RATE_LIMIT_FALLBACK if flags & SAW_RATE_LIMIT else 0.0
 
 
-def _release(state: RateState) -> bool:
-    """Ends the oldest reservation of ``state`` (an answer came); False when there was none.
+def _release(table: RateTable, row: int) -> bool:
+    """Ends the oldest reservation of ``row`` (an answer came); False when there was none.
 
     Answers are not matched to hand-outs (a report names only the key and model);
     the oldest is the likeliest, and a mismatch only keeps a newer reservation a
     little longer than needed, which errs on the side of fewer 429s.
     """
-    if not state.reserved:
+    reserved = table.reserved.get(row)
+    if not reserved:
         return False
-    state.reserved.popleft()
-    if not state.reserved:
-        state.reserved = None
+    reserved.popleft()
+    if not reserved:
+        del table.reserved[row]
     return True
 
 
-def _budget_until(state: RateState, tokens_needed: float) -> float:
+def _budget_until(table: RateTable, row: int, tokens_needed: float) -> float:
     """When the family's budget covers the hand-outs in flight and one more; 0 if no budget.
 
     Each dimension with a known budget refills at its rate from ``budget_at``;
     the wait is capped at ``MAX_RESET`` (as resets are), and ends when the
     oldest reservation lapses, since the budget is over-counted from then.
+    (On every hand-out and answer: ``x == x`` is ``_known`` inlined.)
     """
-    reserved = state.reserved
-    in_flight = len(reserved) if reserved else 0
-    reserved_tokens = sum(tokens for _, tokens in reserved) if reserved else 0.0
+    reserved = table.reserved.get(row)
     wait = 0.0
-    for left, rate, needed in (
-        (state.budget_requests, state.requests_rate, in_flight + 1.0),
-        (state.budget_tokens, state.tokens_rate, reserved_tokens + tokens_needed),
-    ):
-        if left is not None and rate is not None and needed > left:
+    left, rate = table.budget_requests[row], table.requests_rate[row]
+    if left == left and rate == rate:
+        needed = (len(reserved) if reserved else 0) + 1.0
+        if needed > left:
+            wait = (needed - left) / rate
+    left, rate = table.budget_tokens[row], table.tokens_rate[row]
+    if left == left and rate == rate:
+        needed = (sum(tokens for _, tokens in reserved) if reserved else 0.0) + tokens_needed
+        if needed > left:
             wait = max(wait, (needed - left) / rate)
     if wait <= 0.0:
         return 0.0
-    until = state.budget_at + min(wait, MAX_RESET)
+    until = table.budget_at[row] + min(wait, MAX_RESET)
     if reserved:
         until = min(until, reserved[0][0] + RESERVATION_TTL)
     return until

@@ -80,24 +80,25 @@ def key_to_proto(key: Key) -> pb.Key:
         token_usage=key.token_usage,
         disable_reason=_REASON_TO_PROTO[key.disable_reason],
     )
+    rates = key.rate_summary()
     _set_time(message.last_used, key.last_used)
     _set_time(message.last_checked, key.last_checked)
-    _set_time(message.rate_limited_at, key.rate_limited_at)
-    _set_time(message.rate_limited_until, key.rate_limited_until)
-    _set_duration(message.rate_limit_requests_reset, key.requests_reset)
-    _set_duration(message.rate_limit_tokens_reset, key.tokens_reset)
+    _set_time(message.rate_limited_at, rates.rate_limited_at)
+    _set_time(message.rate_limited_until, rates.rate_limited_until)
+    _set_duration(message.rate_limit_requests_reset, rates.requests_reset)
+    _set_duration(message.rate_limit_tokens_reset, rates.tokens_reset)
     _set_time(message.disabled_at, key.disabled_at)
-    for state in sorted(key.family_states(), key=lambda s: s.family):
+    for state in rates.states:
         if state.used:
-            _family_to_proto(key, state, message.family_rate_limits.add())
+            _family_to_proto(state, rates.until_in(state), message.family_rate_limits.add())
     return message
 
 
-def _family_to_proto(key: Key, state: RateState, message: pb.FamilyRateLimit) -> None:
+def _family_to_proto(state: RateState, until: float, message: pb.FamilyRateLimit) -> None:
     message.family = state.family
     _set_time(message.last_used, state.last_used)
     _set_time(message.rate_limited_at, state.rate_limited_at)
-    _set_time(message.rate_limited_until, key.until_in(state.family))
+    _set_time(message.rate_limited_until, until)
     _set_duration(message.requests_reset, state.requests_reset)
     _set_duration(message.tokens_reset, state.tokens_reset)
     if state.remaining_requests is not None:

@@ -119,6 +119,8 @@ def test_a_reservation_nobody_answers_lapses() -> None:
     assert state is not None and state.reserved is not None and len(state.reserved) == 2
     clock.advance(RESERVATION_TTL)
     pool.report_outcome(a.hash, "gpt-4o", status=500, headers={}, error=OK)
+    state = a.state_in("gpt4o")  # a snapshot: read it again
+    assert state is not None
     assert state.reserved is None  # one released by the 500, the other lapsed
 
 
@@ -130,11 +132,10 @@ def test_tokens_reserved_per_hand_out_follow_the_family_s_requests() -> None:
     # 60,000 TPM, 3,000 left, back at 1,000 a second.
     budget = headers(tokens=(60_000, 3_000, "57s"))
     pool.report_outcome(a.hash, "gpt-4o", status=200, headers=budget, error=OK)
-    state = a.state_in("gpt4o")
-    assert state is not None
     clock.advance(KEY_REUSE_DELAY)
     pool.get("gpt-4o")
-    assert state.reserved is not None
+    state = a.state_in("gpt4o")
+    assert state is not None and state.reserved is not None
     ((_, reserved),) = state.reserved
     assert 3_500 < reserved < 4_500  # mean + 2 sd, not the mean: most requests fit
     # 3,000 left + 1 s refill = 4,000 at the hand-out; a second one needs twice the reserve.

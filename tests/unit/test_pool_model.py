@@ -348,6 +348,14 @@ class PoolModel(RuleBasedStateMachine):
         self.ref(i).disabled = True
 
     @precondition(lambda self: self.pool is not None)
+    @rule(i=st.integers(0, 7), is_trial=st.booleans())
+    def check(self, i: int, is_trial: bool) -> None:
+        # The checker moves the key to another profile (its queues, its ranks) and
+        # back; its rate-limit state goes with it. The reference reads the profile
+        # from the key itself.
+        self.pool.apply_check(self.ref(i).key.hash, model_ids=None, is_trial=is_trial)
+
+    @precondition(lambda self: self.pool is not None)
     @rule()
     def recheck(self) -> None:
         self.pool.recheck()

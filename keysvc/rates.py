@@ -1,0 +1,327 @@
+"""The rate-limit state and token usage of every (key, model family), column by column.
+
+A pool of 100k keys in use in three families holds 300k of these states. As
+objects (an object with its fields, each float and int an object of its own,
+and the pool's queue entry) they took ~565 B each; here each field is one
+column, an ``array`` with one 8-byte row per key, indexed by the key's
+``seq``, so a state costs its numbers and nothing more (~110 B with the
+pool's placement marks).
+
+The pool alone writes the columns; ``Key`` reads them (``Key.state_in`` and
+the like) through the book it belongs to, as ``RateState`` snapshots. Times
+are epoch seconds, 0 meaning never; an optional number is NaN when unknown.
+"""
+
+from __future__ import annotations
+
+import math
+from array import array
+from collections import deque
+from collections.abc import Mapping
+from typing import Final, NamedTuple
+
+__all__ = ["NOT_PLACED", "NOT_SET", "RateBook", "RateState", "RateTable"]
+
+#: An optional number that is not known (``None`` in a ``RateState``).
+NOT_SET: Final = math.nan
+#: ``RateTable.placed``: the key is in no queue of its family index ...
+NOT_PLACED: Final = 0
+#: ... in its queue of keys free or held only by the reuse throttle ...
+READY: Final = 1
+#: ... or in its queue of keys locked for longer.
+LOCKED: Final = 2
+
+# ``RateTable.flags`` bits.
+#: The key has a state in the family (it was indexed or reported for it).
+HAS_STATE: Final = 1
+#: A 429 was reported since the hand-out ...
+SAW_RATE_LIMIT: Final = 2
+#: ... and its type was "requests" or "tokens".
+KIND_REQUESTS: Final = 4
+KIND_TOKENS: Final = 8
+_KIND_BITS: Final = KIND_REQUESTS | KIND_TOKENS
+
+#: Token usage not counted yet in a family (``RateTable.usage``) ...
+NO_USAGE: Final = -1
+#: ... and where counting stops (the column holds 64-bit integers).
+MAX_USAGE: Final = 2**63 - 1
+
+#: Columns of doubles and the value a new row starts with.
+_FLOAT_COLUMNS: Final = (
+    ("last_used", 0.0),
+    ("rate_limited_at", 0.0),
+    ("until", 0.0),
+    ("requests_reset", NOT_SET),
+    ("tokens_reset", NOT_SET),
+    ("remaining_requests", NOT_SET),
+    ("remaining_tokens", NOT_SET),
+    ("budget_at", 0.0),
+    ("budget_requests", NOT_SET),
+    ("budget_tokens", NOT_SET),
+    ("requests_rate", NOT_SET),
+    ("tokens_rate", NOT_SET),
+)
+
+#: Remaining counts are kept as doubles, exact up to here; a larger header
+#: value (the parser takes up to 18 digits) is stored as this.
+MAX_COUNT: Final = 2**53
+
+
+def known(value: float) -> float | None:
+    """A column value as an optional: None for ``NOT_SET``."""
+    return None if value != value else value
+
+
+class RateState(NamedTuple):
+    """A snapshot of a key's rate-limit state in one family ("" for key-wide).
+
+    The fields are those of the ``KeyPool`` docstring; None where not known.
+    """
+
+    family: str
+    #: When the key was last handed out for this family (0 for the key-wide state).
+    last_used: float
+    #: Start of the current rate-limit window: the hand-out, or the latest 429.
+    rate_limited_at: float
+    #: The key is locked (not preferred) for the family until then.
+    until: float
+    #: Since the hand-out: the last x-ratelimit-reset-* (seconds, clamped) ...
+    requests_reset: float | None
+    tokens_reset: float | None
+    #: ... and x-ratelimit-remaining-* values.
+    remaining_requests: int | None
+    remaining_tokens: int | None
+    #: A 429 was reported since the hand-out, and its type ("" when not told).
+    saw_rate_limit: bool
+    rate_limit_kind: str
+    #: The family's budget: what remained when last reported, and its refill rates.
+    budget_at: float
+    budget_requests: float | None
+    budget_tokens: float | None
+    requests_rate: float | None
+    tokens_rate: float | None
+    #: Hand-outs not answered yet, oldest first: (when, tokens reserved); None when none.
+    reserved: tuple[tuple[float, float], ...] | None
+
+    @property
+    def used(self) -> bool:
+        """Whether anything happened in this family (a hand-out, a report)."""
+        return bool(
+            self.last_used
+            or self.rate_limited_at
+            or self.requests_reset is not None
+            or self.tokens_reset is not None
+            or self.remaining_requests is not None
+            or self.remaining_tokens is not None
+            or self.budget_at
+        )
+
+
+class RateTable:
+    """One family's state for every key: one row per key ``seq``, one column per field.
+
+    Rows start as a key that was never used. ``placed`` is the pool's mark of
+    which queue of the family index holds the key's live entry. ``reserved``
+    (hand-outs not answered, for the budget) is sparse: most keys have none.
+    """
+
+    __slots__ = (
+        "budget_at",
+        "budget_requests",
+        "budget_tokens",
+        "family",
+        "flags",
+        "last_used",
+        "placed",
+        "rate_limited_at",
+        "remaining_requests",
+        "remaining_tokens",
+        "requests_rate",
+        "requests_reset",
+        "reserved",
+        "tokens_rate",
+        "tokens_reset",
+        "until",
+        "usage",
+    )
+
+    def __init__(self, family: str, rows: int) -> None:
+        self.family = family
+        for name, start in _FLOAT_COLUMNS:
+            setattr(self, name, array("d", [start]) * rows)
+        self.flags = bytearray(rows)
+        self.placed = bytearray(rows)
+        self.usage = array("q", [NO_USAGE]) * rows
+        self.reserved: dict[int, deque[tuple[float, float]]] = {}
+
+    # The columns, typed for mypy (set in __init__ by name).
+    last_used: array[float]
+    rate_limited_at: array[float]
+    until: array[float]
+    requests_reset: array[float]
+    tokens_reset: array[float]
+    remaining_requests: array[float]
+    remaining_tokens: array[float]
+    budget_at: array[float]
+    budget_requests: array[float]
+    budget_tokens: array[float]
+    requests_rate: array[float]
+    tokens_rate: array[float]
+
+    def __len__(self) -> int:
+        return len(self.flags)
+
+    def grow(self, rows: int) -> None:
+        """Adds rows up to ``rows`` in all (a never-used key in each)."""
+        more = rows - len(self.flags)
+        if more <= 0:
+            return
+        for name, start in _FLOAT_COLUMNS:
+            column: array[float] = getattr(self, name)
+            column.extend(array("d", [start]) * more)
+        self.flags.extend(bytes(more))
+        self.placed.extend(bytes(more))
+        self.usage.extend(array("q", [NO_USAGE]) * more)
+
+    def has_state(self, row: int) -> bool:
+        return bool(self.flags[row] & HAS_STATE)
+
+    def reset(self, row: int) -> None:
+        """Forgets the row's rate-limit state (not its usage nor placement)."""
+        for name, start in _FLOAT_COLUMNS:
+            column: array[float] = getattr(self, name)
+            column[row] = start
+        self.flags[row] = 0
+        self.reserved.pop(row, None)
+
+    def snapshot(self, row: int) -> RateState:
+        # Built for every Key message (each Get): positional, no helper calls.
+        flags = self.flags[row]
+        kind = "requests" if flags & KIND_REQUESTS else "tokens" if flags & KIND_TOKENS else ""
+        reserved = self.reserved.get(row)
+        requests_reset = self.requests_reset[row]
+        tokens_reset = self.tokens_reset[row]
+        remaining_requests = self.remaining_requests[row]
+        remaining_tokens = self.remaining_tokens[row]
+        budget_requests = self.budget_requests[row]
+        budget_tokens = self.budget_tokens[row]
+        requests_rate = self.requests_rate[row]
+        tokens_rate = self.tokens_rate[row]
+        # x != x: NaN, the column's "not set". tuple.__new__: the fields in order,
+        # without the keyword handling of RateState(...).
+        state: RateState = tuple.__new__(
+            RateState,
+            (
+                self.family,
+                self.last_used[row],
+                self.rate_limited_at[row],
+                self.until[row],
+                None if requests_reset != requests_reset else requests_reset,
+                None if tokens_reset != tokens_reset else tokens_reset,
+                None if remaining_requests != remaining_requests else int(remaining_requests),
+                None if remaining_tokens != remaining_tokens else int(remaining_tokens),
+                bool(flags & SAW_RATE_LIMIT),
+                kind,
+                self.budget_at[row],
+                None if budget_requests != budget_requests else budget_requests,
+                None if budget_tokens != budget_tokens else budget_tokens,
+                None if requests_rate != requests_rate else requests_rate,
+                None if tokens_rate != tokens_rate else tokens_rate,
+                tuple(reserved) if reserved else None,
+            ),
+        )
+        return state
+
+
+class RateBook:
+    """Every family's ``RateTable`` (and the key-wide one, family ""), with a row per key.
+
+    A table is made the first time a family has something to keep, with a row
+    for every key so far; ``add_row`` gives every table a row for a new key.
+    """
+
+    __slots__ = ("rows", "tables", "wide")
+
+    def __init__(self) -> None:
+        self.tables: dict[str, RateTable] = {}
+        #: The key-wide table; None until a report names no model.
+        self.wide: RateTable | None = None
+        self.rows = 0
+
+    def add_row(self, row: int) -> None:
+        """Makes room for a key whose ``seq`` is ``row``."""
+        if row < self.rows:
+            return
+        # Grow by an eighth at least, so adding keys one by one stays linear.
+        self.rows = max(row + 1, self.rows + self.rows // 8 + 16)
+        for table in self.tables.values():
+            table.grow(self.rows)
+        if self.wide is not None:
+            self.wide.grow(self.rows)
+
+    def table(self, family: str) -> RateTable:
+        """The table of ``family`` ("" for key-wide), made if there is none yet."""
+        if not family:
+            if self.wide is None:
+                self.wide = RateTable("", self.rows)
+            return self.wide
+        table = self.tables.get(family)
+        if table is None:
+            table = self.tables[family] = RateTable(family, self.rows)
+        return table
+
+    def get(self, family: str) -> RateTable | None:
+        return self.tables.get(family) if family else self.wide
+
+    # Reads for Key: snapshots, never the columns themselves.
+
+    def state(self, row: int, family: str) -> RateState | None:
+        table = self.get(family)
+        return table.snapshot(row) if table is not None and table.has_state(row) else None
+
+    def states(self, row: int) -> list[RateState]:
+        return [t.snapshot(row) for t in self.tables.values() if t.flags[row] & HAS_STATE]
+
+    def lock_end(self, row: int, family: str) -> float:
+        """When the key is free in ``family``: its own lock, or a later key-wide one."""
+        table = self.tables.get(family)
+        until = table.until[row] if table is not None and table.has_state(row) else 0.0
+        wide = self.wide
+        if wide is not None and wide.has_state(row) and wide.until[row] > until:
+            return wide.until[row]
+        return until
+
+    def latest_until(self, row: int) -> float:
+        """The latest lock end over every family and the key-wide state; 0 if never locked."""
+        until = 0.0
+        for table in (*self.tables.values(), self.wide):
+            if table is not None and table.has_state(row) and table.until[row] > until:
+                until = table.until[row]
+        return until
+
+    def usage(self, row: int) -> dict[str, int]:
+        """Tokens counted per family (families never counted are left out)."""
+        return {
+            family: table.usage[row]
+            for family, table in self.tables.items()
+            if table.usage[row] != NO_USAGE
+        }
+
+    def set_usage(self, row: int, usage: Mapping[str, int]) -> None:
+        for table in self.tables.values():
+            table.usage[row] = NO_USAGE
+        for family, tokens in usage.items():
+            self._usage_table(family).usage[row] = min(tokens, MAX_USAGE)
+
+    def add_usage(self, row: int, family: str, tokens: int) -> None:
+        table = self.tables.get(family) or self._usage_table(family)
+        before = table.usage[row]
+        after = tokens if before == NO_USAGE else before + tokens
+        table.usage[row] = after if after <= MAX_USAGE else MAX_USAGE
+
+    def _usage_table(self, family: str) -> RateTable:
+        # Usage is by family name as callers give it, "" included (never key-wide).
+        table = self.tables.get(family)
+        if table is None:
+            table = self.tables[family] = RateTable(family, self.rows)
+        return table
