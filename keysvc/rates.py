@@ -252,12 +252,12 @@ class RateBook:
         """Makes room for a key whose ``seq`` is ``row``."""
         if row < self.rows:
             return
-        # Grow by an eighth at least, so adding keys one by one stays linear.
-        self.rows = max(row + 1, self.rows + self.rows // 8 + 16)
-        for table in self.tables.values():
-            table.grow(self.rows)
-        if self.wide is not None:
-            self.wide.grow(self.rows)
+        self.rows = row + 1
+        # A table made from now on has exactly ``rows`` rows; one that must grow
+        # grows by an eighth at least, so adding keys one by one stays linear.
+        for table in (*self.tables.values(), self.wide):
+            if table is not None and len(table) < self.rows:
+                table.grow(max(self.rows, len(table) + len(table) // 8 + 16))
 
     def table(self, family: str) -> RateTable:
         """The table of ``family`` ("" for key-wide), made if there is none yet."""

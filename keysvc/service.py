@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 import grpc
-from google.protobuf import duration_pb2, timestamp_pb2
+from google.protobuf import duration_pb2
+from google.protobuf.message import Message
 
 from .errors import InvalidArgument
 from .keys import DisableReason, Key, RateState
@@ -39,68 +40,80 @@ _ACTION_TO_PROTO = {
 }
 
 
-def _set_time(field: timestamp_pb2.Timestamp, seconds: float) -> None:
-    """Fills ``field`` in place; 0 ("never") leaves it unset."""
+def _set_time(message: Message, name: str, seconds: float) -> None:
+    """Fills the Timestamp field ``name`` of ``message`` in place; 0 ("never")
+    leaves it unset, and untouched: reading a sub-message field builds it."""
     if seconds:
+        field = getattr(message, name)
         whole = int(seconds)
         field.seconds = whole
         field.nanos = int((seconds - whole) * 1e9)
 
 
-def _set_duration(field: duration_pb2.Duration, seconds: float | None) -> None:
-    """Fills ``field`` in place; None ("unknown") leaves it unset."""
+def _set_duration(message: Message, name: str, seconds: float | None) -> None:
+    """Fills the Duration field ``name`` of ``message`` in place; None ("unknown")
+    leaves it unset."""
     if seconds is not None:
-        whole = int(seconds)
-        field.seconds = whole
-        field.nanos = int(round((seconds - whole) * 1e9))
+        _fill_duration(getattr(message, name), seconds)
+
+
+def _fill_duration(field: duration_pb2.Duration, seconds: float) -> None:
+    whole = int(seconds)
+    field.seconds = whole
+    field.nanos = int(round((seconds - whole) * 1e9))
 
 
 def _duration(seconds: float) -> duration_pb2.Duration:
     duration = duration_pb2.Duration()
-    _set_duration(duration, seconds)
+    _fill_duration(duration, seconds)
     return duration
 
 
 def key_to_proto(key: Key) -> pb.Key:
-    """The public view of a key. There is no secret field to fill.
+    """The public view of a key. There is no secret field to fill."""
+    message = pb.Key()
+    fill_key(message, key)
+    return message
 
-    Built on every Get, so sub-messages are filled in place rather than built
-    and copied, and the sorted family list comes from the (shared) profile.
+
+def fill_key(message: pb.Key, key: Key) -> None:
+    """Fills an empty Key message with the public view of ``key``.
+
+    Done on every Get, so in place (a Get's reply fills its own ``key`` field
+    rather than copying a built one in), sub-messages only for the times that
+    are set, and the sorted family list from the (shared) profile.
     """
-    message = pb.Key(
-        hash=key.hash,
-        service=key.service,
-        model_families=key.profile.sorted_families,
-        organization_id=key.organization_id,
-        is_trial=key.is_trial,
-        is_disabled=key.is_disabled,
-        is_revoked=key.is_revoked,
-        is_over_quota=key.is_over_quota,
-        prompt_count=key.prompt_count,
-        token_usage=key.token_usage,
-        disable_reason=_REASON_TO_PROTO[key.disable_reason],
-    )
+    message.hash = key.hash
+    message.service = key.service
+    message.model_families.extend(key.profile.sorted_families)
+    message.organization_id = key.organization_id
+    message.is_trial = key.is_trial
+    message.is_disabled = key.is_disabled
+    message.is_revoked = key.is_revoked
+    message.is_over_quota = key.is_over_quota
+    message.prompt_count = key.prompt_count
+    message.token_usage.update(key.token_usage)
+    message.disable_reason = _REASON_TO_PROTO[key.disable_reason]
     rates = key.rate_summary()
-    _set_time(message.last_used, key.last_used)
-    _set_time(message.last_checked, key.last_checked)
-    _set_time(message.rate_limited_at, rates.rate_limited_at)
-    _set_time(message.rate_limited_until, rates.rate_limited_until)
-    _set_duration(message.rate_limit_requests_reset, rates.requests_reset)
-    _set_duration(message.rate_limit_tokens_reset, rates.tokens_reset)
-    _set_time(message.disabled_at, key.disabled_at)
+    _set_time(message, "last_used", key.last_used)
+    _set_time(message, "last_checked", key.last_checked)
+    _set_time(message, "rate_limited_at", rates.rate_limited_at)
+    _set_time(message, "rate_limited_until", rates.rate_limited_until)
+    _set_duration(message, "rate_limit_requests_reset", rates.requests_reset)
+    _set_duration(message, "rate_limit_tokens_reset", rates.tokens_reset)
+    _set_time(message, "disabled_at", key.disabled_at)
     for state in rates.states:
         if state.used:
             _family_to_proto(state, rates.until_in(state), message.family_rate_limits.add())
-    return message
 
 
 def _family_to_proto(state: RateState, until: float, message: pb.FamilyRateLimit) -> None:
     message.family = state.family
-    _set_time(message.last_used, state.last_used)
-    _set_time(message.rate_limited_at, state.rate_limited_at)
-    _set_time(message.rate_limited_until, until)
-    _set_duration(message.requests_reset, state.requests_reset)
-    _set_duration(message.tokens_reset, state.tokens_reset)
+    _set_time(message, "last_used", state.last_used)
+    _set_time(message, "rate_limited_at", state.rate_limited_at)
+    _set_time(message, "rate_limited_until", until)
+    _set_duration(message, "requests_reset", state.requests_reset)
+    _set_duration(message, "tokens_reset", state.tokens_reset)
     if state.remaining_requests is not None:
         message.remaining_requests = state.remaining_requests
     if state.remaining_tokens is not None:
@@ -126,7 +139,9 @@ class KeyService(pb_grpc.KeyServiceServicer):
             key = await self._pool.get_waiting(request.model, wait.seconds + wait.nanos / 1e9)
         else:
             key = self._pool.get(request.model)
-        return pb.GetResponse(secret=key.secret, key=key_to_proto(key))
+        response = pb.GetResponse(secret=key.secret)
+        fill_key(response.key, key)
+        return response
 
     async def Disable(self, request: pb.DisableRequest, context: _Context) -> pb.DisableResponse:
         reason = _REASON_FROM_PROTO.get(request.reason)

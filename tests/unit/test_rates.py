@@ -1,0 +1,65 @@
+"""The per-family columns behind every key's rate-limit state and usage (keysvc.rates)."""
+
+from __future__ import annotations
+
+import math
+
+from keysvc.keys import Key, KeyProfile, hash_key
+from keysvc.outcomes import UpstreamError
+from keysvc.rates import MAX_COUNT, MAX_USAGE, RateBook
+from tests.helpers import PAID, pool_of
+
+
+def _key(seq: int) -> Key:
+    secret = f"sk-rates-{seq}"
+    return Key(secret=secret, hash=hash_key(secret), profile=KeyProfile(frozenset()), seq=seq)
+
+
+def test_rows_added_later_start_as_never_used_and_keep_earlier_rows() -> None:
+    book = RateBook()
+    book.add_row(0)
+    table = book.table("gpt4o")
+    table.last_used[0] = 5.0
+    table.requests_reset[0] = 0.5
+    table.flags[0] = 1
+    for row in range(1, 300):  # grows the table many times
+        book.add_row(row)
+    assert len(table) >= 300 and book.rows == 300
+    assert table.last_used[0] == 5.0 and table.requests_reset[0] == 0.5
+    assert table.last_used[299] == 0.0 and math.isnan(table.requests_reset[299])
+    assert len(book.table("turbo")) == 300  # made now: exactly the rows there are
+    state = book.state(0, "gpt4o")
+    assert state is not None and state.requests_reset == 0.5 and state.remaining_requests is None
+    assert book.state(299, "gpt4o") is None  # no state until the pool makes one
+
+
+def test_usage_set_before_joining_a_pool_moves_into_the_book() -> None:
+    key = _key(3)
+    key.token_usage = {"gpt4o": 12, "o3": 0}  # as a state file's record sets it
+    assert key.token_usage == {"gpt4o": 12, "o3": 0}
+    book = RateBook()
+    key.join(book)
+    assert key.token_usage == {"gpt4o": 12, "o3": 0}
+    book.add_usage(key.seq, "gpt4o", 3)
+    assert key.token_usage == {"gpt4o": 15, "o3": 0}
+    key.token_usage = {}
+    assert key.token_usage == {}
+
+
+def test_usage_stops_at_the_column_s_limit_instead_of_overflowing() -> None:
+    book = RateBook()
+    book.add_row(0)
+    book.set_usage(0, {"gpt4o": 2**70})
+    book.add_usage(0, "gpt4o", 1_000_000_000)
+    book.add_usage(0, "turbo", 7)
+    assert book.usage(0) == {"gpt4o": MAX_USAGE, "turbo": 7}
+
+
+def test_a_remaining_count_beyond_what_a_double_holds_exactly_is_kept_as_the_largest() -> None:
+    pool, _, (a,) = pool_of([PAID])
+    pool.get("gpt-4o")
+    huge = {"x-ratelimit-remaining-tokens": "9" * 18, "x-ratelimit-remaining-requests": "7"}
+    pool.report_outcome(a.hash, "gpt-4o", status=200, headers=huge, error=UpstreamError())
+    state = a.state_in("gpt4o")
+    assert state is not None
+    assert state.remaining_tokens == MAX_COUNT and state.remaining_requests == 7
