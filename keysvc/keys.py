@@ -207,9 +207,18 @@ class Key:
         Built for every Get's reply: one pass, no intermediate lists.
         """
         states = self.family_states()
-        if len(states) > 1:
-            states.sort(key=_by_family)
         wide = self.wide
+        if len(states) == 1 and wide is None:  # the common case: one family in use
+            (state,) = states
+            return RateSummary(
+                states,
+                None,
+                state.rate_limited_at,
+                state.until,
+                state.requests_reset,
+                state.tokens_reset,
+            )
+        states.sort(key=_by_family)
         rate_limited_at = rate_limited_until = 0.0
         requests_reset: float | None = None
         tokens_reset: float | None = None

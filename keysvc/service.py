@@ -9,8 +9,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 import grpc
-from google.protobuf import duration_pb2
-from google.protobuf.message import Message
+from google.protobuf import duration_pb2, timestamp_pb2
 
 from .errors import InvalidArgument
 from .keys import DisableReason, Key, RateState
@@ -40,24 +39,16 @@ _ACTION_TO_PROTO = {
 }
 
 
-def _set_time(message: Message, name: str, seconds: float) -> None:
-    """Fills the Timestamp field ``name`` of ``message`` in place; 0 ("never")
-    leaves it unset, and untouched: reading a sub-message field builds it."""
-    if seconds:
-        field = getattr(message, name)
-        whole = int(seconds)
-        field.seconds = whole
-        field.nanos = int((seconds - whole) * 1e9)
+def _set_time(field: timestamp_pb2.Timestamp, seconds: float) -> None:
+    """Fills ``field`` in place. Callers skip 0 ("never"): a field left alone stays
+    unset, and not reading it saves building the sub-message."""
+    whole = int(seconds)
+    field.seconds = whole
+    field.nanos = int((seconds - whole) * 1e9)
 
 
-def _set_duration(message: Message, name: str, seconds: float | None) -> None:
-    """Fills the Duration field ``name`` of ``message`` in place; None ("unknown")
-    leaves it unset."""
-    if seconds is not None:
-        _fill_duration(getattr(message, name), seconds)
-
-
-def _fill_duration(field: duration_pb2.Duration, seconds: float) -> None:
+def _set_duration(field: duration_pb2.Duration, seconds: float) -> None:
+    """Fills ``field`` in place. Callers skip None ("unknown"), which leaves it unset."""
     whole = int(seconds)
     field.seconds = whole
     field.nanos = int(round((seconds - whole) * 1e9))
@@ -65,7 +56,7 @@ def _fill_duration(field: duration_pb2.Duration, seconds: float) -> None:
 
 def _duration(seconds: float) -> duration_pb2.Duration:
     duration = duration_pb2.Duration()
-    _fill_duration(duration, seconds)
+    _set_duration(duration, seconds)
     return duration
 
 
@@ -79,29 +70,47 @@ def key_to_proto(key: Key) -> pb.Key:
 def fill_key(message: pb.Key, key: Key) -> None:
     """Fills an empty Key message with the public view of ``key``.
 
-    Done on every Get, so in place (a Get's reply fills its own ``key`` field
-    rather than copying a built one in), sub-messages only for the times that
-    are set, and the sorted family list from the (shared) profile.
+    Done on every Get, where it is most of the RPC's own work: in place (a
+    Get's reply fills its own ``key`` rather than copying a built one in),
+    only the fields that differ from their defaults (a field left alone is
+    unset, and an unread sub-message is never built), and the sorted family
+    list from the (shared) profile.
     """
     message.hash = key.hash
     message.service = key.service
     message.model_families.extend(key.profile.sorted_families)
-    message.organization_id = key.organization_id
-    message.is_trial = key.is_trial
-    message.is_disabled = key.is_disabled
-    message.is_revoked = key.is_revoked
-    message.is_over_quota = key.is_over_quota
-    message.prompt_count = key.prompt_count
-    message.token_usage.update(key.token_usage)
-    message.disable_reason = _REASON_TO_PROTO[key.disable_reason]
+    if key.organization_id:
+        message.organization_id = key.organization_id
+    if key.is_trial:
+        message.is_trial = True
+    if key.is_disabled:
+        message.is_disabled = True
+    if key.is_revoked:
+        message.is_revoked = True
+    if key.is_over_quota:
+        message.is_over_quota = True
+    if key.disable_reason is not None:
+        message.disable_reason = _REASON_TO_PROTO[key.disable_reason]
+    if key.disabled_at:
+        _set_time(message.disabled_at, key.disabled_at)
+    if key.prompt_count:
+        message.prompt_count = key.prompt_count
+    usage = key.token_usage
+    if usage:
+        message.token_usage.update(usage)
+    if key.last_used:
+        _set_time(message.last_used, key.last_used)
+    if key.last_checked:
+        _set_time(message.last_checked, key.last_checked)
     rates = key.rate_summary()
-    _set_time(message, "last_used", key.last_used)
-    _set_time(message, "last_checked", key.last_checked)
-    _set_time(message, "rate_limited_at", rates.rate_limited_at)
-    _set_time(message, "rate_limited_until", rates.rate_limited_until)
-    _set_duration(message, "rate_limit_requests_reset", rates.requests_reset)
-    _set_duration(message, "rate_limit_tokens_reset", rates.tokens_reset)
-    _set_time(message, "disabled_at", key.disabled_at)
+    if rates.rate_limited_at:
+        _set_time(message.rate_limited_at, rates.rate_limited_at)
+    if rates.rate_limited_until:
+        _set_time(message.rate_limited_until, rates.rate_limited_until)
+    if rates.requests_reset is not None:
+        _set_duration(message.rate_limit_requests_reset, rates.requests_reset)
+    if rates.tokens_reset is not None:
+        _set_duration(message.rate_limit_tokens_reset, rates.tokens_reset)
     for state in rates.states:
         if state.used:
             _family_to_proto(state, rates.until_in(state), message.family_rate_limits.add())
@@ -109,11 +118,16 @@ def fill_key(message: pb.Key, key: Key) -> None:
 
 def _family_to_proto(state: RateState, until: float, message: pb.FamilyRateLimit) -> None:
     message.family = state.family
-    _set_time(message, "last_used", state.last_used)
-    _set_time(message, "rate_limited_at", state.rate_limited_at)
-    _set_time(message, "rate_limited_until", until)
-    _set_duration(message, "requests_reset", state.requests_reset)
-    _set_duration(message, "tokens_reset", state.tokens_reset)
+    if state.last_used:
+        _set_time(message.last_used, state.last_used)
+    if state.rate_limited_at:
+        _set_time(message.rate_limited_at, state.rate_limited_at)
+    if until:
+        _set_time(message.rate_limited_until, until)
+    if state.requests_reset is not None:
+        _set_duration(message.requests_reset, state.requests_reset)
+    if state.tokens_reset is not None:
+        _set_duration(message.tokens_reset, state.tokens_reset)
     if state.remaining_requests is not None:
         message.remaining_requests = state.remaining_requests
     if state.remaining_tokens is not None:
