@@ -368,9 +368,11 @@ class _FamilyIndex:
                 return  # in place: most answers leave a key where it was
             table.placed[row] = LOCKED
             self.locked.push(until, last_used, key, ordered=ordered)
-        if ordered and len(self.ready) + len(self.locked) > 2 * self.group.live + 64:
-            self.ready.compact()
-            self.locked.compact()
+        ready, locked = self.ready, self.locked
+        entries = len(ready.keys) + len(ready.heap) + len(locked.keys) + len(locked.heap)
+        if ordered and entries > 2 * self.group.live + 64:
+            ready.compact()
+            locked.compact()
 
     def heapify(self) -> None:
         self.ready.heapify()
@@ -1436,35 +1438,38 @@ def _window(table: RateTable, row: int) -> float:
     budget (``_budget_until``): here it neither locks on its remaining nor,
     after a 429 of its type, on its reset.
     """
+    # On every hand-out and answer: ``x == x`` is ``_known(x)`` inlined.
     requests_reset, tokens_reset = table.requests_reset[row], table.tokens_reset[row]
-    requests_budget = _known(table.requests_rate[row])
-    tokens_budget = _known(table.tokens_rate[row])
     flags = table.flags[row]
     if flags & SAW_RATE_LIMIT:
         if flags & KIND_REQUESTS:
-            if requests_budget:
+            rate = table.requests_rate[row]
+            if rate == rate:
                 return 0.0
-            if _known(requests_reset):
+            if requests_reset == requests_reset:
                 return requests_reset
         elif flags & KIND_TOKENS:
-            if tokens_budget:
+            rate = table.tokens_rate[row]
+            if rate == rate:
                 return 0.0
-            if _known(tokens_reset):
+            if tokens_reset == tokens_reset:
                 return tokens_reset
     else:
         remaining_requests = table.remaining_requests[row]
         remaining_tokens = table.remaining_tokens[row]
-        if _known(remaining_requests) or _known(remaining_tokens):
+        if remaining_requests == remaining_requests or remaining_tokens == remaining_tokens:
             window = 0.0
-            if remaining_requests == 0 and not requests_budget:
-                window = requests_reset if _known(requests_reset) else RATE_LIMIT_FALLBACK
-            if remaining_tokens == 0 and not tokens_budget:
-                reset = tokens_reset if _known(tokens_reset) else RATE_LIMIT_FALLBACK
+            rate = table.requests_rate[row]
+            if remaining_requests == 0 and rate != rate:
+                window = requests_reset if requests_reset == requests_reset else RATE_LIMIT_FALLBACK
+            rate = table.tokens_rate[row]
+            if remaining_tokens == 0 and rate != rate:
+                reset = tokens_reset if tokens_reset == tokens_reset else RATE_LIMIT_FALLBACK
                 window = max(window, reset)
             return window
-    if _known(requests_reset):
-        return max(requests_reset, tokens_reset) if _known(tokens_reset) else requests_reset
-    if _known(tokens_reset):
+    if requests_reset == requests_reset:
+        return max(requests_reset, tokens_reset) if tokens_reset == tokens_reset else requests_reset
+    if tokens_reset == tokens_reset:
         return tokens_reset
     return RATE_LIMIT_FALLBACK if flags & SAW_RATE_LIMIT else 0.0
 
