@@ -16,9 +16,10 @@ tokens, what the Get and ReportOutcome RPCs call — until every key has been
 handed out and answered twice for gpt-4o, then also for gpt-3.5-turbo, then
 also for gpt-4 (families gpt4o, turbo, gpt4), reading its VmRSS after a full
 collection at each stage. What it holds is what the server holds: the keys,
-their per-family ``RateState`` (window, budget, reservations) and the pool's
-selection indexes. Bytes per key = (RSS at the stage − RSS of the same child
-over an empty keys file) / N; three runs, alternately; medians.
+their per-family rate-limit state (a row in each family's ``keysvc.rates``
+table: window, budget, reservations, usage) and the pool's selection indexes.
+Bytes per key = (RSS at the stage − RSS of the same child over an empty keys
+file) / N; three runs, alternately; medians.
 """
 
 from __future__ import annotations

@@ -163,7 +163,9 @@ class SeedPool:
     def increment_usage(self, key_hash: str, model: str, tokens: int) -> None:
         key = self.key(key_hash)
         family = self._models.family(model)
-        key.token_usage[family] = key.token_usage.get(family, 0) + tokens
+        usage = dict(key.token_usage)  # read-only: Key keeps it in its pool's book
+        usage[family] = usage.get(family, 0) + tokens
+        key.token_usage = usage
         key.prompt_count += 1
 
     def disable(self, key_hash: str, reason: DisableReason) -> Key:

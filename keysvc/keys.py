@@ -7,6 +7,7 @@ import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import NamedTuple
 
 from .rates import RateBook, RateState
@@ -157,11 +158,11 @@ class Key:
     _usage: dict[str, int] | None = field(default=None, repr=False)
 
     @property
-    def token_usage(self) -> dict[str, int]:
-        """Tokens counted per model family (a copy)."""
+    def token_usage(self) -> Mapping[str, int]:
+        """Tokens counted per model family, read-only (assign a mapping to change them)."""
         if self.book is not None:
-            return self.book.usage(self.seq)
-        return dict(self._usage) if self._usage else {}
+            return MappingProxyType(self.book.usage(self.seq))
+        return MappingProxyType(dict(self._usage) if self._usage else {})
 
     @token_usage.setter
     def token_usage(self, usage: Mapping[str, int]) -> None:
