@@ -175,10 +175,13 @@ class Key:
         """Keys order by load order (``seq``), the last tie-break of selection."""
         return self.seq < other.seq
 
-    def join(self, book: RateBook) -> None:
-        """Moves the key's state into ``book`` (row ``seq``), where the pool keeps it."""
-        book.add_row(self.seq)
-        usage = self.token_usage
+    def join(self, book: RateBook, seq: int) -> None:
+        """Makes the key row ``seq`` of ``book``, where its pool keeps its state, and
+        moves its token usage there. Rate-limit state from an earlier book stays
+        behind: a new pool learns it anew."""
+        usage = dict(self.token_usage)  # from where it is now, before ``seq`` changes
+        self.seq = seq
+        book.add_row(seq)
         self.book, self._usage = book, None
         self.token_usage = usage
 

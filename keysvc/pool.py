@@ -79,7 +79,6 @@ import heapq
 import logging
 import math
 import re
-from array import array
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from typing import Final, NamedTuple
@@ -206,24 +205,24 @@ class _Queue:
     entries costs O(log n) and a cache miss per level: keys are loaded in
     sequence order, and a key handed out was used more recently than any other
     and its throttle ends after theirs (the clock never goes back: ``Clock``).
-    The run is two deques side by side, the time each key was queued at and
-    the key: no object per entry. An entry that sorts before the run's last
-    goes to the heap as a tuple; the smallest is the smaller of the two heads.
+    The run is deques side by side — the time each key was queued at, the key
+    and, where the time is not the last use itself (``keeps_last_use``), the
+    last use — with no object per entry. An entry that sorts before the run's
+    last goes to the heap as a tuple; the smallest is the smaller of the two heads.
 
     Entries are not updated when a key moves: the owner pushes a new one, and
-    ``live`` tells whether an entry (key, time) is still where its key is. The
-    rest are dropped when they reach a head, or by ``compact``. An entry at a
-    head is live, so its key's current last use is the one it was queued with.
+    ``live(key, time, last_used)`` tells whether an entry is still where its
+    key is. The rest are dropped when they reach a head, or by ``compact``.
     """
 
-    __slots__ = ("heap", "keys", "last_used", "live", "tail", "times")
+    __slots__ = ("heap", "keys", "live", "tail", "times", "uses")
 
-    def __init__(self, last_used: array[float], live: Callable[[Key, float], bool]) -> None:
-        #: The family's last-use column, for the run head's order.
-        self.last_used = last_used
+    def __init__(self, live: Callable[[Key, float, float], bool], *, keeps_last_use: bool) -> None:
         self.live = live
         self.times: deque[float] = deque()
         self.keys: deque[Key] = deque()
+        #: The last use each key was queued with; None when it is the time itself.
+        self.uses: deque[float] | None = deque() if keeps_last_use else None
         self.heap: list[_HeapEntry] = []
         #: The order of the run's last entry.
         self.tail: tuple[float, float, int] = (-math.inf, -math.inf, -1)
@@ -238,6 +237,8 @@ class _Queue:
         if not self.keys or self.tail <= order:
             self.times.append(time)
             self.keys.append(key)
+            if self.uses is not None:
+                self.uses.append(last_used)
             self.tail = order
         elif ordered:
             heapq.heappush(self.heap, (time, last_used, key.seq, key))
@@ -249,11 +250,10 @@ class _Queue:
 
     def head(self) -> tuple[float, Key] | None:
         """The smallest live entry, (time, key); stale entries before it are dropped."""
-        times, keys, heap, live = self.times, self.keys, self.heap, self.live
-        while keys and not live(keys[0], times[0]):
-            keys.popleft()
-            times.popleft()
-        while heap and not live(heap[0][3], heap[0][0]):
+        times, keys, uses, heap, live = self.times, self.keys, self.uses, self.heap, self.live
+        while keys and not live(keys[0], times[0], times[0] if uses is None else uses[0]):
+            self._pop_run()
+        while heap and not live(heap[0][3], heap[0][0], heap[0][1]):
             heapq.heappop(heap)
         if keys and not self._heap_first():
             return times[0], keys[0]
@@ -262,39 +262,48 @@ class _Queue:
     def pop_head(self) -> None:
         """Removes the entry ``head`` just returned."""
         if self.keys and not self._heap_first():
-            self.keys.popleft()
-            self.times.popleft()
+            self._pop_run()
         else:
             heapq.heappop(self.heap)
 
+    def _pop_run(self) -> None:
+        self.keys.popleft()
+        self.times.popleft()
+        if self.uses is not None:
+            self.uses.popleft()
+
     def _heap_first(self) -> bool:
-        """Whether the heap's head sorts before the run's (both live; the run not empty)."""
+        """Whether the heap's head sorts before the run's (the run not empty)."""
         heap = self.heap
         if not heap:
             return False
-        key = self.keys[0]
-        return heap[0][:3] < (self.times[0], self.last_used[key.seq], key.seq)
+        time = self.times[0]
+        last_used = time if self.uses is None else self.uses[0]
+        return heap[0][:3] < (time, last_used, self.keys[0].seq)
 
     def compact(self) -> None:
         """Drops every stale entry, and all but one of a key's equal live entries."""
         seen: set[int] = set()
-        times: deque[float] = deque()
-        keys: deque[Key] = deque()
-        for time, key in zip(self.times, self.keys, strict=True):
-            if key.seq not in seen and self.live(key, time):
+        run: list[tuple[float, float, Key]] = []
+        uses = self.times if self.uses is None else self.uses
+        for time, last_used, key in zip(self.times, uses, self.keys, strict=True):
+            if key.seq not in seen and self.live(key, time, last_used):
                 seen.add(key.seq)
-                times.append(time)
-                keys.append(key)
+                run.append((time, last_used, key))
         heap = []
         for entry in self.heap:
-            if entry[2] not in seen and self.live(entry[3], entry[0]):
+            if entry[2] not in seen and self.live(entry[3], entry[0], entry[1]):
                 seen.add(entry[2])
                 heap.append(entry)
         heapq.heapify(heap)
-        self.times, self.keys, self.heap = times, keys, heap
-        if keys:
-            last = keys[-1]
-            self.tail = (times[-1], self.last_used[last.seq], last.seq)
+        self.times = deque(time for time, _, _ in run)
+        self.keys = deque(key for _, _, key in run)
+        if self.uses is not None:
+            self.uses = deque(last_used for _, last_used, _ in run)
+        self.heap = heap
+        if run:
+            time, last_used, key = run[-1]
+            self.tail = (time, last_used, key.seq)
 
 
 class _FamilyIndex:
@@ -310,8 +319,8 @@ class _FamilyIndex:
 
     Which queue holds a key's live entry is marked in the family's
     ``RateTable.placed``. An entry is live when its key is marked for its
-    queue, still has this profile, and still has the time it was queued by
-    (its last use in ``ready``, its unlock time in ``locked``).
+    queue, still has this profile, and still has what it was queued by (its
+    last use in ``ready``; its unlock time and last use in ``locked``).
     """
 
     __slots__ = ("book", "family", "group", "locked", "profile", "ready", "reuse_delay", "table")
@@ -325,10 +334,11 @@ class _FamilyIndex:
         self.reuse_delay = reuse_delay
         self.book = book
         self.table = book.table(family)
-        self.ready = _Queue(self.table.last_used, self._ready_live)
-        self.locked = _Queue(self.table.last_used, self._locked_live)
+        # In ``ready`` the time a key is queued by is its last use.
+        self.ready = _Queue(self._ready_live, keeps_last_use=False)
+        self.locked = _Queue(self._locked_live, keeps_last_use=True)
 
-    def _ready_live(self, key: Key, time: float) -> bool:
+    def _ready_live(self, key: Key, time: float, last_used: float) -> bool:
         row = key.seq
         table = self.table
         return (
@@ -337,12 +347,17 @@ class _FamilyIndex:
             and table.last_used[row] == time
         )
 
-    def _locked_live(self, key: Key, time: float) -> bool:
+    def _locked_live(self, key: Key, time: float, last_used: float) -> bool:
+        # The last use too: a key handed out from ``locked`` can be locked again
+        # until the very same time (a budget capped at budget_at + MAX_RESET), and
+        # an entry left from before would then put it ahead of its turn.
         row = key.seq
+        table = self.table
         return (
-            self.table.placed[row] == LOCKED
+            table.placed[row] == LOCKED
             and key.profile is self.profile
-            and _lock_end(self.book, self.table, row) == time
+            and _lock_end(self.book, table, row) == time
+            and table.last_used[row] == last_used
         )
 
     def place(
@@ -499,8 +514,7 @@ class KeyPool:
         now = clock.now()
         for key in store:
             key.profile = self._intern(key.profile)
-            key.seq = self._take_seq()
-            key.join(self._book)
+            key.join(self._book, self._take_seq())
             if not key.is_disabled:
                 self._place(key, now)
 
@@ -546,14 +560,15 @@ class KeyPool:
                     extra={"key_hash": key_hash},
                 )
             return None
+        seq = self._take_seq()
         key = Key(
             secret=secret,
             hash=key_hash,
             profile=self._new_key_profile,
-            seq=self._take_seq(),
+            seq=seq,
             organization_id=organization_id,
         )
-        key.join(self._book)
+        key.join(self._book, seq)
         # A persistent store may give the key its saved state (flags, families, usage).
         self._store.add(key)
         key.profile = self._intern(key.profile)

@@ -3,8 +3,7 @@ against a plain dict of where each key is."""
 
 from __future__ import annotations
 
-from array import array
-
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -26,26 +25,32 @@ operations = st.lists(
 )
 
 
-@given(operations)
-def test_head_is_the_smallest_live_entry(ops: list[tuple[str, int, float, float]]) -> None:
+@pytest.mark.parametrize("keeps_last_use", [True, False])
+@given(ops=operations)
+def test_head_is_the_smallest_live_entry(
+    keeps_last_use: bool, ops: list[tuple[str, int, float, float]]
+) -> None:
     keys = [Key(secret=f"sk-{i}", hash=f"oai-{i:08x}", profile=PROFILE, seq=i) for i in range(KEYS)]
-    last_used = array("d", [0.0]) * KEYS
-    #: Where each key is: the time of its live entry (absent: it is in no queue).
-    current: dict[int, float] = {}
-    queue = _Queue(last_used, lambda key, time: current.get(key.seq) == time)
+    #: Where each key is: the (time, last use) of its live entry (absent: in no queue).
+    current: dict[int, tuple[float, float]] = {}
+    queue = _Queue(
+        lambda key, time, used: current.get(key.seq) == (time, used),
+        keeps_last_use=keeps_last_use,
+    )
 
     def expected() -> tuple[float, float, int] | None:
-        live = [(time, last_used[seq], seq) for seq, time in current.items()]
+        live = [(time, used, seq) for seq, (time, used) in current.items()]
         return min(live) if live else None
 
     def found() -> tuple[float, float, int] | None:
         head = queue.head()
-        return None if head is None else (head[0], last_used[head[1].seq], head[1].seq)
+        return None if head is None else (head[0], current[head[1].seq][1], head[1].seq)
 
     for op, seq, time, used in ops:
         if op == "push":
-            last_used[seq] = used
-            current[seq] = time
+            if not keeps_last_use:
+                used = time  # the ready queue: a key is queued by its last use
+            current[seq] = (time, used)
             queue.push(time, used, keys[seq])
         elif op == "pop" and current:
             head = queue.head()

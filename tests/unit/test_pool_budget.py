@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from keysvc.keys import DisableReason
 from keysvc.outcomes import UpstreamError
 from keysvc.pool import KEY_REUSE_DELAY, MAX_RESET, RESERVATION_TTL
 from tests.helpers import PAID, pool_of
@@ -162,3 +163,20 @@ def test_a_typed_429_without_a_budget_locks_for_the_matching_reset() -> None:
     # MarkRateLimited does not say which limit: the longer reset.
     pool.mark_rate_limited(a.hash, "gpt-4")
     assert a.until_in("gpt4") == pytest.approx(clock.now() + 8)
+
+
+def test_keys_locked_until_the_same_time_go_least_recently_used_first() -> None:
+    # Both keys' request budgets are spent and come back slowly, so both wait the
+    # MAX_RESET cap from the answer: the same unlock time, whatever hand-outs follow.
+    pool, clock, (a, b) = pool_of([PAID, PAID])
+    budget = headers(requests=(2, 0, "20s"))
+    pool.update_rate_limits(a.hash, budget, "gpt-4")
+    pool.update_rate_limits(b.hash, budget, "gpt-4")
+    # A leaves the queues and comes back at the same unlock time (a Recheck
+    # without a checker re-enables it): what A was queued by before must not count.
+    pool.disable(a.hash, DisableReason.MANUAL)
+    pool.recheck()
+    clock.advance(1.0)
+    assert pool.get("gpt-4") is a  # a tie: the first loaded
+    assert a.until_in("gpt4") == b.until_in("gpt4")  # still the same unlock time
+    assert pool.get("gpt-4") is b  # b was used least recently

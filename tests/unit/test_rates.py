@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import math
 
+from keysvc.clock import ManualClock
 from keysvc.keys import Key, KeyProfile, hash_key
+from keysvc.models import ModelTable
 from keysvc.outcomes import UpstreamError
+from keysvc.pool import KeyPool
 from keysvc.rates import MAX_COUNT, MAX_USAGE, RateBook
 from tests.helpers import PAID, pool_of
 
@@ -38,7 +41,7 @@ def test_usage_set_before_joining_a_pool_moves_into_the_book() -> None:
     key.token_usage = {"gpt4o": 12, "o3": 0}  # as a state file's record sets it
     assert key.token_usage == {"gpt4o": 12, "o3": 0}
     book = RateBook()
-    key.join(book)
+    key.join(book, 5)
     assert key.token_usage == {"gpt4o": 12, "o3": 0}
     book.add_usage(key.seq, "gpt4o", 3)
     assert key.token_usage == {"gpt4o": 15, "o3": 0}
@@ -63,3 +66,15 @@ def test_a_remaining_count_beyond_what_a_double_holds_exactly_is_kept_as_the_lar
     state = a.state_in("gpt4o")
     assert state is not None
     assert state.remaining_tokens == MAX_COUNT and state.remaining_requests == 7
+
+
+def test_a_pool_built_over_keys_of_another_pool_keeps_each_key_s_usage() -> None:
+    first = KeyPool.from_secrets(["sk-a", "sk-b"], models=ModelTable(), clock=ManualClock())
+    a, b = first.keys()
+    first.increment_usage(a.hash, "gpt-4", 100)
+    first.increment_usage(b.hash, "gpt-4", 7)
+    first.remove_key(a.hash)
+    second = KeyPool(store=first._store, models=ModelTable(), clock=ManualClock())
+    (moved,) = second.keys()
+    assert moved is b  # now row 1 of the new book, which was a's row in the old one
+    assert moved.token_usage == {"gpt4": 7}
