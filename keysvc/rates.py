@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Mapping
 from typing import Final, NamedTuple
 
-__all__ = ["NOT_PLACED", "NOT_SET", "RateBook", "RateState", "RateTable"]
+__all__ = ["NOT_SET", "RateBook", "RateState", "RateTable"]
 
 #: An optional number that is not known (``None`` in a ``RateState``).
 NOT_SET: Final = math.nan
@@ -39,7 +39,6 @@ SAW_RATE_LIMIT: Final = 2
 #: ... and its type was "requests" or "tokens".
 KIND_REQUESTS: Final = 4
 KIND_TOKENS: Final = 8
-_KIND_BITS: Final = KIND_REQUESTS | KIND_TOKENS
 
 #: Token usage not counted yet in a family (``RateTable.usage``) ...
 NO_USAGE: Final = -1
@@ -65,11 +64,6 @@ _FLOAT_COLUMNS: Final = (
 #: Remaining counts are kept as doubles, exact up to here; a larger header
 #: value (the parser takes up to 18 digits) is stored as this.
 MAX_COUNT: Final = 2**53
-
-
-def known(value: float) -> float | None:
-    """A column value as an optional: None for ``NOT_SET``."""
-    return None if value != value else value
 
 
 class RateState(NamedTuple):
