@@ -201,27 +201,17 @@ class Key:
 
     def until_in(self, family: str) -> float:
         """When the key's lock for ``family`` ends: its own, or a key-wide one if later."""
-        return 0.0 if self.book is None else self.book.lock_end(self.seq, family)
+        if self.book is None:
+            return 0.0
+        return self.book.lock_end(self.book.tables.get(family), self.seq)
 
     # Key-wide summaries over the key-wide state and every family (the Key message).
 
     def rate_summary(self) -> RateSummary:
-        """The key's rate-limit state, read once: what the Key message shows.
-
-        Built for every Get's reply: one pass, no intermediate lists.
-        """
+        """The key's rate-limit state, read once: what the Key message shows
+        (built for every Get's reply, in one pass over the states)."""
         states = self.family_states()
         wide = self.wide
-        if len(states) == 1 and wide is None:  # the common case: one family in use
-            (state,) = states
-            return RateSummary(
-                states,
-                None,
-                state.rate_limited_at,
-                state.until,
-                state.requests_reset,
-                state.tokens_reset,
-            )
         states.sort(key=_by_family)
         rate_limited_at = rate_limited_until = 0.0
         requests_reset: float | None = None

@@ -185,15 +185,6 @@ class _ProfileGroup:
         self.live = 0
 
 
-def _lock_end(book: RateBook, table: RateTable, row: int) -> float:
-    """When key ``row`` is free in the family of ``table``: its own lock or a later key-wide one."""
-    until = table.until[row]
-    wide = book.wide
-    if wide is not None and wide.until[row] > until:
-        return wide.until[row]
-    return until
-
-
 #: A heap entry: (time, last_used, seq, key).
 _HeapEntry = tuple[float, float, int, Key]
 
@@ -356,7 +347,7 @@ class _FamilyIndex:
         return (
             table.placed[row] == LOCKED
             and key.profile is self.profile
-            and _lock_end(self.book, table, row) == time
+            and self.book.lock_end(table, row) == time
             and table.last_used[row] == last_used
         )
 
@@ -371,7 +362,7 @@ class _FamilyIndex:
         """
         row = key.seq
         table = self.table
-        until = _lock_end(self.book, table, row)
+        until = self.book.lock_end(table, row)
         last_used = table.last_used[row]
         if until <= now or (last_used and until <= last_used + self.reuse_delay):
             if table.placed[row] == READY:
@@ -383,11 +374,9 @@ class _FamilyIndex:
                 return  # in place: most answers leave a key where it was
             table.placed[row] = LOCKED
             self.locked.push(until, last_used, key, ordered=ordered)
-        ready, locked = self.ready, self.locked
-        entries = len(ready.keys) + len(ready.heap) + len(locked.keys) + len(locked.heap)
-        if ordered and entries > 2 * self.group.live + 64:
-            ready.compact()
-            locked.compact()
+        if ordered and len(self.ready) + len(self.locked) > 2 * self.group.live + 64:
+            self.ready.compact()
+            self.locked.compact()
 
     def heapify(self) -> None:
         self.ready.heapify()
@@ -774,14 +763,12 @@ class KeyPool:
         now = self._clock.now()
         locked, first_unlock = 0, math.inf
         wide = self._book.wide
-        for key in self._wide_keys if wide is not None else ():
-            assert wide is not None
-            until = wide.until[key.seq]
-            if until <= now or not key.indexed:
-                continue
-            if family in key.profile.families:
-                locked += 1
-                first_unlock = min(first_unlock, until)
+        if wide is not None:
+            for key in self._wide_keys:
+                until = wide.until[key.seq]
+                if until > now and key.indexed and family in key.profile.families:
+                    locked += 1
+                    first_unlock = min(first_unlock, until)
         if live == 0 or locked < live:
             return 0.0
         return first_unlock - now
@@ -1209,22 +1196,19 @@ class KeyPool:
         """Re-derives the key's row of ``table`` and re-places the key where the
         change matters: in that family's index, or in every index for a key-wide change."""
         row = key.seq
-        if not key.indexed:
-            self._derive(table, row, now)
-        elif table is self._book.wide:
-            indexes = list(self._groups[key.profile].indexes.values())
-            # Unlock times before the change (only _derive changes them): a
-            # locked key whose time stays the same stays where it is.
-            was_until = [_lock_end(self._book, each.table, row) for each in indexes]
-            self._derive(table, row, now)
-            for each, until in zip(indexes, was_until, strict=True):
-                each.place(key, now, was_until=until)
-        else:
-            index = self._groups[key.profile].indexes.get(table.family)
-            until = math.nan if index is None else _lock_end(self._book, table, row)
-            self._derive(table, row, now)
-            if index is not None:
-                index.place(key, now, was_until=until)
+        indexes: list[_FamilyIndex] = []
+        if key.indexed:
+            group = self._groups[key.profile]
+            if table is self._book.wide:
+                indexes = list(group.indexes.values())
+            elif (index := group.indexes.get(table.family)) is not None:
+                indexes = [index]
+        # Unlock times before the change (only _derive changes them): a locked
+        # key whose time stays the same stays where it is.
+        was_until = [self._book.lock_end(index.table, row) for index in indexes]
+        self._derive(table, row, now)
+        for index, until in zip(indexes, was_until, strict=True):
+            index.place(key, now, was_until=until)
         self._store.changed(key)
         if self._queues:  # a lock may have got shorter
             self._schedule_dispatch()
@@ -1511,19 +1495,16 @@ def _budget_until(table: RateTable, row: int, tokens_needed: float) -> float:
     Each dimension with a known budget refills at its rate from ``budget_at``;
     the wait is capped at ``MAX_RESET`` (as resets are), and ends when the
     oldest reservation lapses, since the budget is over-counted from then.
-    (On every hand-out and answer: ``x == x`` is ``_known`` inlined.)
     """
     reserved = table.reserved.get(row)
+    in_flight = len(reserved) if reserved else 0
+    reserved_tokens = sum(tokens for _, tokens in reserved) if reserved else 0.0
     wait = 0.0
-    left, rate = table.budget_requests[row], table.requests_rate[row]
-    if left == left and rate == rate:
-        needed = (len(reserved) if reserved else 0) + 1.0
-        if needed > left:
-            wait = (needed - left) / rate
-    left, rate = table.budget_tokens[row], table.tokens_rate[row]
-    if left == left and rate == rate:
-        needed = (sum(tokens for _, tokens in reserved) if reserved else 0.0) + tokens_needed
-        if needed > left:
+    for left, rate, needed in (
+        (table.budget_requests[row], table.requests_rate[row], in_flight + 1.0),
+        (table.budget_tokens[row], table.tokens_rate[row], reserved_tokens + tokens_needed),
+    ):
+        if _known(left) and _known(rate) and needed > left:
             wait = max(wait, (needed - left) / rate)
     if wait <= 0.0:
         return 0.0

@@ -114,9 +114,11 @@ class RateState(NamedTuple):
 class RateTable:
     """One family's state for every key: one row per key ``seq``, one column per field.
 
-    Rows start as a key that was never used. ``placed`` is the pool's mark of
-    which queue of the family index holds the key's live entry. ``reserved``
-    (hand-outs not answered, for the budget) is sparse: most keys have none.
+    Rows start as a key that was never used; a row without a state
+    (``HAS_STATE`` unset) keeps ``until`` at 0, so lock ends need not ask.
+    ``placed`` is the pool's mark of which queue of the family index holds the
+    key's live entry. ``reserved`` (hand-outs not answered, for the budget) is
+    sparse: most keys have none.
     """
 
     __slots__ = (
@@ -259,6 +261,10 @@ class RateBook:
             if self.wide is None:
                 self.wide = RateTable("", self.rows)
             return self.wide
+        return self._family_table(family)
+
+    def _family_table(self, family: str) -> RateTable:
+        # Usage is by the family name callers give, "" included (never key-wide).
         table = self.tables.get(family)
         if table is None:
             table = self.tables[family] = RateTable(family, self.rows)
@@ -276,12 +282,12 @@ class RateBook:
     def states(self, row: int) -> list[RateState]:
         return [t.snapshot(row) for t in self.tables.values() if t.flags[row] & HAS_STATE]
 
-    def lock_end(self, row: int, family: str) -> float:
-        """When the key is free in ``family``: its own lock, or a later key-wide one."""
-        table = self.tables.get(family)
-        until = table.until[row] if table is not None and table.has_state(row) else 0.0
+    def lock_end(self, table: RateTable | None, row: int) -> float:
+        """When key ``row`` is free in the family of ``table`` (None: a family with
+        no table yet): its own lock, or a later key-wide one."""
+        until = 0.0 if table is None else table.until[row]
         wide = self.wide
-        if wide is not None and wide.has_state(row) and wide.until[row] > until:
+        if wide is not None and wide.until[row] > until:
             return wide.until[row]
         return until
 
@@ -289,7 +295,7 @@ class RateBook:
         """The latest lock end over every family and the key-wide state; 0 if never locked."""
         until = 0.0
         for table in (*self.tables.values(), self.wide):
-            if table is not None and table.has_state(row) and table.until[row] > until:
+            if table is not None and table.until[row] > until:
                 until = table.until[row]
         return until
 
@@ -305,17 +311,10 @@ class RateBook:
         for table in self.tables.values():
             table.usage[row] = NO_USAGE
         for family, tokens in usage.items():
-            self._usage_table(family).usage[row] = min(tokens, MAX_USAGE)
+            self._family_table(family).usage[row] = min(tokens, MAX_USAGE)
 
     def add_usage(self, row: int, family: str, tokens: int) -> None:
-        table = self.tables.get(family) or self._usage_table(family)
-        before = table.usage[row]
+        usage = self._family_table(family).usage
+        before = usage[row]
         after = tokens if before == NO_USAGE else before + tokens
-        table.usage[row] = after if after <= MAX_USAGE else MAX_USAGE
-
-    def _usage_table(self, family: str) -> RateTable:
-        # Usage is by family name as callers give it, "" included (never key-wide).
-        table = self.tables.get(family)
-        if table is None:
-            table = self.tables[family] = RateTable(family, self.rows)
-        return table
+        usage[row] = min(after, MAX_USAGE)
