@@ -8,9 +8,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import NamedTuple
 
-from .rates import RateBook, RateState
+from .rates import RateBook, RateState, RateSummary
 
 __all__ = [
     "DisableReason",
@@ -81,32 +80,6 @@ def lists_model(model_ids: frozenset[str], model: str) -> bool:
         return True
     base = _SNAPSHOT_SUFFIX.sub("", model)
     return base != model and base in model_ids
-
-
-class RateSummary(NamedTuple):
-    """A key's rate-limit state over every family and the key-wide state (``Key.rate_summary``)."""
-
-    #: The per-family states, by family name.
-    states: list[RateState]
-    #: The key-wide state, if any.
-    wide: RateState | None
-    #: The latest hand-out or 429 in any family; 0 if never.
-    rate_limited_at: float
-    #: When the key is free in every family: the latest lock end; 0 if never locked.
-    rate_limited_until: float
-    #: The longest x-ratelimit-reset-* known (key-wide or any family).
-    requests_reset: float | None
-    tokens_reset: float | None
-
-    def until_in(self, state: RateState) -> float:
-        """When the key is free in ``state``'s family: its lock, or a later key-wide one."""
-        if self.wide is not None and self.wide.until > state.until:
-            return self.wide.until
-        return state.until
-
-
-def _by_family(state: RateState) -> str:
-    return state.family
 
 
 def hash_key(secret: str, organization_id: str = "") -> str:
@@ -208,30 +181,10 @@ class Key:
     # Key-wide summaries over the key-wide state and every family (the Key message).
 
     def rate_summary(self) -> RateSummary:
-        """The key's rate-limit state, read once: what the Key message shows
-        (built for every Get's reply, in one pass over the states)."""
-        states = self.family_states()
-        wide = self.wide
-        states.sort(key=_by_family)
-        rate_limited_at = rate_limited_until = 0.0
-        requests_reset: float | None = None
-        tokens_reset: float | None = None
-        for state in states if wide is None else (*states, wide):
-            if state.rate_limited_at > rate_limited_at:
-                rate_limited_at = state.rate_limited_at
-            if state.until > rate_limited_until:
-                rate_limited_until = state.until
-            if state.requests_reset is not None and (
-                requests_reset is None or state.requests_reset > requests_reset
-            ):
-                requests_reset = state.requests_reset
-            if state.tokens_reset is not None and (
-                tokens_reset is None or state.tokens_reset > tokens_reset
-            ):
-                tokens_reset = state.tokens_reset
-        return RateSummary(
-            states, wide, rate_limited_at, rate_limited_until, requests_reset, tokens_reset
-        )
+        """The key's rate-limit state as the Key message shows it, read once."""
+        if self.book is None:
+            return RateSummary([], 0.0, 0.0, None, None, dict(self._usage or {}))
+        return self.book.summary(self.seq)
 
     @property
     def rate_limited_until(self) -> float:

@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Mapping
 from typing import Final, NamedTuple
 
-__all__ = ["NOT_SET", "RateBook", "RateState", "RateTable"]
+__all__ = ["NOT_SET", "FamilyRates", "RateBook", "RateState", "RateSummary", "RateTable"]
 
 #: An optional number that is not known (``None`` in a ``RateState``).
 NOT_SET: Final = math.nan
@@ -97,18 +97,35 @@ class RateState(NamedTuple):
     #: Hand-outs not answered yet, oldest first: (when, tokens reserved); None when none.
     reserved: tuple[tuple[float, float], ...] | None
 
-    @property
-    def used(self) -> bool:
-        """Whether anything happened in this family (a hand-out, a report)."""
-        return bool(
-            self.last_used
-            or self.rate_limited_at
-            or self.requests_reset is not None
-            or self.tokens_reset is not None
-            or self.remaining_requests is not None
-            or self.remaining_tokens is not None
-            or self.budget_at
-        )
+
+class FamilyRates(NamedTuple):
+    """A key's rate-limit state in one family as the Key message shows it."""
+
+    family: str
+    last_used: float
+    rate_limited_at: float
+    #: When the key is free in the family: its own lock, or a later key-wide one.
+    until: float
+    requests_reset: float | None
+    tokens_reset: float | None
+    remaining_requests: int | None
+    remaining_tokens: int | None
+
+
+class RateSummary(NamedTuple):
+    """A key's rate-limit state over every family and the key-wide state (``RateBook.summary``)."""
+
+    #: The families where anything happened (a hand-out, a report), by name.
+    families: list[FamilyRates]
+    #: The latest hand-out or 429 in any family; 0 if never.
+    rate_limited_at: float
+    #: When the key is free in every family: the latest lock end; 0 if never locked.
+    rate_limited_until: float
+    #: The longest x-ratelimit-reset-* known (key-wide or any family).
+    requests_reset: float | None
+    tokens_reset: float | None
+    #: Tokens counted per family (families never counted are left out).
+    token_usage: dict[str, int]
 
 
 class RateTable:
@@ -268,6 +285,8 @@ class RateBook:
         table = self.tables.get(family)
         if table is None:
             table = self.tables[family] = RateTable(family, self.rows)
+            # Kept in family order, the order the Key message lists them in.
+            self.tables = dict(sorted(self.tables.items()))
         return table
 
     def get(self, family: str) -> RateTable | None:
@@ -281,6 +300,80 @@ class RateBook:
 
     def states(self, row: int) -> list[RateState]:
         return [t.snapshot(row) for t in self.tables.values() if t.flags[row] & HAS_STATE]
+
+    def summary(self, row: int) -> RateSummary:
+        """What the Key message shows of key ``row``, read in one pass over the columns
+        (it is built for every Get's reply)."""
+        rate_limited_at = latest_until = wide_until = 0.0
+        max_requests_reset = max_tokens_reset = NOT_SET
+        wide = self.wide
+        if wide is not None and wide.flags[row] & HAS_STATE:
+            rate_limited_at = wide.rate_limited_at[row]
+            latest_until = wide_until = wide.until[row]
+            max_requests_reset = wide.requests_reset[row]
+            max_tokens_reset = wide.tokens_reset[row]
+        families: list[FamilyRates] = []
+        usage: dict[str, int] = {}
+        for family, table in self.tables.items():
+            tokens = table.usage[row]
+            if tokens != NO_USAGE:
+                usage[family] = tokens
+            if not table.flags[row] & HAS_STATE:
+                continue
+            last_used = table.last_used[row]
+            at = table.rate_limited_at[row]
+            until = table.until[row]
+            requests_reset = table.requests_reset[row]
+            tokens_reset = table.tokens_reset[row]
+            remaining_requests = table.remaining_requests[row]
+            remaining_tokens = table.remaining_tokens[row]
+            if at > rate_limited_at:
+                rate_limited_at = at
+            if until > latest_until:
+                latest_until = until
+            # x == x: known (not NaN); "not x <= best" also holds while best is NaN.
+            if requests_reset == requests_reset and not requests_reset <= max_requests_reset:
+                max_requests_reset = requests_reset
+            if tokens_reset == tokens_reset and not tokens_reset <= max_tokens_reset:
+                max_tokens_reset = tokens_reset
+            if not (
+                last_used
+                or at
+                or table.budget_at[row]
+                or requests_reset == requests_reset
+                or tokens_reset == tokens_reset
+                or remaining_requests == remaining_requests
+                or remaining_tokens == remaining_tokens
+            ):
+                continue  # indexed for the family, nothing happened there yet
+            # tuple.__new__: the fields in order, without the keyword handling of
+            # FamilyRates(...), as in ``RateTable.snapshot``.
+            rates: FamilyRates = tuple.__new__(
+                FamilyRates,
+                (
+                    family,
+                    last_used,
+                    at,
+                    wide_until if wide_until > until else until,
+                    None if requests_reset != requests_reset else requests_reset,
+                    None if tokens_reset != tokens_reset else tokens_reset,
+                    None if remaining_requests != remaining_requests else int(remaining_requests),
+                    None if remaining_tokens != remaining_tokens else int(remaining_tokens),
+                ),
+            )
+            families.append(rates)
+        summary: RateSummary = tuple.__new__(
+            RateSummary,
+            (
+                families,
+                rate_limited_at,
+                latest_until,
+                None if max_requests_reset != max_requests_reset else max_requests_reset,
+                None if max_tokens_reset != max_tokens_reset else max_tokens_reset,
+                usage,
+            ),
+        )
+        return summary
 
     def lock_end(self, table: RateTable | None, row: int) -> float:
         """When key ``row`` is free in the family of ``table`` (None: a family with

@@ -9,7 +9,7 @@ from keysvc.keys import Key, KeyProfile, hash_key
 from keysvc.models import ModelTable
 from keysvc.outcomes import UpstreamError
 from keysvc.pool import KeyPool
-from keysvc.rates import MAX_COUNT, MAX_USAGE, RateBook
+from keysvc.rates import HAS_STATE, MAX_COUNT, MAX_USAGE, RateBook
 from tests.helpers import PAID, pool_of
 
 
@@ -78,3 +78,31 @@ def test_a_pool_built_over_keys_of_another_pool_keeps_each_key_s_usage() -> None
     (moved,) = second.keys()
     assert moved is b  # now row 1 of the new book, which was a's row in the old one
     assert moved.token_usage == {"gpt4": 7}
+
+
+def test_summary_lists_used_families_by_name_with_key_wide_lock_and_longest_resets() -> None:
+    book = RateBook()
+    book.add_row(0)
+    for family, until, requests_reset in (("turbo", 7.0, 2.0), ("gpt4o", 5.0, 3.0), ("o1", 0, 0)):
+        table = book.table(family)  # made out of name order
+        table.flags[0] = HAS_STATE
+        if until:
+            table.last_used[0] = table.rate_limited_at[0] = 4.0
+            table.until[0] = until
+            table.requests_reset[0] = requests_reset
+    book.table("turbo").remaining_tokens[0] = 10.0
+    wide = book.table("")
+    wide.flags[0] = HAS_STATE
+    wide.rate_limited_at[0] = 4.5
+    wide.until[0] = 6.0
+    wide.tokens_reset[0] = 9.0
+    book.add_usage(0, "dall-e", 12)  # usage alone: no state to show
+
+    summary = book.summary(0)
+
+    # "o1" is indexed but nothing happened there; "dall-e" only counts usage.
+    assert [(f.family, f.until) for f in summary.families] == [("gpt4o", 6.0), ("turbo", 7.0)]
+    assert summary.families[1].remaining_tokens == 10 and summary.families[1].tokens_reset is None
+    assert (summary.rate_limited_at, summary.rate_limited_until) == (4.5, 7.0)
+    assert (summary.requests_reset, summary.tokens_reset) == (3.0, 9.0)
+    assert summary.token_usage == {"dall-e": 12}
