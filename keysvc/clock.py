@@ -66,7 +66,8 @@ class SystemClock:
     """
 
     def now(self) -> float:
-        return _EPOCH_OFFSET + _steady()
+        # ``_steady()`` inlined: read on every Get.
+        return _EPOCH_OFFSET + time.clock_gettime(_STEADY_CLOCK)
 
     def call_at(self, when: float, callback: Callable[[], None]) -> Timer:
         delay = max(0.0, when - self.now())

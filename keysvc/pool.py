@@ -206,7 +206,7 @@ class _Queue:
     key is. The rest are dropped when they reach a head, or by ``compact``.
     """
 
-    __slots__ = ("heap", "keys", "live", "tail", "times", "uses")
+    __slots__ = ("heap", "head_in_heap", "keys", "live", "tail", "times", "uses")
 
     def __init__(self, live: Callable[[Key, float, float], bool], *, keeps_last_use: bool) -> None:
         self.live = live
@@ -217,6 +217,8 @@ class _Queue:
         self.heap: list[_HeapEntry] = []
         #: The order of the run's last entry.
         self.tail: tuple[float, float, int] = (-math.inf, -math.inf, -1)
+        #: Where the entry ``head`` returned last is, for ``pop_head``.
+        self.head_in_heap = False
 
     def __len__(self) -> int:
         return len(self.keys) + len(self.heap)
@@ -246,16 +248,17 @@ class _Queue:
             self._pop_run()
         while heap and not live(heap[0][3], heap[0][0], heap[0][1]):
             heapq.heappop(heap)
-        if keys and not self._heap_first():
+        self.head_in_heap = bool(heap) and (not keys or self._heap_first())
+        if keys and not self.head_in_heap:
             return times[0], keys[0]
         return (heap[0][0], heap[0][3]) if heap else None
 
     def pop_head(self) -> None:
-        """Removes the entry ``head`` just returned."""
-        if self.keys and not self._heap_first():
-            self._pop_run()
-        else:
+        """Removes the entry ``head`` just returned (nothing may be pushed in between)."""
+        if self.head_in_heap:
             heapq.heappop(self.heap)
+        else:
+            self._pop_run()
 
     def _pop_run(self) -> None:
         self.keys.popleft()
@@ -264,13 +267,10 @@ class _Queue:
             self.uses.popleft()
 
     def _heap_first(self) -> bool:
-        """Whether the heap's head sorts before the run's (the run not empty)."""
-        heap = self.heap
-        if not heap:
-            return False
+        """Whether the heap's head sorts before the run's (neither empty)."""
         time = self.times[0]
         last_used = time if self.uses is None else self.uses[0]
-        return heap[0][:3] < (time, last_used, self.keys[0].seq)
+        return self.heap[0][:3] < (time, last_used, self.keys[0].seq)
 
     def compact(self) -> None:
         """Drops every stale entry, and all but one of a key's equal live entries."""
@@ -364,17 +364,25 @@ class _FamilyIndex:
         table = self.table
         until = self.book.lock_end(table, row)
         last_used = table.last_used[row]
+        placed = table.placed[row]
         if until <= now or (last_used and until <= last_used + self.reuse_delay):
-            if table.placed[row] == READY:
+            if placed == READY:
                 return  # in place: a ready key moves only when handed out
             table.placed[row] = READY
             self.ready.push(last_used, last_used, key, ordered=ordered)
         else:
-            if table.placed[row] == LOCKED and until == was_until:
+            if placed == LOCKED and until == was_until:
                 return  # in place: most answers leave a key where it was
             table.placed[row] = LOCKED
             self.locked.push(until, last_used, key, ordered=ordered)
-        if ordered and len(self.ready) + len(self.locked) > 2 * self.group.live + 64:
+        if placed != NOT_PLACED and ordered:
+            self._compact_if_mostly_stale()  # the key's entry until now is stale
+
+    def _compact_if_mostly_stale(self) -> None:
+        """Drops the stale entries once they outnumber the keys. Called where an
+        entry goes stale; a key handed out was taken out first, so a Get's
+        placement leaves none."""
+        if len(self.ready) + len(self.locked) > 2 * self.group.live + 64:
             self.ready.compact()
             self.locked.compact()
 
@@ -419,7 +427,9 @@ class _FamilyIndex:
 
     def unplace(self, key: Key) -> None:
         """Marks ``key`` as in no queue: its entries are stale from now on."""
-        self.table.placed[key.seq] = NOT_PLACED
+        if self.table.placed[key.seq] != NOT_PLACED:
+            self.table.placed[key.seq] = NOT_PLACED
+            self._compact_if_mostly_stale()
 
 
 class _Waiter:

@@ -350,3 +350,34 @@ def test_a_distinct_profile_is_its_own_index() -> None:
     profile = KeyProfile(frozenset({"gpt4"}))
     pool, _, (a, b) = pool_of([profile, KeyProfile(frozenset({"gpt4"}))])
     assert a.profile is b.profile
+
+
+def test_selection_queues_stay_bounded_however_keys_move() -> None:
+    """Every move leaves a stale entry behind; they are dropped before they outnumber
+    the keys, even when no Get comes to drop them at the head of a queue."""
+    pool, clock, keys = pool_of([PAID] * 8)
+    pool.get("gpt-4o")  # indexes the family
+    # Compaction starts past 2 entries per key + 64; keys put back after it may add one each.
+    bound = 3 * len(keys) + 64
+
+    def entries() -> int:
+        return sum(
+            len(index.ready) + len(index.locked)
+            for group in pool._groups.values()
+            for index in group.indexes.values()
+        )
+
+    for step in range(1_000):  # locked again, until an earlier time each time
+        pool.update_rate_limits(
+            keys[step % len(keys)].hash,
+            {
+                "x-ratelimit-remaining-requests": "0",
+                "x-ratelimit-reset-requests": f"{9_000 - step}ms",
+            },
+            "gpt-4o",
+        )
+        assert entries() <= bound, step
+    for step in range(1_000):  # out of service and back
+        pool.disable(keys[step % len(keys)].hash, DisableReason.MANUAL)
+        pool.recheck()
+        assert entries() <= bound, step
