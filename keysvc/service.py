@@ -51,19 +51,13 @@ def _set_time(field: timestamp_pb2.Timestamp, seconds: float) -> None:
 def _set_lock_times(
     message: pb.Key | pb.FamilyRateLimit, last_used: float, rate_limited_at: float, until: float
 ) -> None:
-    """The three times a Key and a FamilyRateLimit both show, those not 0 ("never").
-
-    On every Get, twice: one call, no call per time (``_set_time`` inlined).
-    """
+    """The three times a Key and a FamilyRateLimit both show, those not 0 ("never")."""
     if last_used:
-        field, whole = message.last_used, int(last_used)
-        field.seconds, field.nanos = whole, int((last_used - whole) * 1e9)
+        _set_time(message.last_used, last_used)
     if rate_limited_at:
-        field, whole = message.rate_limited_at, int(rate_limited_at)
-        field.seconds, field.nanos = whole, int((rate_limited_at - whole) * 1e9)
+        _set_time(message.rate_limited_at, rate_limited_at)
     if until:
-        field, whole = message.rate_limited_until, int(until)
-        field.seconds, field.nanos = whole, int((until - whole) * 1e9)
+        _set_time(message.rate_limited_until, until)
 
 
 def _set_duration(field: duration_pb2.Duration, seconds: float) -> None:
