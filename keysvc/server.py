@@ -19,7 +19,6 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
 from .auth import SERVICE_PREFIX, AuthInterceptor, AuthTokens
@@ -32,6 +31,7 @@ from .interceptors import Behavior, UnaryInterceptor
 from .metrics import Metrics, RpcInterceptor
 from .models import ModelTable
 from .pool import KeyPool, Limits
+from .reflection import enable_reflection
 from .reload import KeysFileWatcher, read_keys_file, restore_clones
 from .service import KeyService, Rechecker
 from .state import FileStateStore, StateFileError
@@ -239,13 +239,8 @@ def create_server(
     keysvc_pb2_grpc.add_KeyServiceServicer_to_server(KeyService(pool, checker), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    reflection.enable_server_reflection(
-        (
-            SERVICE_NAME,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ),
-        server,
+    enable_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server
     )
     address = _address(host, port)
     try:
