@@ -28,6 +28,7 @@ from .config import Settings, is_loopback
 from .errors import ERROR_DOMAIN, KeysvcError, ShuttingDown
 from .events import PoolObserver
 from .interceptors import Behavior, UnaryInterceptor
+from .listing import DEFAULT_MAX_PAGE_SIZE
 from .metrics import Metrics, RpcInterceptor
 from .models import ModelTable
 from .pool import KeyPool, Limits
@@ -206,6 +207,7 @@ def create_server(
     max_message_bytes: int = Limits.MESSAGE_BYTES,
     checker: Rechecker | None = None,
     metrics: Metrics | None = None,
+    list_max_page_size: int = DEFAULT_MAX_PAGE_SIZE,
 ) -> KeysvcServer:
     """Builds a server for ``pool`` bound to ``host:port`` (0 picks a free port).
 
@@ -236,7 +238,9 @@ def create_server(
             ("grpc.so_reuseport", 0),
         ],
     )
-    keysvc_pb2_grpc.add_KeyServiceServicer_to_server(KeyService(pool, checker), server)
+    keysvc_pb2_grpc.add_KeyServiceServicer_to_server(
+        KeyService(pool, checker, max_page_size=list_max_page_size), server
+    )
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     enable_reflection(
@@ -387,6 +391,7 @@ async def serve(settings: Settings, *, clock: Clock | None = None) -> None:
             tls=tls,
             checker=checker,
             metrics=metrics,
+            list_max_page_size=settings.list_max_page_size,
         )
     except BaseException:
         if checker is not None:
