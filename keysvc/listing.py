@@ -28,8 +28,8 @@ from .keys import Key
 __all__ = ["DEFAULT_MAX_PAGE_SIZE", "SCAN_LIMIT", "KeyFilter", "LoadOrder", "Page"]
 
 #: The server's largest page, and the size of a page when the caller asks for none
-#: (KEYSVC_LIST_MAX_PAGE_SIZE). ~200 KB of reply and a few ms of work on the event loop.
-DEFAULT_MAX_PAGE_SIZE: Final = 1000
+#: (KEYSVC_LIST_MAX_PAGE_SIZE): ~110 KB of reply and a few ms on the event loop.
+DEFAULT_MAX_PAGE_SIZE: Final = 500
 #: Most keys one page looks at; with a filter, fewer than page_size may match.
 SCAN_LIMIT: Final = 5_000
 _TOKEN_VERSION: Final = "1"

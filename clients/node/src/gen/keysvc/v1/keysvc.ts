@@ -428,7 +428,7 @@ export interface IncrementUsageResponse {
  * ListRequest asks for one page of keys (AIP-158).
  *
  * A request with no field set returns the first page of the default size,
- * which is the server's maximum (KEYSVC_LIST_MAX_PAGE_SIZE, default 1000):
+ * which is the server's maximum (KEYSVC_LIST_MAX_PAGE_SIZE, default 500):
  * a pool that fits in one page comes back whole, as before paging existed.
  */
 export interface ListRequest {
