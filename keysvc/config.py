@@ -18,6 +18,7 @@ from typing import TypeVar
 from .auth import parse_token_text
 from .durations import parse_go_duration
 from .keys import parse_key_list
+from .listing import DEFAULT_MAX_PAGE_SIZE
 from .logs import LOG_FORMATS, LOG_LEVELS
 
 __all__ = [
@@ -81,6 +82,8 @@ class Settings:
     #: Port of the HTTP server for /metrics, the status page, /healthz and /readyz; None = off.
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
+    #: Most keys in one List page, and the page size when a request names none.
+    list_max_page_size: int = DEFAULT_MAX_PAGE_SIZE
 
 
 def _parse_bool(text: str) -> bool:
@@ -104,6 +107,13 @@ def _parse_seconds(text: str) -> float:
     if not 0 <= seconds < 86_400:
         raise ValueError(f"{text} is not between 0 and 86400 seconds")
     return seconds
+
+
+def _parse_page_size(text: str) -> int:
+    size = int(text)
+    if not 1 <= size <= 10_000:
+        raise ValueError(f"{text} is not between 1 and 10000")
+    return size
 
 
 def _parse_timeout(text: str) -> float:
@@ -273,6 +283,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--metrics-host",
         help="address the HTTP port listens on (env KEYSVC_METRICS_HOST, default 127.0.0.1)",
     )
+    parser.add_argument(
+        "--list-max-page-size",
+        type=_flag_type("keys", _parse_page_size),
+        help="most keys in one List page, and the size of a page when a request names none"
+        f" (env KEYSVC_LIST_MAX_PAGE_SIZE, default {DEFAULT_MAX_PAGE_SIZE})",
+    )
 
 
 def tls_problem(cert: Path | None, key: Path | None, client_ca: Path | None) -> str | None:
@@ -373,6 +389,9 @@ def settings_from(args: argparse.Namespace, env: Mapping[str, str] | None = None
         keys_file=_from_env(env, "KEYSVC_KEYS_FILE", Path, None),
         metrics_port=_from_env(env, "KEYSVC_METRICS_PORT", _parse_port, None),
         metrics_host=_from_env(env, "KEYSVC_METRICS_HOST", str.strip, "127.0.0.1"),
+        list_max_page_size=_from_env(
+            env, "KEYSVC_LIST_MAX_PAGE_SIZE", _parse_page_size, DEFAULT_MAX_PAGE_SIZE
+        ),
     )
     overrides = {
         name: value

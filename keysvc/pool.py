@@ -96,6 +96,7 @@ from .durations import parse_go_duration
 from .errors import FamilyDisallowed, InvalidArgument, KeyNotFound, NoKeysForFamily
 from .events import KeyChange, NullObserver, PoolObserver
 from .keys import DisableReason, Key, KeyProfile, hash_key
+from .listing import KeyFilter, LoadOrder, Page
 from .models import GPT4_32K, ModelInfo, ModelTable
 from .outcomes import Decision, UpstreamError, decide
 from .rates import (
@@ -518,10 +519,13 @@ class KeyPool:
         self._new_key_profile = self._intern(KeyProfile(models.default_key_families()))
         self._model_id_sets: dict[frozenset[str], frozenset[str]] = {}
         self._next_seq = 0
+        #: Every key in load order, for List's pages.
+        self._order = LoadOrder()
         now = clock.now()
         for key in store:
             key.profile = self._intern(key.profile)
             key.join(self._book, self._take_seq())
+            self._order.add(key)
             if not key.is_disabled:
                 self._place(key, now)
 
@@ -578,6 +582,7 @@ class KeyPool:
         key.join(self._book, seq)
         # A persistent store may give the key its saved state (flags, families, usage).
         self._store.add(key)
+        self._order.add(key)
         key.profile = self._intern(key.profile)
         if not key.is_disabled:
             self._place(key, self._clock.now())
@@ -596,6 +601,7 @@ class KeyPool:
         self._wide_keys.discard(key)
         self._answered.pop(key.seq, None)
         self._store.remove(key_hash)
+        self._order.remove(key)
         return key
 
     async def flush(self) -> None:
@@ -1189,6 +1195,15 @@ class KeyPool:
     def keys(self) -> list[Key]:
         """Every key, in load order."""
         return list(self._store)
+
+    @property
+    def load_order(self) -> LoadOrder:
+        """The keys in load order, for List's pages and page tokens."""
+        return self._order
+
+    def page(self, after: int, limit: int, key_filter: KeyFilter) -> Page:
+        """Up to ``limit`` keys matching ``key_filter`` now, after load position ``after``."""
+        return self._order.page(after, limit, key_filter.predicate(self._clock.now()))
 
     def families(self) -> tuple[str, ...]:
         """Every family the model table knows, in table order."""

@@ -19,7 +19,6 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
 from .auth import SERVICE_PREFIX, AuthInterceptor, AuthTokens
@@ -29,9 +28,11 @@ from .config import Settings, is_loopback
 from .errors import ERROR_DOMAIN, KeysvcError, ShuttingDown
 from .events import PoolObserver
 from .interceptors import Behavior, UnaryInterceptor
+from .listing import DEFAULT_MAX_PAGE_SIZE
 from .metrics import Metrics, RpcInterceptor
 from .models import ModelTable
 from .pool import KeyPool, Limits
+from .reflection import enable_reflection
 from .reload import KeysFileWatcher, read_keys_file, restore_clones
 from .service import KeyService, Rechecker
 from .state import FileStateStore, StateFileError
@@ -206,6 +207,7 @@ def create_server(
     max_message_bytes: int = Limits.MESSAGE_BYTES,
     checker: Rechecker | None = None,
     metrics: Metrics | None = None,
+    list_max_page_size: int = DEFAULT_MAX_PAGE_SIZE,
 ) -> KeysvcServer:
     """Builds a server for ``pool`` bound to ``host:port`` (0 picks a free port).
 
@@ -236,16 +238,13 @@ def create_server(
             ("grpc.so_reuseport", 0),
         ],
     )
-    keysvc_pb2_grpc.add_KeyServiceServicer_to_server(KeyService(pool, checker), server)
+    keysvc_pb2_grpc.add_KeyServiceServicer_to_server(
+        KeyService(pool, checker, max_page_size=list_max_page_size), server
+    )
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    reflection.enable_server_reflection(
-        (
-            SERVICE_NAME,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ),
-        server,
+    enable_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server
     )
     address = _address(host, port)
     try:
@@ -392,6 +391,7 @@ async def serve(settings: Settings, *, clock: Clock | None = None) -> None:
             tls=tls,
             checker=checker,
             metrics=metrics,
+            list_max_page_size=settings.list_max_page_size,
         )
     except BaseException:
         if checker is not None:

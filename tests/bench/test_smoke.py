@@ -11,7 +11,7 @@ import math
 
 import pytest
 
-from bench import memory, pool_scale, rpc_cost, simulate, used_pool
+from bench import list_pages, memory, pool_scale, rpc_cost, simulate, used_pool
 from bench.seed_pool import seed_reset_seconds
 from bench.upstream import ModelLimits, RateLimitedUpstream, go_duration
 from keysvc.clock import SystemClock
@@ -166,3 +166,16 @@ async def test_upstream_enforces_rpm_and_tpm_per_key_and_model() -> None:
     status, _, body = upstream.decide("k1", "b", 600)
     assert status == 429 and body["error"]["type"] == "tokens"
     assert "tokens per min (TPM)" in body["error"]["message"]
+
+
+def test_list_pages_smoke() -> None:
+    section = list_pages.run(smoke=True)
+    figures = section.figures
+    assert figures["keys_all"] == 10_000
+    assert figures["keys_disabled"] == 100
+    assert 900 <= figures["keys_locked"] <= 1_000  # handed out, less those disabled since
+    # Each key is active, locked or disabled: the filters partition the pool.
+    assert figures["keys_active"] + figures["keys_locked"] + figures["keys_disabled"] == 10_000
+    # A page is a small part of one reply of every key.
+    assert 0 < figures["page_median_ms_all"] < figures["one_reply_ms"] / 5
+    assert len(section.targets) == 2
