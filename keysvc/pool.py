@@ -894,18 +894,29 @@ class KeyPool:
         if parsed is None:
             return
         now = self._clock.now()
-        family, _ = self._report_family(key, model, now, answer=True)
+        family, _ = self._report_family(key, model, now, answer=True, limits=parsed)
         table = self._state_table(key, family)
         _apply_rate_headers(table, key.seq, parsed, now)
         self._reposition(key, table, now)
 
-    def _report_family(self, key: Key, model: str, now: float, *, answer: bool) -> tuple[str, bool]:
+    def _report_family(
+        self,
+        key: Key,
+        model: str,
+        now: float,
+        *,
+        answer: bool,
+        limits: _RateHeaders | None = None,
+    ) -> tuple[str, bool]:
         """The family a report about ``model`` is for ("": key-wide), and whether
         it ended a hand-out's reservation (``answer``: it reports an answer).
 
         A report that names no model most likely answers the key's oldest hand-out
         still in flight, so it goes to that hand-out's family and, as an answer,
-        ends its reservation. A 429 reported on its own (MarkRateLimited) goes
+        ends its reservation; when hand-outs of several families are in flight,
+        the oldest of those whose known limits are the ones the report's headers
+        (``limits``) name, since answers come back in any order and the upstream
+        limits each model apart. A 429 reported on its own (MarkRateLimited) goes
         where an answer without a model just went, since the seed reports an
         answer's headers first, then its 429. With nothing in flight, the family
         of the key's latest hand-out, if recent (``ATTRIBUTION_WINDOW``: the
@@ -921,16 +932,25 @@ class KeyPool:
             if paired is not None and now < paired[1] + REPORT_PAIR_WINDOW:
                 return paired[0], False
         oldest: RateTable | None = None
+        matching: RateTable | None = None
         latest: RateTable | None = None
         for table in self._book.tables.values():
             reserved = table.reserved.get(row)
             if reserved and (oldest is None or reserved[0][0] < oldest.reserved[row][0][0]):
                 oldest = table
+            if (
+                reserved
+                and limits is not None
+                and _limits_match(table, row, limits)
+                and (matching is None or reserved[0][0] < matching.reserved[row][0][0])
+            ):
+                matching = table
             if table.last_used[row] and (
                 latest is None or table.last_used[row] > latest.last_used[row]
             ):
                 latest = table
         released = False
+        oldest = matching or oldest
         if oldest is not None:
             family = oldest.family
             released = answer and _release(oldest, row)
@@ -1023,7 +1043,7 @@ class KeyPool:
         decision = decide(status, error)
         parsed = _parse_rate_headers(key, headers)
         now = self._clock.now()
-        family, released = self._report_family(key, model, now, answer=True)
+        family, released = self._report_family(key, model, now, answer=True, limits=parsed)
         if parsed is not None or decision.rate_limited or released:
             table = self._state_table(key, family)
             if parsed is not None:
@@ -1509,6 +1529,21 @@ def _apply_rate_headers(table: RateTable, row: int, parsed: _RateHeaders, now: f
             # After _reanchor, ``left`` holds what the budget expected by now.
             budget.left[row] = left if fresh else min(left, budget.left[row])
             table.budget_at[row] = now
+
+
+def _limits_match(table: RateTable, row: int, parsed: _RateHeaders) -> bool:
+    """Whether the limits the headers name are those the family's budget knows (each
+    known on both sides); False when none can be compared."""
+    compared = False
+    for budget, limit in zip(
+        table.budgets, (parsed.limit_requests, parsed.limit_tokens), strict=True
+    ):
+        known = budget.limit[row]
+        if limit is not None and _known(known):
+            if min(limit, MAX_COUNT) != known:
+                return False
+            compared = True
+    return compared
 
 
 def _reanchor(table: RateTable, row: int, now: float) -> None:

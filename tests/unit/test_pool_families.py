@@ -285,3 +285,24 @@ def test_disabled_and_revived_keys_keep_their_family_state() -> None:
     clock.advance(KEY_REUSE_DELAY)
     assert pool.get("gpt-4") is a  # b is back, but still locked for gpt4 by its 429
     assert pool.get("gpt-3.5-turbo") is b
+
+
+def test_a_report_without_a_model_goes_to_the_family_whose_limits_it_names() -> None:
+    # Answers come back in any order; the upstream limits each model apart, so the
+    # limits in the headers tell which family's hand-out an answer is for.
+    pool, clock, (a,) = pool_of([PAID])
+    gpt4o = {"x-ratelimit-limit-requests": "500", REMAINING_REQUESTS: "400", RESET_REQUESTS: "12s"}
+    turbo = {"x-ratelimit-limit-requests": "20", REMAINING_REQUESTS: "10", RESET_REQUESTS: "30s"}
+    pool.get("gpt-4o")
+    pool.update_rate_limits(a.hash, gpt4o, "gpt-4o")
+    pool.get("gpt-3.5-turbo")
+    pool.update_rate_limits(a.hash, turbo, "gpt-3.5-turbo")
+    pool.get("gpt-4o")  # the oldest in flight
+    clock.advance(0.1)
+    pool.get("gpt-3.5-turbo")
+    pool.update_rate_limits(a.hash, {**turbo, REMAINING_REQUESTS: "0"})  # turbo's answer first
+    gpt4o_state, turbo_state = a.state_in("gpt4o"), a.state_in("turbo")
+    assert turbo_state is not None and turbo_state.reserved is None
+    assert turbo_state.remaining_requests == 0
+    assert gpt4o_state is not None and gpt4o_state.reserved is not None  # still in flight
+    assert gpt4o_state.remaining_requests is None

@@ -180,7 +180,9 @@ class RefKey:
             return self.wide
         return self.families.setdefault(family, Shadow())
 
-    def attribute(self, model: str, now: float, *, answer: bool) -> tuple[str, bool]:
+    def attribute(
+        self, model: str, now: float, *, answer: bool, headers: dict[str, str] | None = None
+    ) -> tuple[str, bool]:
         """The family a report is for ("": key-wide), and whether it released a hand-out."""
         if model:
             own = self.families.get(TABLE.family(model))
@@ -191,6 +193,10 @@ class RefKey:
         if not answer and self.answered and now < self.answered[1] + REPORT_PAIR_WINDOW:
             return self.answered[0], False
         in_flight = [(s.reserved[0][0], f) for f, s in sorted(self.families.items()) if s.reserved]
+        matching = [
+            (at, f) for at, f in in_flight if headers and limits_match(self.families[f], headers)
+        ]
+        in_flight = matching or in_flight
         used = [(-s.last_used, f) for f, s in sorted(self.families.items()) if s.last_used]
         released = False
         if in_flight:
@@ -205,6 +211,17 @@ class RefKey:
         if answer:
             self.answered = (family, now)
         return family, released
+
+
+def limits_match(state: Shadow, headers: dict[str, str]) -> bool:
+    compared = False
+    for dim in ("requests", "tokens"):
+        limit = headers.get(f"x-ratelimit-limit-{dim}")
+        if limit is not None and dim in state.limit:
+            if int(limit) != state.limit[dim]:
+                return False
+            compared = True
+    return compared
 
 
 def reference_rank(ref: RefKey, family: str, now: float) -> tuple[float, ...]:
@@ -386,7 +403,7 @@ class PoolModel(RuleBasedStateMachine):
         now = self.clock.now()
         self.pool.update_rate_limits(ref.key.hash, headers, model)
         if headers:
-            family, _ = ref.attribute(model, now, answer=True)
+            family, _ = ref.attribute(model, now, answer=True, headers=headers)
             state = ref.state(family)
             apply_headers(state, headers, now, budget=bool(family))
             if family:
@@ -414,7 +431,7 @@ class PoolModel(RuleBasedStateMachine):
             error=UpstreamError(kind),
             completion_tokens=tokens,
         )
-        family, released = ref.attribute(model, now, answer=True)
+        family, released = ref.attribute(model, now, answer=True, headers=headers)
         if headers or status == 429 or released:
             state = ref.state(family)
             apply_headers(state, headers, now, budget=bool(family))
