@@ -81,6 +81,8 @@ class Settings:
     #: Port of the HTTP server for /metrics, the status page, /healthz and /readyz; None = off.
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
+    #: Longest an Envoy ext_proc request waits for a key to unlock (seconds, <= 60).
+    ext_proc_max_wait: float = 5.0
 
 
 def _parse_bool(text: str) -> bool:
@@ -120,6 +122,13 @@ def _parse_interval(text: str) -> float:
         seconds = float(text)
     if not 0 <= seconds <= 30 * 86_400:
         raise ValueError(f"{text} is not between 0 and 30 days")
+    return seconds
+
+
+def _parse_max_wait(text: str) -> float:
+    seconds = float(text)
+    if not 0 <= seconds <= 60:
+        raise ValueError(f"{text} is not between 0 and 60 seconds")
     return seconds
 
 
@@ -273,6 +282,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--metrics-host",
         help="address the HTTP port listens on (env KEYSVC_METRICS_HOST, default 127.0.0.1)",
     )
+    parser.add_argument(
+        "--ext-proc-max-wait",
+        type=_flag_type("seconds", _parse_max_wait),
+        help="longest an Envoy ext_proc request waits for a key to unlock, 0 to 60 s"
+        " (env KEYSVC_EXT_PROC_MAX_WAIT, default 5)",
+    )
 
 
 def tls_problem(cert: Path | None, key: Path | None, client_ca: Path | None) -> str | None:
@@ -373,6 +388,7 @@ def settings_from(args: argparse.Namespace, env: Mapping[str, str] | None = None
         keys_file=_from_env(env, "KEYSVC_KEYS_FILE", Path, None),
         metrics_port=_from_env(env, "KEYSVC_METRICS_PORT", _parse_port, None),
         metrics_host=_from_env(env, "KEYSVC_METRICS_HOST", str.strip, "127.0.0.1"),
+        ext_proc_max_wait=_from_env(env, "KEYSVC_EXT_PROC_MAX_WAIT", _parse_max_wait, 5.0),
     )
     overrides = {
         name: value

@@ -92,6 +92,8 @@ class Scenario:
         delay: seconds to wait before answering.
         fail_first: the key's first N requests get a 503 (with an OpenAI error body).
         garbage: answer every request with 200 and a body that is not JSON.
+        stream_interval: seconds between the events of a streamed (``"stream": true``)
+            completion, so a test can see them arrive one by one.
     """
 
     models: tuple[str, ...] = DEFAULT_MODELS
@@ -102,6 +104,7 @@ class Scenario:
     delay: float = 0.0
     fail_first: int = 0
     garbage: bool = False
+    stream_interval: float = 0.0
 
 
 _QUOTA = "You exceeded your current quota, please check your plan and billing details."
@@ -232,6 +235,9 @@ class _Handler(BaseHTTPRequestHandler):
             state.requests.append(
                 RecordedRequest(time.monotonic(), self.command, path, key, org, status)
             )
+        if status == 200 and scenario is not None and _wants_stream(raw):
+            self._stream(json.loads(body), limit, scenario.stream_interval)
+            return
         self._send(status, body, limit)
 
     def _answer(
@@ -324,19 +330,56 @@ class _Handler(BaseHTTPRequestHandler):
         }
         return 200, _json(completion), limit
 
+    def _stream(self, completion: dict[str, Any], limit: int, interval: float) -> None:
+        """The completion as server-sent events, one word per event, chunked encoding."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self._rate_limit_headers(limit)
+        self.end_headers()
+        words = completion["choices"][0]["message"]["content"].split(" ")
+        for i, word in enumerate(words):
+            delta = {"content": word if i == 0 else f" {word}"}
+            chunk = {
+                "id": completion["id"],
+                "object": "chat.completion.chunk",
+                "model": completion["model"],
+                "choices": [{"index": 0, "delta": delta, "finish_reason": None}],
+            }
+            self._chunk(f"data: {json.dumps(chunk)}\n\n".encode())
+            if interval:
+                time.sleep(interval)
+        self._chunk(b"data: [DONE]\n\n")
+        self._chunk(b"")
+
+    def _chunk(self, data: bytes) -> None:
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+
     def _send(self, status: int, body: bytes, limit: int) -> None:
         self.send_response(status)
         is_json = body[:1] in (b"{", b"[")
         self.send_header("Content-Type", "application/json" if is_json else "text/html")
         self.send_header("Content-Length", str(len(body)))
+        self._rate_limit_headers(limit)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _rate_limit_headers(self, limit: int) -> None:
         self.send_header("x-ratelimit-limit-requests", str(limit))
         self.send_header("x-ratelimit-limit-tokens", "40000")
         self.send_header("x-ratelimit-remaining-requests", str(max(0, limit - 1)))
         self.send_header("x-ratelimit-remaining-tokens", "39990")
         self.send_header("x-ratelimit-reset-requests", "17ms")
         self.send_header("x-ratelimit-reset-tokens", "1m30s")
-        self.end_headers()
-        self.wfile.write(body)
+
+
+def _wants_stream(raw: bytes) -> bool:
+    try:
+        request = json.loads(raw)
+    except ValueError:
+        return False
+    return isinstance(request, dict) and request.get("stream") is True
 
 
 def _json(doc: object) -> bytes:
