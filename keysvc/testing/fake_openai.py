@@ -174,7 +174,9 @@ def demo_keys() -> dict[str, Scenario]:
 
 @dataclass(frozen=True, slots=True)
 class RecordedRequest:
-    """One request the fake answered. ``key`` is the bearer token (fake keys only)."""
+    """One request the fake answered. ``key`` is the bearer token (fake keys only);
+    ``authorizations`` counts the request's Authorization headers (a proxy that
+    appends instead of replacing sends two)."""
 
     time: float  # time.monotonic()
     method: str
@@ -182,6 +184,7 @@ class RecordedRequest:
     key: str
     organization: str | None
     status: int
+    authorizations: int = 1
 
 
 @dataclass(slots=True)
@@ -233,7 +236,15 @@ class _Handler(BaseHTTPRequestHandler):
         status, body, limit = self._answer(path, key, org, scenario, count, raw)
         with state.lock:
             state.requests.append(
-                RecordedRequest(time.monotonic(), self.command, path, key, org, status)
+                RecordedRequest(
+                    time.monotonic(),
+                    self.command,
+                    path,
+                    key,
+                    org,
+                    status,
+                    len(self.headers.get_all("Authorization") or ()),
+                )
             )
         if status == 200 and scenario is not None and _wants_stream(raw):
             self._stream(json.loads(body), limit, scenario.stream_interval)
