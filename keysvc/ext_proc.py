@@ -45,6 +45,7 @@ from envoy.type.v3 import http_status_pb2
 
 from .auth import AuthTokens
 from .errors import FamilyDisallowed, InvalidArgument, KeysvcError, NoKeysForFamily
+from .metrics import Metrics
 from .outcomes import UpstreamError, upstream_error
 from .pool import MAX_WAIT, KeyPool, Limits
 
@@ -161,14 +162,23 @@ class ExtProcService:
         tokens: with any token configured, a request must carry one (proxy or admin role).
         max_wait: the longest a request waits for a key to unlock, in seconds; a
             request's ``x-keysvc-max-wait`` header may ask for less.
+        metrics: counts each request's answer (``keysvc_ext_proc_requests``).
     """
 
-    def __init__(self, pool: KeyPool, *, tokens: AuthTokens, max_wait: float) -> None:
+    def __init__(
+        self,
+        pool: KeyPool,
+        *,
+        tokens: AuthTokens,
+        max_wait: float,
+        metrics: Metrics | None = None,
+    ) -> None:
         if not 0.0 <= max_wait <= MAX_WAIT:
             raise ValueError(f"max_wait must be between 0 and {MAX_WAIT:g} seconds")
         self._pool = pool
         self._tokens = tokens
         self._max_wait = max_wait
+        self._metrics = metrics
 
     async def Process(
         self,
@@ -180,9 +190,13 @@ class ExtProcService:
             try:
                 response = await self._step(request, attempt)
             except _Refusal as refusal:
+                if self._metrics is not None:
+                    self._metrics.ext_proc_answered(str(refusal.status))
                 # Final: Envoy answers the caller and sends nothing more on this stream.
                 yield _immediate(refusal)
                 return
+            if self._metrics is not None and response.HasField("request_body"):
+                self._metrics.ext_proc_answered("key")
             yield response
 
     async def _step(

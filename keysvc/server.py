@@ -245,7 +245,10 @@ def create_server(
     )
     keysvc_pb2_grpc.add_KeyServiceServicer_to_server(KeyService(pool, checker), server)
     add_ext_proc_service(
-        server, ExtProcService(pool, tokens=tokens or AuthTokens(), max_wait=ext_proc_max_wait)
+        server,
+        ExtProcService(
+            pool, tokens=tokens or AuthTokens(), max_wait=ext_proc_max_wait, metrics=metrics
+        ),
     )
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
