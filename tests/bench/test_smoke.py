@@ -11,7 +11,7 @@ import math
 
 import pytest
 
-from bench import memory, pool_scale, rpc_cost, simulate, used_pool
+from bench import envoy_cost, memory, pool_scale, rpc_cost, simulate, used_pool
 from bench.seed_pool import seed_reset_seconds
 from bench.upstream import ModelLimits, RateLimitedUpstream, go_duration
 from keysvc.clock import SystemClock
@@ -166,3 +166,20 @@ async def test_upstream_enforces_rpm_and_tpm_per_key_and_model() -> None:
     status, _, body = upstream.decide("k1", "b", 600)
     assert status == 429 and body["error"]["type"] == "tokens"
     assert "tokens per min (TPM)" in body["error"]["message"]
+
+
+def test_envoy_cost_smoke() -> None:
+    section = envoy_cost.run(smoke=True)
+    figures = section.figures
+    for route in ("direct", "through Envoy"):
+        assert section.figures[f"{route}:requests_per_s"] > 0
+        assert section.figures[f"{route}:p99_ms"] >= section.figures[f"{route}:p50_ms"] > 0
+        assert section.figures[f"{route}:upstream_cpu_us"] > 0
+    # Through Envoy, keysvc and Envoy work for every request; direct, they idle.
+    assert figures["through Envoy:keysvc_cpu_us"] > 5 * figures["direct:keysvc_cpu_us"]
+    assert figures["through Envoy:envoy_cpu_us"] > 5 * figures["direct:envoy_cpu_us"]
+    assert math.isclose(
+        section.figures["added_cpu_us"],
+        section.figures["through Envoy:servers_cpu_us"] - section.figures["direct:servers_cpu_us"],
+    )
+    assert [t.verdict for t in section.targets] == ["informational"] * 2

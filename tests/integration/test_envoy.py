@@ -194,6 +194,21 @@ def test_a_revoked_key_is_disabled_and_the_request_succeeds_on_another(
     gateway.assert_no_secret_leaked()
 
 
+def test_a_quota_429_is_told_apart_by_its_body_and_disables_the_key(start: StartGateway) -> None:
+    # Only the body says insufficient_quota (a plain 429 would only rest the key):
+    # keysvc asks Envoy for the JSON body of the answer with mode_override.
+    scenarios = {**_keys("quota", "over-quota", 1), **_keys("quota", "valid", 1)}
+    gateway = start(scenarios)
+    spent = next(secret for secret in scenarios if secret.endswith("over-quota"))
+    statuses = [gateway.post().status_code for _ in range(2)]
+    assert statuses == [200, 200]
+    assert (spent, 429) in [(r.key, r.status) for r in gateway.fake.requests]
+    key = gateway.keys()[hash_key(spent)]
+    assert key.is_disabled and key.is_over_quota
+    assert key.disable_reason == pb.DISABLE_REASON_QUOTA
+    gateway.assert_no_secret_leaked()
+
+
 def test_every_key_busy_is_429_with_retry_after(start: StartGateway) -> None:
     gateway = start(_keys("busy", "valid", 1))
     assert gateway.post().status_code == 200
