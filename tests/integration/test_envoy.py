@@ -153,6 +153,19 @@ def test_concurrent_requests_spread_over_the_keys(start: StartGateway) -> None:
     gateway.assert_no_secret_leaked()
 
 
+def test_concurrent_retries_all_end_in_success(start: StartGateway) -> None:
+    # Half the keys answer 429: about half of 20 concurrent requests retry at once.
+    # Envoy's default circuit breaker allows 3 retries in flight per cluster; the
+    # bootstrap raises max_retries so none of them is dropped as a 429 to the client.
+    gateway = start({**_keys("retries", "busy", 10), **_keys("retries", "valid", 10)})
+    with ThreadPoolExecutor(20) as workers:
+        statuses = list(workers.map(lambda _: gateway.post().status_code, range(20)))
+    assert statuses == [200] * 20
+    assert sum(r.status == 429 for r in gateway.fake.requests) >= 4
+    overflow = gateway.envoy.stats("cluster.openai.upstream_rq_retry_overflow")
+    assert overflow == {"cluster.openai.upstream_rq_retry_overflow": 0}
+
+
 def test_a_rate_limited_key_is_rested_and_the_request_succeeds_on_another(
     start: StartGateway,
 ) -> None:
