@@ -3,7 +3,7 @@
 Three processes of their own: the fake OpenAI upstream (``bench/envoy_upstream.py``,
 ``keysvc.testing.fake_openai``), keysvc (``bench/rpc_server.py``: ``create_server``
 as ``keysvc serve`` builds it, ext_proc included) and Envoy with the repo's
-bootstrap (``deploy/envoy/envoy.yaml``, one worker thread). An httpx client keeps
+bootstrap (``deploy/envoy/envoy.yaml``, one worker thread). An aiohttp client keeps
 32 chat completions in flight, either straight to the upstream with a key of its
 own (**direct**) or to Envoy with no key, Envoy asking keysvc for one per request
 and reporting the answer back (**through Envoy**: request headers, buffered body,
@@ -19,13 +19,13 @@ is held back 1 s after a hand-out).
 from __future__ import annotations
 
 import asyncio
-import socket
+import json
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import httpx
+import aiohttp
 
 from keysvc.testing.envoy import EnvoyProcess
 
@@ -40,6 +40,8 @@ __all__ = ["run"]
 IN_FLIGHT = 32
 KEYS = 5_000
 BODY = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16}
+PAYLOAD = json.dumps(BODY).encode()
+JSON = {"content-type": "application/json"}
 
 Send = Callable[[int], Awaitable[None]]
 
@@ -64,24 +66,24 @@ async def measure(
     pids: dict[str, int], upstream_url: str, envoy_url: str, requests: int, rounds: int
 ) -> dict[str, dict[str, float]]:
     keys = secrets(KEYS)
-    limits = httpx.Limits(max_connections=IN_FLIGHT, max_keepalive_connections=IN_FLIGHT)
-    # httpx leaves Nagle on: a request's body would wait for the ACK of its headers.
-    nodelay = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
-    transport = httpx.AsyncHTTPTransport(limits=limits, socket_options=nodelay)
-    async with httpx.AsyncClient(transport=transport, timeout=60) as http:
+    # aiohttp rather than httpx: the client shares the two cores with the servers, and
+    # httpx's own CPU per request made the client, not the hop, set the pace.
+    connector = aiohttp.TCPConnector(limit=IN_FLIGHT)
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
+
+        async def post(url: str, headers: dict[str, str]) -> None:
+            async with http.post(url, data=PAYLOAD, headers=headers) as response:
+                await response.read()
+                if response.status != 200:
+                    raise RuntimeError(f"{url} answered {response.status}")
 
         async def direct(n: int) -> None:
-            headers = {"authorization": f"Bearer {keys[n % len(keys)]}"}
-            response = await http.post(
-                f"{upstream_url}/chat/completions", json=BODY, headers=headers
-            )
-            if response.status_code != 200:
-                raise RuntimeError(f"direct request answered {response.status_code}")
+            headers = {**JSON, "authorization": f"Bearer {keys[n % len(keys)]}"}
+            await post(f"{upstream_url}/chat/completions", headers)
 
         async def through(n: int) -> None:
-            response = await http.post(f"{envoy_url}/chat/completions", json=BODY)
-            if response.status_code != 200:
-                raise RuntimeError(f"request through Envoy answered {response.status_code}")
+            await post(f"{envoy_url}/chat/completions", JSON)
 
         routes: dict[str, Send] = {"direct": direct, "through Envoy": through}
         for send in routes.values():  # warm-up: connections, caches, Envoy's gRPC stream setup
