@@ -66,6 +66,14 @@ _BUFFER_RESPONSE_BODY = processing_mode_pb2.ProcessingMode(
 )
 
 
+#: What to answer, unchanged, when handling a message about the upstream's answer fails.
+_PASSED_ON_FAILURE: Final = {
+    "response_headers": ep.ProcessingResponse(response_headers=ep.HeadersResponse()),
+    "response_body": ep.ProcessingResponse(response_body=ep.BodyResponse()),
+    "response_trailers": ep.ProcessingResponse(response_trailers=ep.TrailersResponse()),
+}
+
+
 @dataclass(slots=True)
 class _Refusal(Exception):
     """A request keysvc will not serve, as the HTTP answer Envoy sends the caller."""
@@ -187,17 +195,39 @@ class ExtProcService:
     ) -> AsyncIterator[ep.ProcessingResponse]:
         attempt = _Attempt()
         async for request in request_iterator:
+            kind = request.WhichOneof("request")
             try:
                 response = await self._step(request, attempt)
             except _Refusal as refusal:
-                if self._metrics is not None:
-                    self._metrics.ext_proc_answered(str(refusal.status))
+                self._refused(refusal, attempt)
                 # Final: Envoy answers the caller and sends nothing more on this stream.
                 yield _immediate(refusal)
                 return
-            if self._metrics is not None and response.HasField("request_body"):
-                self._metrics.ext_proc_answered("key")
+            except Exception:
+                _log.exception("ext_proc message failed", extra={"part": kind})
+                if kind in _PASSED_ON_FAILURE:
+                    # The upstream has answered: the caller gets that answer, unlearned.
+                    yield _PASSED_ON_FAILURE[kind]
+                    continue
+                failed = _Refusal(500, "server_error", "internal_error", "keysvc failed")
+                self._refused(failed, attempt)
+                yield _immediate(failed)
+                return
+            if kind == "request_body":
+                if self._metrics is not None:
+                    self._metrics.ext_proc_answered("key")
+                _log.debug(
+                    "ext_proc key set", extra={"hash": attempt.key_hash, "model": attempt.model}
+                )
             yield response
+
+    def _refused(self, refusal: _Refusal, attempt: _Attempt) -> None:
+        if self._metrics is not None:
+            self._metrics.ext_proc_answered(str(refusal.status))
+        _log.debug(
+            "ext_proc refused",
+            extra={"status": refusal.status, "code": refusal.code, "model": attempt.model},
+        )
 
     async def _step(
         self, request: ep.ProcessingRequest, attempt: _Attempt
@@ -273,6 +303,7 @@ class ExtProcService:
                 "missing_model",
                 "you must provide a model parameter (a JSON body with a 'model' string)",
             )
+        attempt.model = model
         try:
             lockout = self._pool.lockout_period(model)
             if lockout > attempt.max_wait:
@@ -287,7 +318,7 @@ class ExtProcService:
             key = await self._pool.get_waiting(model, attempt.max_wait)
         except KeysvcError as error:
             raise _refusal_for(error) from None
-        attempt.key_hash, attempt.model = key.hash, model
+        attempt.key_hash = key.hash
         mutation = ep.HeaderMutation(
             # Overwrite, never append: a retried attempt carries the previous key.
             set_headers=[_set_header("authorization", f"Bearer {key.secret}")],

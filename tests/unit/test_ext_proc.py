@@ -255,3 +255,34 @@ async def test_an_answer_for_a_key_removed_meanwhile_is_ignored() -> None:
     context: Any = None
     responses = [r async for r in service.Process(stream(), context)]
     assert responses[-1].WhichOneof("response") == "response_headers"
+
+
+async def test_an_unexpected_failure_picking_a_key_is_a_500_without_a_key(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pool, _ = make_pool(SECRETS)
+
+    async def broken(model: str, max_wait: float) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(pool, "get_waiting", broken)
+    responses = await run(service_for(pool), [request_headers(), request_body()])
+    status, _, document = immediate(responses[-1])
+    assert status == 500 and document["error"]["code"] == "internal_error"
+
+
+async def test_an_unexpected_failure_learning_from_an_answer_passes_the_answer_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pool, _ = make_pool(SECRETS)
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(pool, "report_outcome", broken)
+    responses = await run(
+        service_for(pool),
+        [request_headers(), request_body(), response_headers(200), response_body({})],
+    )
+    kinds = [r.WhichOneof("response") for r in responses]
+    assert kinds == ["request_headers", "request_body", "response_headers", "response_body"]
