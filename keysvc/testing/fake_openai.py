@@ -79,6 +79,10 @@ class Organization:
     models: tuple[str, ...] | None = None
 
 
+#: The ``x-ratelimit-reset-requests`` every answer carries unless its scenario says otherwise.
+DEFAULT_RESET = "17ms"
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Scenario:
     """How the fake answers for one key.
@@ -94,6 +98,7 @@ class Scenario:
         garbage: answer every request with 200 and a body that is not JSON.
         stream_interval: seconds between the events of a streamed (``"stream": true``)
             completion, so a test can see them arrive one by one.
+        reset_requests: the ``x-ratelimit-reset-requests`` value (how long a 429 rests the key).
     """
 
     models: tuple[str, ...] = DEFAULT_MODELS
@@ -105,6 +110,7 @@ class Scenario:
     fail_first: int = 0
     garbage: bool = False
     stream_interval: float = 0.0
+    reset_requests: str = DEFAULT_RESET
 
 
 _QUOTA = "You exceeded your current quota, please check your plan and billing details."
@@ -247,9 +253,9 @@ class _Handler(BaseHTTPRequestHandler):
                 )
             )
         if status == 200 and scenario is not None and _wants_stream(raw):
-            self._stream(json.loads(body), limit, scenario.stream_interval)
+            self._stream(json.loads(body), limit, scenario.stream_interval, scenario.reset_requests)
             return
-        self._send(status, body, limit)
+        self._send(status, body, limit, scenario.reset_requests if scenario else DEFAULT_RESET)
 
     def _answer(
         self,
@@ -341,12 +347,12 @@ class _Handler(BaseHTTPRequestHandler):
         }
         return 200, _json(completion), limit
 
-    def _stream(self, completion: dict[str, Any], limit: int, interval: float) -> None:
+    def _stream(self, completion: dict[str, Any], limit: int, interval: float, reset: str) -> None:
         """The completion as server-sent events, one word per event, chunked encoding."""
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Transfer-Encoding", "chunked")
-        self._rate_limit_headers(limit)
+        self._rate_limit_headers(limit, reset)
         self.end_headers()
         words = completion["choices"][0]["message"]["content"].split(" ")
         for i, word in enumerate(words):
@@ -367,21 +373,21 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
         self.wfile.flush()
 
-    def _send(self, status: int, body: bytes, limit: int) -> None:
+    def _send(self, status: int, body: bytes, limit: int, reset: str = DEFAULT_RESET) -> None:
         self.send_response(status)
         is_json = body[:1] in (b"{", b"[")
         self.send_header("Content-Type", "application/json" if is_json else "text/html")
         self.send_header("Content-Length", str(len(body)))
-        self._rate_limit_headers(limit)
+        self._rate_limit_headers(limit, reset)
         self.end_headers()
         self.wfile.write(body)
 
-    def _rate_limit_headers(self, limit: int) -> None:
+    def _rate_limit_headers(self, limit: int, reset: str) -> None:
         self.send_header("x-ratelimit-limit-requests", str(limit))
         self.send_header("x-ratelimit-limit-tokens", "40000")
         self.send_header("x-ratelimit-remaining-requests", str(max(0, limit - 1)))
         self.send_header("x-ratelimit-remaining-tokens", "39990")
-        self.send_header("x-ratelimit-reset-requests", "17ms")
+        self.send_header("x-ratelimit-reset-requests", reset)
         self.send_header("x-ratelimit-reset-tokens", "1m30s")
 
 
