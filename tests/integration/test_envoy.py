@@ -19,13 +19,15 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from keysvc.ext_proc import MAX_WAIT_HEADER
+from keysvc.ext_proc import EXT_PROC_SERVICE_NAME, MAX_WAIT_HEADER
 from keysvc.keys import hash_key
 from keysvc.testing.envoy import EnvoyProcess
 from keysvc.testing.fake_openai import SCENARIOS, FakeOpenAI, Scenario
 from keysvc.v1 import keysvc_pb2 as pb
 from keysvc.v1 import keysvc_pb2_grpc
+from tests.helpers import make_pool, serving
 from tests.procs import ServerProcess
 
 CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
@@ -325,3 +327,13 @@ def test_with_auth_on_the_caller_needs_a_keysvc_token(start: StartGateway) -> No
     [request] = gateway.fake.requests
     assert request.key in gateway.secrets  # the caller's token never goes upstream
     gateway.assert_no_secret_leaked()
+
+
+async def test_grpc_health_reports_the_ext_proc_service() -> None:
+    pool, _ = make_pool(["sk-health-0000-valid"])
+    async with serving(pool) as server:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            request = health_pb2.HealthCheckRequest(service=EXT_PROC_SERVICE_NAME)
+            reply = await stub.Check(request, timeout=10)
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
