@@ -327,6 +327,8 @@ def test_with_auth_on_the_caller_needs_a_keysvc_token(start: StartGateway) -> No
     [request] = gateway.fake.requests
     assert request.key in gateway.secrets  # the caller's token never goes upstream
     gateway.assert_no_secret_leaked()
+    for log in (gateway.keysvc.log, gateway.envoy_log.read_text(errors="replace")):
+        assert PROXY_TOKEN not in log and ADMIN_TOKEN not in log
 
 
 async def test_grpc_health_reports_the_ext_proc_service() -> None:
