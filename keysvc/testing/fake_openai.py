@@ -5,8 +5,9 @@ bound to 127.0.0.1) serving ``GET /v1/models``, ``POST /v1/chat/completions``
 and ``GET /v1/organizations`` the way the upstream does: OpenAI-shaped error
 bodies, ``x-ratelimit-*`` headers, the ``OpenAI-Organization`` header checked
 against the key's organizations; a completion asked with ``"stream": true`` comes
-as server-sent events (chunked, ``Scenario.stream_interval`` apart). It runs on its own thread so that a test or
-demo whose event loop is busy (or stopping) does not stall it.
+as server-sent events (chunked, ``Scenario.stream_interval`` apart). It runs on its
+own thread so that a test or demo whose event loop is busy (or stopping) does not
+stall it.
 
 In a test::
 
