@@ -175,6 +175,7 @@ def test_envoy_cost_smoke() -> None:
         assert section.figures[f"{route}:requests_per_s"] > 0
         assert section.figures[f"{route}:p99_ms"] >= section.figures[f"{route}:p50_ms"] > 0
         assert section.figures[f"{route}:upstream_cpu_us"] > 0
+        assert section.figures[f"{route}:p50_ms_alone"] > 0
     # Through Envoy, keysvc and Envoy work for every request; direct, they idle.
     assert figures["through Envoy:keysvc_cpu_us"] > 5 * figures["direct:keysvc_cpu_us"]
     assert figures["through Envoy:envoy_cpu_us"] > 5 * figures["direct:envoy_cpu_us"]
