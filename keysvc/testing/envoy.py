@@ -19,10 +19,11 @@ import sys
 import tempfile
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-__all__ = ["BOOTSTRAP", "EnvoyProcess", "envoy_binary", "render_bootstrap"]
+__all__ = ["BOOTSTRAP", "EnvoyProcess", "KeysvcTls", "envoy_binary", "render_bootstrap"]
 
 #: The bootstrap the tests, the bench and docs/envoy.md use.
 BOOTSTRAP = Path(__file__).resolve().parents[2] / "deploy" / "envoy" / "envoy.yaml"
@@ -64,6 +65,39 @@ def render_bootstrap(
     )
 
 
+@dataclass(frozen=True, slots=True)
+class KeysvcTls:
+    """TLS from Envoy to keysvc: the CA that signed keysvc's certificate and, for
+    mutual TLS, Envoy's client certificate and key (PEM files)."""
+
+    ca: Path
+    cert: Path | None = None
+    key: Path | None = None
+
+    def transport_socket(self) -> str:
+        """The ``transport_socket`` of the bootstrap's ``keysvc`` cluster (docs/envoy.md)."""
+        lines = [
+            "    transport_socket:",
+            "      name: envoy.transport_sockets.tls",
+            "      typed_config:",
+            '        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3'
+            ".UpstreamTlsContext",
+            "        common_tls_context:",
+            "          alpn_protocols: [h2]",
+            f"          validation_context: {{ trusted_ca: {{ filename: {self.ca} }} }}",
+        ]
+        if self.cert is not None and self.key is not None:
+            lines += [
+                "          tls_certificates:",
+                f"          - certificate_chain: {{ filename: {self.cert} }}",
+                f"            private_key: {{ filename: {self.key} }}",
+            ]
+        return "\n".join(lines) + "\n"
+
+
+_KEYSVC_CLUSTER = "  - name: keysvc\n    type: STRICT_DNS\n    connect_timeout: 1s\n"
+
+
 class EnvoyProcess:
     """One Envoy on loopback in front of ``upstream_port``, asking keysvc at ``keysvc_port``.
 
@@ -78,8 +112,15 @@ class EnvoyProcess:
         log: Path,
         concurrency: int = 1,
         log_level: str = "info",
+        keysvc_tls: KeysvcTls | None = None,
     ) -> None:
         self._config = render_bootstrap(upstream_port=upstream_port, keysvc_port=keysvc_port)
+        if keysvc_tls is not None:
+            if _KEYSVC_CLUSTER not in self._config:
+                raise ValueError("the bootstrap's keysvc cluster is not where it was")
+            self._config = self._config.replace(
+                _KEYSVC_CLUSTER, _KEYSVC_CLUSTER + keysvc_tls.transport_socket()
+            )
         self._log = log
         self._concurrency = concurrency
         self._log_level = log_level

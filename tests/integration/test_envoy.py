@@ -23,10 +23,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from keysvc.ext_proc import EXT_PROC_SERVICE_NAME, MAX_WAIT_HEADER
 from keysvc.keys import hash_key
-from keysvc.testing.envoy import EnvoyProcess
+from keysvc.testing.envoy import EnvoyProcess, KeysvcTls
 from keysvc.testing.fake_openai import SCENARIOS, FakeOpenAI, Scenario
 from keysvc.v1 import keysvc_pb2 as pb
 from keysvc.v1 import keysvc_pb2_grpc
+from tests.certs import TestCA
 from tests.helpers import make_pool, serving
 from tests.procs import ServerProcess
 
@@ -87,7 +88,9 @@ def start(tmp_path: Path) -> Iterator[StartGateway]:
     started: list[tuple[FakeOpenAI, ServerProcess, EnvoyProcess]] = []
 
     def start_gateway(
-        scenarios: Mapping[str, Scenario], env: Mapping[str, str] | None = None
+        scenarios: Mapping[str, Scenario],
+        env: Mapping[str, str] | None = None,
+        keysvc_tls: KeysvcTls | None = None,
     ) -> Gateway:
         fake = FakeOpenAI(scenarios)
         fake.start()
@@ -103,7 +106,9 @@ def start(tmp_path: Path) -> Iterator[StartGateway]:
         try:
             port = keysvc.wait_serving()
             log = tmp_path / f"envoy-{len(started)}.log"
-            envoy = EnvoyProcess(upstream_port=fake.port, keysvc_port=port, log=log)
+            envoy = EnvoyProcess(
+                upstream_port=fake.port, keysvc_port=port, log=log, keysvc_tls=keysvc_tls
+            )
             envoy.start()
         except BaseException:
             keysvc.stop()
@@ -339,3 +344,32 @@ async def test_grpc_health_reports_the_ext_proc_service() -> None:
             request = health_pb2.HealthCheckRequest(service=EXT_PROC_SERVICE_NAME)
             reply = await stub.Check(request, timeout=10)
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.mark.parametrize("with_client_certificate", [True, False])
+def test_envoy_reaches_keysvc_over_mutual_tls(
+    start: StartGateway, tmp_path: Path, with_client_certificate: bool
+) -> None:
+    ca = TestCA("keysvc-test-ca")
+    (tmp_path / "ca.crt").write_bytes(ca.cert_pem)
+    server_cert, server_key = ca.issue("keysvc", server=True).write(tmp_path, "server")
+    client_cert, client_key = ca.issue("envoy", server=False).write(tmp_path, "envoy")
+    tls = (
+        KeysvcTls(tmp_path / "ca.crt", client_cert, client_key)
+        if with_client_certificate
+        else KeysvcTls(tmp_path / "ca.crt")
+    )
+    env = {
+        "KEYSVC_TLS_CERT": str(server_cert),
+        "KEYSVC_TLS_KEY": str(server_key),
+        "KEYSVC_TLS_CLIENT_CA": str(tmp_path / "ca.crt"),
+    }
+    gateway = start(_keys("tls", "valid", 1), env, tls)
+    response = gateway.post()
+    if with_client_certificate:
+        assert response.status_code == 200
+        assert [r.key for r in gateway.fake.requests] == gateway.secrets
+    else:
+        # keysvc refuses the handshake: the request fails closed, nothing goes out.
+        assert response.status_code == 503
+        assert gateway.fake.received == 0
