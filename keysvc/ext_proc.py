@@ -22,7 +22,10 @@ docs/envoy.md), so every attempt of a request, retries included, is one
 4. response body (JSON answers only): error type/code and usage tokens.
 
 The answer is applied by ``KeyPool.report_outcome``, the code path of the
-ReportOutcome RPC. A secret only ever leaves keysvc in the header mutation
+ReportOutcome RPC, and its action goes back on the response as
+``x-keysvc-action`` (``done``, ``retry_with_another_key``, ``return_error``):
+Envoy's retry policy retries on that header, so a request is retried on another
+key exactly when ReportOutcome would say so. A secret only ever leaves keysvc in the header mutation
 that Envoy puts on the upstream request: never in an immediate response, a
 log line or an error.
 """
@@ -46,7 +49,7 @@ from envoy.type.v3 import http_status_pb2
 from .auth import AuthTokens
 from .errors import FamilyDisallowed, InvalidArgument, KeysvcError, NoKeysForFamily
 from .metrics import Metrics
-from .outcomes import UpstreamError, upstream_error
+from .outcomes import OutcomeAction, UpstreamError, upstream_error
 from .pool import MAX_WAIT, KeyPool, Limits
 
 __all__ = ["EXT_PROC_SERVICE_NAME", "MAX_WAIT_HEADER", "ExtProcService", "add_ext_proc_service"]
@@ -55,6 +58,10 @@ EXT_PROC_SERVICE_NAME: Final = ep.DESCRIPTOR.services_by_name["ExternalProcessor
 
 #: A request may ask for a shorter wait than KEYSVC_EXT_PROC_MAX_WAIT (seconds); never longer.
 MAX_WAIT_HEADER: Final = "x-keysvc-max-wait"
+
+#: The response header that carries ReportOutcome's action (``done``,
+#: ``retry_with_another_key``, ``return_error``) to Envoy's retry policy.
+ACTION_HEADER: Final = "x-keysvc-action"
 
 _RATE_LIMIT_PREFIX: Final = "x-ratelimit-"
 _BEARER: Final = "bearer "
@@ -135,6 +142,15 @@ def _immediate(refusal: _Refusal) -> ep.ProcessingResponse:
             details=f"keysvc_{refusal.code}",
         )
     )
+
+
+def _action(action: OutcomeAction | None) -> ep.CommonResponse:
+    """ReportOutcome's action as the ``x-keysvc-action`` response header, for Envoy's
+    retry policy (``retriable_headers``): retry exactly when ReportOutcome would."""
+    if action is None:
+        return ep.CommonResponse()
+    mutation = ep.HeaderMutation(set_headers=[_set_header(ACTION_HEADER, action.value)])
+    return ep.CommonResponse(header_mutation=mutation)
 
 
 def _refusal_for(error: KeysvcError) -> _Refusal:
@@ -248,8 +264,8 @@ class ExtProcService:
         if kind == "response_headers":
             return await self._on_response_headers(_headers(request.response_headers), attempt)
         if kind == "response_body":
-            await self._on_response_body(request.response_body.body, attempt)
-            return ep.ProcessingResponse(response_body=ep.BodyResponse())
+            action = await self._on_response_body(request.response_body.body, attempt)
+            return ep.ProcessingResponse(response_body=ep.BodyResponse(response=_action(action)))
         # Trailers are not asked for (processing_mode); answer whatever comes unchanged.
         if kind == "request_trailers":
             return ep.ProcessingResponse(request_trailers=ep.TrailersResponse())
@@ -349,25 +365,27 @@ class ExtProcService:
         else:
             # An event stream (or anything not JSON) passes unbuffered; its usage is
             # not read, so the answer is applied now without tokens.
-            await self._report(attempt, UpstreamError(), 0, 0)
+            action = await self._report(attempt, UpstreamError(), 0, 0)
+            response.response_headers.response.CopyFrom(_action(action))
         return response
 
-    async def _on_response_body(self, body: bytes, attempt: _Attempt) -> None:
+    async def _on_response_body(self, body: bytes, attempt: _Attempt) -> OutcomeAction | None:
         if not attempt.key_hash or not attempt.status:
-            return
+            return None
         try:
             document: object = json.loads(body)
         except ValueError:
             document = None
         error = upstream_error(document) or UpstreamError()
         prompt, completion = _usage(document)
-        await self._report(attempt, error, prompt, completion)
+        return await self._report(attempt, error, prompt, completion)
 
     async def _report(
         self, attempt: _Attempt, error: UpstreamError, prompt: int, completion: int
-    ) -> None:
+    ) -> OutcomeAction | None:
         """Applies the answer as ReportOutcome does: ``KeyPool.report_outcome``, then a
-        flush before going on when it disabled the key."""
+        flush before going on when it disabled the key. Returns ReportOutcome's action;
+        None when the answer could not be applied."""
         key_hash, attempt.key_hash = attempt.key_hash, ""  # one report per hand-out
         try:
             decision, _ = self._pool.report_outcome(
@@ -391,9 +409,10 @@ class ExtProcService:
                 "upstream answer not applied",
                 extra={"hash": key_hash, "reason": problem.reason, "problem": problem.message},
             )
-            return
+            return None
         if decision.disable is not None:
             await self._pool.flush()
+        return decision.action
 
 
 def add_ext_proc_service(server: grpc.aio.Server, service: ExtProcService) -> None:

@@ -21,10 +21,10 @@ import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from keysvc.ext_proc import EXT_PROC_SERVICE_NAME, MAX_WAIT_HEADER
+from keysvc.ext_proc import ACTION_HEADER, EXT_PROC_SERVICE_NAME, MAX_WAIT_HEADER
 from keysvc.keys import hash_key
 from keysvc.testing.envoy import EnvoyProcess, KeysvcTls
-from keysvc.testing.fake_openai import SCENARIOS, FakeOpenAI, Scenario
+from keysvc.testing.fake_openai import SCENARIOS, FakeError, FakeOpenAI, Scenario
 from keysvc.v1 import keysvc_pb2 as pb
 from keysvc.v1 import keysvc_pb2_grpc
 from tests.certs import TestCA
@@ -140,6 +140,7 @@ def test_a_client_without_a_key_gets_a_completion_made_with_a_pool_key(
     [request] = gateway.fake.requests
     assert request.key in gateway.secrets
     assert response.headers["x-ratelimit-remaining-requests"] == "3499"
+    assert ACTION_HEADER not in response.headers  # for Envoy's retry policy only
     # The answer went back to the pool as ReportOutcome would: usage counted.
     key = gateway.keys()[hash_key(request.key)]
     assert key.prompt_count == 1
@@ -231,6 +232,33 @@ def test_a_quota_429_is_told_apart_by_its_body_and_disables_the_key(start: Start
     assert key.is_disabled and key.is_over_quota
     assert key.disable_reason == pb.DISABLE_REASON_QUOTA
     gateway.assert_no_secret_leaked()
+
+
+def test_envoy_retries_exactly_when_report_outcome_says_retry(start: StartGateway) -> None:
+    # A per-day limit: ReportOutcome says RETURN_ERROR (waiting cannot help), so Envoy
+    # must not spend the other key on it; a 5xx says RETRY_WITH_ANOTHER_KEY.
+    per_day = FakeError(
+        429, "requests", "rate_limit_exceeded", "Limit reached on requests per day (RPD)."
+    )
+    gateway = start(
+        {
+            "sk-daily-0000-daily": Scenario(completion_error=per_day),
+            "sk-daily-0001-valid": SCENARIOS["valid"],
+        }
+    )
+    first = [gateway.post().status_code for _ in range(2)]
+    answers = [(r.key, r.status) for r in gateway.fake.requests]
+    # Whichever request met the daily-limited key got its 429 back, not retried.
+    assert sorted(first) == [200, 429]
+    assert sorted(status for _, status in answers) == [200, 429]
+    gateway.assert_no_secret_leaked()
+
+
+def test_a_5xx_is_retried_on_another_key(start: StartGateway) -> None:
+    gateway = start({"sk-flaky-0000-flaky": SCENARIOS["flaky"], **_keys("flaky", "valid", 1)})
+    statuses = [gateway.post().status_code for _ in range(2)]
+    assert statuses == [200, 200]
+    assert ("sk-flaky-0000-flaky", 503) in [(r.key, r.status) for r in gateway.fake.requests]
 
 
 def test_every_key_busy_is_429_with_retry_after(start: StartGateway) -> None:

@@ -13,7 +13,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from prometheus_client import generate_latest
 
 from keysvc.auth import AuthTokens
-from keysvc.ext_proc import MAX_WAIT_HEADER, ExtProcService
+from keysvc.ext_proc import ACTION_HEADER, MAX_WAIT_HEADER, ExtProcService
 from keysvc.keys import DisableReason, hash_key
 from keysvc.metrics import Metrics
 from keysvc.pool import KeyPool
@@ -112,6 +112,8 @@ async def test_the_request_gets_a_pool_key_and_the_answer_is_reported() -> None:
     key = pool.key(hash_key(secret))
     assert key.prompt_count == 1
     assert key.rate_summary().token_usage == {"gpt4o": 42}
+    # ReportOutcome's action goes back to Envoy's retry policy in a response header.
+    assert set_headers(responses[3].response_body.response) == {ACTION_HEADER: "done"}
 
 
 async def test_an_event_stream_is_not_buffered_and_counts_without_usage() -> None:
@@ -121,18 +123,21 @@ async def test_an_event_stream_is_not_buffered_and_counts_without_usage() -> Non
         [request_headers(), request_body(), response_headers(200, "text/event-stream")],
     )
     assert not responses[2].HasField("mode_override")
+    assert set_headers(responses[2].response_headers.response) == {ACTION_HEADER: "done"}
     assert pool.key(hash_key(SECRETS[0])).prompt_count == 1
 
 
 async def test_a_quota_429_read_from_the_body_disables_the_key() -> None:
     pool, _ = make_pool(SECRETS[:1])
     error = {"error": {"type": "insufficient_quota", "code": "insufficient_quota", "message": ""}}
-    await run(
+    responses = await run(
         service_for(pool),
         [request_headers(), request_body(), response_headers(429), response_body(error)],
     )
     key = pool.key(hash_key(SECRETS[0]))
     assert key.is_disabled and key.disable_reason is DisableReason.QUOTA
+    action = set_headers(responses[3].response_body.response)
+    assert action == {ACTION_HEADER: "retry_with_another_key"}
 
 
 async def test_a_long_upstream_error_message_still_rate_limits_the_key() -> None:
@@ -255,6 +260,8 @@ async def test_an_answer_for_a_key_removed_meanwhile_is_ignored() -> None:
     context: Any = None
     responses = [r async for r in service.Process(stream(), context)]
     assert responses[-1].WhichOneof("response") == "response_headers"
+    # Not applied, so no action: Envoy does not retry on keysvc's say-so.
+    assert set_headers(responses[-1].response_headers.response) == {}
 
 
 async def test_an_unexpected_failure_picking_a_key_is_a_500_without_a_key(
