@@ -84,6 +84,8 @@ class Settings:
     metrics_host: str = "127.0.0.1"
     #: Most keys in one List page, and the page size when a request names none.
     list_max_page_size: int = DEFAULT_MAX_PAGE_SIZE
+    #: Longest an Envoy ext_proc request waits for a key to unlock (seconds, <= 60).
+    ext_proc_max_wait: float = 5.0
 
 
 def _parse_bool(text: str) -> bool:
@@ -130,6 +132,13 @@ def _parse_interval(text: str) -> float:
         seconds = float(text)
     if not 0 <= seconds <= 30 * 86_400:
         raise ValueError(f"{text} is not between 0 and 30 days")
+    return seconds
+
+
+def _parse_max_wait(text: str) -> float:
+    seconds = float(text)
+    if not 0 <= seconds <= 60:
+        raise ValueError(f"{text} is not between 0 and 60 seconds")
     return seconds
 
 
@@ -289,6 +298,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="most keys in one List page, and the size of a page when a request names none"
         f" (env KEYSVC_LIST_MAX_PAGE_SIZE, default {DEFAULT_MAX_PAGE_SIZE})",
     )
+    parser.add_argument(
+        "--ext-proc-max-wait",
+        type=_flag_type("seconds", _parse_max_wait),
+        help="longest an Envoy ext_proc request waits for a key to unlock, 0 to 60 s"
+        " (env KEYSVC_EXT_PROC_MAX_WAIT, default 5)",
+    )
 
 
 def tls_problem(cert: Path | None, key: Path | None, client_ca: Path | None) -> str | None:
@@ -392,6 +407,7 @@ def settings_from(args: argparse.Namespace, env: Mapping[str, str] | None = None
         list_max_page_size=_from_env(
             env, "KEYSVC_LIST_MAX_PAGE_SIZE", _parse_page_size, DEFAULT_MAX_PAGE_SIZE
         ),
+        ext_proc_max_wait=_from_env(env, "KEYSVC_EXT_PROC_MAX_WAIT", _parse_max_wait, 5.0),
     )
     overrides = {
         name: value

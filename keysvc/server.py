@@ -27,6 +27,7 @@ from .clock import Clock, SystemClock
 from .config import Settings, is_loopback
 from .errors import ERROR_DOMAIN, KeysvcError, ShuttingDown
 from .events import PoolObserver
+from .ext_proc import EXT_PROC_SERVICE_NAME, ExtProcService, add_ext_proc_service
 from .interceptors import Behavior, UnaryInterceptor
 from .listing import DEFAULT_MAX_PAGE_SIZE
 from .metrics import Metrics, RpcInterceptor
@@ -161,6 +162,7 @@ class KeysvcServer:
     async def start(self) -> None:
         await self.server.start()
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set(EXT_PROC_SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
 
     def serving(self, service: str = "") -> bool:
         """Whether gRPC health reports ``service`` ("" = the whole server) as SERVING.
@@ -208,6 +210,7 @@ def create_server(
     checker: Rechecker | None = None,
     metrics: Metrics | None = None,
     list_max_page_size: int = DEFAULT_MAX_PAGE_SIZE,
+    ext_proc_max_wait: float = 5.0,
 ) -> KeysvcServer:
     """Builds a server for ``pool`` bound to ``host:port`` (0 picks a free port).
 
@@ -217,6 +220,10 @@ def create_server(
     ``checker``, Recheck goes through it (and wakes it). The RPC observer (debug
     log line per call, and RPC metrics when ``metrics`` is given) runs outermost,
     so it records the status the caller gets, auth refusals included.
+
+    Envoy's ext_proc service (``keysvc.ext_proc``) is served beside KeyService:
+    same port, TLS and pool; its streams check the HTTP caller's own token
+    against ``tokens`` and wait at most ``ext_proc_max_wait`` seconds for a key.
 
     Raises:
         OSError: the address cannot be bound.
@@ -241,10 +248,21 @@ def create_server(
     keysvc_pb2_grpc.add_KeyServiceServicer_to_server(
         KeyService(pool, checker, max_page_size=list_max_page_size), server
     )
+    add_ext_proc_service(
+        server,
+        ExtProcService(
+            pool, tokens=tokens or AuthTokens(), max_wait=ext_proc_max_wait, metrics=metrics
+        ),
+    )
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     enable_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server
+        (
+            SERVICE_NAME,
+            EXT_PROC_SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        ),
+        server,
     )
     address = _address(host, port)
     try:
@@ -392,6 +410,7 @@ async def serve(settings: Settings, *, clock: Clock | None = None) -> None:
             checker=checker,
             metrics=metrics,
             list_max_page_size=settings.list_max_page_size,
+            ext_proc_max_wait=settings.ext_proc_max_wait,
         )
     except BaseException:
         if checker is not None:

@@ -11,7 +11,7 @@ import math
 
 import pytest
 
-from bench import list_pages, memory, pool_scale, rpc_cost, simulate, used_pool
+from bench import envoy_cost, list_pages, memory, pool_scale, rpc_cost, simulate, used_pool
 from bench.seed_pool import seed_reset_seconds
 from bench.upstream import ModelLimits, RateLimitedUpstream, go_duration
 from keysvc.clock import SystemClock
@@ -179,3 +179,21 @@ def test_list_pages_smoke() -> None:
     # A page is a small part of one reply of every key.
     assert 0 < figures["page_median_ms_all"] < figures["one_reply_ms"] / 5
     assert len(section.targets) == 2
+
+
+def test_envoy_cost_smoke() -> None:
+    section = envoy_cost.run(smoke=True)
+    figures = section.figures
+    for route in ("direct", "through Envoy"):
+        assert section.figures[f"{route}:requests_per_s"] > 0
+        assert section.figures[f"{route}:p99_ms"] >= section.figures[f"{route}:p50_ms"] > 0
+        assert section.figures[f"{route}:upstream_cpu_us"] > 0
+        assert section.figures[f"{route}:p50_ms_alone"] > 0
+    # Through Envoy, keysvc and Envoy work for every request; direct, they idle.
+    assert figures["through Envoy:keysvc_cpu_us"] > 5 * figures["direct:keysvc_cpu_us"]
+    assert figures["through Envoy:envoy_cpu_us"] > 5 * figures["direct:envoy_cpu_us"]
+    assert math.isclose(
+        section.figures["added_cpu_us"],
+        section.figures["through Envoy:servers_cpu_us"] - section.figures["direct:servers_cpu_us"],
+    )
+    assert [t.verdict for t in section.targets] == ["informational"] * 2
