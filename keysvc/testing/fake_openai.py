@@ -144,6 +144,9 @@ SCENARIOS: Mapping[str, Scenario] = MappingProxyType(
             completion_error=FakeError(429, "requests", "rate_limit_exceeded"),
         ),
         "busy": Scenario(completion_error=FakeError(429, "requests", "rate_limit_exceeded")),
+        # Answers that say the key's quota is spent: 1 request per 20 s, none left.
+        "spent": Scenario(request_limit=1, reset_requests="20s"),
+        "spent-for-a-second": Scenario(request_limit=1, reset_requests="1s"),
         "tokens-busy": Scenario(completion_error=FakeError(429, "tokens", "rate_limit_exceeded")),
         "multi-org": Scenario(
             organizations=(

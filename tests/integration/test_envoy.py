@@ -262,8 +262,8 @@ def test_a_5xx_is_retried_on_another_key(start: StartGateway) -> None:
 
 
 def test_every_key_busy_is_429_with_retry_after(start: StartGateway) -> None:
-    gateway = start(_keys("busy", "valid", 1))
-    assert gateway.post().status_code == 200
+    gateway = start(_keys("busy", "spent", 1))
+    assert gateway.post().status_code == 200  # its answer: none left, back in 20 s
     response = gateway.post(headers={MAX_WAIT_HEADER: "0"})
     assert response.status_code == 429
     assert int(response.headers["retry-after"]) >= 1
@@ -275,9 +275,11 @@ def test_every_key_busy_is_429_with_retry_after(start: StartGateway) -> None:
 
 
 def test_waiting_up_to_the_header_gets_the_key_when_it_unlocks(start: StartGateway) -> None:
-    gateway = start(_keys("wait", "valid", 1))
-    assert gateway.post().status_code == 200
+    gateway = start(_keys("wait", "spent-for-a-second", 1))
+    assert gateway.post().status_code == 200  # its answer: none left, back in 1 s
+    started = time.monotonic()
     assert gateway.post(headers={MAX_WAIT_HEADER: "3"}).status_code == 200
+    assert time.monotonic() - started > 0.5  # it waited for the key
     assert len(gateway.fake.requests) == 2
     # The header only shortens keysvc's wait, and is not sent upstream.
     assert gateway.post(headers={MAX_WAIT_HEADER: "soon"}).status_code == 400

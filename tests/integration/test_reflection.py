@@ -56,6 +56,7 @@ async def test_both_versions_list_every_service(channel: grpc.aio.Channel, servi
     names = {s.name for s in listed.list_services_response.service}
     assert names == {
         SERVICE_NAME,
+        "envoy.service.ext_proc.v3.ExternalProcessor",
         "grpc.health.v1.Health",
         V1_SERVICE_NAME,
         V1ALPHA_SERVICE_NAME,
