@@ -12,6 +12,8 @@ Times given to and read from keysvc and the upstream are simulated seconds;
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -117,9 +119,13 @@ class ProxyLoop:
     async def serve(self, request: Request) -> bool:
         raise NotImplementedError
 
-    async def attempt(self, request: Request) -> Answer:
-        """Get → upstream → UpdateRateLimits (→ IncrementUsage, or MarkRateLimited on a 429)."""
+    async def attempt(self, request: Request, leased: asyncio.Future[None] | None = None) -> Answer:
+        """Get → upstream → UpdateRateLimits (→ IncrementUsage, or MarkRateLimited on a 429),
+        the reports without a model as the seed's provider made them. ``leased`` is set
+        once Get has returned."""
         lease = await self.keys.Get(pb.GetRequest(model=request.model))
+        if leased is not None and not leased.done():
+            leased.set_result(None)
         key_hash = lease.key.hash
         request.attempts += 1
         answer = await self.upstream(lease.secret, request.model, request.tokens)
@@ -136,9 +142,7 @@ class ProxyLoop:
                 )
             )
         elif answer.is_rate_limit:
-            await self.keys.MarkRateLimited(
-                pb.MarkRateLimitedRequest(hash=key_hash, model=request.model)
-            )
+            await self.keys.MarkRateLimited(pb.MarkRateLimitedRequest(hash=key_hash))
         return answer
 
 
@@ -218,7 +222,9 @@ class ReportOutcomeLoop(ProxyLoop):
 class SeedQueueLoop(ProxyLoop):
     """The seed proxy's queue: every 50 ms, per model, if GetLockoutPeriod is 0, the
     oldest waiting request goes; a 429 puts the request back in the queue (it keeps
-    its place by arrival time)."""
+    its place by arrival time). The queue polls the model again once the request it
+    let go has its key: in the seed the two were one step, and a Get RPC takes ~1 ms
+    of a real 50 ms poll, while in scaled time it would take a large part of one."""
 
     name = "seed"
     POLL = 0.05  # simulated seconds
@@ -227,8 +233,14 @@ class SeedQueueLoop(ProxyLoop):
         self, keys: pb_grpc.KeyServiceAsyncStub, upstream: Upstream, clock: SimTime
     ) -> None:
         super().__init__(keys, upstream, clock)
-        self._queues: dict[str, list[tuple[float, asyncio.Future[None]]]] = {}
+        #: Per model, a heap of (arrival, seq, turn): the oldest waiting request first.
+        #: A request's turn is set to a future it sets once its Get has returned.
+        self._queues: dict[str, list[tuple[float, int, asyncio.Future[asyncio.Future[None]]]]] = {}
+        self._seq = itertools.count()
         self._task: asyncio.Task[None] | None = None
+        #: Per model, when a poll found a request waiting (real monotonic seconds): the
+        #: starts the queue could have made, had keysvc said 0 each time.
+        self.polls: dict[str, list[float]] = {}
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._process())
@@ -241,27 +253,38 @@ class SeedQueueLoop(ProxyLoop):
     async def _process(self) -> None:
         while True:
             for model, queue in list(self._queues.items()):
-                queue[:] = [entry for entry in queue if not entry[1].done()]
+                while queue and queue[0][2].done():  # gave up while waiting
+                    heapq.heappop(queue)
                 if not queue:
                     continue
+                self.polls.setdefault(model, []).append(self.clock.now())
                 reply = await self.keys.GetLockoutPeriod(pb.GetLockoutPeriodRequest(model=model))
-                if duration_seconds(reply.lockout) == 0 and queue:
-                    oldest = min(range(len(queue)), key=lambda i: queue[i][0])
-                    _, turn = queue.pop(oldest)
-                    if not turn.done():
-                        turn.set_result(None)
+                if duration_seconds(reply.lockout) == 0:
+                    while queue:
+                        _, _, turn = heapq.heappop(queue)
+                        if not turn.done():
+                            leased: asyncio.Future[None] = (
+                                asyncio.get_running_loop().create_future()
+                            )
+                            turn.set_result(leased)
+                            await asyncio.wait([leased], timeout=1.0)
+                            break
             await self.clock.sleep(self.POLL)
 
     async def serve(self, request: Request) -> bool:
         queue = self._queues.setdefault(request.model, [])
         while True:
-            turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            queue.append((request.arrived, turn))
+            turn: asyncio.Future[asyncio.Future[None]] = asyncio.get_running_loop().create_future()
+            heapq.heappush(queue, (request.arrived, next(self._seq), turn))
             try:
-                await asyncio.wait_for(turn, max(0.0, request.deadline - self.clock.now()))
+                leased = await asyncio.wait_for(turn, max(0.0, request.deadline - self.clock.now()))
             except TimeoutError:
                 return False
-            answer = await self.attempt(request)
+            try:
+                answer = await self.attempt(request, leased)
+            finally:
+                if not leased.done():
+                    leased.set_result(None)
             if answer.status == 200:
                 return True
             if not answer.is_rate_limit or answer.per_day or self.clock.now() >= request.deadline:

@@ -2,12 +2,18 @@
 
 ``POST /v1/chat/completions`` with ``Authorization: Bearer <key>`` and a body
 ``{"model": ..., "max_tokens": n, ...}``; the request costs one request and
-``n`` tokens. Each (key, model) has two rolling one-minute windows, one for
-requests and one for tokens, that refill continuously (a minute's limit per
-minute, so the quota used by a request comes back over the following minute).
-That is the behaviour OpenAI documents with its headers: with a limit of 60 RPM
-and 59 remaining, ``x-ratelimit-reset-requests`` is ``1s`` — the time until the
-quota is *fully* back, while the next request may go at once.
+``n`` tokens. Each (key, model) has two quotas, one for requests and one for
+tokens, of one of two shapes:
+
+- ``bucket`` (the default): a token bucket that refills continuously (a
+  minute's limit per minute, so the quota used by a request comes back over
+  the following minute). That is the behaviour OpenAI documents with its
+  headers: with a limit of 60 RPM and 59 remaining, ``x-ratelimit-reset-requests``
+  is ``1s`` — the time until the quota is *fully* back, while the next request
+  may go at once.
+- ``window``: fixed one-minute windows; the whole limit comes back at each
+  window's end and nothing before, and the reset is the time until then. Each
+  key's windows start at a phase of their own, spread evenly over a minute.
 
 Every answer carries the six ``x-ratelimit-*`` headers (resets as Go durations).
 A request over either limit gets 429 with an OpenAI-shaped body of type
@@ -32,9 +38,11 @@ from typing import Any
 
 from aiohttp import web
 
-__all__ = ["ModelLimits", "RateLimitedUpstream", "go_duration"]
+__all__ = ["SHAPES", "ModelLimits", "RateLimitedUpstream", "go_duration"]
 
 WINDOW = 60.0  # simulated seconds
+#: The quota shapes ``RateLimitedUpstream`` can enforce.
+SHAPES = ("bucket", "window")
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +77,7 @@ def _trim(number: str) -> str:
     return number.rstrip("0").rstrip(".") if "." in number else number
 
 
-class _Window:
+class _Bucket:
     """A quota that refills continuously: ``limit`` per simulated minute."""
 
     __slots__ = ("last", "level", "limit", "rate", "wasted")
@@ -96,6 +104,45 @@ class _Window:
         """Simulated seconds until the quota is fully back."""
         return (self.limit - self.level) / self.rate
 
+    def next_unit(self, needed: float) -> float:
+        """Simulated seconds until ``needed`` is there."""
+        return (needed - self.level) / self.rate
+
+
+class _FixedWindow:
+    """A quota of ``limit`` per fixed window of ``WINDOW`` simulated seconds, the windows
+    starting at ``phase`` (mod ``WINDOW``); nothing comes back before a window ends."""
+
+    __slots__ = ("end", "last", "level", "limit", "wasted")
+
+    def __init__(self, limit: int, now: float, phase: float) -> None:
+        self.limit = limit
+        # Empty until the first window ends, as the bucket starts empty.
+        self.level = 0.0
+        self.end = now + ((phase - now) % WINDOW or WINDOW)
+        self.last = now
+        #: Quota left unused when a window ended: capacity nobody used.
+        self.wasted = 0.0
+
+    def refill(self, now: float) -> None:
+        self.last = now
+        if now < self.end:
+            return
+        windows = math.floor((now - self.end) / WINDOW) + 1
+        self.wasted += self.level + (windows - 1) * self.limit
+        self.level = float(self.limit)
+        self.end += windows * WINDOW
+
+    def reset(self) -> float:
+        """Simulated seconds until the quota is fully back: the window's end."""
+        return 0.0 if self.level >= self.limit else self.end - self.last
+
+    def next_unit(self, needed: float) -> float:
+        return self.end - self.last
+
+
+_Quota = _Bucket | _FixedWindow
+
 
 class RateLimitedUpstream:
     """The fake upstream; ``async with`` starts it on 127.0.0.1 (``base_url``)."""
@@ -107,12 +154,18 @@ class RateLimitedUpstream:
         keys: list[str],
         scale: float = 1.0,
         seed: int = 1,
+        shape: str = "bucket",
     ) -> None:
+        if shape not in SHAPES:
+            raise ValueError(f"unknown quota shape {shape!r}")
         self._limits = limits
         self._keys = set(keys)
+        #: Each key's window phase (``window`` shape), spread evenly over a minute.
+        self._phases = {key: i * WINDOW / len(keys) for i, key in enumerate(keys)}
         self._scale = scale
+        self._shape = shape
         self._random = random.Random(seed)
-        self._windows: dict[tuple[str, str], tuple[_Window, _Window]] = {}
+        self._windows: dict[tuple[str, str], tuple[_Quota, _Quota]] = {}
         self._runner: web.AppRunner | None = None
         self.base_url = ""
         #: Answers given, by status.
@@ -149,14 +202,19 @@ class RateLimitedUpstream:
         if self._runner is not None:
             await self._runner.cleanup()
 
-    def _windows_for(self, key: str, model: str, now: float) -> tuple[_Window, _Window]:
+    def _windows_for(self, key: str, model: str, now: float) -> tuple[_Quota, _Quota]:
         windows = self._windows.get((key, model))
         if windows is None:
             limits = self._limits[model]
-            windows = self._windows[(key, model)] = (
-                _Window(limits.rpm, now),
-                _Window(limits.tpm, now),
-            )
+            if self._shape == "window":
+                phase = self._phases[key]
+                windows = (
+                    _FixedWindow(limits.rpm, now, phase),
+                    _FixedWindow(limits.tpm, now, phase),
+                )
+            else:
+                windows = (_Bucket(limits.rpm, now), _Bucket(limits.tpm, now))
+            self._windows[(key, model)] = windows
         return windows
 
     def decide(self, key: str, model: str, tokens: int) -> tuple[int, dict[str, str], Any]:
@@ -190,12 +248,12 @@ class RateLimitedUpstream:
                 "usage": {"prompt_tokens": 0, "completion_tokens": tokens, "total_tokens": tokens},
             }
         elif kind == "requests":
-            wait = (1 - requests.level) / requests.rate
+            wait = requests.next_unit(1)
             body = _rate_limit_body(
                 model, "requests", "requests per min (RPM)", requests.limit, requests.limit, 1, wait
             )
         else:
-            wait = (tokens - token_window.level) / token_window.rate
+            wait = token_window.next_unit(tokens)
             used = token_window.limit - max(0, math.floor(token_window.level))
             body = _rate_limit_body(
                 model, "tokens", "tokens per min (TPM)", token_window.limit, used, tokens, wait

@@ -93,11 +93,17 @@ def test_simulator_smoke() -> None:
         assert section.figures[f"{scenario.label}:keysvc:servers"] == 1
         assert f"### {scenario.label[0].upper()}{scenario.label[1:]}" in section.body
     assert section.body.count("| delivered share of capacity |") == len(simulate.SMOKE_RUNS)
-    # keysvc's two targets in each scenario; the ratio to the seed is a target on the fleet
-    # and shown for information on one proxy.
+    # Two targets for each loop on keysvc's pool in each scenario; the ratio to the seed is
+    # a target on the fleet and shown for information on one proxy.
     names = [t.name for t in section.targets]
-    assert sum("delivered share of capacity" in n for n in names) == 2
-    assert sum("429 share of upstream calls" in n for n in names) == 2
+    loops = sum(
+        name in simulate.KEYSVC_LOOPS for _, policies in simulate.SMOKE_RUNS for name in policies
+    )
+    assert sum("delivered share of capacity" in n for n in names) == loops
+    assert sum("429 share of upstream calls" in n for n in names) == loops
+    # The seed's queue on keysvc's pool says how many starts its polls offered.
+    offer = section.figures[f"{simulate.SMOKE.label}:seed-rpcs:queue_offer"]
+    assert offer > 0
     (single,) = [t for t in section.targets if t.name.startswith("429 share, seed ÷ keysvc")]
     (fleet,) = [t for t in section.targets if t.name.startswith("429 share, seed fleet ÷")]
     assert single.informational and single.verdict == "informational"
@@ -166,6 +172,33 @@ async def test_upstream_enforces_rpm_and_tpm_per_key_and_model() -> None:
     status, _, body = upstream.decide("k1", "b", 600)
     assert status == 429 and body["error"]["type"] == "tokens"
     assert "tokens per min (TPM)" in body["error"]["message"]
+
+
+async def test_fixed_window_upstream_gives_the_whole_limit_back_only_at_the_window_s_end() -> None:
+    limits = {"a": ModelLimits(rpm=2, tpm=1_000_000)}
+    upstream = RateLimitedUpstream(limits, keys=["k1", "k2"], shape="window")
+    now = upstream.now()
+    requests, tokens = upstream._windows_for("k1", "a", now)
+    assert upstream.decide("k1", "a", 1)[0] == 429  # empty until its first window ends
+    requests.end = tokens.end = now  # that window ends now
+    assert upstream.decide("k1", "a", 1)[0] == 200
+    status, headers, _ = upstream.decide("k1", "a", 1)
+    assert status == 200 and headers["x-ratelimit-remaining-requests"] == "0"
+    # The reset is the time to the window's end, and nothing comes back before it.
+    reset = parse_go_duration(headers["x-ratelimit-reset-requests"])
+    assert reset == pytest.approx(upstream_window_end(requests) - upstream.now(), abs=0.01)
+    assert 59 < reset <= 60
+    status, _, body = upstream.decide("k1", "a", 1)
+    assert status == 429 and body["error"]["type"] == "requests"
+    # Keys' windows start at phases spread over the minute: k2's half a minute after k1's.
+    other, _ = upstream._windows_for("k2", "a", now)
+    assert upstream_window_end(other) % 60 == pytest.approx(30, abs=0.01)
+
+
+def upstream_window_end(window: object) -> float:
+    end = getattr(window, "end", None)
+    assert isinstance(end, float)
+    return end
 
 
 def test_list_pages_smoke() -> None:
