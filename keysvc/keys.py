@@ -158,6 +158,12 @@ class Key:
         self.book, self._usage = book, None
         self.token_usage = usage
 
+    def leave(self) -> None:
+        """Leaves its pool's book (the key was removed; its row may go to another key),
+        keeping its token usage; its rate-limit state stays behind."""
+        usage = dict(self.token_usage)
+        self.book, self._usage = None, usage
+
     def state_in(self, family: str) -> RateState | None:
         """The key's rate-limit state in ``family``, if it has one."""
         return None if self.book is None else self.book.state(self.seq, family)

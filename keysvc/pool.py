@@ -352,6 +352,7 @@ class _FamilyIndex:
         table = self.table
         return (
             table.placed[row] == READY
+            and key.indexed  # not a removed key whose row another key has now
             and key.profile is self.profile
             and table.last_used[row] == time
         )
@@ -364,6 +365,7 @@ class _FamilyIndex:
         table = self.table
         return (
             table.placed[row] == LOCKED
+            and key.indexed
             and key.profile is self.profile
             and self.book.lock_end(table, row) == time
             and table.last_used[row] == last_used
@@ -519,6 +521,8 @@ class KeyPool:
         self._new_key_profile = self._intern(KeyProfile(models.default_key_families()))
         self._model_id_sets: dict[frozenset[str], frozenset[str]] = {}
         self._next_seq = 0
+        #: Rows of removed keys, for the next keys added (``remove_key``).
+        self._free_rows: list[int] = []
         #: Every key in load order, for List's pages.
         self._order = LoadOrder()
         now = clock.now()
@@ -571,7 +575,7 @@ class KeyPool:
                     extra={"key_hash": key_hash},
                 )
             return None
-        seq = self._take_seq()
+        seq = self._free_rows.pop() if self._free_rows else self._take_seq()
         key = Key(
             secret=secret,
             hash=key_hash,
@@ -602,6 +606,11 @@ class KeyPool:
         self._answered.pop(key.seq, None)
         self._store.remove(key_hash)
         self._order.remove(key)
+        # Its row serves the next key added: pools that reload changing key sets
+        # would otherwise grow a row per key ever added.
+        key.leave()
+        self._book.clear_row(key.seq)
+        self._free_rows.append(key.seq)
         return key
 
     async def flush(self) -> None:

@@ -313,6 +313,15 @@ class RateBook:
             if table is not None and len(table) < self.rows:
                 table.grow(max(self.rows, len(table) + len(table) // 8 + 16))
 
+    def clear_row(self, row: int) -> None:
+        """Makes ``row`` a never-used key's again in every table (its key left the pool,
+        and the row will serve another)."""
+        for table in (*self.tables.values(), self.wide):
+            if table is not None:
+                table.reset(row)
+                table.usage[row] = NO_USAGE
+                table.placed[row] = NOT_PLACED
+
     def table(self, family: str) -> RateTable:
         """The table of ``family`` ("" for key-wide), made if there is none yet."""
         if not family:

@@ -381,3 +381,30 @@ def test_selection_queues_stay_bounded_however_keys_move() -> None:
         pool.disable(keys[step % len(keys)].hash, DisableReason.MANUAL)
         pool.recheck()
         assert entries() <= bound, step
+
+
+def test_rows_of_removed_keys_serve_the_keys_added_next() -> None:
+    pool, _ = make_pool([f"sk-first-{i}" for i in range(50)])
+    rows = pool._book.rows
+    for round_ in range(10):  # a keys file that alternates between two sets of keys
+        for key in pool.keys():
+            pool.remove_key(key.hash)
+        for i in range(50):
+            pool.add_key(f"sk-{round_}-{i}")
+        pool.get("gpt-4")
+    assert pool._book.rows == rows
+    assert len(pool) == 50
+
+
+def test_a_removed_key_is_never_handed_out_once_its_row_serves_another() -> None:
+    pool, _ = make_pool(["sk-removed", "sk-kept"])
+    assert pool.lockout_period("gpt-4") == 0.0  # the family is indexed: both keys queued
+    removed = pool.key(hash_key("sk-removed"))
+    pool.remove_key(removed.hash)
+    added = pool.add_key("sk-added")
+    assert added is not None and added.seq == removed.seq
+    assert removed.token_usage == {} and removed.book is None
+    # The removed key's queue entry (never used, like the added key) must not count.
+    handed = {pool.get("gpt-4").hash for _ in range(4)}
+    assert removed.hash not in handed
+    assert handed == {hash_key("sk-kept"), added.hash}
