@@ -156,6 +156,8 @@ TOKEN_ESTIMATE_SPREAD: Final = 2.0
 ELIGIBLE_CACHE_SIZE: Final = 4096
 #: The longest a Get may wait for a key to unlock (``get_waiting``).
 MAX_WAIT: Final = 60.0
+#: A wait ends this long before the caller's deadline, so the answer reaches it in time.
+DEADLINE_MARGIN: Final = 0.1
 #: The model GetLockoutPeriod assumes when none is given (as the seed).
 DEFAULT_LOCKOUT_MODEL: Final = "gpt-4"
 
@@ -455,12 +457,24 @@ class _Waiter:
             self.future.set_result(None)
 
 
+#: What decides which keys may serve a model: its family, whether it is an
+#: embeddings model, and the profiles whose keys serve it.
+_WaitClass = tuple[str, bool, frozenset[KeyProfile]]
+
+
 class _WaitQueue:
-    """The waiters for one eligibility class (a model), first come first served."""
+    """The waiters for one eligibility class, first come first served.
 
-    __slots__ = ("info", "model", "waiters")
+    Keyed by what decides the answer, not by the model name: callers that ask for
+    many names of one family share one queue, and a dispatch costs one selection
+    per class however many names there are. ``model`` is the name the queue was
+    made for, to select with; each waiter takes its key with its own model.
+    """
 
-    def __init__(self, model: str, info: ModelInfo) -> None:
+    __slots__ = ("info", "key", "model", "waiters")
+
+    def __init__(self, key: _WaitClass, model: str, info: ModelInfo) -> None:
+        self.key = key
         self.model = model
         self.info = info
         self.waiters: deque[_Waiter] = deque()
@@ -512,7 +526,7 @@ class KeyPool:
         self._answered: dict[int, tuple[str, float]] = {}
         # get_waiting: queues by (model, family, embeddings), the one timer set for
         # the earliest unlock any queue head waits for, and a pending dispatch.
-        self._queues: dict[tuple[str, str, bool], _WaitQueue] = {}
+        self._queues: dict[_WaitClass, _WaitQueue] = {}
         self._timer: Timer | None = None
         self._timer_at = math.inf
         self._dispatch_pending = False
@@ -638,7 +652,9 @@ class KeyPool:
         index, (_, key) = selected
         return self._hand_out(index, key, now)
 
-    async def get_waiting(self, model: str, max_wait: float) -> Key:
+    async def get_waiting(
+        self, model: str, max_wait: float, *, time_left: float | None = None
+    ) -> Key:
         """``get``, but when every eligible key is locked, waits up to ``max_wait``
         seconds for the first to unlock and hands that one out.
 
@@ -647,7 +663,9 @@ class KeyPool:
         polling. A waiter that is cancelled (its caller went away) leaves no
         trace: keys are only taken by a waiter that is running. If every key is
         still locked at the deadline, the call ends as ``get`` would: with the
-        key that unlocks first. Plain ``get`` calls do not queue.
+        key that unlocks first. Plain ``get`` calls do not queue. ``time_left``:
+        how long the caller will wait for the answer (its deadline); the wait
+        ends ``DEADLINE_MARGIN`` before, so no key is taken for a caller that is gone.
 
         Raises:
             InvalidArgument: ``max_wait`` is negative or over ``MAX_WAIT``, or
@@ -658,18 +676,22 @@ class KeyPool:
         _check_model(model)
         if not 0.0 <= max_wait <= MAX_WAIT:
             raise InvalidArgument("max_wait", f"must be between 0 and {MAX_WAIT:g} seconds")
+        if time_left is not None:
+            max_wait = max(0.0, min(max_wait, time_left - DEADLINE_MARGIN))
         if max_wait == 0.0:
             return self.get(model)
         info = self._models.lookup(model)
         if self._allowed is not None and info.family not in self._allowed:
             raise FamilyDisallowed(info.family, model)
         now = self._clock.now()
-        queue = self._queues.get((model, info.family, info.embeddings))
+        indexes = self._eligible(model, info)
+        wait_class = (info.family, info.embeddings, frozenset(ix.profile for ix in indexes))
+        queue = self._queues.get(wait_class)
         if queue is None:  # nobody waits before us: a free key is ours
             key = self._hand_out_free(model, info, now)
             if key is not None:
                 return key
-            queue = self._queues[(model, info.family, info.embeddings)] = _WaitQueue(model, info)
+            queue = self._queues[wait_class] = _WaitQueue(wait_class, model, info)
         loop = asyncio.get_running_loop()
         waiter = _Waiter(now + max_wait, loop.create_future())
         waiter.timer = self._clock.call_at(waiter.deadline, waiter.wake)
@@ -692,7 +714,7 @@ class KeyPool:
             waiter.timer.cancel()
             queue.waiters.remove(waiter)
             if not queue.waiters:
-                del self._queues[(model, info.family, info.embeddings)]
+                del self._queues[queue.key]
             self._schedule_dispatch()
         return self.get(model)
 

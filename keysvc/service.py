@@ -166,7 +166,9 @@ class KeyService(pb_grpc.KeyServiceServicer):
     async def Get(self, request: pb.GetRequest, context: _Context) -> pb.GetResponse:
         if request.HasField("max_wait"):
             wait = request.max_wait
-            key = await self._pool.get_waiting(request.model, wait.seconds + wait.nanos / 1e9)
+            key = await self._pool.get_waiting(
+                request.model, wait.seconds + wait.nanos / 1e9, time_left=context.time_remaining()
+            )
         else:
             key = self._pool.get(request.model)
         response = pb.GetResponse(secret=key.secret)

@@ -9,7 +9,7 @@ import pytest
 
 from keysvc.errors import InvalidArgument, NoKeysForFamily
 from keysvc.keys import DisableReason, Key
-from keysvc.pool import KEY_REUSE_DELAY, MAX_WAIT, KeyPool
+from keysvc.pool import DEADLINE_MARGIN, KEY_REUSE_DELAY, MAX_WAIT, KeyPool
 from tests.helpers import PAID, pool_of
 
 
@@ -204,3 +204,45 @@ async def test_zero_max_wait_is_a_plain_get() -> None:
     pool.mark_rate_limited(a.hash)
     assert await pool.get_waiting("gpt-4", 0) is a
     assert clock.pending() == 0
+
+
+async def test_waiters_for_many_model_names_of_one_family_share_one_queue() -> None:
+    pool, clock, (a,) = pool_of([PAID])
+    pool.mark_rate_limited(a.hash, "gpt-4")  # locked 10 s for gpt4, every name's family
+    names = [f"gpt-4-unknown-{i}" for i in range(200)]  # unknown names: family gpt4
+    tasks = [waiting(pool, name) for name in names]
+    await settle()
+    assert len(pool._queues) == 1  # one eligibility class, not 200 queues
+    selects = 0
+    real_select = pool._select
+
+    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+        nonlocal selects
+        selects += 1
+        return real_select(*args, **kwargs)
+
+    pool._select = counting  # type: ignore[method-assign]
+    pool._dispatch()
+    assert selects == 1  # a dispatch costs one selection per class
+    clock.advance(10)
+    await settle()
+    # First come, first served across the names: the first waiter got the key.
+    assert tasks[0].done() and tasks[0].result() is a
+    assert not any(task.done() for task in tasks[1:])
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await settle()
+    assert pool._queues == {}
+
+
+async def test_the_wait_ends_a_margin_before_the_caller_s_deadline() -> None:
+    pool, clock, (a,) = pool_of([PAID])
+    pool.mark_rate_limited(a.hash, "gpt-4")  # locked 10 s
+    task = asyncio.get_running_loop().create_task(pool.get_waiting("gpt-4", 30, time_left=2.0))
+    await settle()
+    clock.advance(2.0 - DEADLINE_MARGIN)
+    await settle()
+    assert task.result() is a  # the key that unlocks first, in time for the caller
+    # A caller with less time left than the margin does not wait at all.
+    assert await pool.get_waiting("gpt-4", 30, time_left=DEADLINE_MARGIN / 2) is a
