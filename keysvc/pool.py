@@ -100,6 +100,7 @@ from .listing import KeyFilter, LoadOrder, Page
 from .models import GPT4_32K, ModelInfo, ModelTable
 from .outcomes import Decision, UpstreamError, decide
 from .rates import (
+    BUDGET_SHAPE,
     HAS_STATE,
     KIND_REQUESTS,
     KIND_TOKENS,
@@ -775,7 +776,7 @@ class KeyPool:
         # The previous answer's headers are spent; the coming answer brings its own.
         table.requests_reset[row] = table.tokens_reset[row] = NOT_SET
         table.remaining_requests[row] = table.remaining_tokens[row] = NOT_SET
-        table.flags[row] = HAS_STATE
+        table.flags[row] = HAS_STATE | (table.flags[row] & BUDGET_SHAPE)
         # In flight until answered: for the budget, and so that a report naming no
         # model can be matched to it.
         reserved = table.reserved.get(row)
@@ -1548,7 +1549,9 @@ def _apply_rate_headers(table: RateTable, row: int, parsed: _RateHeaders, now: f
             fresh = fresh or budget.limit[row] != limit
             refill = (limit - left) / reset if reset > 0 and left < limit else NOT_SET
             if fresh:
-                budget.rate[row] = refill if _known(refill) else 0.0
+                table.flags[row] &= ~budget.probation
+                window = table.flags[row] & budget.window
+                budget.rate[row] = refill if _known(refill) and not window else 0.0
             elif refill < budget.rate[row]:  # False for NaN
                 budget.rate[row] = refill
             budget.limit[row] = limit
@@ -1600,6 +1603,7 @@ def _refilled(budget: Budget, row: int, at: float, now: float) -> float:
 def _forget_budget(table: RateTable, row: int) -> None:
     """Forgets the family's budget (it lapsed): the throttle applies until the next answer."""
     table.budget_at[row] = 0.0
+    table.flags[row] &= ~BUDGET_SHAPE
     for column in (
         table.budget_requests,
         table.budget_tokens,
@@ -1635,15 +1639,20 @@ def _mark(table: RateTable, row: int, now: float, kind: str = "") -> bool:
         elif table.remaining_tokens[row] == 0 and _known(table.tokens_limit[row]):
             kind = "tokens"
     kind_bit = KIND_REQUESTS if kind == "requests" else KIND_TOKENS if kind == "tokens" else 0
-    table.flags[row] = (flags & HAS_STATE) | SAW_RATE_LIMIT | kind_bit
+    table.flags[row] = (flags & (HAS_STATE | BUDGET_SHAPE)) | SAW_RATE_LIMIT | kind_bit
     table.rate_limited_at[row] = now
     budget = table.budgets[0] if kind_bit == KIND_REQUESTS else table.budgets[1]
     if kind_bit and _known(budget.limit[row]):
-        # Nothing left now, and the refill counted on did not come (a fixed window
-        # refills only at its end): none until the limit is whole again.
+        # Nothing left now. A token bucket refills from here at the rate it had; a
+        # fixed window only at its end: the second 429 of one refill tells them
+        # apart, and a window is then counted on to refill only at its ends.
         _reanchor(table, row, now)
         budget.left[row] = 0.0
-        budget.rate[row] = 0.0
+        if table.flags[row] & budget.probation:
+            table.flags[row] |= budget.window
+            budget.rate[row] = 0.0
+        else:
+            table.flags[row] |= budget.probation
         if budget.full_at[row] <= now:
             budget.full_at[row] = now + RATE_LIMIT_FALLBACK
     return first

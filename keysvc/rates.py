@@ -41,6 +41,16 @@ SAW_RATE_LIMIT: Final = 2
 #: ... and its type was "requests" or "tokens".
 KIND_REQUESTS: Final = 4
 KIND_TOKENS: Final = 8
+#: A 429 came for the dimension although its budget counted on a refill, once in
+#: this refill (until the limit is whole again) ...
+PROBATION_REQUESTS: Final = 16
+PROBATION_TOKENS: Final = 32
+#: ... and twice: its limit is a fixed window, whose quota comes back only at its
+#: end; from then on no refill is counted on before then. Kept across hand-outs.
+WINDOW_REQUESTS: Final = 64
+WINDOW_TOKENS: Final = 128
+#: The bits a hand-out keeps (the others describe the answers since the last one).
+BUDGET_SHAPE: Final = PROBATION_REQUESTS | PROBATION_TOKENS | WINDOW_REQUESTS | WINDOW_TOKENS
 
 #: Token usage not counted yet in a family (``RateTable.usage``) ...
 NO_USAGE: Final = -1
@@ -153,6 +163,9 @@ class Budget(NamedTuple):
     #: ... and the whole limit, back at ``full_at``. NaN: no budget in the dimension.
     limit: array[float]
     full_at: array[float]
+    #: The dimension's ``PROBATION_*`` and ``WINDOW_*`` flag bits.
+    probation: int
+    window: int
 
 
 class RateTable:
@@ -199,11 +212,11 @@ class RateTable:
         self.usage = array("q", [NO_USAGE]) * rows
         self.reserved: dict[int, deque[tuple[float, float]]] = {}
         #: The requests and the tokens budget's columns (the arrays grow in place).
+        requests = (self.requests_rate, self.requests_limit, self.requests_full_at)
+        tokens = (self.tokens_rate, self.tokens_limit, self.tokens_full_at)
         self.budgets = (
-            Budget(
-                self.budget_requests, self.requests_rate, self.requests_limit, self.requests_full_at
-            ),
-            Budget(self.budget_tokens, self.tokens_rate, self.tokens_limit, self.tokens_full_at),
+            Budget(self.budget_requests, *requests, PROBATION_REQUESTS, WINDOW_REQUESTS),
+            Budget(self.budget_tokens, *tokens, PROBATION_TOKENS, WINDOW_TOKENS),
         )
 
     # The columns, typed for mypy (set in __init__ by name).

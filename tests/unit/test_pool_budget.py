@@ -88,7 +88,7 @@ def test_more_in_flight_than_the_limit_is_never_covered() -> None:
     pool.get("gpt-4o")
     # Two in flight of a limit of 2: however long the refill, a third does not fit;
     # the key waits for an answer, or for the oldest reservation to lapse.
-    assert a.until_in("gpt4o") == pytest.approx(clock.now() + RESERVATION_TTL)
+    assert a.until_in("gpt4o") - clock.now() == pytest.approx(RESERVATION_TTL)
 
 
 def test_nothing_left_locks_until_one_more_request_fits_not_the_full_reset() -> None:
@@ -99,7 +99,7 @@ def test_nothing_left_locks_until_one_more_request_fits_not_the_full_reset() -> 
     pool.report_outcome(
         a.hash, "gpt-4o", status=200, headers=headers(requests=(20, 0, "1m0s")), error=OK
     )
-    assert a.until_in("gpt4o") == pytest.approx(clock.now() + 3)
+    assert a.until_in("gpt4o") - clock.now() == pytest.approx(3)
     assert pool.lockout_period("gpt-4o") == pytest.approx(3)
 
 
@@ -111,12 +111,12 @@ def test_a_slow_refill_is_waited_for_in_full_up_to_a_minute() -> None:
     pool.report_outcome(
         a.hash, "gpt-4o", status=200, headers=headers(requests=(3, 0, "1m0s")), error=OK
     )
-    assert a.until_in("gpt4o") == pytest.approx(clock.now() + 20)
+    assert a.until_in("gpt4o") - clock.now() == pytest.approx(20)
     # A reset of an hour: capped at a minute.
     pool.report_outcome(
         a.hash, "gpt-4o", status=200, headers=headers(requests=(3, 0, "1h0m0s")), error=OK
     )
-    assert a.until_in("gpt4o") == pytest.approx(clock.now() + MAX_BUDGET_WAIT)
+    assert a.until_in("gpt4o") - clock.now() == pytest.approx(MAX_BUDGET_WAIT)
 
 
 def test_a_fixed_window_is_not_taken_for_a_steady_refill() -> None:
@@ -225,7 +225,7 @@ def test_tokens_reserved_per_hand_out_follow_the_family_s_requests() -> None:
     ((_, reserved),) = state.reserved
     assert 3_500 < reserved < 4_500  # mean + 2 sd, not the mean: most requests fit
     # 3,000 left + 1 s refill = 4,000 at the hand-out; a second one needs twice the reserve.
-    assert a.until_in("gpt4o") == pytest.approx(clock.now() - 1 + (2 * reserved - 3_000) / 1_000)
+    assert a.until_in("gpt4o") - clock.now() == pytest.approx(-1 + (2 * reserved - 3_000) / 1_000)
 
 
 def test_a_429_for_tokens_spends_the_token_budget_whatever_remaining_said() -> None:
@@ -234,9 +234,36 @@ def test_a_429_for_tokens_spends_the_token_budget_whatever_remaining_said() -> N
     pool.get("gpt-4o")
     budget = headers(requests=(500, 400, "12s"), tokens=(30_000, 400, "59.2s"))
     pool.report_outcome(a.hash, "gpt-4o", status=429, headers=budget, error=UpstreamError("tokens"))
-    # 500 tokens a second were expected back; the 429 says the budget expected too much,
-    # so half that rate: 500 reserved per request fit in 2 s, not the 10 s clamp.
-    assert a.until_in("gpt4o") == pytest.approx(clock.now() + 2)
+    # 500 tokens a second come back; 500 are reserved per request: 1 s, not the 10 s clamp.
+    assert a.until_in("gpt4o") - clock.now() == pytest.approx(1)
+
+
+def test_a_second_429_in_one_refill_marks_a_fixed_window() -> None:
+    # A token bucket refills after a 429 at its rate; a fixed window not before its end.
+    # The first 429 of a refill is taken for a bucket's; a second one, after the budget
+    # counted on the refill again, says the limit is a window.
+    pool, clock, (a,) = pool_of([PAID])
+    pool.get("gpt-4o")
+    window = headers(requests=(20, 0, "40s"))  # spent early: a refill of 0.5/s, it seems
+    error = UpstreamError("requests")
+    pool.report_outcome(a.hash, "gpt-4o", status=429, headers=window, error=error)
+    assert a.until_in("gpt4o") - clock.now() == pytest.approx(2)  # one more in 1/0.5 s
+    clock.advance(2)
+    pool.get("gpt-4o")
+    pool.report_outcome(
+        a.hash, "gpt-4o", status=429, headers=headers(requests=(20, 0, "38s")), error=error
+    )
+    assert a.until_in("gpt4o") - clock.now() == pytest.approx(38)  # the window's end
+    clock.advance(38)
+    assert pool.get("gpt-4o") is a
+    # The next window's first answer: 19 of 20 left, its end 59 s away. A bucket would
+    # be refilling 1/59 a second; a window gives nothing back before its end.
+    pool.report_outcome(
+        a.hash, "gpt-4o", status=200, headers=headers(requests=(20, 0, "59s")), error=OK
+    )
+    assert a.until_in("gpt4o") - clock.now() == pytest.approx(59)
+    state = a.state_in("gpt4o")
+    assert state is not None and state.requests_rate == 0.0
 
 
 def test_a_typed_429_without_a_budget_locks_for_the_matching_reset() -> None:
@@ -245,10 +272,10 @@ def test_a_typed_429_without_a_budget_locks_for_the_matching_reset() -> None:
     clock.advance(0.3)
     resets = {"x-ratelimit-reset-requests": "8s", "x-ratelimit-reset-tokens": "2s"}
     pool.report_outcome(a.hash, "gpt-4", status=429, headers=resets, error=UpstreamError("tokens"))
-    assert a.until_in("gpt4") == pytest.approx(clock.now() + 2)
+    assert a.until_in("gpt4") - clock.now() == pytest.approx(2)
     # MarkRateLimited does not say which limit: the longer reset.
     pool.mark_rate_limited(a.hash, "gpt-4")
-    assert a.until_in("gpt4") == pytest.approx(clock.now() + 8)
+    assert a.until_in("gpt4") - clock.now() == pytest.approx(8)
 
 
 def test_keys_locked_until_the_same_time_go_least_recently_used_first() -> None:

@@ -66,6 +66,9 @@ class Shadow:
     limit: dict[str, float] = field(default_factory=dict)
     full_at: dict[str, float] = field(default_factory=dict)
     reserved: list[tuple[float, float]] = field(default_factory=list)
+    # Per dimension: a 429 in this refill (probation); a fixed window (two of them).
+    probation: set[str] = field(default_factory=set)
+    window: set[str] = field(default_factory=set)
     # When the pool last derived the lock, and the token reservation then.
     derived_at: float = 0.0
     reserve: float = 1.0
@@ -75,6 +78,7 @@ class Shadow:
         if self.budget_at and now >= self.budget_at + BUDGET_LAPSE:
             self.budget_at = 0.0
             self.left, self.rate, self.limit, self.full_at = {}, {}, {}, {}
+            self.probation, self.window = set(), set()
         self.derived_at, self.reserve = now, reserve
 
     def reanchor(self, now: float) -> None:
@@ -150,7 +154,11 @@ class Shadow:
         if kind in self.limit:
             self.reanchor(now)
             self.left[kind] = 0.0
-            self.rate[kind] = 0.0
+            if kind in self.probation:
+                self.window.add(kind)
+                self.rate[kind] = 0.0
+            else:
+                self.probation.add(kind)
             if self.full_at[kind] <= now:
                 self.full_at[kind] = now + RATE_LIMIT_FALLBACK
 
@@ -296,7 +304,8 @@ def apply_headers(state: Shadow, headers: dict[str, str], now: float, *, budget:
             fresh = fresh or state.limit[dim] != whole
             refill = (whole - left) / seconds if seconds > 0 and left < whole else None
             if fresh:
-                state.rate[dim] = 0.0 if refill is None else refill
+                state.probation.discard(dim)
+                state.rate[dim] = 0.0 if refill is None or dim in state.window else refill
             elif refill is not None:
                 state.rate[dim] = min(state.rate[dim], refill)
             state.limit[dim] = whole
@@ -366,6 +375,7 @@ class PoolModel(RuleBasedStateMachine):
             new = Shadow(last_used=now, rate_limited_at=now)
             new.budget_at, new.left, new.rate = old.budget_at, old.left, old.rate
             new.limit, new.full_at = old.limit, old.full_at
+            new.probation, new.window = old.probation, old.window
             new.reserved = [*old.reserved, (now, self.reserve(family))]
             new.derive(now, self.reserve(family))
             expected.families[family] = new
