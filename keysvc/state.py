@@ -70,8 +70,8 @@ SCHEMA_VERSION: Final = 1
 APPLICATION_ID: Final = 0x6B737663
 #: Ordinary changes reach the disk within this many seconds.
 BATCH_SECONDS: Final = 1.0
-#: Changed keys copied per turn of the event loop before a write; a copy is a few µs.
-SNAPSHOT_CHUNK: Final = 500
+#: Changed keys turned into rows per turn of the event loop; a row is ~10 µs.
+SNAPSHOT_CHUNK: Final = 250
 
 _SQLITE_MAGIC: Final = b"SQLite format 3\x00"
 
@@ -251,32 +251,48 @@ CREATE TABLE keys (
     token_usage     TEXT NOT NULL DEFAULT '{}'
 ) WITHOUT ROWID
 """
-# An upsert, not INSERT OR REPLACE: columns a later keysvc adds survive an older one's writes.
+# One statement for the whole batch, its rows one JSON array (``_row_json``): the
+# sqlite3 module lets go of the GIL around each step of a statement, and the writer
+# thread then waits up to the switch interval (5 ms) to get it back from a busy event
+# loop, so a row per step made a 100-row write take tens of milliseconds. One
+# statement is also one transaction. An upsert, not INSERT OR REPLACE: columns a
+# later keysvc adds survive an older one's writes.
 _UPSERT: Final = (
-    f"INSERT INTO keys ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' for _ in _COLUMNS)})"
-    " ON CONFLICT(hash) DO UPDATE SET " + ", ".join(f"{c} = excluded.{c}" for c in _COLUMNS[1:])
+    f"INSERT INTO keys ({', '.join(_COLUMNS)}) SELECT "
+    + ", ".join(f"json_extract(value, '$[{n}]')" for n in range(len(_COLUMNS)))
+    + " FROM json_each(?) WHERE true ON CONFLICT(hash) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in _COLUMNS[1:])
 )
 _SELECT: Final = f"SELECT {', '.join(_COLUMNS)} FROM keys"
 
 _Row = tuple[Any, ...]
 
 
-def _to_row(key_hash: str, record: _Record) -> _Row:
+def _row_json(key_hash: str, record: _Record) -> str:
+    """The row of ``record`` as a JSON array in ``_COLUMNS`` order (lists and maps as
+    JSON text, flags as 0 or 1)."""
     model_ids = record.get("model_ids")
-    return (
-        key_hash,
-        record.get("organization_id", ""),
-        record.get("parent") or None,
-        json.dumps(record.get("families", [])),
-        None if model_ids is None else json.dumps(model_ids),
-        *(int(bool(record.get(name, False))) for name in _BOOLEANS),
-        record.get("disable_reason"),
-        float(record.get("disabled_at", 0.0)),
-        float(record.get("last_used", 0.0)),
-        float(record.get("last_checked", 0.0)),
-        int(record.get("prompt_count", 0)),
-        json.dumps(record.get("token_usage", {}), sort_keys=True),
+    return json.dumps(
+        [
+            key_hash,
+            record.get("organization_id", ""),
+            record.get("parent") or None,
+            json.dumps(record.get("families", [])),
+            None if model_ids is None else json.dumps(model_ids),
+            *(int(bool(record.get(name, False))) for name in _BOOLEANS),
+            record.get("disable_reason"),
+            float(record.get("disabled_at", 0.0)),
+            float(record.get("last_used", 0.0)),
+            float(record.get("last_checked", 0.0)),
+            int(record.get("prompt_count", 0)),
+            json.dumps(record.get("token_usage", {}), sort_keys=True),
+        ]
     )
+
+
+def _upsert(connection: sqlite3.Connection, rows: list[str]) -> None:
+    """Writes ``rows`` (``_row_json``) in one statement, hence one transaction."""
+    connection.execute(_UPSERT, ("[" + ",".join(rows) + "]",))
 
 
 def _from_row(row: _Row) -> tuple[str, _Record]:
@@ -458,9 +474,7 @@ def _migrate_json(path: Path, connect: Callable[[Path], sqlite3.Connection]) -> 
             # No journal: a crash leaves a temporary file that the next start removes.
             connection.execute("PRAGMA journal_mode = OFF")
             _create_schema(connection)
-            connection.execute("BEGIN")
-            connection.executemany(_UPSERT, (_to_row(h, r) for h, r in records.items()))
-            connection.execute("COMMIT")
+            _upsert(connection, [_row_json(h, r) for h, r in records.items()])
         finally:
             connection.close()
         fd = os.open(tmp, os.O_RDONLY)
@@ -553,13 +567,20 @@ class SqliteStateStore:
         path: Path,
         saved: dict[str, _Record] | None = None,
         batch_seconds: float = BATCH_SECONDS,
+        checkpoints: sqlite3.Connection | None = None,
     ) -> None:
         """A store writing through ``connection`` (to ``path``), starting from ``saved``.
 
         Use ``open``, which reads ``saved`` from the database first. The store
-        owns the connection from now on and uses it only from its writer thread.
+        owns the connections from now on and uses each only from its own thread.
+        With ``checkpoints`` (a second connection to the database), the write-ahead
+        log is copied into the database by that connection after each batch, in a
+        thread of its own, instead of by whichever write fills it (SQLite's
+        default): a checkpoint copies up to a thousand pages and fsyncs, and a
+        Disable that waits for its write should not wait for that too.
         """
         self._connection = connection
+        self._checkpoints = checkpoints
         self._path = path
         self._batch_seconds = batch_seconds
         self._keys = MemoryKeyStore()
@@ -573,6 +594,12 @@ class SqliteStateStore:
         self._task: asyncio.Task[None] | None = None
         # One thread: SQLite sees one writer, and writes stay in order.
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keysvc-state")
+        self._checkpointer: ThreadPoolExecutor | None = None
+        if checkpoints is not None:
+            connection.execute("PRAGMA wal_autocheckpoint = 0")
+            self._checkpointer = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="keysvc-state-checkpoint"
+            )
         self._listeners: list[WriteListener] = []
         self._failing = False
 
@@ -609,7 +636,18 @@ class SqliteStateStore:
             )
             connection, saved = _open_database(path, connect)
         _log.info("state file read", extra={"path": str(path), "keys": len(saved)})
-        return cls(connection, path=path, saved=saved, batch_seconds=batch_seconds)
+        try:
+            checkpoints = connect(path)
+        except sqlite3.Error as exc:
+            connection.close()
+            raise _cannot_write(path, exc) from exc
+        return cls(
+            connection,
+            path=path,
+            saved=saved,
+            batch_seconds=batch_seconds,
+            checkpoints=checkpoints,
+        )
 
     # -- KeyStore ----------------------------------------------------------------
 
@@ -720,6 +758,10 @@ class SqliteStateStore:
             )
         finally:
             loop = asyncio.get_running_loop()
+            if self._checkpointer is not None and self._checkpoints is not None:
+                await loop.run_in_executor(self._checkpointer, self._checkpoints.close)
+                self._checkpointer.shutdown()
+            # Closed last, the writer's connection checkpoints and removes the log.
             await loop.run_in_executor(self._writer, self._connection.close)
             self._writer.shutdown()
 
@@ -729,31 +771,22 @@ class SqliteStateStore:
         self._version += 1
         self._wakeup.set()
 
-    async def _snapshot(self, batch: Iterable[str]) -> list[tuple[str, _Record]]:
-        """The records of ``batch`` as they are now, copied on the loop (the pool's
-        state is the loop's alone), yielding to other work every ``SNAPSHOT_CHUNK``."""
-        rows: list[tuple[str, _Record]] = []
+    async def _snapshot(self, batch: Iterable[str]) -> list[str]:
+        """The rows of ``batch`` as they are now, made on the loop (the pool's state is
+        the loop's alone), yielding to other work every ``SNAPSHOT_CHUNK`` keys."""
+        rows: list[str] = []
         for count, key_hash in enumerate(batch, start=1):
             key = self._keys.get(key_hash)
             record = _record(key) if key is not None else self._saved.get(key_hash)
             if record is not None:
-                rows.append((key_hash, record))
+                rows.append(_row_json(key_hash, record))
             if count % SNAPSHOT_CHUNK == 0:
                 await asyncio.sleep(0)
         return rows
 
-    def _write(self, rows: list[tuple[str, _Record]]) -> None:
+    def _write(self, rows: list[str]) -> None:
         """One transaction with every row (in the writer thread)."""
-        connection = self._connection
-        connection.execute("BEGIN IMMEDIATE")
-        try:
-            connection.executemany(_UPSERT, (_to_row(h, r) for h, r in rows))
-            connection.execute("COMMIT")
-        except BaseException:
-            if connection.in_transaction:
-                with contextlib.suppress(sqlite3.Error):
-                    connection.execute("ROLLBACK")
-            raise
+        _upsert(self._connection, rows)
 
     def _report(self, *, ok: bool, problem: str = "") -> None:
         if not ok:
@@ -776,3 +809,22 @@ class SqliteStateStore:
                 await self.flush()
             except StateWriteFailed:
                 self._wakeup.set()  # logged and counted; retried after the next pause
+                continue
+            await self._checkpoint()
+
+    async def _checkpoint(self) -> None:
+        """Copies the write-ahead log into the database, beside the writes (WAL
+        lets a checkpoint and a write run at once; PASSIVE never waits for either)."""
+        if self._checkpointer is None or self._checkpoints is None:
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(
+                self._checkpointer, self._checkpoints.execute, "PRAGMA wal_checkpoint(PASSIVE)"
+            )
+        except sqlite3.Error as exc:
+            # Nothing is lost: the log keeps every write until a checkpoint succeeds.
+            _log.warning(
+                "cannot checkpoint the state file's write-ahead log",
+                extra={"path": str(self._path), "problem": str(exc)},
+            )

@@ -1,0 +1,203 @@
+"""100k keys with a state file: Get latency while Disables and batched state writes run.
+
+Two servers in processes of their own (``bench/state_server.py``), built as
+``keysvc serve`` builds them over the same 100,000 keys: one keeps its state in
+a SQLite state file (every Get marks its key changed, so each second's batch
+writes the rows of the keys handed out in that second; each Disable is
+committed before its reply), the other in memory. The same load runs against
+each in turn, alternating, several rounds: Gets kept ``IN_FLIGHT`` deep over
+two channels, and one Disable of a fresh key every ``DISABLE_EVERY`` seconds
+(a no-op write without the state file). Latency is measured by the client per
+call. Get p50 and p99 are the median over rounds of each round's figure;
+Disable p99 is over every Disable of the state-file rounds. The ratio divides
+the state file's Get p99 by the in-memory one's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+
+from keysvc.keys import hash_key
+from keysvc.v1 import keysvc_pb2, keysvc_pb2_grpc
+
+from . import aio
+from .child import serving_module
+from .pool_scale import secrets
+from .report import Section, Target, median, percentile, table
+
+__all__ = ["run"]
+
+KEYS = 100_000
+IN_FLIGHT = 8
+CHANNELS = 2
+DISABLE_EVERY = 0.05
+ROUND_SECONDS = 10.0
+ROUNDS = 3
+GET_P99_TARGET_MS = 20.0
+DISABLE_P99_TARGET_MS = 50.0
+RATIO_TARGET = 2.0
+
+
+@contextlib.contextmanager
+def _servers(keys: int) -> Iterator[dict[str, int]]:
+    """Both servers, started one after the other; yields their ports by label."""
+    with (
+        tempfile.TemporaryDirectory(prefix="keysvc-bench-state-") as directory,
+        serving_module("bench.state_server", str(keys), str(Path(directory) / "state.db")) as (
+            _,
+            with_state,
+        ),
+        serving_module("bench.state_server", str(keys), "-") as (_, in_memory),
+    ):
+        yield {"state file": with_state, "in memory": in_memory}
+
+
+async def _round(
+    port: int, seconds: float, to_disable: Iterator[str]
+) -> tuple[list[float], list[float]]:
+    """Get and Disable latencies (s) of one round against the server on ``port``."""
+    channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}") for _ in range(CHANNELS)]
+    try:
+        stubs = [keysvc_pb2_grpc.KeyServiceStub(c) for c in channels]
+        get_request = keysvc_pb2.GetRequest(model="gpt-4o")
+        gets: list[float] = []
+        disables: list[float] = []
+        end = time.perf_counter() + seconds
+
+        async def getter(stub: keysvc_pb2_grpc.KeyServiceAsyncStub) -> None:
+            timer = time.perf_counter
+            while timer() < end:
+                start = timer()
+                await stub.Get(get_request)
+                gets.append(timer() - start)
+
+        async def disabler() -> None:
+            timer = time.perf_counter
+            while timer() < end:
+                start = timer()
+                await stubs[0].Disable(
+                    keysvc_pb2.DisableRequest(
+                        hash=next(to_disable), reason=keysvc_pb2.DISABLE_REASON_MANUAL
+                    )
+                )
+                disables.append(timer() - start)
+                await asyncio.sleep(max(0.0, DISABLE_EVERY - (timer() - start)))
+
+        await asyncio.gather(*(getter(stubs[n % CHANNELS]) for n in range(IN_FLIGHT)), disabler())
+        return gets, disables
+    finally:
+        for channel in channels:
+            await channel.close()
+
+
+async def measure(
+    ports: dict[str, int], keys: list[str], rounds: int, seconds: float
+) -> dict[str, dict[str, list[float]]]:
+    """Per label: each round's Get p50 and p99 (s), every Disable latency, Gets per round."""
+    results: dict[str, dict[str, list[float]]] = {
+        label: {"get_p50": [], "get_p99": [], "disables": [], "gets": []} for label in ports
+    }
+    # Each server disables the same keys in the same order: the same work for both.
+    hashes = {label: iter(hash_key(k) for k in keys) for label in ports}
+    for label, port in ports.items():  # warm-up: connections, caches
+        await _round(port, 1.0, hashes[label])
+    for _ in range(rounds):
+        for label, port in ports.items():
+            gets, disables = await _round(port, seconds, hashes[label])
+            result = results[label]
+            result["get_p50"].append(percentile(gets, 0.5))
+            result["get_p99"].append(percentile(gets, 0.99))
+            result["disables"].extend(disables)
+            result["gets"].append(len(gets))
+    return results
+
+
+def run(*, smoke: bool = False) -> Section:
+    keys, rounds, seconds = (2_000, 1, 1.0) if smoke else (KEYS, ROUNDS, ROUND_SECONDS)
+    secret_list = secrets(keys)
+    with _servers(keys) as ports:
+        results = aio.run(measure(ports, secret_list, rounds, seconds))
+    figures: dict[str, float] = {}
+    rows = []
+    for label, result in results.items():
+        get_p50 = median(result["get_p50"]) * 1e3
+        get_p99 = median(result["get_p99"]) * 1e3
+        disable_p50 = percentile(result["disables"], 0.5) * 1e3
+        disable_p99 = percentile(result["disables"], 0.99) * 1e3
+        gets_per_s = median(result["gets"]) / seconds
+        figures.update(
+            {
+                f"{label}:get_p50_ms": get_p50,
+                f"{label}:get_p99_ms": get_p99,
+                f"{label}:disable_p50_ms": disable_p50,
+                f"{label}:disable_p99_ms": disable_p99,
+                f"{label}:gets_per_s": gets_per_s,
+                f"{label}:disables": float(len(result["disables"])),
+            }
+        )
+        rows.append(
+            (
+                label,
+                f"{get_p50:.2f}",
+                f"{get_p99:.2f}",
+                f"{disable_p50:.2f}",
+                f"{disable_p99:.2f}",
+                f"{gets_per_s:,.0f}",
+                f"{len(result['disables'])}",
+            )
+        )
+    ratio = figures["state file:get_p99_ms"] / figures["in memory:get_p99_ms"]
+    figures["get_p99_ratio"] = ratio
+    body = [
+        __doc__.split("\n\n", 1)[1].strip() if __doc__ else "",
+        "",
+        table(
+            (
+                "state",
+                "Get p50 ms",
+                "Get p99 ms",
+                "Disable p50 ms",
+                "Disable p99 ms",
+                "Gets/s",
+                "Disables",
+            ),
+            rows,
+        ),
+        "",
+        f"Get p99, state file ÷ in memory: {ratio:.2f}×.",
+        "",
+        f"{keys:,} keys; {rounds} rounds of {seconds:.0f} s per server; {IN_FLIGHT} Gets in"
+        f" flight; a Disable every {DISABLE_EVERY * 1e3:.0f} ms.",
+    ]
+    get_p99 = figures["state file:get_p99_ms"]
+    disable_p99 = figures["state file:disable_p99_ms"]
+    targets = [
+        Target(
+            f"Get p99 at {keys:,} keys with a state file, Disables and batched writes",
+            f"{get_p99:.1f} ms",
+            f"≤ {GET_P99_TARGET_MS:.0f} ms",
+            get_p99 <= GET_P99_TARGET_MS,
+        ),
+        Target(
+            f"Disable p99 at {keys:,} keys with a state file",
+            f"{disable_p99:.1f} ms",
+            f"≤ {DISABLE_P99_TARGET_MS:.0f} ms",
+            disable_p99 <= DISABLE_P99_TARGET_MS,
+        ),
+        Target(
+            "Get p99 with a state file ÷ without (Disables and batched writes)",
+            f"{ratio:.2f}×",
+            f"≤ {RATIO_TARGET:.0f}×",
+            ratio <= RATIO_TARGET,
+        ),
+    ]
+    return Section(
+        "100k keys with a state file: Get and Disable latency", "\n".join(body), targets, figures
+    )
