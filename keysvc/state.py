@@ -567,20 +567,13 @@ class SqliteStateStore:
         path: Path,
         saved: dict[str, _Record] | None = None,
         batch_seconds: float = BATCH_SECONDS,
-        checkpoints: sqlite3.Connection | None = None,
     ) -> None:
         """A store writing through ``connection`` (to ``path``), starting from ``saved``.
 
         Use ``open``, which reads ``saved`` from the database first. The store
-        owns the connections from now on and uses each only from its own thread.
-        With ``checkpoints`` (a second connection to the database), the write-ahead
-        log is copied into the database by that connection after each batch, in a
-        thread of its own, instead of by whichever write fills it (SQLite's
-        default): a checkpoint copies up to a thousand pages and fsyncs, and a
-        Disable that waits for its write should not wait for that too.
+        owns the connection from now on and uses it only from its writer thread.
         """
         self._connection = connection
-        self._checkpoints = checkpoints
         self._path = path
         self._batch_seconds = batch_seconds
         self._keys = MemoryKeyStore()
@@ -594,12 +587,7 @@ class SqliteStateStore:
         self._task: asyncio.Task[None] | None = None
         # One thread: SQLite sees one writer, and writes stay in order.
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keysvc-state")
-        self._checkpointer: ThreadPoolExecutor | None = None
-        if checkpoints is not None:
-            connection.execute("PRAGMA wal_autocheckpoint = 0")
-            self._checkpointer = ThreadPoolExecutor(
-                max_workers=1, thread_name_prefix="keysvc-state-checkpoint"
-            )
+
         self._listeners: list[WriteListener] = []
         self._failing = False
 
@@ -636,18 +624,7 @@ class SqliteStateStore:
             )
             connection, saved = _open_database(path, connect)
         _log.info("state file read", extra={"path": str(path), "keys": len(saved)})
-        try:
-            checkpoints = connect(path)
-        except sqlite3.Error as exc:
-            connection.close()
-            raise _cannot_write(path, exc) from exc
-        return cls(
-            connection,
-            path=path,
-            saved=saved,
-            batch_seconds=batch_seconds,
-            checkpoints=checkpoints,
-        )
+        return cls(connection, path=path, saved=saved, batch_seconds=batch_seconds)
 
     # -- KeyStore ----------------------------------------------------------------
 
@@ -758,10 +735,7 @@ class SqliteStateStore:
             )
         finally:
             loop = asyncio.get_running_loop()
-            if self._checkpointer is not None and self._checkpoints is not None:
-                await loop.run_in_executor(self._checkpointer, self._checkpoints.close)
-                self._checkpointer.shutdown()
-            # Closed last, the writer's connection checkpoints and removes the log.
+            # The last connection to close checkpoints the write-ahead log and removes it.
             await loop.run_in_executor(self._writer, self._connection.close)
             self._writer.shutdown()
 
@@ -809,22 +783,3 @@ class SqliteStateStore:
                 await self.flush()
             except StateWriteFailed:
                 self._wakeup.set()  # logged and counted; retried after the next pause
-                continue
-            await self._checkpoint()
-
-    async def _checkpoint(self) -> None:
-        """Copies the write-ahead log into the database, beside the writes (WAL
-        lets a checkpoint and a write run at once; PASSIVE never waits for either)."""
-        if self._checkpointer is None or self._checkpoints is None:
-            return
-        loop = asyncio.get_running_loop()
-        try:
-            await loop.run_in_executor(
-                self._checkpointer, self._checkpoints.execute, "PRAGMA wal_checkpoint(PASSIVE)"
-            )
-        except sqlite3.Error as exc:
-            # Nothing is lost: the log keeps every write until a checkpoint succeeds.
-            _log.warning(
-                "cannot checkpoint the state file's write-ahead log",
-                extra={"path": str(self._path), "problem": str(exc)},
-            )

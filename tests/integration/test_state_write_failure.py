@@ -58,7 +58,7 @@ async def test_a_failed_state_write_is_reported_until_a_write_succeeds(
         pool.add_key(secret)
     await pool.flush()
     store.start()
-    connection = connections[0]  # the writer's (the second one checkpoints)
+    (connection,) = connections
     async with (
         observed_server(pool, metrics, state=store) as observed,
         grpc.aio.insecure_channel(f"127.0.0.1:{observed.server.port}") as channel,

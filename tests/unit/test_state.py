@@ -245,7 +245,7 @@ async def test_writes_run_in_a_worker_thread_in_one_durable_transaction(tmp_path
     assert statements == ["INSERT"]  # one statement: one transaction
     assert all(hash_key(s) in seen[0][1] for s in (A, B, C))
     assert {thread for thread, _ in seen} != {threading.get_ident()}
-    connection = connections[0]  # the writer's (the second one checkpoints)
+    (connection,) = connections
     assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert connection.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     await store.close()
@@ -269,7 +269,7 @@ async def test_a_failed_write_keeps_the_change_and_is_retried(
     pool.add_key(B)
     await pool.flush()
     store.start()
-    connection = connections[0]  # the writer's (the second one checkpoints)
+    (connection,) = connections
     # SQLite itself refuses the writes, as it does on a read-only file system.
     connection.execute("PRAGMA query_only = ON")
     pool.disable(hash_key(A), DisableReason.REVOKED)
@@ -389,35 +389,3 @@ def test_a_damaged_or_foreign_database_refuses_to_start(tmp_path: Path) -> None:
     other.close()
     with pytest.raises(StateFileError, match="not a keysvc state file"):
         SqliteStateStore.open(foreign)
-
-
-async def test_checkpoints_run_after_batches_on_their_own_connection(tmp_path: Path) -> None:
-    path = tmp_path / "state.db"
-    traced: list[tuple[int, int, str]] = []  # (connection number, thread, statement)
-
-    def connect(at: Path) -> sqlite3.Connection:
-        connection = connect_database(at)
-        number = len(connections)
-        connection.set_trace_callback(
-            lambda sql: traced.append((number, threading.get_ident(), sql))
-        )
-        connections.append(connection)
-        return connection
-
-    connections: list[sqlite3.Connection] = []
-    store = SqliteStateStore.open(path, connect=connect, batch_seconds=0.02)
-    assert connections[0].execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
-    pool = KeyPool(store=store, models=ModelTable(), clock=ManualClock())
-    pool.add_key(A)
-    store.start()
-    for _ in range(100):
-        if any("wal_checkpoint" in sql for _, _, sql in traced):
-            break
-        await asyncio.sleep(0.02)
-    checkpoints = [(n, thread) for n, thread, sql in traced if "wal_checkpoint" in sql]
-    writes = [(n, thread) for n, thread, sql in traced if sql.startswith("INSERT")]
-    assert checkpoints and writes
-    assert {n for n, _ in checkpoints} == {1} and {n for n, _ in writes} == {0}
-    assert not {t for _, t in checkpoints} & ({t for _, t in writes} | {threading.get_ident()})
-    await store.close()
-    assert not (tmp_path / "state.db-wal").exists()  # the last connection closed cleans up
