@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 import tempfile
 import time
 from collections.abc import Iterator
@@ -46,17 +47,23 @@ RATIO_TARGET = 2.0
 
 
 @contextlib.contextmanager
-def _servers(keys: int) -> Iterator[dict[str, int]]:
-    """Both servers, started one after the other; yields their ports by label."""
-    with (
-        tempfile.TemporaryDirectory(prefix="keysvc-bench-state-") as directory,
-        serving_module("bench.state_server", str(keys), str(Path(directory) / "state.db")) as (
-            _,
-            with_state,
-        ),
-        serving_module("bench.state_server", str(keys), "-") as (_, in_memory),
-    ):
-        yield {"state file": with_state, "in memory": in_memory}
+def _servers(keys: int) -> Iterator[tuple[dict[str, int], Path]]:
+    """Both servers, started one after the other; yields their ports by label and the
+    state file's path."""
+    with tempfile.TemporaryDirectory(prefix="keysvc-bench-state-") as directory:
+        state = Path(directory) / "state.db"
+        with (
+            serving_module("bench.state_server", str(keys), str(state)) as (_, with_state),
+            serving_module("bench.state_server", str(keys), "-") as (_, in_memory),
+        ):
+            yield {"state file": with_state, "in memory": in_memory}, state
+
+
+def _rows_on_disk(state: Path) -> tuple[int, int]:
+    """Rows and rows of disabled keys in the state file, read beside the server."""
+    with contextlib.closing(sqlite3.connect(f"file:{state}?mode=ro", uri=True)) as reader:
+        rows, disabled = reader.execute("SELECT count(*), sum(is_disabled) FROM keys").fetchone()
+    return int(rows), int(disabled or 0)
 
 
 async def _round(
@@ -122,9 +129,10 @@ async def measure(
 def run(*, smoke: bool = False) -> Section:
     keys, rounds, seconds = (2_000, 1, 1.0) if smoke else (KEYS, ROUNDS, ROUND_SECONDS)
     secret_list = secrets(keys)
-    with _servers(keys) as ports:
+    with _servers(keys) as (ports, state):
         results = aio.run(measure(ports, secret_list, rounds, seconds))
-    figures: dict[str, float] = {}
+        rows_on_disk, disabled_on_disk = _rows_on_disk(state)
+    figures: dict[str, float] = {"rows_on_disk": rows_on_disk, "disabled_on_disk": disabled_on_disk}
     rows = []
     for label, result in results.items():
         get_p50 = median(result["get_p50"]) * 1e3
