@@ -389,3 +389,29 @@ def test_a_damaged_or_foreign_database_refuses_to_start(tmp_path: Path) -> None:
     other.close()
     with pytest.raises(StateFileError, match="not a keysvc state file"):
         SqliteStateStore.open(foreign)
+
+
+async def test_a_large_batch_is_one_transaction_of_a_few_statements(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    seen: list[str] = []
+
+    def connect(at: Path) -> sqlite3.Connection:
+        connection = connect_database(at)
+        connection.set_trace_callback(lambda sql: seen.append(sql.split()[0]))
+        return connection
+
+    store = SqliteStateStore.open(path, connect=connect)
+    pool = KeyPool(store=store, models=ModelTable(), clock=ManualClock())
+    secrets = [f"sk-state-many-{n:05d}-xxxxxxxxxxxx" for n in range(2_500)]
+    for secret in secrets:
+        pool.add_key(secret)
+    seen.clear()
+    await pool.flush()
+    # 1024 + 1024 + 452 rows (the last statement padded to 512 by repeating a row).
+    assert seen == ["BEGIN", "INSERT", "INSERT", "INSERT", "COMMIT"]
+    rows = _rows(path)
+    assert set(rows) == {hash_key(s) for s in secrets}
+    pool.increment_usage(hash_key(secrets[-1]), "gpt-4o", 6)
+    await pool.flush()
+    assert json.loads(_rows(path)[hash_key(secrets[-1])]["token_usage"]) == {"gpt4o": 6}
+    await store.close()
