@@ -38,6 +38,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -513,7 +514,10 @@ def _migrate_json(path: Path, connect: Callable[[Path], sqlite3.Connection]) -> 
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.link(path, backup)
+        try:
+            os.link(path, backup)
+        except OSError:  # a file system without hard links
+            shutil.copyfile(path, backup)
         os.replace(tmp, path)
         _fsync_directory(path.parent)
     except (OSError, sqlite3.Error) as exc:
