@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from . import memory, pool_scale, rpc_cost, simulate, state_load
+from . import envoy_cost, list_pages, memory, pool_scale, rpc_cost, simulate, state_load
 from .report import Section, render
 
 BENCHMARKS: dict[str, Callable[..., Section]] = {
@@ -20,6 +20,8 @@ BENCHMARKS: dict[str, Callable[..., Section]] = {
     "memory": memory.run,
     "rpc_cost": rpc_cost.run,
     "simulate": simulate.run,
+    "list_pages": list_pages.run,
+    "envoy_cost": envoy_cost.run,
     "state_load": state_load.run,
 }
 

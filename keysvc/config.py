@@ -18,6 +18,7 @@ from typing import TypeVar
 from .auth import parse_token_text
 from .durations import parse_go_duration
 from .keys import parse_key_list
+from .listing import DEFAULT_MAX_PAGE_SIZE
 from .logs import LOG_FORMATS, LOG_LEVELS
 
 __all__ = [
@@ -81,6 +82,10 @@ class Settings:
     #: Port of the HTTP server for /metrics, the status page, /healthz and /readyz; None = off.
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
+    #: Most keys in one List page, and the page size when a request names none.
+    list_max_page_size: int = DEFAULT_MAX_PAGE_SIZE
+    #: Longest an Envoy ext_proc request waits for a key to unlock (seconds, <= 60).
+    ext_proc_max_wait: float = 5.0
 
 
 def _parse_bool(text: str) -> bool:
@@ -106,6 +111,13 @@ def _parse_seconds(text: str) -> float:
     return seconds
 
 
+def _parse_page_size(text: str) -> int:
+    size = int(text)
+    if not 1 <= size <= 10_000:
+        raise ValueError(f"{text} is not between 1 and 10000")
+    return size
+
+
 def _parse_timeout(text: str) -> float:
     seconds = float(text)
     if not 0 < seconds <= 600:
@@ -120,6 +132,13 @@ def _parse_interval(text: str) -> float:
         seconds = float(text)
     if not 0 <= seconds <= 30 * 86_400:
         raise ValueError(f"{text} is not between 0 and 30 days")
+    return seconds
+
+
+def _parse_max_wait(text: str) -> float:
+    seconds = float(text)
+    if not 0 <= seconds <= 60:
+        raise ValueError(f"{text} is not between 0 and 60 seconds")
     return seconds
 
 
@@ -274,6 +293,18 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--metrics-host",
         help="address the HTTP port listens on (env KEYSVC_METRICS_HOST, default 127.0.0.1)",
     )
+    parser.add_argument(
+        "--list-max-page-size",
+        type=_flag_type("keys", _parse_page_size),
+        help="most keys in one List page, and the size of a page when a request names none"
+        f" (env KEYSVC_LIST_MAX_PAGE_SIZE, default {DEFAULT_MAX_PAGE_SIZE})",
+    )
+    parser.add_argument(
+        "--ext-proc-max-wait",
+        type=_flag_type("seconds", _parse_max_wait),
+        help="longest an Envoy ext_proc request waits for a key to unlock, 0 to 60 s"
+        " (env KEYSVC_EXT_PROC_MAX_WAIT, default 5)",
+    )
 
 
 def tls_problem(cert: Path | None, key: Path | None, client_ca: Path | None) -> str | None:
@@ -374,6 +405,10 @@ def settings_from(args: argparse.Namespace, env: Mapping[str, str] | None = None
         keys_file=_from_env(env, "KEYSVC_KEYS_FILE", Path, None),
         metrics_port=_from_env(env, "KEYSVC_METRICS_PORT", _parse_port, None),
         metrics_host=_from_env(env, "KEYSVC_METRICS_HOST", str.strip, "127.0.0.1"),
+        list_max_page_size=_from_env(
+            env, "KEYSVC_LIST_MAX_PAGE_SIZE", _parse_page_size, DEFAULT_MAX_PAGE_SIZE
+        ),
+        ext_proc_max_wait=_from_env(env, "KEYSVC_EXT_PROC_MAX_WAIT", _parse_max_wait, 5.0),
     )
     overrides = {
         name: value

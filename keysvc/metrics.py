@@ -101,6 +101,13 @@ class Metrics:
             ["method", "code"],
             registry=self.registry,
         )
+        self._ext_proc = Counter(
+            "keysvc_ext_proc_requests",
+            "Requests Envoy's ext_proc filter asked keysvc about: answer 'key' (a key was"
+            " set) or the HTTP status keysvc refused with (400, 401, 403, 429, 503).",
+            ["answer"],
+            registry=self.registry,
+        )
         self._latency = Histogram(
             "keysvc_rpc_duration_seconds",
             "Time to handle an RPC on the server, by full method name.",
@@ -157,6 +164,9 @@ class Metrics:
             self._state_write_failures.inc()
 
     # -- RPCs --------------------------------------------------------------------
+
+    def ext_proc_answered(self, answer: str) -> None:
+        self._ext_proc.labels(answer).inc()
 
     def rpc_done(self, method: str, code: str, seconds: float) -> None:
         self._rpcs.labels(method, code).inc()

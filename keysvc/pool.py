@@ -8,16 +8,14 @@ Rate-limit state is kept per (key, model family), because the upstream limits
 each key per model: a 429 for gpt-4 says nothing about the same key on turbo.
 The state of a family (``keysvc.rates``: one ``RateTable`` per family, a row
 per key) holds the hand-out time, the last answer's reset and remaining
-headers and whether a 429 came; reports that name no model go to the
-key-wide table (family ""), which locks every family (the seed's behaviour).
-A key's lock in family f ends at the later of the two.
+headers, whether a 429 came, and the family's budget. A report that names no
+model goes to the family of the key's oldest hand-out in flight, which it most
+likely answers (``_report_family``); with none, to the key-wide table (family
+""), which locks every family (the seed's behaviour). A key's lock in family f
+ends at the later of the two.
 
 A family's lock (its ``until``) is the latest of
 
-- the reuse throttle: ``last_used + reuse_delay`` (1 s) after a hand-out for
-  that family, so a burst does not pile onto one key before its headers come
-  back. Per family, like the upstream limits: a turbo hand-out does not hold
-  the key back from gpt-4;
 - the rate-limit window from ``rate_limited_at`` (the hand-out, or the latest
   429):
 
@@ -25,18 +23,30 @@ A family's lock (its ``until``) is the latest of
     ``tokens``), else the longer known reset, else 10 s (a 429 is
     authoritative even when the remaining-* headers say otherwise);
   - else, when remaining-* headers are known: the reset of each remaining
-    that is 0 (10 s if that reset is unknown); when none is 0, no window: the
-    key still has quota and only the throttle holds it back;
+    that is 0 (10 s if that reset is unknown); when none is 0, no window;
   - else (no remaining-* known): the longer known reset (the seed's rule);
 
   a dimension (requests or tokens) that has a budget is left to it;
-- the budget (``_budget_until``), for a dimension whose limit, remaining and
-  reset an answer reported: the remaining as of that report (``budget_at``)
-  refills at (limit - remaining) / reset per second, and must cover the
-  hand-outs in flight (each reserves 1 request and ``_token_reserve`` tokens;
-  an answer releases the oldest; they lapse after ``RESERVATION_TTL``) plus one
-  more. The wait is capped at ``MAX_RESET``. A typed 429 spends its budget.
-  The budget outlives hand-outs; the headers of the window above do not.
+- once an answer brought a dimension's limit, remaining and reset, the
+  budget (``_budget_until``), and nothing else: the remaining as of that
+  report (``budget_at``), refilling until the time the reset names, when the
+  whole limit is back, must cover the hand-outs in flight (each reserves 1
+  request and ``_token_reserve`` tokens; an answer releases the oldest; they
+  lapse after ``RESERVATION_TTL``) plus one more. The refill rate is the
+  slowest (limit - remaining) / reset reported since the limit was last whole:
+  a token bucket reports one steady rate, while a fixed window (nothing back
+  before its end) reports ever faster ones as it ends. Until then, too, an
+  answer can only lower what is left (one that overtook an older answer on
+  the way back reports a remaining from before the older one was counted). A
+  typed 429 spends its dimension, with no refill until the limit is whole
+  again. The wait is capped at ``MAX_BUDGET_WAIT``;
+  the budget outlives hand-outs, and is forgotten ``BUDGET_LAPSE`` after its
+  last report;
+- until then (nothing known of the key's quota for the family, or no longer),
+  the reuse throttle: ``last_used + reuse_delay`` (1 s) after a hand-out for
+  that family, so a burst does not pile onto one key before its headers come
+  back. Per family, like the upstream limits: a turbo hand-out does not hold
+  the key back from gpt-4.
 
 The inputs are stored and the lock derived from them, so the order of
 MarkRateLimited and UpdateRateLimits does not matter.
@@ -54,9 +64,7 @@ Keys are grouped by ``KeyProfile`` (families, trial flag and, once the checker
 has listed them, the key's model ids): all keys of one profile share rules 3
 and 4. Each group has one index per family, created when that family is first
 asked for (then for every key of the profile at once), with two queues: keys
-free or held only by the reuse throttle, by last use (the throttle ends in that
-order, so a key just handed out joins the back and is not moved again when it
-ends), and keys locked for longer, by unlock time, moved to the first queue
+free, by last use, and keys locked, by unlock time, moved to the first queue
 when it comes. A selection peeks one queue head per eligible profile: O(P) for
 P distinct profiles (a handful) whatever the number of keys n (O(log n) only
 for keys that arrive out of order, such as the end of a rate-limit lock),
@@ -88,6 +96,7 @@ from .durations import parse_go_duration
 from .errors import FamilyDisallowed, InvalidArgument, KeyNotFound, NoKeysForFamily
 from .events import KeyChange, NullObserver, PoolObserver
 from .keys import DisableReason, Key, KeyProfile, hash_key
+from .listing import KeyFilter, LoadOrder, Page
 from .models import GPT4_32K, ModelInfo, ModelTable
 from .outcomes import Decision, UpstreamError, decide
 from .rates import (
@@ -100,6 +109,7 @@ from .rates import (
     NOT_SET,
     READY,
     SAW_RATE_LIMIT,
+    Budget,
     RateBook,
     RateTable,
 )
@@ -124,6 +134,19 @@ RATE_LIMIT_FALLBACK: Final = 10.0
 #: before budgets. So short: the upstream counts a request when it arrives, and
 #: answers that come later report it in their remaining-* anyway.
 RESERVATION_TTL: Final = 10.0
+#: A family's budget is forgotten this long after its last report (the key was
+#: idle, or every answer went elsewhere): what it said may no longer hold, so
+#: the reuse throttle applies again until the next answer.
+BUDGET_LAPSE: Final = 60.0
+#: The longest a budget holds a key back: a per-minute window's reset.
+MAX_BUDGET_WAIT: Final = 60.0
+#: A report that names no model goes to the family of the key's oldest hand-out
+#: in flight; with none in flight, to the family of its latest hand-out when that
+#: was at most this long ago (a request that outlived its reservation) ...
+ATTRIBUTION_WINDOW: Final = 600.0
+#: ... and a MarkRateLimited without a model this soon after an UpdateRateLimits
+#: without one goes where that went: the seed reports a 429's headers, then the 429.
+REPORT_PAIR_WINDOW: Final = 1.0
 #: Tokens reserved per hand-out: mean + SPREAD standard deviations of the
 #: family's recent requests (exponentially weighted, WEIGHT per new request),
 #: so that most requests, not just half of them, fit what is reserved.
@@ -300,13 +323,11 @@ class _Queue:
 class _FamilyIndex:
     """The keys of one profile, ordered by their state in one family.
 
-    ``ready`` holds the keys whose only lock, if any, is the reuse throttle, by
-    last use; ``locked`` the keys locked for longer (a rate-limit window, a
-    budget, a key-wide lock), by unlock time, until that time comes. A key's
-    throttle ends ``reuse_delay`` after its last use, so in ``ready`` the key
-    used least recently is both the best free key and, when it is not free
-    yet, the first to be: a key handed out stays in ``ready`` and needs no
-    move when its throttle ends.
+    ``ready`` holds the keys free for the family, by last use (least recently
+    used first); ``locked`` the keys locked (the reuse throttle, a rate-limit
+    window, a budget, a key-wide lock), by unlock time, until that time comes
+    and ``top`` moves them to ``ready``. A free key stays free until a change
+    re-places it (time alone never locks a key), so ``ready`` needs no upkeep.
 
     Which queue holds a key's live entry is marked in the family's
     ``RateTable.placed``. An entry is live when its key is marked for its
@@ -314,15 +335,12 @@ class _FamilyIndex:
     last use in ``ready``; its unlock time and last use in ``locked``).
     """
 
-    __slots__ = ("book", "family", "group", "locked", "profile", "ready", "reuse_delay", "table")
+    __slots__ = ("book", "family", "group", "locked", "profile", "ready", "table")
 
-    def __init__(
-        self, group: _ProfileGroup, family: str, reuse_delay: float, book: RateBook
-    ) -> None:
+    def __init__(self, group: _ProfileGroup, family: str, book: RateBook) -> None:
         self.group = group
         self.profile = group.profile
         self.family = family
-        self.reuse_delay = reuse_delay
         self.book = book
         self.table = book.table(family)
         # In ``ready`` the time a key is queued by is its last use.
@@ -340,7 +358,7 @@ class _FamilyIndex:
 
     def _locked_live(self, key: Key, time: float, last_used: float) -> bool:
         # The last use too: a key handed out from ``locked`` can be locked again
-        # until the very same time (a budget capped at budget_at + MAX_RESET), and
+        # until the very same time (a budget capped at budget_at + MAX_BUDGET_WAIT), and
         # an entry left from before would then put it ahead of its turn.
         row = key.seq
         table = self.table
@@ -365,9 +383,9 @@ class _FamilyIndex:
         until = self.book.lock_end(table, row)
         last_used = table.last_used[row]
         placed = table.placed[row]
-        if until <= now or (last_used and until <= last_used + self.reuse_delay):
+        if until <= now:
             if placed == READY:
-                return  # in place: a ready key moves only when handed out
+                return  # in place: a free key moves only when handed out or locked
             table.placed[row] = READY
             self.ready.push(last_used, last_used, key, ordered=ordered)
         else:
@@ -404,19 +422,7 @@ class _FamilyIndex:
             first = locked.head()
         best = ready.head()
         if best is not None:
-            last_used, key = best
-            if not last_used or last_used + self.reuse_delay <= now:
-                return (0.0, key)
-            until = last_used + self.reuse_delay
-            if first is None:
-                return (until, key)
-            other = first[1]
-            if (until, last_used, key.seq) <= (
-                first[0],
-                table.last_used[other.seq],
-                other.seq,
-            ):
-                return (until, key)
+            return (0.0, best[1])
         return first
 
     def pop_top(self, key: Key) -> None:
@@ -499,6 +505,9 @@ class KeyPool:
         self._wide_keys: set[Key] = set()
         #: Per family: (mean, variance) of finished requests' tokens, exponentially weighted.
         self._token_stats: dict[str, tuple[float, float]] = {}
+        #: Per key ``seq``: the family the last report without a model was
+        #: attributed to, and when (``REPORT_PAIR_WINDOW``).
+        self._answered: dict[int, tuple[str, float]] = {}
         # get_waiting: queues by (model, family, embeddings), the one timer set for
         # the earliest unlock any queue head waits for, and a pending dispatch.
         self._queues: dict[tuple[str, str, bool], _WaitQueue] = {}
@@ -510,10 +519,13 @@ class KeyPool:
         self._new_key_profile = self._intern(KeyProfile(models.default_key_families()))
         self._model_id_sets: dict[frozenset[str], frozenset[str]] = {}
         self._next_seq = 0
+        #: Every key in load order, for List's pages.
+        self._order = LoadOrder()
         now = clock.now()
         for key in store:
             key.profile = self._intern(key.profile)
             key.join(self._book, self._take_seq())
+            self._order.add(key)
             if not key.is_disabled:
                 self._place(key, now)
 
@@ -570,6 +582,7 @@ class KeyPool:
         key.join(self._book, seq)
         # A persistent store may give the key its saved state (flags, families, usage).
         self._store.add(key)
+        self._order.add(key)
         key.profile = self._intern(key.profile)
         if not key.is_disabled:
             self._place(key, self._clock.now())
@@ -586,7 +599,9 @@ class KeyPool:
             return None
         self._unplace(key)
         self._wide_keys.discard(key)
+        self._answered.pop(key.seq, None)
         self._store.remove(key_hash)
+        self._order.remove(key)
         return key
 
     async def flush(self) -> None:
@@ -730,11 +745,12 @@ class KeyPool:
         table.requests_reset[row] = table.tokens_reset[row] = NOT_SET
         table.remaining_requests[row] = table.remaining_tokens[row] = NOT_SET
         table.flags[row] = HAS_STATE
-        if table.budget_at[row]:  # only a budget needs to know what is in flight
-            reserved = table.reserved.get(row)
-            if reserved is None:
-                reserved = table.reserved[row] = deque()
-            reserved.append((now, self._token_reserve(index.family)))
+        # In flight until answered: for the budget, and so that a report naming no
+        # model can be matched to it.
+        reserved = table.reserved.get(row)
+        if reserved is None:
+            reserved = table.reserved[row] = deque()
+        reserved.append((now, self._token_reserve(index.family)))
         self._derive(table, row, now)
         wide = self._book.wide
         if wide is None or not wide.has_state(row):
@@ -840,13 +856,17 @@ class KeyPool:
     def mark_rate_limited(self, key_hash: str, model: str = "") -> None:
         """Records that the upstream answered 429 for the key just now.
 
-        With ``model``, only the model's family is locked; without, every family.
+        With ``model``, the model's family is locked. Without, the report is
+        attributed (``_report_family``): the family of the answer whose headers
+        UpdateRateLimits just reported, else that of the key's oldest hand-out in
+        flight; with nothing to attribute it to, every family is locked (the seed).
         """
         key = self.key(key_hash)
         if model:
             _check_model(model)
-        table = self._report_table(key, model)
         now = self._clock.now()
+        family, _ = self._report_family(key, model, now, answer=False)
+        table = self._state_table(key, family)
         first_report = _mark(table, key.seq, now)
         self._reposition(key, table, now)
         if first_report:  # once per hand-out: proxies may report the same 429 twice
@@ -856,13 +876,15 @@ class KeyPool:
     def update_rate_limits(
         self, key_hash: str, headers: Mapping[str, str], model: str = ""
     ) -> None:
-        """Records an answer's rate-limit headers: resets (Go durations, clamped to
-        10 s) and remaining requests and tokens.
+        """Records an answer's rate-limit headers: resets (Go durations), remaining
+        and limits of requests and tokens.
 
-        With ``model``, they apply to the model's family; without, key-wide. An
-        unparseable value is ignored and logged; without any of the headers
-        nothing changes. Together with ``mark_rate_limited`` the result does not
-        depend on which of the two is reported first.
+        With ``model``, they apply to the model's family; without, to the family
+        of the key's oldest hand-out in flight (``_report_family``), or key-wide
+        when it has none. Either way the answered hand-out is no longer in
+        flight. An unparseable value is ignored and logged; without any of the
+        headers nothing changes. Together with ``mark_rate_limited`` the result
+        does not depend on which of the two is reported first.
         """
         key = self.key(key_hash)
         _check_headers(headers)
@@ -871,18 +893,79 @@ class KeyPool:
         parsed = _parse_rate_headers(key, headers)
         if parsed is None:
             return
-        table = self._report_table(key, model)
         now = self._clock.now()
-        if model:  # an answer for the family: its hand-out is no longer in flight
-            _release(table, key.seq)
+        family, _ = self._report_family(key, model, now, answer=True, limits=parsed)
+        table = self._state_table(key, family)
         _apply_rate_headers(table, key.seq, parsed, now)
         self._reposition(key, table, now)
 
-    def _report_table(self, key: Key, model: str) -> RateTable:
-        """The table whose row for ``key`` a report about ``model`` changes: the
-        model's family's, or the key-wide one without a model. The key has a
-        state there from now on."""
-        if not model:
+    def _report_family(
+        self,
+        key: Key,
+        model: str,
+        now: float,
+        *,
+        answer: bool,
+        limits: _RateHeaders | None = None,
+    ) -> tuple[str, bool]:
+        """The family a report about ``model`` is for ("": key-wide), and whether
+        it ended a hand-out's reservation (``answer``: it reports an answer).
+
+        A report that names no model most likely answers the key's oldest hand-out
+        still in flight, so it goes to that hand-out's family and, as an answer,
+        ends its reservation; when hand-outs of several families are in flight,
+        the oldest of those whose known limits are the ones the report's headers
+        (``limits``) name, since answers come back in any order and the upstream
+        limits each model apart. A 429 reported on its own (MarkRateLimited) goes
+        where an answer without a model just went, since the seed reports an
+        answer's headers first, then its 429. With nothing in flight, the family
+        of the key's latest hand-out, if recent (``ATTRIBUTION_WINDOW``: the
+        request outlived its reservation); else key-wide, as the seed did.
+        """
+        row = key.seq
+        if model:
+            family = self._models.family(model)
+            table = self._book.get(family)
+            return family, answer and table is not None and _release(table, row)
+        if not answer:
+            paired = self._answered.get(row)
+            if paired is not None and now < paired[1] + REPORT_PAIR_WINDOW:
+                return paired[0], False
+        oldest: RateTable | None = None
+        matching: RateTable | None = None
+        latest: RateTable | None = None
+        for table in self._book.tables.values():
+            reserved = table.reserved.get(row)
+            if reserved and (oldest is None or reserved[0][0] < oldest.reserved[row][0][0]):
+                oldest = table
+            if (
+                reserved
+                and limits is not None
+                and _limits_match(table, row, limits)
+                and (matching is None or reserved[0][0] < matching.reserved[row][0][0])
+            ):
+                matching = table
+            if table.last_used[row] and (
+                latest is None or table.last_used[row] > latest.last_used[row]
+            ):
+                latest = table
+        released = False
+        oldest = matching or oldest
+        if oldest is not None:
+            family = oldest.family
+            released = answer and _release(oldest, row)
+        elif latest is not None and now < latest.last_used[row] + ATTRIBUTION_WINDOW:
+            family = latest.family
+        else:
+            return "", False
+        if answer:
+            self._answered[row] = (family, now)
+        return family, released
+
+    def _state_table(self, key: Key, family: str) -> RateTable:
+        """The table whose row for ``key`` a report about ``family`` changes ("":
+        the key-wide one). The key has a state there from now on."""
+        if not family:
             wide = self._book.table("")
             if not wide.has_state(key.seq):
                 # The window of a key-wide report starts at the key's last hand-out.
@@ -890,7 +973,6 @@ class KeyPool:
                 wide.rate_limited_at[key.seq] = key.last_used
                 self._wide_keys.add(key)
             return wide
-        family = self._models.family(model)
         # States exist only for indexed families (family_lockout relies on it).
         self._index_family(family)
         table = self._book.table(family)
@@ -904,10 +986,15 @@ class KeyPool:
         _check_model(model)
         if not 0 <= tokens <= Limits.TOKENS:
             raise InvalidArgument("tokens", f"must be between 0 and {Limits.TOKENS}")
-        family = self._models.family(model)
-        self._book.add_usage(key.seq, family, tokens)
-        if tokens:  # 0: the proxy did not read the usage, which says nothing of the size
-            self._learn_tokens(family, tokens)
+        self._count_usage(key, self._models.family(model), tokens)
+
+    def _count_usage(self, key: Key, family: str, tokens: int) -> None:
+        """Counts a finished request: its tokens in ``family`` ("": no family known,
+        the request alone is counted)."""
+        if family:
+            self._book.add_usage(key.seq, family, tokens)
+            if tokens:  # 0: the proxy did not read the usage, which says nothing of the size
+                self._learn_tokens(family, tokens)
         key.prompt_count += 1
         self._store.changed(key)
         self._observer.tokens_used(family, tokens)
@@ -928,13 +1015,15 @@ class KeyPool:
         Every input is checked before anything changes. The headers are stored
         as ``update_rate_limits`` does; then, as the answer says, the tokens are
         counted, the key is disabled, or it is marked rate limited for the
-        model. A caller that disables must ``flush`` before acknowledging.
+        model. Without ``model`` the answer is attributed as ``update_rate_limits``
+        attributes it. A caller that disables must ``flush`` before acknowledging.
 
         Returns:
             The decision (action, what was done and why) and the key.
         """
         key = self.key(key_hash)
-        _check_model(model)
+        if model:
+            _check_model(model)
         _check_headers(headers)
         if not 100 <= status <= 599:
             raise InvalidArgument("status", "must be an HTTP status code (100 to 599)")
@@ -954,10 +1043,9 @@ class KeyPool:
         decision = decide(status, error)
         parsed = _parse_rate_headers(key, headers)
         now = self._clock.now()
-        answered = self._book.get(self._models.family(model))
-        released = answered is not None and _release(answered, key.seq)
+        family, released = self._report_family(key, model, now, answer=True, limits=parsed)
         if parsed is not None or decision.rate_limited or released:
-            table = self._report_table(key, model)
+            table = self._state_table(key, family)
             if parsed is not None:
                 _apply_rate_headers(table, key.seq, parsed, now)
             first_report = decision.rate_limited and _mark(table, key.seq, now, error.type)
@@ -965,8 +1053,7 @@ class KeyPool:
             if first_report:
                 self._state_changed(key, KeyChange.RATE_LIMITED, decision.why)
         if decision.count_usage:
-            tokens = min(prompt_tokens + completion_tokens, Limits.TOKENS)
-            self.increment_usage(key.hash, model, tokens)
+            self._count_usage(key, family, min(prompt_tokens + completion_tokens, Limits.TOKENS))
         if decision.disable is not None:
             self.disable(key.hash, decision.disable)
         self._observer.outcome_reported(decision.action.value)
@@ -1129,6 +1216,15 @@ class KeyPool:
         """Every key, in load order."""
         return list(self._store)
 
+    @property
+    def load_order(self) -> LoadOrder:
+        """The keys in load order, for List's pages and page tokens."""
+        return self._order
+
+    def page(self, after: int, limit: int, key_filter: KeyFilter) -> Page:
+        """Up to ``limit`` keys matching ``key_filter`` now, after load position ``after``."""
+        return self._order.page(after, limit, key_filter.predicate(self._clock.now()))
+
     def families(self) -> tuple[str, ...]:
         """Every family the model table knows, in table order."""
         return self._models.families
@@ -1158,9 +1254,11 @@ class KeyPool:
         self._observer.state_changed(key.hash, change, reason)
 
     def _derive(self, table: RateTable, row: int, now: float) -> None:
-        """``until`` of ``row``: the latest of the reuse throttle, the rate-limit
-        window and the budget (module docstring). The key-wide state has neither
-        throttle nor budget of its own. Reservations that have lapsed are dropped first."""
+        """``until`` of ``row``: the latest of the rate-limit window and, once an
+        answer brought the family's limits, the budget, else the reuse throttle
+        (module docstring). The key-wide state has neither throttle nor budget of
+        its own. Lapsed reservations, and a budget not refreshed for
+        ``BUDGET_LAPSE``, are dropped first."""
         reserved = table.reserved.get(row)
         if reserved is not None:
             while reserved and reserved[0][0] + RESERVATION_TTL <= now:
@@ -1169,16 +1267,21 @@ class KeyPool:
                 del table.reserved[row]
         last_used, rate_limited_at = table.last_used[row], table.rate_limited_at[row]
         budget_at = table.budget_at[row]
+        if budget_at and now >= budget_at + BUDGET_LAPSE:
+            _forget_budget(table, row)
+            budget_at = 0.0
         if not last_used and not rate_limited_at and not budget_at:
             table.until[row] = 0.0
             return
         until = rate_limited_at + _window(table, row) if rate_limited_at else 0.0
-        if last_used and last_used + self._reuse_delay > until:
-            until = last_used + self._reuse_delay
         if budget_at:
             budget = _budget_until(table, row, self._token_reserve(table.family))
             if budget > until:
                 until = budget
+        elif last_used and last_used + self._reuse_delay > until:
+            # Nothing known of the key's quota yet: one hand-out at a time until
+            # an answer says more.
+            until = last_used + self._reuse_delay
         table.until[row] = until
 
     def _token_reserve(self, family: str) -> float:
@@ -1305,7 +1408,7 @@ class KeyPool:
         self._eligible_cache.clear()
 
     def _new_index(self, group: _ProfileGroup, family: str) -> _FamilyIndex:
-        return _FamilyIndex(group, family, self._reuse_delay, self._book)
+        return _FamilyIndex(group, family, self._book)
 
     def _intern(self, profile: KeyProfile) -> KeyProfile:
         return self._profiles.setdefault(profile, profile)
@@ -1373,10 +1476,12 @@ def _log_unparseable(key: Key, header: str, raw: str) -> None:
 def _apply_rate_headers(table: RateTable, row: int, parsed: _RateHeaders, now: float) -> None:
     """Stores what the headers told in ``row``; a header that was not sent leaves its field alone.
 
-    Resets are stored clamped to ``MAX_RESET``. A remaining sent with its limit
-    and reset also sets the family's budget (``KeyPool`` docstring): what is
-    left now and its refill rate, (limit - remaining) / reset, the reset being
-    the time until the whole limit is back.
+    Resets are stored clamped to ``MAX_RESET`` for the rate-limit window. A
+    dimension whose limit, remaining and reset came also sets the family's
+    budget (``KeyPool`` docstring): what is left now, when the whole limit is
+    back, and the refill rate until then, the slowest (limit - remaining) /
+    reset reported since the limit was last whole, so that a fixed window (whose
+    quota comes back only at its end) is not mistaken for a steady refill.
     """
     if parsed.requests_reset is not None:
         table.requests_reset[row] = min(parsed.requests_reset, MAX_RESET)
@@ -1393,20 +1498,87 @@ def _apply_rate_headers(table: RateTable, row: int, parsed: _RateHeaders, now: f
         table.remaining_tokens[row] = remaining_tokens
     if not table.family:  # the key-wide state: reports for no model have no budget
         return
-    requests_rate = _refill_rate(
-        parsed.limit_requests, parsed.remaining_requests, parsed.requests_reset
-    )
-    tokens_rate = _refill_rate(parsed.limit_tokens, parsed.remaining_tokens, parsed.tokens_reset)
-    if requests_rate is not None:
-        table.requests_rate[row] = requests_rate
-    if tokens_rate is not None:
-        table.tokens_rate[row] = tokens_rate
-    if remaining_requests is not None and _known(table.requests_rate[row]):
-        table.budget_at[row] = now
-        table.budget_requests[row] = remaining_requests
-    if remaining_tokens is not None and _known(table.tokens_rate[row]):
-        table.budget_at[row] = now
-        table.budget_tokens[row] = remaining_tokens
+    if remaining_requests is None and remaining_tokens is None:
+        return
+    if table.budget_at[row]:
+        _reanchor(table, row, now)  # before one dimension changes without the other
+    for budget, left, limit, reset in (
+        (table.budgets[0], remaining_requests, parsed.limit_requests, parsed.requests_reset),
+        (table.budgets[1], remaining_tokens, parsed.limit_tokens, parsed.tokens_reset),
+    ):
+        if left is None:
+            continue
+        # Within one refill (until the limit is whole again) the budget only learns
+        # less: an answer that overtook an older one on the way back reports a
+        # remaining from before the older one's request was counted.
+        fresh = not _known(budget.limit[row]) or now >= budget.full_at[row]
+        if limit is not None and reset is not None:
+            limit = min(limit, MAX_COUNT)
+            fresh = fresh or budget.limit[row] != limit
+            refill = (limit - left) / reset if reset > 0 and left < limit else NOT_SET
+            if fresh:
+                budget.rate[row] = refill if _known(refill) else 0.0
+            elif refill < budget.rate[row]:  # False for NaN
+                budget.rate[row] = refill
+            budget.limit[row] = limit
+            # Nor does an overtaken answer bring the end of the refill forward.
+            full_at = now + min(reset, MAX_BUDGET_WAIT)
+            if fresh or full_at > budget.full_at[row]:
+                budget.full_at[row] = full_at
+        if _known(budget.limit[row]):  # a budget is kept for the dimension
+            # After _reanchor, ``left`` holds what the budget expected by now.
+            budget.left[row] = left if fresh else min(left, budget.left[row])
+            table.budget_at[row] = now
+
+
+def _limits_match(table: RateTable, row: int, parsed: _RateHeaders) -> bool:
+    """Whether the limits the headers name are those the family's budget knows (each
+    known on both sides); False when none can be compared."""
+    compared = False
+    for budget, limit in zip(
+        table.budgets, (parsed.limit_requests, parsed.limit_tokens), strict=True
+    ):
+        known = budget.limit[row]
+        if limit is not None and _known(known):
+            if min(limit, MAX_COUNT) != known:
+                return False
+            compared = True
+    return compared
+
+
+def _reanchor(table: RateTable, row: int, now: float) -> None:
+    """Moves the budget's reference time to ``now``: each dimension's left becomes
+    what it has refilled to by then, so one dimension can be updated alone."""
+    budget_at = table.budget_at[row]
+    if budget_at and budget_at != now:
+        for budget in table.budgets:
+            if _known(budget.limit[row]):
+                budget.left[row] = _refilled(budget, row, budget_at, now)
+    table.budget_at[row] = now
+
+
+def _refilled(budget: Budget, row: int, at: float, now: float) -> float:
+    """What a budget that had ``left`` at ``at`` has at ``now``: the whole limit from
+    ``full_at`` on, before then ``left`` plus the refill at ``rate``."""
+    limit = budget.limit[row]
+    if now >= budget.full_at[row]:
+        return limit
+    return min(limit, budget.left[row] + budget.rate[row] * (now - at))
+
+
+def _forget_budget(table: RateTable, row: int) -> None:
+    """Forgets the family's budget (it lapsed): the throttle applies until the next answer."""
+    table.budget_at[row] = 0.0
+    for column in (
+        table.budget_requests,
+        table.budget_tokens,
+        table.requests_rate,
+        table.tokens_rate,
+        table.requests_limit,
+        table.tokens_limit,
+    ):
+        column[row] = NOT_SET
+    table.requests_full_at[row] = table.tokens_full_at[row] = 0.0
 
 
 def _known(value: float) -> bool:
@@ -1414,29 +1586,35 @@ def _known(value: float) -> bool:
     return value == value
 
 
-def _refill_rate(limit: int | None, remaining: int | None, reset: float | None) -> float | None:
-    """Per second: what is missing of ``limit`` over the time it takes to come back."""
-    if limit is None or remaining is None or reset is None or reset <= 0 or remaining >= limit:
-        return None
-    return (limit - remaining) / reset
-
-
 def _mark(table: RateTable, row: int, now: float, kind: str = "") -> bool:
     """Records a 429 (of type ``kind``, "" if unknown) in ``row``; True when it is
     the first since the hand-out.
 
     A 429 is authoritative: a budgeted dimension it names is spent now, whatever
-    the remaining header said.
+    the remaining header said, and gets nothing back until its limit is whole
+    again (the refill it counted on did not come). A 429 that does not say
+    which limit it hit (MarkRateLimited), in a family with a budget, is taken for
+    the limit the last answer left nothing of.
     """
     flags = table.flags[row]
     first = not flags & SAW_RATE_LIMIT
+    if not kind and table.budget_at[row]:
+        if table.remaining_requests[row] == 0 and _known(table.requests_limit[row]):
+            kind = "requests"
+        elif table.remaining_tokens[row] == 0 and _known(table.tokens_limit[row]):
+            kind = "tokens"
     kind_bit = KIND_REQUESTS if kind == "requests" else KIND_TOKENS if kind == "tokens" else 0
     table.flags[row] = (flags & HAS_STATE) | SAW_RATE_LIMIT | kind_bit
     table.rate_limited_at[row] = now
-    if kind_bit == KIND_REQUESTS and _known(table.requests_rate[row]):
-        table.budget_at[row], table.budget_requests[row] = now, 0.0
-    elif kind_bit == KIND_TOKENS and _known(table.tokens_rate[row]):
-        table.budget_at[row], table.budget_tokens[row] = now, 0.0
+    budget = table.budgets[0] if kind_bit == KIND_REQUESTS else table.budgets[1]
+    if kind_bit and _known(budget.limit[row]):
+        # Nothing left now, and the refill counted on did not come (a fixed window
+        # refills only at its end): none until the limit is whole again.
+        _reanchor(table, row, now)
+        budget.left[row] = 0.0
+        budget.rate[row] = 0.0
+        if budget.full_at[row] <= now:
+            budget.full_at[row] = now + RATE_LIMIT_FALLBACK
     return first
 
 
@@ -1500,25 +1678,39 @@ def _release(table: RateTable, row: int) -> bool:
 
 
 def _budget_until(table: RateTable, row: int, tokens_needed: float) -> float:
-    """When the family's budget covers the hand-outs in flight and one more; 0 if no budget.
+    """When the family's budget covers the hand-outs in flight and one more; 0 if it does now.
 
-    Each dimension with a known budget refills at its rate from ``budget_at``;
-    the wait is capped at ``MAX_RESET`` (as resets are), and ends when the
-    oldest reservation lapses, since the budget is over-counted from then.
+    Each budgeted dimension has, ``t`` seconds after ``budget_at``, what was left
+    plus ``rate × t`` until its limit is whole again (``full_at``), then the
+    whole limit. More in flight than the limit is never covered: the wait ends
+    when the oldest reservation lapses (or an answer re-derives it). The wait
+    is capped at ``MAX_BUDGET_WAIT``.
     """
     reserved = table.reserved.get(row)
     in_flight = len(reserved) if reserved else 0
     reserved_tokens = sum(tokens for _, tokens in reserved) if reserved else 0.0
-    wait = 0.0
-    for left, rate, needed in (
-        (table.budget_requests[row], table.requests_rate[row], in_flight + 1.0),
-        (table.budget_tokens[row], table.tokens_rate[row], reserved_tokens + tokens_needed),
+    budget_at = table.budget_at[row]
+    until = 0.0
+    for budget, needed in (
+        (table.budgets[0], in_flight + 1.0),
+        (table.budgets[1], reserved_tokens + tokens_needed),
     ):
-        if _known(left) and _known(rate) and needed > left:
-            wait = max(wait, (needed - left) / rate)
-    if wait <= 0.0:
+        limit, left = budget.limit[row], budget.left[row]
+        # limit != limit: no budget in the dimension (NaN).
+        if limit != limit or needed <= left:
+            continue
+        rate = budget.rate[row]
+        if needed > limit:
+            fits = math.inf
+        elif rate > 0.0:
+            fits = min(budget.full_at[row], budget_at + (needed - left) / rate)
+        else:
+            fits = budget.full_at[row]
+        if fits > until:
+            until = fits
+    if until == 0.0:
         return 0.0
-    until = table.budget_at[row] + min(wait, MAX_RESET)
+    until = min(until, budget_at + MAX_BUDGET_WAIT)
     if reserved:
         until = min(until, reserved[0][0] + RESERVATION_TTL)
     return until

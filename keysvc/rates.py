@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Mapping
 from typing import Final, NamedTuple
 
-__all__ = ["NOT_SET", "FamilyRates", "RateBook", "RateState", "RateSummary", "RateTable"]
+__all__ = ["NOT_SET", "Budget", "FamilyRates", "RateBook", "RateState", "RateSummary", "RateTable"]
 
 #: An optional number that is not known (``None`` in a ``RateState``).
 NOT_SET: Final = math.nan
@@ -61,6 +61,10 @@ _FLOAT_COLUMNS: Final = (
     ("budget_tokens", NOT_SET),
     ("requests_rate", NOT_SET),
     ("tokens_rate", NOT_SET),
+    ("requests_limit", NOT_SET),
+    ("tokens_limit", NOT_SET),
+    ("requests_full_at", 0.0),
+    ("tokens_full_at", 0.0),
 )
 
 #: Remaining counts are kept as doubles, exact up to here; a larger header
@@ -98,6 +102,11 @@ class RateState(NamedTuple):
     tokens_rate: float | None
     #: Hand-outs not answered yet, oldest first: (when, tokens reserved); None when none.
     reserved: tuple[tuple[float, float], ...] | None
+    #: The budget's limits, and when the last answer said each is whole again (0: unknown).
+    requests_limit: float | None
+    tokens_limit: float | None
+    requests_full_at: float
+    tokens_full_at: float
 
 
 class FamilyRates(NamedTuple):
@@ -134,6 +143,18 @@ class RateSummary(NamedTuple):
     token_usage: dict[str, int]
 
 
+class Budget(NamedTuple):
+    """The columns of one dimension's budget (requests or tokens) in a ``RateTable``."""
+
+    #: What was left at ``budget_at`` ...
+    left: array[float]
+    #: ... the refill per second until ``full_at`` ...
+    rate: array[float]
+    #: ... and the whole limit, back at ``full_at``. NaN: no budget in the dimension.
+    limit: array[float]
+    full_at: array[float]
+
+
 class RateTable:
     """One family's state for every key: one row per key ``seq``, one column per field.
 
@@ -148,6 +169,7 @@ class RateTable:
         "budget_at",
         "budget_requests",
         "budget_tokens",
+        "budgets",
         "family",
         "flags",
         "last_used",
@@ -155,9 +177,13 @@ class RateTable:
         "rate_limited_at",
         "remaining_requests",
         "remaining_tokens",
+        "requests_full_at",
+        "requests_limit",
         "requests_rate",
         "requests_reset",
         "reserved",
+        "tokens_full_at",
+        "tokens_limit",
         "tokens_rate",
         "tokens_reset",
         "until",
@@ -172,6 +198,13 @@ class RateTable:
         self.placed = bytearray(rows)
         self.usage = array("q", [NO_USAGE]) * rows
         self.reserved: dict[int, deque[tuple[float, float]]] = {}
+        #: The requests and the tokens budget's columns (the arrays grow in place).
+        self.budgets = (
+            Budget(
+                self.budget_requests, self.requests_rate, self.requests_limit, self.requests_full_at
+            ),
+            Budget(self.budget_tokens, self.tokens_rate, self.tokens_limit, self.tokens_full_at),
+        )
 
     # The columns, typed for mypy (set in __init__ by name).
     last_used: array[float]
@@ -186,6 +219,10 @@ class RateTable:
     budget_tokens: array[float]
     requests_rate: array[float]
     tokens_rate: array[float]
+    requests_limit: array[float]
+    tokens_limit: array[float]
+    requests_full_at: array[float]
+    tokens_full_at: array[float]
 
     def __len__(self) -> int:
         return len(self.flags)
@@ -234,6 +271,10 @@ class RateTable:
             _optional(self.requests_rate[row]),
             _optional(self.tokens_rate[row]),
             tuple(reserved) if reserved else None,
+            _optional(self.requests_limit[row]),
+            _optional(self.tokens_limit[row]),
+            self.requests_full_at[row],
+            self.tokens_full_at[row],
         )
 
 

@@ -19,7 +19,6 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
 from .auth import SERVICE_PREFIX, AuthInterceptor, AuthTokens
@@ -28,10 +27,13 @@ from .clock import Clock, SystemClock
 from .config import Settings, is_loopback
 from .errors import ERROR_DOMAIN, KeysvcError, ShuttingDown, StateWriteFailed
 from .events import PoolObserver
+from .ext_proc import EXT_PROC_SERVICE_NAME, ExtProcService, add_ext_proc_service
 from .interceptors import Behavior, UnaryInterceptor
+from .listing import DEFAULT_MAX_PAGE_SIZE
 from .metrics import Metrics, RpcInterceptor
 from .models import ModelTable
 from .pool import KeyPool, Limits
+from .reflection import enable_reflection
 from .reload import KeysFileWatcher, read_keys_file, restore_clones
 from .service import KeyService, Rechecker
 from .state import SqliteStateStore, StateFileError
@@ -160,6 +162,7 @@ class KeysvcServer:
     async def start(self) -> None:
         await self.server.start()
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set(EXT_PROC_SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
 
     def serving(self, service: str = "") -> bool:
         """Whether gRPC health reports ``service`` ("" = the whole server) as SERVING.
@@ -208,6 +211,8 @@ def create_server(
     max_message_bytes: int = Limits.MESSAGE_BYTES,
     checker: Rechecker | None = None,
     metrics: Metrics | None = None,
+    list_max_page_size: int = DEFAULT_MAX_PAGE_SIZE,
+    ext_proc_max_wait: float = 5.0,
     state: SqliteStateStore | None = None,
 ) -> KeysvcServer:
     """Builds a server for ``pool`` bound to ``host:port`` (0 picks a free port).
@@ -220,6 +225,10 @@ def create_server(
     so it records the status the caller gets, auth refusals included. With a
     ``state`` store, a failed state write turns KeyService NOT_SERVING (and
     /readyz 503) until a write succeeds, and is counted in ``metrics``.
+
+    Envoy's ext_proc service (``keysvc.ext_proc``) is served beside KeyService:
+    same port, TLS and pool; its streams check the HTTP caller's own token
+    against ``tokens`` and wait at most ``ext_proc_max_wait`` seconds for a key.
 
     Raises:
         OSError: the address cannot be bound.
@@ -241,14 +250,22 @@ def create_server(
             ("grpc.so_reuseport", 0),
         ],
     )
-    keysvc_pb2_grpc.add_KeyServiceServicer_to_server(KeyService(pool, checker), server)
+    keysvc_pb2_grpc.add_KeyServiceServicer_to_server(
+        KeyService(pool, checker, max_page_size=list_max_page_size), server
+    )
+    add_ext_proc_service(
+        server,
+        ExtProcService(
+            pool, tokens=tokens or AuthTokens(), max_wait=ext_proc_max_wait, metrics=metrics
+        ),
+    )
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    reflection.enable_server_reflection(
+    enable_reflection(
         (
             SERVICE_NAME,
+            EXT_PROC_SERVICE_NAME,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
         ),
         server,
     )
@@ -426,6 +443,8 @@ async def serve(settings: Settings, *, clock: Clock | None = None) -> None:
             tls=tls,
             checker=checker,
             metrics=metrics,
+            list_max_page_size=settings.list_max_page_size,
+            ext_proc_max_wait=settings.ext_proc_max_wait,
             state=state,
         )
     except BaseException:

@@ -13,6 +13,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 
 from .errors import InvalidArgument
 from .keys import DisableReason, Key
+from .listing import DEFAULT_MAX_PAGE_SIZE, KeyFilter
 from .outcomes import OutcomeAction, UpstreamError
 from .pool import KeyPool
 from .rates import FamilyRates
@@ -33,6 +34,13 @@ _REASON_TO_PROTO: dict[DisableReason | None, pb.DisableReason.ValueType] = {
     reason: number for number, reason in _REASON_FROM_PROTO.items()
 }
 _REASON_TO_PROTO[None] = pb.DISABLE_REASON_UNSPECIFIED
+_FILTER_FROM_PROTO = {
+    pb.KEY_STATE_UNSPECIFIED: KeyFilter.ALL,
+    pb.KEY_STATE_AVAILABLE: KeyFilter.AVAILABLE,
+    pb.KEY_STATE_ACTIVE: KeyFilter.ACTIVE,
+    pb.KEY_STATE_LOCKED: KeyFilter.LOCKED,
+    pb.KEY_STATE_DISABLED: KeyFilter.DISABLED,
+}
 _ACTION_TO_PROTO = {
     OutcomeAction.DONE: pb.OUTCOME_ACTION_DONE,
     OutcomeAction.RETRY_WITH_ANOTHER_KEY: pb.OUTCOME_ACTION_RETRY_WITH_ANOTHER_KEY,
@@ -144,9 +152,16 @@ class Rechecker(Protocol):
 class KeyService(pb_grpc.KeyServiceServicer):
     """keysvc.v1.KeyService over a ``KeyPool``, and its key checker if one runs."""
 
-    def __init__(self, pool: KeyPool, checker: Rechecker | None = None) -> None:
+    def __init__(
+        self,
+        pool: KeyPool,
+        checker: Rechecker | None = None,
+        *,
+        max_page_size: int = DEFAULT_MAX_PAGE_SIZE,
+    ) -> None:
         self._pool = pool
         self._checker = checker
+        self._max_page_size = max_page_size
 
     async def Get(self, request: pb.GetRequest, context: _Context) -> pb.GetResponse:
         if request.HasField("max_wait"):
@@ -212,7 +227,21 @@ class KeyService(pb_grpc.KeyServiceServicer):
         )
 
     async def List(self, request: pb.ListRequest, context: _Context) -> pb.ListResponse:
-        return pb.ListResponse(keys=[key_to_proto(key) for key in self._pool.keys()])
+        if request.page_size < 0:
+            raise InvalidArgument("page_size", "must not be negative")
+        key_filter = _FILTER_FROM_PROTO.get(request.state)
+        if key_filter is None:
+            raise InvalidArgument("state", f"unknown KeyState {request.state}")
+        order = self._pool.load_order
+        after = order.resume_position(request.page_token, key_filter)
+        size = min(request.page_size or self._max_page_size, self._max_page_size)
+        page = self._pool.page(after, size, key_filter)
+        response = pb.ListResponse()
+        for key in page.keys:
+            fill_key(response.keys.add(), key)
+        if page.resume_after is not None:
+            response.next_page_token = order.token(key_filter, page.resume_after)
+        return response
 
     async def Available(
         self, request: pb.AvailableRequest, context: _Context

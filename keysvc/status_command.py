@@ -1,8 +1,10 @@
 """``keysvc status``: a running server's keys by family and state, as terminal tables.
 
-It asks the server over gRPC: ``List`` for the keys, then ``GetLockoutPeriod``
-once per family (with a model name of that family from ``PROBE_MODELS``), and
-prints the same summary as the status page. Whether a key is locked is judged
+It asks the server over gRPC: ``List`` for the keys, page by page (a page is a
+few hundred KB, far below gRPC's 4 MiB receive limit, which one message of a
+large pool's keys outgrew), then ``GetLockoutPeriod`` once per family (with a
+model name of that family from ``PROBE_MODELS``), and prints the same summary
+as the status page. Whether a key is locked is judged
 from its ``rate_limited_until`` against this machine's clock.
 """
 
@@ -83,9 +85,17 @@ async def fetch_status(
     metadata = (("authorization", f"Bearer {token}"),) if token else None
     async with channel:
         stub = pb_grpc.KeyServiceStub(channel)
-        listing = await stub.List(pb.ListRequest(), metadata=metadata, timeout=timeout)
-        now = time.time()
-        keys = [key_state_from_proto(key, now) for key in listing.keys]
+        keys: list[KeyState] = []
+        token = ""
+        while True:
+            page = await stub.List(
+                pb.ListRequest(page_token=token), metadata=metadata, timeout=timeout
+            )
+            now = time.time()
+            keys.extend(key_state_from_proto(key, now) for key in page.keys)
+            token = page.next_page_token
+            if not token:
+                break
         families = sorted({f for k in keys for f in (*k.families, *k.token_usage)})
         probed = [f for f in families if f in PROBE_MODELS]
         answers = await asyncio.gather(

@@ -12,6 +12,7 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
+	"iter"
 	"net/http"
 	"strings"
 	"time"
@@ -180,10 +181,47 @@ func (c *Client) ReportOutcome(ctx context.Context, o Outcome) (*keysvcv1.Report
 	})
 }
 
-// List returns the public view of every key (no secrets).
+// List returns the public view of every key (no secrets), fetched page by page.
 func (c *Client) List(ctx context.Context) ([]*keysvcv1.Key, error) {
-	resp, err := call(c, ctx, c.rpc.List, &keysvcv1.ListRequest{})
-	return resp.GetKeys(), err
+	var keys []*keysvcv1.Key
+	for key, err := range c.Keys(ctx, keysvcv1.KeyState_KEY_STATE_UNSPECIFIED) {
+		if err != nil {
+			return nil, err
+		}
+		keys = append(keys, key)
+	}
+	return keys, nil
+}
+
+// ListPage returns one page of keys in load order; pass its NextPageToken in the next
+// request until it is empty. PageSize 0 is the server's maximum. A page filtered by
+// State may hold fewer keys than asked for, even none.
+func (c *Client) ListPage(ctx context.Context, req *keysvcv1.ListRequest) (*keysvcv1.ListResponse, error) {
+	return call(c, ctx, c.rpc.List, req)
+}
+
+// Keys iterates over every key in state (KEY_STATE_UNSPECIFIED: all), a page per call;
+// the default timeout applies to each call. It stops after yielding an error.
+func (c *Client) Keys(ctx context.Context, state keysvcv1.KeyState) iter.Seq2[*keysvcv1.Key, error] {
+	return func(yield func(*keysvcv1.Key, error) bool) {
+		token := ""
+		for {
+			page, err := c.ListPage(ctx, &keysvcv1.ListRequest{PageToken: token, State: state})
+			if err != nil {
+				yield(nil, err)
+				return
+			}
+			for _, key := range page.GetKeys() {
+				if !yield(key, nil) {
+					return
+				}
+			}
+			token = page.GetNextPageToken()
+			if token == "" {
+				return
+			}
+		}
+	}
 }
 
 // Available counts the keys that are not disabled.

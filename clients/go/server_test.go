@@ -28,12 +28,19 @@ func keyHash(secret string) string {
 // and returns its address; the test's cleanup stops it with SIGTERM and wants exit 0.
 func startServer(t *testing.T) string {
 	t.Helper()
+	return startServerWith(t, secrets)
+}
+
+// startServerWith is startServer with other keys and extra environment variables.
+func startServerWith(t *testing.T, keys []string, env ...string) string {
+	t.Helper()
 	bin := os.Getenv("KEYSVC_BIN")
 	if bin == "" {
 		bin, _ = filepath.Abs("../../.venv/bin/keysvc")
 	}
 	cmd := exec.Command(bin, "serve", "--host", "127.0.0.1", "--port", "0")
-	cmd.Env = append(os.Environ(), "OPENAI_KEY="+strings.Join(secrets, ","), "CHECK_KEYS=false")
+	cmd.Env = append(os.Environ(), "OPENAI_KEY="+strings.Join(keys, ","), "CHECK_KEYS=false")
+	cmd.Env = append(cmd.Env, env...)
 	stderr, err := cmd.StderrPipe()
 	if err != nil {
 		t.Fatal(err)

@@ -4,8 +4,10 @@ A real HTTP/1.1 server (stdlib ``ThreadingHTTPServer`` on a thread of its own,
 bound to 127.0.0.1) serving ``GET /v1/models``, ``POST /v1/chat/completions``
 and ``GET /v1/organizations`` the way the upstream does: OpenAI-shaped error
 bodies, ``x-ratelimit-*`` headers, the ``OpenAI-Organization`` header checked
-against the key's organizations. It runs on its own thread so that a test or
-demo whose event loop is busy (or stopping) does not stall it.
+against the key's organizations; a completion asked with ``"stream": true`` comes
+as server-sent events (chunked, ``Scenario.stream_interval`` apart). It runs on its
+own thread so that a test or demo whose event loop is busy (or stopping) does not
+stall it.
 
 In a test::
 
@@ -79,6 +81,10 @@ class Organization:
     models: tuple[str, ...] | None = None
 
 
+#: The ``x-ratelimit-reset-requests`` every answer carries unless its scenario says otherwise.
+DEFAULT_RESET = "17ms"
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Scenario:
     """How the fake answers for one key.
@@ -92,6 +98,9 @@ class Scenario:
         delay: seconds to wait before answering.
         fail_first: the key's first N requests get a 503 (with an OpenAI error body).
         garbage: answer every request with 200 and a body that is not JSON.
+        stream_interval: seconds between the events of a streamed (``"stream": true``)
+            completion, so a test can see them arrive one by one.
+        reset_requests: the ``x-ratelimit-reset-requests`` value (how long a 429 rests the key).
     """
 
     models: tuple[str, ...] = DEFAULT_MODELS
@@ -102,6 +111,8 @@ class Scenario:
     delay: float = 0.0
     fail_first: int = 0
     garbage: bool = False
+    stream_interval: float = 0.0
+    reset_requests: str = DEFAULT_RESET
 
 
 _QUOTA = "You exceeded your current quota, please check your plan and billing details."
@@ -133,6 +144,9 @@ SCENARIOS: Mapping[str, Scenario] = MappingProxyType(
             completion_error=FakeError(429, "requests", "rate_limit_exceeded"),
         ),
         "busy": Scenario(completion_error=FakeError(429, "requests", "rate_limit_exceeded")),
+        # Answers that say the key's quota is spent: 1 request per 20 s, none left.
+        "spent": Scenario(request_limit=1, reset_requests="20s"),
+        "spent-for-a-second": Scenario(request_limit=1, reset_requests="1s"),
         "tokens-busy": Scenario(completion_error=FakeError(429, "tokens", "rate_limit_exceeded")),
         "multi-org": Scenario(
             organizations=(
@@ -171,7 +185,9 @@ def demo_keys() -> dict[str, Scenario]:
 
 @dataclass(frozen=True, slots=True)
 class RecordedRequest:
-    """One request the fake answered. ``key`` is the bearer token (fake keys only)."""
+    """One request the fake answered. ``key`` is the bearer token (fake keys only);
+    ``authorizations`` counts the request's Authorization headers (a proxy that
+    appends instead of replacing sends two)."""
 
     time: float  # time.monotonic()
     method: str
@@ -179,6 +195,7 @@ class RecordedRequest:
     key: str
     organization: str | None
     status: int
+    authorizations: int = 1
 
 
 @dataclass(slots=True)
@@ -230,9 +247,20 @@ class _Handler(BaseHTTPRequestHandler):
         status, body, limit = self._answer(path, key, org, scenario, count, raw)
         with state.lock:
             state.requests.append(
-                RecordedRequest(time.monotonic(), self.command, path, key, org, status)
+                RecordedRequest(
+                    time.monotonic(),
+                    self.command,
+                    path,
+                    key,
+                    org,
+                    status,
+                    len(self.headers.get_all("Authorization") or ()),
+                )
             )
-        self._send(status, body, limit)
+        if status == 200 and scenario is not None and _wants_stream(raw):
+            self._stream(json.loads(body), limit, scenario.stream_interval, scenario.reset_requests)
+            return
+        self._send(status, body, limit, scenario.reset_requests if scenario else DEFAULT_RESET)
 
     def _answer(
         self,
@@ -324,19 +352,56 @@ class _Handler(BaseHTTPRequestHandler):
         }
         return 200, _json(completion), limit
 
-    def _send(self, status: int, body: bytes, limit: int) -> None:
+    def _stream(self, completion: dict[str, Any], limit: int, interval: float, reset: str) -> None:
+        """The completion as server-sent events, one word per event, chunked encoding."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self._rate_limit_headers(limit, reset)
+        self.end_headers()
+        words = completion["choices"][0]["message"]["content"].split(" ")
+        for i, word in enumerate(words):
+            delta = {"content": word if i == 0 else f" {word}"}
+            chunk = {
+                "id": completion["id"],
+                "object": "chat.completion.chunk",
+                "model": completion["model"],
+                "choices": [{"index": 0, "delta": delta, "finish_reason": None}],
+            }
+            self._chunk(f"data: {json.dumps(chunk)}\n\n".encode())
+            if interval:
+                time.sleep(interval)
+        self._chunk(b"data: [DONE]\n\n")
+        self._chunk(b"")
+
+    def _chunk(self, data: bytes) -> None:
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+
+    def _send(self, status: int, body: bytes, limit: int, reset: str = DEFAULT_RESET) -> None:
         self.send_response(status)
         is_json = body[:1] in (b"{", b"[")
         self.send_header("Content-Type", "application/json" if is_json else "text/html")
         self.send_header("Content-Length", str(len(body)))
+        self._rate_limit_headers(limit, reset)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _rate_limit_headers(self, limit: int, reset: str) -> None:
         self.send_header("x-ratelimit-limit-requests", str(limit))
         self.send_header("x-ratelimit-limit-tokens", "40000")
         self.send_header("x-ratelimit-remaining-requests", str(max(0, limit - 1)))
         self.send_header("x-ratelimit-remaining-tokens", "39990")
-        self.send_header("x-ratelimit-reset-requests", "17ms")
+        self.send_header("x-ratelimit-reset-requests", reset)
         self.send_header("x-ratelimit-reset-tokens", "1m30s")
-        self.end_headers()
-        self.wfile.write(body)
+
+
+def _wants_stream(raw: bytes) -> bool:
+    try:
+        request = json.loads(raw)
+    except ValueError:
+        return False
+    return isinstance(request, dict) and request.get("stream") is True
 
 
 def _json(doc: object) -> bytes:

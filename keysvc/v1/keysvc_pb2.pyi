@@ -89,6 +89,48 @@ limit): return it to the client.
 """
 Global___OutcomeAction: _TypeAlias = OutcomeAction  # noqa: Y015
 
+class _KeyState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _KeyStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_KeyState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    KEY_STATE_UNSPECIFIED: _KeyState.ValueType  # 0
+    """Every key, whatever its state (the default)."""
+    KEY_STATE_AVAILABLE: _KeyState.ValueType  # 1
+    """Keys that are not disabled, locked or not: the keys Available counts."""
+    KEY_STATE_ACTIVE: _KeyState.ValueType  # 2
+    """Keys that are not disabled and not locked for any family: Get could hand
+    them out now.
+    """
+    KEY_STATE_LOCKED: _KeyState.ValueType  # 3
+    """Keys that are not disabled but locked for at least one family
+    (rate_limited_until is in the future): rate limited, or held back
+    briefly after a hand-out.
+    """
+    KEY_STATE_DISABLED: _KeyState.ValueType  # 4
+    """Disabled keys, whatever the reason (revoked, over quota, by hand)."""
+
+class KeyState(_KeyState, metaclass=_KeyStateEnumTypeWrapper):
+    """KeyState selects the keys a List returns by what they are doing now."""
+
+KEY_STATE_UNSPECIFIED: KeyState.ValueType  # 0
+"""Every key, whatever its state (the default)."""
+KEY_STATE_AVAILABLE: KeyState.ValueType  # 1
+"""Keys that are not disabled, locked or not: the keys Available counts."""
+KEY_STATE_ACTIVE: KeyState.ValueType  # 2
+"""Keys that are not disabled and not locked for any family: Get could hand
+them out now.
+"""
+KEY_STATE_LOCKED: KeyState.ValueType  # 3
+"""Keys that are not disabled but locked for at least one family
+(rate_limited_until is in the future): rate limited, or held back
+briefly after a hand-out.
+"""
+KEY_STATE_DISABLED: KeyState.ValueType  # 4
+"""Disabled keys, whatever the reason (revoked, over quota, by hand)."""
+Global___KeyState: _TypeAlias = KeyState  # noqa: Y015
+
 @_typing.final
 class Key(_message.Message):
     """Key is the public view of one key in the pool. It has no secret: the secret
@@ -632,16 +674,47 @@ Global___IncrementUsageResponse: _TypeAlias = IncrementUsageResponse  # noqa: Y0
 
 @_typing.final
 class ListRequest(_message.Message):
-    """ListRequest is empty."""
+    """ListRequest asks for one page of keys (AIP-158).
+
+    A request with no field set returns the first page of the default size,
+    which is the server's maximum (KEYSVC_LIST_MAX_PAGE_SIZE, default 500):
+    a pool that fits in one page comes back whole, as before paging existed.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """Most keys to return. Zero means the server's maximum; a larger value is
+    lowered to it; negative is INVALID_ARGUMENT. A page may hold fewer keys
+    than asked for, even none, while next_page_token is set: a filtered List
+    looks at a bounded number of keys per page so no call holds the server
+    up. Only an empty next_page_token means the end.
+    """
+    page_token: _builtins.str
+    """next_page_token of the previous page; empty for the first page. Opaque.
+    It stays valid while keys are added and removed (the next page starts
+    after the last key this one looked at, in load order; keys added since
+    come at the end), but only for the same server process and the same
+    state filter: otherwise INVALID_ARGUMENT, and the caller starts again.
+    """
+    state: Global___KeyState.ValueType
+    """Which keys to return; UNSPECIFIED returns every key. A key's state is
+    judged when its page is built: a filtered listing shows each key at
+    most once, as it was when its page was built.
+    """
     def __init__(
         self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        state: Global___KeyState.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -649,11 +722,14 @@ Global___ListRequest: _TypeAlias = ListRequest  # noqa: Y015
 
 @_typing.final
 class ListResponse(_message.Message):
-    """ListResponse holds every key in the pool."""
+    """ListResponse holds one page of keys."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     KEYS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty when there are no more keys."""
     @_builtins.property
     def keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___Key]:
         """Public view of each key, in load order."""
@@ -662,10 +738,11 @@ class ListResponse(_message.Message):
         self,
         *,
         keys: _abc.Iterable[Global___Key] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys", "next_page_token", b"next_page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

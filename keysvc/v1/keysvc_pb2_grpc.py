@@ -149,7 +149,8 @@ class KeyServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def List(self, request, context):
-        """List returns the public view of every key; never a secret.
+        """List returns the public view of the keys, one page at a time (AIP-158),
+        in load order; never a secret. Follow next_page_token until it is empty.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -63,7 +63,9 @@ class KeyServiceStub:
     IncrementUsage: _grpc.UnaryUnaryMultiCallable[_keysvc_pb2.IncrementUsageRequest, _keysvc_pb2.IncrementUsageResponse]
     """IncrementUsage adds the tokens of a finished request to the key's usage."""
     List: _grpc.UnaryUnaryMultiCallable[_keysvc_pb2.ListRequest, _keysvc_pb2.ListResponse]
-    """List returns the public view of every key; never a secret."""
+    """List returns the public view of the keys, one page at a time (AIP-158),
+    in load order; never a secret. Follow next_page_token until it is empty.
+    """
     Available: _grpc.UnaryUnaryMultiCallable[_keysvc_pb2.AvailableRequest, _keysvc_pb2.AvailableResponse]
     """Available counts the keys that are not disabled."""
     Recheck: _grpc.UnaryUnaryMultiCallable[_keysvc_pb2.RecheckRequest, _keysvc_pb2.RecheckResponse]
@@ -111,7 +113,9 @@ class KeyServiceAsyncStub(KeyServiceStub):
     IncrementUsage: _aio.UnaryUnaryMultiCallable[_keysvc_pb2.IncrementUsageRequest, _keysvc_pb2.IncrementUsageResponse]  # type: ignore[assignment]
     """IncrementUsage adds the tokens of a finished request to the key's usage."""
     List: _aio.UnaryUnaryMultiCallable[_keysvc_pb2.ListRequest, _keysvc_pb2.ListResponse]  # type: ignore[assignment]
-    """List returns the public view of every key; never a secret."""
+    """List returns the public view of the keys, one page at a time (AIP-158),
+    in load order; never a secret. Follow next_page_token until it is empty.
+    """
     Available: _aio.UnaryUnaryMultiCallable[_keysvc_pb2.AvailableRequest, _keysvc_pb2.AvailableResponse]  # type: ignore[assignment]
     """Available counts the keys that are not disabled."""
     Recheck: _aio.UnaryUnaryMultiCallable[_keysvc_pb2.RecheckRequest, _keysvc_pb2.RecheckResponse]  # type: ignore[assignment]
@@ -198,7 +202,9 @@ class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _keysvc_pb2.ListRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_keysvc_pb2.ListResponse, _abc.Awaitable[_keysvc_pb2.ListResponse]]:
-        """List returns the public view of every key; never a secret."""
+        """List returns the public view of the keys, one page at a time (AIP-158),
+        in load order; never a secret. Follow next_page_token until it is empty.
+        """
 
     @_abc_1.abstractmethod
     def Available(

@@ -11,7 +11,16 @@ import math
 
 import pytest
 
-from bench import memory, pool_scale, rpc_cost, simulate, state_load, used_pool
+from bench import (
+    envoy_cost,
+    list_pages,
+    memory,
+    pool_scale,
+    rpc_cost,
+    simulate,
+    state_load,
+    used_pool,
+)
 from bench.seed_pool import seed_reset_seconds
 from bench.upstream import ModelLimits, RateLimitedUpstream, go_duration
 from keysvc.clock import SystemClock
@@ -184,3 +193,34 @@ async def test_upstream_enforces_rpm_and_tpm_per_key_and_model() -> None:
     status, _, body = upstream.decide("k1", "b", 600)
     assert status == 429 and body["error"]["type"] == "tokens"
     assert "tokens per min (TPM)" in body["error"]["message"]
+
+
+def test_list_pages_smoke() -> None:
+    section = list_pages.run(smoke=True)
+    figures = section.figures
+    assert figures["keys_all"] == 10_000
+    assert figures["keys_disabled"] == 100
+    assert 900 <= figures["keys_locked"] <= 1_000  # handed out, less those disabled since
+    # Each key is active, locked or disabled: the filters partition the pool.
+    assert figures["keys_active"] + figures["keys_locked"] + figures["keys_disabled"] == 10_000
+    # A page is a small part of one reply of every key.
+    assert 0 < figures["page_median_ms_all"] < figures["one_reply_ms"] / 5
+    assert len(section.targets) == 2
+
+
+def test_envoy_cost_smoke() -> None:
+    section = envoy_cost.run(smoke=True)
+    figures = section.figures
+    for route in ("direct", "through Envoy"):
+        assert section.figures[f"{route}:requests_per_s"] > 0
+        assert section.figures[f"{route}:p99_ms"] >= section.figures[f"{route}:p50_ms"] > 0
+        assert section.figures[f"{route}:upstream_cpu_us"] > 0
+        assert section.figures[f"{route}:p50_ms_alone"] > 0
+    # Through Envoy, keysvc and Envoy work for every request; direct, they idle.
+    assert figures["through Envoy:keysvc_cpu_us"] > 5 * figures["direct:keysvc_cpu_us"]
+    assert figures["through Envoy:envoy_cpu_us"] > 5 * figures["direct:envoy_cpu_us"]
+    assert math.isclose(
+        section.figures["added_cpu_us"],
+        section.figures["through Envoy:servers_cpu_us"] - section.figures["direct:servers_cpu_us"],
+    )
+    assert [t.verdict for t in section.targets] == ["informational"] * 2

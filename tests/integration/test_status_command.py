@@ -16,6 +16,7 @@ import pytest
 
 from keysvc.cli import main
 from keysvc.clock import ManualClock
+from keysvc.keys import DisableReason
 from keysvc.service import KeyService
 from keysvc.v1 import keysvc_pb2 as pb
 from keysvc.v1 import keysvc_pb2_grpc
@@ -129,3 +130,28 @@ async def test_tls_with_a_ca_file(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert ok == 0
     assert "3 keys" in out and "gpt4o" in out
     assert plain == 1  # without --tls-ca the handshake fails
+
+
+async def test_pages_through_a_pool_larger_than_the_receive_limit(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """30k keys are ~6 MB of List: one message failed gRPC's 4 MiB receive limit."""
+    pool, _ = make_pool([f"sk-status-big-{n:06d}" for n in range(30_000)])
+    async with serving(pool) as server:
+        code = await run_cli(["status", "--target", f"127.0.0.1:{server.port}"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert f"keysvc at 127.0.0.1:{server.port}: {len(pool)} keys" in captured.out
+    assert rows(captured.out)["gpt4o"][0] == str(len(pool))  # every key active
+
+
+async def test_pages_with_a_small_server_page_size(capsys: pytest.CaptureFixture[str]) -> None:
+    secrets = [f"sk-status-page-{n:02d}" for n in range(23)]
+    pool, _ = make_pool(secrets)
+    pool.disable(pool.keys()[-1].hash, DisableReason.MANUAL)
+    async with serving(pool, list_max_page_size=4) as server:
+        code = await run_cli(["status", "--target", f"127.0.0.1:{server.port}"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert f"keysvc at 127.0.0.1:{server.port}: 23 keys" in out
+    assert rows(out)["gpt4o"][:4] == ["22", "0", "0", "1"]

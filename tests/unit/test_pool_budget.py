@@ -6,7 +6,7 @@ import pytest
 
 from keysvc.keys import DisableReason
 from keysvc.outcomes import UpstreamError
-from keysvc.pool import KEY_REUSE_DELAY, MAX_RESET, RESERVATION_TTL
+from keysvc.pool import BUDGET_LAPSE, KEY_REUSE_DELAY, MAX_BUDGET_WAIT, RESERVATION_TTL
 from tests.helpers import PAID, pool_of
 
 OK = UpstreamError()
@@ -28,41 +28,67 @@ def headers(
     return out
 
 
-def test_hand_outs_in_flight_count_against_the_remaining_requests() -> None:
+def test_a_key_with_a_known_budget_is_not_held_by_the_throttle() -> None:
+    # The issue's loop on one key: every answer says 499 of 500 requests are left.
     pool, clock, (a,) = pool_of([PAID])
-    pool.get("gpt-4o")
-    # 60 RPM, 2 left, 58 missing come back in 58 s: one request a second.
-    pool.report_outcome(
-        a.hash, "gpt-4o", status=200, headers=headers(requests=(60, 2, "58s")), error=OK
-    )
-    answered = clock.now()
-    clock.advance(KEY_REUSE_DELAY)
-    assert pool.get("gpt-4o") is a  # 2 left, none in flight
-    clock.advance(KEY_REUSE_DELAY)
-    assert pool.get("gpt-4o") is a  # 2 left + 2 s of refill, one in flight
-    # Two in flight; one more needs 3, and 2 + 1/s covers it 1 s after the answer.
-    assert a.until_in("gpt4o") == pytest.approx(clock.now() + KEY_REUSE_DELAY)
-    clock.advance(KEY_REUSE_DELAY)
-    assert pool.get("gpt-4o") is a
-    # Three in flight: 4 needed, 2 left: 2 s after the answer, but the throttle is later.
-    assert a.until_in("gpt4o") == pytest.approx(max(answered + 2, clock.now() + 1))
-
-
-def test_without_a_refill_rate_in_flight_hand_outs_are_not_counted() -> None:
-    # No x-ratelimit-limit-*: no budget, the remaining-aware rule as before.
-    pool, clock, (a,) = pool_of([PAID])
-    pool.get("gpt-4o")
-    pool.report_outcome(
-        a.hash,
-        "gpt-4o",
-        status=200,
-        headers={"x-ratelimit-remaining-requests": "1", "x-ratelimit-reset-requests": "58s"},
-        error=OK,
-    )
-    for _ in range(3):
-        clock.advance(KEY_REUSE_DELAY)
+    answer = headers(requests=(500, 499, "120ms"), tokens=(30_000, 29_000, "2s"))
+    for _ in range(5):
         assert pool.get("gpt-4o") is a
-        assert a.until_in("gpt4o") == clock.now() + KEY_REUSE_DELAY
+        pool.report_outcome(a.hash, "gpt-4o", status=200, headers=answer, error=OK)
+        assert pool.lockout_period("gpt-4o") == 0.0  # not the 1 s reuse throttle
+        clock.advance(0.01)
+
+
+def test_many_hand_outs_in_flight_until_the_budget_is_spoken_for() -> None:
+    pool, clock, (a,) = pool_of([PAID])
+    pool.get("gpt-4o")
+    # 10,000 RPM with 5 left, and requests back at 10,000 a minute.
+    pool.report_outcome(
+        a.hash, "gpt-4o", status=200, headers=headers(requests=(10_000, 5, "59.97s")), error=OK
+    )
+    for _ in range(5):  # at once, no answer in between
+        assert pool.get("gpt-4o") is a
+    # Five in flight, five left: the sixth waits for the refill (10,000 / 60 s).
+    assert pool.lockout_period("gpt-4o") == pytest.approx(60 / 9_995, rel=1e-3)
+
+
+def test_before_the_first_answer_the_throttle_holds() -> None:
+    pool, clock, (a,) = pool_of([PAID])
+    pool.get("gpt-4o")
+    assert pool.lockout_period("gpt-4o") == KEY_REUSE_DELAY
+    # An answer without limit headers says nothing of the quota: still throttled.
+    pool.report_outcome(
+        a.hash, "gpt-4o", status=200, headers={"x-ratelimit-remaining-requests": "7"}, error=OK
+    )
+    assert pool.lockout_period("gpt-4o") == KEY_REUSE_DELAY
+
+
+def test_a_budget_not_reported_for_a_while_lapses_and_the_throttle_returns() -> None:
+    pool, clock, (a,) = pool_of([PAID])
+    pool.get("gpt-4o")
+    pool.report_outcome(
+        a.hash, "gpt-4o", status=200, headers=headers(requests=(500, 499, "120ms")), error=OK
+    )
+    pool.get("gpt-4o")
+    assert pool.lockout_period("gpt-4o") == 0.0
+    clock.advance(BUDGET_LAPSE)
+    pool.get("gpt-4o")  # nothing heard for a minute: knowledge lapsed
+    assert pool.lockout_period("gpt-4o") == KEY_REUSE_DELAY
+    state = a.state_in("gpt4o")
+    assert state is not None and state.budget_at == 0.0 and state.requests_limit is None
+
+
+def test_more_in_flight_than_the_limit_is_never_covered() -> None:
+    pool, clock, (a,) = pool_of([PAID])
+    pool.get("gpt-4o")
+    pool.report_outcome(
+        a.hash, "gpt-4o", status=200, headers=headers(requests=(2, 2, "0s")), error=OK
+    )
+    pool.get("gpt-4o")
+    pool.get("gpt-4o")
+    # Two in flight of a limit of 2: however long the refill, a third does not fit;
+    # the key waits for an answer, or for the oldest reservation to lapse.
+    assert a.until_in("gpt4o") == pytest.approx(clock.now() + RESERVATION_TTL)
 
 
 def test_nothing_left_locks_until_one_more_request_fits_not_the_full_reset() -> None:
@@ -77,14 +103,57 @@ def test_nothing_left_locks_until_one_more_request_fits_not_the_full_reset() -> 
     assert pool.lockout_period("gpt-4o") == pytest.approx(3)
 
 
-def test_the_wait_is_capped_like_a_reset() -> None:
+def test_a_slow_refill_is_waited_for_in_full_up_to_a_minute() -> None:
     pool, clock, (a,) = pool_of([PAID])
     pool.get("gpt-4o")
-    # 3 RPM, none left, back in 60 s: one more in 20 s, capped at MAX_RESET.
+    # 3 RPM, none left, back in 60 s: one more in 20 s (not the 10 s clamp of resets,
+    # which would spend a request on a certain 429).
     pool.report_outcome(
         a.hash, "gpt-4o", status=200, headers=headers(requests=(3, 0, "1m0s")), error=OK
     )
-    assert a.until_in("gpt4o") == pytest.approx(clock.now() + MAX_RESET)
+    assert a.until_in("gpt4o") == pytest.approx(clock.now() + 20)
+    # A reset of an hour: capped at a minute.
+    pool.report_outcome(
+        a.hash, "gpt-4o", status=200, headers=headers(requests=(3, 0, "1h0m0s")), error=OK
+    )
+    assert a.until_in("gpt4o") == pytest.approx(clock.now() + MAX_BUDGET_WAIT)
+
+
+def test_a_fixed_window_is_not_taken_for_a_steady_refill() -> None:
+    # A fixed one-minute window of 60 requests: early in it, 59 left and the reset is
+    # the window's end, 50 s away (a refill of 1/50 a second); near its end, nothing
+    # left and the end 10 s away (6 a second, if the quota came back steadily).
+    pool, clock, (a,) = pool_of([PAID])
+    pool.get("gpt-4o")
+    pool.report_outcome(
+        a.hash, "gpt-4o", status=200, headers=headers(requests=(60, 59, "50s")), error=OK
+    )
+    clock.advance(40)
+    pool.report_outcome(
+        a.hash, "gpt-4o", status=200, headers=headers(requests=(60, 0, "10s")), error=OK
+    )
+    # The slowest refill seen since the limit was whole: not before the window's end.
+    assert pool.lockout_period("gpt-4o") == pytest.approx(10)
+    clock.advance(10)
+    assert pool.lockout_period("gpt-4o") == 0.0  # the whole limit is back
+    pool.get("gpt-4o")
+    # A new window: its first answer starts the refill afresh.
+    pool.report_outcome(
+        a.hash, "gpt-4o", status=200, headers=headers(requests=(60, 0, "30s")), error=OK
+    )
+    assert pool.lockout_period("gpt-4o") == pytest.approx(0.5)
+
+
+def test_a_token_bucket_keeps_its_steady_refill() -> None:
+    pool, clock, (a,) = pool_of([PAID])
+    pool.get("gpt-4o")
+    # 600 RPM, refilling 10 a second: every answer says so, whatever is left.
+    for left, reset in ((300, "30s"), (100, "50s"), (0, "1m0s")):
+        pool.report_outcome(
+            a.hash, "gpt-4o", status=200, headers=headers(requests=(600, left, reset)), error=OK
+        )
+        clock.advance(0.05)
+    assert pool.lockout_period("gpt-4o") == pytest.approx(0.05)  # 0.1 s after the last
 
 
 def test_an_answer_releases_its_reservation() -> None:
@@ -92,12 +161,11 @@ def test_an_answer_releases_its_reservation() -> None:
     pool.get("gpt-4o")
     budget = headers(requests=(60, 1, "590s"))  # one request every 10 s
     pool.report_outcome(a.hash, "gpt-4o", status=200, headers=budget, error=OK)
-    clock.advance(KEY_REUSE_DELAY)
     pool.get("gpt-4o")  # in flight: the 1 left is reserved
-    assert a.until_in("gpt4o") > clock.now() + KEY_REUSE_DELAY
+    assert a.until_in("gpt4o") > clock.now()
     # Its answer: 1 left again (the refill), and nothing in flight.
     pool.report_outcome(a.hash, "gpt-4o", status=200, headers=budget, error=OK)
-    assert a.until_in("gpt4o") == clock.now() + KEY_REUSE_DELAY
+    assert a.until_in("gpt4o") == 0.0 or a.until_in("gpt4o") <= clock.now()
     state = a.state_in("gpt4o")
     assert state is not None and state.reserved is None  # no empty deque kept per family
 
@@ -107,7 +175,6 @@ def test_a_reservation_nobody_answers_lapses() -> None:
     pool.get("gpt-4o")
     budget = headers(requests=(600, 1, "599s"))  # 1 request a second
     pool.report_outcome(a.hash, "gpt-4o", status=200, headers=budget, error=OK)
-    clock.advance(KEY_REUSE_DELAY)
     pool.get("gpt-4o")  # never answered
     pool.report_outcome(
         a.hash, "gpt-4o", status=200, headers=headers(requests=(600, 0, "600s")), error=OK
@@ -123,6 +190,24 @@ def test_a_reservation_nobody_answers_lapses() -> None:
     state = a.state_in("gpt4o")  # a snapshot: read it again
     assert state is not None
     assert state.reserved is None  # one released by the 500, the other lapsed
+
+
+def test_get_lockout_period_with_every_budget_spoken_for_is_above_zero() -> None:
+    pool, clock, (a, b) = pool_of([PAID, PAID])
+    for key in (a, b):
+        assert pool.get("gpt-4o") is key
+        # 60 RPM, one left each, refilling one a second.
+        pool.report_outcome(
+            key.hash, "gpt-4o", status=200, headers=headers(requests=(60, 1, "59s")), error=OK
+        )
+    assert pool.lockout_period("gpt-4o") == 0.0
+    assert pool.get("gpt-4o") is a
+    assert pool.get("gpt-4o") is b
+    # Both budgets are spoken for: a plain Get still hands one out (the seed never
+    # refuses a Get for rate limits), but the lockout says how long until one fits.
+    assert pool.lockout_period("gpt-4o") == pytest.approx(1.0)
+    clock.advance(1.0)
+    assert pool.lockout_period("gpt-4o") == 0.0
 
 
 def test_tokens_reserved_per_hand_out_follow_the_family_s_requests() -> None:
@@ -149,8 +234,9 @@ def test_a_429_for_tokens_spends_the_token_budget_whatever_remaining_said() -> N
     pool.get("gpt-4o")
     budget = headers(requests=(500, 400, "12s"), tokens=(30_000, 400, "59.2s"))
     pool.report_outcome(a.hash, "gpt-4o", status=429, headers=budget, error=UpstreamError("tokens"))
-    # 500 tokens a second come back; 500 are reserved per request: 1 s, not the 10 s clamp.
-    assert a.until_in("gpt4o") == pytest.approx(clock.now() + 1)
+    # 500 tokens a second were expected back; the 429 says the budget expected too much,
+    # so half that rate: 500 reserved per request fit in 2 s, not the 10 s clamp.
+    assert a.until_in("gpt4o") == pytest.approx(clock.now() + 2)
 
 
 def test_a_typed_429_without_a_budget_locks_for_the_matching_reset() -> None:
@@ -167,16 +253,22 @@ def test_a_typed_429_without_a_budget_locks_for_the_matching_reset() -> None:
 
 def test_keys_locked_until_the_same_time_go_least_recently_used_first() -> None:
     # Both keys' request budgets are spent and come back slowly, so both wait the
-    # MAX_RESET cap from the answer: the same unlock time, whatever hand-outs follow.
+    # MAX_BUDGET_WAIT cap from the answer: the same unlock time, whatever hand-outs
+    # follow near its end (their reservations lapse after it).
     pool, clock, (a, b) = pool_of([PAID, PAID])
-    budget = headers(requests=(2, 0, "20s"))
+    budget = headers(requests=(2, 0, "20m0s"))
     pool.update_rate_limits(a.hash, budget, "gpt-4")
     pool.update_rate_limits(b.hash, budget, "gpt-4")
     # A leaves the queues and comes back at the same unlock time (a Recheck
     # without a checker re-enables it): what A was queued by before must not count.
     pool.disable(a.hash, DisableReason.MANUAL)
     pool.recheck()
-    clock.advance(1.0)
+    clock.advance(MAX_BUDGET_WAIT - RESERVATION_TTL + 1)
     assert pool.get("gpt-4") is a  # a tie: the first loaded
     assert a.until_in("gpt4") == b.until_in("gpt4")  # still the same unlock time
+    clock.advance(0.1)
     assert pool.get("gpt-4") is b  # b was used least recently
+    clock.advance(0.1)
+    assert pool.get("gpt-4") is a  # now a was
+    clock.advance(MAX_BUDGET_WAIT)
+    assert pool.get("gpt-3.5-turbo") is a  # neither used for turbo: load order

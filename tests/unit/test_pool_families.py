@@ -29,15 +29,23 @@ def test_a_429_for_one_family_leaves_the_key_free_for_another() -> None:
     assert a.until_in("turbo") == clock.now() + KEY_REUSE_DELAY
 
 
-def test_a_429_without_a_model_locks_every_family() -> None:
+def test_a_429_without_a_model_locks_every_family_when_nothing_is_in_flight() -> None:
     pool, clock, (a, b) = pool_of([PAID, PAID])
-    pool.get("gpt-4")  # a
-    pool.mark_rate_limited(a.hash)
-    clock.advance(KEY_REUSE_DELAY)
+    pool.mark_rate_limited(a.hash)  # a was never handed out: nothing to attribute it to
     for model in ("gpt-4", "gpt-3.5-turbo", "gpt-4o", "dall-e-3"):
         assert pool.get(model) is b, model
         clock.advance(KEY_REUSE_DELAY)
     assert pool.family_lockout("o1") == 0.0  # b is free for it
+
+
+def test_a_429_without_a_model_goes_to_the_family_of_the_hand_out_in_flight() -> None:
+    pool, clock, (a, b) = pool_of([PAID, PAID])
+    pool.get("gpt-4")  # a
+    pool.mark_rate_limited(a.hash)
+    clock.advance(KEY_REUSE_DELAY)
+    assert pool.get("gpt-4") is b  # a is locked for gpt4 (the 10 s fallback) ...
+    assert pool.get("gpt-3.5-turbo") is a  # ... and for gpt4 only
+    assert a.wide is None
 
 
 def test_headers_with_a_model_touch_only_that_family() -> None:
@@ -54,14 +62,75 @@ def test_headers_with_a_model_touch_only_that_family() -> None:
     assert pool.lockout_period("gpt-4o") == pytest.approx(6)
 
 
-def test_headers_without_a_model_apply_to_every_family_from_the_hand_out() -> None:
+def test_headers_without_a_model_and_nothing_in_flight_apply_to_every_family() -> None:
+    pool, clock, (a,) = pool_of([PAID])
+    pool.update_rate_limits(a.hash, {RESET_TOKENS: "3s"})  # a was never handed out
+    assert a.until_in("gpt4o") == a.until_in("turbo") == 0.0  # windows start at a hand-out
+    pool.mark_rate_limited(a.hash)
+    assert a.until_in("gpt4o") == a.until_in("turbo") == clock.now() + 3
+    assert pool.lockout_period("gpt-3.5-turbo") == pytest.approx(3)
+
+
+def test_headers_without_a_model_feed_the_family_of_the_oldest_hand_out() -> None:
     pool, clock, (a,) = pool_of([PAID])
     pool.get("gpt-4o")
-    handed_out = clock.now()
-    clock.advance(0.5)
-    pool.update_rate_limits(a.hash, {RESET_TOKENS: "3s"})
-    assert a.until_in("gpt4o") == a.until_in("turbo") == handed_out + 3
-    assert pool.lockout_period("gpt-3.5-turbo") == pytest.approx(2.5)
+    clock.advance(0.1)
+    pool.get("gpt-3.5-turbo")  # a again: free for turbo
+    budget = {
+        "x-ratelimit-limit-requests": "500",
+        REMAINING_REQUESTS: "499",
+        RESET_REQUESTS: "120ms",
+    }
+    pool.update_rate_limits(a.hash, budget)  # answers the gpt-4o hand-out, the oldest
+    gpt4o, turbo = a.state_in("gpt4o"), a.state_in("turbo")
+    assert gpt4o is not None and turbo is not None
+    assert gpt4o.requests_limit == 500 and gpt4o.reserved is None  # budget fed, released
+    assert turbo.requests_limit is None and turbo.reserved is not None  # still in flight
+    assert a.wide is None
+    assert pool.lockout_period("gpt-4o") == 0.0  # a budget: no throttle
+    assert pool.lockout_period("gpt-3.5-turbo") == KEY_REUSE_DELAY  # nothing known yet
+    pool.update_rate_limits(a.hash, budget)  # the next answer: the turbo hand-out
+    turbo = a.state_in("turbo")
+    assert turbo is not None and turbo.requests_limit == 500 and turbo.reserved is None
+    assert pool.lockout_period("gpt-3.5-turbo") == 0.0
+
+
+def test_a_429_without_a_model_follows_its_headers_in_either_order() -> None:
+    # The seed reports an answer's headers, then its 429: both without a model.
+    for headers_first in (True, False):
+        pool, clock, (a,) = pool_of([PAID])
+        pool.get("gpt-4o")
+        clock.advance(0.1)
+        pool.get("gpt-3.5-turbo")
+        answer = {
+            "x-ratelimit-limit-requests": "500",
+            REMAINING_REQUESTS: "0",
+            RESET_REQUESTS: "6s",
+        }
+        if headers_first:
+            pool.update_rate_limits(a.hash, answer)
+            pool.mark_rate_limited(a.hash)
+        else:
+            pool.mark_rate_limited(a.hash)
+            pool.update_rate_limits(a.hash, answer)
+        gpt4o = a.state_in("gpt4o")
+        assert gpt4o is not None and gpt4o.saw_rate_limit, headers_first
+        assert gpt4o.requests_limit == 500, headers_first
+        turbo = a.state_in("turbo")
+        assert turbo is not None and not turbo.saw_rate_limit, headers_first
+        assert a.wide is None
+
+
+def test_a_report_without_a_model_after_its_reservation_lapsed_goes_to_the_latest_family() -> None:
+    pool, clock, (a,) = pool_of([PAID])
+    pool.get("gpt-4o")
+    clock.advance(45)  # a long completion: its reservation lapsed
+    pool.update_rate_limits(
+        a.hash, {"x-ratelimit-limit-requests": "500", REMAINING_REQUESTS: "9", RESET_REQUESTS: "1s"}
+    )
+    state = a.state_in("gpt4o")
+    assert state is not None and state.requests_limit == 500
+    assert a.wide is None
 
 
 def test_the_reuse_throttle_is_per_family() -> None:
@@ -216,3 +285,24 @@ def test_disabled_and_revived_keys_keep_their_family_state() -> None:
     clock.advance(KEY_REUSE_DELAY)
     assert pool.get("gpt-4") is a  # b is back, but still locked for gpt4 by its 429
     assert pool.get("gpt-3.5-turbo") is b
+
+
+def test_a_report_without_a_model_goes_to_the_family_whose_limits_it_names() -> None:
+    # Answers come back in any order; the upstream limits each model apart, so the
+    # limits in the headers tell which family's hand-out an answer is for.
+    pool, clock, (a,) = pool_of([PAID])
+    gpt4o = {"x-ratelimit-limit-requests": "500", REMAINING_REQUESTS: "400", RESET_REQUESTS: "12s"}
+    turbo = {"x-ratelimit-limit-requests": "20", REMAINING_REQUESTS: "10", RESET_REQUESTS: "30s"}
+    pool.get("gpt-4o")
+    pool.update_rate_limits(a.hash, gpt4o, "gpt-4o")
+    pool.get("gpt-3.5-turbo")
+    pool.update_rate_limits(a.hash, turbo, "gpt-3.5-turbo")
+    pool.get("gpt-4o")  # the oldest in flight
+    clock.advance(0.1)
+    pool.get("gpt-3.5-turbo")
+    pool.update_rate_limits(a.hash, {**turbo, REMAINING_REQUESTS: "0"})  # turbo's answer first
+    gpt4o_state, turbo_state = a.state_in("gpt4o"), a.state_in("turbo")
+    assert turbo_state is not None and turbo_state.reserved is None
+    assert turbo_state.remaining_requests == 0
+    assert gpt4o_state is not None and gpt4o_state.reserved is not None  # still in flight
+    assert gpt4o_state.remaining_requests is None

@@ -25,9 +25,13 @@ from keysvc.keys import DisableReason, Key
 from keysvc.models import GPT4_32K, ModelTable
 from keysvc.outcomes import UpstreamError
 from keysvc.pool import (
+    ATTRIBUTION_WINDOW,
+    BUDGET_LAPSE,
     KEY_REUSE_DELAY,
+    MAX_BUDGET_WAIT,
     MAX_RESET,
     RATE_LIMIT_FALLBACK,
+    REPORT_PAIR_WINDOW,
     RESERVATION_TTL,
     TOKEN_ESTIMATE_SPREAD,
     TOKEN_ESTIMATE_WEIGHT,
@@ -54,10 +58,13 @@ class Shadow:
     remaining_tokens: int | None = None
     saw_429: bool = False
     kind: str = ""
-    # The budget: left at budget_at, refill per second, in-flight (when, tokens).
+    # The budget: left at budget_at, refill per second until full_at, then the whole
+    # limit; per dimension. In flight: (when, tokens), oldest first.
     budget_at: float = 0.0
     left: dict[str, float] = field(default_factory=dict)
     rate: dict[str, float] = field(default_factory=dict)
+    limit: dict[str, float] = field(default_factory=dict)
+    full_at: dict[str, float] = field(default_factory=dict)
     reserved: list[tuple[float, float]] = field(default_factory=list)
     # When the pool last derived the lock, and the token reservation then.
     derived_at: float = 0.0
@@ -65,19 +72,39 @@ class Shadow:
 
     def derive(self, now: float, reserve: float) -> None:
         self.reserved = [r for r in self.reserved if r[0] + RESERVATION_TTL > now]
+        if self.budget_at and now >= self.budget_at + BUDGET_LAPSE:
+            self.budget_at = 0.0
+            self.left, self.rate, self.limit, self.full_at = {}, {}, {}, {}
         self.derived_at, self.reserve = now, reserve
+
+    def reanchor(self, now: float) -> None:
+        if self.budget_at and self.budget_at != now:
+            for dim, limit in self.limit.items():
+                if now >= self.full_at[dim]:
+                    self.left[dim] = limit
+                else:
+                    refill = self.rate[dim] * (now - self.budget_at)
+                    self.left[dim] = min(limit, self.left[dim] + refill)
+        self.budget_at = now
 
     def budget_until(self) -> float:
         needs = {"requests": len(self.reserved) + 1.0}
         needs["tokens"] = sum(t for _, t in self.reserved) + self.reserve
-        waits = [
-            (needs[d] - self.left[d]) / self.rate[d]
-            for d in ("requests", "tokens")
-            if d in self.left and d in self.rate and needs[d] > self.left[d]
-        ]
-        if not waits:
+        until = 0.0
+        for dim, limit in self.limit.items():
+            if needs[dim] <= self.left[dim]:
+                continue
+            if needs[dim] > limit:
+                fits = math.inf
+            elif self.rate[dim] > 0:
+                fits = self.budget_at + (needs[dim] - self.left[dim]) / self.rate[dim]
+                fits = min(fits, self.full_at[dim])
+            else:
+                fits = self.full_at[dim]
+            until = max(until, fits)
+        if not until:
             return 0.0
-        until = self.budget_at + min(max(waits), MAX_RESET)
+        until = min(until, self.budget_at + MAX_BUDGET_WAIT)
         if self.reserved:
             until = min(until, self.reserved[0][0] + RESERVATION_TTL)
         return until
@@ -103,11 +130,29 @@ class Shadow:
         else:
             window = max(known) if known else 0.0
         until = self.rate_limited_at + window if self.rate_limited_at else 0.0
-        if throttle and self.last_used:
-            until = max(until, self.last_used + KEY_REUSE_DELAY)
         if throttle and self.budget_at:
             until = max(until, self.budget_until())
+        elif throttle and self.last_used:
+            until = max(until, self.last_used + KEY_REUSE_DELAY)
         return until
+
+    def mark(self, now: float, kind: str) -> None:
+        """A 429 of type ``kind`` ("": not told, so inferred; "other": neither limit)."""
+        if not kind and self.budget_at:
+            if self.remaining_requests == 0 and "requests" in self.limit:
+                kind = "requests"
+            elif self.remaining_tokens == 0 and "tokens" in self.limit:
+                kind = "tokens"
+        kind = "" if kind == "other" else kind
+        self.rate_limited_at = now
+        self.saw_429 = True
+        self.kind = kind
+        if kind in self.limit:
+            self.reanchor(now)
+            self.left[kind] = 0.0
+            self.rate[kind] = 0.0
+            if self.full_at[kind] <= now:
+                self.full_at[kind] = now + RATE_LIMIT_FALLBACK
 
 
 @dataclass
@@ -118,6 +163,8 @@ class RefKey:
     last_used: float = 0.0
     wide: Shadow | None = None
     families: dict[str, Shadow] = field(default_factory=dict)
+    #: The family the last report without a model went to, and when.
+    answered: tuple[str, float] | None = None
 
     def until(self, family: str) -> float:
         own = self.families.get(family)
@@ -126,12 +173,55 @@ class RefKey:
             until = max(until, self.wide.until(throttle=False))
         return until
 
-    def state(self, model: str) -> Shadow:
-        if not model:
+    def state(self, family: str) -> Shadow:
+        if not family:
             if self.wide is None:
                 self.wide = Shadow(rate_limited_at=self.last_used)
             return self.wide
-        return self.families.setdefault(TABLE.family(model), Shadow())
+        return self.families.setdefault(family, Shadow())
+
+    def attribute(
+        self, model: str, now: float, *, answer: bool, headers: dict[str, str] | None = None
+    ) -> tuple[str, bool]:
+        """The family a report is for ("": key-wide), and whether it released a hand-out."""
+        if model:
+            own = self.families.get(TABLE.family(model))
+            released = answer and own is not None and bool(own.reserved)
+            if released:
+                own.reserved.pop(0)  # type: ignore[union-attr]
+            return TABLE.family(model), released
+        if not answer and self.answered and now < self.answered[1] + REPORT_PAIR_WINDOW:
+            return self.answered[0], False
+        in_flight = [(s.reserved[0][0], f) for f, s in sorted(self.families.items()) if s.reserved]
+        matching = [
+            (at, f) for at, f in in_flight if headers and limits_match(self.families[f], headers)
+        ]
+        in_flight = matching or in_flight
+        used = [(-s.last_used, f) for f, s in sorted(self.families.items()) if s.last_used]
+        released = False
+        if in_flight:
+            family = min(in_flight, key=lambda pair: pair[0])[1]
+            if answer:
+                self.families[family].reserved.pop(0)
+                released = True
+        elif used and now < -min(used, key=lambda pair: pair[0])[0] + ATTRIBUTION_WINDOW:
+            family = min(used, key=lambda pair: pair[0])[1]
+        else:
+            return "", False
+        if answer:
+            self.answered = (family, now)
+        return family, released
+
+
+def limits_match(state: Shadow, headers: dict[str, str]) -> bool:
+    compared = False
+    for dim in ("requests", "tokens"):
+        limit = headers.get(f"x-ratelimit-limit-{dim}")
+        if limit is not None and dim in state.limit:
+            if int(limit) != state.limit[dim]:
+                return False
+            compared = True
+    return compared
 
 
 def reference_rank(ref: RefKey, family: str, now: float) -> tuple[float, ...]:
@@ -182,22 +272,40 @@ def header_set(
 
 
 def apply_headers(state: Shadow, headers: dict[str, str], now: float, *, budget: bool) -> None:
-    """``budget``: the report named a model (key-wide reports keep no budget)."""
+    """``budget``: the report went to a family (key-wide reports keep no budget)."""
+    lefts: dict[str, int] = {}
     for dim in ("requests", "tokens"):
         reset = headers.get(f"x-ratelimit-reset-{dim}")
         left = headers.get(f"x-ratelimit-remaining-{dim}")
-        limit = headers.get(f"x-ratelimit-limit-{dim}")
         if reset is not None:
             setattr(state, f"{dim}_reset", min(RESETS[reset], MAX_RESET))
         if left is not None:
             setattr(state, f"remaining_{dim}", int(left))
-        if not budget:
-            continue
-        if None not in (reset, left, limit) and RESETS[reset] > 0 and int(left) < int(limit):
-            state.rate[dim] = (int(limit) - int(left)) / RESETS[reset]
-        if left is not None and dim in state.rate:
+            lefts[dim] = int(left)
+    if not budget or not lefts:
+        return
+    if state.budget_at:
+        state.reanchor(now)
+    for dim, left in lefts.items():
+        reset = headers.get(f"x-ratelimit-reset-{dim}")
+        limit = headers.get(f"x-ratelimit-limit-{dim}")
+        # Within one refill (until the limit is whole again) an answer only lowers.
+        fresh = dim not in state.limit or now >= state.full_at[dim]
+        if limit is not None and reset is not None:
+            seconds, whole = RESETS[reset], int(limit)
+            fresh = fresh or state.limit[dim] != whole
+            refill = (whole - left) / seconds if seconds > 0 and left < whole else None
+            if fresh:
+                state.rate[dim] = 0.0 if refill is None else refill
+            elif refill is not None:
+                state.rate[dim] = min(state.rate[dim], refill)
+            state.limit[dim] = whole
+            full_at = now + min(seconds, MAX_BUDGET_WAIT)
+            if fresh or full_at > state.full_at[dim]:
+                state.full_at[dim] = full_at
+        if dim in state.limit:
+            state.left[dim] = float(left) if fresh else min(float(left), state.left[dim])
             state.budget_at = now
-            state.left[dim] = float(left)
 
 
 HEADERS = st.builds(
@@ -255,10 +363,10 @@ class PoolModel(RuleBasedStateMachine):
         if expected is not None:
             old = expected.families.get(family) or Shadow()
             # The hand-out spends the answer's headers but keeps the budget.
-            new = Shadow(last_used=now, rate_limited_at=now, reserved=old.reserved)
+            new = Shadow(last_used=now, rate_limited_at=now)
             new.budget_at, new.left, new.rate = old.budget_at, old.left, old.rate
-            if new.budget_at:
-                new.reserved = [*new.reserved, (now, self.reserve(family))]
+            new.limit, new.full_at = old.limit, old.full_at
+            new.reserved = [*old.reserved, (now, self.reserve(family))]
             new.derive(now, self.reserve(family))
             expected.families[family] = new
             expected.last_used = now
@@ -280,31 +388,31 @@ class PoolModel(RuleBasedStateMachine):
     @rule(i=st.integers(0, 7), model=MODEL_OR_NONE)
     def mark(self, i: int, model: str) -> None:
         ref = self.ref(i)
+        now = self.clock.now()
         self.pool.mark_rate_limited(ref.key.hash, model)
-        state = ref.state(model)
-        state.rate_limited_at = self.clock.now()
-        state.saw_429 = True
-        state.kind = ""  # MarkRateLimited does not say which limit
-        if model:
-            state.derive(self.clock.now(), self.reserve(TABLE.family(model)))
+        family, _ = ref.attribute(model, now, answer=False)
+        state = ref.state(family)
+        state.mark(now, "")  # MarkRateLimited does not say which limit
+        if family:
+            state.derive(now, self.reserve(family))
 
     @precondition(lambda self: self.pool is not None)
     @rule(i=st.integers(0, 7), model=MODEL_OR_NONE, headers=HEADERS)
     def update(self, i: int, model: str, headers: dict[str, str]) -> None:
         ref = self.ref(i)
+        now = self.clock.now()
         self.pool.update_rate_limits(ref.key.hash, headers, model)
         if headers:
-            state = ref.state(model)
-            if model and state.reserved:
-                state.reserved.pop(0)
-            apply_headers(state, headers, self.clock.now(), budget=bool(model))
-            if model:
-                state.derive(self.clock.now(), self.reserve(TABLE.family(model)))
+            family, _ = ref.attribute(model, now, answer=True, headers=headers)
+            state = ref.state(family)
+            apply_headers(state, headers, now, budget=bool(family))
+            if family:
+                state.derive(now, self.reserve(family))
 
     @precondition(lambda self: self.pool is not None)
     @rule(
         i=st.integers(0, 7),
-        model=st.sampled_from(MODELS),
+        model=MODEL_OR_NONE,
         status=st.sampled_from([200, 429, 500, 400]),
         headers=HEADERS,
         kind=st.sampled_from(["tokens", "requests", "other"]),
@@ -323,22 +431,15 @@ class PoolModel(RuleBasedStateMachine):
             error=UpstreamError(kind),
             completion_tokens=tokens,
         )
-        family = TABLE.family(model)
-        own = ref.families.get(family)
-        released = own is not None and bool(own.reserved)
-        if released:
-            own.reserved.pop(0)  # type: ignore[union-attr]
+        family, released = ref.attribute(model, now, answer=True, headers=headers)
         if headers or status == 429 or released:
-            state = ref.state(model)
-            apply_headers(state, headers, now, budget=True)
+            state = ref.state(family)
+            apply_headers(state, headers, now, budget=bool(family))
             if status == 429:
-                state.rate_limited_at = now
-                state.saw_429 = True
-                state.kind = kind if kind != "other" else ""
-                if state.kind in state.rate:
-                    state.budget_at, state.left[state.kind] = now, 0.0
-            state.derive(now, self.reserve(family))
-        if status == 200 and tokens:  # learned after the lock is derived, as the pool does
+                state.mark(now, kind)
+            if family:
+                state.derive(now, self.reserve(family))
+        if status == 200 and tokens and family:  # learned after the lock is derived
             self.tokens.setdefault(family, []).append(tokens)
 
     @precondition(lambda self: self.pool is not None)

@@ -143,6 +143,70 @@ func (OutcomeAction) EnumDescriptor() ([]byte, []int) {
 	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{1}
 }
 
+// KeyState selects the keys a List returns by what they are doing now.
+type KeyState int32
+
+const (
+	// Every key, whatever its state (the default).
+	KeyState_KEY_STATE_UNSPECIFIED KeyState = 0
+	// Keys that are not disabled, locked or not: the keys Available counts.
+	KeyState_KEY_STATE_AVAILABLE KeyState = 1
+	// Keys that are not disabled and not locked for any family: Get could hand
+	// them out now.
+	KeyState_KEY_STATE_ACTIVE KeyState = 2
+	// Keys that are not disabled but locked for at least one family
+	// (rate_limited_until is in the future): rate limited, or held back
+	// briefly after a hand-out.
+	KeyState_KEY_STATE_LOCKED KeyState = 3
+	// Disabled keys, whatever the reason (revoked, over quota, by hand).
+	KeyState_KEY_STATE_DISABLED KeyState = 4
+)
+
+// Enum value maps for KeyState.
+var (
+	KeyState_name = map[int32]string{
+		0: "KEY_STATE_UNSPECIFIED",
+		1: "KEY_STATE_AVAILABLE",
+		2: "KEY_STATE_ACTIVE",
+		3: "KEY_STATE_LOCKED",
+		4: "KEY_STATE_DISABLED",
+	}
+	KeyState_value = map[string]int32{
+		"KEY_STATE_UNSPECIFIED": 0,
+		"KEY_STATE_AVAILABLE":   1,
+		"KEY_STATE_ACTIVE":      2,
+		"KEY_STATE_LOCKED":      3,
+		"KEY_STATE_DISABLED":    4,
+	}
+)
+
+func (x KeyState) Enum() *KeyState {
+	p := new(KeyState)
+	*p = x
+	return p
+}
+
+func (x KeyState) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (KeyState) Descriptor() protoreflect.EnumDescriptor {
+	return file_keysvc_v1_keysvc_proto_enumTypes[2].Descriptor()
+}
+
+func (KeyState) Type() protoreflect.EnumType {
+	return &file_keysvc_v1_keysvc_proto_enumTypes[2]
+}
+
+func (x KeyState) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use KeyState.Descriptor instead.
+func (KeyState) EnumDescriptor() ([]byte, []int) {
+	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{2}
+}
+
 // Key is the public view of one key in the pool. It has no secret: the secret
 // leaves the service only in GetResponse.secret.
 type Key struct {
@@ -1074,9 +1138,29 @@ func (*IncrementUsageResponse) Descriptor() ([]byte, []int) {
 	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{13}
 }
 
-// ListRequest is empty.
+// ListRequest asks for one page of keys (AIP-158).
+//
+// A request with no field set returns the first page of the default size,
+// which is the server's maximum (KEYSVC_LIST_MAX_PAGE_SIZE, default 500):
+// a pool that fits in one page comes back whole, as before paging existed.
 type ListRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Most keys to return. Zero means the server's maximum; a larger value is
+	// lowered to it; negative is INVALID_ARGUMENT. A page may hold fewer keys
+	// than asked for, even none, while next_page_token is set: a filtered List
+	// looks at a bounded number of keys per page so no call holds the server
+	// up. Only an empty next_page_token means the end.
+	PageSize int32 `protobuf:"varint,1,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
+	// next_page_token of the previous page; empty for the first page. Opaque.
+	// It stays valid while keys are added and removed (the next page starts
+	// after the last key this one looked at, in load order; keys added since
+	// come at the end), but only for the same server process and the same
+	// state filter: otherwise INVALID_ARGUMENT, and the caller starts again.
+	PageToken string `protobuf:"bytes,2,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
+	// Which keys to return; UNSPECIFIED returns every key. A key's state is
+	// judged when its page is built: a filtered listing shows each key at
+	// most once, as it was when its page was built.
+	State         KeyState `protobuf:"varint,3,opt,name=state,proto3,enum=keysvc.v1.KeyState" json:"state,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1111,11 +1195,34 @@ func (*ListRequest) Descriptor() ([]byte, []int) {
 	return file_keysvc_v1_keysvc_proto_rawDescGZIP(), []int{14}
 }
 
-// ListResponse holds every key in the pool.
+func (x *ListRequest) GetPageSize() int32 {
+	if x != nil {
+		return x.PageSize
+	}
+	return 0
+}
+
+func (x *ListRequest) GetPageToken() string {
+	if x != nil {
+		return x.PageToken
+	}
+	return ""
+}
+
+func (x *ListRequest) GetState() KeyState {
+	if x != nil {
+		return x.State
+	}
+	return KeyState_KEY_STATE_UNSPECIFIED
+}
+
+// ListResponse holds one page of keys.
 type ListResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Public view of each key, in load order.
-	Keys          []*Key `protobuf:"bytes,1,rep,name=keys,proto3" json:"keys,omitempty"`
+	Keys []*Key `protobuf:"bytes,1,rep,name=keys,proto3" json:"keys,omitempty"`
+	// Token for the next page; empty when there are no more keys.
+	NextPageToken string `protobuf:"bytes,2,opt,name=next_page_token,json=nextPageToken,proto3" json:"next_page_token,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1155,6 +1262,13 @@ func (x *ListResponse) GetKeys() []*Key {
 		return x.Keys
 	}
 	return nil
+}
+
+func (x *ListResponse) GetNextPageToken() string {
+	if x != nil {
+		return x.NextPageToken
+	}
+	return ""
 }
 
 // AvailableRequest is empty.
@@ -1575,10 +1689,15 @@ const file_keysvc_v1_keysvc_proto_rawDesc = "" +
 	"\x04hash\x18\x01 \x01(\tR\x04hash\x12\x14\n" +
 	"\x05model\x18\x02 \x01(\tR\x05model\x12\x16\n" +
 	"\x06tokens\x18\x03 \x01(\x03R\x06tokens\"\x18\n" +
-	"\x16IncrementUsageResponse\"\r\n" +
-	"\vListRequest\"2\n" +
+	"\x16IncrementUsageResponse\"t\n" +
+	"\vListRequest\x12\x1b\n" +
+	"\tpage_size\x18\x01 \x01(\x05R\bpageSize\x12\x1d\n" +
+	"\n" +
+	"page_token\x18\x02 \x01(\tR\tpageToken\x12)\n" +
+	"\x05state\x18\x03 \x01(\x0e2\x13.keysvc.v1.KeyStateR\x05state\"Z\n" +
 	"\fListResponse\x12\"\n" +
-	"\x04keys\x18\x01 \x03(\v2\x0e.keysvc.v1.KeyR\x04keys\"\x12\n" +
+	"\x04keys\x18\x01 \x03(\v2\x0e.keysvc.v1.KeyR\x04keys\x12&\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"\x12\n" +
 	"\x10AvailableRequest\")\n" +
 	"\x11AvailableResponse\x12\x14\n" +
 	"\x05count\x18\x01 \x01(\x03R\x05count\"\x10\n" +
@@ -1612,7 +1731,13 @@ const file_keysvc_v1_keysvc_proto_rawDesc = "" +
 	"\x1aOUTCOME_ACTION_UNSPECIFIED\x10\x00\x12\x17\n" +
 	"\x13OUTCOME_ACTION_DONE\x10\x01\x12)\n" +
 	"%OUTCOME_ACTION_RETRY_WITH_ANOTHER_KEY\x10\x02\x12\x1f\n" +
-	"\x1bOUTCOME_ACTION_RETURN_ERROR\x10\x032\x86\x06\n" +
+	"\x1bOUTCOME_ACTION_RETURN_ERROR\x10\x03*\x82\x01\n" +
+	"\bKeyState\x12\x19\n" +
+	"\x15KEY_STATE_UNSPECIFIED\x10\x00\x12\x17\n" +
+	"\x13KEY_STATE_AVAILABLE\x10\x01\x12\x14\n" +
+	"\x10KEY_STATE_ACTIVE\x10\x02\x12\x14\n" +
+	"\x10KEY_STATE_LOCKED\x10\x03\x12\x16\n" +
+	"\x12KEY_STATE_DISABLED\x10\x042\x86\x06\n" +
 	"\n" +
 	"KeyService\x124\n" +
 	"\x03Get\x12\x15.keysvc.v1.GetRequest\x1a\x16.keysvc.v1.GetResponse\x12@\n" +
@@ -1638,90 +1763,92 @@ func file_keysvc_v1_keysvc_proto_rawDescGZIP() []byte {
 	return file_keysvc_v1_keysvc_proto_rawDescData
 }
 
-var file_keysvc_v1_keysvc_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
+var file_keysvc_v1_keysvc_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
 var file_keysvc_v1_keysvc_proto_msgTypes = make([]protoimpl.MessageInfo, 25)
 var file_keysvc_v1_keysvc_proto_goTypes = []any{
 	(DisableReason)(0),               // 0: keysvc.v1.DisableReason
 	(OutcomeAction)(0),               // 1: keysvc.v1.OutcomeAction
-	(*Key)(nil),                      // 2: keysvc.v1.Key
-	(*FamilyRateLimit)(nil),          // 3: keysvc.v1.FamilyRateLimit
-	(*GetRequest)(nil),               // 4: keysvc.v1.GetRequest
-	(*GetResponse)(nil),              // 5: keysvc.v1.GetResponse
-	(*DisableRequest)(nil),           // 6: keysvc.v1.DisableRequest
-	(*DisableResponse)(nil),          // 7: keysvc.v1.DisableResponse
-	(*MarkRateLimitedRequest)(nil),   // 8: keysvc.v1.MarkRateLimitedRequest
-	(*MarkRateLimitedResponse)(nil),  // 9: keysvc.v1.MarkRateLimitedResponse
-	(*UpdateRateLimitsRequest)(nil),  // 10: keysvc.v1.UpdateRateLimitsRequest
-	(*UpdateRateLimitsResponse)(nil), // 11: keysvc.v1.UpdateRateLimitsResponse
-	(*GetLockoutPeriodRequest)(nil),  // 12: keysvc.v1.GetLockoutPeriodRequest
-	(*GetLockoutPeriodResponse)(nil), // 13: keysvc.v1.GetLockoutPeriodResponse
-	(*IncrementUsageRequest)(nil),    // 14: keysvc.v1.IncrementUsageRequest
-	(*IncrementUsageResponse)(nil),   // 15: keysvc.v1.IncrementUsageResponse
-	(*ListRequest)(nil),              // 16: keysvc.v1.ListRequest
-	(*ListResponse)(nil),             // 17: keysvc.v1.ListResponse
-	(*AvailableRequest)(nil),         // 18: keysvc.v1.AvailableRequest
-	(*AvailableResponse)(nil),        // 19: keysvc.v1.AvailableResponse
-	(*RecheckRequest)(nil),           // 20: keysvc.v1.RecheckRequest
-	(*RecheckResponse)(nil),          // 21: keysvc.v1.RecheckResponse
-	(*ReportOutcomeRequest)(nil),     // 22: keysvc.v1.ReportOutcomeRequest
-	(*ReportOutcomeResponse)(nil),    // 23: keysvc.v1.ReportOutcomeResponse
-	nil,                              // 24: keysvc.v1.Key.TokenUsageEntry
-	nil,                              // 25: keysvc.v1.UpdateRateLimitsRequest.HeadersEntry
-	nil,                              // 26: keysvc.v1.ReportOutcomeRequest.HeadersEntry
-	(*timestamppb.Timestamp)(nil),    // 27: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),      // 28: google.protobuf.Duration
+	(KeyState)(0),                    // 2: keysvc.v1.KeyState
+	(*Key)(nil),                      // 3: keysvc.v1.Key
+	(*FamilyRateLimit)(nil),          // 4: keysvc.v1.FamilyRateLimit
+	(*GetRequest)(nil),               // 5: keysvc.v1.GetRequest
+	(*GetResponse)(nil),              // 6: keysvc.v1.GetResponse
+	(*DisableRequest)(nil),           // 7: keysvc.v1.DisableRequest
+	(*DisableResponse)(nil),          // 8: keysvc.v1.DisableResponse
+	(*MarkRateLimitedRequest)(nil),   // 9: keysvc.v1.MarkRateLimitedRequest
+	(*MarkRateLimitedResponse)(nil),  // 10: keysvc.v1.MarkRateLimitedResponse
+	(*UpdateRateLimitsRequest)(nil),  // 11: keysvc.v1.UpdateRateLimitsRequest
+	(*UpdateRateLimitsResponse)(nil), // 12: keysvc.v1.UpdateRateLimitsResponse
+	(*GetLockoutPeriodRequest)(nil),  // 13: keysvc.v1.GetLockoutPeriodRequest
+	(*GetLockoutPeriodResponse)(nil), // 14: keysvc.v1.GetLockoutPeriodResponse
+	(*IncrementUsageRequest)(nil),    // 15: keysvc.v1.IncrementUsageRequest
+	(*IncrementUsageResponse)(nil),   // 16: keysvc.v1.IncrementUsageResponse
+	(*ListRequest)(nil),              // 17: keysvc.v1.ListRequest
+	(*ListResponse)(nil),             // 18: keysvc.v1.ListResponse
+	(*AvailableRequest)(nil),         // 19: keysvc.v1.AvailableRequest
+	(*AvailableResponse)(nil),        // 20: keysvc.v1.AvailableResponse
+	(*RecheckRequest)(nil),           // 21: keysvc.v1.RecheckRequest
+	(*RecheckResponse)(nil),          // 22: keysvc.v1.RecheckResponse
+	(*ReportOutcomeRequest)(nil),     // 23: keysvc.v1.ReportOutcomeRequest
+	(*ReportOutcomeResponse)(nil),    // 24: keysvc.v1.ReportOutcomeResponse
+	nil,                              // 25: keysvc.v1.Key.TokenUsageEntry
+	nil,                              // 26: keysvc.v1.UpdateRateLimitsRequest.HeadersEntry
+	nil,                              // 27: keysvc.v1.ReportOutcomeRequest.HeadersEntry
+	(*timestamppb.Timestamp)(nil),    // 28: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),      // 29: google.protobuf.Duration
 }
 var file_keysvc_v1_keysvc_proto_depIdxs = []int32{
-	27, // 0: keysvc.v1.Key.last_used:type_name -> google.protobuf.Timestamp
-	27, // 1: keysvc.v1.Key.last_checked:type_name -> google.protobuf.Timestamp
-	27, // 2: keysvc.v1.Key.rate_limited_at:type_name -> google.protobuf.Timestamp
-	27, // 3: keysvc.v1.Key.rate_limited_until:type_name -> google.protobuf.Timestamp
-	28, // 4: keysvc.v1.Key.rate_limit_requests_reset:type_name -> google.protobuf.Duration
-	28, // 5: keysvc.v1.Key.rate_limit_tokens_reset:type_name -> google.protobuf.Duration
-	24, // 6: keysvc.v1.Key.token_usage:type_name -> keysvc.v1.Key.TokenUsageEntry
+	28, // 0: keysvc.v1.Key.last_used:type_name -> google.protobuf.Timestamp
+	28, // 1: keysvc.v1.Key.last_checked:type_name -> google.protobuf.Timestamp
+	28, // 2: keysvc.v1.Key.rate_limited_at:type_name -> google.protobuf.Timestamp
+	28, // 3: keysvc.v1.Key.rate_limited_until:type_name -> google.protobuf.Timestamp
+	29, // 4: keysvc.v1.Key.rate_limit_requests_reset:type_name -> google.protobuf.Duration
+	29, // 5: keysvc.v1.Key.rate_limit_tokens_reset:type_name -> google.protobuf.Duration
+	25, // 6: keysvc.v1.Key.token_usage:type_name -> keysvc.v1.Key.TokenUsageEntry
 	0,  // 7: keysvc.v1.Key.disable_reason:type_name -> keysvc.v1.DisableReason
-	27, // 8: keysvc.v1.Key.disabled_at:type_name -> google.protobuf.Timestamp
-	3,  // 9: keysvc.v1.Key.family_rate_limits:type_name -> keysvc.v1.FamilyRateLimit
-	27, // 10: keysvc.v1.FamilyRateLimit.last_used:type_name -> google.protobuf.Timestamp
-	27, // 11: keysvc.v1.FamilyRateLimit.rate_limited_at:type_name -> google.protobuf.Timestamp
-	27, // 12: keysvc.v1.FamilyRateLimit.rate_limited_until:type_name -> google.protobuf.Timestamp
-	28, // 13: keysvc.v1.FamilyRateLimit.requests_reset:type_name -> google.protobuf.Duration
-	28, // 14: keysvc.v1.FamilyRateLimit.tokens_reset:type_name -> google.protobuf.Duration
-	28, // 15: keysvc.v1.GetRequest.max_wait:type_name -> google.protobuf.Duration
-	2,  // 16: keysvc.v1.GetResponse.key:type_name -> keysvc.v1.Key
+	28, // 8: keysvc.v1.Key.disabled_at:type_name -> google.protobuf.Timestamp
+	4,  // 9: keysvc.v1.Key.family_rate_limits:type_name -> keysvc.v1.FamilyRateLimit
+	28, // 10: keysvc.v1.FamilyRateLimit.last_used:type_name -> google.protobuf.Timestamp
+	28, // 11: keysvc.v1.FamilyRateLimit.rate_limited_at:type_name -> google.protobuf.Timestamp
+	28, // 12: keysvc.v1.FamilyRateLimit.rate_limited_until:type_name -> google.protobuf.Timestamp
+	29, // 13: keysvc.v1.FamilyRateLimit.requests_reset:type_name -> google.protobuf.Duration
+	29, // 14: keysvc.v1.FamilyRateLimit.tokens_reset:type_name -> google.protobuf.Duration
+	29, // 15: keysvc.v1.GetRequest.max_wait:type_name -> google.protobuf.Duration
+	3,  // 16: keysvc.v1.GetResponse.key:type_name -> keysvc.v1.Key
 	0,  // 17: keysvc.v1.DisableRequest.reason:type_name -> keysvc.v1.DisableReason
-	2,  // 18: keysvc.v1.DisableResponse.key:type_name -> keysvc.v1.Key
-	25, // 19: keysvc.v1.UpdateRateLimitsRequest.headers:type_name -> keysvc.v1.UpdateRateLimitsRequest.HeadersEntry
-	28, // 20: keysvc.v1.GetLockoutPeriodResponse.lockout:type_name -> google.protobuf.Duration
-	2,  // 21: keysvc.v1.ListResponse.keys:type_name -> keysvc.v1.Key
-	26, // 22: keysvc.v1.ReportOutcomeRequest.headers:type_name -> keysvc.v1.ReportOutcomeRequest.HeadersEntry
-	1,  // 23: keysvc.v1.ReportOutcomeResponse.action:type_name -> keysvc.v1.OutcomeAction
-	2,  // 24: keysvc.v1.ReportOutcomeResponse.key:type_name -> keysvc.v1.Key
-	4,  // 25: keysvc.v1.KeyService.Get:input_type -> keysvc.v1.GetRequest
-	6,  // 26: keysvc.v1.KeyService.Disable:input_type -> keysvc.v1.DisableRequest
-	8,  // 27: keysvc.v1.KeyService.MarkRateLimited:input_type -> keysvc.v1.MarkRateLimitedRequest
-	10, // 28: keysvc.v1.KeyService.UpdateRateLimits:input_type -> keysvc.v1.UpdateRateLimitsRequest
-	12, // 29: keysvc.v1.KeyService.GetLockoutPeriod:input_type -> keysvc.v1.GetLockoutPeriodRequest
-	14, // 30: keysvc.v1.KeyService.IncrementUsage:input_type -> keysvc.v1.IncrementUsageRequest
-	16, // 31: keysvc.v1.KeyService.List:input_type -> keysvc.v1.ListRequest
-	18, // 32: keysvc.v1.KeyService.Available:input_type -> keysvc.v1.AvailableRequest
-	20, // 33: keysvc.v1.KeyService.Recheck:input_type -> keysvc.v1.RecheckRequest
-	22, // 34: keysvc.v1.KeyService.ReportOutcome:input_type -> keysvc.v1.ReportOutcomeRequest
-	5,  // 35: keysvc.v1.KeyService.Get:output_type -> keysvc.v1.GetResponse
-	7,  // 36: keysvc.v1.KeyService.Disable:output_type -> keysvc.v1.DisableResponse
-	9,  // 37: keysvc.v1.KeyService.MarkRateLimited:output_type -> keysvc.v1.MarkRateLimitedResponse
-	11, // 38: keysvc.v1.KeyService.UpdateRateLimits:output_type -> keysvc.v1.UpdateRateLimitsResponse
-	13, // 39: keysvc.v1.KeyService.GetLockoutPeriod:output_type -> keysvc.v1.GetLockoutPeriodResponse
-	15, // 40: keysvc.v1.KeyService.IncrementUsage:output_type -> keysvc.v1.IncrementUsageResponse
-	17, // 41: keysvc.v1.KeyService.List:output_type -> keysvc.v1.ListResponse
-	19, // 42: keysvc.v1.KeyService.Available:output_type -> keysvc.v1.AvailableResponse
-	21, // 43: keysvc.v1.KeyService.Recheck:output_type -> keysvc.v1.RecheckResponse
-	23, // 44: keysvc.v1.KeyService.ReportOutcome:output_type -> keysvc.v1.ReportOutcomeResponse
-	35, // [35:45] is the sub-list for method output_type
-	25, // [25:35] is the sub-list for method input_type
-	25, // [25:25] is the sub-list for extension type_name
-	25, // [25:25] is the sub-list for extension extendee
-	0,  // [0:25] is the sub-list for field type_name
+	3,  // 18: keysvc.v1.DisableResponse.key:type_name -> keysvc.v1.Key
+	26, // 19: keysvc.v1.UpdateRateLimitsRequest.headers:type_name -> keysvc.v1.UpdateRateLimitsRequest.HeadersEntry
+	29, // 20: keysvc.v1.GetLockoutPeriodResponse.lockout:type_name -> google.protobuf.Duration
+	2,  // 21: keysvc.v1.ListRequest.state:type_name -> keysvc.v1.KeyState
+	3,  // 22: keysvc.v1.ListResponse.keys:type_name -> keysvc.v1.Key
+	27, // 23: keysvc.v1.ReportOutcomeRequest.headers:type_name -> keysvc.v1.ReportOutcomeRequest.HeadersEntry
+	1,  // 24: keysvc.v1.ReportOutcomeResponse.action:type_name -> keysvc.v1.OutcomeAction
+	3,  // 25: keysvc.v1.ReportOutcomeResponse.key:type_name -> keysvc.v1.Key
+	5,  // 26: keysvc.v1.KeyService.Get:input_type -> keysvc.v1.GetRequest
+	7,  // 27: keysvc.v1.KeyService.Disable:input_type -> keysvc.v1.DisableRequest
+	9,  // 28: keysvc.v1.KeyService.MarkRateLimited:input_type -> keysvc.v1.MarkRateLimitedRequest
+	11, // 29: keysvc.v1.KeyService.UpdateRateLimits:input_type -> keysvc.v1.UpdateRateLimitsRequest
+	13, // 30: keysvc.v1.KeyService.GetLockoutPeriod:input_type -> keysvc.v1.GetLockoutPeriodRequest
+	15, // 31: keysvc.v1.KeyService.IncrementUsage:input_type -> keysvc.v1.IncrementUsageRequest
+	17, // 32: keysvc.v1.KeyService.List:input_type -> keysvc.v1.ListRequest
+	19, // 33: keysvc.v1.KeyService.Available:input_type -> keysvc.v1.AvailableRequest
+	21, // 34: keysvc.v1.KeyService.Recheck:input_type -> keysvc.v1.RecheckRequest
+	23, // 35: keysvc.v1.KeyService.ReportOutcome:input_type -> keysvc.v1.ReportOutcomeRequest
+	6,  // 36: keysvc.v1.KeyService.Get:output_type -> keysvc.v1.GetResponse
+	8,  // 37: keysvc.v1.KeyService.Disable:output_type -> keysvc.v1.DisableResponse
+	10, // 38: keysvc.v1.KeyService.MarkRateLimited:output_type -> keysvc.v1.MarkRateLimitedResponse
+	12, // 39: keysvc.v1.KeyService.UpdateRateLimits:output_type -> keysvc.v1.UpdateRateLimitsResponse
+	14, // 40: keysvc.v1.KeyService.GetLockoutPeriod:output_type -> keysvc.v1.GetLockoutPeriodResponse
+	16, // 41: keysvc.v1.KeyService.IncrementUsage:output_type -> keysvc.v1.IncrementUsageResponse
+	18, // 42: keysvc.v1.KeyService.List:output_type -> keysvc.v1.ListResponse
+	20, // 43: keysvc.v1.KeyService.Available:output_type -> keysvc.v1.AvailableResponse
+	22, // 44: keysvc.v1.KeyService.Recheck:output_type -> keysvc.v1.RecheckResponse
+	24, // 45: keysvc.v1.KeyService.ReportOutcome:output_type -> keysvc.v1.ReportOutcomeResponse
+	36, // [36:46] is the sub-list for method output_type
+	26, // [26:36] is the sub-list for method input_type
+	26, // [26:26] is the sub-list for extension type_name
+	26, // [26:26] is the sub-list for extension extendee
+	0,  // [0:26] is the sub-list for field type_name
 }
 
 func init() { file_keysvc_v1_keysvc_proto_init() }
@@ -1735,7 +1862,7 @@ func file_keysvc_v1_keysvc_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_keysvc_v1_keysvc_proto_rawDesc), len(file_keysvc_v1_keysvc_proto_rawDesc)),
-			NumEnums:      2,
+			NumEnums:      3,
 			NumMessages:   25,
 			NumExtensions: 0,
 			NumServices:   1,

@@ -62,7 +62,8 @@ type KeyServiceClient interface {
 	GetLockoutPeriod(ctx context.Context, in *GetLockoutPeriodRequest, opts ...grpc.CallOption) (*GetLockoutPeriodResponse, error)
 	// IncrementUsage adds the tokens of a finished request to the key's usage.
 	IncrementUsage(ctx context.Context, in *IncrementUsageRequest, opts ...grpc.CallOption) (*IncrementUsageResponse, error)
-	// List returns the public view of every key; never a secret.
+	// List returns the public view of the keys, one page at a time (AIP-158),
+	// in load order; never a secret. Follow next_page_token until it is empty.
 	List(ctx context.Context, in *ListRequest, opts ...grpc.CallOption) (*ListResponse, error)
 	// Available counts the keys that are not disabled.
 	Available(ctx context.Context, in *AvailableRequest, opts ...grpc.CallOption) (*AvailableResponse, error)
@@ -213,7 +214,8 @@ type KeyServiceServer interface {
 	GetLockoutPeriod(context.Context, *GetLockoutPeriodRequest) (*GetLockoutPeriodResponse, error)
 	// IncrementUsage adds the tokens of a finished request to the key's usage.
 	IncrementUsage(context.Context, *IncrementUsageRequest) (*IncrementUsageResponse, error)
-	// List returns the public view of every key; never a secret.
+	// List returns the public view of the keys, one page at a time (AIP-158),
+	// in load order; never a secret. Follow next_page_token until it is empty.
 	List(context.Context, *ListRequest) (*ListResponse, error)
 	// Available counts the keys that are not disabled.
 	Available(context.Context, *AvailableRequest) (*AvailableResponse, error)

@@ -13,7 +13,9 @@ import {
   DisableReason,
   KeyServiceClient,
   type GetRequest,
+  KeyState,
   type Key,
+  type ListResponse,
   type OutcomeAction,
 } from "./gen/keysvc/v1/keysvc";
 
@@ -47,6 +49,16 @@ export interface KeysvcClientOptions {
 export interface CallOpts {
   /** This call's deadline in milliseconds (null: none), instead of the client's. */
   timeoutMs?: number | null;
+}
+
+/** One List page to ask for; every field may be left out. */
+export interface ListPageRequest {
+  /** Most keys to return; 0 or omitted: the server's maximum. */
+  pageSize?: number;
+  /** `nextPageToken` of the previous page; omitted for the first page. */
+  pageToken?: string;
+  /** Only keys in this state; omitted: every key. */
+  state?: KeyState;
 }
 
 /** A handed-out key: `secret` goes upstream, `key.hash` names it in later calls. */
@@ -203,9 +215,37 @@ export class KeysvcClient {
     return { action: response.action, key: response.key, reason: response.reason };
   }
 
-  /** The public view of every key (no secrets). */
-  async list(opts?: CallOpts): Promise<Key[]> {
-    return (await this.call(this.stub.list, {}, opts)).keys;
+  /**
+   * One page of keys (no secrets) in load order; pass its `nextPageToken` to get the next,
+   * until it is empty. A page filtered by `state` may hold fewer keys than asked for, even none.
+   */
+  async listPage(request: ListPageRequest = {}, opts?: CallOpts): Promise<ListResponse> {
+    return await this.call(
+      this.stub.list,
+      {
+        pageSize: request.pageSize ?? 0,
+        pageToken: request.pageToken ?? "",
+        state: request.state ?? KeyState.KEY_STATE_UNSPECIFIED,
+      },
+      opts,
+    );
+  }
+
+  /** Every key (in `state`, if given), fetched a page per call; `opts` apply to each call. */
+  async *keys(state?: KeyState, opts?: CallOpts): AsyncGenerator<Key, void, undefined> {
+    let pageToken = "";
+    do {
+      const page = await this.listPage({ pageToken, state }, opts);
+      yield* page.keys;
+      pageToken = page.nextPageToken;
+    } while (pageToken !== "");
+  }
+
+  /** The public view of every key (in `state`, if given; no secrets), all pages of it. */
+  async list(opts?: CallOpts, state?: KeyState): Promise<Key[]> {
+    const keys: Key[] = [];
+    for await (const key of this.keys(state, opts)) keys.push(key);
+    return keys;
   }
 
   /** How many keys are not disabled. */

@@ -13,10 +13,17 @@ export {
   type HeadersLike,
   type KeysvcClientOptions,
   type Lease,
+  type ListPageRequest,
   type Outcome,
   type OutcomeReply,
   type TlsOptions,
 } from "./client";
 export { KeysvcError, type ErrorInfo } from "./errors";
-export { DisableReason, OutcomeAction, type Key } from "./gen/keysvc/v1/keysvc";
+export {
+  DisableReason,
+  KeyState,
+  OutcomeAction,
+  type Key,
+  type ListResponse,
+} from "./gen/keysvc/v1/keysvc";
 export { status } from "@grpc/grpc-js";

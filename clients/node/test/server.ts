@@ -17,10 +17,13 @@ export interface LiveServer {
 }
 
 /** A fresh `keysvc serve --port 0` (KEYSVC_BIN, default the repo's .venv) on loopback. */
-export async function startServer(): Promise<LiveServer> {
+export async function startServer(
+  secrets: readonly string[] = SECRETS,
+  env: Record<string, string> = {},
+): Promise<LiveServer> {
   const bin = process.env.KEYSVC_BIN ?? resolve(__dirname, "../../../../.venv/bin/keysvc");
   const child = spawn(bin, ["serve", "--host", "127.0.0.1", "--port", "0"], {
-    env: { ...process.env, OPENAI_KEY: SECRETS.join(","), CHECK_KEYS: "false" },
+    env: { ...process.env, OPENAI_KEY: secrets.join(","), CHECK_KEYS: "false", ...env },
     stdio: ["ignore", "ignore", "pipe"],
   });
   const exited = new Promise<number | null>((done) => child.on("exit", (code) => done(code)));

@@ -31,7 +31,21 @@ class LiveServer:
 @pytest.fixture
 def server() -> Iterator[LiveServer]:
     """A fresh keysvc process per test, on a free loopback port, stopped with SIGTERM."""
-    env = {**os.environ, "OPENAI_KEY": ",".join(SECRETS), "CHECK_KEYS": "false"}
+    yield from _serve(SECRETS, {})
+
+
+#: Keys of the paging server: with a page size of 2, four pages.
+PAGED_SECRETS = tuple(f"sk-client-page-{n}" for n in range(7))
+
+
+@pytest.fixture
+def paged_server() -> Iterator[LiveServer]:
+    """Like ``server``, with seven keys and a server maximum page size of 2."""
+    yield from _serve(PAGED_SECRETS, {"KEYSVC_LIST_MAX_PAGE_SIZE": "2"})
+
+
+def _serve(secrets: tuple[str, ...], extra_env: dict[str, str]) -> Iterator[LiveServer]:
+    env = {**os.environ, "OPENAI_KEY": ",".join(secrets), "CHECK_KEYS": "false", **extra_env}
     proc = subprocess.Popen(
         [sys.executable, "-m", "keysvc", "serve", "--host", "127.0.0.1", "--port", "0"],
         env=env,
@@ -51,7 +65,7 @@ def server() -> Iterator[LiveServer]:
         proc.kill()
         pytest.fail("keysvc did not start:\n" + "".join(seen))
     try:
-        yield LiveServer(target=target, secrets=SECRETS)
+        yield LiveServer(target=target, secrets=secrets)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.stderr.read()

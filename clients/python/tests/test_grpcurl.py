@@ -76,3 +76,14 @@ def test_an_error_shows_its_code_and_error_info(server: LiveServer) -> None:
     [info] = status["details"]
     assert info["@type"] == "type.googleapis.com/google.rpc.ErrorInfo"
     assert (info["domain"], info["reason"]) == ("keysvc", "NO_KEYS_FOR_FAMILY")
+
+
+def test_describe_resolves_method_symbols(server: LiveServer) -> None:
+    """grpcurl asks reflection v1 first; a Service.Method symbol names its service's file."""
+    text = grpcurl(server.target, "describe", "keysvc.v1.KeyService.Get")
+    assert "rpc Get ( .keysvc.v1.GetRequest ) returns ( .keysvc.v1.GetResponse );" in text
+    text = grpcurl(server.target, "describe", "grpc.health.v1.Health.Check")
+    assert "rpc Check ( .grpc.health.v1.HealthCheckRequest )" in text
+    assert "grpc.reflection.v1.ServerReflection" in grpcurl(server.target, "list").split()
+    missing = grpcurl(server.target, "describe", "keysvc.v1.KeyService.Nope", expect_rc=1)
+    assert "Symbol not found" in missing

@@ -7,7 +7,7 @@ every failed call raises ``KeysvcRpcError``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from datetime import timedelta
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -243,9 +243,46 @@ class KeysvcClient(_Base):
         )
         return self._call(self._stub.ReportOutcome, request, timeout)
 
-    def list(self, *, timeout: float | None = None) -> list[pb.Key]:
-        """The public view of every key (no secrets)."""
-        return list(self._call(self._stub.List, pb.ListRequest(), timeout).keys)
+    def list_page(
+        self,
+        *,
+        page_size: int = 0,
+        page_token: str = "",
+        state: pb.KeyState.ValueType = pb.KEY_STATE_UNSPECIFIED,
+        timeout: float | None = None,
+    ) -> pb.ListResponse:
+        """One page of keys (no secrets) in load order; pass its ``next_page_token`` to get
+        the next, until it is empty. ``page_size`` 0 is the server's maximum. A page
+        filtered by ``state`` may hold fewer keys than asked for, even none."""
+        request = pb.ListRequest(page_size=page_size, page_token=page_token, state=state)
+        return self._call(self._stub.List, request, timeout)
+
+    def iter_keys(
+        self,
+        *,
+        state: pb.KeyState.ValueType = pb.KEY_STATE_UNSPECIFIED,
+        page_size: int = 0,
+        timeout: float | None = None,
+    ) -> Iterator[pb.Key]:
+        """Every key (of ``state``), fetched a page at a time; ``timeout`` is per page."""
+        token = ""
+        while True:
+            page = self.list_page(
+                page_size=page_size, page_token=token, state=state, timeout=timeout
+            )
+            yield from page.keys
+            token = page.next_page_token
+            if not token:
+                return
+
+    def list(
+        self,
+        *,
+        state: pb.KeyState.ValueType = pb.KEY_STATE_UNSPECIFIED,
+        timeout: float | None = None,
+    ) -> list[pb.Key]:
+        """The public view of every key (of ``state``; no secrets), all pages of it."""
+        return list(self.iter_keys(state=state, timeout=timeout))
 
     def available(self, *, timeout: float | None = None) -> int:
         """How many keys are not disabled."""
@@ -383,9 +420,47 @@ class AsyncKeysvcClient(_Base):
         )
         return await self._call(self._stub.ReportOutcome, request, timeout)
 
-    async def list(self, *, timeout: float | None = None) -> list[pb.Key]:
-        """The public view of every key (no secrets)."""
-        return list((await self._call(self._stub.List, pb.ListRequest(), timeout)).keys)
+    async def list_page(
+        self,
+        *,
+        page_size: int = 0,
+        page_token: str = "",
+        state: pb.KeyState.ValueType = pb.KEY_STATE_UNSPECIFIED,
+        timeout: float | None = None,
+    ) -> pb.ListResponse:
+        """One page of keys (no secrets) in load order; pass its ``next_page_token`` to get
+        the next, until it is empty. ``page_size`` 0 is the server's maximum. A page
+        filtered by ``state`` may hold fewer keys than asked for, even none."""
+        request = pb.ListRequest(page_size=page_size, page_token=page_token, state=state)
+        return await self._call(self._stub.List, request, timeout)
+
+    async def iter_keys(
+        self,
+        *,
+        state: pb.KeyState.ValueType = pb.KEY_STATE_UNSPECIFIED,
+        page_size: int = 0,
+        timeout: float | None = None,
+    ) -> AsyncIterator[pb.Key]:
+        """Every key (of ``state``), fetched a page at a time; ``timeout`` is per page."""
+        token = ""
+        while True:
+            page = await self.list_page(
+                page_size=page_size, page_token=token, state=state, timeout=timeout
+            )
+            for key in page.keys:
+                yield key
+            token = page.next_page_token
+            if not token:
+                return
+
+    async def list(
+        self,
+        *,
+        state: pb.KeyState.ValueType = pb.KEY_STATE_UNSPECIFIED,
+        timeout: float | None = None,
+    ) -> list[pb.Key]:
+        """The public view of every key (of ``state``; no secrets), all pages of it."""
+        return [key async for key in self.iter_keys(state=state, timeout=timeout)]
 
     async def available(self, *, timeout: float | None = None) -> int:
         """How many keys are not disabled."""

@@ -139,6 +139,70 @@ export function outcomeActionToJSON(object: OutcomeAction): string {
   }
 }
 
+/** KeyState selects the keys a List returns by what they are doing now. */
+export enum KeyState {
+  /** KEY_STATE_UNSPECIFIED - Every key, whatever its state (the default). */
+  KEY_STATE_UNSPECIFIED = 0,
+  /** KEY_STATE_AVAILABLE - Keys that are not disabled, locked or not: the keys Available counts. */
+  KEY_STATE_AVAILABLE = 1,
+  /**
+   * KEY_STATE_ACTIVE - Keys that are not disabled and not locked for any family: Get could hand
+   * them out now.
+   */
+  KEY_STATE_ACTIVE = 2,
+  /**
+   * KEY_STATE_LOCKED - Keys that are not disabled but locked for at least one family
+   * (rate_limited_until is in the future): rate limited, or held back
+   * briefly after a hand-out.
+   */
+  KEY_STATE_LOCKED = 3,
+  /** KEY_STATE_DISABLED - Disabled keys, whatever the reason (revoked, over quota, by hand). */
+  KEY_STATE_DISABLED = 4,
+  UNRECOGNIZED = -1,
+}
+
+export function keyStateFromJSON(object: any): KeyState {
+  switch (object) {
+    case 0:
+    case "KEY_STATE_UNSPECIFIED":
+      return KeyState.KEY_STATE_UNSPECIFIED;
+    case 1:
+    case "KEY_STATE_AVAILABLE":
+      return KeyState.KEY_STATE_AVAILABLE;
+    case 2:
+    case "KEY_STATE_ACTIVE":
+      return KeyState.KEY_STATE_ACTIVE;
+    case 3:
+    case "KEY_STATE_LOCKED":
+      return KeyState.KEY_STATE_LOCKED;
+    case 4:
+    case "KEY_STATE_DISABLED":
+      return KeyState.KEY_STATE_DISABLED;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return KeyState.UNRECOGNIZED;
+  }
+}
+
+export function keyStateToJSON(object: KeyState): string {
+  switch (object) {
+    case KeyState.KEY_STATE_UNSPECIFIED:
+      return "KEY_STATE_UNSPECIFIED";
+    case KeyState.KEY_STATE_AVAILABLE:
+      return "KEY_STATE_AVAILABLE";
+    case KeyState.KEY_STATE_ACTIVE:
+      return "KEY_STATE_ACTIVE";
+    case KeyState.KEY_STATE_LOCKED:
+      return "KEY_STATE_LOCKED";
+    case KeyState.KEY_STATE_DISABLED:
+      return "KEY_STATE_DISABLED";
+    case KeyState.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
 /**
  * Key is the public view of one key in the pool. It has no secret: the secret
  * leaves the service only in GetResponse.secret.
@@ -360,14 +424,44 @@ export interface IncrementUsageRequest {
 export interface IncrementUsageResponse {
 }
 
-/** ListRequest is empty. */
+/**
+ * ListRequest asks for one page of keys (AIP-158).
+ *
+ * A request with no field set returns the first page of the default size,
+ * which is the server's maximum (KEYSVC_LIST_MAX_PAGE_SIZE, default 500):
+ * a pool that fits in one page comes back whole, as before paging existed.
+ */
 export interface ListRequest {
+  /**
+   * Most keys to return. Zero means the server's maximum; a larger value is
+   * lowered to it; negative is INVALID_ARGUMENT. A page may hold fewer keys
+   * than asked for, even none, while next_page_token is set: a filtered List
+   * looks at a bounded number of keys per page so no call holds the server
+   * up. Only an empty next_page_token means the end.
+   */
+  pageSize: number;
+  /**
+   * next_page_token of the previous page; empty for the first page. Opaque.
+   * It stays valid while keys are added and removed (the next page starts
+   * after the last key this one looked at, in load order; keys added since
+   * come at the end), but only for the same server process and the same
+   * state filter: otherwise INVALID_ARGUMENT, and the caller starts again.
+   */
+  pageToken: string;
+  /**
+   * Which keys to return; UNSPECIFIED returns every key. A key's state is
+   * judged when its page is built: a filtered listing shows each key at
+   * most once, as it was when its page was built.
+   */
+  state: KeyState;
 }
 
-/** ListResponse holds every key in the pool. */
+/** ListResponse holds one page of keys. */
 export interface ListResponse {
   /** Public view of each key, in load order. */
   keys: Key[];
+  /** Token for the next page; empty when there are no more keys. */
+  nextPageToken: string;
 }
 
 /** AvailableRequest is empty. */
@@ -2255,11 +2349,20 @@ export const IncrementUsageResponse: MessageFns<IncrementUsageResponse> = {
 };
 
 function createBaseListRequest(): ListRequest {
-  return {};
+  return { pageSize: 0, pageToken: "", state: 0 };
 }
 
 export const ListRequest: MessageFns<ListRequest> = {
-  encode(_: ListRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+  encode(message: ListRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.pageSize !== 0) {
+      writer.uint32(8).int32(message.pageSize);
+    }
+    if (message.pageToken !== "") {
+      writer.uint32(18).string(message.pageToken);
+    }
+    if (message.state !== 0) {
+      writer.uint32(24).int32(message.state);
+    }
     return writer;
   },
 
@@ -2276,6 +2379,30 @@ export const ListRequest: MessageFns<ListRequest> = {
       while (reader.pos < end) {
         const tag = reader.uint32();
         switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.pageSize = reader.int32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.pageToken = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.state = reader.int32() as any;
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2288,32 +2415,59 @@ export const ListRequest: MessageFns<ListRequest> = {
     }
   },
 
-  fromJSON(_: any): ListRequest {
-    return {};
+  fromJSON(object: any): ListRequest {
+    return {
+      pageSize: isSet(object.pageSize)
+        ? globalThis.Number(object.pageSize)
+        : isSet(object.page_size)
+        ? globalThis.Number(object.page_size)
+        : 0,
+      pageToken: isSet(object.pageToken)
+        ? globalThis.String(object.pageToken)
+        : isSet(object.page_token)
+        ? globalThis.String(object.page_token)
+        : "",
+      state: isSet(object.state) ? keyStateFromJSON(object.state) : 0,
+    };
   },
 
-  toJSON(_: ListRequest): unknown {
+  toJSON(message: ListRequest): unknown {
     const obj: any = {};
+    if (message.pageSize !== 0) {
+      obj.pageSize = Math.round(message.pageSize);
+    }
+    if (message.pageToken !== "") {
+      obj.pageToken = message.pageToken;
+    }
+    if (message.state !== 0) {
+      obj.state = keyStateToJSON(message.state);
+    }
     return obj;
   },
 
   create(base?: DeepPartial<ListRequest>): ListRequest {
     return ListRequest.fromPartial(base ?? {});
   },
-  fromPartial(_: DeepPartial<ListRequest>): ListRequest {
+  fromPartial(object: DeepPartial<ListRequest>): ListRequest {
     const message = createBaseListRequest();
+    message.pageSize = object.pageSize ?? 0;
+    message.pageToken = object.pageToken ?? "";
+    message.state = object.state ?? 0;
     return message;
   },
 };
 
 function createBaseListResponse(): ListResponse {
-  return { keys: [] };
+  return { keys: [], nextPageToken: "" };
 }
 
 export const ListResponse: MessageFns<ListResponse> = {
   encode(message: ListResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     for (const v of message.keys) {
       Key.encode(v!, writer.uint32(10).fork()).join();
+    }
+    if (message.nextPageToken !== "") {
+      writer.uint32(18).string(message.nextPageToken);
     }
     return writer;
   },
@@ -2339,6 +2493,14 @@ export const ListResponse: MessageFns<ListResponse> = {
             message.keys.push(Key.decode(reader, reader.uint32()));
             continue;
           }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.nextPageToken = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2352,13 +2514,23 @@ export const ListResponse: MessageFns<ListResponse> = {
   },
 
   fromJSON(object: any): ListResponse {
-    return { keys: globalThis.Array.isArray(object?.keys) ? object.keys.map((e: any) => Key.fromJSON(e)) : [] };
+    return {
+      keys: globalThis.Array.isArray(object?.keys) ? object.keys.map((e: any) => Key.fromJSON(e)) : [],
+      nextPageToken: isSet(object.nextPageToken)
+        ? globalThis.String(object.nextPageToken)
+        : isSet(object.next_page_token)
+        ? globalThis.String(object.next_page_token)
+        : "",
+    };
   },
 
   toJSON(message: ListResponse): unknown {
     const obj: any = {};
     if (message.keys?.length) {
       obj.keys = message.keys.map((e) => Key.toJSON(e));
+    }
+    if (message.nextPageToken !== "") {
+      obj.nextPageToken = message.nextPageToken;
     }
     return obj;
   },
@@ -2369,6 +2541,7 @@ export const ListResponse: MessageFns<ListResponse> = {
   fromPartial(object: DeepPartial<ListResponse>): ListResponse {
     const message = createBaseListResponse();
     message.keys = object.keys?.map((e) => Key.fromPartial(e)) || [];
+    message.nextPageToken = object.nextPageToken ?? "";
     return message;
   },
 };
@@ -3130,7 +3303,10 @@ export const KeyServiceService = {
       Buffer.from(IncrementUsageResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): IncrementUsageResponse => IncrementUsageResponse.decode(value),
   },
-  /** List returns the public view of every key; never a secret. */
+  /**
+   * List returns the public view of the keys, one page at a time (AIP-158),
+   * in load order; never a secret. Follow next_page_token until it is empty.
+   */
   list: {
     path: "/keysvc.v1.KeyService/List" as const,
     requestStream: false as const,
@@ -3208,7 +3384,10 @@ export interface KeyServiceServer extends UntypedServiceImplementation {
   getLockoutPeriod: handleUnaryCall<GetLockoutPeriodRequest, GetLockoutPeriodResponse>;
   /** IncrementUsage adds the tokens of a finished request to the key's usage. */
   incrementUsage: handleUnaryCall<IncrementUsageRequest, IncrementUsageResponse>;
-  /** List returns the public view of every key; never a secret. */
+  /**
+   * List returns the public view of the keys, one page at a time (AIP-158),
+   * in load order; never a secret. Follow next_page_token until it is empty.
+   */
   list: handleUnaryCall<ListRequest, ListResponse>;
   /** Available counts the keys that are not disabled. */
   available: handleUnaryCall<AvailableRequest, AvailableResponse>;
@@ -3334,7 +3513,10 @@ export interface KeyServiceClient extends Client {
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: IncrementUsageResponse) => void,
   ): ClientUnaryCall;
-  /** List returns the public view of every key; never a secret. */
+  /**
+   * List returns the public view of the keys, one page at a time (AIP-158),
+   * in load order; never a secret. Follow next_page_token until it is empty.
+   */
   list(request: ListRequest, callback: (error: ServiceError | null, response: ListResponse) => void): ClientUnaryCall;
   list(
     request: ListRequest,
