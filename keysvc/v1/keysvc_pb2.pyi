@@ -473,7 +473,8 @@ class MarkRateLimitedRequest(_message.Message):
     """Hash of the key. Required."""
     model: _builtins.str
     """Model of the request that was limited. Optional: when given, only the
-    model's family is locked; when empty, every family of the key.
+    model's family is locked; when empty, the 429 is attributed as the
+    service comment says (every family of the key only when nothing is).
     """
     def __init__(
         self,
@@ -539,12 +540,14 @@ class UpdateRateLimitsRequest(_message.Message):
     """Hash of the key. Required."""
     model: _builtins.str
     """Model of the request. Optional: when given, the headers apply to the
-    model's family only; when empty, to every family of the key.
+    model's family only and answer its oldest hand-out in flight; when empty,
+    they answer the key's oldest hand-out in flight and apply to its family
+    (to every family of the key only when no hand-out is in flight).
     """
     @_builtins.property
     def headers(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Response headers; only x-ratelimit-* are read (reset-* and remaining-*).
-        Names are matched case-insensitively.
+        """Response headers; only x-ratelimit-* are read (limit-*, remaining-* and
+        reset-*). Names are matched case-insensitively.
         """
 
     def __init__(
@@ -861,7 +864,9 @@ class ReportOutcomeRequest(_message.Message):
     hash: _builtins.str
     """Hash of the key the request was sent with. Required."""
     model: _builtins.str
-    """Model of the request. Required: it names the rate-limit family."""
+    """Model of the request; it names the rate-limit family. Optional: when
+    empty, the answer is attributed as UpdateRateLimits attributes it.
+    """
     status: _builtins.int
     """HTTP status code of the upstream answer (100 to 599). Required."""
     error_type: _builtins.str

@@ -102,9 +102,11 @@ class KeyServiceServicer:
     """
 
     def Get(self, request, context):
-        """Get hands out the key most likely to succeed for the model and throttles
-        it briefly (for that model's family) so a burst does not pile onto one
-        key. With max_wait it waits for a locked key to unlock.
+        """Get hands out the key most likely to succeed for the model. Once an
+        answer has told the key's limits for the model's family, its budget
+        (remaining quota less the hand-outs in flight, refilling) decides when it
+        is free again; until then it is throttled for 1 s after each hand-out.
+        With max_wait it waits for a locked key to unlock.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -118,16 +120,20 @@ class KeyServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def MarkRateLimited(self, request, context):
-        """MarkRateLimited records that the upstream answered 429 for the key (for
-        the model's family, or for every family when no model is given).
+        """MarkRateLimited records that the upstream answered 429 for the key, for
+        the model's family; without a model, for the family of the answer whose
+        headers UpdateRateLimits just reported, else of the key's oldest hand-out
+        in flight, else (none) for every family of the key.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def UpdateRateLimits(self, request, context):
-        """UpdateRateLimits records the rate-limit headers of an upstream answer
-        (for the model's family, or key-wide when no model is given).
+        """UpdateRateLimits records the rate-limit headers of an upstream answer,
+        for the model's family; without a model, for the key's oldest hand-out in
+        flight (of the family whose limits the headers name, if several are), or
+        key-wide when none is.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

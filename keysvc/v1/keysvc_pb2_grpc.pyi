@@ -42,19 +42,25 @@ class KeyServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> KeyServiceAsyncStub: ...
     Get: _grpc.UnaryUnaryMultiCallable[_keysvc_pb2.GetRequest, _keysvc_pb2.GetResponse]
-    """Get hands out the key most likely to succeed for the model and throttles
-    it briefly (for that model's family) so a burst does not pile onto one
-    key. With max_wait it waits for a locked key to unlock.
+    """Get hands out the key most likely to succeed for the model. Once an
+    answer has told the key's limits for the model's family, its budget
+    (remaining quota less the hand-outs in flight, refilling) decides when it
+    is free again; until then it is throttled for 1 s after each hand-out.
+    With max_wait it waits for a locked key to unlock.
     """
     Disable: _grpc.UnaryUnaryMultiCallable[_keysvc_pb2.DisableRequest, _keysvc_pb2.DisableResponse]
     """Disable stops a key from ever being handed out again (until Recheck)."""
     MarkRateLimited: _grpc.UnaryUnaryMultiCallable[_keysvc_pb2.MarkRateLimitedRequest, _keysvc_pb2.MarkRateLimitedResponse]
-    """MarkRateLimited records that the upstream answered 429 for the key (for
-    the model's family, or for every family when no model is given).
+    """MarkRateLimited records that the upstream answered 429 for the key, for
+    the model's family; without a model, for the family of the answer whose
+    headers UpdateRateLimits just reported, else of the key's oldest hand-out
+    in flight, else (none) for every family of the key.
     """
     UpdateRateLimits: _grpc.UnaryUnaryMultiCallable[_keysvc_pb2.UpdateRateLimitsRequest, _keysvc_pb2.UpdateRateLimitsResponse]
-    """UpdateRateLimits records the rate-limit headers of an upstream answer
-    (for the model's family, or key-wide when no model is given).
+    """UpdateRateLimits records the rate-limit headers of an upstream answer,
+    for the model's family; without a model, for the key's oldest hand-out in
+    flight (of the family whose limits the headers name, if several are), or
+    key-wide when none is.
     """
     GetLockoutPeriod: _grpc.UnaryUnaryMultiCallable[_keysvc_pb2.GetLockoutPeriodRequest, _keysvc_pb2.GetLockoutPeriodResponse]
     """GetLockoutPeriod says how long until a key for the model is free; zero
@@ -92,19 +98,25 @@ class KeyServiceAsyncStub(KeyServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Get: _aio.UnaryUnaryMultiCallable[_keysvc_pb2.GetRequest, _keysvc_pb2.GetResponse]  # type: ignore[assignment]
-    """Get hands out the key most likely to succeed for the model and throttles
-    it briefly (for that model's family) so a burst does not pile onto one
-    key. With max_wait it waits for a locked key to unlock.
+    """Get hands out the key most likely to succeed for the model. Once an
+    answer has told the key's limits for the model's family, its budget
+    (remaining quota less the hand-outs in flight, refilling) decides when it
+    is free again; until then it is throttled for 1 s after each hand-out.
+    With max_wait it waits for a locked key to unlock.
     """
     Disable: _aio.UnaryUnaryMultiCallable[_keysvc_pb2.DisableRequest, _keysvc_pb2.DisableResponse]  # type: ignore[assignment]
     """Disable stops a key from ever being handed out again (until Recheck)."""
     MarkRateLimited: _aio.UnaryUnaryMultiCallable[_keysvc_pb2.MarkRateLimitedRequest, _keysvc_pb2.MarkRateLimitedResponse]  # type: ignore[assignment]
-    """MarkRateLimited records that the upstream answered 429 for the key (for
-    the model's family, or for every family when no model is given).
+    """MarkRateLimited records that the upstream answered 429 for the key, for
+    the model's family; without a model, for the family of the answer whose
+    headers UpdateRateLimits just reported, else of the key's oldest hand-out
+    in flight, else (none) for every family of the key.
     """
     UpdateRateLimits: _aio.UnaryUnaryMultiCallable[_keysvc_pb2.UpdateRateLimitsRequest, _keysvc_pb2.UpdateRateLimitsResponse]  # type: ignore[assignment]
-    """UpdateRateLimits records the rate-limit headers of an upstream answer
-    (for the model's family, or key-wide when no model is given).
+    """UpdateRateLimits records the rate-limit headers of an upstream answer,
+    for the model's family; without a model, for the key's oldest hand-out in
+    flight (of the family whose limits the headers name, if several are), or
+    key-wide when none is.
     """
     GetLockoutPeriod: _aio.UnaryUnaryMultiCallable[_keysvc_pb2.GetLockoutPeriodRequest, _keysvc_pb2.GetLockoutPeriodResponse]  # type: ignore[assignment]
     """GetLockoutPeriod says how long until a key for the model is free; zero
@@ -145,9 +157,11 @@ class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _keysvc_pb2.GetRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_keysvc_pb2.GetResponse, _abc.Awaitable[_keysvc_pb2.GetResponse]]:
-        """Get hands out the key most likely to succeed for the model and throttles
-        it briefly (for that model's family) so a burst does not pile onto one
-        key. With max_wait it waits for a locked key to unlock.
+        """Get hands out the key most likely to succeed for the model. Once an
+        answer has told the key's limits for the model's family, its budget
+        (remaining quota less the hand-outs in flight, refilling) decides when it
+        is free again; until then it is throttled for 1 s after each hand-out.
+        With max_wait it waits for a locked key to unlock.
         """
 
     @_abc_1.abstractmethod
@@ -164,8 +178,10 @@ class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _keysvc_pb2.MarkRateLimitedRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_keysvc_pb2.MarkRateLimitedResponse, _abc.Awaitable[_keysvc_pb2.MarkRateLimitedResponse]]:
-        """MarkRateLimited records that the upstream answered 429 for the key (for
-        the model's family, or for every family when no model is given).
+        """MarkRateLimited records that the upstream answered 429 for the key, for
+        the model's family; without a model, for the family of the answer whose
+        headers UpdateRateLimits just reported, else of the key's oldest hand-out
+        in flight, else (none) for every family of the key.
         """
 
     @_abc_1.abstractmethod
@@ -174,8 +190,10 @@ class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _keysvc_pb2.UpdateRateLimitsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_keysvc_pb2.UpdateRateLimitsResponse, _abc.Awaitable[_keysvc_pb2.UpdateRateLimitsResponse]]:
-        """UpdateRateLimits records the rate-limit headers of an upstream answer
-        (for the model's family, or key-wide when no model is given).
+        """UpdateRateLimits records the rate-limit headers of an upstream answer,
+        for the model's family; without a model, for the key's oldest hand-out in
+        flight (of the family whose limits the headers name, if several are), or
+        key-wide when none is.
         """
 
     @_abc_1.abstractmethod

@@ -99,7 +99,7 @@ def report(**fields: object) -> pb.ReportOutcomeRequest:
     [
         ("status", report(status=0)),
         ("status", report(status=600)),
-        ("model", report(model="")),
+        ("model", report(model="x" * 300)),
         ("prompt_tokens", report(prompt_tokens=-1)),
         ("completion_tokens", report(completion_tokens=2_000_000_000)),
         ("error_message", report(status=429, error_message="x" * 9000)),
@@ -120,6 +120,28 @@ async def test_bad_reports_are_invalid_and_change_nothing(
         assert field in (caught.value.details() or "")
     key = pool.key(A)
     assert not key.is_disabled and key.prompt_count == 0 and not key.token_usage
+
+
+async def test_a_report_without_a_model_answers_the_key_s_hand_out() -> None:
+    # As the seed's proxies report: the key, not the model. The answer goes to the
+    # family of the hand-out in flight, and its budget frees the key at once.
+    pool, _ = make_pool(SECRETS[:1])
+    budget = {
+        "x-ratelimit-limit-requests": "500",
+        "x-ratelimit-remaining-requests": "499",
+        "x-ratelimit-reset-requests": "120ms",
+    }
+    async with serving(pool) as server, client(server.port) as stub:
+        lease = await stub.Get(pb.GetRequest(model="gpt-4o"))
+        reply = await stub.ReportOutcome(
+            pb.ReportOutcomeRequest(
+                hash=lease.key.hash, status=200, headers=budget, completion_tokens=7
+            )
+        )
+        assert reply.action == pb.OUTCOME_ACTION_DONE
+        lockout = await stub.GetLockoutPeriod(pb.GetLockoutPeriodRequest(model="gpt-4o"))
+        assert lockout.lockout.ToNanoseconds() == 0
+    assert pool.key(lease.key.hash).token_usage == {"gpt4o": 7}
 
 
 async def test_unknown_key_is_not_found() -> None:

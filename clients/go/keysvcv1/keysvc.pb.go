@@ -755,7 +755,8 @@ type MarkRateLimitedRequest struct {
 	// Hash of the key. Required.
 	Hash string `protobuf:"bytes,1,opt,name=hash,proto3" json:"hash,omitempty"`
 	// Model of the request that was limited. Optional: when given, only the
-	// model's family is locked; when empty, every family of the key.
+	// model's family is locked; when empty, the 429 is attributed as the
+	// service comment says (every family of the key only when nothing is).
 	Model         string `protobuf:"bytes,2,opt,name=model,proto3" json:"model,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -847,11 +848,13 @@ type UpdateRateLimitsRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Hash of the key. Required.
 	Hash string `protobuf:"bytes,1,opt,name=hash,proto3" json:"hash,omitempty"`
-	// Response headers; only x-ratelimit-* are read (reset-* and remaining-*).
-	// Names are matched case-insensitively.
+	// Response headers; only x-ratelimit-* are read (limit-*, remaining-* and
+	// reset-*). Names are matched case-insensitively.
 	Headers map[string]string `protobuf:"bytes,2,rep,name=headers,proto3" json:"headers,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
 	// Model of the request. Optional: when given, the headers apply to the
-	// model's family only; when empty, to every family of the key.
+	// model's family only and answer its oldest hand-out in flight; when empty,
+	// they answer the key's oldest hand-out in flight and apply to its family
+	// (to every family of the key only when no hand-out is in flight).
 	Model         string `protobuf:"bytes,3,opt,name=model,proto3" json:"model,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -1434,7 +1437,8 @@ type ReportOutcomeRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Hash of the key the request was sent with. Required.
 	Hash string `protobuf:"bytes,1,opt,name=hash,proto3" json:"hash,omitempty"`
-	// Model of the request. Required: it names the rate-limit family.
+	// Model of the request; it names the rate-limit family. Optional: when
+	// empty, the answer is attributed as UpdateRateLimits attributes it.
 	Model string `protobuf:"bytes,2,opt,name=model,proto3" json:"model,omitempty"`
 	// HTTP status code of the upstream answer (100 to 599). Required.
 	Status int32 `protobuf:"varint,3,opt,name=status,proto3" json:"status,omitempty"`

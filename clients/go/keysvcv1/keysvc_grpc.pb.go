@@ -45,17 +45,23 @@ const (
 // "keysvc"); branch on its reason (e.g. NO_KEYS_FOR_FAMILY, KEY_NOT_FOUND,
 // FAMILY_DISALLOWED, INVALID_ARGUMENT), not on the message text.
 type KeyServiceClient interface {
-	// Get hands out the key most likely to succeed for the model and throttles
-	// it briefly (for that model's family) so a burst does not pile onto one
-	// key. With max_wait it waits for a locked key to unlock.
+	// Get hands out the key most likely to succeed for the model. Once an
+	// answer has told the key's limits for the model's family, its budget
+	// (remaining quota less the hand-outs in flight, refilling) decides when it
+	// is free again; until then it is throttled for 1 s after each hand-out.
+	// With max_wait it waits for a locked key to unlock.
 	Get(ctx context.Context, in *GetRequest, opts ...grpc.CallOption) (*GetResponse, error)
 	// Disable stops a key from ever being handed out again (until Recheck).
 	Disable(ctx context.Context, in *DisableRequest, opts ...grpc.CallOption) (*DisableResponse, error)
-	// MarkRateLimited records that the upstream answered 429 for the key (for
-	// the model's family, or for every family when no model is given).
+	// MarkRateLimited records that the upstream answered 429 for the key, for
+	// the model's family; without a model, for the family of the answer whose
+	// headers UpdateRateLimits just reported, else of the key's oldest hand-out
+	// in flight, else (none) for every family of the key.
 	MarkRateLimited(ctx context.Context, in *MarkRateLimitedRequest, opts ...grpc.CallOption) (*MarkRateLimitedResponse, error)
-	// UpdateRateLimits records the rate-limit headers of an upstream answer
-	// (for the model's family, or key-wide when no model is given).
+	// UpdateRateLimits records the rate-limit headers of an upstream answer,
+	// for the model's family; without a model, for the key's oldest hand-out in
+	// flight (of the family whose limits the headers name, if several are), or
+	// key-wide when none is.
 	UpdateRateLimits(ctx context.Context, in *UpdateRateLimitsRequest, opts ...grpc.CallOption) (*UpdateRateLimitsResponse, error)
 	// GetLockoutPeriod says how long until a key for the model is free; zero
 	// when one is free now or when none could ever serve it.
@@ -197,17 +203,23 @@ func (c *keyServiceClient) ReportOutcome(ctx context.Context, in *ReportOutcomeR
 // "keysvc"); branch on its reason (e.g. NO_KEYS_FOR_FAMILY, KEY_NOT_FOUND,
 // FAMILY_DISALLOWED, INVALID_ARGUMENT), not on the message text.
 type KeyServiceServer interface {
-	// Get hands out the key most likely to succeed for the model and throttles
-	// it briefly (for that model's family) so a burst does not pile onto one
-	// key. With max_wait it waits for a locked key to unlock.
+	// Get hands out the key most likely to succeed for the model. Once an
+	// answer has told the key's limits for the model's family, its budget
+	// (remaining quota less the hand-outs in flight, refilling) decides when it
+	// is free again; until then it is throttled for 1 s after each hand-out.
+	// With max_wait it waits for a locked key to unlock.
 	Get(context.Context, *GetRequest) (*GetResponse, error)
 	// Disable stops a key from ever being handed out again (until Recheck).
 	Disable(context.Context, *DisableRequest) (*DisableResponse, error)
-	// MarkRateLimited records that the upstream answered 429 for the key (for
-	// the model's family, or for every family when no model is given).
+	// MarkRateLimited records that the upstream answered 429 for the key, for
+	// the model's family; without a model, for the family of the answer whose
+	// headers UpdateRateLimits just reported, else of the key's oldest hand-out
+	// in flight, else (none) for every family of the key.
 	MarkRateLimited(context.Context, *MarkRateLimitedRequest) (*MarkRateLimitedResponse, error)
-	// UpdateRateLimits records the rate-limit headers of an upstream answer
-	// (for the model's family, or key-wide when no model is given).
+	// UpdateRateLimits records the rate-limit headers of an upstream answer,
+	// for the model's family; without a model, for the key's oldest hand-out in
+	// flight (of the family whose limits the headers name, if several are), or
+	// key-wide when none is.
 	UpdateRateLimits(context.Context, *UpdateRateLimitsRequest) (*UpdateRateLimitsResponse, error)
 	// GetLockoutPeriod says how long until a key for the model is free; zero
 	// when one is free now or when none could ever serve it.

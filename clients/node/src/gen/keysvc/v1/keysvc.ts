@@ -364,7 +364,8 @@ export interface MarkRateLimitedRequest {
   hash: string;
   /**
    * Model of the request that was limited. Optional: when given, only the
-   * model's family is locked; when empty, every family of the key.
+   * model's family is locked; when empty, the 429 is attributed as the
+   * service comment says (every family of the key only when nothing is).
    */
   model: string;
 }
@@ -378,13 +379,15 @@ export interface UpdateRateLimitsRequest {
   /** Hash of the key. Required. */
   hash: string;
   /**
-   * Response headers; only x-ratelimit-* are read (reset-* and remaining-*).
-   * Names are matched case-insensitively.
+   * Response headers; only x-ratelimit-* are read (limit-*, remaining-* and
+   * reset-*). Names are matched case-insensitively.
    */
   headers: { [key: string]: string };
   /**
    * Model of the request. Optional: when given, the headers apply to the
-   * model's family only; when empty, to every family of the key.
+   * model's family only and answer its oldest hand-out in flight; when empty,
+   * they answer the key's oldest hand-out in flight and apply to its family
+   * (to every family of the key only when no hand-out is in flight).
    */
   model: string;
 }
@@ -489,7 +492,10 @@ export interface RecheckResponse {
 export interface ReportOutcomeRequest {
   /** Hash of the key the request was sent with. Required. */
   hash: string;
-  /** Model of the request. Required: it names the rate-limit family. */
+  /**
+   * Model of the request; it names the rate-limit family. Optional: when
+   * empty, the answer is attributed as UpdateRateLimits attributes it.
+   */
   model: string;
   /** HTTP status code of the upstream answer (100 to 599). Required. */
   status: number;
@@ -3223,9 +3229,11 @@ export const ReportOutcomeResponse: MessageFns<ReportOutcomeResponse> = {
 export type KeyServiceService = typeof KeyServiceService;
 export const KeyServiceService = {
   /**
-   * Get hands out the key most likely to succeed for the model and throttles
-   * it briefly (for that model's family) so a burst does not pile onto one
-   * key. With max_wait it waits for a locked key to unlock.
+   * Get hands out the key most likely to succeed for the model. Once an
+   * answer has told the key's limits for the model's family, its budget
+   * (remaining quota less the hand-outs in flight, refilling) decides when it
+   * is free again; until then it is throttled for 1 s after each hand-out.
+   * With max_wait it waits for a locked key to unlock.
    */
   get: {
     path: "/keysvc.v1.KeyService/Get" as const,
@@ -3247,8 +3255,10 @@ export const KeyServiceService = {
     responseDeserialize: (value: Buffer): DisableResponse => DisableResponse.decode(value),
   },
   /**
-   * MarkRateLimited records that the upstream answered 429 for the key (for
-   * the model's family, or for every family when no model is given).
+   * MarkRateLimited records that the upstream answered 429 for the key, for
+   * the model's family; without a model, for the family of the answer whose
+   * headers UpdateRateLimits just reported, else of the key's oldest hand-out
+   * in flight, else (none) for every family of the key.
    */
   markRateLimited: {
     path: "/keysvc.v1.KeyService/MarkRateLimited" as const,
@@ -3262,8 +3272,10 @@ export const KeyServiceService = {
     responseDeserialize: (value: Buffer): MarkRateLimitedResponse => MarkRateLimitedResponse.decode(value),
   },
   /**
-   * UpdateRateLimits records the rate-limit headers of an upstream answer
-   * (for the model's family, or key-wide when no model is given).
+   * UpdateRateLimits records the rate-limit headers of an upstream answer,
+   * for the model's family; without a model, for the key's oldest hand-out in
+   * flight (of the family whose limits the headers name, if several are), or
+   * key-wide when none is.
    */
   updateRateLimits: {
     path: "/keysvc.v1.KeyService/UpdateRateLimits" as const,
@@ -3360,21 +3372,27 @@ export const KeyServiceService = {
 
 export interface KeyServiceServer extends UntypedServiceImplementation {
   /**
-   * Get hands out the key most likely to succeed for the model and throttles
-   * it briefly (for that model's family) so a burst does not pile onto one
-   * key. With max_wait it waits for a locked key to unlock.
+   * Get hands out the key most likely to succeed for the model. Once an
+   * answer has told the key's limits for the model's family, its budget
+   * (remaining quota less the hand-outs in flight, refilling) decides when it
+   * is free again; until then it is throttled for 1 s after each hand-out.
+   * With max_wait it waits for a locked key to unlock.
    */
   get: handleUnaryCall<GetRequest, GetResponse>;
   /** Disable stops a key from ever being handed out again (until Recheck). */
   disable: handleUnaryCall<DisableRequest, DisableResponse>;
   /**
-   * MarkRateLimited records that the upstream answered 429 for the key (for
-   * the model's family, or for every family when no model is given).
+   * MarkRateLimited records that the upstream answered 429 for the key, for
+   * the model's family; without a model, for the family of the answer whose
+   * headers UpdateRateLimits just reported, else of the key's oldest hand-out
+   * in flight, else (none) for every family of the key.
    */
   markRateLimited: handleUnaryCall<MarkRateLimitedRequest, MarkRateLimitedResponse>;
   /**
-   * UpdateRateLimits records the rate-limit headers of an upstream answer
-   * (for the model's family, or key-wide when no model is given).
+   * UpdateRateLimits records the rate-limit headers of an upstream answer,
+   * for the model's family; without a model, for the key's oldest hand-out in
+   * flight (of the family whose limits the headers name, if several are), or
+   * key-wide when none is.
    */
   updateRateLimits: handleUnaryCall<UpdateRateLimitsRequest, UpdateRateLimitsResponse>;
   /**
@@ -3408,9 +3426,11 @@ export interface KeyServiceServer extends UntypedServiceImplementation {
 
 export interface KeyServiceClient extends Client {
   /**
-   * Get hands out the key most likely to succeed for the model and throttles
-   * it briefly (for that model's family) so a burst does not pile onto one
-   * key. With max_wait it waits for a locked key to unlock.
+   * Get hands out the key most likely to succeed for the model. Once an
+   * answer has told the key's limits for the model's family, its budget
+   * (remaining quota less the hand-outs in flight, refilling) decides when it
+   * is free again; until then it is throttled for 1 s after each hand-out.
+   * With max_wait it waits for a locked key to unlock.
    */
   get(request: GetRequest, callback: (error: ServiceError | null, response: GetResponse) => void): ClientUnaryCall;
   get(
@@ -3441,8 +3461,10 @@ export interface KeyServiceClient extends Client {
     callback: (error: ServiceError | null, response: DisableResponse) => void,
   ): ClientUnaryCall;
   /**
-   * MarkRateLimited records that the upstream answered 429 for the key (for
-   * the model's family, or for every family when no model is given).
+   * MarkRateLimited records that the upstream answered 429 for the key, for
+   * the model's family; without a model, for the family of the answer whose
+   * headers UpdateRateLimits just reported, else of the key's oldest hand-out
+   * in flight, else (none) for every family of the key.
    */
   markRateLimited(
     request: MarkRateLimitedRequest,
@@ -3460,8 +3482,10 @@ export interface KeyServiceClient extends Client {
     callback: (error: ServiceError | null, response: MarkRateLimitedResponse) => void,
   ): ClientUnaryCall;
   /**
-   * UpdateRateLimits records the rate-limit headers of an upstream answer
-   * (for the model's family, or key-wide when no model is given).
+   * UpdateRateLimits records the rate-limit headers of an upstream answer,
+   * for the model's family; without a model, for the key's oldest hand-out in
+   * flight (of the family whose limits the headers name, if several are), or
+   * key-wide when none is.
    */
   updateRateLimits(
     request: UpdateRateLimitsRequest,
