@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from . import envoy_cost, list_pages, memory, pool_scale, rpc_cost, simulate
+from . import envoy_cost, list_pages, memory, pool_scale, rpc_cost, simulate, state_load
 from .report import Section, render
 
 BENCHMARKS: dict[str, Callable[..., Section]] = {
@@ -22,6 +22,7 @@ BENCHMARKS: dict[str, Callable[..., Section]] = {
     "simulate": simulate.run,
     "list_pages": list_pages.run,
     "envoy_cost": envoy_cost.run,
+    "state_load": state_load.run,
 }
 
 RESULTS = Path(__file__).with_name("RESULTS.md")

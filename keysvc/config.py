@@ -73,7 +73,7 @@ class Settings:
     tls_client_ca: Path | None = None
     #: Allow a non-loopback address with neither tokens nor TLS.
     insecure: bool = False
-    #: Where key state survives restarts; None keeps it in memory only.
+    #: The SQLite database where key state survives restarts; None keeps it in memory only.
     state_file: Path | None = None
     #: Start with empty state when the state file is corrupt (moved aside, not overwritten).
     ignore_state: bool = False
@@ -268,7 +268,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--state-file",
         type=Path,
-        help="JSON file where key state survives restarts (env KEYSVC_STATE_FILE)",
+        help="SQLite database (e.g. state.db) where key state survives restarts; a JSON"
+        " state file of an earlier keysvc is converted in place (env KEYSVC_STATE_FILE)",
     )
     parser.add_argument(
         "--ignore-state",

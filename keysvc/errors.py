@@ -13,7 +13,8 @@ Exception tree::
     ├── FamilyDisallowed        PERMISSION_DENIED   FAMILY_DISALLOWED
     ├── Unauthenticated         UNAUTHENTICATED     MISSING_TOKEN or BAD_TOKEN
     ├── RoleDenied              PERMISSION_DENIED   ROLE_DENIED
-    └── ShuttingDown            UNAVAILABLE         SHUTTING_DOWN
+    ├── ShuttingDown            UNAVAILABLE         SHUTTING_DOWN
+    └── StateWriteFailed        UNAVAILABLE         STATE_WRITE_FAILED
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ __all__ = [
     "NoKeysForFamily",
     "RoleDenied",
     "ShuttingDown",
+    "StateWriteFailed",
     "Unauthenticated",
 ]
 
@@ -140,3 +142,23 @@ class ShuttingDown(KeysvcError):
 
     def __init__(self) -> None:
         super().__init__("keysvc is shutting down; retry on another instance")
+
+
+class StateWriteFailed(KeysvcError):
+    """The change was made in memory but the state file could not be written.
+
+    The change holds for this process and is written by the next write that
+    succeeds (keysvc retries every second); it is lost if the process stops
+    before then, so the caller is told the change is not durable yet.
+    """
+
+    code = "UNAVAILABLE"
+    reason = "STATE_WRITE_FAILED"
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(
+            "the change is made in memory but could not be written to the state file"
+            f" ({problem}); keysvc keeps retrying, and the change is lost if it stops"
+            " before a write succeeds"
+        )
+        self.problem = problem

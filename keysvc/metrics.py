@@ -115,6 +115,11 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self._state_write_failures = Counter(
+            "keysvc_state_write_failures",
+            "Writes of the state file that failed (the changes stay in memory and are retried).",
+            registry=self.registry,
+        )
         # labels() takes a lock and builds a tuple: look each child up once.
         self._handout_children: dict[str, Any] = {}
         self._token_children: dict[str, Any] = {}
@@ -150,6 +155,13 @@ class Metrics:
 
     def outcome_reported(self, action: str) -> None:
         self._outcome_children[action].inc()
+
+    # -- state file --------------------------------------------------------------
+
+    def state_write_done(self, ok: bool) -> None:
+        """A write of the state file ended (``keysvc.state.SqliteStateStore`` listener)."""
+        if not ok:
+            self._state_write_failures.inc()
 
     # -- RPCs --------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ import asyncio
 import gc
 import logging
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +25,7 @@ from .auth import SERVICE_PREFIX, AuthInterceptor, AuthTokens
 from .checker import CheckerConfig, KeyChecker
 from .clock import Clock, SystemClock
 from .config import Settings, is_loopback
-from .errors import ERROR_DOMAIN, KeysvcError, ShuttingDown
+from .errors import ERROR_DOMAIN, KeysvcError, ShuttingDown, StateWriteFailed
 from .events import PoolObserver
 from .ext_proc import EXT_PROC_SERVICE_NAME, ExtProcService, add_ext_proc_service
 from .interceptors import Behavior, UnaryInterceptor
@@ -36,7 +36,7 @@ from .pool import KeyPool, Limits
 from .reflection import enable_reflection
 from .reload import KeysFileWatcher, read_keys_file, restore_clones
 from .service import KeyService, Rechecker
-from .state import FileStateStore, StateFileError
+from .state import SqliteStateStore, StateFileError
 from .store import KeyStore, MemoryKeyStore
 from .tls import TlsConfig
 from .v1 import keysvc_pb2, keysvc_pb2_grpc
@@ -188,6 +188,8 @@ class KeysvcServer:
             )
         try:
             await self.pool.flush()
+        except StateWriteFailed:
+            pass  # logged by the store; the process stops with what it could write
         finally:
             await self.server.stop(0)
 
@@ -211,6 +213,7 @@ def create_server(
     metrics: Metrics | None = None,
     list_max_page_size: int = DEFAULT_MAX_PAGE_SIZE,
     ext_proc_max_wait: float = 5.0,
+    state: SqliteStateStore | None = None,
 ) -> KeysvcServer:
     """Builds a server for ``pool`` bound to ``host:port`` (0 picks a free port).
 
@@ -219,7 +222,9 @@ def create_server(
     least one token turns auth on; ``tls`` turns TLS (or mutual TLS) on. With a
     ``checker``, Recheck goes through it (and wakes it). The RPC observer (debug
     log line per call, and RPC metrics when ``metrics`` is given) runs outermost,
-    so it records the status the caller gets, auth refusals included.
+    so it records the status the caller gets, auth refusals included. With a
+    ``state`` store, a failed state write turns KeyService NOT_SERVING (and
+    /readyz 503) until a write succeeds, and is counted in ``metrics``.
 
     Envoy's ext_proc service (``keysvc.ext_proc``) is served beside KeyService:
     same port, TLS and pool; its streams check the HTTP caller's own token
@@ -274,7 +279,36 @@ def create_server(
         raise OSError(f"cannot listen on {address}: {exc}") from exc
     if bound == 0:
         raise OSError(f"cannot listen on {address}")
+    if state is not None:
+        state.add_listener(_follow_state_writes(health))
+        if metrics is not None:
+            state.add_listener(metrics.state_write_done)
     return KeysvcServer(server=server, port=bound, health=health, pool=pool, drain=drain)
+
+
+def _follow_state_writes(health: health_aio.HealthServicer) -> Callable[[bool], None]:
+    """KeyService health from the state writes: NOT_SERVING from a failed write until
+    one succeeds. Changes are lost if this process stops meanwhile, so a load balancer
+    should send traffic elsewhere, but a liveness probe (service "") should not restart it."""
+    failing = False
+    pending: set[asyncio.Task[None]] = set()
+
+    def follow(ok: bool) -> None:
+        nonlocal failing
+        if failing == (not ok):
+            return
+        failing = not ok
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if ok
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        # Ignored by the servicer once shutdown has begun.
+        task = asyncio.get_running_loop().create_task(health.set(SERVICE_NAME, status))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+
+    return follow
 
 
 async def start_http_port(
@@ -373,9 +407,9 @@ async def serve(settings: Settings, *, clock: Clock | None = None) -> None:
     tokens = AuthTokens(proxy=settings.proxy_tokens, admin=settings.admin_tokens)
     file_keys = read_keys_file(settings.keys_file) if settings.keys_file else []
     store: KeyStore
-    state: FileStateStore | None = None
+    state: SqliteStateStore | None = None
     if settings.state_file is not None:
-        store = state = FileStateStore.open(
+        store = state = SqliteStateStore.open(
             settings.state_file, ignore_corrupt=settings.ignore_state
         )
     else:
@@ -393,9 +427,9 @@ async def serve(settings: Settings, *, clock: Clock | None = None) -> None:
     if state is not None:
         try:
             await state.flush()  # proves the file is writable before serving
-        except OSError as exc:
+        except StateWriteFailed as exc:
             raise StateFileError(
-                f"KEYSVC_STATE_FILE: cannot write {settings.state_file}: {exc.strerror or exc}"
+                f"KEYSVC_STATE_FILE: cannot write {settings.state_file}: {exc.problem}"
             ) from exc
         state.start()
     _log_protection(settings, tokens, tls)
@@ -411,6 +445,7 @@ async def serve(settings: Settings, *, clock: Clock | None = None) -> None:
             metrics=metrics,
             list_max_page_size=settings.list_max_page_size,
             ext_proc_max_wait=settings.ext_proc_max_wait,
+            state=state,
         )
     except BaseException:
         if checker is not None:

@@ -1,45 +1,81 @@
-"""Key state that survives restarts: a ``KeyStore`` backed by a JSON state file.
+"""Key state that survives restarts: a ``KeyStore`` backed by a SQLite database.
 
-What is kept, per key hash (never a secret): disabled / revoked / over-quota
-flags with the reason and time, model families and trial flag, organization id
-(and, for an organization clone, its parent's hash), last use and last check,
-and usage counters. Rate-limit locks are not kept: they last seconds.
+What is kept, one row per key hash (never a secret): disabled / revoked /
+over-quota flags with the reason and time, model families and trial flag,
+organization id (and, for an organization clone, its parent's hash), last use
+and last check, and usage counters. Rate-limit locks are not kept: they last
+seconds.
 
-Writes are atomic (temporary file, fsync, rename, fsync of the directory) and
-run in a worker thread, so the event loop never blocks on the disk. Ordinary
-changes are batched: at most one write per ``batch_seconds``. ``flush`` writes
-now; the server awaits it before acknowledging a Disable, so a disabled key
-stays disabled whatever happens to the process afterwards.
+Only the rows of keys that changed are written, in one transaction, by a
+worker thread of the store's own, so the event loop never waits on the disk
+(the loop only copies the changed keys' fields, a few hundred at a time).
+Ordinary changes are batched: at most one write per ``batch_seconds``.
+``flush`` writes now; the server awaits it before acknowledging a Disable, so a
+disabled key stays disabled whatever happens to the process afterwards. Every
+transaction is committed with ``synchronous=FULL`` in WAL mode (the WAL is
+fsynced at each commit): one fsync per batch or Disable, in the worker thread.
+
+A write that fails (disk full, read-only file system) leaves the change in
+memory and the key marked to be written again; ``flush`` raises
+``StateWriteFailed`` and listeners (metrics, health) hear of every attempt
+until one succeeds.
 
 State for a key that is not configured is kept and written back, but inert:
 it applies again if the key returns. A file keysvc cannot read or understand
-stops start-up (``StateFileError``) rather than being silently replaced.
+stops start-up (``StateFileError``) rather than being silently replaced. A
+JSON state file from an earlier keysvc is read once and converted in place
+(the JSON file is kept beside it as ``<name>.migrated-<time>``), and the
+temporary files its writer could leave behind (``.<name>.<pid>.tmp``) are
+removed at start.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
+import re
+import shutil
+import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Final
 
 from .config import ConfigError
+from .errors import StateWriteFailed
 from .keys import DisableReason, Key, KeyProfile, hash_key
 from .pool import HASH_PATTERN
 from .store import MemoryKeyStore
 
-__all__ = ["STATE_VERSION", "FileStateStore", "StateFileError"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "CorruptStateFile",
+    "STATE_VERSION",
+    "SqliteStateStore",
+    "StateFileError",
+    "connect_database",
+    "remove_stale_temporaries",
+]
 
 _log = logging.getLogger("keysvc.state")
 
+#: The version of the JSON state files earlier keysvc versions wrote (read to migrate).
 STATE_VERSION: Final = 1
+#: ``PRAGMA user_version`` of the database this keysvc writes.
+SCHEMA_VERSION: Final = 1
+#: ``PRAGMA application_id`` marking a SQLite file as a keysvc state database ("ksvc").
+APPLICATION_ID: Final = 0x6B737663
 #: Ordinary changes reach the disk within this many seconds.
 BATCH_SECONDS: Final = 1.0
+#: Changed keys turned into rows per turn of the event loop; a row is ~10 µs.
+SNAPSHOT_CHUNK: Final = 250
+
+_SQLITE_MAGIC: Final = b"SQLite format 3\x00"
 
 _Record = dict[str, Any]
 
@@ -64,7 +100,11 @@ _FIELD_TYPES: Final[dict[str, tuple[type, ...]]] = {
 
 
 class StateFileError(ConfigError):
-    """The state file cannot be read or is not a keysvc state file."""
+    """The state file cannot be read or written, or is not a keysvc state file."""
+
+
+class CorruptStateFile(StateFileError):
+    """The state file is keysvc's (or claims to be) but its content is not valid."""
 
 
 def _record(key: Key) -> _Record:
@@ -140,8 +180,8 @@ def _check_record(key_hash: str, record: Any) -> None:
         DisableReason(reason)  # ValueError for an unknown reason
 
 
-def read_state_file(path: Path) -> dict[str, _Record]:
-    """The records of a state file; empty when the file does not exist yet.
+def _read_json_state(path: Path) -> dict[str, _Record]:
+    """The records of a JSON state file (an earlier keysvc's); empty when it does not exist.
 
     Raises:
         StateFileError: the file exists but cannot be read or understood.
@@ -164,89 +204,462 @@ def read_state_file(path: Path) -> dict[str, _Record]:
         for key_hash, record in keys.items():
             _check_record(key_hash, record)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise StateFileError(
-            f"KEYSVC_STATE_FILE: {path} is corrupt ({exc}). keysvc will not start over it:"
-            " fix or restore the file, or start with --ignore-state to move it aside"
-            " and begin with empty state (disabled keys would be handed out again"
-            " until checked)"
-        ) from exc
+        raise _corrupt(path, str(exc)) from exc
     return keys
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+# -- the database ---------------------------------------------------------------
+
+_COLUMNS: Final = (
+    "hash",
+    "organization_id",
+    "parent",
+    "families",
+    "model_ids",
+    "is_trial",
+    "revive_if_alive",
+    "is_disabled",
+    "is_revoked",
+    "is_over_quota",
+    "disable_reason",
+    "disabled_at",
+    "last_used",
+    "last_checked",
+    "prompt_count",
+    "token_usage",
+)
+_BOOLEANS: Final = ("is_trial", "revive_if_alive", "is_disabled", "is_revoked", "is_over_quota")
+_JSON_COLUMNS: Final = ("families", "model_ids", "token_usage")
+
+# Columns, not one JSON blob per row, so an operator can ask the file questions
+# (``select hash from keys where is_disabled``). Lists and maps are JSON text.
+_SCHEMA: Final = """
+CREATE TABLE keys (
+    hash            TEXT PRIMARY KEY NOT NULL,
+    organization_id TEXT NOT NULL DEFAULT '',
+    parent          TEXT,
+    families        TEXT NOT NULL DEFAULT '[]',
+    model_ids       TEXT,
+    is_trial        INTEGER NOT NULL DEFAULT 0,
+    revive_if_alive INTEGER NOT NULL DEFAULT 0,
+    is_disabled     INTEGER NOT NULL DEFAULT 0,
+    is_revoked      INTEGER NOT NULL DEFAULT 0,
+    is_over_quota   INTEGER NOT NULL DEFAULT 0,
+    disable_reason  TEXT,
+    disabled_at     REAL NOT NULL DEFAULT 0,
+    last_used       REAL NOT NULL DEFAULT 0,
+    last_checked    REAL NOT NULL DEFAULT 0,
+    prompt_count    INTEGER NOT NULL DEFAULT 0,
+    token_usage     TEXT NOT NULL DEFAULT '{}'
+) WITHOUT ROWID
+"""
+# Rows go in as multi-row INSERTs of up to ``_ROWS_PER_STATEMENT`` rows, padded to
+# a power of two (repeating the last row, which the upsert then writes twice) so a
+# dozen prepared statements serve every batch size. Why not one row per statement:
+# the sqlite3 module lets go of the GIL around each step of a statement, and the
+# writer thread then waits up to the switch interval (5 ms) to get it back from a
+# busy event loop, so a row per step made a 100-row write take tens of
+# milliseconds. (Rows as one JSON array through json_each, tried too, cost SQLite
+# ~70 µs a row in JSON parsing.) An upsert, not INSERT OR REPLACE: columns a later
+# keysvc adds survive an older one's writes.
+_ROWS_PER_STATEMENT: Final = 1024  # 16 columns: 16,384 parameters (SQLite allows 32,766)
+_ON_CONFLICT: Final = " ON CONFLICT(hash) DO UPDATE SET " + ", ".join(
+    f"{c} = excluded.{c}" for c in _COLUMNS[1:]
+)
+_SELECT: Final = f"SELECT {', '.join(_COLUMNS)} FROM keys"
+
+_Row = tuple[Any, ...]
+
+
+@functools.cache
+def _upsert_sql(rows: int) -> str:
+    """An INSERT of ``rows`` rows that updates the rows already there."""
+    values = "(" + ", ".join("?" for _ in _COLUMNS) + ")"
+    return (
+        f"INSERT INTO keys ({', '.join(_COLUMNS)}) VALUES "
+        + ", ".join(values for _ in range(rows))
+        + _ON_CONFLICT
+    )
+
+
+def _to_row(key_hash: str, record: _Record) -> _Row:
+    """The row of ``record``, in ``_COLUMNS`` order (lists and maps as JSON text)."""
+    model_ids = record.get("model_ids")
+    return (
+        key_hash,
+        record.get("organization_id", ""),
+        record.get("parent") or None,
+        json.dumps(record.get("families", [])),
+        None if model_ids is None else json.dumps(model_ids),
+        *(int(bool(record.get(name, False))) for name in _BOOLEANS),
+        record.get("disable_reason"),
+        float(record.get("disabled_at", 0.0)),
+        float(record.get("last_used", 0.0)),
+        float(record.get("last_checked", 0.0)),
+        int(record.get("prompt_count", 0)),
+        json.dumps(record.get("token_usage", {}), sort_keys=True),
+    )
+
+
+def _upsert(connection: sqlite3.Connection, rows: list[_Row]) -> None:
+    """Writes ``rows`` in one transaction: one statement when they fit in one."""
+    chunks = [
+        rows[at : at + _ROWS_PER_STATEMENT] for at in range(0, len(rows), _ROWS_PER_STATEMENT)
+    ]
+    if len(chunks) == 1:
+        _insert(connection, chunks[0])  # a statement outside BEGIN is its own transaction
+        return
+    connection.execute("BEGIN IMMEDIATE")
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    # The rename itself is durable only once the directory is synced.
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+        for chunk in chunks:
+            _insert(connection, chunk)
+        connection.execute("COMMIT")
+    except BaseException:
+        if connection.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                connection.execute("ROLLBACK")
+        raise
+
+
+def _insert(connection: sqlite3.Connection, chunk: list[_Row]) -> None:
+    size = 1 << (len(chunk) - 1).bit_length()
+    padded = chunk + [chunk[-1]] * (size - len(chunk))
+    connection.execute(_upsert_sql(size), [value for row in padded for value in row])
+
+
+def _from_row(row: _Row) -> tuple[str, _Record]:
+    """The record of a row, checked as a JSON file's record was.
+
+    Raises:
+        ValueError: a value is not one keysvc writes.
+    """
+    values = dict(zip(_COLUMNS, row, strict=True))
+    key_hash = values.pop("hash")
+    if values["parent"] is None:
+        del values["parent"]
+    for name in _BOOLEANS:
+        if values[name] not in (0, 1) or isinstance(values[name], float):
+            raise ValueError(f"key {key_hash}: field {name!r} is not 0 or 1")
+        values[name] = bool(values[name])
+    for name in _JSON_COLUMNS:
+        if values[name] is not None:
+            if not isinstance(values[name], str):
+                raise ValueError(f"key {key_hash}: field {name!r} is not JSON text")
+            values[name] = json.loads(values[name])
+    _check_record(key_hash, values)
+    return key_hash, values
+
+
+def connect_database(path: Path) -> sqlite3.Connection:
+    """A connection to the database at ``path``, in autocommit mode (keysvc says BEGIN).
+
+    The store uses it from its one writer thread after start-up, hence
+    ``check_same_thread=False``.
+    """
+    return sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+
+
+def _prepare(connection: sqlite3.Connection, path: Path) -> None:
+    """Makes a new database keysvc's, or checks an existing one is; WAL, synchronous=FULL.
+
+    Raises:
+        StateFileError: the file is another program's database, or a newer keysvc's.
+        sqlite3.Error: the file cannot be read or written.
+    """
+    application_id = connection.execute("PRAGMA application_id").fetchone()[0]
+    version = connection.execute("PRAGMA user_version").fetchone()[0]
+    tables = connection.execute("SELECT count(*) FROM sqlite_schema").fetchone()[0]
+    if application_id == 0 and tables == 0:
+        connection.execute("BEGIN IMMEDIATE")
+        _create_schema(connection)
+        connection.execute("COMMIT")
+    elif application_id != APPLICATION_ID:
+        raise StateFileError(
+            f"KEYSVC_STATE_FILE: {path} is a SQLite database but not a keysvc state file;"
+            " keysvc will not write into it"
+        )
+    elif version > SCHEMA_VERSION:
+        raise StateFileError(
+            f"KEYSVC_STATE_FILE: {path} was written by a newer keysvc (schema {version},"
+            f" this one knows {SCHEMA_VERSION}); keysvc will not start over it"
+        )
+    mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+    if str(mode).lower() != "wal":
+        raise sqlite3.OperationalError(f"cannot use WAL mode (journal mode is {mode})")
+    # Every commit is fsynced: a Disable must survive a power loss, not only a crash.
+    connection.execute("PRAGMA synchronous = FULL")
+
+
+def _read_rows(connection: sqlite3.Connection, path: Path) -> dict[str, _Record]:
+    saved: dict[str, _Record] = {}
+    try:
+        for row in connection.execute(_SELECT):
+            key_hash, record = _from_row(row)
+            saved[key_hash] = record
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _corrupt(path, str(exc)) from exc
+    return saved
+
+
+def _corrupt(path: Path, problem: str) -> CorruptStateFile:
+    return CorruptStateFile(
+        f"KEYSVC_STATE_FILE: {path} is corrupt ({problem}). keysvc will not start over it:"
+        " fix or restore the file, or start with --ignore-state to move it aside"
+        " and begin with empty state (disabled keys would be handed out again"
+        " until checked)"
+    )
+
+
+def _cannot_write(path: Path, exc: BaseException) -> StateFileError:
+    problem = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return StateFileError(f"KEYSVC_STATE_FILE: cannot write {path}: {problem}")
+
+
+def _head(path: Path) -> bytes | None:
+    """The file's first bytes, or None when it does not exist.
+
+    Raises:
+        StateFileError: it exists but cannot be read.
+    """
+    try:
+        with path.open("rb") as file:
+            return file.read(len(_SQLITE_MAGIC))
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StateFileError(
+            f"KEYSVC_STATE_FILE: cannot read {path}: {exc.strerror or exc}"
+        ) from exc
+
+
+def _sidecars(path: Path) -> list[Path]:
+    """SQLite's own files beside the database (write-ahead log, shared memory)."""
+    return [path.with_name(path.name + suffix) for suffix in ("-wal", "-shm", "-journal")]
+
+
+def _temporary(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Removes ``.<name>.<pid>.tmp`` files beside ``path`` and returns them.
+
+    The JSON state file's writer (and a migration) writes such a file and
+    renames it over the state file; a kill -9 in between left it behind for
+    good. One keysvc per state file, so at start none is anyone's.
+    """
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.\d+\.tmp")
+    removed: list[Path] = []
+    try:
+        candidates = list(path.parent.iterdir())
+    except OSError:
+        return removed  # a missing directory is reported when the database is opened
+    for candidate in candidates:
+        if pattern.fullmatch(candidate.name):
+            with contextlib.suppress(FileNotFoundError):
+                candidate.unlink()
+                removed.append(candidate)
+    if removed:
+        _log.info(
+            "removed temporary state files left by an earlier process",
+            extra={"files": ",".join(p.name for p in removed)},
+        )
+    return removed
+
+
+def _create_private(path: Path) -> None:
+    """Creates ``path`` empty with mode 0600 if it does not exist (SQLite's own files,
+    -wal and -shm, take the database file's mode)."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+
+
+def _fsync_directory(path: Path) -> None:
+    dir_fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
 
 
-class FileStateStore:
-    """Keys in memory, their state mirrored to a JSON file keyed by hash."""
+def _migrate_json(path: Path, connect: Callable[[Path], sqlite3.Connection]) -> int:
+    """Converts the JSON state file at ``path`` into a database at the same path.
+
+    The database is built beside it and renamed over it, so a crash at any
+    point leaves either the JSON file (converted again at the next start) or
+    the whole database. The JSON file stays, under another name, as a backup
+    keysvc never reads again.
+
+    Returns:
+        The number of keys converted.
+
+    Raises:
+        StateFileError: the JSON file is corrupt, or the database cannot be written.
+    """
+    records = _read_json_state(path)
+    tmp = _temporary(path)
+    backup = path.with_name(f"{path.name}.migrated-{int(time.time())}")
+    try:
+        tmp.unlink(missing_ok=True)
+        _create_private(tmp)
+        connection = connect(tmp)
+        try:
+            # No journal: a crash leaves a temporary file that the next start removes.
+            connection.execute("PRAGMA journal_mode = OFF")
+            _create_schema(connection)
+            _upsert(connection, [_to_row(h, r) for h, r in records.items()])
+        finally:
+            connection.close()
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(path, backup)
+        except OSError:  # a file system without hard links
+            shutil.copyfile(path, backup)
+        os.replace(tmp, path)
+        _fsync_directory(path.parent)
+    except (OSError, sqlite3.Error) as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise _cannot_write(path, exc) from exc
+    _log.warning(
+        "converted the JSON state file to SQLite; the JSON file is kept as a backup"
+        " and not read again",
+        extra={"path": str(path), "keys": len(records), "backup": str(backup)},
+    )
+    return len(records)
+
+
+def _create_schema(connection: sqlite3.Connection) -> None:
+    connection.execute(_SCHEMA)
+    connection.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+    connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
+def _open_database(
+    path: Path, connect: Callable[[Path], sqlite3.Connection]
+) -> tuple[sqlite3.Connection, dict[str, _Record]]:
+    """Opens (creating, or converting from JSON, as needed) the database and reads it.
+
+    Raises:
+        StateFileError: it cannot be read or written, or is not keysvc's.
+    """
+    head = _head(path)
+    if head and head != _SQLITE_MAGIC:
+        _migrate_json(path, connect)
+    elif head is None:
+        try:
+            _create_private(path)
+        except OSError as exc:
+            raise _cannot_write(path, exc) from exc
+    try:
+        connection = connect(path)
+    except sqlite3.Error as exc:
+        raise _cannot_write(path, exc) from exc
+    try:
+        _prepare(connection, path)
+        return connection, _read_rows(connection, path)
+    except sqlite3.DatabaseError as exc:
+        connection.close()
+        if isinstance(exc, sqlite3.OperationalError):
+            raise _cannot_write(path, exc) from exc
+        raise _corrupt(path, str(exc)) from exc
+    except BaseException:
+        connection.close()
+        raise
+
+
+def _move_aside(path: Path) -> Path:
+    aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
+    try:
+        path.rename(aside)
+        for sidecar in _sidecars(path):
+            if sidecar.exists():
+                sidecar.rename(aside.with_name(aside.name + sidecar.name[len(path.name) :]))
+    except OSError as exc:
+        raise StateFileError(
+            f"KEYSVC_STATE_FILE: {path} is unusable and cannot be moved aside:"
+            f" {exc.strerror or exc}"
+        ) from exc
+    return aside
+
+
+# -- the store --------------------------------------------------------------------
+
+#: Told the outcome of every write attempt: True written, False failed.
+WriteListener = Callable[[bool], None]
+
+
+class SqliteStateStore:
+    """Keys in memory, their state mirrored to a SQLite database, one row per key hash."""
 
     def __init__(
         self,
-        path: Path,
+        connection: sqlite3.Connection,
         *,
+        path: Path,
         saved: dict[str, _Record] | None = None,
         batch_seconds: float = BATCH_SECONDS,
     ) -> None:
-        """A store writing to ``path``, starting from ``saved`` records.
+        """A store writing through ``connection`` (to ``path``), starting from ``saved``.
 
-        Use ``open`` to read them from ``path`` first.
+        Use ``open``, which reads ``saved`` from the database first. The store
+        owns the connection from now on and uses it only from its writer thread.
         """
+        self._connection = connection
         self._path = path
         self._batch_seconds = batch_seconds
         self._keys = MemoryKeyStore()
-        self._records: dict[str, _Record] = dict(saved or {})
+        #: Records of keys not in memory: not configured (yet), or removed.
+        self._saved: dict[str, _Record] = dict(saved or {})
         self._dirty: set[str] = set()
         self._version = 0
         self._written = -1
         self._lock = asyncio.Lock()
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        # One thread: SQLite sees one writer, and writes stay in order.
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keysvc-state")
+
+        self._listeners: list[WriteListener] = []
+        self._failing = False
 
     @classmethod
-    def open(cls, path: Path, *, ignore_corrupt: bool = False) -> FileStateStore:
-        """Reads ``path`` (missing is fine: first start).
+    def open(
+        cls,
+        path: Path,
+        *,
+        ignore_corrupt: bool = False,
+        batch_seconds: float = BATCH_SECONDS,
+        connect: Callable[[Path], sqlite3.Connection] = connect_database,
+    ) -> SqliteStateStore:
+        """Opens the database at ``path`` (missing is fine: first start).
+
+        A JSON state file at ``path`` is converted first; stale temporary files
+        beside it are removed.
 
         Raises:
-            StateFileError: the file is unreadable or corrupt and
+            StateFileError: the file is unreadable, unwritable or corrupt and
                 ``ignore_corrupt`` is false. With it, a corrupt file is renamed
                 to ``<name>.corrupt-<time>`` and the store starts empty.
         """
+        remove_stale_temporaries(path)
         try:
-            saved = read_state_file(path)
+            connection, saved = _open_database(path, connect)
         except StateFileError as exc:
-            if not ignore_corrupt or not path.exists():
+            if not ignore_corrupt or not isinstance(exc, CorruptStateFile):
                 raise
-            aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
-            try:
-                path.rename(aside)
-            except OSError as move_exc:
-                raise StateFileError(
-                    f"KEYSVC_STATE_FILE: {path} is unusable and cannot be moved aside:"
-                    f" {move_exc.strerror or move_exc}"
-                ) from move_exc
+            aside = _move_aside(path)
             _log.error(
                 "IGNORING THE STATE FILE: starting with empty state; keys disabled before"
                 " will be handed out again until checked",
                 extra={"problem": str(exc), "moved_to": str(aside)},
             )
-            saved = {}
+            connection, saved = _open_database(path, connect)
         _log.info("state file read", extra={"path": str(path), "keys": len(saved)})
-        return cls(path, saved=saved)
+        return cls(connection, path=path, saved=saved, batch_seconds=batch_seconds)
 
     # -- KeyStore ----------------------------------------------------------------
 
@@ -255,19 +668,21 @@ class FileStateStore:
 
     def add(self, key: Key) -> None:
         """Stores ``key``, first giving it the saved state of its hash, if any."""
-        record = self._records.get(key.hash)
+        record = self._saved.get(key.hash)
         if record is not None:
             _apply(record, key)
         self._keys.add(key)
         if record is None:
             self.changed(key)
+        else:
+            del self._saved[key.hash]
 
     def remove(self, key_hash: str) -> None:
         key = self._keys.get(key_hash)
         if key is not None:
-            # Keep its state, inert, in case the key comes back.
-            self._records[key_hash] = _record(key)
-            self._dirty.discard(key_hash)
+            # Keep its state, inert, in case the key comes back; written as it is now.
+            self._saved[key_hash] = _record(key)
+            self._dirty.add(key_hash)
             self._bump()
         self._keys.remove(key_hash)
 
@@ -288,31 +703,49 @@ class FileStateStore:
         write that already covers their change returns without writing again.
 
         Raises:
-            OSError: the file cannot be written.
+            StateWriteFailed: the database cannot be written; the changes stay
+                in memory and are written by the next write that succeeds.
         """
         target = self._version
         async with self._lock:
             if self._written >= target:
                 return
             version = self._version
-            for key_hash in self._dirty:
-                key = self._keys.get(key_hash)
-                if key is not None:
-                    self._records[key_hash] = _record(key)
-            self._dirty.clear()
-            # Records are replaced, never mutated, so a shallow copy is a snapshot.
-            snapshot = {"version": STATE_VERSION, "keys": dict(self._records)}
-            data = await asyncio.to_thread(_encode, snapshot)
-            await asyncio.to_thread(_atomic_write, self._path, data)
+            batch, self._dirty = self._dirty, set()
+            try:
+                rows = await self._snapshot(batch)
+                loop = asyncio.get_running_loop()
+                await loop.run_in_executor(self._writer, self._write, rows)
+            except (sqlite3.Error, OSError) as exc:
+                self._dirty |= batch
+                problem = str(exc) or type(exc).__name__
+                self._report(ok=False, problem=problem)
+                raise StateWriteFailed(problem) from exc
+            except BaseException:
+                self._dirty |= batch  # cancelled: written next time (perhaps twice)
+                raise
             self._written = version
+            self._report(ok=True)
+
+    # -- health ---------------------------------------------------------------------
+
+    @property
+    def write_failing(self) -> bool:
+        """Whether the last write failed (until one succeeds)."""
+        return self._failing
+
+    def add_listener(self, listener: WriteListener) -> None:
+        """Calls ``listener`` on the event loop after every write attempt."""
+        self._listeners.append(listener)
 
     # -- lifecycle ----------------------------------------------------------------
 
     def saved_clones(self) -> list[tuple[str, str]]:
-        """(parent hash, organization id) of every organization clone in the state."""
+        """(parent hash, organization id) of every organization clone in the state
+        and not in memory."""
         return [
             (record["parent"], record.get("organization_id", ""))
-            for record in self._records.values()
+            for record in self._saved.values()
             if record.get("parent")
         ]
 
@@ -322,17 +755,59 @@ class FileStateStore:
             self._task = asyncio.get_running_loop().create_task(self._batch_writes())
 
     async def close(self) -> None:
-        """Stops the background writer and writes what is left."""
+        """Stops the background writer, writes what is left and closes the database."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        await self.flush()
+        try:
+            await self.flush()
+        except StateWriteFailed:
+            _log.error(
+                "stopping with changes the state file does not have",
+                extra={"path": str(self._path)},
+            )
+        finally:
+            loop = asyncio.get_running_loop()
+            # The last connection to close checkpoints the write-ahead log and removes it.
+            await loop.run_in_executor(self._writer, self._connection.close)
+            self._writer.shutdown()
+
+    # -- internals ----------------------------------------------------------------
 
     def _bump(self) -> None:
         self._version += 1
         self._wakeup.set()
+
+    async def _snapshot(self, batch: Iterable[str]) -> list[_Row]:
+        """The rows of ``batch`` as they are now, made on the loop (the pool's state is
+        the loop's alone), yielding to other work every ``SNAPSHOT_CHUNK`` keys."""
+        rows: list[_Row] = []
+        for count, key_hash in enumerate(batch, start=1):
+            key = self._keys.get(key_hash)
+            record = _record(key) if key is not None else self._saved.get(key_hash)
+            if record is not None:
+                rows.append(_to_row(key_hash, record))
+            if count % SNAPSHOT_CHUNK == 0:
+                await asyncio.sleep(0)
+        return rows
+
+    def _write(self, rows: list[_Row]) -> None:
+        """One transaction with every row (in the writer thread)."""
+        _upsert(self._connection, rows)
+
+    def _report(self, *, ok: bool, problem: str = "") -> None:
+        if not ok:
+            _log.error(
+                "cannot write the state file; the changes are in memory and the write is retried",
+                extra={"path": str(self._path), "problem": problem},
+            )
+        elif self._failing:
+            _log.warning("state file written again", extra={"path": str(self._path)})
+        self._failing = not ok
+        for listener in self._listeners:
+            listener(ok)
 
     async def _batch_writes(self) -> None:
         while True:
@@ -341,13 +816,5 @@ class FileStateStore:
             self._wakeup.clear()
             try:
                 await self.flush()
-            except OSError as exc:
-                _log.error(
-                    "cannot write the state file; will retry",
-                    extra={"path": str(self._path), "problem": exc.strerror or str(exc)},
-                )
-                self._wakeup.set()
-
-
-def _encode(doc: dict[str, Any]) -> bytes:
-    return json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
+            except StateWriteFailed:
+                self._wakeup.set()  # logged and counted; retried after the next pause

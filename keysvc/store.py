@@ -2,8 +2,8 @@
 
 The pool keeps its selection indexes in memory and reaches the key records only
 through ``KeyStore``. ``MemoryKeyStore`` is the default; a store that persists
-or shares state implements the same protocol, and ``changed`` is its cue that a
-key must be written.
+or shares state implements the same protocol (``keysvc.state.SqliteStateStore``),
+and ``changed`` is its cue that a key must be written.
 """
 
 from __future__ import annotations
@@ -36,7 +36,12 @@ class KeyStore(Protocol):
         ...
 
     async def flush(self) -> None:
-        """Returns once every change reported so far is durable."""
+        """Returns once every change reported so far is durable.
+
+        Raises:
+            keysvc.errors.StateWriteFailed: a persistent store could not write;
+                the changes stay in memory and are written later.
+        """
         ...
 
 

@@ -11,7 +11,16 @@ import math
 
 import pytest
 
-from bench import envoy_cost, list_pages, memory, pool_scale, rpc_cost, simulate, used_pool
+from bench import (
+    envoy_cost,
+    list_pages,
+    memory,
+    pool_scale,
+    rpc_cost,
+    simulate,
+    state_load,
+    used_pool,
+)
 from bench.seed_pool import seed_reset_seconds
 from bench.upstream import ModelLimits, RateLimitedUpstream, go_duration
 from keysvc.clock import SystemClock
@@ -72,6 +81,24 @@ def test_rpc_cost_smoke() -> None:
         section.figures["ratio"],
         section.figures["Get:cpu_us"] / section.figures["Health/Check:cpu_us"],
     )
+
+
+def test_state_load_smoke() -> None:
+    section = state_load.run(smoke=True)
+    for label in ("state file", "in memory"):
+        assert section.figures[f"{label}:get_p99_ms"] >= section.figures[f"{label}:get_p50_ms"] > 0
+        assert section.figures[f"{label}:disable_p99_ms"] > 0
+        assert section.figures[f"{label}:gets_per_s"] > 0
+    # The state file is real: every key has its row, every acknowledged Disable is on disk
+    # (the warm-up's too).
+    assert section.figures["rows_on_disk"] == 2_000
+    assert section.figures["disabled_on_disk"] >= section.figures["state file:disables"] > 0
+    assert math.isclose(
+        section.figures["get_p99_ratio"],
+        section.figures["state file:get_p99_ms"] / section.figures["in memory:get_p99_ms"],
+    )
+    assert section.figures["fdatasync_p99_ms"] >= section.figures["fdatasync_p50_ms"] > 0
+    assert [t.informational for t in section.targets] == [False, False, False, True]
 
 
 def test_simulator_smoke() -> None:

@@ -14,6 +14,7 @@ import grpc
 from keysvc.metrics import Metrics
 from keysvc.pool import KeyPool
 from keysvc.server import KeysvcServer, create_server, start_http_port
+from keysvc.state import SqliteStateStore
 from keysvc.v1 import keysvc_pb2 as pb
 from keysvc.web import HttpServer
 
@@ -36,13 +37,14 @@ async def observed_server(
     *,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     start: bool = True,
+    state: SqliteStateStore | None = None,
 ) -> AsyncIterator[Observed]:
     """A keysvc server and its HTTP port, both on free loopback ports; stopped on exit.
 
     ``pool`` must have been built with ``metrics`` as its observer.
     """
     server = create_server(
-        pool, host="127.0.0.1", port=0, metrics=metrics, interceptors=interceptors
+        pool, host="127.0.0.1", port=0, metrics=metrics, interceptors=interceptors, state=state
     )
     http = await start_http_port(server, pool, metrics, host="127.0.0.1", port=0)
     if start:

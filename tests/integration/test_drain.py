@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import json
+import contextlib
 import signal
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -20,7 +21,7 @@ from keysvc.keys import hash_key
 from keysvc.models import ModelTable
 from keysvc.pool import KeyPool
 from keysvc.server import SERVICE_NAME, create_server
-from keysvc.state import FileStateStore
+from keysvc.state import SqliteStateStore
 from keysvc.v1 import keysvc_pb2 as pb
 from keysvc.v1 import keysvc_pb2_grpc
 from tests.helpers import error_reason
@@ -57,6 +58,13 @@ class HoldIncrementUsage(grpc.aio.ServerInterceptor):
         return wrap_unary(handler, hold)
 
 
+def _saved(state: Path, *columns: str) -> tuple[object, ...]:
+    """``columns`` of the key's row in the state database."""
+    with contextlib.closing(sqlite3.connect(state)) as reader:
+        row = reader.execute(f"SELECT {', '.join(columns)} FROM keys WHERE hash = ?", (HASH,))
+        return tuple(row.fetchone())
+
+
 async def _health(channel: grpc.aio.Channel) -> int:
     stub = health_pb2_grpc.HealthStub(channel)
     reply = await stub.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=5)
@@ -64,8 +72,8 @@ async def _health(channel: grpc.aio.Channel) -> int:
 
 
 async def test_shutdown_drains_calls_in_flight_and_writes_state(tmp_path: Path) -> None:
-    state = tmp_path / "state.json"
-    store = FileStateStore.open(state)
+    state = tmp_path / "state.db"
+    store = SqliteStateStore.open(state)
     pool = KeyPool(store=store, models=ModelTable(), clock=ManualClock())
     pool.add_key(SECRET)
     hold = HoldIncrementUsage()
@@ -95,8 +103,7 @@ async def test_shutdown_drains_calls_in_flight_and_writes_state(tmp_path: Path) 
         hold.release.set()
         await asyncio.wait_for(in_flight, 5)
         await asyncio.wait_for(stopping, 5)
-    record = json.loads(state.read_text())["keys"][HASH]
-    assert record["token_usage"] == {"gpt4o": 42} and record["prompt_count"] == 1
+    assert _saved(state, "token_usage", "prompt_count") == ('{"gpt4o": 42}', 1)
 
 
 async def test_grace_period_ends_calls_that_do_not_finish() -> None:
@@ -118,7 +125,7 @@ async def test_grace_period_ends_calls_that_do_not_finish() -> None:
 
 
 def test_sigterm_exits_0_and_writes_batched_state(tmp_path: Path) -> None:
-    state = tmp_path / "state.json"
+    state = tmp_path / "state.db"
     server = ServerProcess({"OPENAI_KEY": SECRET, "KEYSVC_STATE_FILE": str(state)})
     try:
         port = server.wait_serving()
@@ -132,4 +139,4 @@ def test_sigterm_exits_0_and_writes_batched_state(tmp_path: Path) -> None:
         server.wait_for_log("stopped")
     finally:
         server.stop()
-    assert json.loads(state.read_text())["keys"][HASH]["token_usage"] == {"o3": 9}
+    assert _saved(state, "token_usage") == ('{"o3": 9}',)

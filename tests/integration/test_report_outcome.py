@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import json
+import contextlib
+import sqlite3
 from pathlib import Path
 
 import grpc
@@ -14,7 +15,7 @@ from keysvc.keys import hash_key
 from keysvc.metrics import Metrics
 from keysvc.models import ModelTable
 from keysvc.pool import KeyPool
-from keysvc.state import FileStateStore
+from keysvc.state import SqliteStateStore
 from keysvc.v1 import keysvc_pb2 as pb
 from tests.exposition import parse, value
 from tests.helpers import client, error_reason, make_pool, serving
@@ -64,9 +65,9 @@ async def test_rate_limit_says_retry_and_locks_the_key() -> None:
 
 
 async def test_dead_key_is_durable_before_the_reply(tmp_path: Path) -> None:
-    path = tmp_path / "state.json"
+    path = tmp_path / "state.db"
     # No background writer and an hour-long batch: only a flush writes the file.
-    store = FileStateStore(path, batch_seconds=3600)
+    store = SqliteStateStore.open(path, batch_seconds=3600)
     pool = KeyPool(store=store, models=ModelTable(), clock=ManualClock())
     for secret in SECRETS:
         pool.add_key(secret)
@@ -78,9 +79,13 @@ async def test_dead_key_is_durable_before_the_reply(tmp_path: Path) -> None:
         )
         assert reply.action == pb.OUTCOME_ACTION_RETRY_WITH_ANOTHER_KEY
         assert reply.key.is_over_quota
-        saved = json.loads(path.read_text())["keys"]
-        assert saved[A]["is_disabled"] and saved[A]["is_over_quota"]
-        assert not saved[B]["is_disabled"]
+        with contextlib.closing(sqlite3.connect(path)) as reader:
+            saved = {
+                row[0]: row[1:]
+                for row in reader.execute("SELECT hash, is_disabled, is_over_quota FROM keys")
+            }
+        assert saved[A] == (1, 1)
+        assert saved[B] == (0, 0)
         assert (await stub.Available(pb.AvailableRequest())).count == 1
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from pathlib import Path
@@ -26,8 +27,13 @@ def _stub(port: int) -> tuple[grpc.Channel, keysvc_pb2_grpc.KeyServiceStub]:
     return channel, keysvc_pb2_grpc.KeyServiceStub(channel)
 
 
+def _state_bytes(state: Path) -> bytes:
+    """The database and SQLite's files beside it (the write-ahead log after a kill -9)."""
+    return b"".join(p.read_bytes() for p in state.parent.glob(state.name + "*"))
+
+
 def test_disables_survive_kill_9_and_usage_within_the_batch_window(tmp_path: Path) -> None:
-    state = tmp_path / "state.json"
+    state = tmp_path / "state.db"
     server = ServerProcess(_env(state))
     try:
         channel, stub = _stub(server.wait_serving())
@@ -46,7 +52,7 @@ def test_disables_survive_kill_9_and_usage_within_the_batch_window(tmp_path: Pat
         channel.close()
     finally:
         server.stop()
-    assert SECRETS[0] not in state.read_text()
+    assert SECRETS[0].encode() not in _state_bytes(state)
 
     again = ServerProcess(_env(state))
     try:
@@ -99,3 +105,30 @@ def test_unwritable_state_directory_refuses_to_start(tmp_path: Path) -> None:
     done = run_keysvc(_env(state))
     assert done.returncode == 2
     assert "cannot write" in done.stderr
+
+
+def test_a_json_state_file_of_an_earlier_keysvc_is_converted(tmp_path: Path) -> None:
+    state = tmp_path / "state.json"
+    old = json.dumps(
+        {"version": 1, "keys": {h: {"is_disabled": True, "is_revoked": True} for h in HASHES[:3]}}
+    )
+    state.write_text(old)
+    (tmp_path / ".state.json.31337.tmp").write_text(old[:40])  # left by a kill -9
+    logs = []
+    for _ in range(2):  # converted at the first start, read as a database at the second
+        server = ServerProcess(_env(state))
+        try:
+            channel, stub = _stub(server.wait_serving())
+            assert stub.Available(pb.AvailableRequest()).count == len(SECRETS) - 3
+            channel.close()
+            server.signal(signal.SIGTERM)
+            assert server.wait_exit() == 0
+        finally:
+            server.stop()
+        logs.append(server.log)
+    assert state.read_bytes().startswith(b"SQLite format 3\x00")
+    (backup,) = tmp_path.glob("state.json.migrated-*")
+    assert backup.read_text() == old
+    assert not list(tmp_path.glob(".*.tmp"))
+    assert "converted the JSON state file to SQLite" in logs[0]
+    assert "converted" not in logs[1]

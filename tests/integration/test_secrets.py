@@ -90,7 +90,7 @@ def _free_port() -> int:
 def _run(tmp_path: Path, args: list[str]) -> tuple[ServerProcess, Path]:
     keys_file = tmp_path / "keys"
     keys_file.write_text(f"# more\n{FILE_SECRET}\n")
-    state = tmp_path / "state.json"
+    state = tmp_path / "state.db"
     server = ServerProcess(
         {
             "OPENAI_KEY": ",".join(SECRETS),
@@ -128,7 +128,8 @@ def test_no_secret_in_logs_errors_listing_or_state(tmp_path: Path) -> None:
     assert "DEBUG" in server.log  # the scenario really ran at debug level
     _assert_clean("a reply or error", "\n".join(seen))
     _assert_clean("the log", server.log)
-    _assert_clean("the state file", state.read_text())
+    state_files = b"".join(p.read_bytes() for p in tmp_path.glob("state.db*"))
+    _assert_clean("the state file", state_files.decode("latin-1"))
 
 
 def test_no_secret_in_metrics(tmp_path: Path) -> None:
