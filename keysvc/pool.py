@@ -1722,38 +1722,56 @@ def _budget_until(table: RateTable, row: int, tokens_needed: float) -> float:
 
     Each budgeted dimension has, ``t`` seconds after ``budget_at``, what was left
     plus ``rate × t`` until its limit is whole again (``full_at``), then the
-    whole limit. More in flight than the limit is never covered: the wait ends
-    when the oldest reservation lapses (or an answer re-derives it). The wait
-    is capped at ``MAX_BUDGET_WAIT``.
+    whole limit. A reservation stops counting when it lapses, so the wait ends
+    at the first time both dimensions fit what is then still in flight (more in
+    flight than the limit never fits before some lapse). The wait is capped at
+    ``MAX_BUDGET_WAIT``.
     """
     reserved = table.reserved.get(row)
     in_flight = len(reserved) if reserved else 0
     reserved_tokens = sum(tokens for _, tokens in reserved) if reserved else 0.0
     budget_at = table.budget_at[row]
     until = 0.0
-    for budget, needed in (
-        (table.budgets[0], in_flight + 1.0),
-        (table.budgets[1], reserved_tokens + tokens_needed),
+    for dimension, (budget, needed) in enumerate(
+        (
+            (table.budgets[0], in_flight + 1.0),
+            (table.budgets[1], reserved_tokens + tokens_needed),
+        )
     ):
         limit, left = budget.limit[row], budget.left[row]
         # limit != limit: no budget in the dimension (NaN).
         if limit != limit or needed <= left:
             continue
-        rate = budget.rate[row]
-        if needed > limit:
-            fits = math.inf
-        elif rate > 0.0:
-            fits = min(budget.full_at[row], budget_at + (needed - left) / rate)
-        else:
-            fits = budget.full_at[row]
+        fits = _fits_at(budget, row, budget_at, needed)
+        if reserved:
+            # Past a reservation's lapse, it no longer needs room.
+            lapsed = 0.0
+            for handed_out, tokens in reserved:
+                lapse = handed_out + RESERVATION_TTL
+                if fits <= lapse:
+                    break
+                lapsed = lapse
+                needed -= tokens if dimension else 1.0
+                fits = _fits_at(budget, row, budget_at, needed)
+            fits = max(fits, lapsed)
         if fits > until:
             until = fits
     if until == 0.0:
         return 0.0
-    until = min(until, budget_at + MAX_BUDGET_WAIT)
-    if reserved:
-        until = min(until, reserved[0][0] + RESERVATION_TTL)
-    return until
+    return min(until, budget_at + MAX_BUDGET_WAIT)
+
+
+def _fits_at(budget: Budget, row: int, budget_at: float, needed: float) -> float:
+    """When the dimension has ``needed`` (``_refilled``); inf if never (more than its limit)."""
+    left = budget.left[row]
+    if needed <= left:
+        return budget_at
+    if needed > budget.limit[row]:
+        return math.inf
+    rate = budget.rate[row]
+    if rate > 0.0:
+        return min(budget.full_at[row], budget_at + (needed - left) / rate)
+    return budget.full_at[row]
 
 
 def _check_model(model: str) -> None:

@@ -91,27 +91,42 @@ class Shadow:
                     self.left[dim] = min(limit, self.left[dim] + refill)
         self.budget_at = now
 
+    def available(self, dim: str, x: float) -> float:
+        """What the dimension has ``x`` seconds after ``budget_at``."""
+        if self.budget_at + x >= self.full_at[dim]:
+            return self.limit[dim]
+        return min(self.limit[dim], self.left[dim] + self.rate[dim] * x)
+
+    def needed(self, dim: str, x: float) -> float:
+        """Room for the reservations not lapsed ``x`` seconds after ``budget_at``, and
+        one more hand-out."""
+        live = [r for r in self.reserved if r[0] + RESERVATION_TTL > self.budget_at + x]
+        if dim == "requests":
+            return len(live) + 1.0
+        return sum(tokens for _, tokens in live) + self.reserve
+
     def budget_until(self) -> float:
-        needs = {"requests": len(self.reserved) + 1.0}
-        needs["tokens"] = sum(t for _, t in self.reserved) + self.reserve
-        until = 0.0
-        for dim, limit in self.limit.items():
-            if needs[dim] <= self.left[dim]:
-                continue
-            if needs[dim] > limit:
-                fits = math.inf
-            elif self.rate[dim] > 0:
-                fits = self.budget_at + (needs[dim] - self.left[dim]) / self.rate[dim]
-                fits = min(fits, self.full_at[dim])
-            else:
-                fits = self.full_at[dim]
-            until = max(until, fits)
-        if not until:
+        """Brute force: the earliest moment, among those where anything changes, at
+        which every budgeted dimension has room (as offsets from ``budget_at``, which
+        an epoch time would round)."""
+        dims = list(self.limit)
+
+        def fits(x: float) -> bool:
+            return all(self.needed(d, x) <= self.available(d, x) + 1e-9 for d in dims)
+
+        if not dims or fits(0.0):
             return 0.0
-        until = min(until, self.budget_at + MAX_BUDGET_WAIT)
-        if self.reserved:
-            until = min(until, self.reserved[0][0] + RESERVATION_TTL)
-        return until
+        at = self.budget_at
+        moments = {0.0, *(t - at for t in self.full_at.values())}
+        moments |= {h + RESERVATION_TTL - at for h, _ in self.reserved}
+        for d in dims:
+            if self.rate[d] > 0:
+                for lapsed in range(len(self.reserved) + 1):
+                    x = self.reserved[lapsed - 1][0] + RESERVATION_TTL - at if lapsed else 0.0
+                    moments.add((self.needed(d, x) - self.left[d]) / self.rate[d])
+        candidates = sorted(x for x in moments if x >= 0 and fits(x))
+        until = at + candidates[0] if candidates else math.inf
+        return min(until, at + MAX_BUDGET_WAIT)
 
     def until(self, *, throttle: bool) -> float:
         if not self.last_used and not self.rate_limited_at and not self.budget_at:
