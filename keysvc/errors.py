@@ -13,7 +13,8 @@ Exception tree::
     ├── FamilyDisallowed        PERMISSION_DENIED   FAMILY_DISALLOWED
     ├── Unauthenticated         UNAUTHENTICATED     MISSING_TOKEN or BAD_TOKEN
     ├── RoleDenied              PERMISSION_DENIED   ROLE_DENIED
-    └── ShuttingDown            UNAVAILABLE         SHUTTING_DOWN
+    ├── ShuttingDown            UNAVAILABLE         SHUTTING_DOWN
+    └── Overloaded              RESOURCE_EXHAUSTED  OVERLOADED
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ __all__ = [
     "KeyNotFound",
     "KeysvcError",
     "NoKeysForFamily",
+    "Overloaded",
     "RoleDenied",
     "ShuttingDown",
     "Unauthenticated",
@@ -140,3 +142,20 @@ class ShuttingDown(KeysvcError):
 
     def __init__(self) -> None:
         super().__init__("keysvc is shutting down; retry on another instance")
+
+
+class Overloaded(KeysvcError):
+    """The server's in-flight limit is reached; this call was refused before it started.
+
+    Nothing was done for it, so a client may retry it as it is, after a backoff.
+    """
+
+    code = "RESOURCE_EXHAUSTED"
+    reason = "OVERLOADED"
+
+    def __init__(self, limit: int, setting: str = "KEYSVC_MAX_IN_FLIGHT") -> None:
+        super().__init__(
+            f"keysvc is overloaded: its limit of {limit} calls in flight ({setting}) is"
+            " reached; nothing was done, retry after a backoff",
+            metadata={"limit": str(limit), "setting": setting},
+        )

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Final
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -108,6 +108,18 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self._overloaded = Counter(
+            "keysvc_overloaded",
+            "KeyService calls refused because the in-flight limit was reached"
+            " (RESOURCE_EXHAUSTED, reason OVERLOADED), by full method name.",
+            ["method"],
+            registry=self.registry,
+        )
+        self._in_flight = Gauge(
+            "keysvc_in_flight",
+            "KeyService calls in flight (waiting Gets and unread replies included).",
+            registry=self.registry,
+        )
         # labels() takes a lock and builds a tuple: look each child up once.
         self._handout_children: dict[str, Any] = {}
         self._token_children: dict[str, Any] = {}
@@ -120,6 +132,14 @@ class Metrics:
     def watch_pool(self, pool: KeyPool) -> None:
         """Adds the gauges computed from ``pool`` on each scrape."""
         self.registry.register(PoolCollector(pool))
+
+    def watch_in_flight(self, count: Callable[[], int]) -> None:
+        """The in-flight gauge reads ``count()`` on each scrape."""
+        self._in_flight.set_function(count)
+
+    def overloaded(self, method: str) -> None:
+        """A call to ``method`` was refused by the in-flight limit."""
+        self._overloaded.labels(method).inc()
 
     # -- PoolObserver ------------------------------------------------------------
 

@@ -31,6 +31,14 @@ from .events import PoolObserver
 from .interceptors import Behavior, UnaryInterceptor
 from .metrics import Metrics, RpcInterceptor
 from .models import ModelTable
+from .overload import (
+    DEFAULT_MAX_IN_FLIGHT,
+    DEFAULT_MAX_IN_FLIGHT_LISTS,
+    ConnectionLimits,
+    InFlightLimit,
+    connection_options,
+    raise_open_files_limit,
+)
 from .pool import KeyPool, Limits
 from .reload import KeysFileWatcher, read_keys_file, restore_clones
 from .service import KeyService, Rechecker
@@ -156,6 +164,7 @@ class KeysvcServer:
     health: health_aio.HealthServicer
     pool: KeyPool
     drain: DrainInterceptor
+    limit: InFlightLimit
 
     async def start(self) -> None:
         await self.server.start()
@@ -206,6 +215,9 @@ def create_server(
     max_message_bytes: int = Limits.MESSAGE_BYTES,
     checker: Rechecker | None = None,
     metrics: Metrics | None = None,
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+    max_in_flight_lists: int = DEFAULT_MAX_IN_FLIGHT_LISTS,
+    connection_limits: ConnectionLimits | None = None,
 ) -> KeysvcServer:
     """Builds a server for ``pool`` bound to ``host:port`` (0 picks a free port).
 
@@ -214,16 +226,27 @@ def create_server(
     least one token turns auth on; ``tls`` turns TLS (or mutual TLS) on. With a
     ``checker``, Recheck goes through it (and wakes it). The RPC observer (debug
     log line per call, and RPC metrics when ``metrics`` is given) runs outermost,
-    so it records the status the caller gets, auth refusals included.
+    so it records the status the caller gets, auth refusals included. Calls beyond
+    ``max_in_flight`` (``max_in_flight_lists`` for List) are refused with
+    RESOURCE_EXHAUSTED / OVERLOADED, after the drain check and before auth;
+    ``connection_limits`` bound each client connection (``keysvc.overload``).
 
     Raises:
         OSError: the address cannot be bound.
     """
     drain = DrainInterceptor()
+    limit = InFlightLimit(
+        max_in_flight,
+        list_limit=max_in_flight_lists,
+        on_refused=metrics.overloaded if metrics is not None else None,
+    )
+    if metrics is not None:
+        metrics.watch_in_flight(lambda: limit.in_flight)
     own: list[grpc.aio.ServerInterceptor] = [
         RpcInterceptor(metrics),
         ErrorMappingInterceptor(),
         drain,
+        limit,
     ]
     if tokens is not None and tokens.enabled:
         own.append(AuthInterceptor(tokens))
@@ -234,6 +257,7 @@ def create_server(
             # Without this, gRPC sets SO_REUSEPORT and a second keysvc on the same
             # port would silently share it instead of failing to start.
             ("grpc.so_reuseport", 0),
+            *connection_options(connection_limits or ConnectionLimits(), max_in_flight),
         ],
     )
     keysvc_pb2_grpc.add_KeyServiceServicer_to_server(KeyService(pool, checker), server)
@@ -257,7 +281,9 @@ def create_server(
         raise OSError(f"cannot listen on {address}: {exc}") from exc
     if bound == 0:
         raise OSError(f"cannot listen on {address}")
-    return KeysvcServer(server=server, port=bound, health=health, pool=pool, drain=drain)
+    return KeysvcServer(
+        server=server, port=bound, health=health, pool=pool, drain=drain, limit=limit
+    )
 
 
 async def start_http_port(
@@ -350,6 +376,7 @@ async def serve(settings: Settings, *, clock: Clock | None = None) -> None:
         OSError: the address cannot be bound.
     """
     clock = clock or SystemClock()
+    raise_open_files_limit()
     tls = TlsConfig.from_files(
         cert=settings.tls_cert, key=settings.tls_key, client_ca=settings.tls_client_ca
     )
@@ -392,6 +419,9 @@ async def serve(settings: Settings, *, clock: Clock | None = None) -> None:
             tls=tls,
             checker=checker,
             metrics=metrics,
+            max_in_flight=settings.max_in_flight,
+            max_in_flight_lists=settings.max_in_flight_lists,
+            connection_limits=settings.connection_limits,
         )
     except BaseException:
         if checker is not None:
