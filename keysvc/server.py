@@ -46,7 +46,7 @@ from .state import FileStateStore, StateFileError
 from .store import KeyStore, MemoryKeyStore
 from .tls import TlsConfig
 from .v1 import keysvc_pb2, keysvc_pb2_grpc
-from .web import HttpServer, build_app, start_http
+from .web import HttpServer, build_app, page_snapshots, start_http
 
 __all__ = [
     "SERVICE_NAME",
@@ -296,12 +296,14 @@ async def start_http_port(
     Raises:
         OSError: the address cannot be bound.
     """
-    metrics.watch_pool(pool)
+    snapshots = page_snapshots(pool)
+    metrics.watch_pool(pool, snapshots)
     app = build_app(
         pool,
         metrics.registry,
         live=running.serving,
         ready=lambda: running.serving(SERVICE_NAME),
+        snapshots=snapshots,
     )
     return await start_http(app, host=host, port=port)
 
