@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from . import memory, pool_scale, rpc_cost, simulate
+from . import memory, pool_scale, rpc_cost, simulate, under_load
 from .report import Section, render
 
 BENCHMARKS: dict[str, Callable[..., Section]] = {
@@ -20,6 +20,7 @@ BENCHMARKS: dict[str, Callable[..., Section]] = {
     "memory": memory.run,
     "rpc_cost": rpc_cost.run,
     "simulate": simulate.run,
+    "under_load": under_load.run,
 }
 
 RESULTS = Path(__file__).with_name("RESULTS.md")

@@ -5,9 +5,9 @@ One summary serves three views: the Prometheus gauges, the HTML status page
 ``GetLockoutPeriod`` over gRPC). Each view turns its keys into ``KeyState`` rows
 first, so the counting rules live here only.
 
-At 100k keys one walk over the pool takes ~150 ms of the event loop, which the
-gRPC server shares. ``PoolSnapshots`` therefore walks it in slices of a few
-milliseconds, yielding to the loop between them, and the HTTP views read the
+At 100k keys one walk over the pool takes ~150-250 ms of the event loop, which the
+gRPC server shares. ``PoolSnapshots`` therefore walks it in slices of at most a
+few milliseconds, yielding to the loop between them, and the HTTP views read the
 finished, immutable snapshot; concurrent views share one walk.
 
 States of a key:
@@ -216,10 +216,10 @@ class SnapshotSource(Protocol):
     def family_lockout(self, family: str) -> float: ...
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class PoolSnapshot:
     """The pool at a glance, as one walk over it found it. Never changed once made,
-    so any thread may read it.
+    so any thread may read it. Compared (and hashed) by identity: one per walk.
 
     Attributes:
         taken_at: the pool's clock when the walk started (locks are judged at it).
@@ -279,7 +279,9 @@ class PoolSnapshots:
     ``fresh()`` gives a snapshot whose walk started less than ``max_age`` seconds
     ago, walking again if there is none; callers that come during a walk wait for
     that walk. ``latest`` is the last finished one, for readers that cannot wait
-    (a Prometheus collector). A slice of ``slice_keys`` keys is a few milliseconds.
+    (a Prometheus collector). A slice ends after ``slice_seconds``, checked every
+    ``batch_keys`` keys: the cost of a key varies tenfold (a used key has rate
+    state to read), so slices are bounded by time, not by a count of keys.
 
     Only the loop's thread may call ``fresh``; a snapshot itself is immutable.
     """
@@ -289,13 +291,15 @@ class PoolSnapshots:
         pool: SnapshotSource,
         *,
         listed: int = 0,
-        slice_keys: int = 2_000,
+        slice_seconds: float = 0.002,
+        batch_keys: int = 100,
         max_age: float = 1.0,
         timer: Callable[[], float] = time.monotonic,
     ) -> None:
         self._pool = pool
         self._listed = listed
-        self._slice = slice_keys
+        self._slice_seconds = slice_seconds
+        self._batch = batch_keys
         self._max_age = max_age
         self._timer = timer
         self._latest: PoolSnapshot | None = None
@@ -328,12 +332,16 @@ class PoolSnapshots:
         groups: Counter[_Group] = Counter()
         tokens: dict[str, int] = {}
         first: list[Key] = []
-        for start in range(0, len(keys), self._slice):
-            part = keys[start : start + self._slice]
+        clock = time.perf_counter
+        slice_end = clock() + self._slice_seconds
+        for start in range(0, len(keys), self._batch):
+            part = keys[start : start + self._batch]
             _count_groups(groups, part, now)
             _add_token_sums(tokens, (k.token_usage for k in part))
             first = _first_by_hash(self._listed, first, part)
-            await asyncio.sleep(0)
+            if clock() >= slice_end:
+                await asyncio.sleep(0)
+                slice_end = clock() + self._slice_seconds
         snapshot = _snapshot(pool, now, len(keys), groups, tokens, first, self._timer() - started)
         self._latest, self._latest_started = snapshot, started
         return snapshot

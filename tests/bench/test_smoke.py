@@ -11,7 +11,7 @@ import math
 
 import pytest
 
-from bench import memory, pool_scale, rpc_cost, simulate, used_pool
+from bench import memory, pool_scale, rpc_cost, simulate, under_load, used_pool
 from bench.seed_pool import seed_reset_seconds
 from bench.upstream import ModelLimits, RateLimitedUpstream, go_duration
 from keysvc.clock import SystemClock
@@ -166,3 +166,23 @@ async def test_upstream_enforces_rpm_and_tpm_per_key_and_model() -> None:
     status, _, body = upstream.decide("k1", "b", 600)
     assert status == 429 and body["error"]["type"] == "tokens"
     assert "tokens per min (TPM)" in body["error"]["message"]
+
+
+def test_under_load_smoke() -> None:
+    section = under_load.run(smoke=True)
+    assert len(section.targets) == len(under_load.DISTURBANCES) == 2
+    for name in under_load.DISTURBANCES:
+        for which in ("quiet", "disturbed"):
+            assert section.figures[f"{name}:{which}:calls"] == 300
+            p50 = section.figures[f"{name}:{which}:p50"]
+            assert 0 < p50 <= section.figures[f"{name}:{which}:p99"] < 10
+        assert math.isclose(
+            section.figures[f"{name}:ratio"],
+            section.figures[f"{name}:disturbed:p99"] / section.figures[f"{name}:quiet:p99"],
+        )
+    # The disturbances happened: pages and scrapes fetched, connections held open.
+    views, idle = under_load.DISTURBANCES
+    assert section.figures[f"{views}:extent:/"] > 0
+    assert section.figures[f"{views}:extent:/metrics"] > 0
+    assert section.figures[f"{idle}:extent:raw"] == 100
+    assert section.figures[f"{idle}:extent:http2"] == 100

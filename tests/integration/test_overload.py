@@ -16,6 +16,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench.hostile import NonReadingClient, close_all, idle_connections
 from keysvc.clock import ManualClock
 from keysvc.interceptors import Behavior, UnaryInterceptor
 from keysvc.metrics import Metrics
@@ -25,7 +26,6 @@ from keysvc.v1 import keysvc_pb2 as pb
 from keysvc.v1 import keysvc_pb2_grpc
 from tests.exposition import parse, value
 from tests.helpers import error_reason, keysvc_process, make_pool, serving
-from tests.rawh2 import NonReadingClient, close_all, idle_connections
 
 from .observed import fetch, observed_server
 

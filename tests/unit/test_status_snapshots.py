@@ -30,7 +30,7 @@ def used_pool(keys: int) -> tuple[KeyPool, ManualClock]:
 
 async def test_a_sliced_walk_counts_what_one_walk_over_the_pool_counts() -> None:
     pool, clock = used_pool(1_000)
-    snapshots = PoolSnapshots(pool, listed=25, slice_keys=64, max_age=0)
+    snapshots = PoolSnapshots(pool, listed=25, batch_keys=64, slice_seconds=0, max_age=0)
     sliced = await snapshots.fresh()
     whole = take_snapshot(pool, listed=25)
     assert sliced.summaries == whole.summaries
@@ -45,7 +45,7 @@ async def test_a_sliced_walk_counts_what_one_walk_over_the_pool_counts() -> None
 
 async def test_the_loop_runs_between_slices() -> None:
     pool, _ = used_pool(1_000)
-    snapshots = PoolSnapshots(pool, slice_keys=100, max_age=0)
+    snapshots = PoolSnapshots(pool, batch_keys=100, slice_seconds=0, max_age=0)
     turns = 0
 
     async def other_work() -> None:
@@ -66,7 +66,9 @@ async def test_the_loop_runs_between_slices() -> None:
 async def test_views_during_a_walk_share_it_and_a_recent_one_is_reused() -> None:
     pool, clock = used_pool(500)
     now = [100.0]
-    snapshots = PoolSnapshots(pool, slice_keys=50, max_age=1.0, timer=lambda: now[0])
+    snapshots = PoolSnapshots(
+        pool, batch_keys=50, slice_seconds=0, max_age=1.0, timer=lambda: now[0]
+    )
     first, second = await asyncio.gather(snapshots.fresh(), snapshots.fresh())
     assert first is second
     now[0] += 0.5
@@ -83,7 +85,7 @@ async def test_views_during_a_walk_share_it_and_a_recent_one_is_reused() -> None
 
 async def test_a_caller_that_goes_away_does_not_cancel_the_walk() -> None:
     pool, _ = used_pool(500)
-    snapshots = PoolSnapshots(pool, slice_keys=10, max_age=0)
+    snapshots = PoolSnapshots(pool, batch_keys=10, slice_seconds=0, max_age=0)
     leaving = asyncio.ensure_future(snapshots.fresh())
     staying = asyncio.ensure_future(snapshots.fresh())
     await asyncio.sleep(0)

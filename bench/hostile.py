@@ -1,4 +1,4 @@
-"""Misbehaving HTTP/2 clients for overload tests, written against the socket.
+"""Misbehaving HTTP/2 clients, for the overload tests and the "under load" benchmark.
 
 No HTTP/2 library is needed for what they do: open a connection and stay silent
 (``idle_connections``), or start gRPC calls and never read the answers
@@ -69,6 +69,7 @@ class NonReadingClient:
         self.sock.sendall(PREFACE + frame(SETTINGS, 0, 0, settings))
         self.sock.setblocking(False)
         self._next_stream = 1
+        self._acked = False
 
     def call(self, path: str, message: bytes = b"") -> None:
         stream = self._next_stream
@@ -97,7 +98,7 @@ class NonReadingClient:
             if not chunk:
                 return total
             total += len(chunk)
-            if not getattr(self, "_acked", False):
+            if not self._acked:
                 self._acked = True
                 self.sock.setblocking(True)
                 self.sock.sendall(frame(SETTINGS, ACK, 0, b""))
@@ -110,3 +111,15 @@ class NonReadingClient:
 def close_all(sockets: Iterable[socket.socket | NonReadingClient]) -> None:
     for item in sockets:
         item.close()
+
+
+def idle_http2_connections(port: int, count: int) -> list[NonReadingClient]:
+    """Up to ``count`` connections that complete the HTTP/2 handshake (preface and
+    SETTINGS both ways) and then start no call."""
+    opened: list[NonReadingClient] = []
+    for _ in range(count):
+        try:
+            opened.append(NonReadingClient(port))
+        except OSError:
+            break
+    return opened
