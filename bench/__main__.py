@@ -12,7 +12,16 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from . import envoy_cost, list_pages, memory, pool_scale, rpc_cost, simulate, state_load
+from . import (
+    envoy_cost,
+    list_pages,
+    memory,
+    pool_scale,
+    rpc_cost,
+    simulate,
+    state_load,
+    under_load,
+)
 from .report import Section, render
 
 BENCHMARKS: dict[str, Callable[..., Section]] = {
@@ -23,6 +32,7 @@ BENCHMARKS: dict[str, Callable[..., Section]] = {
     "list_pages": list_pages.run,
     "envoy_cost": envoy_cost.run,
     "state_load": state_load.run,
+    "under_load": under_load.run,
 }
 
 RESULTS = Path(__file__).with_name("RESULTS.md")

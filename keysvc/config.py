@@ -20,6 +20,14 @@ from .durations import parse_go_duration
 from .keys import parse_key_list
 from .listing import DEFAULT_MAX_PAGE_SIZE
 from .logs import LOG_FORMATS, LOG_LEVELS
+from .overload import (
+    DEFAULT_MAX_AGE,
+    DEFAULT_MAX_IDLE,
+    DEFAULT_MAX_IN_FLIGHT,
+    DEFAULT_MAX_IN_FLIGHT_LISTS,
+    DEFAULT_MAX_STREAMS,
+    ConnectionLimits,
+)
 
 __all__ = [
     "ConfigError",
@@ -86,6 +94,24 @@ class Settings:
     list_max_page_size: int = DEFAULT_MAX_PAGE_SIZE
     #: Longest an Envoy ext_proc request waits for a key to unlock (seconds, <= 60).
     ext_proc_max_wait: float = 5.0
+    #: KeyService calls in flight at once; beyond, RESOURCE_EXHAUSTED / OVERLOADED.
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
+    #: List calls in flight at once (their replies grow with the pool).
+    max_in_flight_lists: int = DEFAULT_MAX_IN_FLIGHT_LISTS
+    #: HTTP/2 streams (calls) one client connection may have open at once.
+    max_streams_per_connection: int = DEFAULT_MAX_STREAMS
+    #: Seconds a connection with no call stays open.
+    max_connection_idle: float = DEFAULT_MAX_IDLE
+    #: Seconds after which a connection is asked to go away (and closed 90 s later).
+    max_connection_age: float = DEFAULT_MAX_AGE
+
+    @property
+    def connection_limits(self) -> ConnectionLimits:
+        return ConnectionLimits(
+            max_streams=self.max_streams_per_connection,
+            max_idle=self.max_connection_idle,
+            max_age=self.max_connection_age,
+        )
 
 
 def _parse_bool(text: str) -> bool:
@@ -139,6 +165,21 @@ def _parse_max_wait(text: str) -> float:
     seconds = float(text)
     if not 0 <= seconds <= 60:
         raise ValueError(f"{text} is not between 0 and 60 seconds")
+    return seconds
+
+
+def _parse_count(text: str) -> int:
+    count = int(text)
+    if not 1 <= count <= 1_000_000:
+        raise ValueError(f"{text} is not between 1 and 1000000")
+    return count
+
+
+def _parse_lifetime(text: str) -> float:
+    """Seconds or a Go-style duration, more than 0 and at most 30 days."""
+    seconds = _parse_interval(text)
+    if seconds <= 0:
+        raise ValueError(f"{text} is not more than 0")
     return seconds
 
 
@@ -305,6 +346,36 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="longest an Envoy ext_proc request waits for a key to unlock, 0 to 60 s"
         " (env KEYSVC_EXT_PROC_MAX_WAIT, default 5)",
     )
+    parser.add_argument(
+        "--max-in-flight",
+        type=_flag_type("calls", _parse_count),
+        help="KeyService calls in flight at once; more are refused with RESOURCE_EXHAUSTED"
+        f" (env KEYSVC_MAX_IN_FLIGHT, default {DEFAULT_MAX_IN_FLIGHT})",
+    )
+    parser.add_argument(
+        "--max-in-flight-lists",
+        type=_flag_type("calls", _parse_count),
+        help="List calls in flight at once"
+        f" (env KEYSVC_MAX_IN_FLIGHT_LISTS, default {DEFAULT_MAX_IN_FLIGHT_LISTS})",
+    )
+    parser.add_argument(
+        "--max-streams-per-connection",
+        type=_flag_type("streams", _parse_count),
+        help="calls one client connection may have open at once"
+        f" (env KEYSVC_MAX_STREAMS_PER_CONNECTION, default {DEFAULT_MAX_STREAMS})",
+    )
+    parser.add_argument(
+        "--max-connection-idle",
+        type=_flag_type("duration", _parse_lifetime),
+        help="close a connection with no call for this long, e.g. 5m"
+        " (env KEYSVC_MAX_CONNECTION_IDLE, default 5m)",
+    )
+    parser.add_argument(
+        "--max-connection-age",
+        type=_flag_type("duration", _parse_lifetime),
+        help="ask a connection to go away after this long, e.g. 30m; it is closed 90 s later"
+        " (env KEYSVC_MAX_CONNECTION_AGE, default 30m)",
+    )
 
 
 def tls_problem(cert: Path | None, key: Path | None, client_ca: Path | None) -> str | None:
@@ -409,6 +480,19 @@ def settings_from(args: argparse.Namespace, env: Mapping[str, str] | None = None
             env, "KEYSVC_LIST_MAX_PAGE_SIZE", _parse_page_size, DEFAULT_MAX_PAGE_SIZE
         ),
         ext_proc_max_wait=_from_env(env, "KEYSVC_EXT_PROC_MAX_WAIT", _parse_max_wait, 5.0),
+        max_in_flight=_from_env(env, "KEYSVC_MAX_IN_FLIGHT", _parse_count, DEFAULT_MAX_IN_FLIGHT),
+        max_in_flight_lists=_from_env(
+            env, "KEYSVC_MAX_IN_FLIGHT_LISTS", _parse_count, DEFAULT_MAX_IN_FLIGHT_LISTS
+        ),
+        max_streams_per_connection=_from_env(
+            env, "KEYSVC_MAX_STREAMS_PER_CONNECTION", _parse_count, DEFAULT_MAX_STREAMS
+        ),
+        max_connection_idle=_from_env(
+            env, "KEYSVC_MAX_CONNECTION_IDLE", _parse_lifetime, DEFAULT_MAX_IDLE
+        ),
+        max_connection_age=_from_env(
+            env, "KEYSVC_MAX_CONNECTION_AGE", _parse_lifetime, DEFAULT_MAX_AGE
+        ),
     )
     overrides = {
         name: value

@@ -14,7 +14,8 @@ Exception tree::
     ├── Unauthenticated         UNAUTHENTICATED     MISSING_TOKEN or BAD_TOKEN
     ├── RoleDenied              PERMISSION_DENIED   ROLE_DENIED
     ├── ShuttingDown            UNAVAILABLE         SHUTTING_DOWN
-    └── StateWriteFailed        UNAVAILABLE         STATE_WRITE_FAILED
+    ├── StateWriteFailed        UNAVAILABLE         STATE_WRITE_FAILED
+    └── Overloaded              RESOURCE_EXHAUSTED  OVERLOADED
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ __all__ = [
     "KeyNotFound",
     "KeysvcError",
     "NoKeysForFamily",
+    "Overloaded",
     "RoleDenied",
     "ShuttingDown",
     "StateWriteFailed",
@@ -162,3 +164,20 @@ class StateWriteFailed(KeysvcError):
             " before a write succeeds"
         )
         self.problem = problem
+
+
+class Overloaded(KeysvcError):
+    """The server's in-flight limit is reached; this call was refused before it started.
+
+    Nothing was done for it, so a client may retry it as it is, after a backoff.
+    """
+
+    code = "RESOURCE_EXHAUSTED"
+    reason = "OVERLOADED"
+
+    def __init__(self, limit: int, setting: str = "KEYSVC_MAX_IN_FLIGHT") -> None:
+        super().__init__(
+            f"keysvc is overloaded: its limit of {limit} calls in flight ({setting}) is"
+            " reached; nothing was done, retry after a backoff",
+            metadata={"limit": str(limit), "setting": setting},
+        )

@@ -3,9 +3,10 @@
 - ``Metrics`` owns a registry and the counters; it is the pool's
   ``PoolObserver`` (hand-outs, tokens, state changes, checker results), so the
   hot path only increments a cached counter child.
-- ``PoolCollector`` computes the gauges that need the whole pool (keys by
-  family and state, lockout per family) when Prometheus scrapes, on the event
-  loop that owns the pool.
+- ``PoolCollector`` gives the gauges that need the whole pool (keys by family
+  and state, lockout per family) from a ``PoolSnapshot``: the HTTP port's
+  snapshot, walked in slices before the scrape (``keysvc.status``), or without
+  one a walk over the pool at scrape time.
 - ``RpcInterceptor`` counts every RPC by method and status code, times it, and
   logs one debug line per call (logging works with metrics off too).
 
@@ -17,11 +18,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Final
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -29,7 +30,7 @@ from .events import KeyChange
 from .interceptors import Behavior, UnaryInterceptor
 from .outcomes import OutcomeAction
 from .pool import HASH_PATTERN, KeyPool
-from .status import COUNTED_STATES, summarize_pool
+from .status import COUNTED_STATES, PoolSnapshot, PoolSnapshots, take_snapshot
 from .v1 import keysvc_pb2
 
 __all__ = ["Metrics", "PoolCollector", "RpcInterceptor"]
@@ -120,6 +121,18 @@ class Metrics:
             "Writes of the state file that failed (the changes stay in memory and are retried).",
             registry=self.registry,
         )
+        self._overloaded = Counter(
+            "keysvc_overloaded",
+            "KeyService calls refused because the in-flight limit was reached"
+            " (RESOURCE_EXHAUSTED, reason OVERLOADED), by full method name.",
+            ["method"],
+            registry=self.registry,
+        )
+        self._in_flight = Gauge(
+            "keysvc_in_flight",
+            "KeyService calls in flight (waiting Gets and unread replies included).",
+            registry=self.registry,
+        )
         # labels() takes a lock and builds a tuple: look each child up once.
         self._handout_children: dict[str, Any] = {}
         self._token_children: dict[str, Any] = {}
@@ -129,9 +142,18 @@ class Metrics:
             action.value: self._outcomes.labels(action.value) for action in OutcomeAction
         }
 
-    def watch_pool(self, pool: KeyPool) -> None:
-        """Adds the gauges computed from ``pool`` on each scrape."""
-        self.registry.register(PoolCollector(pool))
+    def watch_pool(self, pool: KeyPool, snapshots: PoolSnapshots | None = None) -> None:
+        """Adds the gauges of ``pool``: from ``snapshots.latest`` when given (the HTTP
+        port makes it fresh before each scrape), else from a walk at scrape time."""
+        self.registry.register(PoolCollector(pool, snapshots))
+
+    def watch_in_flight(self, count: Callable[[], int]) -> None:
+        """The in-flight gauge reads ``count()`` on each scrape."""
+        self._in_flight.set_function(count)
+
+    def overloaded(self, method: str) -> None:
+        """A call to ``method`` was refused by the in-flight limit."""
+        self._overloaded.labels(method).inc()
 
     # -- PoolObserver ------------------------------------------------------------
 
@@ -174,21 +196,23 @@ class Metrics:
 
 
 class PoolCollector(Collector):
-    """Gauges computed from the pool at scrape time.
+    """Gauges from a snapshot of the pool.
 
-    The scrape runs on the event loop (the HTTP server is an asyncio one), so
-    the pool is read without locks, like every other pool call.
+    With ``snapshots``, the latest one (immutable: any thread may read it);
+    without, or before the first, a walk over the pool at scrape time, which
+    must then happen on the loop that owns the pool.
     """
 
-    def __init__(self, pool: KeyPool) -> None:
+    def __init__(self, pool: KeyPool, snapshots: PoolSnapshots | None = None) -> None:
         self._pool = pool
+        self._snapshots = snapshots
+
+    def _snapshot(self) -> PoolSnapshot:
+        latest = self._snapshots.latest if self._snapshots is not None else None
+        return latest if latest is not None else take_snapshot(self._pool)
 
     def collect(self) -> Iterator[Metric]:
-        pool = self._pool
-        now = pool.now()
-        summaries = summarize_pool(
-            pool.keys(), now, pool.family_lockout, families=pool.families(), with_tokens=False
-        )
+        summaries = self._snapshot().summaries
         keys = GaugeMetricFamily(
             "keysvc_keys",
             "Keys by model family and state. active + locked + disabled = all keys of the "

@@ -32,6 +32,14 @@ from .interceptors import Behavior, UnaryInterceptor
 from .listing import DEFAULT_MAX_PAGE_SIZE
 from .metrics import Metrics, RpcInterceptor
 from .models import ModelTable
+from .overload import (
+    DEFAULT_MAX_IN_FLIGHT,
+    DEFAULT_MAX_IN_FLIGHT_LISTS,
+    ConnectionLimits,
+    InFlightLimit,
+    connection_options,
+    raise_open_files_limit,
+)
 from .pool import KeyPool, Limits
 from .reflection import enable_reflection
 from .reload import KeysFileWatcher, read_keys_file, restore_clones
@@ -40,7 +48,7 @@ from .state import SqliteStateStore, StateFileError
 from .store import KeyStore, MemoryKeyStore
 from .tls import TlsConfig
 from .v1 import keysvc_pb2, keysvc_pb2_grpc
-from .web import HttpServer, build_app, start_http
+from .web import HttpServer, build_app, page_snapshots, start_http
 
 __all__ = [
     "SERVICE_NAME",
@@ -158,6 +166,7 @@ class KeysvcServer:
     health: health_aio.HealthServicer
     pool: KeyPool
     drain: DrainInterceptor
+    limit: InFlightLimit
 
     async def start(self) -> None:
         await self.server.start()
@@ -214,6 +223,9 @@ def create_server(
     list_max_page_size: int = DEFAULT_MAX_PAGE_SIZE,
     ext_proc_max_wait: float = 5.0,
     state: SqliteStateStore | None = None,
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+    max_in_flight_lists: int = DEFAULT_MAX_IN_FLIGHT_LISTS,
+    connection_limits: ConnectionLimits | None = None,
 ) -> KeysvcServer:
     """Builds a server for ``pool`` bound to ``host:port`` (0 picks a free port).
 
@@ -230,14 +242,26 @@ def create_server(
     same port, TLS and pool; its streams check the HTTP caller's own token
     against ``tokens`` and wait at most ``ext_proc_max_wait`` seconds for a key.
 
+    Calls beyond ``max_in_flight`` (``max_in_flight_lists`` for List) are refused
+    with RESOURCE_EXHAUSTED / OVERLOADED, after the drain check and before auth;
+    ``connection_limits`` bound each client connection (``keysvc.overload``).
+
     Raises:
         OSError: the address cannot be bound.
     """
     drain = DrainInterceptor()
+    limit = InFlightLimit(
+        max_in_flight,
+        list_limit=max_in_flight_lists,
+        on_refused=metrics.overloaded if metrics is not None else None,
+    )
+    if metrics is not None:
+        metrics.watch_in_flight(lambda: limit.in_flight)
     own: list[grpc.aio.ServerInterceptor] = [
         RpcInterceptor(metrics),
         ErrorMappingInterceptor(),
         drain,
+        limit,
     ]
     if tokens is not None and tokens.enabled:
         own.append(AuthInterceptor(tokens))
@@ -248,6 +272,7 @@ def create_server(
             # Without this, gRPC sets SO_REUSEPORT and a second keysvc on the same
             # port would silently share it instead of failing to start.
             ("grpc.so_reuseport", 0),
+            *connection_options(connection_limits or ConnectionLimits(), max_in_flight),
         ],
     )
     keysvc_pb2_grpc.add_KeyServiceServicer_to_server(
@@ -283,7 +308,9 @@ def create_server(
         state.add_listener(_follow_state_writes(health))
         if metrics is not None:
             state.add_listener(metrics.state_write_done)
-    return KeysvcServer(server=server, port=bound, health=health, pool=pool, drain=drain)
+    return KeysvcServer(
+        server=server, port=bound, health=health, pool=pool, drain=drain, limit=limit
+    )
 
 
 def _follow_state_writes(health: health_aio.HealthServicer) -> Callable[[bool], None]:
@@ -321,12 +348,14 @@ async def start_http_port(
     Raises:
         OSError: the address cannot be bound.
     """
-    metrics.watch_pool(pool)
+    snapshots = page_snapshots(pool)
+    metrics.watch_pool(pool, snapshots)
     app = build_app(
         pool,
         metrics.registry,
         live=running.serving,
         ready=lambda: running.serving(SERVICE_NAME),
+        snapshots=snapshots,
     )
     return await start_http(app, host=host, port=port)
 
@@ -401,6 +430,7 @@ async def serve(settings: Settings, *, clock: Clock | None = None) -> None:
         OSError: the address cannot be bound.
     """
     clock = clock or SystemClock()
+    raise_open_files_limit()
     tls = TlsConfig.from_files(
         cert=settings.tls_cert, key=settings.tls_key, client_ca=settings.tls_client_ca
     )
@@ -446,6 +476,9 @@ async def serve(settings: Settings, *, clock: Clock | None = None) -> None:
             list_max_page_size=settings.list_max_page_size,
             ext_proc_max_wait=settings.ext_proc_max_wait,
             state=state,
+            max_in_flight=settings.max_in_flight,
+            max_in_flight_lists=settings.max_in_flight_lists,
+            connection_limits=settings.connection_limits,
         )
     except BaseException:
         if checker is not None:

@@ -1,9 +1,14 @@
 """The pool at a glance: key counts by family and state, lockouts, tokens used.
 
 One summary serves three views: the Prometheus gauges, the HTML status page
-(both read the pool on the event loop) and ``keysvc status`` (which reads
-``List`` and ``GetLockoutPeriod`` over gRPC). Each view turns its keys into
-``KeyState`` rows first, so the counting rules live here only.
+(both read a ``PoolSnapshot``) and ``keysvc status`` (which reads ``List`` and
+``GetLockoutPeriod`` over gRPC). Each view turns its keys into ``KeyState`` rows
+first, so the counting rules live here only.
+
+At 100k keys one walk over the pool takes ~150-250 ms of the event loop, which the
+gRPC server shares. ``PoolSnapshots`` therefore walks it in slices of at most a
+few milliseconds, yielding to the loop between them, and the HTTP views read the
+finished, immutable snapshot; concurrent views share one walk.
 
 States of a key:
 
@@ -18,10 +23,14 @@ the trial keys that are not disabled.
 
 from __future__ import annotations
 
+import asyncio
+import heapq
+import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Final
+from operator import attrgetter
+from typing import Final, Protocol
 
 from .keys import Key
 
@@ -30,11 +39,14 @@ __all__ = [
     "PROBE_MODELS",
     "FamilySummary",
     "KeyState",
+    "PoolSnapshot",
+    "PoolSnapshots",
     "format_duration",
     "key_state",
     "render_text",
     "summarize",
     "summarize_pool",
+    "take_snapshot",
 ]
 
 #: The states a family's keys are counted in, in display order.
@@ -158,27 +170,181 @@ def summarize_pool(
 ) -> list[FamilySummary]:
     """``summarize`` straight from pool keys, without a ``KeyState`` per key.
 
-    This runs on the event loop on every scrape and page view, so it does the
-    least per key: one tuple and one counter bump (plus the usage sums when
-    ``with_tokens``).
+    It does the least per key: one tuple and one counter bump (plus the usage
+    sums when ``with_tokens``). It walks every key at once; on the event loop,
+    use ``PoolSnapshots``, which walks in slices.
     """
     keys = list(keys)
-    groups: Counter[_Group] = Counter(
+    groups: Counter[_Group] = Counter()
+    _count_groups(groups, keys, now)
+    tokens: dict[str, int] = {}
+    if with_tokens:
+        _add_token_sums(tokens, (k.token_usage for k in keys))
+    return _summaries(groups, tokens, lockout, families)
+
+
+def _count_groups(groups: Counter[_Group], keys: Iterable[Key], now: float) -> None:
+    groups.update(
         (k.profile.families, k.profile.is_trial, k.is_disabled, k.is_revoked,
          k.is_over_quota, now < k.rate_limited_until)
         for k in keys
     )  # fmt: skip
-    tokens = _token_sums(k.token_usage for k in keys) if with_tokens else {}
-    return _summaries(groups, tokens, lockout, families)
 
 
 def _token_sums(usages: Iterable[Mapping[str, int]]) -> dict[str, int]:
-    # A plain loop: Counter.update costs ~1 µs per key even for an empty usage.
     sums: dict[str, int] = {}
+    _add_token_sums(sums, usages)
+    return sums
+
+
+def _add_token_sums(sums: dict[str, int], usages: Iterable[Mapping[str, int]]) -> None:
+    # A plain loop: Counter.update costs ~1 µs per key even for an empty usage.
     for usage in usages:
         for family, used in usage.items():
             sums[family] = sums.get(family, 0) + used
-    return sums
+
+
+class SnapshotSource(Protocol):
+    """What a snapshot reads: the pool's keys, clock, families and lockouts."""
+
+    def keys(self) -> list[Key]: ...
+
+    def now(self) -> float: ...
+
+    def families(self) -> tuple[str, ...]: ...
+
+    def family_lockout(self, family: str) -> float: ...
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class PoolSnapshot:
+    """The pool at a glance, as one walk over it found it. Never changed once made,
+    so any thread may read it. Compared (and hashed) by identity: one per walk.
+
+    Attributes:
+        taken_at: the pool's clock when the walk started (locks are judged at it).
+        total_keys: keys in the pool then.
+        summaries: every family the pool knows, and every family a key has, by name.
+        first_keys: the first keys by hash (at most the ``listed`` it was made with).
+        walk_seconds: how long the walk took, slices and the waits between them.
+    """
+
+    taken_at: float
+    total_keys: int
+    summaries: tuple[FamilySummary, ...]
+    first_keys: tuple[KeyState, ...]
+    walk_seconds: float = 0.0
+
+
+def _first_by_hash(listed: int, first: list[Key], more: Sequence[Key]) -> list[Key]:
+    if listed <= 0:
+        return []
+    return heapq.nsmallest(listed, [*first, *more], key=attrgetter("hash"))
+
+
+def take_snapshot(pool: SnapshotSource, *, listed: int = 0) -> PoolSnapshot:
+    """A snapshot from one walk over every key at once (tests, scripts; not the loop)."""
+    started = time.perf_counter()
+    now = pool.now()
+    keys = pool.keys()
+    groups: Counter[_Group] = Counter()
+    _count_groups(groups, keys, now)
+    tokens = _token_sums(k.token_usage for k in keys)
+    first = _first_by_hash(listed, [], keys)
+    return _snapshot(pool, now, len(keys), groups, tokens, first, time.perf_counter() - started)
+
+
+def _snapshot(
+    pool: SnapshotSource,
+    now: float,
+    total: int,
+    groups: Counter[_Group],
+    tokens: Mapping[str, int],
+    first: list[Key],
+    seconds: float,
+) -> PoolSnapshot:
+    summaries = _summaries(groups, tokens, pool.family_lockout, pool.families())
+    return PoolSnapshot(
+        taken_at=now,
+        total_keys=total,
+        summaries=tuple(summaries),
+        first_keys=tuple(key_state(k, now) for k in first),
+        walk_seconds=seconds,
+    )
+
+
+class PoolSnapshots:
+    """Snapshots of a pool, walked in slices on the event loop that owns the pool.
+
+    ``fresh()`` gives a snapshot whose walk started less than ``max_age`` seconds
+    ago, walking again if there is none; callers that come during a walk wait for
+    that walk. ``latest`` is the last finished one, for readers that cannot wait
+    (a Prometheus collector). A slice ends after ``slice_seconds``, checked every
+    ``batch_keys`` keys: the cost of a key varies tenfold (a used key has rate
+    state to read), so slices are bounded by time, not by a count of keys.
+
+    Only the loop's thread may call ``fresh``; a snapshot itself is immutable.
+    """
+
+    def __init__(
+        self,
+        pool: SnapshotSource,
+        *,
+        listed: int = 0,
+        slice_seconds: float = 0.002,
+        batch_keys: int = 100,
+        max_age: float = 1.0,
+        timer: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._pool = pool
+        self._listed = listed
+        self._slice_seconds = slice_seconds
+        self._batch = batch_keys
+        self._max_age = max_age
+        self._timer = timer
+        self._latest: PoolSnapshot | None = None
+        self._latest_started = 0.0
+        self._walk: asyncio.Task[PoolSnapshot] | None = None
+
+    @property
+    def latest(self) -> PoolSnapshot | None:
+        return self._latest
+
+    async def fresh(self) -> PoolSnapshot:
+        if self._latest is not None and self._timer() - self._latest_started < self._max_age:
+            return self._latest
+        if self._walk is None:
+            self._walk = asyncio.get_running_loop().create_task(self._take())
+            self._walk.add_done_callback(self._walked)
+        # Shielded: a client that goes away must not cancel the walk others wait for.
+        return await asyncio.shield(self._walk)
+
+    def _walked(self, walk: asyncio.Task[PoolSnapshot]) -> None:
+        self._walk = None
+
+    async def _take(self) -> PoolSnapshot:
+        started = self._timer()
+        pool = self._pool
+        now = pool.now()
+        # The list is taken at once (a copy of references, ~1 ms at 100k keys); keys
+        # removed during the walk are still counted once, keys added are not yet.
+        keys = pool.keys()
+        groups: Counter[_Group] = Counter()
+        tokens: dict[str, int] = {}
+        first: list[Key] = []
+        clock = time.perf_counter
+        slice_end = clock() + self._slice_seconds
+        for start in range(0, len(keys), self._batch):
+            part = keys[start : start + self._batch]
+            _count_groups(groups, part, now)
+            _add_token_sums(tokens, (k.token_usage for k in part))
+            first = _first_by_hash(self._listed, first, part)
+            if clock() >= slice_end:
+                await asyncio.sleep(0)
+                slice_end = clock() + self._slice_seconds
+        snapshot = _snapshot(pool, now, len(keys), groups, tokens, first, self._timer() - started)
+        self._latest, self._latest_started = snapshot, started
+        return snapshot
 
 
 def _summaries(

@@ -19,6 +19,7 @@ from bench import (
     rpc_cost,
     simulate,
     state_load,
+    under_load,
     used_pool,
 )
 from bench.seed_pool import seed_reset_seconds
@@ -257,3 +258,23 @@ def test_envoy_cost_smoke() -> None:
         section.figures["through Envoy:servers_cpu_us"] - section.figures["direct:servers_cpu_us"],
     )
     assert [t.verdict for t in section.targets] == ["informational"] * 2
+
+
+def test_under_load_smoke() -> None:
+    section = under_load.run(smoke=True)
+    assert len(section.targets) == len(under_load.DISTURBANCES) == 2
+    for name in under_load.DISTURBANCES:
+        for which in ("quiet", "disturbed"):
+            assert section.figures[f"{name}:{which}:calls"] == 300
+            p50 = section.figures[f"{name}:{which}:p50"]
+            assert 0 < p50 <= section.figures[f"{name}:{which}:p99"] < 10
+        assert math.isclose(
+            section.figures[f"{name}:ratio"],
+            section.figures[f"{name}:disturbed:p99"] / section.figures[f"{name}:quiet:p99"],
+        )
+    # The disturbances happened: pages and scrapes fetched, connections held open.
+    views, idle = under_load.DISTURBANCES
+    assert section.figures[f"{views}:extent:/"] > 0
+    assert section.figures[f"{views}:extent:/metrics"] > 0
+    assert section.figures[f"{idle}:extent:raw"] == 100
+    assert section.figures[f"{idle}:extent:http2"] == 100
