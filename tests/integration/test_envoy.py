@@ -154,10 +154,9 @@ def test_concurrent_requests_spread_over_the_keys(start: StartGateway) -> None:
         statuses = list(workers.map(lambda _: gateway.post().status_code, range(20)))
     assert statuses == [200] * 20
     used = collections.Counter(request.key for request in gateway.fake.requests)
-    # Each key is held back for a second after a hand-out, so 20 requests on 10 keys
-    # take two rounds: every key serves, none serves a burst.
+    # Before its first answer a key is held back for a second after a hand-out, so
+    # the burst spreads over every key; then the keys' budgets decide.
     assert set(used) == set(gateway.secrets)
-    assert max(used.values()) == 2
     gateway.assert_no_secret_leaked()
 
 
