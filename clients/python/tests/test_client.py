@@ -106,11 +106,13 @@ def test_lockout_period_once_every_key_is_busy(client: KeysvcClient, server: Liv
 def test_a_per_call_deadline_is_honoured(client: KeysvcClient, server: LiveServer) -> None:
     for _ in server.secrets:
         client.get("gpt-4o")  # every key is throttled for 1 s ...
-    with pytest.raises(KeysvcRpcError) as caught:
-        # ... so the server would wait for one, but the call's deadline comes first.
-        client.get("gpt-4o", max_wait=5, timeout=0.2)
-    assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert caught.value.reason is None
+    started = time.monotonic()
+    # ... so the server would wait for one, but the call's deadline comes first: the
+    # deadline reaches the server, which ends the wait in time to answer (with the
+    # key that unlocks first, as at the end of any wait).
+    lease = client.get("gpt-4o", max_wait=5, timeout=0.5)
+    assert time.monotonic() - started < 0.5
+    assert lease.secret
     assert client.get("gpt-4o", timeout=5).secret  # the channel is still usable
 
 
