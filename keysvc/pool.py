@@ -525,8 +525,8 @@ class KeyPool:
         #: Per key ``seq``: the family the last report without a model was
         #: attributed to, and when (``REPORT_PAIR_WINDOW``).
         self._answered: dict[int, tuple[str, float]] = {}
-        # get_waiting: queues by (model, family, embeddings), the one timer set for
-        # the earliest unlock any queue head waits for, and a pending dispatch.
+        # get_waiting: queues by eligibility class, the one timer set for the
+        # earliest unlock any queue head waits for, and a pending dispatch.
         self._queues: dict[_WaitClass, _WaitQueue] = {}
         self._timer: Timer | None = None
         self._timer_at = math.inf
