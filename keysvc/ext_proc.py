@@ -411,7 +411,15 @@ class ExtProcService:
             )
             return None
         if decision.disable is not None:
-            await self._pool.flush()
+            try:
+                await self._pool.flush()
+            except KeysvcError as problem:
+                # Disabled in memory; the state file catches up when a write succeeds
+                # (its failure is counted and logged where it happened).
+                _log.warning(
+                    "disable not written yet",
+                    extra={"hash": key_hash, "reason": problem.reason},
+                )
         return decision.action
 
 

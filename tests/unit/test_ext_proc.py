@@ -13,6 +13,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from prometheus_client import generate_latest
 
 from keysvc.auth import AuthTokens
+from keysvc.errors import StateWriteFailed
 from keysvc.ext_proc import ACTION_HEADER, MAX_WAIT_HEADER, ExtProcService
 from keysvc.keys import DisableReason, hash_key
 from keysvc.metrics import Metrics
@@ -293,3 +294,22 @@ async def test_an_unexpected_failure_learning_from_an_answer_passes_the_answer_o
     )
     kinds = [r.WhichOneof("response") for r in responses]
     assert kinds == ["request_headers", "request_body", "response_headers", "response_body"]
+
+
+async def test_a_disable_whose_state_write_fails_still_answers_envoy() -> None:
+    # The key is disabled in memory; the state file catches up when a write works.
+    # Envoy still gets its answer (and the caller the upstream's), not a broken stream.
+    pool, _ = make_pool(SECRETS[:1])
+
+    async def failing_flush() -> None:
+        raise StateWriteFailed("disk full")
+
+    pool.flush = failing_flush  # type: ignore[method-assign]
+    error = {"error": {"type": "insufficient_quota", "code": "insufficient_quota", "message": ""}}
+    responses = await run(
+        service_for(pool),
+        [request_headers(), request_body(), response_headers(429), response_body(error)],
+    )
+    assert pool.key(hash_key(SECRETS[0])).is_disabled
+    action = set_headers(responses[3].response_body.response)
+    assert action == {ACTION_HEADER: "retry_with_another_key"}
