@@ -18,6 +18,7 @@ import base64
 import binascii
 import enum
 import secrets
+from array import array
 from bisect import bisect_right
 from collections.abc import Callable
 from typing import Final
@@ -71,34 +72,38 @@ class Page:
 
 
 class LoadOrder:
-    """The pool's keys in load order, for paging: a seek is a bisect, not a scan."""
+    """The pool's keys in load order, for paging: a seek is a bisect, not a scan.
+
+    Two flat columns, ~16 B a key: the positions (ascending, never reused) and the
+    keys at them. A removed key stays until the removed outnumber the rest, then
+    both columns are compacted; a page skips the removed.
+    """
 
     def __init__(self, run_id: str | None = None) -> None:
-        #: Position → key, inserted in increasing position (dicts keep that order).
-        self._keys: dict[int, Key] = {}
-        self._position: dict[str, int] = {}
-        #: Every position handed out and maybe removed since, ascending; compacted
-        #: when mostly gaps, so a page skips at most about as many gaps as keys.
-        self._positions: list[int] = []
+        self._positions = array("q")
+        self._keys: list[Key] = []
+        #: Keys removed but still in the columns (until the next compaction).
+        self._removed: set[Key] = set()
         self._next = 0
         self.run_id = run_id if run_id is not None else secrets.token_hex(4)
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return len(self._keys) - len(self._removed)
 
     def add(self, key: Key) -> None:
         self._next += 1
-        self._keys[self._next] = key
-        self._position[key.hash] = self._next
         self._positions.append(self._next)
+        self._keys.append(key)
 
     def remove(self, key: Key) -> None:
-        position = self._position.pop(key.hash, None)
-        if position is None:
-            return
-        del self._keys[position]
-        if len(self._positions) > 2 * len(self._keys) + 64:
-            self._positions = list(self._keys)
+        """Takes out ``key``, which must be in the order."""
+        self._removed.add(key)
+        if len(self._removed) > len(self) + 64:
+            removed = self._removed
+            kept = [i for i, k in enumerate(self._keys) if k not in removed]
+            self._positions = array("q", (self._positions[i] for i in kept))
+            self._keys = [self._keys[i] for i in kept]
+            self._removed = set()
 
     def page(
         self, after: int, limit: int, want: Callable[[Key], bool], scan_limit: int = SCAN_LIMIT
@@ -111,6 +116,7 @@ class LoadOrder:
         scan_limit = max(limit, scan_limit)
         positions = self._positions
         keys = self._keys
+        removed = self._removed
         found: list[Key] = []
         looked = 0
         index = bisect_right(positions, after)
@@ -118,9 +124,9 @@ class LoadOrder:
         while index < end:
             if len(found) == limit or looked == scan_limit:
                 return Page(found, positions[index - 1])
-            key = keys.get(positions[index])
+            key = keys[index]
             index += 1
-            if key is None:
+            if key in removed:
                 continue
             looked += 1
             if want(key):

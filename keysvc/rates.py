@@ -57,24 +57,27 @@ NO_USAGE: Final = -1
 #: ... and where counting stops (the column holds 64-bit integers).
 MAX_USAGE: Final = 2**63 - 1
 
-#: Columns of doubles and the value a new row starts with.
+#: Columns of floating-point numbers: name, the value a new row starts with, and
+#: the array type: doubles ("d") for times and for what a Key message shows
+#: exactly; singles ("f", 4 bytes, 7 digits) for the budget's estimates of what is
+#: left and how fast it comes back, which are approximate anyway.
 _FLOAT_COLUMNS: Final = (
-    ("last_used", 0.0),
-    ("rate_limited_at", 0.0),
-    ("until", 0.0),
-    ("requests_reset", NOT_SET),
-    ("tokens_reset", NOT_SET),
-    ("remaining_requests", NOT_SET),
-    ("remaining_tokens", NOT_SET),
-    ("budget_at", 0.0),
-    ("budget_requests", NOT_SET),
-    ("budget_tokens", NOT_SET),
-    ("requests_rate", NOT_SET),
-    ("tokens_rate", NOT_SET),
-    ("requests_limit", NOT_SET),
-    ("tokens_limit", NOT_SET),
-    ("requests_full_at", 0.0),
-    ("tokens_full_at", 0.0),
+    ("last_used", 0.0, "d"),
+    ("rate_limited_at", 0.0, "d"),
+    ("until", 0.0, "d"),
+    ("requests_reset", NOT_SET, "d"),
+    ("tokens_reset", NOT_SET, "d"),
+    ("remaining_requests", NOT_SET, "d"),
+    ("remaining_tokens", NOT_SET, "d"),
+    ("budget_at", 0.0, "d"),
+    ("budget_requests", NOT_SET, "f"),
+    ("budget_tokens", NOT_SET, "f"),
+    ("requests_rate", NOT_SET, "f"),
+    ("tokens_rate", NOT_SET, "f"),
+    ("requests_limit", NOT_SET, "d"),
+    ("tokens_limit", NOT_SET, "d"),
+    ("requests_full_at", 0.0, "d"),
+    ("tokens_full_at", 0.0, "d"),
 )
 
 #: Remaining counts are kept as doubles, exact up to here; a larger header
@@ -205,8 +208,8 @@ class RateTable:
 
     def __init__(self, family: str, rows: int) -> None:
         self.family = family
-        for name, start in _FLOAT_COLUMNS:
-            setattr(self, name, array("d", [start]) * rows)
+        for name, start, kind in _FLOAT_COLUMNS:
+            setattr(self, name, array(kind, [start]) * rows)
         self.flags = bytearray(rows)
         self.placed = bytearray(rows)
         self.usage = array("q", [NO_USAGE]) * rows
@@ -245,9 +248,9 @@ class RateTable:
         more = rows - len(self.flags)
         if more <= 0:
             return
-        for name, start in _FLOAT_COLUMNS:
+        for name, start, kind in _FLOAT_COLUMNS:
             column: array[float] = getattr(self, name)
-            column.extend(array("d", [start]) * more)
+            column.extend(array(kind, [start]) * more)
         self.flags.extend(bytes(more))
         self.placed.extend(bytes(more))
         self.usage.extend(array("q", [NO_USAGE]) * more)
@@ -257,7 +260,7 @@ class RateTable:
 
     def reset(self, row: int) -> None:
         """Forgets the row's rate-limit state (not its usage nor placement)."""
-        for name, start in _FLOAT_COLUMNS:
+        for name, start, _ in _FLOAT_COLUMNS:
             column: array[float] = getattr(self, name)
             column[row] = start
         self.flags[row] = 0

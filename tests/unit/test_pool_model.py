@@ -14,6 +14,7 @@ then; the budget it computes from those is its own arithmetic.
 from __future__ import annotations
 
 import math
+from array import array
 from dataclasses import dataclass, field
 
 from hypothesis import settings
@@ -85,10 +86,10 @@ class Shadow:
         if self.budget_at and self.budget_at != now:
             for dim, limit in self.limit.items():
                 if now >= self.full_at[dim]:
-                    self.left[dim] = limit
+                    self.left[dim] = single(limit)
                 else:
                     refill = self.rate[dim] * (now - self.budget_at)
-                    self.left[dim] = min(limit, self.left[dim] + refill)
+                    self.left[dim] = single(min(limit, self.left[dim] + refill))
         self.budget_at = now
 
     def available(self, dim: str, x: float) -> float:
@@ -236,6 +237,11 @@ class RefKey:
         return family, released
 
 
+def single(value: float) -> float:
+    """``value`` as the pool stores a budget's left and rate: a 4-byte float."""
+    return float(array("f", [value])[0])
+
+
 def limits_match(state: Shadow, headers: dict[str, str]) -> bool:
     compared = False
     for dim in ("requests", "tokens"):
@@ -320,15 +326,15 @@ def apply_headers(state: Shadow, headers: dict[str, str], now: float, *, budget:
             refill = (whole - left) / seconds if seconds > 0 and left < whole else None
             if fresh:
                 state.probation.discard(dim)
-                state.rate[dim] = 0.0 if refill is None or dim in state.window else refill
+                state.rate[dim] = 0.0 if refill is None or dim in state.window else single(refill)
             elif refill is not None:
-                state.rate[dim] = min(state.rate[dim], refill)
+                state.rate[dim] = min(state.rate[dim], single(refill))
             state.limit[dim] = whole
             full_at = now + min(seconds, MAX_BUDGET_WAIT)
             if fresh or full_at > state.full_at[dim]:
                 state.full_at[dim] = full_at
         if dim in state.limit:
-            state.left[dim] = float(left) if fresh else min(float(left), state.left[dim])
+            state.left[dim] = single(left) if fresh else min(single(left), state.left[dim])
             state.budget_at = now
 
 
