@@ -38,8 +38,9 @@ A family's lock (its ``until``) is the latest of
   before its end) reports ever faster ones as it ends. Until then, too, an
   answer can only lower what is left (one that overtook an older answer on
   the way back reports a remaining from before the older one was counted). A
-  typed 429 spends its dimension, with no refill until the limit is whole
-  again. The wait is capped at ``MAX_BUDGET_WAIT``;
+  typed 429 spends its dimension; a second one in the same refill marks it a
+  fixed window, counted on to refill only at its ends (``_mark``). The wait
+  is capped at ``MAX_BUDGET_WAIT``;
   the budget outlives hand-outs, and is forgotten ``BUDGET_LAPSE`` after its
   last report;
 - until then (nothing known of the key's quota for the family, or no longer),
