@@ -2,7 +2,8 @@
 
 - ``InFlightLimit`` refuses KeyService calls beyond a configured number in flight
   with ``Overloaded`` (RESOURCE_EXHAUSTED, reason OVERLOADED), counted and logged,
-  instead of letting them queue without bound.
+  instead of letting them queue without bound. Reports of upstream answers have
+  as much room again of their own, so waiting Gets never crowd out what frees keys.
 - ``connection_options`` are the gRPC server options that bound each connection:
   streams, idle time, age, handshake time, keepalive.
 - ``raise_open_files_limit`` lifts the soft RLIMIT_NOFILE to the hard limit, so idle
@@ -55,19 +56,36 @@ DEFAULT_MAX_IN_FLIGHT: Final = 2_000
 #: (~180 bytes a key), so each unread reply can pin megabytes. It is an admin call.
 DEFAULT_MAX_IN_FLIGHT_LISTS: Final = 8
 #: Defaults of ConnectionLimits (see there). Streams: as many as the in-flight
-#: limit, since a proxy often multiplexes all its calls (Gets waiting with
+#: limits, since a proxy often multiplexes all its calls (Gets waiting with
 #: max_wait included) on one connection; at 100 the simulator's one-channel proxy
 #: saw ~1,900 calls in a minute fail UNAVAILABLE instead of waiting their turn.
-DEFAULT_MAX_STREAMS: Final = DEFAULT_MAX_IN_FLIGHT
+#: Twice the limit, since reports have as much room again beside it.
+DEFAULT_MAX_STREAMS: Final = 2 * DEFAULT_MAX_IN_FLIGHT
 DEFAULT_MAX_IDLE: Final = 300.0
 DEFAULT_MAX_AGE: Final = 1800.0
 LIST_METHOD: Final = f"{SERVICE_PREFIX}List"
+#: The calls that report what an upstream answered (or that a key is dead). They
+#: answer at once and are what frees keys for the Gets waiting on them, so they
+#: have room of their own: counted against the same limit, they were refused while
+#: the waiting Gets filled it, their keys' reservations stayed until they lapsed
+#: (10 s), and every Get waited that long (the high-limit simulation stalled so).
+REPORT_METHODS: Final = frozenset(
+    f"{SERVICE_PREFIX}{name}"
+    for name in (
+        "ReportOutcome",
+        "UpdateRateLimits",
+        "MarkRateLimited",
+        "Disable",
+        "IncrementUsage",
+    )
+)
 #: Seconds between two "overloaded" log lines; the counter has every refusal.
 LOG_INTERVAL: Final = 10.0
 
 
 class InFlightLimit(UnaryInterceptor):
-    """Lets at most ``limit`` KeyService calls (``list_limit`` of them List) be in flight.
+    """Lets at most ``limit`` KeyService calls (``list_limit`` of them List) be in
+    flight, and beside them at most ``limit`` reports (``REPORT_METHODS``).
 
     Health and reflection are not limited: a load balancer's probe must get through
     an overload to see that the server is alive. Excess calls are refused before
@@ -97,21 +115,25 @@ class InFlightLimit(UnaryInterceptor):
         self._timer = timer
         self._in_flight = 0
         self._lists = 0
+        self._reports = 0
         self._refused_unlogged = 0
         self._logged_at: float | None = None
 
     @property
     def in_flight(self) -> int:
+        """Calls in flight, reports included."""
         return self._in_flight
 
     def applies_to(self, method: str) -> bool:
         return method.startswith(SERVICE_PREFIX)
 
     def wrap(self, method: str, behavior: Behavior) -> Behavior:
+        if method in REPORT_METHODS:
+            return self._wrap_report(method, behavior)
         is_list = method == LIST_METHOD
 
         async def limited(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            if self._in_flight >= self.limit:
+            if self._in_flight - self._reports >= self.limit:
                 self._refuse(method)
                 raise Overloaded(self.limit)
             if is_list and self._lists >= self.list_limit:
@@ -128,12 +150,28 @@ class InFlightLimit(UnaryInterceptor):
 
         return limited
 
+    def _wrap_report(self, method: str, behavior: Behavior) -> Behavior:
+        async def limited(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            if self._reports >= self.limit:
+                self._refuse(method)
+                raise Overloaded(self.limit)
+            self._in_flight += 1
+            self._reports += 1
+            context.add_done_callback(self._release_report)  # type: ignore[arg-type]
+            return await behavior(request, context)
+
+        return limited
+
     def _release(self, context: object) -> None:
         self._in_flight -= 1
 
     def _release_list(self, context: object) -> None:
         self._in_flight -= 1
         self._lists -= 1
+
+    def _release_report(self, context: object) -> None:
+        self._in_flight -= 1
+        self._reports -= 1
 
     def _refuse(self, method: str) -> None:
         if self._on_refused is not None:

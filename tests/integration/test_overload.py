@@ -166,6 +166,37 @@ async def test_overloaded_error_says_what_to_do() -> None:
     assert "KEYSVC_MAX_IN_FLIGHT" in (refused.value.details() or "")
 
 
+async def test_reports_have_room_of_their_own_when_waiting_gets_fill_the_limit() -> None:
+    """A server full of waiting Gets still takes the reports that free keys (refused,
+    they left the keys' reservations in place and every Get waited for them to lapse)."""
+    pool, _ = make_pool(SECRETS)
+    gate = Gate()
+    async with serving(pool, interceptors=[gate], max_in_flight=1) as server:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = keysvc_pb2_grpc.KeyServiceStub(channel)
+            report = pb.ReportOutcomeRequest(hash=pool.keys()[0].hash, model="gpt-4o", status=200)
+            held = [asyncio.ensure_future(stub.Get(pb.GetRequest(model="gpt-4o")))]
+            while gate.entered < 1:
+                await asyncio.sleep(0.01)
+            with pytest.raises(grpc.aio.AioRpcError) as refused_get:
+                await stub.Get(pb.GetRequest(model="gpt-4o"))
+            held.append(asyncio.ensure_future(stub.ReportOutcome(report)))
+            for _ in range(500):
+                if gate.entered == 2 or held[1].done():
+                    break
+                await asyncio.sleep(0.01)
+            assert not held[1].done(), held[1].exception()  # let in, not refused
+            assert server.limit.in_flight == 2
+            # Reports are bounded too: their own room is as large as the limit.
+            with pytest.raises(grpc.aio.AioRpcError) as refused_report:
+                await stub.MarkRateLimited(pb.MarkRateLimitedRequest(hash=report.hash))
+            gate.opened.set()
+            await asyncio.gather(*held)
+    for refused in (refused_get, refused_report):
+        assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert error_reason(refused.value) == "OVERLOADED"
+
+
 async def test_unread_list_replies_hold_their_slots_until_the_connection_closes(
     metrics_pool: tuple[KeyPool, Metrics],
 ) -> None:

@@ -29,7 +29,7 @@ def test_defaults() -> None:
     settings = parse([], {})
     assert (settings.max_in_flight, settings.max_in_flight_lists) == (2_000, 8)
     assert settings.connection_limits == ConnectionLimits(
-        max_streams=2_000, max_idle=300.0, max_age=1800.0
+        max_streams=4_000, max_idle=300.0, max_age=1800.0
     )
 
 
