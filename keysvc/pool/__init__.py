@@ -3,14 +3,15 @@
 - ``rules``: what a header, a 429 and a budget mean, the constants and input
   checks; shared by every backend.
 - ``memory``: the in-memory backend's state and indexes (``KeyPool``), the
-  embedded default.
-- ``backend``: the seam (``PoolBackend``) the servicer, ext_proc, the checker,
-  reload and the views call; ``MemoryBackend`` is ``KeyPool`` behind it.
+  embedded default, and ``MemoryBackend``, the pool behind the seam.
+- ``backend``: the seam (``PoolBackend``) the servicer, ext_proc, the key
+  checker, the keys-file reload and the server call.
 """
 
 from __future__ import annotations
 
-from .memory import ELIGIBLE_CACHE_SIZE, KeyPool
+from .backend import KeyPage, KeySync, PoolBackend
+from .memory import ELIGIBLE_CACHE_SIZE, KeyPool, MemoryBackend, as_backend
 from .rules import (
     ATTRIBUTION_WINDOW,
     BUDGET_LAPSE,
@@ -43,6 +44,11 @@ __all__ = [
     "RESERVATION_TTL",
     "TOKEN_ESTIMATE_SPREAD",
     "TOKEN_ESTIMATE_WEIGHT",
+    "KeyPage",
     "KeyPool",
+    "KeySync",
     "Limits",
+    "MemoryBackend",
+    "PoolBackend",
+    "as_backend",
 ]

@@ -4,7 +4,8 @@ The pool imports nothing from grpc. Every method runs on the server's event loop
 and none awaits (except ``get_waiting``, which waits between atomic steps), so
 select-and-throttle is atomic without locks. What a header, a 429 and a budget
 mean, and the selection order, are the rules of ``keysvc.pool.rules``; this
-module keeps the state they apply to.
+module keeps the state they apply to. ``MemoryBackend`` puts a ``KeyPool``
+behind the seam the servicer calls (``keysvc.pool.backend``).
 
 Keys are grouped by ``KeyProfile`` (families, trial flag and, once the checker
 has listed them, the key's model ids): all keys of one profile share rules 3
@@ -33,7 +34,7 @@ import heapq
 import logging
 import math
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Final
 
 from ..clock import Clock, Timer
@@ -53,7 +54,9 @@ from ..rates import (
     RateBook,
     RateTable,
 )
+from ..status import SnapshotSource
 from ..store import KeyStore, MemoryKeyStore
+from .backend import KeyPage, KeySync, PoolBackend
 from .rules import (
     ATTRIBUTION_WINDOW,
     BUDGET_LAPSE,
@@ -80,7 +83,7 @@ from .rules import (
     window,
 )
 
-__all__ = ["ELIGIBLE_CACHE_SIZE", "KeyPool"]
+__all__ = ["ELIGIBLE_CACHE_SIZE", "KeyPool", "MemoryBackend", "as_backend"]
 
 _log = logging.getLogger("keysvc.pool")
 
@@ -528,6 +531,39 @@ class KeyPool:
     async def flush(self) -> None:
         """Returns once every change so far is durable in the store (a no-op in memory)."""
         await self._store.flush()
+
+    def restore_clones(self) -> int:
+        """Rebuilds the organization clones the store remembers whose parent is in the pool."""
+        store = self._store
+        saved_clones = getattr(store, "saved_clones", None)
+        if saved_clones is None:
+            return 0
+        restored = 0
+        for parent_hash, organization_id in saved_clones():
+            if store.get(parent_hash) is None or not organization_id:
+                continue
+            if self.clone_for_org(parent_hash, organization_id) is not None:
+                restored += 1
+        return restored
+
+    def sync_keys(self, secrets: Sequence[str]) -> tuple[int, int]:
+        """Makes the pool's configured keys exactly ``secrets``; kept keys are not touched.
+
+        Returns:
+            How many keys were added and removed (clones included).
+        """
+        wanted = dict.fromkeys(secrets)
+        removed = 0
+        for key in self.keys():
+            if key.secret not in wanted:
+                self.remove_key(key.hash)
+                removed += 1
+        added = 0
+        for secret in wanted:
+            if self._store.get(hash_key(secret)) is None and self.add_key(secret) is not None:
+                added += 1
+        added += self.restore_clones()
+        return added, removed
 
     # -- hand-out ------------------------------------------------------------
 
@@ -1345,3 +1381,116 @@ class KeyPool:
     def _take_seq(self) -> int:
         self._next_seq += 1
         return self._next_seq
+
+
+class MemoryBackend:
+    """``KeyPool`` behind the seam (``PoolBackend``): each method is one pool call,
+    made without awaiting in between, so it is as atomic as the pool's own."""
+
+    __slots__ = ("pool",)
+
+    def __init__(self, pool: KeyPool) -> None:
+        self.pool = pool
+
+    @property
+    def observer(self) -> PoolObserver:
+        return self.pool.observer
+
+    def snapshot_source(self) -> SnapshotSource:
+        return self.pool
+
+    async def get(
+        self, model: str, max_wait: float = 0.0, *, time_left: float | None = None
+    ) -> Key:
+        if max_wait == 0.0:
+            return self.pool.get(model)
+        return await self.pool.get_waiting(model, max_wait, time_left=time_left)
+
+    async def lockout_period(self, model: str) -> float:
+        return self.pool.lockout_period(model)
+
+    async def mark_rate_limited(self, key_hash: str, model: str = "") -> None:
+        self.pool.mark_rate_limited(key_hash, model)
+
+    async def update_rate_limits(
+        self, key_hash: str, headers: Mapping[str, str], model: str = ""
+    ) -> None:
+        self.pool.update_rate_limits(key_hash, headers, model)
+
+    async def increment_usage(self, key_hash: str, model: str, tokens: int) -> None:
+        self.pool.increment_usage(key_hash, model, tokens)
+
+    async def report_outcome(
+        self,
+        key_hash: str,
+        model: str,
+        *,
+        status: int,
+        headers: Mapping[str, str],
+        error: UpstreamError,
+        prompt_tokens: int = 0,
+        completion_tokens: int = 0,
+    ) -> tuple[Decision, Key]:
+        decision, key = self.pool.report_outcome(
+            key_hash,
+            model,
+            status=status,
+            headers=headers,
+            error=error,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+        )
+        return decision, key
+
+    async def disable(self, key_hash: str, reason: DisableReason) -> Key:
+        return self.pool.disable(key_hash, reason)
+
+    async def recheck(self, *, until_checked: bool = False) -> None:
+        self.pool.recheck(until_checked=until_checked)
+
+    async def available(self) -> int:
+        return self.pool.available()
+
+    async def list_keys(self, page_token: str, page_size: int, key_filter: KeyFilter) -> KeyPage:
+        order = self.pool.load_order
+        after = order.resume_position(page_token, key_filter)
+        page = self.pool.page(after, page_size, key_filter)
+        token = "" if page.resume_after is None else order.token(key_filter, page.resume_after)
+        return KeyPage(page.keys, token)
+
+    async def keys(self) -> list[Key]:
+        return self.pool.keys()
+
+    async def key(self, key_hash: str) -> Key:
+        return self.pool.key(key_hash)
+
+    async def apply_check(
+        self,
+        key_hash: str,
+        *,
+        model_ids: Iterable[str] | None,
+        is_trial: bool,
+        organization_id: str | None = None,
+    ) -> Key:
+        return self.pool.apply_check(
+            key_hash, model_ids=model_ids, is_trial=is_trial, organization_id=organization_id
+        )
+
+    async def apply_dead_check(self, key_hash: str, reason: DisableReason) -> Key:
+        return self.pool.apply_dead_check(key_hash, reason)
+
+    async def clone_for_org(self, key_hash: str, organization_id: str) -> Key | None:
+        return self.pool.clone_for_org(key_hash, organization_id)
+
+    async def sync_keys(self, secrets: Sequence[str]) -> KeySync:
+        added, removed = self.pool.sync_keys(secrets)
+        return KeySync(added, removed, len(self.pool))
+
+    async def flush(self) -> None:
+        await self.pool.flush()
+
+
+def as_backend(pool: PoolBackend | KeyPool) -> PoolBackend:
+    """``pool`` behind the seam: a ``KeyPool`` (embedders and tests build one) is
+    served through ``MemoryBackend``."""
+    return MemoryBackend(pool) if isinstance(pool, KeyPool) else pool
