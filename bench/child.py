@@ -9,7 +9,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 
-from keysvc.pool import KeyPool
+from keysvc.pool import KeyPool, PoolBackend
 from keysvc.server import create_server
 
 __all__ = ["serve_until_sigterm", "serving_module", "stop"]
@@ -44,7 +44,7 @@ def serving_module(*args: str) -> Iterator[tuple[subprocess.Popen[str], int]]:
         stop(child)
 
 
-async def serve_until_sigterm(pool: KeyPool) -> None:
+async def serve_until_sigterm(pool: KeyPool | PoolBackend) -> None:
     """The child's side: serves ``pool`` on a free loopback port, prints the port, and
     stops on SIGTERM."""
     running = create_server(pool, host="127.0.0.1", port=0)

@@ -20,7 +20,7 @@ from typing import cast
 
 from keysvc.clock import Timer
 from keysvc.models import ModelTable
-from keysvc.pool import KeyPool
+from keysvc.pool import KeyPool, MemoryBackend
 from keysvc.reload import read_keys_file
 
 from .child import serve_until_sigterm
@@ -49,12 +49,13 @@ async def main(policy: str, scale: float, keys_file: Path) -> None:
     secrets = read_keys_file(keys_file)
     clock = ScaledClock(scale)
     models = ModelTable()
-    pool: KeyPool
+    pool: KeyPool | MemoryBackend
     if policy == "keysvc":
         pool = KeyPool.from_secrets(secrets, models=models, clock=clock)
     elif policy == "seed":
-        # Duck-typed: the servicer calls only methods SeedPool has.
-        pool = cast(KeyPool, SeedPool.from_secrets(secrets, models=models, clock=clock))
+        # Duck-typed: the memory backend calls only methods SeedPool has.
+        seed = SeedPool.from_secrets(secrets, models=models, clock=clock)
+        pool = MemoryBackend(cast(KeyPool, seed))
     else:
         raise SystemExit(f"unknown policy {policy!r}")
     await serve_until_sigterm(pool)

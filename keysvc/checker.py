@@ -20,8 +20,9 @@ exponential backoff and ±25 % jitter (never under 1 s). Every
 ``recheck_interval`` (8 h), at an offset derived from the host name so replicas
 do not check together, every live key is checked again.
 
-The checker only calls the pool's ``apply_check``, ``apply_dead_check`` and
-``clone_for_org``; it logs key hashes, never secrets.
+The checker changes the pool only through the backend's ``apply_check``,
+``apply_dead_check`` and ``clone_for_org`` (one call per result); it logs key
+hashes, never secrets.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from .config import DEFAULT_OPENAI_BASE_URL
 from .errors import KeyNotFound
 from .keys import DisableReason, Key
 from .outcomes import UpstreamError, dead_key_reason, upstream_error
-from .pool import KeyPool
+from .pool import KeyPool, PoolBackend, as_backend
 
 __all__ = [
     "CheckerConfig",
@@ -192,14 +193,14 @@ class KeyChecker:
 
     def __init__(
         self,
-        pool: KeyPool,
+        pool: PoolBackend | KeyPool,
         *,
         clock: Clock,
         config: CheckerConfig | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         rng: random.Random | None = None,
     ) -> None:
-        self._pool = pool
+        self._pool = as_backend(pool)
         self._clock = clock
         self._config = config = config or CheckerConfig()
         self._rng = rng or random.Random()
@@ -223,21 +224,23 @@ class KeyChecker:
                 offset = host_offset(config.recheck_interval)
             self._offset = offset
             self._next_full_recheck = next_slot(clock.now(), config.recheck_interval, offset)
-        self.enqueue_unchecked()
+        # The keys never checked are queued by the first step (reading them is a pool call).
+        self._loaded = False
 
     # -- control ---------------------------------------------------------------
 
-    def enqueue_unchecked(self) -> int:
+    async def enqueue_unchecked(self) -> int:
         """Queues every key that has never been checked (or was marked for recheck)."""
-        return self._enqueue(k for k in self._pool.keys() if not k.last_checked)
+        self._loaded = True
+        return self._enqueue(k for k in await self._pool.keys() if not k.last_checked)
 
-    def recheck(self) -> None:
+    async def recheck(self) -> None:
         """The Recheck RPC: every key is checked again; dead keys stay out until found alive."""
-        self._pool.recheck(until_checked=True)
+        await self._pool.recheck(until_checked=True)
         self._queue.clear()
         self._queued.clear()
         self._retries.clear()
-        count = self.enqueue_unchecked()
+        count = await self.enqueue_unchecked()
         _log.info("recheck requested", extra={"keys": count})
         self._wake.set()
 
@@ -253,6 +256,8 @@ class KeyChecker:
 
     async def run(self) -> None:
         """Checks keys until cancelled; closes the HTTP client on the way out."""
+        if not self._loaded:
+            await self.enqueue_unchecked()
         _log.info(
             "key checker started",
             extra={"pending": self.pending, "base_url": self._config.base_url},
@@ -283,23 +288,25 @@ class KeyChecker:
         Returns:
             Seconds until something may be due (inf when nothing is waiting).
         """
+        if not self._loaded:
+            await self.enqueue_unchecked()
         now = self._clock.now()
         if now >= self._next_full_recheck:
-            self._full_recheck(now)
+            await self._full_recheck(now)
         if now >= self._last_batch_end + self._config.check_interval:
-            batch = self._take_batch(now)
+            batch = await self._take_batch(now)
             if batch:
                 await asyncio.gather(*(self._check_and_log(key) for key in batch))
                 self._last_batch_end = self._clock.now()
         return self._next_wakeup(self._clock.now())
 
-    def _full_recheck(self, now: float) -> None:
+    async def _full_recheck(self, now: float) -> None:
         interval = self._config.recheck_interval
         self._next_full_recheck = next_slot(now, interval, self._offset)
         # Keys checked in the last half interval (e.g. at start-up) can wait for the next one.
         fresh = now - interval / 2
         count = self._enqueue(
-            k for k in self._pool.keys() if not k.is_disabled and k.last_checked <= fresh
+            k for k in await self._pool.keys() if not k.is_disabled and k.last_checked <= fresh
         )
         _log.info("periodic recheck", extra={"keys": count})
 
@@ -312,22 +319,22 @@ class KeyChecker:
                 count += 1
         return count
 
-    def _take_batch(self, now: float) -> list[Key]:
+    async def _take_batch(self, now: float) -> list[Key]:
         batch: list[Key] = []
         size = self._config.batch_size
         for key_hash, (due, _) in sorted(self._retries.items(), key=lambda item: item[1][0]):
             if len(batch) >= size or due > now:
                 break
-            self._add_if_needed(batch, key_hash)
+            await self._add_if_needed(batch, key_hash)
         while self._queue and len(batch) < size:
             key_hash = self._queue.popleft()
             self._queued.discard(key_hash)
-            self._add_if_needed(batch, key_hash)
+            await self._add_if_needed(batch, key_hash)
         return batch
 
-    def _add_if_needed(self, batch: list[Key], key_hash: str) -> None:
+    async def _add_if_needed(self, batch: list[Key], key_hash: str) -> None:
         try:
-            key = self._pool.key(key_hash)
+            key = await self._pool.key(key_hash)
         except KeyNotFound:
             self._retries.pop(key_hash, None)
             return
@@ -405,7 +412,7 @@ class KeyChecker:
         if dead is not None:
             assert dead.reason is not None
             self._retries.pop(key.hash, None)
-            self._pool.apply_dead_check(key.hash, dead.reason)
+            await self._pool.apply_dead_check(key.hash, dead.reason)
             _log.warning(
                 "key check: dead",
                 extra={"key_hash": key.hash, "reason": dead.reason.value, "problem": dead.problem},
@@ -426,7 +433,7 @@ class KeyChecker:
                 default_org = defaults[0]
                 other_orgs = [org for org, is_default in orgs if not is_default]
         was_disabled = key.is_disabled
-        self._pool.apply_check(
+        await self._pool.apply_check(
             key.hash, model_ids=model_ids, is_trial=trial, organization_id=default_org
         )
         _log.info(
@@ -440,7 +447,7 @@ class KeyChecker:
             },
         )
         for org in other_orgs:
-            clone = self._pool.clone_for_org(key.hash, org)
+            clone = await self._pool.clone_for_org(key.hash, org)
             if clone is not None:
                 self._enqueue([clone])
 

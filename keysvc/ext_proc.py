@@ -50,7 +50,7 @@ from .auth import AuthTokens
 from .errors import FamilyDisallowed, InvalidArgument, KeysvcError, NoKeysForFamily
 from .metrics import Metrics
 from .outcomes import OutcomeAction, UpstreamError, upstream_error
-from .pool import MAX_WAIT, KeyPool, Limits
+from .pool import MAX_WAIT, KeyPool, Limits, PoolBackend, as_backend
 
 __all__ = ["EXT_PROC_SERVICE_NAME", "MAX_WAIT_HEADER", "ExtProcService", "add_ext_proc_service"]
 
@@ -179,7 +179,7 @@ def _is_json(headers: Mapping[str, str]) -> bool:
 
 
 class ExtProcService:
-    """envoy.service.ext_proc.v3.ExternalProcessor over a ``KeyPool``.
+    """envoy.service.ext_proc.v3.ExternalProcessor over a pool backend.
 
     Args:
         pool: the pool keys come from and answers go to.
@@ -191,7 +191,7 @@ class ExtProcService:
 
     def __init__(
         self,
-        pool: KeyPool,
+        pool: PoolBackend | KeyPool,
         *,
         tokens: AuthTokens,
         max_wait: float,
@@ -199,7 +199,7 @@ class ExtProcService:
     ) -> None:
         if not 0.0 <= max_wait <= MAX_WAIT:
             raise ValueError(f"max_wait must be between 0 and {MAX_WAIT:g} seconds")
-        self._pool = pool
+        self._pool = as_backend(pool)
         self._tokens = tokens
         self._max_wait = max_wait
         self._metrics = metrics
@@ -321,7 +321,7 @@ class ExtProcService:
             )
         attempt.model = model
         try:
-            lockout = self._pool.lockout_period(model)
+            lockout = await self._pool.lockout_period(model)
             if lockout > attempt.max_wait:
                 # No key can unlock within the wait: say so now, not after the wait.
                 raise _Refusal(
@@ -331,7 +331,7 @@ class ExtProcService:
                     f"every key for model {model!r} is busy; retry after {math.ceil(lockout)} s",
                     retry_after=max(1, math.ceil(lockout)),
                 )
-            key = await self._pool.get_waiting(model, attempt.max_wait)
+            key = await self._pool.get(model, attempt.max_wait)
         except KeysvcError as error:
             raise _refusal_for(error) from None
         attempt.key_hash = key.hash
@@ -383,12 +383,12 @@ class ExtProcService:
     async def _report(
         self, attempt: _Attempt, error: UpstreamError, prompt: int, completion: int
     ) -> OutcomeAction | None:
-        """Applies the answer as ReportOutcome does: ``KeyPool.report_outcome``, then a
+        """Applies the answer as ReportOutcome does: the pool's ``report_outcome``, then a
         flush before going on when it disabled the key. Returns ReportOutcome's action;
         None when the answer could not be applied."""
         key_hash, attempt.key_hash = attempt.key_hash, ""  # one report per hand-out
         try:
-            decision, _ = self._pool.report_outcome(
+            decision, _ = await self._pool.report_outcome(
                 key_hash,
                 attempt.model,
                 status=attempt.status,

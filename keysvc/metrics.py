@@ -29,8 +29,14 @@ from prometheus_client.registry import Collector
 from .events import KeyChange
 from .interceptors import Behavior, UnaryInterceptor
 from .outcomes import OutcomeAction
-from .pool import HASH_PATTERN, KeyPool
-from .status import COUNTED_STATES, PoolSnapshot, PoolSnapshots, take_snapshot
+from .pool import HASH_PATTERN
+from .status import (
+    COUNTED_STATES,
+    PoolSnapshot,
+    PoolSnapshots,
+    SnapshotSource,
+    take_snapshot,
+)
 from .v1 import keysvc_pb2
 
 __all__ = ["Metrics", "PoolCollector", "RpcInterceptor"]
@@ -142,7 +148,7 @@ class Metrics:
             action.value: self._outcomes.labels(action.value) for action in OutcomeAction
         }
 
-    def watch_pool(self, pool: KeyPool, snapshots: PoolSnapshots | None = None) -> None:
+    def watch_pool(self, pool: SnapshotSource, snapshots: PoolSnapshots | None = None) -> None:
         """Adds the gauges of ``pool``: from ``snapshots.latest`` when given (the HTTP
         port makes it fresh before each scrape), else from a walk at scrape time."""
         self.registry.register(PoolCollector(pool, snapshots))
@@ -203,7 +209,7 @@ class PoolCollector(Collector):
     must then happen on the loop that owns the pool.
     """
 
-    def __init__(self, pool: KeyPool, snapshots: PoolSnapshots | None = None) -> None:
+    def __init__(self, pool: SnapshotSource, snapshots: PoolSnapshots | None = None) -> None:
         self._pool = pool
         self._snapshots = snapshots
 

@@ -19,11 +19,9 @@ from pathlib import Path
 from typing import Final
 
 from .config import ConfigError
-from .keys import hash_key
-from .pool import KeyPool
-from .store import KeyStore
+from .pool import KeyPool, PoolBackend, as_backend
 
-__all__ = ["KeysFileError", "KeysFileWatcher", "read_keys_file", "restore_clones", "sync_keys"]
+__all__ = ["KeysFileError", "KeysFileWatcher", "read_keys_file"]
 
 _log = logging.getLogger("keysvc.reload")
 
@@ -63,40 +61,6 @@ def read_keys_file(path: Path) -> list[str]:
     return list(dict.fromkeys(keys))
 
 
-def restore_clones(pool: KeyPool, store: KeyStore) -> int:
-    """Rebuilds the organization clones the store remembers whose parent is in the pool."""
-    saved_clones = getattr(store, "saved_clones", None)
-    if saved_clones is None:
-        return 0
-    restored = 0
-    for parent_hash, organization_id in saved_clones():
-        if store.get(parent_hash) is None or not organization_id:
-            continue
-        if pool.clone_for_org(parent_hash, organization_id) is not None:
-            restored += 1
-    return restored
-
-
-def sync_keys(pool: KeyPool, store: KeyStore, secrets: Sequence[str]) -> tuple[int, int]:
-    """Makes the pool's configured keys exactly ``secrets``; kept keys are not touched.
-
-    Returns:
-        How many keys were added and removed (clones included).
-    """
-    wanted = dict.fromkeys(secrets)
-    removed = 0
-    for key in pool.keys():
-        if key.secret not in wanted:
-            pool.remove_key(key.hash)
-            removed += 1
-    added = 0
-    for secret in wanted:
-        if store.get(hash_key(secret)) is None and pool.add_key(secret) is not None:
-            added += 1
-    added += restore_clones(pool, store)
-    return added, removed
-
-
 class KeysFileWatcher:
     """Reloads the keys file when asked (SIGHUP) or when it changes on disk."""
 
@@ -104,14 +68,12 @@ class KeysFileWatcher:
         self,
         path: Path,
         *,
-        pool: KeyPool,
-        store: KeyStore,
+        pool: PoolBackend | KeyPool,
         base_keys: Sequence[str],
         poll_seconds: float = POLL_SECONDS,
     ) -> None:
         self._path = path
-        self._pool = pool
-        self._store = store
+        self._pool = as_backend(pool)
         self._base_keys = tuple(base_keys)
         self._poll_seconds = poll_seconds
         self._seen = self._stat()
@@ -139,10 +101,15 @@ class KeysFileWatcher:
                 extra={"why": why, "problem": str(exc)},
             )
             return False
-        added, removed = sync_keys(self._pool, self._store, [*self._base_keys, *file_keys])
+        synced = await self._pool.sync_keys([*self._base_keys, *file_keys])
         _log.info(
             "keys file reloaded",
-            extra={"why": why, "added": added, "removed": removed, "keys": len(self._pool)},
+            extra={
+                "why": why,
+                "added": synced.added,
+                "removed": synced.removed,
+                "keys": synced.keys,
+            },
         )
         return True
 

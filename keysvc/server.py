@@ -40,11 +40,12 @@ from .overload import (
     connection_options,
     raise_open_files_limit,
 )
-from .pool import KeyPool, Limits
+from .pool import KeyPool, Limits, MemoryBackend, PoolBackend, as_backend
 from .reflection import enable_reflection
-from .reload import KeysFileWatcher, read_keys_file, restore_clones
+from .reload import KeysFileWatcher, read_keys_file
 from .service import KeyService, Rechecker
 from .state import SqliteStateStore, StateFileError
+from .status import SnapshotSource
 from .store import KeyStore, MemoryKeyStore
 from .tls import TlsConfig
 from .v1 import keysvc_pb2, keysvc_pb2_grpc
@@ -164,7 +165,7 @@ class KeysvcServer:
     server: grpc.aio.Server
     port: int
     health: health_aio.HealthServicer
-    pool: KeyPool
+    pool: PoolBackend
     drain: DrainInterceptor
     limit: InFlightLimit
 
@@ -210,7 +211,7 @@ def _address(host: str, port: int) -> str:
 
 
 def create_server(
-    pool: KeyPool,
+    pool: PoolBackend | KeyPool,
     *,
     host: str = "127.0.0.1",
     port: int = 0,
@@ -249,6 +250,7 @@ def create_server(
     Raises:
         OSError: the address cannot be bound.
     """
+    backend = as_backend(pool)
     drain = DrainInterceptor()
     limit = InFlightLimit(
         max_in_flight,
@@ -276,12 +278,12 @@ def create_server(
         ],
     )
     keysvc_pb2_grpc.add_KeyServiceServicer_to_server(
-        KeyService(pool, checker, max_page_size=list_max_page_size), server
+        KeyService(backend, checker, max_page_size=list_max_page_size), server
     )
     add_ext_proc_service(
         server,
         ExtProcService(
-            pool, tokens=tokens or AuthTokens(), max_wait=ext_proc_max_wait, metrics=metrics
+            backend, tokens=tokens or AuthTokens(), max_wait=ext_proc_max_wait, metrics=metrics
         ),
     )
     health = health_aio.HealthServicer()
@@ -309,7 +311,7 @@ def create_server(
         if metrics is not None:
             state.add_listener(metrics.state_write_done)
     return KeysvcServer(
-        server=server, port=bound, health=health, pool=pool, drain=drain, limit=limit
+        server=server, port=bound, health=health, pool=backend, drain=drain, limit=limit
     )
 
 
@@ -339,7 +341,7 @@ def _follow_state_writes(health: health_aio.HealthServicer) -> Callable[[bool], 
 
 
 async def start_http_port(
-    running: KeysvcServer, pool: KeyPool, metrics: Metrics, *, host: str, port: int
+    running: KeysvcServer, pool: SnapshotSource, metrics: Metrics, *, host: str, port: int
 ) -> HttpServer:
     """Serves /metrics, the status page, /healthz and /readyz for ``running`` on ``host:port``.
 
@@ -399,7 +401,7 @@ def build_pool(
     finally:
         if collecting:
             gc.enable()
-    restore_clones(pool, store)
+    pool.restore_clones()
     # The keys live as long as the process: out of the collector's generations, a
     # full collection does not walk them (40-75 ms on the event loop at 100k keys).
     # Refcounting still frees a removed key; only cycles among them would stay.
@@ -467,10 +469,11 @@ async def serve(settings: Settings, *, clock: Clock | None = None) -> None:
             ) from exc
         state.start()
     _log_protection(settings, tokens, tls)
-    checker = build_checker(settings, pool, clock) if settings.check_keys else None
+    backend = MemoryBackend(pool)
+    checker = build_checker(settings, backend, clock) if settings.check_keys else None
     try:
         running = create_server(
-            pool,
+            backend,
             host=settings.host,
             port=settings.port,
             tokens=tokens,
@@ -493,16 +496,18 @@ async def serve(settings: Settings, *, clock: Clock | None = None) -> None:
     background: list[asyncio.Task[None]] = []
     watcher: KeysFileWatcher | None = None
     if settings.keys_file is not None:
-        watcher = KeysFileWatcher(
-            settings.keys_file, pool=pool, store=store, base_keys=settings.openai_keys
-        )
+        watcher = KeysFileWatcher(settings.keys_file, pool=backend, base_keys=settings.openai_keys)
         background.append(loop.create_task(watcher.run()))
         loop.add_signal_handler(signal.SIGHUP, watcher.request_reload)
 
     http: HttpServer | None = None
     if metrics is not None and settings.metrics_port is not None:
         http = await start_http_port(
-            running, pool, metrics, host=settings.metrics_host, port=settings.metrics_port
+            running,
+            backend.snapshot_source(),
+            metrics,
+            host=settings.metrics_host,
+            port=settings.metrics_port,
         )
         _log.info(
             "serving metrics and status page",
@@ -540,7 +545,7 @@ async def serve(settings: Settings, *, clock: Clock | None = None) -> None:
     _log.info("stopped")
 
 
-def build_checker(settings: Settings, pool: KeyPool, clock: Clock) -> KeyChecker:
+def build_checker(settings: Settings, pool: PoolBackend, clock: Clock) -> KeyChecker:
     """The key checker the settings describe, over ``pool``."""
     return KeyChecker(
         pool,

@@ -15,7 +15,7 @@ from .errors import InvalidArgument
 from .keys import DisableReason, Key
 from .listing import DEFAULT_MAX_PAGE_SIZE, KeyFilter
 from .outcomes import OutcomeAction, UpstreamError
-from .pool import KeyPool
+from .pool import KeyPool, PoolBackend, as_backend
 from .rates import FamilyRates
 from .v1 import keysvc_pb2 as pb
 from .v1 import keysvc_pb2_grpc as pb_grpc
@@ -146,31 +146,31 @@ def _family_to_proto(family: FamilyRates, message: pb.FamilyRateLimit) -> None:
 class Rechecker(Protocol):
     """What Recheck calls when a key checker runs (``keysvc.checker.KeyChecker``)."""
 
-    def recheck(self) -> None: ...
+    async def recheck(self) -> None: ...
 
 
 class KeyService(pb_grpc.KeyServiceServicer):
-    """keysvc.v1.KeyService over a ``KeyPool``, and its key checker if one runs."""
+    """keysvc.v1.KeyService over a pool backend, and its key checker if one runs."""
 
     def __init__(
         self,
-        pool: KeyPool,
+        pool: PoolBackend | KeyPool,
         checker: Rechecker | None = None,
         *,
         max_page_size: int = DEFAULT_MAX_PAGE_SIZE,
     ) -> None:
-        self._pool = pool
+        self._pool = as_backend(pool)
         self._checker = checker
         self._max_page_size = max_page_size
 
     async def Get(self, request: pb.GetRequest, context: _Context) -> pb.GetResponse:
         if request.HasField("max_wait"):
             wait = request.max_wait
-            key = await self._pool.get_waiting(
+            key = await self._pool.get(
                 request.model, wait.seconds + wait.nanos / 1e9, time_left=context.time_remaining()
             )
         else:
-            key = self._pool.get(request.model)
+            key = await self._pool.get(request.model)
         response = pb.GetResponse(secret=key.secret)
         fill_key(response.key, key)
         return response
@@ -179,7 +179,7 @@ class KeyService(pb_grpc.KeyServiceServicer):
         reason = _REASON_FROM_PROTO.get(request.reason)
         if reason is None:
             raise InvalidArgument("reason", f"unknown DisableReason {request.reason}")
-        key = self._pool.disable(request.hash, reason)
+        key = await self._pool.disable(request.hash, reason)
         # A Disable is durable before it is acknowledged: a restart must never revive the key.
         await self._pool.flush()
         return pb.DisableResponse(key=key_to_proto(key))
@@ -187,32 +187,31 @@ class KeyService(pb_grpc.KeyServiceServicer):
     async def MarkRateLimited(
         self, request: pb.MarkRateLimitedRequest, context: _Context
     ) -> pb.MarkRateLimitedResponse:
-        self._pool.mark_rate_limited(request.hash, request.model)
+        await self._pool.mark_rate_limited(request.hash, request.model)
         return pb.MarkRateLimitedResponse()
 
     async def UpdateRateLimits(
         self, request: pb.UpdateRateLimitsRequest, context: _Context
     ) -> pb.UpdateRateLimitsResponse:
-        self._pool.update_rate_limits(request.hash, request.headers, request.model)
+        await self._pool.update_rate_limits(request.hash, request.headers, request.model)
         return pb.UpdateRateLimitsResponse()
 
     async def GetLockoutPeriod(
         self, request: pb.GetLockoutPeriodRequest, context: _Context
     ) -> pb.GetLockoutPeriodResponse:
-        return pb.GetLockoutPeriodResponse(
-            lockout=_duration(self._pool.lockout_period(request.model))
-        )
+        lockout = await self._pool.lockout_period(request.model)
+        return pb.GetLockoutPeriodResponse(lockout=_duration(lockout))
 
     async def IncrementUsage(
         self, request: pb.IncrementUsageRequest, context: _Context
     ) -> pb.IncrementUsageResponse:
-        self._pool.increment_usage(request.hash, request.model, request.tokens)
+        await self._pool.increment_usage(request.hash, request.model, request.tokens)
         return pb.IncrementUsageResponse()
 
     async def ReportOutcome(
         self, request: pb.ReportOutcomeRequest, context: _Context
     ) -> pb.ReportOutcomeResponse:
-        decision, key = self._pool.report_outcome(
+        decision, key = await self._pool.report_outcome(
             request.hash,
             request.model,
             status=request.status,
@@ -234,25 +233,23 @@ class KeyService(pb_grpc.KeyServiceServicer):
         key_filter = _FILTER_FROM_PROTO.get(request.state)
         if key_filter is None:
             raise InvalidArgument("state", f"unknown KeyState {request.state}")
-        order = self._pool.load_order
-        after = order.resume_position(request.page_token, key_filter)
         size = min(request.page_size or self._max_page_size, self._max_page_size)
-        page = self._pool.page(after, size, key_filter)
+        page = await self._pool.list_keys(request.page_token, size, key_filter)
         response = pb.ListResponse()
         for key in page.keys:
             fill_key(response.keys.add(), key)
-        if page.resume_after is not None:
-            response.next_page_token = order.token(key_filter, page.resume_after)
+        if page.next_page_token:
+            response.next_page_token = page.next_page_token
         return response
 
     async def Available(
         self, request: pb.AvailableRequest, context: _Context
     ) -> pb.AvailableResponse:
-        return pb.AvailableResponse(count=self._pool.available())
+        return pb.AvailableResponse(count=await self._pool.available())
 
     async def Recheck(self, request: pb.RecheckRequest, context: _Context) -> pb.RecheckResponse:
         if self._checker is not None:
-            self._checker.recheck()  # dead keys stay out until their new check says alive
+            await self._checker.recheck()  # dead keys stay out until their new check says alive
         else:
-            self._pool.recheck()
+            await self._pool.recheck()
         return pb.RecheckResponse()

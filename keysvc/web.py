@@ -30,13 +30,13 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from . import __version__
-from .pool import KeyPool
 from .status import (
     COUNTED_STATES,
     FamilySummary,
     KeyState,
     PoolSnapshot,
     PoolSnapshots,
+    SnapshotSource,
     format_duration,
 )
 
@@ -148,13 +148,13 @@ def render_status_page(
 SNAPSHOT_MAX_AGE: Final = 5.0
 
 
-def page_snapshots(pool: KeyPool) -> PoolSnapshots:
+def page_snapshots(pool: SnapshotSource) -> PoolSnapshots:
     """The snapshots the HTTP port reads: the first ``PAGE_KEYS`` keys listed."""
     return PoolSnapshots(pool, listed=PAGE_KEYS, max_age=SNAPSHOT_MAX_AGE)
 
 
 def build_app(
-    pool: KeyPool,
+    pool: SnapshotSource,
     registry: CollectorRegistry,
     *,
     live: HealthCheck,

@@ -399,7 +399,7 @@ async def test_recheck_wakes_and_dead_keys_stay_out_until_alive() -> None:
         assert dead.is_revoked and not live.is_disabled
         live_answer["sk-dead"] = ALIVE_400  # the account was fixed upstream
         clock.advance(10)
-        checker.recheck()
+        await checker.recheck()
         assert dead.is_disabled and checker.pending == 2
         for _ in range(5):
             assert pool.get("gpt-4") is live  # not the dead key while its check is pending

@@ -270,10 +270,10 @@ async def test_an_unexpected_failure_picking_a_key_is_a_500_without_a_key(
 ) -> None:
     pool, _ = make_pool(SECRETS)
 
-    async def broken(model: str, max_wait: float) -> None:
+    def broken(model: str) -> None:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(pool, "get_waiting", broken)
+    monkeypatch.setattr(pool, "get", broken)  # max_wait 0: the memory backend calls get
     responses = await run(service_for(pool), [request_headers(), request_body()])
     status, _, document = immediate(responses[-1])
     assert status == 500 and document["error"]["code"] == "internal_error"

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from keysvc.keys import Key, KeyProfile
-from keysvc.pool import _Queue
+from keysvc.pool.memory import _Queue
 
 KEYS = 6
 PROFILE = KeyProfile(frozenset({"turbo"}))

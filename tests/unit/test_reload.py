@@ -11,7 +11,7 @@ from keysvc.keys import DisableReason, hash_key
 from keysvc.logs import TextFormatter
 from keysvc.models import ModelTable
 from keysvc.pool import KeyPool
-from keysvc.reload import KeysFileError, KeysFileWatcher, read_keys_file, sync_keys
+from keysvc.reload import KeysFileError, KeysFileWatcher, read_keys_file
 from keysvc.store import MemoryKeyStore
 
 A, B, C, D = (f"sk-reload-{c * 20}" for c in "abcd")
@@ -45,7 +45,7 @@ def test_sync_adds_removes_and_keeps_state() -> None:
     pool.disable(hash_key(A), DisableReason.REVOKED)
     pool.increment_usage(hash_key(B), "gpt-4o", 5)
     pool.add_key(C, organization_id="org-x")  # a clone leaves with its parent
-    added, removed = sync_keys(pool, store, [A, B, D])
+    added, removed = pool.sync_keys([A, B, D])
     assert (added, removed) == (1, 2)
     assert [k.hash for k in pool.keys()] == [hash_key(s) for s in (A, B, D)]
     assert pool.key(hash_key(A)).is_disabled
@@ -62,7 +62,7 @@ async def test_malformed_file_keeps_the_old_pool(
     path = tmp_path / "keys"
     path.write_text(f"{B}\n")
     pool, store = _pool([A, B])
-    watcher = KeysFileWatcher(path, pool=pool, store=store, base_keys=[A])
+    watcher = KeysFileWatcher(path, pool=pool, base_keys=[A])
     path.write_text(f"{B}\n{C} {D}\n")
     assert not await watcher.reload("test")
     assert [k.hash for k in pool.keys()] == [hash_key(A), hash_key(B)]

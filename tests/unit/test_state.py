@@ -18,7 +18,6 @@ from keysvc.errors import StateWriteFailed
 from keysvc.keys import DisableReason, hash_key
 from keysvc.models import GPT4_32K, ModelTable
 from keysvc.pool import KeyPool
-from keysvc.reload import restore_clones
 from keysvc.state import SqliteStateStore, StateFileError, connect_database
 
 A, B, C = "sk-state-aaaaaaaaaaaaaaaaaaaa", "sk-state-bbbbbbbbbbbbbbbbbbbb", "sk-state-cccccccccccc"
@@ -44,7 +43,7 @@ def _pool(path: Path, secrets: list[str], clock: ManualClock | None = None) -> K
     pool = KeyPool(store=store, models=ModelTable(), clock=clock or ManualClock())
     for secret in secrets:
         pool.add_key(secret)
-    restore_clones(pool, store)
+    pool.restore_clones()
     return pool
 
 
