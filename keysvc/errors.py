@@ -15,7 +15,8 @@ Exception tree::
     ├── RoleDenied              PERMISSION_DENIED   ROLE_DENIED
     ├── ShuttingDown            UNAVAILABLE         SHUTTING_DOWN
     ├── StateWriteFailed        UNAVAILABLE         STATE_WRITE_FAILED
-    └── Overloaded              RESOURCE_EXHAUSTED  OVERLOADED
+    ├── Overloaded              RESOURCE_EXHAUSTED  OVERLOADED
+    └── KeysBusy                RESOURCE_EXHAUSTED  KEYS_BUSY
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ __all__ = [
     "FamilyDisallowed",
     "InvalidArgument",
     "KeyNotFound",
+    "KeysBusy",
     "KeysvcError",
     "NoKeysForFamily",
     "Overloaded",
@@ -45,10 +47,13 @@ class KeysvcError(Exception):
         code: the ``grpc.StatusCode`` member name the error maps to.
         reason: the ErrorInfo reason, UPPER_SNAKE, stable for clients to branch on.
         metadata: extra ErrorInfo metadata (never a secret).
+        retry_delay: seconds after which the call may succeed (a google.rpc.RetryInfo
+            detail), or None.
     """
 
     code = "INTERNAL"
     reason = "INTERNAL"
+    retry_delay: float | None = None
 
     def __init__(self, message: str, *, metadata: dict[str, str] | None = None) -> None:
         super().__init__(message)
@@ -181,3 +186,25 @@ class Overloaded(KeysvcError):
             " reached; nothing was done, retry after a backoff",
             metadata={"limit": str(limit), "setting": setting},
         )
+
+
+class KeysBusy(KeysvcError):
+    """Get with max_wait: every key for the model stayed locked for the whole wait.
+
+    Nothing was handed out. ``retry_delay`` is the time until the first key is
+    expected to unlock (GetLockoutPeriod's answer at that moment).
+    """
+
+    code = "RESOURCE_EXHAUSTED"
+    reason = "KEYS_BUSY"
+    retry_delay: float
+
+    def __init__(self, family: str, model: str, retry_delay: float) -> None:
+        super().__init__(
+            f"every key for {family} models (model {model!r}) stayed locked for the whole"
+            f" max_wait; the first is expected to unlock in {retry_delay:.3f} s",
+            metadata={"family": family, "model": model, "retry_after": f"{retry_delay:.3f}s"},
+        )
+        self.family = family
+        self.model = model
+        self.retry_delay = retry_delay

@@ -47,7 +47,13 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from envoy.type.v3 import http_status_pb2
 
 from .auth import AuthTokens
-from .errors import FamilyDisallowed, InvalidArgument, KeysvcError, NoKeysForFamily
+from .errors import (
+    FamilyDisallowed,
+    InvalidArgument,
+    KeysBusy,
+    KeysvcError,
+    NoKeysForFamily,
+)
 from .metrics import Metrics
 from .outcomes import OutcomeAction, UpstreamError, upstream_error
 from .pool import MAX_WAIT, KeyPool, Limits, PoolBackend, as_backend
@@ -161,7 +167,19 @@ def _refusal_for(error: KeysvcError) -> _Refusal:
         return _Refusal(403, "invalid_request_error", "model_not_allowed", error.message)
     if isinstance(error, InvalidArgument):
         return _Refusal(400, "invalid_request_error", "invalid_value", error.message)
+    if isinstance(error, KeysBusy):
+        return _busy(error.model, error.retry_delay)
     raise error
+
+
+def _busy(model: str, lockout: float) -> _Refusal:
+    return _Refusal(
+        429,
+        "requests",
+        "keys_busy",
+        f"every key for model {model!r} is busy; retry after {math.ceil(lockout)} s",
+        retry_after=max(1, math.ceil(lockout)),
+    )
 
 
 def _usage(document: object) -> tuple[int, int]:
@@ -324,13 +342,7 @@ class ExtProcService:
             lockout = await self._pool.lockout_period(model)
             if lockout > attempt.max_wait:
                 # No key can unlock within the wait: say so now, not after the wait.
-                raise _Refusal(
-                    429,
-                    "requests",
-                    "keys_busy",
-                    f"every key for model {model!r} is busy; retry after {math.ceil(lockout)} s",
-                    retry_after=max(1, math.ceil(lockout)),
-                )
+                raise _busy(model, lockout)
             key = await self._pool.get(model, attempt.max_wait)
         except KeysvcError as error:
             raise _refusal_for(error) from None

@@ -67,7 +67,8 @@ _log = logging.getLogger("keysvc.server")
 
 
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: KeysvcError) -> None:
-    """Ends the call with the error's status and a google.rpc.ErrorInfo detail."""
+    """Ends the call with the error's status, a google.rpc.ErrorInfo detail and, when
+    the error says when to retry, a google.rpc.RetryInfo detail."""
     code = grpc.StatusCode[error.code]
     detail = any_pb2.Any()
     detail.Pack(
@@ -75,8 +76,14 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: KeysvcError
             reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata
         )
     )
+    details = [detail]
+    if error.retry_delay is not None:
+        retry = error_details_pb2.RetryInfo()
+        retry.retry_delay.FromNanoseconds(max(0, round(error.retry_delay * 1e9)))
+        details.append(any_pb2.Any())
+        details[-1].Pack(retry)
     status = rpc_status.to_status(
-        status_pb2.Status(code=code.value[0], message=error.message, details=[detail])
+        status_pb2.Status(code=code.value[0], message=error.message, details=details)
     )
     await context.abort(status.code, status.details, status.trailing_metadata)
 

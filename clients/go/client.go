@@ -114,8 +114,9 @@ func (c *Client) Get(ctx context.Context, model string) (*keysvcv1.GetResponse, 
 }
 
 // GetWait is Get that, when every key for model is locked, lets the server wait up to
-// maxWait (at most 60 s) for the first to unlock. When ctx has no deadline, the call's
-// default timeout grows by maxWait.
+// maxWait (at most 60 s) for the first to unlock; if none does in time, the error has
+// reason KEYS_BUSY (its metadata's retry_after says when the first is expected to
+// unlock). When ctx has no deadline, the call's default timeout grows by maxWait.
 func (c *Client) GetWait(ctx context.Context, model string, maxWait time.Duration) (*keysvcv1.GetResponse, error) {
 	if _, has := ctx.Deadline(); !has && c.timeout > 0 {
 		var cancel context.CancelFunc

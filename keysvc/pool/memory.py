@@ -38,7 +38,13 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Final
 
 from ..clock import Clock, Timer
-from ..errors import FamilyDisallowed, InvalidArgument, KeyNotFound, NoKeysForFamily
+from ..errors import (
+    FamilyDisallowed,
+    InvalidArgument,
+    KeyNotFound,
+    KeysBusy,
+    NoKeysForFamily,
+)
 from ..events import KeyChange, NullObserver, PoolObserver
 from ..keys import DisableReason, Key, KeyProfile, hash_key
 from ..listing import KeyFilter, LoadOrder, Page
@@ -596,8 +602,8 @@ class KeyPool:
         the earliest unlock time (and pool changes that may free a key), never
         polling. A waiter that is cancelled (its caller went away) leaves no
         trace: keys are only taken by a waiter that is running. If every key is
-        still locked at the deadline, the call ends as ``get`` would: with the
-        key that unlocks first. Plain ``get`` calls do not queue. ``time_left``:
+        still locked at the deadline, nothing is handed out (``KeysBusy``, with
+        the time until the first unlocks). Plain ``get`` calls do not queue. ``time_left``:
         how long the caller will wait for the answer (its deadline); the wait
         ends ``DEADLINE_MARGIN`` before, so no key is taken for a caller that is gone.
 
@@ -606,14 +612,20 @@ class KeyPool:
                 ``model`` is bad.
             FamilyDisallowed, NoKeysForFamily: as ``get``, at once or when the
                 last eligible key is disabled while waiting.
+            KeysBusy: every eligible key stayed locked for the whole wait. Not the
+                key that unlocks first, as a plain ``get`` hands out: a caller that
+                waited all it would is the likeliest to drop it unused, and every
+                such hand-out held the key's budget until its reservation lapsed
+                (10 s), so the waiters after it ran out too (the high-limit
+                simulation stalled so); one that does use it gets a 429.
         """
         check_model(model)
         if not 0.0 <= max_wait <= MAX_WAIT:
             raise InvalidArgument("max_wait", f"must be between 0 and {MAX_WAIT:g} seconds")
-        if time_left is not None:
-            max_wait = max(0.0, min(max_wait, time_left - DEADLINE_MARGIN))
         if max_wait == 0.0:
             return self.get(model)
+        if time_left is not None:
+            max_wait = max(0.0, min(max_wait, time_left - DEADLINE_MARGIN))
         info = self._models.lookup(model)
         if self._allowed is not None and info.family not in self._allowed:
             raise FamilyDisallowed(info.family, model)
@@ -625,6 +637,8 @@ class KeyPool:
             key = self._hand_out_free(model, info, now)
             if key is not None:
                 return key
+            if max_wait == 0.0:  # the caller's deadline leaves no time to wait
+                raise self._keys_busy(model, info)
             queue = self._queues[wait_class] = _WaitQueue(wait_class, model, info)
         loop = asyncio.get_running_loop()
         waiter = _Waiter(now + max_wait, loop.create_future())
@@ -650,7 +664,13 @@ class KeyPool:
             if not queue.waiters:
                 del self._queues[queue.key]
             self._schedule_dispatch()
-        return self.get(model)
+        key = self._hand_out_free(model, info, now)
+        if key is None:
+            raise self._keys_busy(model, info)
+        return key
+
+    def _keys_busy(self, model: str, info: ModelInfo) -> KeysBusy:
+        return KeysBusy(info.family, model, self._lockout(model, info))
 
     def _hand_out_free(self, model: str, info: ModelInfo, now: float) -> Key | None:
         """Hands out the best key for ``model`` if one is free now; None if all are locked.

@@ -106,7 +106,8 @@ class KeyServiceServicer:
         answer has told the key's limits for the model's family, its budget
         (remaining quota less the hand-outs in flight, refilling) decides when it
         is free again; until then it is throttled for 1 s after each hand-out.
-        With max_wait it waits for a locked key to unlock.
+        With max_wait it waits for a locked key to unlock, and says KEYS_BUSY if
+        none does in time.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

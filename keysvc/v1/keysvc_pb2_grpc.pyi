@@ -46,7 +46,8 @@ class KeyServiceStub:
     answer has told the key's limits for the model's family, its budget
     (remaining quota less the hand-outs in flight, refilling) decides when it
     is free again; until then it is throttled for 1 s after each hand-out.
-    With max_wait it waits for a locked key to unlock.
+    With max_wait it waits for a locked key to unlock, and says KEYS_BUSY if
+    none does in time.
     """
     Disable: _grpc.UnaryUnaryMultiCallable[_keysvc_pb2.DisableRequest, _keysvc_pb2.DisableResponse]
     """Disable stops a key from ever being handed out again (until Recheck)."""
@@ -102,7 +103,8 @@ class KeyServiceAsyncStub(KeyServiceStub):
     answer has told the key's limits for the model's family, its budget
     (remaining quota less the hand-outs in flight, refilling) decides when it
     is free again; until then it is throttled for 1 s after each hand-out.
-    With max_wait it waits for a locked key to unlock.
+    With max_wait it waits for a locked key to unlock, and says KEYS_BUSY if
+    none does in time.
     """
     Disable: _aio.UnaryUnaryMultiCallable[_keysvc_pb2.DisableRequest, _keysvc_pb2.DisableResponse]  # type: ignore[assignment]
     """Disable stops a key from ever being handed out again (until Recheck)."""
@@ -161,7 +163,8 @@ class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
         answer has told the key's limits for the model's family, its budget
         (remaining quota less the hand-outs in flight, refilling) decides when it
         is free again; until then it is throttled for 1 s after each hand-out.
-        With max_wait it waits for a locked key to unlock.
+        With max_wait it waits for a locked key to unlock, and says KEYS_BUSY if
+        none does in time.
         """
 
     @_abc_1.abstractmethod

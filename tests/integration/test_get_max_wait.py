@@ -8,6 +8,8 @@ import time
 import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from keysvc.clock import SystemClock
 from keysvc.keys import hash_key
@@ -70,16 +72,27 @@ async def test_a_caller_that_gives_up_leaves_no_waiter_behind() -> None:
 
 
 async def test_the_wait_ends_before_the_caller_s_deadline() -> None:
-    # A deadline equal to max_wait: keysvc answers (with the key that unlocks first,
-    # as at any wait's end) before the caller has gone, never for a caller that is gone.
+    # A deadline equal to max_wait: keysvc answers before the caller has gone (every key
+    # still locked: KEYS_BUSY, with when to retry), never for a caller that is gone.
     pool = KeyPool.from_secrets(SECRETS[:1], models=ModelTable(), clock=SystemClock())
     pool.mark_rate_limited(hash_key(SECRETS[0]), "gpt-4")  # locked 10 s
     async with serving(pool) as server, client(server.port) as stub:
         started = time.monotonic()
-        reply = await stub.Get(pb.GetRequest(model="gpt-4", max_wait=seconds(1)), timeout=1.0)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Get(pb.GetRequest(model="gpt-4", max_wait=seconds(1)), timeout=1.0)
         waited = time.monotonic() - started
-    assert reply.key.hash == hash_key(SECRETS[0])
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert error_reason(caught.value) == "KEYS_BUSY"
     assert 0.7 < waited < 1.0, waited
+    # The status says when to retry, as a google.rpc.RetryInfo detail.
+    status = rpc_status.from_call(caught.value)
+    assert status is not None
+    retry = [d for d in status.details if d.Is(error_details_pb2.RetryInfo.DESCRIPTOR)]
+    assert len(retry) == 1
+    info = error_details_pb2.RetryInfo()
+    retry[0].Unpack(info)
+    assert 8.0 < info.retry_delay.ToTimedelta().total_seconds() <= 9.3
+    assert pool.key(hash_key(SECRETS[0])).last_used == 0.0  # nothing was handed out
 
 
 @pytest.mark.parametrize("max_wait", [-1.0, 60.5])

@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from keysvc.errors import InvalidArgument, NoKeysForFamily
+from keysvc.errors import InvalidArgument, KeysBusy, NoKeysForFamily
 from keysvc.keys import DisableReason, Key
 from keysvc.pool import DEADLINE_MARGIN, KEY_REUSE_DELAY, MAX_WAIT, KeyPool
 from tests.helpers import PAID, pool_of
@@ -128,17 +128,26 @@ async def test_a_waiter_cancelled_right_after_being_woken_takes_no_key() -> None
     assert a.last_used == clock.now()
 
 
-async def test_at_the_deadline_the_first_key_to_unlock_is_handed_out() -> None:
+async def test_at_the_deadline_with_every_key_locked_nothing_is_handed_out() -> None:
+    """Not the key that unlocks first (a plain Get's answer): the caller waited all it
+    would, and that key's budget has no room; it is told when the first unlocks."""
     pool, clock, (a, b) = pool_of([PAID, PAID])
     pool.mark_rate_limited(a.hash, "gpt-4")  # until t+10
     clock.advance(1)
     pool.mark_rate_limited(b.hash, "gpt-4")  # until t+11
+    before = snapshot([a, b])
     task = waiting(pool, max_wait=3)
     await settle()
     clock.advance(3)
     await settle()
-    assert task.result() is a  # still locked: as Get without max_wait would
+    with pytest.raises(KeysBusy) as busy:
+        task.result()
+    assert busy.value.retry_delay == pytest.approx(6.0)  # a unlocks at t+10; now t+4
+    assert busy.value.family == "gpt4"
+    assert snapshot([a, b]) == before  # nothing handed out, nothing reserved
     assert pool._queues == {} and clock.pending() == 0
+    # A plain Get still never refuses: it hands out the key that unlocks first.
+    assert pool.get("gpt-4") is a
 
 
 async def test_a_shorter_lock_wakes_the_waiter_without_the_clock_moving() -> None:
@@ -243,6 +252,12 @@ async def test_the_wait_ends_a_margin_before_the_caller_s_deadline() -> None:
     await settle()
     clock.advance(2.0 - DEADLINE_MARGIN)
     await settle()
-    assert task.result() is a  # the key that unlocks first, in time for the caller
-    # A caller with less time left than the margin does not wait at all.
+    with pytest.raises(KeysBusy):  # told in time for the caller
+        task.result()
+    # A caller with less time left than the margin does not wait at all ...
+    with pytest.raises(KeysBusy):
+        await pool.get_waiting("gpt-4", 30, time_left=DEADLINE_MARGIN / 2)
+    assert clock.pending() == 0
+    # ... and a free key is still handed out to it at once.
+    clock.advance(10)
     assert await pool.get_waiting("gpt-4", 30, time_left=DEADLINE_MARGIN / 2) is a

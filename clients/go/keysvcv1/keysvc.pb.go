@@ -540,10 +540,12 @@ type GetRequest struct {
 	Model string `protobuf:"bytes,1,opt,name=model,proto3" json:"model,omitempty"`
 	// Optional, at most 60 s. When every key for the model is locked, wait up
 	// to this long, server-side, for the first to unlock and return it; callers
-	// with max_wait are served in arrival order. If keys are still locked at
-	// the deadline, the key that unlocks first is returned, as without
-	// max_wait. Unset or zero: never wait. Give the call a deadline longer than
-	// max_wait.
+	// with max_wait are served in arrival order. If every key is still locked
+	// when the wait ends, nothing is handed out: RESOURCE_EXHAUSTED, reason
+	// KEYS_BUSY, with a google.rpc.RetryInfo saying when the first key is
+	// expected to unlock. Unset or zero: never wait, and never refuse (a locked
+	// key is handed out, the one that unlocks first). The wait ends 0.1 s
+	// before the call's deadline.
 	MaxWait       *durationpb.Duration `protobuf:"bytes,2,opt,name=max_wait,json=maxWait,proto3" json:"max_wait,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache

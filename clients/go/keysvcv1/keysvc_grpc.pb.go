@@ -49,7 +49,8 @@ type KeyServiceClient interface {
 	// answer has told the key's limits for the model's family, its budget
 	// (remaining quota less the hand-outs in flight, refilling) decides when it
 	// is free again; until then it is throttled for 1 s after each hand-out.
-	// With max_wait it waits for a locked key to unlock.
+	// With max_wait it waits for a locked key to unlock, and says KEYS_BUSY if
+	// none does in time.
 	Get(ctx context.Context, in *GetRequest, opts ...grpc.CallOption) (*GetResponse, error)
 	// Disable stops a key from ever being handed out again (until Recheck).
 	Disable(ctx context.Context, in *DisableRequest, opts ...grpc.CallOption) (*DisableResponse, error)
@@ -207,7 +208,8 @@ type KeyServiceServer interface {
 	// answer has told the key's limits for the model's family, its budget
 	// (remaining quota less the hand-outs in flight, refilling) decides when it
 	// is free again; until then it is throttled for 1 s after each hand-out.
-	// With max_wait it waits for a locked key to unlock.
+	// With max_wait it waits for a locked key to unlock, and says KEYS_BUSY if
+	// none does in time.
 	Get(context.Context, *GetRequest) (*GetResponse, error)
 	// Disable stops a key from ever being handed out again (until Recheck).
 	Disable(context.Context, *DisableRequest) (*DisableResponse, error)

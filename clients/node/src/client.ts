@@ -136,6 +136,7 @@ export class KeysvcClient {
   /**
    * A key for `model`. With `opts.maxWaitMs` (at most 60000), when every key is locked
    * the server waits that long for one to unlock; the default deadline grows by as much.
+   * If none unlocks in time: KeysvcError with reason KEYS_BUSY (metadata retry_after).
    */
   async get(model: string, opts?: CallOpts & { maxWaitMs?: number }): Promise<Lease> {
     const maxWaitMs = opts?.maxWaitMs;

@@ -108,11 +108,13 @@ def test_a_per_call_deadline_is_honoured(client: KeysvcClient, server: LiveServe
         client.get("gpt-4o")  # every key is throttled for 1 s ...
     started = time.monotonic()
     # ... so the server would wait for one, but the call's deadline comes first: the
-    # deadline reaches the server, which ends the wait in time to answer (with the
-    # key that unlocks first, as at the end of any wait).
-    lease = client.get("gpt-4o", max_wait=5, timeout=0.5)
+    # deadline reaches the server, which ends the wait in time to answer (every key
+    # still locked: KEYS_BUSY, as at the end of any wait).
+    with pytest.raises(KeysvcRpcError) as caught:
+        client.get("gpt-4o", max_wait=5, timeout=0.5)
     assert time.monotonic() - started < 0.5
-    assert lease.secret
+    assert caught.value.reason == "KEYS_BUSY"
+    assert caught.value.metadata["retry_after"].endswith("s")
     assert client.get("gpt-4o", timeout=5).secret  # the channel is still usable
 
 

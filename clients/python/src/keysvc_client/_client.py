@@ -163,7 +163,9 @@ class KeysvcClient(_Base):
         """A key for ``model``: ``.secret`` to send upstream, ``.key.hash`` to report back.
 
         With ``max_wait`` (seconds, at most 60), when every key is locked the server
-        waits that long for one to unlock; the default deadline grows by as much.
+        waits that long for one to unlock; the default deadline grows by as much. If
+        none unlocks in time, ``KeysvcRpcError`` with reason ``KEYS_BUSY`` (its metadata's
+        ``retry_after`` says when the first is expected to unlock).
         """
         request = _get_request(model, max_wait)
         return self._call(self._stub.Get, request, timeout, _seconds(max_wait))

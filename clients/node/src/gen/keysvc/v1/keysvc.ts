@@ -328,10 +328,12 @@ export interface GetRequest {
   /**
    * Optional, at most 60 s. When every key for the model is locked, wait up
    * to this long, server-side, for the first to unlock and return it; callers
-   * with max_wait are served in arrival order. If keys are still locked at
-   * the deadline, the key that unlocks first is returned, as without
-   * max_wait. Unset or zero: never wait. Give the call a deadline longer than
-   * max_wait.
+   * with max_wait are served in arrival order. If every key is still locked
+   * when the wait ends, nothing is handed out: RESOURCE_EXHAUSTED, reason
+   * KEYS_BUSY, with a google.rpc.RetryInfo saying when the first key is
+   * expected to unlock. Unset or zero: never wait, and never refuse (a locked
+   * key is handed out, the one that unlocks first). The wait ends 0.1 s
+   * before the call's deadline.
    */
   maxWait: Duration | undefined;
 }
@@ -3233,7 +3235,8 @@ export const KeyServiceService = {
    * answer has told the key's limits for the model's family, its budget
    * (remaining quota less the hand-outs in flight, refilling) decides when it
    * is free again; until then it is throttled for 1 s after each hand-out.
-   * With max_wait it waits for a locked key to unlock.
+   * With max_wait it waits for a locked key to unlock, and says KEYS_BUSY if
+   * none does in time.
    */
   get: {
     path: "/keysvc.v1.KeyService/Get" as const,
@@ -3376,7 +3379,8 @@ export interface KeyServiceServer extends UntypedServiceImplementation {
    * answer has told the key's limits for the model's family, its budget
    * (remaining quota less the hand-outs in flight, refilling) decides when it
    * is free again; until then it is throttled for 1 s after each hand-out.
-   * With max_wait it waits for a locked key to unlock.
+   * With max_wait it waits for a locked key to unlock, and says KEYS_BUSY if
+   * none does in time.
    */
   get: handleUnaryCall<GetRequest, GetResponse>;
   /** Disable stops a key from ever being handed out again (until Recheck). */
@@ -3430,7 +3434,8 @@ export interface KeyServiceClient extends Client {
    * answer has told the key's limits for the model's family, its budget
    * (remaining quota less the hand-outs in flight, refilling) decides when it
    * is free again; until then it is throttled for 1 s after each hand-out.
-   * With max_wait it waits for a locked key to unlock.
+   * With max_wait it waits for a locked key to unlock, and says KEYS_BUSY if
+   * none does in time.
    */
   get(request: GetRequest, callback: (error: ServiceError | null, response: GetResponse) => void): ClientUnaryCall;
   get(
