@@ -45,6 +45,7 @@ from .reflection import enable_reflection
 from .reload import KeysFileWatcher, read_keys_file, restore_clones
 from .service import KeyService, Rechecker
 from .state import SqliteStateStore, StateFileError
+from .status import KeyCensus
 from .store import KeyStore, MemoryKeyStore
 from .tls import TlsConfig
 from .v1 import keysvc_pb2, keysvc_pb2_grpc
@@ -339,16 +340,24 @@ def _follow_state_writes(health: health_aio.HealthServicer) -> Callable[[bool], 
 
 
 async def start_http_port(
-    running: KeysvcServer, pool: KeyPool, metrics: Metrics, *, host: str, port: int
+    running: KeysvcServer,
+    pool: KeyPool,
+    metrics: Metrics,
+    *,
+    host: str,
+    port: int,
+    census: KeyCensus | None = None,
 ) -> HttpServer:
     """Serves /metrics, the status page, /healthz and /readyz for ``running`` on ``host:port``.
 
     ``metrics`` must be ``pool``'s observer; this adds the gauges read from ``pool``.
+    ``census`` should be the one ``pool`` was built with (``build_pool``): without it,
+    every snapshot the views read recounts every key.
 
     Raises:
         OSError: the address cannot be bound.
     """
-    snapshots = page_snapshots(pool)
+    snapshots = page_snapshots(pool, census)
     metrics.watch_pool(pool, snapshots)
     app = build_app(
         pool,
@@ -367,8 +376,10 @@ def build_pool(
     store: KeyStore | None = None,
     extra_keys: Sequence[str] = (),
     observer: PoolObserver | None = None,
+    census: KeyCensus | None = None,
 ) -> KeyPool:
-    """The pool the settings describe, with the keys of OPENAI_KEY (then ``extra_keys``)."""
+    """The pool the settings describe, with the keys of OPENAI_KEY (then ``extra_keys``);
+    ``census``, when given, watches its store (for the HTTP port's snapshots)."""
     models = (
         ModelTable.from_file(settings.model_families_file)
         if settings.model_families_file
@@ -383,7 +394,7 @@ def build_pool(
             )
     store = store if store is not None else MemoryKeyStore()
     pool = KeyPool(
-        store=store,
+        store=census.watching(store) if census is not None else store,
         models=models,
         clock=clock,
         allowed_families=settings.allowed_families,
@@ -450,7 +461,10 @@ async def serve(settings: Settings, *, clock: Clock | None = None) -> None:
         store = MemoryKeyStore()
         _log.info("no state file: disabled flags and usage are lost on restart")
     metrics = Metrics() if settings.metrics_port is not None else None
-    pool = build_pool(settings, clock, store=store, extra_keys=file_keys, observer=metrics)
+    census = KeyCensus() if metrics is not None else None
+    pool = build_pool(
+        settings, clock, store=store, extra_keys=file_keys, observer=metrics, census=census
+    )
     if len(pool) == 0:
         _log.warning(
             "no keys configured (OPENAI_KEY and KEYSVC_KEYS_FILE are empty);"
@@ -502,7 +516,12 @@ async def serve(settings: Settings, *, clock: Clock | None = None) -> None:
     http: HttpServer | None = None
     if metrics is not None and settings.metrics_port is not None:
         http = await start_http_port(
-            running, pool, metrics, host=settings.metrics_host, port=settings.metrics_port
+            running,
+            pool,
+            metrics,
+            host=settings.metrics_host,
+            port=settings.metrics_port,
+            census=census,
         )
         _log.info(
             "serving metrics and status page",
