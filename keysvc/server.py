@@ -49,7 +49,7 @@ from .status import KeyCensus
 from .store import KeyStore, MemoryKeyStore
 from .tls import TlsConfig
 from .v1 import keysvc_pb2, keysvc_pb2_grpc
-from .web import HttpServer, build_app, page_snapshots, start_http
+from .web import HttpServer, ViewPacer, build_app, page_snapshots, start_http
 
 __all__ = [
     "SERVICE_NAME",
@@ -347,12 +347,14 @@ async def start_http_port(
     host: str,
     port: int,
     census: KeyCensus | None = None,
+    pacer: ViewPacer | None = None,
 ) -> HttpServer:
     """Serves /metrics, the status page, /healthz and /readyz for ``running`` on ``host:port``.
 
     ``metrics`` must be ``pool``'s observer; this adds the gauges read from ``pool``.
     ``census`` should be the one ``pool`` was built with (``build_pool``): without it,
-    every snapshot the views read recounts every key.
+    every snapshot the views read recounts every key. ``pacer`` spaces page views and
+    scrapes (``keysvc.web.VIEWS_PER_SECOND`` when not given).
 
     Raises:
         OSError: the address cannot be bound.
@@ -365,6 +367,7 @@ async def start_http_port(
         live=running.serving,
         ready=lambda: running.serving(SERVICE_NAME),
         snapshots=snapshots,
+        pacer=pacer,
     )
     return await start_http(app, host=host, port=port)
 

@@ -7,7 +7,9 @@ in slices of ~2 ms with the loop free between them; views that come within
 ``SNAPSHOT_MAX_AGE`` (5 s) of a snapshot's start, or while it is taken, share it
 (and its rendering). The page shows counts and the top ``PAGE_KEYS`` keys of each
 state's list, never the whole pool. So nothing here holds the loop for more than a
-few milliseconds, whatever the pool's size.
+few milliseconds, whatever the pool's size; and views are served at most
+``VIEWS_PER_SECOND`` a second, so clients reloading in a loop cannot take the loop
+either.
 
 aiohttp because prometheus_client ships an aiohttp handler for /metrics (content
 negotiation, OpenMetrics, compression) and the status page needs more than
@@ -20,8 +22,10 @@ escaped, and no secret is ever in it (it is built from ``KeyState`` rows).
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import html
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -44,7 +48,14 @@ from .status import (
     format_duration,
 )
 
-__all__ = ["HttpServer", "build_app", "page_snapshots", "render_status_page", "start_http"]
+__all__ = [
+    "HttpServer",
+    "ViewPacer",
+    "build_app",
+    "page_snapshots",
+    "render_status_page",
+    "start_http",
+]
 
 #: Seconds between the status page's own reloads.
 PAGE_REFRESH: Final = 10
@@ -179,6 +190,56 @@ lists every key.</p>
 SNAPSHOT_MAX_AGE: Final = 5.0
 
 
+#: Page views and scrapes served a second at most, however many clients ask: an
+#: operator's browser reloads every 10 s and Prometheus scrapes every 15 s or more,
+#: while two clients reloading in a loop made ~1,500 requests a second, and their
+#: HTTP exchanges alone (with the clients' own CPU on a 2-core machine) still
+#: doubled Get's p99 once the snapshots were cheap. Views beyond it wait their turn.
+VIEWS_PER_SECOND: Final = 50
+#: Longest a view waits for its turn; one that would wait longer is answered 429
+#: at once, with Retry-After (so a flood cannot queue unbounded work).
+VIEW_MAX_WAIT: Final = 2.0
+
+
+class ViewPacer:
+    """Spaces the views of the HTTP port at least ``1 / per_second`` apart, in the
+    order they come. ``timer`` and ``sleep`` are the loop's (tests pass their own)."""
+
+    def __init__(
+        self,
+        per_second: float = VIEWS_PER_SECOND,
+        *,
+        max_wait: float = VIEW_MAX_WAIT,
+        timer: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+    ) -> None:
+        self._interval = 1.0 / per_second
+        self._max_wait = max_wait
+        self._timer = timer
+        self._sleep = sleep
+        self._next = 0.0
+
+    async def turn(self) -> bool:
+        """Waits for this view's turn; False (at once) when that would take longer
+        than ``max_wait``."""
+        now = self._timer()
+        slot = max(now, self._next)
+        if slot - now > self._max_wait:
+            return False
+        self._next = slot + self._interval
+        if slot > now:
+            await self._sleep(slot - now)
+        return True
+
+
+def _too_many() -> web.Response:
+    return web.Response(
+        status=429,
+        text="too many views of the status page and /metrics; retry later\n",
+        headers={"Retry-After": "1", "Cache-Control": "no-store"},
+    )
+
+
 def page_snapshots(pool: KeyPool, census: KeyCensus | None = None) -> PoolSnapshots:
     """The snapshots the HTTP port reads, counted by ``census`` (which should watch
     the pool's store: without one, every snapshot recounts every key), with the top
@@ -193,6 +254,7 @@ def build_app(
     live: HealthCheck,
     ready: HealthCheck,
     snapshots: PoolSnapshots | None = None,
+    pacer: ViewPacer | None = None,
 ) -> web.Application:
     """The routes of the HTTP port.
 
@@ -203,8 +265,11 @@ def build_app(
         ready: whether KeyService is serving (gRPC health of keysvc.v1.KeyService).
         snapshots: of ``pool``, made fresh before each page view and scrape (the
             registry's pool gauges should read them); one is made if not given.
+        pacer: spaces page views and scrapes (``VIEWS_PER_SECOND``); the probes
+            are never held.
     """
     snapshots = snapshots if snapshots is not None else page_snapshots(pool)
+    pacer = pacer if pacer is not None else ViewPacer()
     exposition = make_aiohttp_handler(registry, disable_compression=True)
     # What was rendered from the latest snapshot, by what else it depends on: views
     # that share a snapshot share the rendering too, so a client reloading in a loop
@@ -213,6 +278,8 @@ def build_app(
     expositions: dict[tuple[PoolSnapshot, str, str], tuple[int, dict[str, str], bytes, bytes]] = {}
 
     async def metrics(request: web.Request) -> web.Response:
+        if not await pacer.turn():
+            return _too_many()
         snapshot = await snapshots.fresh()
         key = (snapshot, request.headers.get("Accept", ""), request.query_string)
         baked = expositions.get(key)
@@ -231,6 +298,8 @@ def build_app(
         return web.Response(status=status, headers=headers, body=body)
 
     async def status_page(request: web.Request) -> web.Response:
+        if not await pacer.turn():
+            return _too_many()
         snapshot = await snapshots.fresh()
         is_ready = ready()
         body = pages.get((snapshot, is_ready))

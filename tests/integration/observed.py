@@ -16,7 +16,7 @@ from keysvc.pool import KeyPool
 from keysvc.server import KeysvcServer, create_server, start_http_port
 from keysvc.state import SqliteStateStore
 from keysvc.v1 import keysvc_pb2 as pb
-from keysvc.web import HttpServer
+from keysvc.web import HttpServer, ViewPacer
 
 
 @dataclass
@@ -38,6 +38,7 @@ async def observed_server(
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     start: bool = True,
     state: SqliteStateStore | None = None,
+    pacer: ViewPacer | None = None,
 ) -> AsyncIterator[Observed]:
     """A keysvc server and its HTTP port, both on free loopback ports; stopped on exit.
 
@@ -46,7 +47,7 @@ async def observed_server(
     server = create_server(
         pool, host="127.0.0.1", port=0, metrics=metrics, interceptors=interceptors, state=state
     )
-    http = await start_http_port(server, pool, metrics, host="127.0.0.1", port=0)
+    http = await start_http_port(server, pool, metrics, host="127.0.0.1", port=0, pacer=pacer)
     if start:
         await server.start()
     try:

@@ -3,6 +3,8 @@ status page, checked against what the gRPC API says."""
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import pytest
 
@@ -12,7 +14,7 @@ from keysvc.metrics import Metrics
 from keysvc.models import ModelTable
 from keysvc.pool import KeyPool
 from keysvc.v1 import keysvc_pb2 as pb
-from keysvc.web import PAGE_KEYS
+from keysvc.web import PAGE_KEYS, ViewPacer
 from tests.exposition import parse, value
 from tests.helpers import client
 
@@ -152,3 +154,15 @@ async def test_a_large_pool_shows_counts_and_the_top_of_each_list() -> None:
     assert gpt4["active"] == str(len(active))
     assert gpt4["locked"] == str(len(locked))
     assert gpt4["disabled"] == str(len(disabled))
+
+
+async def test_views_beyond_the_pace_wait_or_are_refused_and_probes_are_never_held() -> None:
+    pool, metrics, _ = make()
+    pacer = ViewPacer(2, max_wait=0.6)  # a turn every 0.5 s, at most 0.6 s of waiting
+    async with observed_server(pool, metrics, pacer=pacer) as observed:
+        statuses = await asyncio.gather(
+            *(fetch(observed.base_url + path) for path in ("/", "/metrics", "/", "/"))
+        )
+        probe = await fetch(observed.base_url + "/healthz")  # while views wait
+    assert sorted(s for s, _, _ in statuses) == [200, 200, 429, 429]  # in arrival order
+    assert probe[0] == 200
