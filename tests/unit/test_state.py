@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from keysvc import state as state_module
 from keysvc.clock import ManualClock
 from keysvc.errors import StateWriteFailed
 from keysvc.keys import DisableReason, hash_key
@@ -294,6 +295,32 @@ async def test_commits_carry_no_checkpoint_and_batches_checkpoint_on_their_own_t
     finally:
         await store.close()
     assert _rows(path)[hash_key("sk-checkpoint-00000")]["prompt_count"] == 1
+
+
+async def test_the_writer_empties_the_wal_when_checkpoints_fall_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "state.db"
+    store = SqliteStateStore.open(path, batch_seconds=0.01, checkpoint_seconds=3600)
+    pool = KeyPool(store=store, models=ModelTable(), clock=ManualClock())
+    for n in range(2_000):
+        pool.add_key(f"sk-truncate-{n:05d}")
+    await pool.flush()
+    wal = path.with_name(path.name + "-wal")
+    assert wal.stat().st_size > 0
+    monkeypatch.setattr(state_module, "WAL_PAGES_LIMIT", 10)
+    store._wal_behind = 11  # noqa: SLF001 - as a PASSIVE checkpoint that fell behind reports
+    store.start()
+    try:
+        pool.increment_usage(hash_key("sk-truncate-00000"), "gpt-4o", 1)
+        for _ in range(200):
+            if wal.stat().st_size == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert wal.stat().st_size == 0  # TRUNCATE: every page copied, the log emptied
+        assert _main_file_rows(path, tmp_path / "copy.db") == 2_000
+    finally:
+        await store.close()
 
 
 async def test_a_failed_write_keeps_the_change_and_is_retried(
