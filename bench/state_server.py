@@ -16,15 +16,13 @@ from pathlib import Path
 from keysvc.clock import SystemClock
 from keysvc.config import Settings
 from keysvc.server import build_pool, create_server
-from keysvc.state import SWITCH_INTERVAL, SqliteStateStore
+from keysvc.state import SqliteStateStore
 
 from .pool_scale import secrets
 
 
 async def main(keys: int, state_path: str) -> None:
     state = None if state_path == "-" else SqliteStateStore.open(Path(state_path))
-    if state is not None:
-        sys.setswitchinterval(SWITCH_INTERVAL)  # as keysvc serve does with a state file
     pool = build_pool(Settings(), SystemClock(), store=state, extra_keys=secrets(keys))
     if state is not None:
         await state.flush()  # every key's first row, before serving, as `keysvc serve` does

@@ -10,7 +10,6 @@ import asyncio
 import gc
 import logging
 import signal
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -45,7 +44,6 @@ from .pool import KeyPool, Limits
 from .reflection import enable_reflection
 from .reload import KeysFileWatcher, read_keys_file, restore_clones
 from .service import KeyService, Rechecker
-from .state import SWITCH_INTERVAL as STATE_SWITCH_INTERVAL
 from .state import SqliteStateStore, StateFileError
 from .status import KeyCensus
 from .store import KeyStore, MemoryKeyStore
@@ -462,7 +460,6 @@ async def serve(settings: Settings, *, clock: Clock | None = None) -> None:
         store = state = SqliteStateStore.open(
             settings.state_file, ignore_corrupt=settings.ignore_state
         )
-        sys.setswitchinterval(STATE_SWITCH_INTERVAL)
     else:
         store = MemoryKeyStore()
         _log.info("no state file: disabled flags and usage are lost on restart")

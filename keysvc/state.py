@@ -77,12 +77,6 @@ APPLICATION_ID: Final = 0x6B737663
 BATCH_SECONDS: Final = 1.0
 #: Changed keys turned into rows per turn of the event loop; a row is ~10 µs.
 SNAPSHOT_CHUNK: Final = 250
-#: The interpreter's switch interval while a state file is written (``sys.setswitchinterval``;
-#: Python's default is 5 ms). The writer thread needs the GIL back after each commit, and
-#: a thread that asks for it waits up to the switch interval behind a busy event loop:
-#: twice per write, up to 10 ms of a Disable that has nothing to do with the disk (a
-#: 20-row commit beside a busy thread: p90 11 ms at 5 ms, 0.55 ms at 0.5 ms).
-SWITCH_INTERVAL: Final = 0.0005
 #: Seconds between checkpoints (the WAL's pages copied into the database file),
 #: each started after a batch write on the checkpoint thread.
 CHECKPOINT_SECONDS: Final = 5.0
