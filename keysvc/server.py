@@ -45,11 +45,11 @@ from .reflection import enable_reflection
 from .reload import KeysFileWatcher, read_keys_file
 from .service import KeyService, Rechecker
 from .state import SqliteStateStore, StateFileError
-from .status import SnapshotSource
+from .status import KeyCensus, SnapshotSource
 from .store import KeyStore, MemoryKeyStore
 from .tls import TlsConfig
 from .v1 import keysvc_pb2, keysvc_pb2_grpc
-from .web import HttpServer, build_app, page_snapshots, start_http
+from .web import HttpServer, ViewPacer, build_app, page_snapshots, start_http
 
 __all__ = [
     "SERVICE_NAME",
@@ -348,16 +348,26 @@ def _follow_state_writes(health: health_aio.HealthServicer) -> Callable[[bool], 
 
 
 async def start_http_port(
-    running: KeysvcServer, pool: SnapshotSource, metrics: Metrics, *, host: str, port: int
+    running: KeysvcServer,
+    pool: SnapshotSource,
+    metrics: Metrics,
+    *,
+    host: str,
+    port: int,
+    census: KeyCensus | None = None,
+    pacer: ViewPacer | None = None,
 ) -> HttpServer:
     """Serves /metrics, the status page, /healthz and /readyz for ``running`` on ``host:port``.
 
     ``metrics`` must be ``pool``'s observer; this adds the gauges read from ``pool``.
+    ``census`` should be the one ``pool`` was built with (``build_pool``): without it,
+    every snapshot the views read recounts every key. ``pacer`` spaces page views and
+    scrapes (``keysvc.web.VIEWS_PER_SECOND`` when not given).
 
     Raises:
         OSError: the address cannot be bound.
     """
-    snapshots = page_snapshots(pool)
+    snapshots = page_snapshots(pool, census)
     metrics.watch_pool(pool, snapshots)
     app = build_app(
         pool,
@@ -365,6 +375,7 @@ async def start_http_port(
         live=running.serving,
         ready=lambda: running.serving(SERVICE_NAME),
         snapshots=snapshots,
+        pacer=pacer,
     )
     return await start_http(app, host=host, port=port)
 
@@ -376,8 +387,10 @@ def build_pool(
     store: KeyStore | None = None,
     extra_keys: Sequence[str] = (),
     observer: PoolObserver | None = None,
+    census: KeyCensus | None = None,
 ) -> KeyPool:
-    """The pool the settings describe, with the keys of OPENAI_KEY (then ``extra_keys``)."""
+    """The pool the settings describe, with the keys of OPENAI_KEY (then ``extra_keys``);
+    ``census``, when given, watches its store (for the HTTP port's snapshots)."""
     models = (
         ModelTable.from_file(settings.model_families_file)
         if settings.model_families_file
@@ -392,7 +405,7 @@ def build_pool(
             )
     store = store if store is not None else MemoryKeyStore()
     pool = KeyPool(
-        store=store,
+        store=census.watching(store) if census is not None else store,
         models=models,
         clock=clock,
         allowed_families=settings.allowed_families,
@@ -459,7 +472,10 @@ async def serve(settings: Settings, *, clock: Clock | None = None) -> None:
         store = MemoryKeyStore()
         _log.info("no state file: disabled flags and usage are lost on restart")
     metrics = Metrics() if settings.metrics_port is not None else None
-    pool = build_pool(settings, clock, store=store, extra_keys=file_keys, observer=metrics)
+    census = KeyCensus() if metrics is not None else None
+    pool = build_pool(
+        settings, clock, store=store, extra_keys=file_keys, observer=metrics, census=census
+    )
     if len(pool) == 0:
         _log.warning(
             "no keys configured (OPENAI_KEY and KEYSVC_KEYS_FILE are empty);"
@@ -515,6 +531,7 @@ async def serve(settings: Settings, *, clock: Clock | None = None) -> None:
             metrics,
             host=settings.metrics_host,
             port=settings.metrics_port,
+            census=census,
         )
         _log.info(
             "serving metrics and status page",

@@ -14,6 +14,9 @@ Ordinary changes are batched: at most one write per ``batch_seconds``.
 disabled key stays disabled whatever happens to the process afterwards. Every
 transaction is committed with ``synchronous=FULL`` in WAL mode (the WAL is
 fsynced at each commit): one fsync per batch or Disable, in the worker thread.
+Checkpoints (the WAL copied into the database file, and that file fsynced) run
+on a second thread and connection every few seconds, so a Disable's commit never
+carries one.
 
 A write that fails (disk full, read-only file system) leaves the change in
 memory and the key marked to be written again; ``flush`` raises
@@ -74,6 +77,12 @@ APPLICATION_ID: Final = 0x6B737663
 BATCH_SECONDS: Final = 1.0
 #: Changed keys turned into rows per turn of the event loop; a row is ~10 µs.
 SNAPSHOT_CHUNK: Final = 250
+#: Seconds between checkpoints (the WAL's pages copied into the database file),
+#: each started after a batch write on the checkpoint thread.
+CHECKPOINT_SECONDS: Final = 5.0
+#: WAL pages a PASSIVE checkpoint may leave behind (writes kept it from finishing)
+#: before the next batch write truncates the WAL itself (~16 MB at 4 KiB a page).
+WAL_PAGES_LIMIT: Final = 4_000
 
 _SQLITE_MAGIC: Final = b"SQLite format 3\x00"
 
@@ -388,6 +397,11 @@ def _prepare(connection: sqlite3.Connection, path: Path) -> None:
         raise sqlite3.OperationalError(f"cannot use WAL mode (journal mode is {mode})")
     # Every commit is fsynced: a Disable must survive a power loss, not only a crash.
     connection.execute("PRAGMA synchronous = FULL")
+    # No checkpoint inside a commit: SQLite's automatic one runs in the commit that
+    # crosses 1,000 WAL pages, mostly a Disable's (20 a second against one batch),
+    # which then also waits for the database file's writes and fsync. The store
+    # checkpoints on a thread of its own instead (``SqliteStateStore``).
+    connection.execute("PRAGMA wal_autocheckpoint = 0")
 
 
 def _read_rows(connection: sqlite3.Connection, path: Path) -> dict[str, _Record]:
@@ -602,15 +616,28 @@ class SqliteStateStore:
         path: Path,
         saved: dict[str, _Record] | None = None,
         batch_seconds: float = BATCH_SECONDS,
+        checkpoint_seconds: float = CHECKPOINT_SECONDS,
+        connect: Callable[[Path], sqlite3.Connection] = connect_database,
     ) -> None:
         """A store writing through ``connection`` (to ``path``), starting from ``saved``.
 
         Use ``open``, which reads ``saved`` from the database first. The store
-        owns the connection from now on and uses it only from its writer thread.
+        owns the connection from now on and uses it only from its writer thread;
+        ``connect`` opens the checkpoint thread's own connection.
         """
         self._connection = connection
         self._path = path
         self._batch_seconds = batch_seconds
+        self._checkpoint_seconds = checkpoint_seconds
+        self._connect = connect
+        self._checkpointer = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="keysvc-checkpoint"
+        )
+        self._checkpoint_connection: sqlite3.Connection | None = None
+        self._checkpointing: asyncio.Future[int] | None = None
+        self._last_checkpoint = time.monotonic()
+        #: WAL pages the last checkpoint could not copy (writes went on meanwhile).
+        self._wal_behind = 0
         self._keys = MemoryKeyStore()
         #: Records of keys not in memory: not configured (yet), or removed.
         self._saved: dict[str, _Record] = dict(saved or {})
@@ -633,6 +660,7 @@ class SqliteStateStore:
         *,
         ignore_corrupt: bool = False,
         batch_seconds: float = BATCH_SECONDS,
+        checkpoint_seconds: float = CHECKPOINT_SECONDS,
         connect: Callable[[Path], sqlite3.Connection] = connect_database,
     ) -> SqliteStateStore:
         """Opens the database at ``path`` (missing is fine: first start).
@@ -659,7 +687,14 @@ class SqliteStateStore:
             )
             connection, saved = _open_database(path, connect)
         _log.info("state file read", extra={"path": str(path), "keys": len(saved)})
-        return cls(connection, path=path, saved=saved, batch_seconds=batch_seconds)
+        return cls(
+            connection,
+            path=path,
+            saved=saved,
+            batch_seconds=batch_seconds,
+            checkpoint_seconds=checkpoint_seconds,
+            connect=connect,
+        )
 
     # -- KeyStore ----------------------------------------------------------------
 
@@ -770,6 +805,8 @@ class SqliteStateStore:
             )
         finally:
             loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._checkpointer, self._close_checkpointer)
+            self._checkpointer.shutdown()
             # The last connection to close checkpoints the write-ahead log and removes it.
             await loop.run_in_executor(self._writer, self._connection.close)
             self._writer.shutdown()
@@ -797,6 +834,59 @@ class SqliteStateStore:
         """One transaction with every row (in the writer thread)."""
         _upsert(self._connection, rows)
 
+    def _truncate_wal(self) -> None:
+        """A checkpoint that waits for nothing else to write and empties the WAL (in
+        the writer thread, so no commit of ours runs meanwhile)."""
+        self._connection.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+
+    def _checkpoint(self) -> int:
+        """Copies what it can of the WAL into the database file without holding up
+        writes (in the checkpoint thread); returns the WAL pages left behind."""
+        if self._checkpoint_connection is None:
+            self._checkpoint_connection = self._connect(self._path)
+            # Its checkpoints fsync the WAL before copying and the database after.
+            self._checkpoint_connection.execute("PRAGMA synchronous = FULL")
+        _, wal_pages, copied = self._checkpoint_connection.execute(
+            "PRAGMA wal_checkpoint(PASSIVE)"
+        ).fetchone()
+        return max(0, int(wal_pages) - int(copied))
+
+    def _close_checkpointer(self) -> None:
+        if self._checkpoint_connection is not None:
+            self._checkpoint_connection.close()
+            self._checkpoint_connection = None
+
+    async def _after_batch(self) -> None:
+        """After a batch write: a checkpoint on its own thread when one is due, or,
+        when checkpoints kept falling behind, the WAL truncated by the writer."""
+        if self._checkpointing is not None:
+            return
+        loop = asyncio.get_running_loop()
+        if self._wal_behind > WAL_PAGES_LIMIT:
+            try:
+                async with self._lock:
+                    await loop.run_in_executor(self._writer, self._truncate_wal)
+                self._wal_behind = 0
+            except sqlite3.Error as exc:
+                _log.warning("cannot truncate the state file's WAL", extra={"problem": str(exc)})
+            return
+        if time.monotonic() - self._last_checkpoint < self._checkpoint_seconds:
+            return
+        self._last_checkpoint = time.monotonic()
+        self._checkpointing = loop.run_in_executor(self._checkpointer, self._checkpoint)
+        self._checkpointing.add_done_callback(self._checkpointed)
+
+    def _checkpointed(self, done: asyncio.Future[int]) -> None:
+        self._checkpointing = None
+        if done.cancelled():
+            return
+        exc = done.exception()
+        if exc is not None:
+            # The WAL still has every commit: nothing is lost, the file only grows.
+            _log.warning("state file checkpoint failed", extra={"problem": str(exc)})
+            return
+        self._wal_behind = done.result()
+
     def _report(self, *, ok: bool, problem: str = "") -> None:
         if not ok:
             _log.error(
@@ -818,3 +908,5 @@ class SqliteStateStore:
                 await self.flush()
             except StateWriteFailed:
                 self._wakeup.set()  # logged and counted; retried after the next pause
+            else:
+                await self._after_batch()

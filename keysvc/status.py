@@ -6,9 +6,13 @@ One summary serves three views: the Prometheus gauges, the HTML status page
 first, so the counting rules live here only.
 
 At 100k keys one walk over the pool takes ~150-250 ms of the event loop, which the
-gRPC server shares. ``PoolSnapshots`` therefore walks it in slices of at most a
-few milliseconds, yielding to the loop between them, and the HTTP views read the
-finished, immutable snapshot; concurrent views share one walk.
+gRPC server shares, and walks every few seconds doubled Get's p99 while views came
+in a loop. So the HTTP views read an immutable snapshot that ``PoolSnapshots``
+takes without walking: a ``KeyCensus`` keeps the counts, recounting only the keys
+the pool reported changed (through its store) or whose lock has ended since the
+last snapshot; token sums come from the rate book's usage columns and each state's
+list from List's first page. Every part runs in slices of a few milliseconds,
+yielding to the loop between them; concurrent views share one snapshot.
 
 States of a key:
 
@@ -26,19 +30,26 @@ from __future__ import annotations
 import asyncio
 import heapq
 import time
+from array import array
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from operator import attrgetter
 from typing import Final, Protocol
 
 from .keys import Key
+from .listing import KeyFilter, LoadOrder
+from .rates import NO_USAGE, RateBook
+from .store import KeyStore
 
 __all__ = [
     "COUNTED_STATES",
     "PROBE_MODELS",
     "FamilySummary",
+    "LISTED_STATES",
+    "KeyCensus",
+    "KeyList",
     "KeyState",
+    "Pace",
     "PoolSnapshot",
     "PoolSnapshots",
     "format_duration",
@@ -205,7 +216,7 @@ def _add_token_sums(sums: dict[str, int], usages: Iterable[Mapping[str, int]]) -
 
 
 class SnapshotSource(Protocol):
-    """What a snapshot reads: the pool's keys, clock, families and lockouts."""
+    """What a snapshot reads: the pool's keys, clock, families, lockouts and List pages."""
 
     def keys(self) -> list[Key]: ...
 
@@ -215,31 +226,60 @@ class SnapshotSource(Protocol):
 
     def family_lockout(self, family: str) -> float: ...
 
+    @property
+    def load_order(self) -> LoadOrder: ...
+
+    def __len__(self) -> int: ...
+
+
+#: The lists of keys the status page shows the top of: List's states that split
+#: the pool (``available`` is active and locked together, ``all`` everything).
+LISTED_STATES: Final = (KeyFilter.ACTIVE, KeyFilter.LOCKED, KeyFilter.DISABLED)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyList:
+    """The top of one of List's lists: its first keys as List returns them (load order).
+
+    Attributes:
+        state: the List state filter (``active``, ``locked``, ``disabled``).
+        count: how many keys were in that state when the snapshot was taken.
+        keys: the first of them, at most the ``listed`` the snapshot was made with.
+    """
+
+    state: str
+    count: int
+    keys: tuple[KeyState, ...]
+
 
 @dataclass(frozen=True, slots=True, eq=False)
 class PoolSnapshot:
-    """The pool at a glance, as one walk over it found it. Never changed once made,
-    so any thread may read it. Compared (and hashed) by identity: one per walk.
+    """The pool at a glance at one moment. Never changed once made, so any thread may
+    read it. Compared (and hashed) by identity: one per taking.
 
     Attributes:
-        taken_at: the pool's clock when the walk started (locks are judged at it).
+        taken_at: the pool's clock when it was taken (locks are judged at it).
         total_keys: keys in the pool then.
         summaries: every family the pool knows, and every family a key has, by name.
-        first_keys: the first keys by hash (at most the ``listed`` it was made with).
-        walk_seconds: how long the walk took, slices and the waits between them.
+        lists: the top of each of ``LISTED_STATES``' lists (empty when made with
+            ``listed`` 0).
+        walk_seconds: how long taking it took, slices and the waits between them.
     """
 
     taken_at: float
     total_keys: int
     summaries: tuple[FamilySummary, ...]
-    first_keys: tuple[KeyState, ...]
+    lists: tuple[KeyList, ...] = ()
     walk_seconds: float = 0.0
 
 
-def _first_by_hash(listed: int, first: list[Key], more: Sequence[Key]) -> list[Key]:
-    if listed <= 0:
-        return []
-    return heapq.nsmallest(listed, [*first, *more], key=attrgetter("hash"))
+def _state_counts(groups: Mapping[_Group, int]) -> dict[KeyFilter, int]:
+    """Keys (not key-families) per listed state, from the group counts."""
+    counts = dict.fromkeys(LISTED_STATES, 0)
+    for (_, _, disabled, _, _, locked), n in groups.items():
+        state = KeyFilter.DISABLED if disabled else KeyFilter.LOCKED if locked else KeyFilter.ACTIVE
+        counts[state] += n
+    return counts
 
 
 def take_snapshot(pool: SnapshotSource, *, listed: int = 0) -> PoolSnapshot:
@@ -250,38 +290,215 @@ def take_snapshot(pool: SnapshotSource, *, listed: int = 0) -> PoolSnapshot:
     groups: Counter[_Group] = Counter()
     _count_groups(groups, keys, now)
     tokens = _token_sums(k.token_usage for k in keys)
-    first = _first_by_hash(listed, [], keys)
-    return _snapshot(pool, now, len(keys), groups, tokens, first, time.perf_counter() - started)
-
-
-def _snapshot(
-    pool: SnapshotSource,
-    now: float,
-    total: int,
-    groups: Counter[_Group],
-    tokens: Mapping[str, int],
-    first: list[Key],
-    seconds: float,
-) -> PoolSnapshot:
+    lists: list[KeyList] = []
+    if listed > 0:
+        for state, count in _state_counts(groups).items():
+            want = state.predicate(now)
+            found: list[Key] = []
+            after: int | None = 0
+            while after is not None and len(found) < min(listed, count):
+                page = pool.load_order.page(after, listed - len(found), want)
+                found += page.keys
+                after = page.resume_after
+            lists.append(KeyList(state.value, count, tuple(key_state(k, now) for k in found)))
     summaries = _summaries(groups, tokens, pool.family_lockout, pool.families())
     return PoolSnapshot(
-        taken_at=now,
-        total_keys=total,
-        summaries=tuple(summaries),
-        first_keys=tuple(key_state(k, now) for k in first),
-        walk_seconds=seconds,
+        now, len(keys), tuple(summaries), tuple(lists), time.perf_counter() - started
     )
 
 
-class PoolSnapshots:
-    """Snapshots of a pool, walked in slices on the event loop that owns the pool.
+class KeyCensus:
+    """Keys counted by ``_Group``, kept current from the pool's own change reports.
 
-    ``fresh()`` gives a snapshot whose walk started less than ``max_age`` seconds
-    ago, walking again if there is none; callers that come during a walk wait for
-    that walk. ``latest`` is the last finished one, for readers that cannot wait
-    (a Prometheus collector). A slice ends after ``slice_seconds``, checked every
-    ``batch_keys`` keys: the cost of a key varies tenfold (a used key has rate
-    state to read), so slices are bounded by time, not by a count of keys.
+    ``watching(store)`` wraps the store a pool is built with: the pool reports
+    every key it adds, removes or changes to its store (that is how a state file
+    learns what to write), and the wrapper passes each report on and notes the key.
+    ``settle`` then recounts only the keys noted since the last time, and those
+    whose lock has ended since (a lock ends with time, not with a report): at 100k
+    keys a snapshot costs the changes since the last one, not a walk over the pool.
+
+    A census that watches no store (``watching`` never called) cannot know what
+    changed, so ``settle`` recounts every key each time: the walk, in slices.
+
+    Only the event loop's thread may use it, like the pool.
+    """
+
+    def __init__(self) -> None:
+        self._watching = False
+        #: Each counted key's group, by its row (``Key.seq``); 0 when not counted.
+        #: Two bytes a key; group ids index ``_groups``, from 1.
+        self._codes = array("H")
+        self._group_ids: dict[_Group, int] = {}
+        self._groups: list[_Group] = [_NO_GROUP]
+        self._counts: list[int] = [0]
+        #: Keys added or changed since the last ``settle``.
+        self._noted: set[Key] = set()
+        #: (lock end, key) of keys counted as locked: recounted once the lock ends.
+        self._locks: list[tuple[float, Key]] = []
+        self._book: RateBook | None = None
+
+    def watching(self, store: KeyStore) -> KeyStore:
+        """``store`` as a pool should be given it, reporting to this census."""
+        self._watching = True
+        for key in store:  # keys already stored are counted at the first settle
+            self._noted.add(key)
+        return _CensusStore(store, self)
+
+    def noted(self, key: Key) -> None:
+        """Counts ``key`` again at the next ``settle`` (it was added or changed)."""
+        self._noted.add(key)
+
+    def uncount(self, key: Key) -> None:
+        """Takes ``key`` out of the counts (it is leaving the pool)."""
+        self._noted.discard(key)
+        code = self._codes[key.seq] if key.seq < len(self._codes) else 0
+        if code:
+            self._counts[code] -= 1
+            self._codes[key.seq] = 0
+
+    def groups(self) -> dict[_Group, int]:
+        """Keys by group, as of the last ``settle``."""
+        return {group: n for group, n in zip(self._groups, self._counts, strict=True) if n}
+
+    async def settle(self, pool: SnapshotSource, now: float, pace: Pace) -> None:
+        """Recounts the keys that changed, and those whose lock ended by ``now``."""
+        if not self._watching:
+            self._codes = array("H")
+            self._counts = [0] * len(self._groups)
+            keys: Iterable[Key] = pool.keys()
+        else:
+            locks = self._locks
+            while locks and locks[0][0] <= now:
+                _, key = heapq.heappop(locks)
+                if key.book is not None:  # still in the pool
+                    self._noted.add(key)
+            keys = list(self._noted)
+            self._noted.clear()
+        for key in keys:
+            if key.book is None:
+                continue  # left the pool after it was noted
+            self._book = key.book
+            self._count(key, now)
+            await pace.step()
+
+    def _count(self, key: Key, now: float) -> None:
+        until = key.rate_limited_until
+        locked = now < until
+        profile = key.profile
+        group = (profile.families, profile.is_trial, key.is_disabled, key.is_revoked,
+                 key.is_over_quota, locked)  # fmt: skip
+        code = self._group_ids.get(group)
+        if code is None:
+            code = self._group_ids[group] = len(self._groups)
+            self._groups.append(group)
+            self._counts.append(0)
+        row = key.seq
+        codes = self._codes
+        if row >= len(codes):
+            codes.extend([0] * (row + 1 - len(codes) + len(codes) // 8))
+        old = codes[row]
+        if old != code:
+            if old:
+                self._counts[old] -= 1
+            self._counts[code] += 1
+            codes[row] = code
+        if locked and self._watching:
+            heapq.heappush(self._locks, (until, key))
+
+    async def token_sums(self, pace: Pace) -> dict[str, int]:
+        """Tokens used per family by the pool's keys, summed from the rate book's
+        usage columns a few thousand rows at a time (every key's usage, without
+        touching a key)."""
+        sums: dict[str, int] = {}
+        book = self._book
+        if book is None:
+            return sums
+        for family, table in list(book.tables.items()):
+            column = table.usage
+            total = 0
+            for start in range(0, len(column), _USAGE_ROWS):
+                part = column[start : start + _USAGE_ROWS]
+                # Rows never counted (and rows no key holds) hold NO_USAGE, -1.
+                total += sum(part) + part.count(NO_USAGE)
+                await pace.step(_USAGE_ROWS // 20)
+            if total:
+                sums[family] = total
+        return sums
+
+
+#: The group of a row no key is counted in.
+_NO_GROUP: Final[_Group] = (frozenset(), False, False, False, False, False)
+#: Rows of a usage column summed at once (~0.2 ms).
+_USAGE_ROWS: Final = 16_384
+
+
+class _CensusStore:
+    """The pool's store, telling a ``KeyCensus`` of every key added, removed or changed."""
+
+    def __init__(self, inner: KeyStore, census: KeyCensus) -> None:
+        self._inner = inner
+        self._census = census
+        self._note = census.noted
+
+    def get(self, key_hash: str) -> Key | None:
+        return self._inner.get(key_hash)
+
+    def add(self, key: Key) -> None:
+        self._inner.add(key)
+        self._census.noted(key)
+
+    def remove(self, key_hash: str) -> None:
+        key = self._inner.get(key_hash)
+        if key is not None:
+            self._census.uncount(key)
+        self._inner.remove(key_hash)
+
+    def __iter__(self) -> Iterator[Key]:
+        return iter(self._inner)
+
+    def __len__(self) -> int:
+        return len(self._inner)
+
+    def changed(self, key: Key) -> None:
+        # On every hand-out: one set insertion more than the store's own work.
+        self._inner.changed(key)
+        self._note(key)
+
+    async def flush(self) -> None:
+        await self._inner.flush()
+
+
+class Pace:
+    """Yields to the event loop once ``slice_seconds`` have passed since the last
+    yield, checked every ``batch`` steps: long work in slices of bounded time."""
+
+    def __init__(self, slice_seconds: float, batch: int = 100) -> None:
+        self._slice_seconds = slice_seconds
+        self._batch = batch
+        self._steps = 0
+        self._clock = time.perf_counter
+        self._slice_end = self._clock() + slice_seconds
+
+    async def step(self, weight: int = 1) -> None:
+        self._steps += weight
+        if self._steps < self._batch:
+            return
+        self._steps = 0
+        if self._clock() >= self._slice_end:
+            await asyncio.sleep(0)
+            self._slice_end = self._clock() + self._slice_seconds
+
+
+class PoolSnapshots:
+    """Snapshots of a pool, taken in slices on the event loop that owns the pool.
+
+    ``fresh()`` gives a snapshot taken less than ``max_age`` seconds ago, taking
+    one if there is none; callers that come while one is being taken wait for it.
+    ``latest`` is the last finished one, for readers that cannot wait (a
+    Prometheus collector). Counts come from ``census``: when it watches the pool's
+    store, taking a snapshot costs the keys that changed since the last one; the
+    token sums read the usage columns; each list's top is List's first page of
+    it. Every part yields to the loop after ``slice_seconds``.
 
     Only the loop's thread may call ``fresh``; a snapshot itself is immutable.
     """
@@ -289,6 +506,7 @@ class PoolSnapshots:
     def __init__(
         self,
         pool: SnapshotSource,
+        census: KeyCensus | None = None,
         *,
         listed: int = 0,
         slice_seconds: float = 0.002,
@@ -297,6 +515,7 @@ class PoolSnapshots:
         timer: Callable[[], float] = time.monotonic,
     ) -> None:
         self._pool = pool
+        self._census = census if census is not None else KeyCensus()
         self._listed = listed
         self._slice_seconds = slice_seconds
         self._batch = batch_keys
@@ -325,30 +544,46 @@ class PoolSnapshots:
     async def _take(self) -> PoolSnapshot:
         started = self._timer()
         pool = self._pool
+        census = self._census
+        pace = Pace(self._slice_seconds, self._batch)
         now = pool.now()
-        # The list is taken at once (a copy of references, ~1 ms at 100k keys); keys
-        # removed during the walk are still counted once, keys added are not yet.
-        keys = pool.keys()
-        groups: Counter[_Group] = Counter()
-        tokens: dict[str, int] = {}
-        first: list[Key] = []
-        clock = time.perf_counter
-        slice_end = clock() + self._slice_seconds
-        for start in range(0, len(keys), self._batch):
-            part = keys[start : start + self._batch]
-            _count_groups(groups, part, now)
-            _add_token_sums(tokens, (k.token_usage for k in part))
-            first = _first_by_hash(self._listed, first, part)
-            if clock() >= slice_end:
-                await asyncio.sleep(0)
-                slice_end = clock() + self._slice_seconds
-        snapshot = _snapshot(pool, now, len(keys), groups, tokens, first, self._timer() - started)
+        total = len(pool)
+        await census.settle(pool, now, pace)
+        groups = census.groups()
+        tokens = await census.token_sums(pace)
+        lists = [
+            await self._top(state, count, now, pace)
+            for state, count in _state_counts(groups).items()
+        ] if self._listed > 0 else []  # fmt: skip
+        summaries = _summaries(groups, tokens, pool.family_lockout, pool.families())
+        snapshot = PoolSnapshot(
+            taken_at=now,
+            total_keys=total,
+            summaries=tuple(summaries),
+            lists=tuple(lists),
+            walk_seconds=self._timer() - started,
+        )
         self._latest, self._latest_started = snapshot, started
         return snapshot
 
+    async def _top(self, state: KeyFilter, count: int, now: float, pace: Pace) -> KeyList:
+        """The first ``listed`` keys of List's list of ``state`` (which had ``count``:
+        no looking further once they are all found), ``batch_keys`` keys looked at
+        a time (a key costs ~1 µs here: locks are judged key by key)."""
+        want = state.predicate(now)
+        order = self._pool.load_order
+        found: list[Key] = []
+        after: int | None = 0
+        while after is not None and len(found) < min(self._listed, count):
+            page = order.page(after, self._listed - len(found), want, scan_limit=self._batch)
+            found += page.keys
+            after = page.resume_after
+            await pace.step(self._batch)
+        return KeyList(state.value, count, tuple(key_state(k, now) for k in found))
+
 
 def _summaries(
-    groups: Counter[_Group],
+    groups: Mapping[_Group, int],
     tokens: Mapping[str, int],
     lockout: Callable[[str], float | None],
     families: Iterable[str],

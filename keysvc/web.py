@@ -1,12 +1,15 @@
 """The HTTP port: /metrics, the status page at /, /healthz and /readyz.
 
 It is an aiohttp server on the same event loop as the gRPC server. A scrape and
-a page view read a ``PoolSnapshot``: at 100k keys one walk over the pool is
-~150-250 ms, so ``PoolSnapshots`` walks it in slices of ~2 ms with the loop free
-between them, and views that come within ``SNAPSHOT_MAX_AGE`` (5 s) of a walk's
-start, or during it, share it (and its rendering). The page lists the first
-``PAGE_KEYS`` keys by hash, never the whole pool. So nothing here holds the loop
-for more than a few milliseconds, whatever the pool's size.
+a page view read a ``PoolSnapshot``, which ``PoolSnapshots`` takes without walking
+the pool (a ``KeyCensus`` recounts only the keys that changed since the last one),
+in slices of ~2 ms with the loop free between them; views that come within
+``SNAPSHOT_MAX_AGE`` (5 s) of a snapshot's start, or while it is taken, share it
+(and its rendering). The page shows counts and the top ``PAGE_KEYS`` keys of each
+state's list, never the whole pool. So nothing here holds the loop for more than a
+few milliseconds, whatever the pool's size; and views are served at most
+``VIEWS_PER_SECOND`` a second, so clients reloading in a loop cannot take the loop
+either.
 
 aiohttp because prometheus_client ships an aiohttp handler for /metrics (content
 negotiation, OpenMetrics, compression) and the status page needs more than
@@ -19,8 +22,11 @@ escaped, and no secret is ever in it (it is built from ``KeyState`` rows).
 
 from __future__ import annotations
 
+import asyncio
+import gzip
 import html
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Final
@@ -33,6 +39,8 @@ from . import __version__
 from .status import (
     COUNTED_STATES,
     FamilySummary,
+    KeyCensus,
+    KeyList,
     KeyState,
     PoolSnapshot,
     PoolSnapshots,
@@ -40,13 +48,20 @@ from .status import (
     format_duration,
 )
 
-__all__ = ["HttpServer", "build_app", "page_snapshots", "render_status_page", "start_http"]
+__all__ = [
+    "HttpServer",
+    "ViewPacer",
+    "build_app",
+    "page_snapshots",
+    "render_status_page",
+    "start_http",
+]
 
 #: Seconds between the status page's own reloads.
 PAGE_REFRESH: Final = 10
-#: Rows of the page's key table; a larger pool is summarized, not listed
-#: (``keysvc status`` lists every key). Rendering 200 rows is ~1 ms.
-PAGE_KEYS: Final = 200
+#: Keys shown at the top of each state's list; the rest are counted, not listed
+#: (``keysvc status`` lists every key). Rendering 3 x 50 rows is ~1 ms.
+PAGE_KEYS: Final = 50
 
 HealthCheck = Callable[[], bool]
 
@@ -69,31 +84,23 @@ code { font: 13px ui-monospace, monospace; }
 """
 
 
-def render_status_page(
-    summaries: list[FamilySummary],
-    keys: list[KeyState],
-    *,
-    now: float,
-    ready: bool,
-    total_keys: int | None = None,
-) -> str:
-    """The status page: families table, then ``keys`` by hash (of ``total_keys`` in all)."""
-    total = len(keys) if total_keys is None else total_keys
-    shown = (
-        ""
-        if total == len(keys)
-        else f'<p class="meta">The first {len(keys)} of {total} keys by hash; '
-        "<code>keysvc status</code> lists them all.</p>"
-    )
-    state_headers = "".join(f"<th>{_e(s.replace('_', ' '))}</th>" for s in COUNTED_STATES)
-    family_rows = "\n".join(
-        "<tr>"
-        f'<td data-family="{_e(s.family)}">{_e(s.family)}</td>'
-        + "".join(f'<td data-state="{_e(st)}">{s.counts[st]}</td>' for st in COUNTED_STATES)
-        + f"<td>{_e(format_duration(s.lockout))}</td><td>{s.tokens}</td></tr>"
-        for s in summaries
-    )
-    key_rows = "\n".join(
+def _accepts_gzip(accept_encoding: str) -> bool:
+    """Whether an Accept-Encoding header allows gzip (named, without q=0)."""
+    for item in accept_encoding.split(","):
+        coding, _, params = item.partition(";")
+        if coding.strip().lower() in ("gzip", "*"):
+            quality = params.replace(" ", "").lower()
+            if not quality.startswith("q="):
+                return True
+            try:
+                return float(quality[2:]) > 0
+            except ValueError:
+                return False
+    return False
+
+
+def _key_rows(keys: Sequence[KeyState]) -> str:
+    return "\n".join(
         "<tr>"
         f"<td><code>{_e(k.hash)}</code></td>"
         f'<td class="state-{_e(k.state)}">{_e(k.state)}</td>'
@@ -102,8 +109,50 @@ def render_status_page(
         f"<td>{sum(k.token_usage.values())}</td>"
         f"<td>{len(k.families)}</td>"
         "</tr>"
-        for k in sorted(keys, key=lambda k: k.hash)
+        for k in keys
     )
+
+
+def _key_list(listed: KeyList) -> str:
+    """One state's count and the top of its list, as List returns it."""
+    name = listed.state
+    if not listed.keys:
+        return f'<h3 id="{_e(name)}">{_e(name)}: {listed.count}</h3>'
+    shown = (
+        ""
+        if len(listed.keys) == listed.count
+        else f'<p class="meta">The first {len(listed.keys)} of {listed.count}, in the order'
+        f" <code>List</code> with state {_e(name.upper())} pages through them all.</p>"
+    )
+    return f"""<h3 id="{_e(name)}">{_e(name)}: {listed.count}</h3>
+{shown}
+<table id="keys-{_e(name)}">
+<thead><tr><th>key</th><th>state</th><th>trial</th><th>prompts</th><th>tokens</th>
+<th>families</th></tr></thead>
+<tbody>
+{_key_rows(listed.keys)}
+</tbody>
+</table>"""
+
+
+def render_status_page(
+    summaries: Sequence[FamilySummary],
+    lists: Sequence[KeyList],
+    *,
+    now: float,
+    ready: bool,
+    total_keys: int,
+) -> str:
+    """The status page: the families table, then each state's count and list top."""
+    state_headers = "".join(f"<th>{_e(s.replace('_', ' '))}</th>" for s in COUNTED_STATES)
+    family_rows = "\n".join(
+        "<tr>"
+        f'<td data-family="{_e(s.family)}">{_e(s.family)}</td>'
+        + "".join(f'<td data-state="{_e(st)}">{s.counts[st]}</td>' for st in COUNTED_STATES)
+        + f"<td>{_e(format_duration(s.lockout))}</td><td>{s.tokens}</td></tr>"
+        for s in summaries
+    )
+    key_lists = "\n".join(_key_list(listed) for listed in lists)
     stamp = datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     readiness = "ready" if ready else "not ready"
     return f"""<!DOCTYPE html>
@@ -116,7 +165,7 @@ def render_status_page(
 </head>
 <body>
 <h1>keysvc status</h1>
-<p class="meta">keysvc {_e(__version__)} &middot; {_e(readiness)} &middot; {total} keys
+<p class="meta">keysvc {_e(__version__)} &middot; {_e(readiness)} &middot; {total_keys} keys
 &middot; {_e(stamp)} &middot; refreshes every {PAGE_REFRESH} s &middot;
 <a href="/metrics">metrics</a></p>
 <h2>Model families</h2>
@@ -126,31 +175,76 @@ def render_status_page(
 {family_rows}
 </tbody>
 </table>
-<h2>Keys</h2>
-{shown}
-<table id="keys">
-<thead><tr><th>key</th><th>state</th><th>trial</th><th>prompts</th><th>tokens</th>
-<th>families</th></tr></thead>
-<tbody>
-{key_rows}
-</tbody>
-</table>
+<h2>Keys by state</h2>
+<p class="meta">Revoked and over-quota keys are disabled keys; <code>keysvc status</code>
+lists every key.</p>
+{key_lists}
 </body>
 </html>
 """
 
 
-#: Seconds a snapshot serves the views that come after its walk started. The page
+#: Seconds a snapshot serves the views that come after it was started. The page
 #: reloads every 10 s and Prometheus scrapes every 15 s or more, so 5 s is current
-#: enough; and however often views come, walks (~150-250 ms of loop time, in slices,
-#: at 100k keys) take at most ~5 % of the loop. With 1 s, two clients reloading
-#: back to back made Get p99 5-8x its quiet value at 100k keys; with 5 s, 1.6x.
+#: enough, and views coming in a loop share one snapshot and its rendering.
 SNAPSHOT_MAX_AGE: Final = 5.0
 
 
-def page_snapshots(pool: SnapshotSource) -> PoolSnapshots:
-    """The snapshots the HTTP port reads: the first ``PAGE_KEYS`` keys listed."""
-    return PoolSnapshots(pool, listed=PAGE_KEYS, max_age=SNAPSHOT_MAX_AGE)
+#: Page views and scrapes served a second at most, however many clients ask: an
+#: operator's browser reloads every 10 s and Prometheus scrapes every 15 s or more,
+#: while two clients reloading in a loop made ~1,500 requests a second, and their
+#: HTTP exchanges alone (with the clients' own CPU on a 2-core machine) still
+#: doubled Get's p99 once the snapshots were cheap. Views beyond it wait their turn.
+VIEWS_PER_SECOND: Final = 50
+#: Longest a view waits for its turn; one that would wait longer is answered 429
+#: at once, with Retry-After (so a flood cannot queue unbounded work).
+VIEW_MAX_WAIT: Final = 2.0
+
+
+class ViewPacer:
+    """Spaces the views of the HTTP port at least ``1 / per_second`` apart, in the
+    order they come. ``timer`` and ``sleep`` are the loop's (tests pass their own)."""
+
+    def __init__(
+        self,
+        per_second: float = VIEWS_PER_SECOND,
+        *,
+        max_wait: float = VIEW_MAX_WAIT,
+        timer: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+    ) -> None:
+        self._interval = 1.0 / per_second
+        self._max_wait = max_wait
+        self._timer = timer
+        self._sleep = sleep
+        self._next = 0.0
+
+    async def turn(self) -> bool:
+        """Waits for this view's turn; False (at once) when that would take longer
+        than ``max_wait``."""
+        now = self._timer()
+        slot = max(now, self._next)
+        if slot - now > self._max_wait:
+            return False
+        self._next = slot + self._interval
+        if slot > now:
+            await self._sleep(slot - now)
+        return True
+
+
+def _too_many() -> web.Response:
+    return web.Response(
+        status=429,
+        text="too many views of the status page and /metrics; retry later\n",
+        headers={"Retry-After": "1", "Cache-Control": "no-store"},
+    )
+
+
+def page_snapshots(pool: SnapshotSource, census: KeyCensus | None = None) -> PoolSnapshots:
+    """The snapshots the HTTP port reads, counted by ``census`` (which should watch
+    the pool's store: without one, every snapshot recounts every key), with the top
+    ``PAGE_KEYS`` keys of each state's list."""
+    return PoolSnapshots(pool, census, listed=PAGE_KEYS, max_age=SNAPSHOT_MAX_AGE)
 
 
 def build_app(
@@ -160,6 +254,7 @@ def build_app(
     live: HealthCheck,
     ready: HealthCheck,
     snapshots: PoolSnapshots | None = None,
+    pacer: ViewPacer | None = None,
 ) -> web.Application:
     """The routes of the HTTP port.
 
@@ -170,32 +265,41 @@ def build_app(
         ready: whether KeyService is serving (gRPC health of keysvc.v1.KeyService).
         snapshots: of ``pool``, made fresh before each page view and scrape (the
             registry's pool gauges should read them); one is made if not given.
+        pacer: spaces page views and scrapes (``VIEWS_PER_SECOND``); the probes
+            are never held.
     """
     snapshots = snapshots if snapshots is not None else page_snapshots(pool)
+    pacer = pacer if pacer is not None else ViewPacer()
     exposition = make_aiohttp_handler(registry, disable_compression=True)
     # What was rendered from the latest snapshot, by what else it depends on: views
     # that share a snapshot share the rendering too, so a client reloading in a loop
     # costs the loop little more than the HTTP exchange.
     pages: dict[tuple[PoolSnapshot, bool], bytes] = {}
-    expositions: dict[tuple[PoolSnapshot, str, str], tuple[int, dict[str, str], bytes]] = {}
+    expositions: dict[tuple[PoolSnapshot, str, str], tuple[int, dict[str, str], bytes, bytes]] = {}
 
     async def metrics(request: web.Request) -> web.Response:
+        if not await pacer.turn():
+            return _too_many()
         snapshot = await snapshots.fresh()
         key = (snapshot, request.headers.get("Accept", ""), request.query_string)
         baked = expositions.get(key)
         if baked is None:
             response = await exposition(request)
             assert isinstance(response, web.Response) and isinstance(response.body, bytes)
-            headers = {"Content-Type": response.headers["Content-Type"]}
-            baked = (response.status, headers, response.body)
+            headers = {"Content-Type": response.headers["Content-Type"], "Vary": "Accept-Encoding"}
+            # Compressed once per snapshot, not per scrape (aiohttp's own compression
+            # runs per response, in a thread that competes with the loop for the GIL).
+            baked = (response.status, headers, response.body, gzip.compress(response.body, 6))
             expositions.clear()
             expositions[key] = baked
-        status, headers, body = baked
-        reply = web.Response(status=status, headers=headers, body=body)
-        reply.enable_compression()
-        return reply
+        status, headers, body, gzipped = baked
+        if _accepts_gzip(request.headers.get("Accept-Encoding", "")):
+            headers, body = {**headers, "Content-Encoding": "gzip"}, gzipped
+        return web.Response(status=status, headers=headers, body=body)
 
     async def status_page(request: web.Request) -> web.Response:
+        if not await pacer.turn():
+            return _too_many()
         snapshot = await snapshots.fresh()
         is_ready = ready()
         body = pages.get((snapshot, is_ready))
@@ -203,7 +307,7 @@ def build_app(
             body = render_status_page(
                 # Families the pool knows but no key has and no usage names stay off the page.
                 [s for s in snapshot.summaries if s.total or s.tokens],
-                list(snapshot.first_keys),
+                snapshot.lists,
                 now=snapshot.taken_at,
                 ready=is_ready,
                 total_keys=snapshot.total_keys,

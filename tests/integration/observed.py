@@ -16,7 +16,7 @@ from keysvc.pool import KeyPool
 from keysvc.server import KeysvcServer, create_server, start_http_port
 from keysvc.state import SqliteStateStore
 from keysvc.v1 import keysvc_pb2 as pb
-from keysvc.web import HttpServer
+from keysvc.web import HttpServer, ViewPacer
 
 
 @dataclass
@@ -38,6 +38,7 @@ async def observed_server(
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     start: bool = True,
     state: SqliteStateStore | None = None,
+    pacer: ViewPacer | None = None,
 ) -> AsyncIterator[Observed]:
     """A keysvc server and its HTTP port, both on free loopback ports; stopped on exit.
 
@@ -46,7 +47,7 @@ async def observed_server(
     server = create_server(
         pool, host="127.0.0.1", port=0, metrics=metrics, interceptors=interceptors, state=state
     )
-    http = await start_http_port(server, pool, metrics, host="127.0.0.1", port=0)
+    http = await start_http_port(server, pool, metrics, host="127.0.0.1", port=0, pacer=pacer)
     if start:
         await server.start()
     try:
@@ -119,8 +120,17 @@ def check_page_against_api(html: str, listing: pb.ListResponse, now: float) -> N
     """The page's key table has exactly the API's keys and states, and its family table
     the counts and token sums those keys give."""
     tables = page_tables(html)
-    page_keys = {row["key"]: row for row in tables["keys"]}
+    # A small pool: each state's list shows all of its keys, in List's order.
+    lists = {state: tables.get(f"keys-{state}", []) for state in ("active", "locked", "disabled")}
+    page_keys = {row["key"]: row for rows in lists.values() for row in rows}
     assert set(page_keys) == {k.hash for k in listing.keys}
+    order = [k.hash for k in listing.keys]
+    for state, rows in lists.items():
+        hashes = [row["key"] for row in rows]
+        assert hashes == sorted(hashes, key=order.index), state
+        for row in rows:
+            listed_as = "disabled" if row["state"] in ("revoked", "over_quota") else row["state"]
+            assert listed_as == state, row
     for key in listing.keys:
         row = page_keys[key.hash]
         assert row["state"] == expected_state(key, now), key.hash

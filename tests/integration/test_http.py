@@ -3,15 +3,18 @@ status page, checked against what the gRPC API says."""
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import pytest
 
 from keysvc.clock import ManualClock
+from keysvc.keys import DisableReason
 from keysvc.metrics import Metrics
 from keysvc.models import ModelTable
 from keysvc.pool import KeyPool
 from keysvc.v1 import keysvc_pb2 as pb
-from keysvc.web import PAGE_KEYS
+from keysvc.web import PAGE_KEYS, ViewPacer
 from tests.exposition import parse, value
 from tests.helpers import client
 
@@ -125,15 +128,41 @@ async def test_status_page_matches_the_api() -> None:
     check_page_against_api(html, listing, clock.now())
 
 
-async def test_a_large_pool_is_summarized_not_listed() -> None:
+async def test_a_large_pool_shows_counts_and_the_top_of_each_list() -> None:
     metrics = Metrics()
-    secrets = [f"sk-large-pool-{n:05d}" for n in range(PAGE_KEYS + 5)]
-    pool = KeyPool.from_secrets(secrets, models=ModelTable(), clock=ManualClock(), observer=metrics)
+    clock = ManualClock()
+    secrets = [f"sk-large-pool-{n:05d}" for n in range(3 * PAGE_KEYS)]
+    pool = KeyPool.from_secrets(secrets, models=ModelTable(), clock=clock, observer=metrics)
+    keys = pool.keys()
+    for key in keys[PAGE_KEYS // 2 :: 2]:  # every other key after the first few: disabled
+        pool.disable(key.hash, DisableReason.MANUAL)
+    locked = [pool.get("gpt-4") for _ in range(PAGE_KEYS + 3)]
     async with observed_server(pool, metrics) as observed:
         _, _, html = await fetch(observed.base_url + "/")
     tables = page_tables(html)
-    listed = [row["key"] for row in tables["keys"]]
-    assert listed == sorted(k.hash for k in pool.keys())[:PAGE_KEYS]
-    assert f"The first {PAGE_KEYS} of {PAGE_KEYS + 5} keys" in html
+    disabled = [k for k in keys if k.is_disabled]
+    now = clock.now()
+    active = [k for k in keys if not k.is_disabled and now >= k.rate_limited_until]
+    load_order = {k.hash: n for n, k in enumerate(keys)}
+    for state, members in (("active", active), ("locked", locked), ("disabled", disabled)):
+        first = sorted((k.hash for k in members), key=load_order.__getitem__)[:PAGE_KEYS]
+        assert [row["key"] for row in tables[f"keys-{state}"]] == first, state
+        assert f"{state}: {len(members)}</h3>" in html
+        if len(members) > PAGE_KEYS:
+            assert f"The first {PAGE_KEYS} of {len(members)}," in html
     gpt4 = next(row for row in tables["families"] if row["family"] == "gpt4")
-    assert gpt4["active"] == str(PAGE_KEYS + 5)
+    assert gpt4["active"] == str(len(active))
+    assert gpt4["locked"] == str(len(locked))
+    assert gpt4["disabled"] == str(len(disabled))
+
+
+async def test_views_beyond_the_pace_wait_or_are_refused_and_probes_are_never_held() -> None:
+    pool, metrics, _ = make()
+    pacer = ViewPacer(2, max_wait=0.6)  # a turn every 0.5 s, at most 0.6 s of waiting
+    async with observed_server(pool, metrics, pacer=pacer) as observed:
+        statuses = await asyncio.gather(
+            *(fetch(observed.base_url + path) for path in ("/", "/metrics", "/", "/"))
+        )
+        probe = await fetch(observed.base_url + "/healthz")  # while views wait
+    assert sorted(s for s, _, _ in statuses) == [200, 200, 429, 429]  # in arrival order
+    assert probe[0] == 200

@@ -4,8 +4,10 @@ how a JSON state file of an earlier keysvc is converted."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import shutil
 import sqlite3
 import threading
 from pathlib import Path
@@ -13,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from keysvc import state as state_module
 from keysvc.clock import ManualClock
 from keysvc.errors import StateWriteFailed
 from keysvc.keys import DisableReason, hash_key
@@ -248,6 +251,75 @@ async def test_writes_run_in_a_worker_thread_in_one_durable_transaction(tmp_path
     assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert connection.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     await store.close()
+
+
+def _main_file_rows(path: Path, scratch: Path) -> int:
+    """Rows in the database file alone, as if its WAL were lost: what checkpoints copied."""
+    shutil.copyfile(path, scratch)
+    with contextlib.closing(sqlite3.connect(scratch)) as copy:
+        return int(copy.execute("SELECT count(*) FROM keys").fetchone()[0])
+
+
+async def test_commits_carry_no_checkpoint_and_batches_checkpoint_on_their_own_thread(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "state.db"
+    seen: list[tuple[int, str]] = []
+
+    def connect(at: Path) -> sqlite3.Connection:
+        connection = connect_database(at)
+        connection.set_trace_callback(lambda sql: seen.append((threading.get_ident(), sql)))
+        return connection
+
+    store = SqliteStateStore.open(path, connect=connect, batch_seconds=0.01, checkpoint_seconds=0)
+    pool = KeyPool(store=store, models=ModelTable(), clock=ManualClock())
+    for n in range(20_000):  # ~1,500 pages of WAL: SQLite's own checkpoint comes at 1,000
+        pool.add_key(f"sk-checkpoint-{n:05d}")
+    await pool.flush()  # as a Disable does
+    assert _main_file_rows(path, tmp_path / "copy.db") == 0  # all in the WAL still
+    (writer,) = {thread for thread, sql in seen if sql.startswith("INSERT")}
+    store.start()
+    try:
+        pool.increment_usage(hash_key("sk-checkpoint-00000"), "gpt-4o", 1)
+        for _ in range(200):
+            if any("wal_checkpoint" in sql for _, sql in seen):
+                break
+            await asyncio.sleep(0.02)
+        while store._checkpointing is not None:  # noqa: SLF001 - let it finish
+            await asyncio.sleep(0.01)
+        assert _main_file_rows(path, tmp_path / "copy2.db") == 20_000
+        checkpointers = {thread for thread, sql in seen if "wal_checkpoint" in sql}
+        assert checkpointers and writer not in checkpointers
+        assert threading.get_ident() not in checkpointers
+    finally:
+        await store.close()
+    assert _rows(path)[hash_key("sk-checkpoint-00000")]["prompt_count"] == 1
+
+
+async def test_the_writer_empties_the_wal_when_checkpoints_fall_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "state.db"
+    store = SqliteStateStore.open(path, batch_seconds=0.01, checkpoint_seconds=3600)
+    pool = KeyPool(store=store, models=ModelTable(), clock=ManualClock())
+    for n in range(2_000):
+        pool.add_key(f"sk-truncate-{n:05d}")
+    await pool.flush()
+    wal = path.with_name(path.name + "-wal")
+    assert wal.stat().st_size > 0
+    monkeypatch.setattr(state_module, "WAL_PAGES_LIMIT", 10)
+    store._wal_behind = 11  # noqa: SLF001 - as a PASSIVE checkpoint that fell behind reports
+    store.start()
+    try:
+        pool.increment_usage(hash_key("sk-truncate-00000"), "gpt-4o", 1)
+        for _ in range(200):
+            if wal.stat().st_size == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert wal.stat().st_size == 0  # TRUNCATE: every page copied, the log emptied
+        assert _main_file_rows(path, tmp_path / "copy.db") == 2_000
+    finally:
+        await store.close()
 
 
 async def test_a_failed_write_keeps_the_change_and_is_retried(
