@@ -299,3 +299,22 @@ def test_keys_locked_until_the_same_time_go_least_recently_used_first() -> None:
     assert pool.get("gpt-4") is a  # now a was
     clock.advance(MAX_BUDGET_WAIT)
     assert pool.get("gpt-3.5-turbo") is a  # neither used for turbo: load order
+
+
+def test_a_remaining_above_the_limit_counts_as_the_limit() -> None:
+    """Found by the model test: a header saying 50 left of a limit of 3 let every Get
+    through, since what is left was compared before the refill capped it."""
+    pool, clock, (a,) = pool_of([PAID])
+    pool.update_rate_limits(
+        a.hash,
+        {
+            "x-ratelimit-reset-requests": "0s",
+            "x-ratelimit-remaining-requests": "50",
+            "x-ratelimit-limit-requests": "3",
+        },
+        "gpt-3.5-turbo",
+    )
+    for _ in range(3):
+        pool.get("gpt-3.5-turbo")
+    # Three in flight fill a limit of 3: the fourth waits for the oldest to lapse.
+    assert pool.family_lockout("turbo") == pytest.approx(RESERVATION_TTL)
