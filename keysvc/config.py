@@ -40,6 +40,7 @@ __all__ = [
 ]
 
 DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"
+DEFAULT_ANTHROPIC_BASE_URL = "https://api.anthropic.com/v1"
 
 T = TypeVar("T")
 

@@ -3,6 +3,8 @@
 An operator can put extra rules in front of the built-in ones (a JSON file, see
 ``ModelTable.from_file``) to give a new model line its own family without a
 release.
+
+The built-in rows are the providers' (``keysvc.providers.<name>.models``).
 """
 
 from __future__ import annotations
@@ -12,6 +14,10 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from .providers.base import ModelRule, ModelTableError
+from .providers.openai.models import DEFAULT_FAMILY, GPT4_32K, LISTED_DEFAULT_FAMILY
+from .providers.openai.models import RULES as DEFAULT_RULES
 
 __all__ = [
     "DEFAULT_FAMILY",
@@ -23,70 +29,6 @@ __all__ = [
     "ModelTable",
     "ModelTableError",
 ]
-
-#: Family of a model no rule matches (the seed's default for requests).
-DEFAULT_FAMILY = "gpt4"
-#: Family of a model id the upstream lists for a key that no rule matches.
-LISTED_DEFAULT_FAMILY = "turbo"
-#: The family unchecked keys do not get: only the checker can grant it.
-GPT4_32K = "gpt4-32k"
-
-
-class ModelTableError(ValueError):
-    """The operator's model table is malformed."""
-
-
-@dataclass(frozen=True, slots=True)
-class ModelRule:
-    """One row: models whose name matches ``pattern`` belong to ``family``.
-
-    Attributes:
-        pattern: a regular expression, matched at the start of the model name.
-        family: the model family.
-        embeddings: the model is an embeddings model (trial keys never serve it).
-    """
-
-    pattern: str
-    family: str
-    embeddings: bool = False
-
-    def __post_init__(self) -> None:
-        if not self.family:
-            raise ModelTableError(f"rule {self.pattern!r} has an empty family")
-        try:
-            re.compile(self.pattern)
-        except re.error as exc:
-            raise ModelTableError(
-                f"rule {self.pattern!r} is not a regular expression: {exc}"
-            ) from exc
-
-
-DEFAULT_RULES: tuple[ModelRule, ...] = (
-    ModelRule(r"^gpt-4o-mini", "turbo"),
-    ModelRule(r"^gpt-4o", "gpt4o"),
-    ModelRule(r"^chatgpt-4o", "gpt4o"),
-    ModelRule(r"^gpt-4-turbo", "gpt4-turbo"),
-    ModelRule(r"^gpt-4-(0125|1106)(-preview)?$", "gpt4-turbo"),
-    ModelRule(r"^gpt-4(-\d{4})?-vision", "gpt4-turbo"),
-    ModelRule(r"^gpt-4-32k", GPT4_32K),
-    ModelRule(r"^gpt-4(-\d{4})?$", "gpt4"),
-    ModelRule(r"^gpt-4\.1-mini", "gpt41-mini"),
-    ModelRule(r"^gpt-4\.1-nano", "gpt41-nano"),
-    ModelRule(r"^gpt-4\.1", "gpt41"),
-    ModelRule(r"^gpt-4\.5", "gpt45"),
-    ModelRule(r"^gpt-5-mini", "gpt5-mini"),
-    ModelRule(r"^gpt-5-nano", "gpt5-nano"),
-    ModelRule(r"^gpt-5", "gpt5"),
-    ModelRule(r"^gpt-3\.5-turbo", "turbo"),
-    ModelRule(r"^text-embedding-ada-002$", "turbo", embeddings=True),
-    ModelRule(r"^text-embedding-3-", "turbo", embeddings=True),
-    ModelRule(r"^dall-e-\d", "dall-e"),
-    ModelRule(r"^o1-mini", "o1-mini"),
-    ModelRule(r"^o1", "o1"),
-    ModelRule(r"^o3-mini", "o3-mini"),
-    ModelRule(r"^o3", "o3"),
-    ModelRule(r"^o4-mini", "o4-mini"),
-)
 
 
 @dataclass(frozen=True, slots=True)
