@@ -85,6 +85,10 @@ PROBE_MODELS: Final[Mapping[str, str]] = {
     "o3": "o3",
     "o3-mini": "o3-mini",
     "o4-mini": "o4-mini",
+    "claude-opus": "claude-opus-4-1",
+    "claude-sonnet": "claude-sonnet-4-5",
+    "claude-haiku": "claude-haiku-4-5",
+    "claude": "claude-2.1",
 }
 
 
