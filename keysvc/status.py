@@ -105,6 +105,8 @@ class KeyState:
     locked: bool
     prompt_count: int = 0
     token_usage: Mapping[str, int] = field(default_factory=dict)
+    #: The key's provider (``Key.service``).
+    provider: str = "openai"
 
     @property
     def state(self) -> str:
@@ -130,6 +132,7 @@ def key_state(key: Key, now: float) -> KeyState:
         locked=now < key.rate_limited_until,
         prompt_count=key.prompt_count,
         token_usage=key.token_usage,
+        provider=key.service,
     )
 
 
@@ -666,6 +669,7 @@ def render_text(summaries: list[FamilySummary], keys: list[KeyState]) -> str:
     key_rows = [
         [
             k.hash,
+            k.provider,
             k.state,
             "yes" if k.is_trial else "no",
             str(k.prompt_count),
@@ -673,5 +677,5 @@ def render_text(summaries: list[FamilySummary], keys: list[KeyState]) -> str:
         ]
         for k in sorted(keys, key=lambda k: k.hash)
     ]
-    lines += ["", *_table(["key", "state", "trial", "prompts", "tokens"], key_rows)]
+    lines += ["", *_table(["key", "provider", "state", "trial", "prompts", "tokens"], key_rows)]
     return "\n".join(lines) + "\n"
