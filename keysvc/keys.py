@@ -124,6 +124,9 @@ class Key:
     is_over_quota: bool = False
     disable_reason: DisableReason | None = None
     disabled_at: float = 0.0
+    #: Over quota until this time, then back on its own (a spend limit's named
+    #: time); 0: until a recheck.
+    over_quota_until: float = 0.0
     #: When the key was last handed out, for any family (kept in the state file).
     last_used: float = 0.0
     last_checked: float = 0.0

@@ -179,6 +179,8 @@ class Decision:
             alone, count it, and back off from the whole provider.
         family_denied: the key may not use the model's family: take it out of
             that family only.
+        retry_after: seconds the proxy should wait before retrying (the
+            provider-wide back-off of an overload); set by the pool.
     """
 
     action: OutcomeAction
@@ -189,6 +191,7 @@ class Decision:
     quota_until: float | None = None
     overloaded: bool = False
     family_denied: bool = False
+    retry_after: float | None = None
 
 
 # -- the key checker ----------------------------------------------------------------
