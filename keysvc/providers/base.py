@@ -181,6 +181,8 @@ class Decision:
             that family only.
         retry_after: seconds the proxy should wait before retrying (the
             provider-wide back-off of an overload); set by the pool.
+        limit_kind: with ``rate_limited``, the limit the 429 names ("requests",
+            "tokens"; "" when it does not say, and the pool infers it).
     """
 
     action: OutcomeAction
@@ -192,6 +194,7 @@ class Decision:
     overloaded: bool = False
     family_denied: bool = False
     retry_after: float | None = None
+    limit_kind: str = ""
 
 
 # -- the key checker ----------------------------------------------------------------

@@ -109,10 +109,16 @@ def decide(status: int, error: UpstreamError) -> Decision:
     if status == 429:
         if PER_DAY_PATTERN.search(error.message):
             return Decision(
-                OutcomeAction.RETURN_ERROR, rate_limited=True, why=f"{label}: per-day limit"
+                OutcomeAction.RETURN_ERROR,
+                rate_limited=True,
+                why=f"{label}: per-day limit",
+                limit_kind=error.type,
             )
         return Decision(
-            OutcomeAction.RETRY_WITH_ANOTHER_KEY, rate_limited=True, why=f"{label}: rate limited"
+            OutcomeAction.RETRY_WITH_ANOTHER_KEY,
+            rate_limited=True,
+            why=f"{label}: rate limited",
+            limit_kind=error.type,
         )
     if status >= 500:
         return Decision(OutcomeAction.RETRY_WITH_ANOTHER_KEY, why=f"{label}: upstream error")
