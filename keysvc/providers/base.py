@@ -264,6 +264,9 @@ class Provider(ABC):
     listed_default_family: str
     #: Families only the checker can grant (an unchecked key does not have them).
     checked_only_families: frozenset[str] = frozenset()
+    #: Response headers the provider's rate-limit parsing reads: these prefixes
+    #: (a proxy in front, such as Envoy's ext_proc, passes them on).
+    rate_header_prefixes: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -280,6 +283,10 @@ class Provider(ABC):
     @abstractmethod
     def decide(self, status: int, error: UpstreamError, *, now: float) -> Decision:
         """What an answer with HTTP ``status`` and ``error`` means (its error table)."""
+
+    @abstractmethod
+    def credential_headers(self, secret: str) -> tuple[tuple[str, str], ...]:
+        """The request headers (lower-case names) that carry the key upstream."""
 
     @abstractmethod
     def prober(self, base_url: str) -> Prober:

@@ -18,6 +18,7 @@ class OpenAIProvider(Provider):
     rules = models.RULES
     listed_default_family = models.LISTED_DEFAULT_FAMILY
     checked_only_families = frozenset({models.GPT4_32K})
+    rate_header_prefixes = (headers.PREFIX,)
 
     def parse_rate_headers(self, headers_: Mapping[str, str], now: float) -> ParsedHeaders:
         return headers.parse_rate_headers(headers_)
@@ -27,6 +28,9 @@ class OpenAIProvider(Provider):
 
     def decide(self, status: int, error: UpstreamError, *, now: float) -> Decision:
         return outcomes.decide(status, error)
+
+    def credential_headers(self, secret: str) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {secret}"),)
 
     def prober(self, base_url: str) -> Prober:
         return OpenAIProber(base_url)
