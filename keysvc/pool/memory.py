@@ -462,6 +462,7 @@ class KeyPool:
             self._order.add(key)
             if not key.is_disabled:
                 self._place(key, now)
+            self._arm_quota_back(key)
 
     @classmethod
     def from_secrets(
@@ -520,6 +521,7 @@ class KeyPool:
         key.profile = self._intern(key.profile)
         if not key.is_disabled:
             self._place(key, self._clock.now())
+        self._arm_quota_back(key)  # a saved spend limit still comes to its end
         return key
 
     def remove_key(self, key_hash: str) -> Key | None:
@@ -1093,7 +1095,7 @@ class KeyPool:
         key = self.key(key_hash)
         if reason is DisableReason.QUOTA and until is not None and until > key.over_quota_until:
             key.over_quota_until = until
-            self._clock.call_at(until, lambda: self._quota_back(key_hash, until))
+            self._arm_quota_back(key)
         # Newer news than a Recheck in flight: the key's check must not revive it.
         key.revive_if_alive = False
         change: KeyChange | None = None
@@ -1143,6 +1145,12 @@ class KeyPool:
                 self._enable(key, now)
             self._store.changed(key)
         _log.info("all keys marked for recheck", extra={"keys": len(self._store)})
+
+    def _arm_quota_back(self, key: Key) -> None:
+        """Sets the timer that puts an over-quota key back at ``over_quota_until``."""
+        until, key_hash = key.over_quota_until, key.hash
+        if until:
+            self._clock.call_at(until, lambda: self._quota_back(key_hash, until))
 
     def _quota_back(self, key_hash: str, until: float) -> None:
         """The time a spend limit named has come: the key is in service again, unless
