@@ -342,6 +342,7 @@ class KeyChecker:
                 "key check: dead",
                 extra={
                     "key_hash": key.hash,
+                    "provider": key.service,
                     "reason": outcome.reason.value,
                     "problem": outcome.problem,
                 },
@@ -359,6 +360,7 @@ class KeyChecker:
         )
         extra: dict[str, object] = {
             "key_hash": key.hash,
+            "provider": key.service,
             "families": ",".join(sorted(key.model_families)),
             "trial": report.is_trial,
             "busy": outcome.verdict is Verdict.BUSY,

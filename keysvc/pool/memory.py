@@ -1300,7 +1300,8 @@ class KeyPool:
     def _state_changed(self, key: Key, change: KeyChange, reason: str, **fields: str) -> None:
         """The one place a key state change is logged and reported, once per change."""
         event, level = _CHANGE_LOGS[change]
-        _log.log(level, event, extra={"key_hash": key.hash, "reason": reason, **fields})
+        extra = {"key_hash": key.hash, "provider": key.service, "reason": reason, **fields}
+        _log.log(level, event, extra=extra)
         self._observer.state_changed(key.hash, change, reason)
 
     def _derive(self, table: RateTable, row: int, now: float) -> None:

@@ -3,6 +3,7 @@ from the model, and each provider's answers are read by its own tables."""
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime
 
 import pytest
@@ -158,8 +159,13 @@ def test_a_403_takes_the_key_out_of_that_family_only() -> None:
     assert pool.get(SONNET) is ant
 
 
-def test_a_401_revokes_an_anthropic_key() -> None:
+def test_a_401_revokes_an_anthropic_key_and_the_log_names_its_provider(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     pool, _, (_, ant) = mixed()
     error = UpstreamError("authentication_error", "", "invalid x-api-key")
-    pool.report_outcome(ant.hash, SONNET, status=401, headers={}, error=error)
+    with caplog.at_level(logging.INFO, logger="keysvc.pool"):
+        pool.report_outcome(ant.hash, SONNET, status=401, headers={}, error=error)
     assert ant.is_revoked and ant.is_disabled
+    (record,) = [r for r in caplog.records if r.getMessage() == "key revoked"]
+    assert record.key_hash == ant.hash and record.provider == "anthropic"
