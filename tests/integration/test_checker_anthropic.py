@@ -86,10 +86,14 @@ async def test_every_anthropic_scenario_beside_openai_keys() -> None:
     # Anthropic keys went to the Anthropic fake only, with x-api-key; OpenAI keys never did.
     assert {r.key for r in requests} <= set(ant) | {"sk-ant-unknown"}
     assert {r.key for r in fake_oai.requests} == set(oai)
-    # Two calls a check, neither a Messages request (they cost tokens).
+    # The model list and one count_tokens per family; never a Messages request (it costs).
     assert {r.path for r in requests} == {"/v1/models", "/v1/messages/count_tokens"}
-    probed = {r.key: r.model for r in requests if r.path.endswith("count_tokens")}
-    assert probed["sk-ant-valid"] == "claude-3-5-haiku-20241022"  # the cheapest listed
+    probed = [r.model for r in requests if r.key == "sk-ant-valid" and r.path.endswith("tokens")]
+    assert sorted(probed) == [  # the first listed model of each family
+        "claude-3-5-haiku-20241022",
+        "claude-opus-4-1-20250805",
+        "claude-sonnet-4-5-20250929",
+    ]
 
     valid = keys["sk-ant-valid"]
     assert valid.service == "anthropic" and valid.hash.startswith("ant-")
@@ -104,6 +108,8 @@ async def test_every_anthropic_scenario_beside_openai_keys() -> None:
     # limits and overload all show on Messages requests only, so those keys check alive.
     for name in ("spend-limit", "credit-low", "rate-limited", "overloaded", "no-opus"):
         assert not keys[f"sk-ant-{name}"].is_disabled, name
+    # A 403 on a family's probe: the key is alive, without that family.
+    assert keys["sk-ant-no-opus"].model_families == {SONNET, HAIKU}
     # A 529 on the first calls is retried: the flaky key is checked alive in the end.
     flaky = [r.status for r in requests if r.key == "sk-ant-flaky"]
     assert flaky[:2] == [529, 529] and not keys["sk-ant-flaky"].is_disabled

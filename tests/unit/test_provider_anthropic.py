@@ -283,7 +283,15 @@ def test_the_probe_asks_about_the_cheapest_listed_model() -> None:
     listed = ["claude-opus-4-1", "claude-sonnet-4-5", "claude-3-5-haiku-20241022"]
     assert checker.probe_model(listed) == "claude-3-5-haiku-20241022"
     assert checker.probe_model(["claude-opus-4-1", "claude-sonnet-4-5"]) == "claude-sonnet-4-5"
-    assert checker.probe_model(["claude-2.1", "gpt-4o"]) is None
+    assert checker.probe_model(["claude-2.1", "gpt-4o"]) == "claude-2.1"
+    assert checker.probe_model(["gpt-4o"]) is None
+    # One probe per family, the first listed model of each, cheapest family first.
+    listed = ["claude-opus-4-1", "claude-3-opus-2024", "claude-2.1", "claude-haiku-4-5"]
+    assert checker.probe_models(listed) == {
+        "claude-haiku": "claude-haiku-4-5",
+        "claude-opus": "claude-opus-4-1",
+        "claude": "claude-2.1",
+    }
 
 
 def test_header_names_are_the_documented_ones() -> None:

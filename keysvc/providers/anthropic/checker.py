@@ -1,20 +1,21 @@
-"""How the key checker asks Anthropic about a key: two calls, neither costing a token.
+"""How the key checker asks Anthropic about a key: free calls only, no token spent.
 
 1. ``GET /models?limit=1000`` — the model ids the key's organisation may use,
    hence its families. Listing models is free and not counted against the
    Messages rate limits. A 401 here already says the key is revoked.
-2. ``POST /messages/count_tokens`` for the cheapest listed model (a Haiku if
-   there is one) with a one-character message. Anthropic documents token
-   counting as free of charge, with a requests-per-minute limit of its own
-   (per usage tier 100, 2,000, 4,000, 8,000), separate from the Messages
-   limits, so the probe spends neither tokens nor the key's message quota.
+2. ``POST /messages/count_tokens``, at once for one listed model of each Claude
+   family, with a one-character message. Anthropic documents token counting as
+   free of charge, with a requests-per-minute limit of its own (per usage tier
+   100, 2,000, 4,000, 8,000), separate from the Messages limits, so the probes
+   spend neither tokens nor the key's message quota (at most one per family:
+   four per check).
 
-What the two calls can tell:
+What the calls can tell:
 
 - liveness: 200 from count_tokens is a live key; 401 (``authentication_error``)
   a revoked one;
-- access: the listed models give the families; a 403 (``permission_error``)
-  on the probed model means no access to it (the key stays alive);
+- access: the listed models give the families; a 403 (``permission_error``) or
+  404 on a family's probe takes that family out (the key stays alive);
 - a rate tier: count_tokens' own ``anthropic-ratelimit-requests-limit`` maps
   onto the tier table above (``tier``); at most 5 requests a minute marks a
   trial-level key.
@@ -31,6 +32,7 @@ the proxies' reports, not from the check.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections.abc import Mapping
@@ -50,6 +52,7 @@ __all__ = [
     "TRIAL_REQUEST_LIMIT",
     "classify",
     "probe_model",
+    "probe_models",
     "tier_of",
 ]
 
@@ -97,18 +100,24 @@ def tier_of(headers: Mapping[str, str]) -> tuple[str, bool]:
     return "custom", False
 
 
-def probe_model(model_ids: list[str]) -> str | None:
-    """The listed model of the cheapest family (a Haiku first), None when none is Claude."""
+def probe_models(model_ids: list[str]) -> dict[str, str]:
+    """One listed model per Claude family (the first listed), cheapest family first."""
     families: dict[str, str] = {}
     for model_id in model_ids:
         family = next((f for regex, f in _RULES if regex.match(model_id)), None)
-        if family in _PROBE_ORDER:
+        if family is not None:
             families.setdefault(family, model_id)
-    return next((families[f] for f in _PROBE_ORDER if f in families), None)
+    order = {family: rank for rank, family in enumerate(_PROBE_ORDER)}
+    return dict(sorted(families.items(), key=lambda item: order.get(item[0], len(order))))
+
+
+def probe_model(model_ids: list[str]) -> str | None:
+    """The listed model of the cheapest family (a Haiku first), None when none is Claude."""
+    return next(iter(probe_models(model_ids).values()), None)
 
 
 class AnthropicProber(Prober):
-    """The two calls of the module docstring against the API at ``base_url``."""
+    """The calls of the module docstring against the API at ``base_url``."""
 
     def __init__(self, base_url: str) -> None:
         self.base_url = base_url.rstrip("/") + "/"
@@ -127,34 +136,62 @@ class AnthropicProber(Prober):
         model_ids = [item["id"] for item in items or () if isinstance(item.get("id"), str)]
         if not model_ids:
             return CheckReport(Outcome(Verdict.RETRY, problem="models: not a model list"))
-        model = probe_model(model_ids)
-        if model is None:
+        probes = probe_models(model_ids)
+        if not probes:
             return CheckReport(Outcome(Verdict.RETRY, problem="models: no Claude model listed"))
-        probe: Mapping[str, Any] = {
-            "model": model,
-            "messages": [{"role": "user", "content": "."}],
+        # One free count_tokens per family, at once: liveness, and which families the
+        # key is refused (403/404), which the model list does not say.
+        answers = await asyncio.gather(
+            *(self._count(client, key, model) for model in probes.values())
+        )
+        dead = next((o for o, _, _ in answers if o.verdict is Verdict.DEAD), None)
+        if dead is not None:
+            return CheckReport(dead)
+        heard = [(o, h) for o, h, _ in answers if o.verdict is not Verdict.RETRY]
+        if not heard:
+            return CheckReport(Outcome(Verdict.RETRY, problem=f"liveness: {answers[0][0].problem}"))
+        tier, trial = next((tier_of(h) for _, h in heard if tier_of(h)[0]), ("", False))
+        # 403: the key may not use the family; 404: the model is not there for it.
+        denied = {
+            family
+            for family, (_, _, status) in zip(probes, answers, strict=True)
+            if status in (403, 404)
         }
+        missing = [
+            f"{family}: {outcome.problem}"
+            for family, (outcome, _, _) in zip(probes, answers, strict=True)
+            if outcome.verdict is Verdict.RETRY
+        ]
+        if denied:
+            _log.warning(
+                "key check: no access to some model families",
+                extra={"key_hash": key.hash, "families": ",".join(sorted(denied))},
+            )
+            model_ids = [
+                m
+                for m in model_ids
+                if next((f for regex, f in _RULES if regex.match(m)), None) not in denied
+            ]
+        busy = any(o.verdict is Verdict.BUSY for o, _ in heard)
+        outcome = Outcome(Verdict.BUSY if busy else Verdict.ALIVE)
+        return CheckReport(outcome, model_ids=model_ids, is_trial=trial, tier=tier, missing=missing)
+
+    async def _count(
+        self, client: httpx.AsyncClient, key: Key, model: str
+    ) -> tuple[Outcome, Mapping[str, str], int]:
+        """count_tokens for ``model``: what it says about the key, its headers and
+        status (0 when none came)."""
+        probe: Mapping[str, Any] = {"model": model, "messages": [{"role": "user", "content": "."}]}
         counted = await self._call(client, "POST", "messages/count_tokens", key, probe)
         if isinstance(counted, Outcome):
-            return CheckReport(Outcome(Verdict.RETRY, problem=f"liveness: {counted.problem}"))
+            return counted, {}, 0
         response, body = counted
-        tier, trial = tier_of(response.headers)
+        status = response.status_code
         if response.is_success:
             if not isinstance(body, dict) or not isinstance(body.get("input_tokens"), int):
-                return CheckReport(
-                    Outcome(Verdict.RETRY, problem=f"liveness: HTTP {response.status_code} body")
-                )
-            outcome = Outcome(Verdict.ALIVE)
-        else:
-            outcome = classify(response.status_code, body)
-            if outcome.verdict is Verdict.RETRY:
-                outcome = Outcome(Verdict.RETRY, problem=f"liveness: {outcome.problem}")
-            elif response.status_code == 403:
-                _log.warning(
-                    "key check: no access to the probed model",
-                    extra={"key_hash": key.hash, "model": model, "problem": outcome.problem},
-                )
-        return CheckReport(outcome, model_ids=model_ids, is_trial=trial, tier=tier)
+                return Outcome(Verdict.RETRY, problem=f"HTTP {status} body"), {}, status
+            return Outcome(Verdict.ALIVE), response.headers, status
+        return classify(status, body), response.headers, status
 
     def _headers(self, key: Key) -> dict[str, str]:
         return {"x-api-key": key.secret, "anthropic-version": API_VERSION}
