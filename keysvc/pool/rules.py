@@ -186,7 +186,7 @@ def parse_rate_headers(
     rates = parsed.rates
     if rates is None:
         return None
-    tokens = _token_dimension(rates)
+    tokens = rates.tokens if rates.tokens.known else _token_dimension(rates)
     requests = rates.requests
     return RateHeaders(
         requests.reset,

@@ -121,10 +121,10 @@ class RateHeaders(NamedTuple):
         )
 
 
-@dataclass(frozen=True, slots=True)
-class ParsedHeaders:
+class ParsedHeaders(NamedTuple):
     """``Provider.parse_rate_headers``' answer: the numbers (None when the answer
-    had no rate-limit header), and the headers it could not read (name, raw value)."""
+    had no rate-limit header), and the headers it could not read (name, raw value).
+    A tuple, not a dataclass: one is made for every report."""
 
     rates: RateHeaders | None
     unreadable: tuple[tuple[str, str], ...] = ()

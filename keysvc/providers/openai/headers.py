@@ -32,39 +32,66 @@ LIMIT_REQUESTS_HEADER: Final = "x-ratelimit-limit-requests"
 LIMIT_TOKENS_HEADER: Final = "x-ratelimit-limit-tokens"
 
 
+#: What an answer without any of the headers reads as.
+_NOTHING: Final = ParsedHeaders(None)
+
+
 def parse_rate_headers(headers: Mapping[str, str]) -> ParsedHeaders:
     """The requests and tokens dimensions of an answer's headers (names lower-case).
 
     OpenAI sends no ``retry-after`` worth reading: its 429s carry the reset headers.
+    On every report, so written for speed: plain calls, no per-header objects.
     """
-    unreadable: list[tuple[str, str]] = []
-
-    def count(name: str) -> int | None:
-        raw = headers.get(name)
-        if raw is None:
-            return None
-        value = parse_count(raw)
-        if value is None:
-            unreadable.append((name, raw))
-        return value
-
-    def reset(name: str) -> float | None:
-        raw = headers.get(name)
-        if raw is None:
-            return None
-        seconds = parse_go_duration(raw)
-        if seconds is None:
-            unreadable.append((name, raw))
-        return seconds
-
-    rates = RateHeaders(
-        requests=Dimension(
-            count(LIMIT_REQUESTS_HEADER),
-            count(REMAINING_REQUESTS_HEADER),
-            reset(REQUESTS_RESET_HEADER),
-        ),
-        tokens=Dimension(
-            count(LIMIT_TOKENS_HEADER), count(REMAINING_TOKENS_HEADER), reset(TOKENS_RESET_HEADER)
-        ),
+    get = headers.get
+    raw_lr, raw_rr, raw_sr = (
+        get(LIMIT_REQUESTS_HEADER),
+        get(REMAINING_REQUESTS_HEADER),
+        get(REQUESTS_RESET_HEADER),
     )
-    return ParsedHeaders(None if rates.empty else rates, tuple(unreadable))
+    raw_lt, raw_rt, raw_st = (
+        get(LIMIT_TOKENS_HEADER),
+        get(REMAINING_TOKENS_HEADER),
+        get(TOKENS_RESET_HEADER),
+    )
+    if (
+        raw_lr is None
+        and raw_rr is None
+        and raw_sr is None
+        and raw_lt is None
+        and raw_rt is None
+        and raw_st is None
+    ):
+        return _NOTHING
+    unreadable: list[tuple[str, str]] = []
+    requests = Dimension(
+        _count(LIMIT_REQUESTS_HEADER, raw_lr, unreadable),
+        _count(REMAINING_REQUESTS_HEADER, raw_rr, unreadable),
+        _reset(REQUESTS_RESET_HEADER, raw_sr, unreadable),
+    )
+    tokens = Dimension(
+        _count(LIMIT_TOKENS_HEADER, raw_lt, unreadable),
+        _count(REMAINING_TOKENS_HEADER, raw_rt, unreadable),
+        _reset(TOKENS_RESET_HEADER, raw_st, unreadable),
+    )
+    bad = tuple(unreadable) if unreadable else ()
+    if len(bad) == 6 - (raw_lr, raw_rr, raw_sr, raw_lt, raw_rt, raw_st).count(None):
+        return ParsedHeaders(None, bad)  # every header sent was unreadable
+    return ParsedHeaders(RateHeaders(requests, tokens), bad)
+
+
+def _count(name: str, raw: str | None, unreadable: list[tuple[str, str]]) -> int | None:
+    if raw is None:
+        return None
+    value = parse_count(raw)
+    if value is None:
+        unreadable.append((name, raw))
+    return value
+
+
+def _reset(name: str, raw: str | None, unreadable: list[tuple[str, str]]) -> float | None:
+    if raw is None:
+        return None
+    seconds = parse_go_duration(raw)
+    if seconds is None:
+        unreadable.append((name, raw))
+    return seconds
