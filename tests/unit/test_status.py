@@ -8,6 +8,7 @@ from keysvc.models import DEFAULT_RULES, ModelTable
 from keysvc.pool import KeyPool
 from keysvc.status import (
     PROBE_MODELS,
+    KeyList,
     KeyState,
     key_state,
     render_text,
@@ -128,6 +129,8 @@ def test_the_views_show_each_keys_provider() -> None:
         [ant.hash, "anthropic"],
         ["oai-000000aa", "openai"],
     ]
-    page = render_status_page([], [ant, oai], now=0.0, ready=True)
+    listed = KeyList("active", 2, (ant, oai))
+    page = render_status_page([], [listed], now=0.0, ready=True, total_keys=2)
     assert f"<td><code>{ant.hash}</code></td><td>anthropic</td>" in page
+    assert "<th>key</th><th>provider</th>" in page
     assert secret not in page
