@@ -1,21 +1,14 @@
-"""The key checker: learns each key's real state from the upstream (OpenAI) API.
+"""The key checker: learns each key's real state from its provider's API.
 
-A task on the server's event loop. For every key that needs a check it makes
-three calls at once, none of which costs a token:
-
-1. ``GET /models`` — the key's model ids, hence its families (gpt4-32k only
-   when listed);
-2. ``POST /chat/completions`` with ``babbage-002`` and ``max_tokens: -1`` — a
-   live key is refused with 400 before any model runs; 401 and 429 tell revoked
-   and out-of-quota keys apart; ``x-ratelimit-limit-requests`` <= 250 means a
-   trial key;
-3. ``GET /organizations`` — the default organization, and one clone of the key
-   per other organization (own hash, own check).
+A task on the server's event loop. For every key that needs a check it asks
+the key's provider's ``Prober`` (``keysvc.providers.<name>.checker``: OpenAI
+makes three calls that cost no token, Anthropic two), over one shared httpx
+client, and applies the ``CheckReport`` to the pool.
 
 Keys are checked in batches of ``batch_size`` (12), one batch at a time, and a
 batch never starts within ``check_interval`` (3 s) of the end of the previous
 one. A check that gets no usable answer (network error, timeout, 403/404/5xx,
-a body that is not OpenAI's) changes nothing and is retried for that key with
+a body that is not the provider's) changes nothing and is retried for that key with
 exponential backoff and ±25 % jitter (never under 1 s). Every
 ``recheck_interval`` (8 h), at an offset derived from the host name so replicas
 do not check together, every live key is checked again.
@@ -28,25 +21,25 @@ hashes, never secrets.
 from __future__ import annotations
 
 import asyncio
-import enum
 import hashlib
 import logging
 import math
 import random
 import socket
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Final
 
 import httpx
 
 from .clock import Clock
-from .config import DEFAULT_OPENAI_BASE_URL
+from .config import DEFAULT_ANTHROPIC_BASE_URL, DEFAULT_OPENAI_BASE_URL
 from .errors import KeyNotFound
-from .keys import DisableReason, Key
-from .outcomes import UpstreamError, dead_key_reason, upstream_error
+from .keys import Key
 from .pool import KeyPool, PoolBackend, as_backend
+from .providers import ANTHROPIC, OPENAI, provider
+from .providers.base import CheckReport, Outcome, Prober, UpstreamError, Verdict
+from .providers.openai.checker import classify, is_trial_limit
 
 __all__ = [
     "CheckerConfig",
@@ -62,28 +55,14 @@ __all__ = [
 
 _log = logging.getLogger("keysvc.checker")
 
-#: The liveness probe: refused with 400 (max_tokens below minimum) by a live key, so free.
-LIVENESS_REQUEST: Final[Mapping[str, Any]] = {
-    "model": "babbage-002",
-    "max_tokens": -1,
-    "messages": [{"role": "user", "content": ""}],
-}
-LIMIT_REQUESTS_HEADER: Final = "x-ratelimit-limit-requests"
-#: Request limit assumed when the header is missing or unreadable.
-DEFAULT_REQUEST_LIMIT: Final = 3500
-#: Keys whose request limit is at most this are trial keys.
-TRIAL_REQUEST_LIMIT: Final = 250
-#: /organizations errors that only mean the key cannot list organizations.
-IGNORED_ORGANIZATION_ERRORS: Final = frozenset({"invalid_api_key", "no_organization"})
-ORGANIZATION_HEADER: Final = "OpenAI-Organization"
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CheckerConfig:
     """How the checker talks to the upstream and how often.
 
     Attributes:
-        base_url: the upstream API base URL (OPENAI_BASE_URL).
+        base_url: the OpenAI API base URL (OPENAI_BASE_URL).
+        anthropic_base_url: the Anthropic API base URL (ANTHROPIC_BASE_URL).
         timeout: seconds one key's check may take, all three calls together.
         check_interval: seconds between the end of a batch and the start of the next.
         recheck_interval: seconds between full rechecks of every live key; 0 turns them off.
@@ -96,6 +75,7 @@ class CheckerConfig:
     """
 
     base_url: str = DEFAULT_OPENAI_BASE_URL
+    anthropic_base_url: str = DEFAULT_ANTHROPIC_BASE_URL
     timeout: float = 10.0
     check_interval: float = 3.0
     recheck_interval: float = 8 * 3600.0
@@ -104,57 +84,6 @@ class CheckerConfig:
     retry_base: float = 5.0
     retry_max: float = 1800.0
     retry_floor: float = 1.0
-
-
-class Verdict(enum.Enum):
-    """What one upstream answer says about a key."""
-
-    ALIVE = "alive"
-    #: Rate limited: alive, but the answer carried nothing else.
-    BUSY = "busy"
-    DEAD = "dead"
-    #: No usable answer; try again later.
-    RETRY = "retry"
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    verdict: Verdict
-    reason: DisableReason | None = None
-    #: Why, for the log (never holds a secret).
-    problem: str = ""
-
-
-def classify(status: int, body: object, *, trial: bool) -> Outcome:
-    """The error table: what a non-2xx answer says about the key.
-
-    A 400 other than ``billing_hard_limit_reached`` means the request reached
-    validation, so the key is alive (the liveness probe relies on it).
-    """
-    error = upstream_error(body)
-    if error is None:
-        return Outcome(Verdict.RETRY, problem=f"HTTP {status} without an OpenAI error body")
-    label = f"HTTP {status} {error.code or error.type}"
-    reason = dead_key_reason(status, error)  # the rows shared with ReportOutcome
-    if reason is not None:
-        return Outcome(Verdict.DEAD, reason, label)
-    if status == 429:
-        if error.type == "requests" and trial:
-            return Outcome(Verdict.DEAD, DisableReason.QUOTA, f"{label} on a trial key")
-        return Outcome(Verdict.BUSY, problem=label)
-    if status == 400:
-        return Outcome(Verdict.ALIVE, problem=label)
-    return Outcome(Verdict.RETRY, problem=label)
-
-
-def is_trial_limit(headers: Mapping[str, str]) -> bool:
-    """Whether ``x-ratelimit-limit-requests`` marks a trial key (<= 250; default 3500)."""
-    raw = headers.get(LIMIT_REQUESTS_HEADER)
-    try:
-        limit = int(raw) if raw is not None else DEFAULT_REQUEST_LIMIT
-    except ValueError:
-        limit = DEFAULT_REQUEST_LIMIT
-    return limit <= TRIAL_REQUEST_LIMIT
 
 
 def retry_delay(attempt: int, config: CheckerConfig, rng: random.Random) -> float:
@@ -173,14 +102,6 @@ def host_offset(interval: float, host: str | None = None) -> float:
 def next_slot(now: float, interval: float, offset: float) -> float:
     """The first time after ``now`` that is ``offset`` past a multiple of ``interval``."""
     return now - (now - offset) % interval + interval
-
-
-@dataclass(frozen=True, slots=True)
-class _Answer:
-    """One call's outcome and, when it succeeded, what it returned."""
-
-    outcome: Outcome
-    data: Any = None
 
 
 class KeyChecker:
@@ -204,8 +125,13 @@ class KeyChecker:
         self._clock = clock
         self._config = config = config or CheckerConfig()
         self._rng = rng or random.Random()
+        self._probers: dict[str, Prober] = {
+            OPENAI: provider(OPENAI).prober(config.base_url),
+            ANTHROPIC: provider(ANTHROPIC).prober(config.anthropic_base_url),
+        }
+        # One client (one connection pool, one transport) for every provider;
+        # each prober names its own base URL.
         self._client = httpx.AsyncClient(
-            base_url=config.base_url.rstrip("/") + "/",
             transport=transport,
             timeout=config.timeout,
             follow_redirects=False,
@@ -400,159 +326,58 @@ class KeyChecker:
         """
         try:
             async with asyncio.timeout(self._config.timeout):
-                models, liveness, organizations = await asyncio.gather(
-                    self._models(key), self._liveness(key), self._organizations(key)
-                )
+                report = await self._probers[key.service].check(self._client, key)
         except TimeoutError:
             self._retry_later(key, f"no answer within {self._config.timeout:g} s")
             return Verdict.RETRY
+        return await self._apply(key, report)
 
-        answers = (liveness, models)
-        dead = next((a.outcome for a in answers if a.outcome.verdict is Verdict.DEAD), None)
-        if dead is not None:
-            assert dead.reason is not None
+    async def _apply(self, key: Key, report: CheckReport) -> Verdict:
+        outcome = report.outcome
+        if outcome.verdict is Verdict.DEAD:
+            assert outcome.reason is not None
             self._retries.pop(key.hash, None)
-            await self._pool.apply_dead_check(key.hash, dead.reason)
+            await self._pool.apply_dead_check(key.hash, outcome.reason)
             _log.warning(
                 "key check: dead",
-                extra={"key_hash": key.hash, "reason": dead.reason.value, "problem": dead.problem},
+                extra={
+                    "key_hash": key.hash,
+                    "provider": key.service,
+                    "reason": outcome.reason.value,
+                    "problem": outcome.problem,
+                },
             )
             return Verdict.DEAD
-        if liveness.outcome.verdict is Verdict.RETRY:
-            self._retry_later(key, f"liveness: {liveness.outcome.problem}")
+        if outcome.verdict is Verdict.RETRY:
+            self._retry_later(key, outcome.problem)
             return Verdict.RETRY
-
-        trial: bool = liveness.data
-        model_ids: list[str] | None = models.data
-        orgs: list[tuple[str, bool]] | None = organizations.data
-        default_org: str | None = None
-        other_orgs: list[str] = []
-        if orgs:
-            defaults = [org for org, is_default in orgs if is_default]
-            if defaults:
-                default_org = defaults[0]
-                other_orgs = [org for org, is_default in orgs if not is_default]
         was_disabled = key.is_disabled
         await self._pool.apply_check(
-            key.hash, model_ids=model_ids, is_trial=trial, organization_id=default_org
+            key.hash,
+            model_ids=report.model_ids,
+            is_trial=report.is_trial,
+            organization_id=report.organization_id,
         )
-        _log.info(
-            "key check: alive",
-            extra={
-                "key_hash": key.hash,
-                "families": ",".join(sorted(key.model_families)),
-                "trial": trial,
-                "busy": liveness.outcome.verdict is Verdict.BUSY,
-                "revived": was_disabled and not key.is_disabled,
-            },
-        )
-        for org in other_orgs:
+        extra: dict[str, object] = {
+            "key_hash": key.hash,
+            "provider": key.service,
+            "families": ",".join(sorted(key.model_families)),
+            "trial": report.is_trial,
+            "busy": outcome.verdict is Verdict.BUSY,
+            "revived": was_disabled and not key.is_disabled,
+        }
+        if report.tier:
+            extra["tier"] = report.tier
+        _log.info("key check: alive", extra=extra)
+        for org in report.other_organizations:
             clone = await self._pool.clone_for_org(key.hash, org)
             if clone is not None:
                 self._enqueue([clone])
-
-        missing = [
-            f"{name}: {answer.outcome.problem}"
-            for name, answer in (("models", models), ("organizations", organizations))
-            if answer.data is None and answer.outcome.verdict is not Verdict.ALIVE
-        ]
-        if missing:
-            self._retry_later(key, "; ".join(missing))
+        if report.missing:
+            self._retry_later(key, "; ".join(report.missing))
         else:
             self._retries.pop(key.hash, None)
         return Verdict.ALIVE
-
-    def _headers(self, key: Key) -> dict[str, str]:
-        headers = {"Authorization": f"Bearer {key.secret}"}
-        if key.cloned_from and key.organization_id and "svcacct" not in key.secret:
-            headers[ORGANIZATION_HEADER] = key.organization_id
-        return headers
-
-    async def _call(
-        self, method: str, path: str, key: Key, json: Mapping[str, Any] | None = None
-    ) -> tuple[httpx.Response, object] | Outcome:
-        """One request; the response and its JSON body (None if not JSON), or a RETRY."""
-        try:
-            response = await self._client.request(
-                method, path, headers=self._headers(key), json=json
-            )
-        except httpx.HTTPError as exc:
-            # The exception's text names the URL only, never the Authorization header.
-            return Outcome(Verdict.RETRY, problem=f"{path}: {type(exc).__name__}")
-        try:
-            body: object = response.json()
-        except ValueError:
-            body = None
-        return response, body
-
-    async def _liveness(self, key: Key) -> _Answer:
-        """data: whether the key is trial-level."""
-        result = await self._call("POST", "chat/completions", key, LIVENESS_REQUEST)
-        if isinstance(result, Outcome):
-            return _Answer(result)
-        response, body = result
-        trial = is_trial_limit(response.headers)
-        if response.is_success:
-            if not isinstance(body, dict):
-                return _Answer(Outcome(Verdict.RETRY, problem=f"HTTP {response.status_code} body"))
-            return _Answer(Outcome(Verdict.ALIVE), trial)
-        return _Answer(classify(response.status_code, body, trial=trial), trial)
-
-    async def _models(self, key: Key) -> _Answer:
-        """data: the listed model ids."""
-        result = await self._call("GET", "models", key)
-        if isinstance(result, Outcome):
-            return _Answer(result)
-        response, body = result
-        if response.status_code == 200:
-            items = _list_data(body)
-            ids = [item["id"] for item in items or () if isinstance(item.get("id"), str)]
-            if items is None or not ids:
-                return _Answer(Outcome(Verdict.RETRY, problem="models: not a model list"))
-            return _Answer(Outcome(Verdict.ALIVE), ids)
-        outcome = classify(response.status_code, body, trial=is_trial_limit(response.headers))
-        if outcome.verdict is Verdict.ALIVE:  # a 400 here says nothing about access
-            outcome = Outcome(Verdict.RETRY, problem=outcome.problem)
-        return _Answer(outcome)
-
-    async def _organizations(self, key: Key) -> _Answer:
-        """data: (organization id, is default) pairs, or None when not learned."""
-        if key.cloned_from:
-            # A clone already is one organization of its parent, which lists them all.
-            return _Answer(Outcome(Verdict.ALIVE))
-        result = await self._call("GET", "organizations", key)
-        if isinstance(result, Outcome):
-            return _Answer(result)
-        response, body = result
-        if response.status_code == 200:
-            items = _list_data(body)
-            if items is None:
-                return _Answer(Outcome(Verdict.RETRY, problem="organizations: not a list"))
-            orgs = [
-                (item["id"], item.get("is_default") is True)
-                for item in items
-                if isinstance(item.get("id"), str) and item["id"]
-            ]
-            return _Answer(Outcome(Verdict.ALIVE), orgs)
-        error = upstream_error(body)
-        if error is not None and error.names(*IGNORED_ORGANIZATION_ERRORS):
-            return _Answer(Outcome(Verdict.ALIVE))  # the key lacks the scope to list them
-        outcome = classify(response.status_code, body, trial=is_trial_limit(response.headers))
-        if outcome.verdict in (Verdict.DEAD, Verdict.ALIVE):
-            # Liveness decides whether a key is dead; this only means no organizations.
-            _log.warning(
-                "cannot list the key's organizations",
-                extra={"key_hash": key.hash, "problem": outcome.problem},
-            )
-            return _Answer(Outcome(Verdict.ALIVE, problem=outcome.problem))
-        return _Answer(outcome)
-
-
-def _list_data(body: object) -> list[dict[str, Any]] | None:
-    """The ``data`` objects of an OpenAI list body, or None when it is not one."""
-    if not isinstance(body, dict) or not isinstance(body.get("data"), list):
-        return None
-    return [item for item in body["data"] if isinstance(item, dict)]
 
 
 def check_outcome(verdict: Verdict, key: Key) -> str:

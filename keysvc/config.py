@@ -17,7 +17,7 @@ from typing import TypeVar
 
 from .auth import parse_token_text
 from .durations import parse_go_duration
-from .keys import parse_key_list
+from .keys import parse_key_list, service_of
 from .listing import DEFAULT_MAX_PAGE_SIZE
 from .logs import LOG_FORMATS, LOG_LEVELS
 from .overload import (
@@ -28,6 +28,7 @@ from .overload import (
     DEFAULT_MAX_STREAMS,
     ConnectionLimits,
 )
+from .providers import ANTHROPIC, OPENAI
 
 __all__ = [
     "ConfigError",
@@ -40,6 +41,7 @@ __all__ = [
 ]
 
 DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"
+DEFAULT_ANTHROPIC_BASE_URL = "https://api.anthropic.com/v1"
 
 T = TypeVar("T")
 
@@ -54,10 +56,13 @@ class Settings:
 
     #: The upstream API keys (OPENAI_KEY). Never printed: repr hides them.
     openai_keys: tuple[str, ...] = field(default=(), repr=False)
+    #: Anthropic keys (ANTHROPIC_KEY), each ``sk-ant-...``. Never printed.
+    anthropic_keys: tuple[str, ...] = field(default=(), repr=False)
     check_keys: bool = True
     #: None allows every family.
     allowed_families: frozenset[str] | None = None
     openai_base_url: str = DEFAULT_OPENAI_BASE_URL
+    anthropic_base_url: str = DEFAULT_ANTHROPIC_BASE_URL
     host: str = "127.0.0.1"
     port: int = 50051
     log_level: str = "info"
@@ -235,6 +240,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--openai-base-url",
         help=f"upstream API base URL (env OPENAI_BASE_URL, default {DEFAULT_OPENAI_BASE_URL})",
+    )
+    parser.add_argument(
+        "--anthropic-base-url",
+        help="Anthropic API base URL (env ANTHROPIC_BASE_URL, default"
+        f" {DEFAULT_ANTHROPIC_BASE_URL})",
     )
     parser.add_argument("--host", help="address to listen on (env KEYSVC_HOST, default 127.0.0.1)")
     parser.add_argument(
@@ -444,6 +454,24 @@ def check_settings(settings: Settings) -> None:
             )
 
 
+def _provider_keys(env: Mapping[str, str], name: str, provider: str) -> tuple[str, ...]:
+    """The keys of a comma-separated key variable, each of which must be ``provider``'s
+    (a key's provider is told by its prefix: ``sk-ant-`` is Anthropic's).
+
+    Raises:
+        ConfigError: a key is another provider's (named by position, never by value).
+    """
+    keys = parse_key_list(env.get(name, ""))
+    for position, secret in enumerate(keys, start=1):
+        if service_of(secret) != provider:
+            hint = "keys start with sk-ant-" if provider == ANTHROPIC else "it starts with sk-ant-"
+            raise ConfigError(
+                f"{name}: key {position} is not an {provider} key ({hint}); put OpenAI"
+                " keys in OPENAI_KEY and Anthropic keys in ANTHROPIC_KEY"
+            )
+    return tuple(keys)
+
+
 def settings_from(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> Settings:
     """The settings: environment variables first, then any flag given on the command line.
 
@@ -452,10 +480,14 @@ def settings_from(args: argparse.Namespace, env: Mapping[str, str] | None = None
     """
     env = os.environ if env is None else env
     base = Settings(
-        openai_keys=tuple(parse_key_list(env.get("OPENAI_KEY", ""))),
+        openai_keys=_provider_keys(env, "OPENAI_KEY", OPENAI),
         check_keys=_from_env(env, "CHECK_KEYS", _parse_bool, True),
         allowed_families=_from_env(env, "ALLOWED_MODEL_FAMILIES", _parse_families, None),
+        anthropic_keys=_provider_keys(env, "ANTHROPIC_KEY", ANTHROPIC),
         openai_base_url=_from_env(env, "OPENAI_BASE_URL", str.strip, DEFAULT_OPENAI_BASE_URL),
+        anthropic_base_url=_from_env(
+            env, "ANTHROPIC_BASE_URL", str.strip, DEFAULT_ANTHROPIC_BASE_URL
+        ),
         host=_from_env(env, "KEYSVC_HOST", str.strip, "127.0.0.1"),
         port=_from_env(env, "KEYSVC_PORT", _parse_port, 50051),
         log_level=_from_env(env, "KEYSVC_LOG_LEVEL", _choice(LOG_LEVELS), "info"),

@@ -48,6 +48,10 @@ class PoolObserver(Protocol):
         """ReportOutcome applied an upstream answer and told the proxy ``action``."""
         ...
 
+    def provider_overloaded(self, provider: str) -> None:
+        """An answer said ``provider`` itself is overloaded (not the key)."""
+        ...
+
 
 class NullObserver:
     """Observes nothing."""
@@ -65,4 +69,7 @@ class NullObserver:
         pass
 
     def outcome_reported(self, action: str) -> None:
+        pass
+
+    def provider_overloaded(self, provider: str) -> None:
         pass

@@ -10,12 +10,15 @@ docs/envoy.md), so every attempt of a request, retries included, is one
    known one the answer is 401 and no key is handed out.
 2. request body (buffered by Envoy): ``model`` is read from the JSON, a key is
    picked as Get picks it (waiting up to ``max_wait`` for one to unlock), and
-   ``authorization: Bearer <secret>`` overwrites whatever the request carried
-   (a retried attempt carries the previous attempt's key). A request keysvc
+   the key's credential overwrites whatever the request carried (a retried
+   attempt carries the previous attempt's key): ``authorization: Bearer
+   <secret>`` for OpenAI; ``x-api-key`` and ``anthropic-version`` for
+   Anthropic, whose requests also lose the caller's ``authorization``. A request keysvc
    cannot serve gets an immediate, OpenAI-shaped error instead: 400 (no
    model), 401, 403 (family disallowed), 429 with ``retry-after`` (every key
    locked beyond the wait), 503 (no key for the family).
-3. response headers: the status and ``x-ratelimit-*`` headers. A JSON answer's
+3. response headers: the status and the rate-limit headers of any provider
+   (``x-ratelimit-*``, ``anthropic-ratelimit-*``, ``retry-after``). A JSON answer's
    body is asked for (``mode_override``) so its usage or error code counts; any
    other answer, an SSE stream above all, streams through unbuffered and is
    applied at once without usage tokens.
@@ -57,6 +60,7 @@ from .errors import (
 from .metrics import Metrics
 from .outcomes import OutcomeAction, UpstreamError, upstream_error
 from .pool import MAX_WAIT, KeyPool, Limits, PoolBackend, as_backend
+from .providers import provider, provider_names
 
 __all__ = ["EXT_PROC_SERVICE_NAME", "MAX_WAIT_HEADER", "ExtProcService", "add_ext_proc_service"]
 
@@ -69,7 +73,10 @@ MAX_WAIT_HEADER: Final = "x-keysvc-max-wait"
 #: ``retry_with_another_key``, ``return_error``) to Envoy's retry policy.
 ACTION_HEADER: Final = "x-keysvc-action"
 
-_RATE_LIMIT_PREFIX: Final = "x-ratelimit-"
+#: The response headers any provider's rate-limit parsing reads.
+_RATE_LIMIT_PREFIXES: Final = tuple(
+    dict.fromkeys(p for name in provider_names() for p in provider(name).rate_header_prefixes)
+)
 _BEARER: Final = "bearer "
 
 _log = logging.getLogger("keysvc.ext_proc")
@@ -183,11 +190,15 @@ def _busy(model: str, lockout: float) -> _Refusal:
 
 
 def _usage(document: object) -> tuple[int, int]:
-    """(prompt, completion) tokens of an OpenAI answer's ``usage``; zeros when absent."""
+    """(prompt, completion) tokens of an answer's ``usage`` (OpenAI's prompt/completion
+    tokens, Anthropic's input/output tokens); zeros when absent."""
     usage = document.get("usage") if isinstance(document, dict) else None
     if not isinstance(usage, dict):
         return 0, 0
-    counts = [usage.get(name) for name in ("prompt_tokens", "completion_tokens")]
+    names = ("prompt_tokens", "completion_tokens")
+    if "input_tokens" in usage or "output_tokens" in usage:
+        names = ("input_tokens", "output_tokens")
+    counts = [usage.get(name) for name in names]
     prompt, completion = (c if isinstance(c, int) and c >= 0 else 0 for c in counts)
     return prompt, completion
 
@@ -347,10 +358,16 @@ class ExtProcService:
         except KeysvcError as error:
             raise _refusal_for(error) from None
         attempt.key_hash = key.hash
+        credentials = provider(key.service).credential_headers(key.secret)
+        names = {name for name, _ in credentials}
         mutation = ep.HeaderMutation(
             # Overwrite, never append: a retried attempt carries the previous key.
-            set_headers=[_set_header("authorization", f"Bearer {key.secret}")],
-            remove_headers=[MAX_WAIT_HEADER],
+            set_headers=[_set_header(name, value) for name, value in credentials],
+            # A provider whose key goes elsewhere must not get the keysvc token.
+            remove_headers=[
+                MAX_WAIT_HEADER,
+                *(() if "authorization" in names else ("authorization",)),
+            ],
         )
         return ep.ProcessingResponse(
             request_body=ep.BodyResponse(response=ep.CommonResponse(header_mutation=mutation))
@@ -368,7 +385,7 @@ class ExtProcService:
             return response
         attempt.status = status
         attempt.headers = {
-            name: value for name, value in headers.items() if name.startswith(_RATE_LIMIT_PREFIX)
+            name: value for name, value in headers.items() if name.startswith(_RATE_LIMIT_PREFIXES)
         }
         if _is_json(headers):
             # The body holds the usage (2xx) or the error code (a 429's quota vs

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from .providers import OPENAI, identity_of_secret
 from .rates import RateBook, RateState, RateSummary
 
 __all__ = [
@@ -20,9 +21,10 @@ __all__ = [
     "hash_key",
     "lists_model",
     "parse_key_list",
+    "service_of",
 ]
 
-SERVICE_OPENAI = "openai"
+SERVICE_OPENAI = OPENAI
 
 
 class DisableReason(enum.Enum):
@@ -83,11 +85,18 @@ def lists_model(model_ids: frozenset[str], model: str) -> bool:
 
 
 def hash_key(secret: str, organization_id: str = "") -> str:
-    """The public identifier of a key: ``"oai-"`` + 8 hex digits of sha256.
+    """The public identifier of a key: its provider's prefix (``"oai-"``, ``"ant-"``
+    for ``sk-ant-`` secrets) + 8 hex digits of sha256.
 
     An organization clone hashes ``secret + organization_id``, as the seed does.
     """
-    return "oai-" + hashlib.sha256((secret + organization_id).encode()).hexdigest()[:8]
+    prefix = identity_of_secret(secret).hash_prefix
+    return prefix + "-" + hashlib.sha256((secret + organization_id).encode()).hexdigest()[:8]
+
+
+def service_of(secret: str) -> str:
+    """The provider a secret is a key of (``Key.service``), by its prefix."""
+    return identity_of_secret(secret).name
 
 
 def parse_key_list(text: str) -> list[str]:
@@ -107,13 +116,17 @@ class Key:
     profile: KeyProfile
     #: Load order; breaks ties so selection is deterministic.
     seq: int
-    service: str = SERVICE_OPENAI
+    #: The key's provider (``keysvc.providers``); "" (the default) infers it from the secret.
+    service: str = ""
     organization_id: str = ""
     is_disabled: bool = False
     is_revoked: bool = False
     is_over_quota: bool = False
     disable_reason: DisableReason | None = None
     disabled_at: float = 0.0
+    #: Over quota until this time, then back on its own (a spend limit's named
+    #: time); 0: until a recheck.
+    over_quota_until: float = 0.0
     #: When the key was last handed out, for any family (kept in the state file).
     last_used: float = 0.0
     last_checked: float = 0.0
@@ -143,6 +156,10 @@ class Key:
             self.book.set_usage(self.seq, usage)
         else:
             self._usage = dict(usage)
+
+    def __post_init__(self) -> None:
+        if not self.service:
+            self.service = service_of(self.secret)
 
     def __lt__(self, other: Key) -> bool:
         """Keys order by load order (``seq``), the last tie-break of selection."""

@@ -134,6 +134,13 @@ class Metrics:
             ["method"],
             registry=self.registry,
         )
+        self._provider_overloaded = Counter(
+            "keysvc_provider_overloaded",
+            "Answers reported through ReportOutcome that said the provider itself is"
+            " overloaded (Anthropic's 529): the key was left alone, the provider backed off.",
+            ["provider"],
+            registry=self.registry,
+        )
         self._in_flight = Gauge(
             "keysvc_in_flight",
             "KeyService calls in flight (waiting Gets and unread replies included).",
@@ -184,6 +191,9 @@ class Metrics:
     def outcome_reported(self, action: str) -> None:
         self._outcome_children[action].inc()
 
+    def provider_overloaded(self, provider: str) -> None:
+        self._provider_overloaded.labels(provider).inc()
+
     # -- state file --------------------------------------------------------------
 
     def state_write_done(self, ok: bool) -> None:
@@ -218,7 +228,8 @@ class PoolCollector(Collector):
         return latest if latest is not None else take_snapshot(self._pool)
 
     def collect(self) -> Iterator[Metric]:
-        summaries = self._snapshot().summaries
+        snapshot = self._snapshot()
+        summaries = snapshot.summaries
         keys = GaugeMetricFamily(
             "keysvc_keys",
             "Keys by model family and state. active + locked + disabled = all keys of the "
@@ -236,11 +247,22 @@ class PoolCollector(Collector):
             lockout.add_metric([summary.family], summary.lockout or 0.0)
         yield keys
         yield lockout
+        providers = GaugeMetricFamily(
+            "keysvc_provider_keys",
+            "Keys by provider (openai, anthropic) and state, each key once. active + locked"
+            " + disabled = all the provider's keys; trial, revoked and over_quota overlap.",
+            labels=["provider", "state"],
+        )
+        for provider, counts in snapshot.providers.items():
+            for state in COUNTED_STATES:
+                providers.add_metric([provider, state], counts[state])
+        yield providers
 
     def describe(self) -> Iterator[Metric]:
         # Declared without samples so registering does not walk the pool.
         yield GaugeMetricFamily("keysvc_keys", "", labels=["family", "state"])
         yield GaugeMetricFamily("keysvc_lockout_seconds", "", labels=["family"])
+        yield GaugeMetricFamily("keysvc_provider_keys", "", labels=["provider", "state"])
 
 
 # -- RPC interceptor ---------------------------------------------------------------

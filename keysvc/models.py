@@ -3,6 +3,8 @@
 An operator can put extra rules in front of the built-in ones (a JSON file, see
 ``ModelTable.from_file``) to give a new model line its own family without a
 release.
+
+The built-in rows are the providers' (``keysvc.providers.<name>.models``).
 """
 
 from __future__ import annotations
@@ -12,6 +14,21 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from .providers import ANTHROPIC, OPENAI, provider_names
+from .providers.anthropic.models import CLAUDE
+from .providers.anthropic.models import RULES as ANTHROPIC_RULES
+from .providers.base import ModelRule, ModelTableError
+from .providers.openai.models import DEFAULT_FAMILY, GPT4_32K, LISTED_DEFAULT_FAMILY
+from .providers.openai.models import RULES as OPENAI_RULES
+
+#: Every provider's rows. They do not overlap (``claude-*`` is Anthropic's only),
+#: so the order between providers does not matter.
+DEFAULT_RULES: tuple[ModelRule, ...] = (*OPENAI_RULES, *ANTHROPIC_RULES)
+#: Per provider: the family of a listed model id no rule matches.
+LISTED_DEFAULTS: dict[str, str] = {OPENAI: LISTED_DEFAULT_FAMILY, ANTHROPIC: CLAUDE}
+#: Families an unchecked key does not get: only the checker can grant them.
+CHECKED_ONLY: frozenset[str] = frozenset({GPT4_32K})
 
 __all__ = [
     "DEFAULT_FAMILY",
@@ -24,70 +41,6 @@ __all__ = [
     "ModelTableError",
 ]
 
-#: Family of a model no rule matches (the seed's default for requests).
-DEFAULT_FAMILY = "gpt4"
-#: Family of a model id the upstream lists for a key that no rule matches.
-LISTED_DEFAULT_FAMILY = "turbo"
-#: The family unchecked keys do not get: only the checker can grant it.
-GPT4_32K = "gpt4-32k"
-
-
-class ModelTableError(ValueError):
-    """The operator's model table is malformed."""
-
-
-@dataclass(frozen=True, slots=True)
-class ModelRule:
-    """One row: models whose name matches ``pattern`` belong to ``family``.
-
-    Attributes:
-        pattern: a regular expression, matched at the start of the model name.
-        family: the model family.
-        embeddings: the model is an embeddings model (trial keys never serve it).
-    """
-
-    pattern: str
-    family: str
-    embeddings: bool = False
-
-    def __post_init__(self) -> None:
-        if not self.family:
-            raise ModelTableError(f"rule {self.pattern!r} has an empty family")
-        try:
-            re.compile(self.pattern)
-        except re.error as exc:
-            raise ModelTableError(
-                f"rule {self.pattern!r} is not a regular expression: {exc}"
-            ) from exc
-
-
-DEFAULT_RULES: tuple[ModelRule, ...] = (
-    ModelRule(r"^gpt-4o-mini", "turbo"),
-    ModelRule(r"^gpt-4o", "gpt4o"),
-    ModelRule(r"^chatgpt-4o", "gpt4o"),
-    ModelRule(r"^gpt-4-turbo", "gpt4-turbo"),
-    ModelRule(r"^gpt-4-(0125|1106)(-preview)?$", "gpt4-turbo"),
-    ModelRule(r"^gpt-4(-\d{4})?-vision", "gpt4-turbo"),
-    ModelRule(r"^gpt-4-32k", GPT4_32K),
-    ModelRule(r"^gpt-4(-\d{4})?$", "gpt4"),
-    ModelRule(r"^gpt-4\.1-mini", "gpt41-mini"),
-    ModelRule(r"^gpt-4\.1-nano", "gpt41-nano"),
-    ModelRule(r"^gpt-4\.1", "gpt41"),
-    ModelRule(r"^gpt-4\.5", "gpt45"),
-    ModelRule(r"^gpt-5-mini", "gpt5-mini"),
-    ModelRule(r"^gpt-5-nano", "gpt5-nano"),
-    ModelRule(r"^gpt-5", "gpt5"),
-    ModelRule(r"^gpt-3\.5-turbo", "turbo"),
-    ModelRule(r"^text-embedding-ada-002$", "turbo", embeddings=True),
-    ModelRule(r"^text-embedding-3-", "turbo", embeddings=True),
-    ModelRule(r"^dall-e-\d", "dall-e"),
-    ModelRule(r"^o1-mini", "o1-mini"),
-    ModelRule(r"^o1", "o1"),
-    ModelRule(r"^o3-mini", "o3-mini"),
-    ModelRule(r"^o3", "o3"),
-    ModelRule(r"^o4-mini", "o4-mini"),
-)
-
 
 @dataclass(frozen=True, slots=True)
 class ModelInfo:
@@ -95,10 +48,17 @@ class ModelInfo:
 
     family: str
     embeddings: bool
+    #: The provider whose keys serve the model (``Key.service``).
+    provider: str = OPENAI
 
 
 class ModelTable:
-    """Maps model names to families; first match wins, unknown names → ``default_family``."""
+    """Maps model names to families; first match wins, unknown names → ``default_family``.
+
+    Each family belongs to one provider (its rules'; the default family is
+    OpenAI's, as in the seed), and a key only ever has families of its own
+    provider, so Get for a GPT model never returns an Anthropic key and the reverse.
+    """
 
     def __init__(
         self, rules: Sequence[ModelRule] = DEFAULT_RULES, *, default_family: str = DEFAULT_FAMILY
@@ -113,8 +73,17 @@ class ModelTable:
             seen.setdefault(rule.family, None)
         seen.setdefault(default_family, None)
         self.families: tuple[str, ...] = tuple(seen)
+        #: Family → provider: the first rule naming the family decides.
+        self.providers: dict[str, str] = {}
+        for rule in self._rules:
+            self.providers.setdefault(rule.family, rule.provider)
+        self.providers.setdefault(default_family, OPENAI)
         # Asked once per loaded key: computed once (100k keys load in a fraction of the time).
-        self._default_key_families = frozenset(f for f in self.families if f != GPT4_32K)
+        self._default_key_families: dict[str, frozenset[str]] = {}
+        for family, provider in self.providers.items():
+            if family not in CHECKED_ONLY:
+                self._default_key_families.setdefault(provider, frozenset())
+                self._default_key_families[provider] |= {family}
 
     @property
     def rules(self) -> tuple[ModelRule, ...]:
@@ -124,7 +93,9 @@ class ModelTable:
         """Returns the family of ``model`` and whether it is an embeddings model."""
         info = self._cache.get(model)
         if info is None:
-            info = self._match(model) or ModelInfo(self.default_family, embeddings=False)
+            info = self._match(model) or ModelInfo(
+                self.default_family, False, self.providers[self.default_family]
+            )
             if len(self._cache) < 10_000:  # bounded: model names come from callers
                 self._cache[model] = info
         return info
@@ -132,27 +103,37 @@ class ModelTable:
     def _match(self, model: str) -> ModelInfo | None:
         for regex, rule in self._compiled:
             if regex.match(model):
-                return ModelInfo(rule.family, rule.embeddings)
+                return ModelInfo(rule.family, rule.embeddings, self.providers[rule.family])
         return None
 
-    def listed_families(self, model_ids: Iterable[str]) -> frozenset[str]:
-        """The families of the model ids the upstream lists for a key.
+    def listed_families(self, model_ids: Iterable[str], provider: str = OPENAI) -> frozenset[str]:
+        """The families of the model ids ``provider``'s API lists for a key.
 
-        An id no rule matches counts as ``LISTED_DEFAULT_FAMILY`` (turbo), as the
-        seed's checker does, not as the request default.
+        An id no rule matches counts as the provider's listed default (OpenAI:
+        ``LISTED_DEFAULT_FAMILY``, turbo, as the seed's checker does, not the
+        request default); an id of another provider's family is left out.
         """
+        default = LISTED_DEFAULTS.get(provider, LISTED_DEFAULT_FAMILY)
         families = set()
         for model_id in model_ids:
             info = self._match(model_id)
-            families.add(info.family if info is not None else LISTED_DEFAULT_FAMILY)
+            if info is None:
+                families.add(default)
+            elif info.provider == provider:
+                families.add(info.family)
         return frozenset(families)
 
     def family(self, model: str) -> str:
         return self.lookup(model).family
 
-    def default_key_families(self) -> frozenset[str]:
-        """Families an unchecked key is assumed to have: all but gpt4-32k."""
-        return self._default_key_families
+    def default_key_families(self, provider: str = OPENAI) -> frozenset[str]:
+        """Families an unchecked key of ``provider`` is assumed to have: all of the
+        provider's but gpt4-32k."""
+        return self._default_key_families.get(provider, frozenset())
+
+    def provider_of(self, family: str) -> str:
+        """The provider whose keys serve ``family`` (OpenAI for a family no rule names)."""
+        return self.providers.get(family, OPENAI)
 
     @classmethod
     def with_extra_rules(cls, extra: Iterable[ModelRule]) -> ModelTable:
@@ -164,7 +145,9 @@ class ModelTable:
         """The built-in table with the rules of a JSON file tried first.
 
         The file holds a list of objects ``{"pattern": "^gpt-4\\\\.2", "family":
-        "gpt42", "embeddings": false}``; ``embeddings`` is optional.
+        "gpt42", "embeddings": false, "provider": "openai"}``; ``embeddings`` is
+        optional, and so is ``provider``: a family of the built-in table keeps its
+        provider, any other is OpenAI's.
 
         Raises:
             ModelTableError: the file cannot be read or is malformed.
@@ -175,6 +158,7 @@ class ModelTable:
             raise ModelTableError(f"cannot read model table {path}: {exc}") from exc
         if not isinstance(rows, list):
             raise ModelTableError(f"model table {path} must hold a JSON list of rules")
+        built_in = {rule.family: rule.provider for rule in reversed(DEFAULT_RULES)}
         rules = []
         for index, row in enumerate(rows):
             if not (
@@ -182,11 +166,16 @@ class ModelTable:
                 and isinstance(row.get("pattern"), str)
                 and isinstance(row.get("family"), str)
                 and isinstance(row.get("embeddings", False), bool)
-                and set(row) <= {"pattern", "family", "embeddings"}
+                and row.get("provider", OPENAI) in provider_names()
+                and set(row) <= {"pattern", "family", "embeddings", "provider"}
             ):
                 raise ModelTableError(
                     f"model table {path}, rule {index}: expected "
-                    '{"pattern": str, "family": str, "embeddings": bool (optional)}'
+                    '{"pattern": str, "family": str, "embeddings": bool (optional), '
+                    f'"provider": one of {", ".join(provider_names())} (optional)}}'
                 )
-            rules.append(ModelRule(row["pattern"], row["family"], row.get("embeddings", False)))
+            provider = row.get("provider") or built_in.get(row["family"], OPENAI)
+            rules.append(
+                ModelRule(row["pattern"], row["family"], row.get("embeddings", False), provider)
+            )
         return cls.with_extra_rules(rules)

@@ -1,6 +1,7 @@
 """Keys from a file, reloaded on SIGHUP or when the file changes.
 
-The keys file holds one key per line; blank lines and lines starting with
+The keys file holds one key per line, OpenAI and Anthropic keys alike (a key's provider is told
+by its prefix, `sk-ant-` for Anthropic); blank lines and lines starting with
 ``#`` are ignored. Its keys join those of OPENAI_KEY. On reload, new keys join
 the pool unchecked, keys no longer configured leave it (with their
 organization clones), and keys kept keep all their state. A file that cannot

@@ -389,8 +389,8 @@ def build_pool(
     observer: PoolObserver | None = None,
     census: KeyCensus | None = None,
 ) -> KeyPool:
-    """The pool the settings describe, with the keys of OPENAI_KEY (then ``extra_keys``);
-    ``census``, when given, watches its store (for the HTTP port's snapshots)."""
+    """The pool the settings describe, with the keys of OPENAI_KEY and ANTHROPIC_KEY (then
+    ``extra_keys``); ``census``, when given, watches its store (for the HTTP port's snapshots)."""
     models = (
         ModelTable.from_file(settings.model_families_file)
         if settings.model_families_file
@@ -416,7 +416,7 @@ def build_pool(
     collecting = gc.isenabled()
     gc.disable()
     try:
-        for secret in dict.fromkeys([*settings.openai_keys, *extra_keys]):
+        for secret in dict.fromkeys([*settings.openai_keys, *settings.anthropic_keys, *extra_keys]):
             pool.add_key(secret)
     finally:
         if collecting:
@@ -478,7 +478,7 @@ async def serve(settings: Settings, *, clock: Clock | None = None) -> None:
     )
     if len(pool) == 0:
         _log.warning(
-            "no keys configured (OPENAI_KEY and KEYSVC_KEYS_FILE are empty);"
+            "no keys configured (OPENAI_KEY, ANTHROPIC_KEY and KEYSVC_KEYS_FILE are empty);"
             " serving an empty pool, every Get will fail"
         )
     else:
@@ -519,7 +519,11 @@ async def serve(settings: Settings, *, clock: Clock | None = None) -> None:
     background: list[asyncio.Task[None]] = []
     watcher: KeysFileWatcher | None = None
     if settings.keys_file is not None:
-        watcher = KeysFileWatcher(settings.keys_file, pool=backend, base_keys=settings.openai_keys)
+        watcher = KeysFileWatcher(
+            settings.keys_file,
+            pool=backend,
+            base_keys=(*settings.openai_keys, *settings.anthropic_keys),
+        )
         background.append(loop.create_task(watcher.run()))
         loop.add_signal_handler(signal.SIGHUP, watcher.request_reload)
 
@@ -576,6 +580,7 @@ def build_checker(settings: Settings, pool: PoolBackend, clock: Clock) -> KeyChe
         clock=clock,
         config=CheckerConfig(
             base_url=settings.openai_base_url,
+            anthropic_base_url=settings.anthropic_base_url,
             timeout=settings.check_timeout,
             check_interval=settings.check_interval,
             recheck_interval=settings.recheck_interval,

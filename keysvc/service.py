@@ -110,6 +110,8 @@ def fill_key(message: pb.Key, key: Key) -> None:
         message.is_revoked = True
     if key.is_over_quota:
         message.is_over_quota = True
+        if key.over_quota_until:
+            _set_time(message.over_quota_until, key.over_quota_until)
     if key.disable_reason is not None:
         message.disable_reason = _REASON_TO_PROTO[key.disable_reason]
     if key.disabled_at:
@@ -223,9 +225,12 @@ class KeyService(pb_grpc.KeyServiceServicer):
         if decision.disable is not None:
             # Durable before acknowledged, exactly as Disable.
             await self._pool.flush()
-        return pb.ReportOutcomeResponse(
+        response = pb.ReportOutcomeResponse(
             action=_ACTION_TO_PROTO[decision.action], key=key_to_proto(key), reason=decision.why
         )
+        if decision.retry_after is not None:
+            _set_duration(response.retry_after, decision.retry_after)
+        return response
 
     async def List(self, request: pb.ListRequest, context: _Context) -> pb.ListResponse:
         if request.page_size < 0:

@@ -70,7 +70,12 @@ _log = logging.getLogger("keysvc.state")
 #: The version of the JSON state files earlier keysvc versions wrote (read to migrate).
 STATE_VERSION: Final = 1
 #: ``PRAGMA user_version`` of the database this keysvc writes.
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
+#: What each schema version adds to the one before (run in order on an older file).
+_UPGRADES: Final = {
+    # 2: when an over-quota key comes back on its own (a spend limit's named time).
+    2: "ALTER TABLE keys ADD COLUMN over_quota_until REAL NOT NULL DEFAULT 0",
+}
 #: ``PRAGMA application_id`` marking a SQLite file as a keysvc state database ("ksvc").
 APPLICATION_ID: Final = 0x6B737663
 #: Ordinary changes reach the disk within this many seconds.
@@ -105,6 +110,7 @@ _FIELD_TYPES: Final[dict[str, tuple[type, ...]]] = {
     "last_checked": (int, float),
     "prompt_count": (int,),
     "token_usage": (dict,),
+    "over_quota_until": (int, float),
 }
 
 
@@ -132,6 +138,7 @@ def _record(key: Key) -> _Record:
         "last_checked": key.last_checked,
         "prompt_count": key.prompt_count,
         "token_usage": dict(key.token_usage),
+        "over_quota_until": key.over_quota_until,
     }
     parent = hash_key(key.secret)
     if parent != key.hash:
@@ -162,6 +169,7 @@ def _apply(record: _Record, key: Key) -> None:
     key.last_checked = float(record.get("last_checked", 0.0))
     key.prompt_count = record.get("prompt_count", 0)
     key.token_usage = dict(record.get("token_usage", {}))
+    key.over_quota_until = float(record.get("over_quota_until", 0.0))
 
 
 def _check_record(key_hash: str, record: Any) -> None:
@@ -236,6 +244,7 @@ _COLUMNS: Final = (
     "last_checked",
     "prompt_count",
     "token_usage",
+    "over_quota_until",
 )
 _BOOLEANS: Final = ("is_trial", "revive_if_alive", "is_disabled", "is_revoked", "is_over_quota")
 _JSON_COLUMNS: Final = ("families", "model_ids", "token_usage")
@@ -259,7 +268,8 @@ CREATE TABLE keys (
     last_used       REAL NOT NULL DEFAULT 0,
     last_checked    REAL NOT NULL DEFAULT 0,
     prompt_count    INTEGER NOT NULL DEFAULT 0,
-    token_usage     TEXT NOT NULL DEFAULT '{}'
+    token_usage     TEXT NOT NULL DEFAULT '{}',
+    over_quota_until REAL NOT NULL DEFAULT 0
 ) WITHOUT ROWID
 """
 # Rows go in as multi-row INSERTs of up to ``_ROWS_PER_STATEMENT`` rows, padded to
@@ -271,7 +281,7 @@ CREATE TABLE keys (
 # milliseconds. (Rows as one JSON array through json_each, tried too, cost SQLite
 # ~70 µs a row in JSON parsing.) An upsert, not INSERT OR REPLACE: columns a later
 # keysvc adds survive an older one's writes.
-_ROWS_PER_STATEMENT: Final = 1024  # 16 columns: 16,384 parameters (SQLite allows 32,766)
+_ROWS_PER_STATEMENT: Final = 1024  # 17 columns: 17,408 parameters (SQLite allows 32,766)
 _ON_CONFLICT: Final = " ON CONFLICT(hash) DO UPDATE SET " + ", ".join(
     f"{c} = excluded.{c}" for c in _COLUMNS[1:]
 )
@@ -307,6 +317,7 @@ def _to_row(key_hash: str, record: _Record) -> _Row:
         float(record.get("last_checked", 0.0)),
         int(record.get("prompt_count", 0)),
         json.dumps(record.get("token_usage", {}), sort_keys=True),
+        float(record.get("over_quota_until", 0.0)),
     )
 
 
@@ -391,6 +402,16 @@ def _prepare(connection: sqlite3.Connection, path: Path) -> None:
         raise StateFileError(
             f"KEYSVC_STATE_FILE: {path} was written by a newer keysvc (schema {version},"
             f" this one knows {SCHEMA_VERSION}); keysvc will not start over it"
+        )
+    elif version < SCHEMA_VERSION:
+        connection.execute("BEGIN IMMEDIATE")
+        for upgrade in range(version + 1, SCHEMA_VERSION + 1):
+            connection.execute(_UPGRADES[upgrade])
+        connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        connection.execute("COMMIT")
+        _log.info(
+            "upgraded the state file's schema",
+            extra={"path": str(path), "from": version, "to": SCHEMA_VERSION},
         )
     mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
     if str(mode).lower() != "wal":

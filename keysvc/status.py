@@ -54,6 +54,7 @@ __all__ = [
     "PoolSnapshots",
     "format_duration",
     "key_state",
+    "provider_counts",
     "render_text",
     "summarize",
     "summarize_pool",
@@ -85,6 +86,10 @@ PROBE_MODELS: Final[Mapping[str, str]] = {
     "o3": "o3",
     "o3-mini": "o3-mini",
     "o4-mini": "o4-mini",
+    "claude-opus": "claude-opus-4-1",
+    "claude-sonnet": "claude-sonnet-4-5",
+    "claude-haiku": "claude-haiku-4-5",
+    "claude": "claude-2.1",
 }
 
 
@@ -101,6 +106,8 @@ class KeyState:
     locked: bool
     prompt_count: int = 0
     token_usage: Mapping[str, int] = field(default_factory=dict)
+    #: The key's provider (``Key.service``).
+    provider: str = "openai"
 
     @property
     def state(self) -> str:
@@ -126,6 +133,7 @@ def key_state(key: Key, now: float) -> KeyState:
         locked=now < key.rate_limited_until,
         prompt_count=key.prompt_count,
         token_usage=key.token_usage,
+        provider=key.service,
     )
 
 
@@ -148,9 +156,9 @@ class FamilySummary:
 
 
 #: What decides where a key is counted: (families, trial, disabled, revoked,
-#: over quota, locked). Keys are grouped by it first: at 100k keys there are a
-#: handful of groups, so the per-family expansion costs nothing.
-_Group = tuple[frozenset[str], bool, bool, bool, bool, bool]
+#: over quota, locked, provider). Keys are grouped by it first: at 100k keys
+#: there are a handful of groups, so the per-family expansion costs nothing.
+_Group = tuple[frozenset[str], bool, bool, bool, bool, bool, str]
 
 
 def summarize(
@@ -165,9 +173,10 @@ def summarize(
     """
     keys = list(keys)
     groups: Counter[_Group] = Counter(
-        (k.families, k.is_trial, k.is_disabled, k.is_revoked, k.is_over_quota, k.locked)
+        (k.families, k.is_trial, k.is_disabled, k.is_revoked, k.is_over_quota, k.locked,
+         k.provider)
         for k in keys
-    )
+    )  # fmt: skip
     return _summaries(groups, _token_sums(k.token_usage for k in keys), lockout, families)
 
 
@@ -197,7 +206,7 @@ def summarize_pool(
 def _count_groups(groups: Counter[_Group], keys: Iterable[Key], now: float) -> None:
     groups.update(
         (k.profile.families, k.profile.is_trial, k.is_disabled, k.is_revoked,
-         k.is_over_quota, now < k.rate_limited_until)
+         k.is_over_quota, now < k.rate_limited_until, k.service)
         for k in keys
     )  # fmt: skip
 
@@ -264,6 +273,7 @@ class PoolSnapshot:
         lists: the top of each of ``LISTED_STATES``' lists (empty when made with
             ``listed`` 0).
         walk_seconds: how long taking it took, slices and the waits between them.
+        providers: per provider, its keys by state (``provider_counts``).
     """
 
     taken_at: float
@@ -271,12 +281,13 @@ class PoolSnapshot:
     summaries: tuple[FamilySummary, ...]
     lists: tuple[KeyList, ...] = ()
     walk_seconds: float = 0.0
+    providers: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
 
 
 def _state_counts(groups: Mapping[_Group, int]) -> dict[KeyFilter, int]:
     """Keys (not key-families) per listed state, from the group counts."""
     counts = dict.fromkeys(LISTED_STATES, 0)
-    for (_, _, disabled, _, _, locked), n in groups.items():
+    for (_, _, disabled, _, _, locked, _), n in groups.items():
         state = KeyFilter.DISABLED if disabled else KeyFilter.LOCKED if locked else KeyFilter.ACTIVE
         counts[state] += n
     return counts
@@ -303,7 +314,12 @@ def take_snapshot(pool: SnapshotSource, *, listed: int = 0) -> PoolSnapshot:
             lists.append(KeyList(state.value, count, tuple(key_state(k, now) for k in found)))
     summaries = _summaries(groups, tokens, pool.family_lockout, pool.families())
     return PoolSnapshot(
-        now, len(keys), tuple(summaries), tuple(lists), time.perf_counter() - started
+        now,
+        len(keys),
+        tuple(summaries),
+        tuple(lists),
+        time.perf_counter() - started,
+        provider_counts(groups),
     )
 
 
@@ -386,7 +402,7 @@ class KeyCensus:
         locked = now < until
         profile = key.profile
         group = (profile.families, profile.is_trial, key.is_disabled, key.is_revoked,
-                 key.is_over_quota, locked)  # fmt: skip
+                 key.is_over_quota, locked, key.service)  # fmt: skip
         code = self._group_ids.get(group)
         if code is None:
             code = self._group_ids[group] = len(self._groups)
@@ -427,7 +443,7 @@ class KeyCensus:
 
 
 #: The group of a row no key is counted in.
-_NO_GROUP: Final[_Group] = (frozenset(), False, False, False, False, False)
+_NO_GROUP: Final[_Group] = (frozenset(), False, False, False, False, False, "")
 #: Rows of a usage column summed at once (~0.2 ms).
 _USAGE_ROWS: Final = 16_384
 
@@ -562,6 +578,7 @@ class PoolSnapshots:
             summaries=tuple(summaries),
             lists=tuple(lists),
             walk_seconds=self._timer() - started,
+            providers=provider_counts(groups),
         )
         self._latest, self._latest_started = snapshot, started
         return snapshot
@@ -596,7 +613,7 @@ def _summaries(
             found = summaries[family] = FamilySummary(family)
         return found
 
-    for (key_families, trial, disabled, revoked, over_quota, locked), n in groups.items():
+    for (key_families, trial, disabled, revoked, over_quota, locked, _), n in groups.items():
         for family in key_families:
             counts = summary(family).counts
             if disabled:
@@ -619,6 +636,24 @@ def _summaries(
     for item in result:
         item.lockout = lockout(item.family)
     return result
+
+
+def provider_counts(groups: Mapping[_Group, int]) -> dict[str, dict[str, int]]:
+    """Per provider, by name: its keys by state, each key counted once (active, locked
+    or disabled; trial, revoked and over_quota overlap with them, as per family)."""
+    counts: dict[str, dict[str, int]] = {}
+    for (_, trial, disabled, revoked, over_quota, locked, provider), n in sorted(
+        groups.items(), key=lambda item: item[0][6]
+    ):
+        row = counts.setdefault(provider, dict.fromkeys(COUNTED_STATES, 0))
+        row["disabled" if disabled else "locked" if locked else "active"] += n
+        if trial and not disabled:
+            row["trial"] += n
+        if revoked:
+            row["revoked"] += n
+        if over_quota:
+            row["over_quota"] += n
+    return counts
 
 
 def format_duration(seconds: float | None) -> str:
@@ -662,6 +697,7 @@ def render_text(summaries: list[FamilySummary], keys: list[KeyState]) -> str:
     key_rows = [
         [
             k.hash,
+            k.provider,
             k.state,
             "yes" if k.is_trial else "no",
             str(k.prompt_count),
@@ -669,5 +705,5 @@ def render_text(summaries: list[FamilySummary], keys: list[KeyState]) -> str:
         ]
         for k in sorted(keys, key=lambda k: k.hash)
     ]
-    lines += ["", *_table(["key", "state", "trial", "prompts", "tokens"], key_rows)]
+    lines += ["", *_table(["key", "provider", "state", "trial", "prompts", "tokens"], key_rows)]
     return "\n".join(lines) + "\n"

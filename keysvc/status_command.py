@@ -61,6 +61,7 @@ def key_state_from_proto(key: pb.Key, now: float) -> KeyState:
         locked=now < until,
         prompt_count=key.prompt_count,
         token_usage=dict(key.token_usage),
+        provider=key.service,
     )
 
 

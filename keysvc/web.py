@@ -77,7 +77,7 @@ p.meta { color: #666; margin: 0; }
 table { border-collapse: collapse; }
 th, td { border: 1px solid #ccc; padding: .25em .6em; text-align: right; }
 th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
-#keys td:nth-child(2), #keys th:nth-child(2) { text-align: left; }
+#keys td:nth-child(-n+3), #keys th:nth-child(-n+3) { text-align: left; }
 td.state-active { color: #186a1f; } td.state-locked { color: #8a5a00; }
 td.state-disabled, td.state-revoked, td.state-over_quota { color: #a31515; }
 code { font: 13px ui-monospace, monospace; }
@@ -103,6 +103,7 @@ def _key_rows(keys: Sequence[KeyState]) -> str:
     return "\n".join(
         "<tr>"
         f"<td><code>{_e(k.hash)}</code></td>"
+        f"<td>{_e(k.provider)}</td>"
         f'<td class="state-{_e(k.state)}">{_e(k.state)}</td>'
         f"<td>{'yes' if k.is_trial else 'no'}</td>"
         f"<td>{k.prompt_count}</td>"
@@ -127,8 +128,8 @@ def _key_list(listed: KeyList) -> str:
     return f"""<h3 id="{_e(name)}">{_e(name)}: {listed.count}</h3>
 {shown}
 <table id="keys-{_e(name)}">
-<thead><tr><th>key</th><th>state</th><th>trial</th><th>prompts</th><th>tokens</th>
-<th>families</th></tr></thead>
+<thead><tr><th>key</th><th>provider</th><th>state</th><th>trial</th><th>prompts</th>
+<th>tokens</th><th>families</th></tr></thead>
 <tbody>
 {_key_rows(listed.keys)}
 </tbody>

@@ -87,7 +87,9 @@ def pool_of(
     store = MemoryKeyStore()
     keys = []
     for i, profile in enumerate(profiles):
-        secret = f"sk-test-{i:04d}"
+        # A profile of Claude families is an Anthropic key's (the secret says which).
+        anthropic = bool(profile.families) and profile.families <= ANTHROPIC_FAMILIES
+        secret = f"sk-ant-test-{i:04d}" if anthropic else f"sk-test-{i:04d}"
         key = Key(secret=secret, hash=hash_key(secret), profile=profile, seq=0)
         store.add(key)
         keys.append(key)
@@ -96,10 +98,13 @@ def pool_of(
 
 
 DEFAULT_FAMILIES = ModelTable().default_key_families()
+ANTHROPIC_FAMILIES = ModelTable().default_key_families("anthropic")
 PAID = KeyProfile(DEFAULT_FAMILIES)
 TRIAL = KeyProfile(DEFAULT_FAMILIES, is_trial=True)
 PAID_32K = KeyProfile(DEFAULT_FAMILIES | {"gpt4-32k"})
 TURBO_ONLY = KeyProfile(frozenset({"turbo"}))
+CLAUDE_ALL = KeyProfile(ANTHROPIC_FAMILIES)
+HAIKU_ONLY = KeyProfile(frozenset({"claude-haiku"}))
 
 
 @dataclass

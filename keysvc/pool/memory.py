@@ -35,6 +35,7 @@ import logging
 import math
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
 from typing import Final
 
 from ..clock import Clock, Timer
@@ -46,10 +47,12 @@ from ..errors import (
     NoKeysForFamily,
 )
 from ..events import KeyChange, NullObserver, PoolObserver
-from ..keys import DisableReason, Key, KeyProfile, hash_key
+from ..keys import DisableReason, Key, KeyProfile, hash_key, service_of
 from ..listing import KeyFilter, LoadOrder, Page
 from ..models import GPT4_32K, ModelInfo, ModelTable
-from ..outcomes import Decision, UpstreamError, decide
+from ..outcomes import Decision, UpstreamError
+from ..providers import provider, provider_names
+from ..providers.backoff import ProviderBackoff
 from ..rates import (
     BUDGET_SHAPE,
     HAS_STATE,
@@ -438,8 +441,14 @@ class KeyPool:
         self._timer_at = math.inf
         self._dispatch_pending = False
         self._profiles: dict[KeyProfile, KeyProfile] = {}
-        #: What a key starts as until the checker (or its saved state) says more.
-        self._new_key_profile = self._intern(KeyProfile(models.default_key_families()))
+        #: What a key of each provider starts as until the checker (or its saved
+        #: state) says more: its provider's families only, so Get never crosses providers.
+        self._new_key_profiles = {
+            name: self._intern(KeyProfile(models.default_key_families(name)))
+            for name in provider_names()
+        }
+        #: Per provider: the back-off its overloads (529) called for.
+        self._backoff = ProviderBackoff()
         self._model_id_sets: dict[frozenset[str], frozenset[str]] = {}
         self._next_seq = 0
         #: Rows of removed keys, for the next keys added (``remove_key``).
@@ -453,6 +462,7 @@ class KeyPool:
             self._order.add(key)
             if not key.is_disabled:
                 self._place(key, now)
+            self._arm_quota_back(key)
 
     @classmethod
     def from_secrets(
@@ -500,7 +510,7 @@ class KeyPool:
         key = Key(
             secret=secret,
             hash=key_hash,
-            profile=self._new_key_profile,
+            profile=self._new_key_profiles[service_of(secret)],
             seq=seq,
             organization_id=organization_id,
         )
@@ -511,6 +521,7 @@ class KeyPool:
         key.profile = self._intern(key.profile)
         if not key.is_disabled:
             self._place(key, self._clock.now())
+        self._arm_quota_back(key)  # a saved spend limit still comes to its end
         return key
 
     def remove_key(self, key_hash: str) -> Key | None:
@@ -875,10 +886,10 @@ class KeyPool:
         check_headers(headers)
         if model:
             check_model(model)
-        parsed = parse_rate_headers(key, headers)
+        now = self._clock.now()
+        parsed = parse_rate_headers(key, headers, now)
         if parsed is None:
             return
-        now = self._clock.now()
         family, _ = self._report_family(key, model, now, answer=True, limits=parsed)
         table = self._state_table(key, family)
         apply_rate_headers(table, key.seq, parsed, now)
@@ -1025,30 +1036,66 @@ class KeyPool:
         ):
             if not 0 <= tokens <= Limits.TOKENS:
                 raise InvalidArgument(name, f"must be between 0 and {Limits.TOKENS}")
-        decision = decide(status, error)
-        parsed = parse_rate_headers(key, headers)
         now = self._clock.now()
+        decision = provider(key.service).decide(status, error, now=now)
+        parsed = parse_rate_headers(key, headers, now)
         family, released = self._report_family(key, model, now, answer=True, limits=parsed)
         if parsed is not None or decision.rate_limited or released:
             table = self._state_table(key, family)
             if parsed is not None:
                 apply_rate_headers(table, key.seq, parsed, now)
-            first_report = decision.rate_limited and mark(table, key.seq, now, error.type)
+            first_report = decision.rate_limited and mark(table, key.seq, now, decision.limit_kind)
             self._reposition(key, table, now)
             if first_report:
                 self._state_changed(key, KeyChange.RATE_LIMITED, decision.why)
         if decision.count_usage:
             self._count_usage(key, family, min(prompt_tokens + completion_tokens, Limits.TOKENS))
+        if decision.overloaded:
+            # The provider's trouble, not the key's: the key is left as it is.
+            asked = parsed.retry_after if parsed is not None else None
+            wait = self._backoff.overloaded(key.service, now, asked)
+            decision = replace(decision, retry_after=wait)
+            self._observer.provider_overloaded(key.service)
+            _log.info(
+                "provider overloaded; backing off",
+                extra={"provider": key.service, "key_hash": key.hash, "wait": round(wait, 3)},
+            )
+        elif 200 <= status < 300:
+            self._backoff.succeeded(key.service)
+        if decision.family_denied and family:
+            self._deny_family(key, family, decision.why)
         if decision.disable is not None:
-            self.disable(key.hash, decision.disable)
+            self.disable(key.hash, decision.disable, until=decision.quota_until)
         self._observer.outcome_reported(decision.action.value)
         return decision, key
 
+    def _deny_family(self, key: Key, family: str, why: str) -> None:
+        """Takes ``key`` out of ``family`` only (the provider refused it the family's
+        models); a recheck that lists them gives the family back."""
+        profile = key.profile
+        if family not in profile.families:
+            return
+        self._set_profile(
+            key, KeyProfile(profile.families - {family}, profile.is_trial, profile.model_ids)
+        )
+        self._store.changed(key)
+        _log.warning(
+            "key denied a model family",
+            extra={"key_hash": key.hash, "family": family, "reason": why},
+        )
+
     # -- key state -------------------------------------------------------------
 
-    def disable(self, key_hash: str, reason: DisableReason) -> Key:
-        """Takes a key out of service for good (until a recheck); its families are kept."""
+    def disable(self, key_hash: str, reason: DisableReason, *, until: float | None = None) -> Key:
+        """Takes a key out of service for good (until a recheck); its families are kept.
+
+        ``until`` (with QUOTA): the time the provider named for the quota to come
+        back; the key returns to service on its own then (``_quota_back``).
+        """
         key = self.key(key_hash)
+        if reason is DisableReason.QUOTA and until is not None and until > key.over_quota_until:
+            key.over_quota_until = until
+            self._arm_quota_back(key)
         # Newer news than a Recheck in flight: the key's check must not revive it.
         key.revive_if_alive = False
         change: KeyChange | None = None
@@ -1099,6 +1146,24 @@ class KeyPool:
             self._store.changed(key)
         _log.info("all keys marked for recheck", extra={"keys": len(self._store)})
 
+    def _arm_quota_back(self, key: Key) -> None:
+        """Sets the timer that puts an over-quota key back at ``over_quota_until``."""
+        until, key_hash = key.over_quota_until, key.hash
+        if until:
+            self._clock.call_at(until, lambda: self._quota_back(key_hash, until))
+
+    def _quota_back(self, key_hash: str, until: float) -> None:
+        """The time a spend limit named has come: the key is in service again, unless
+        it left the pool, came back already, or was disabled for another reason since."""
+        key = self._store.get(key_hash)
+        if key is None or key.over_quota_until != until or not key.is_over_quota:
+            return
+        if key.is_revoked or key.disable_reason is not DisableReason.QUOTA:
+            return
+        self._enable(key, self._clock.now())
+        self._store.changed(key)
+        _log.info("key back from its spend limit", extra={"key_hash": key.hash})
+
     # -- what the key checker learned -----------------------------------------
 
     def apply_check(
@@ -1126,7 +1191,7 @@ class KeyPool:
         if model_ids is not None:
             ids = frozenset(model_ids)
             ids = self._model_id_sets.setdefault(ids, ids)
-            profile = KeyProfile(self._models.listed_families(ids), is_trial, ids)
+            profile = KeyProfile(self._models.listed_families(ids, key.service), is_trial, ids)
         else:
             profile = KeyProfile(profile.families, is_trial, profile.model_ids)
         self._set_profile(key, profile)
@@ -1235,7 +1300,8 @@ class KeyPool:
     def _state_changed(self, key: Key, change: KeyChange, reason: str, **fields: str) -> None:
         """The one place a key state change is logged and reported, once per change."""
         event, level = _CHANGE_LOGS[change]
-        _log.log(level, event, extra={"key_hash": key.hash, "reason": reason, **fields})
+        extra = {"key_hash": key.hash, "provider": key.service, "reason": reason, **fields}
+        _log.log(level, event, extra=extra)
         self._observer.state_changed(key.hash, change, reason)
 
     def _derive(self, table: RateTable, row: int, now: float) -> None:
@@ -1322,7 +1388,7 @@ class KeyPool:
         """Undoes a disable: the flags, reason and time go, the key is indexed again."""
         key.is_disabled = key.is_revoked = key.is_over_quota = False
         key.disable_reason = None
-        key.disabled_at = 0.0
+        key.disabled_at = key.over_quota_until = 0.0
         self._place(key, now)
 
     def _place(self, key: Key, now: float) -> None:

@@ -72,9 +72,11 @@ import re
 from collections.abc import Mapping
 from typing import Final, NamedTuple
 
-from ..durations import parse_go_duration
 from ..errors import InvalidArgument
 from ..keys import Key
+from ..providers import provider
+from ..providers.base import Dimension
+from ..providers.base import RateHeaders as ProviderRates
 from ..rates import (
     BUDGET_SHAPE,
     HAS_STATE,
@@ -133,13 +135,6 @@ DEFAULT_LOCKOUT_MODEL: Final = "gpt-4"
 #: mistake in a hash field is never echoed back in an error.
 HASH_PATTERN: Final = re.compile(r"[a-z]{1,16}-[0-9a-f]{8}")
 
-REQUESTS_RESET_HEADER: Final = "x-ratelimit-reset-requests"
-TOKENS_RESET_HEADER: Final = "x-ratelimit-reset-tokens"
-REMAINING_REQUESTS_HEADER: Final = "x-ratelimit-remaining-requests"
-REMAINING_TOKENS_HEADER: Final = "x-ratelimit-remaining-tokens"
-LIMIT_REQUESTS_HEADER: Final = "x-ratelimit-limit-requests"
-LIMIT_TOKENS_HEADER: Final = "x-ratelimit-limit-tokens"
-
 
 class Limits:
     """Bounds on caller input; anything beyond is INVALID_ARGUMENT."""
@@ -159,51 +154,66 @@ class Limits:
 
 
 class RateHeaders(NamedTuple):
-    """Parsed rate-limit headers, each None when absent or unparseable."""
+    """Parsed rate-limit headers, each None when absent or unparseable.
 
-    #: x-ratelimit-reset-*, in seconds, as sent (not clamped).
+    The provider-neutral numbers of the key's provider (``keysvc.providers``):
+    OpenAI's x-ratelimit-*, Anthropic's anthropic-ratelimit-* (whose ``tokens``
+    dimension is the most restrictive token limit in force) and retry-after.
+    """
+
+    #: Seconds until the dimension is whole again, as sent (not clamped).
     requests_reset: float | None
     tokens_reset: float | None
     remaining_requests: int | None
     remaining_tokens: int | None
     limit_requests: int | None
     limit_tokens: int | None
+    #: Seconds the upstream asked the caller to wait (retry-after).
+    retry_after: float | None = None
 
 
-def parse_rate_headers(key: Key, headers: Mapping[str, str]) -> RateHeaders | None:
-    """The x-ratelimit-reset-*, -remaining-* and -limit-* values; None when there are none."""
+def parse_rate_headers(
+    key: Key, headers: Mapping[str, str], now: float = 0.0
+) -> RateHeaders | None:
+    """The rate-limit headers of an answer for ``key``, read by the key's provider at
+    ``now`` (Anthropic's resets are times); None when there are none."""
     if not headers:
         return None
     lowered = {name.lower(): value for name, value in headers.items()}
-    parsed = RateHeaders(
-        _reset(key, REQUESTS_RESET_HEADER, lowered.get(REQUESTS_RESET_HEADER)),
-        _reset(key, TOKENS_RESET_HEADER, lowered.get(TOKENS_RESET_HEADER)),
-        _count(key, REMAINING_REQUESTS_HEADER, lowered.get(REMAINING_REQUESTS_HEADER)),
-        _count(key, REMAINING_TOKENS_HEADER, lowered.get(REMAINING_TOKENS_HEADER)),
-        _count(key, LIMIT_REQUESTS_HEADER, lowered.get(LIMIT_REQUESTS_HEADER)),
-        _count(key, LIMIT_TOKENS_HEADER, lowered.get(LIMIT_TOKENS_HEADER)),
+    parsed = provider(key.service).parse_rate_headers(lowered, now)
+    for header, raw in parsed.unreadable:
+        _log_unparseable(key, header, raw)
+    rates = parsed.rates
+    if rates is None:
+        return None
+    tokens = rates.tokens if rates.tokens.known else _token_dimension(rates)
+    requests = rates.requests
+    return RateHeaders(
+        requests.reset,
+        tokens.reset,
+        requests.remaining,
+        tokens.remaining,
+        requests.limit,
+        tokens.limit,
+        rates.retry_after,
     )
-    return None if all(value is None for value in parsed) else parsed
 
 
-def _reset(key: Key, header: str, raw: str | None) -> float | None:
-    if raw is None:
-        return None
-    seconds = parse_go_duration(raw)
-    if seconds is None:
-        _log_unparseable(key, header, raw)
-        return None
-    return seconds
+def _token_dimension(rates: ProviderRates) -> Dimension:
+    """The token dimension the budget follows: the provider's overall one, else the
+    more restrictive of input and output (the smaller share left)."""
+    if rates.tokens.known:
+        return rates.tokens
+    known = [d for d in (rates.input_tokens, rates.output_tokens) if d.known]
+    if len(known) < 2:
+        return known[0] if known else rates.tokens
 
+    def share(d: Dimension) -> float:
+        if d.remaining is None:
+            return math.inf
+        return d.remaining / d.limit if d.limit else 0.0
 
-def _count(key: Key, header: str, raw: str | None) -> int | None:
-    if raw is None:
-        return None
-    text = raw.strip()
-    if not (text.isascii() and text.isdigit() and len(text) <= 18):
-        _log_unparseable(key, header, raw)
-        return None
-    return int(text)
+    return min(known, key=share)
 
 
 def _log_unparseable(key: Key, header: str, raw: str) -> None:
@@ -227,6 +237,12 @@ def apply_rate_headers(table: RateTable, row: int, parsed: RateHeaders, now: flo
         table.requests_reset[row] = min(parsed.requests_reset, MAX_RESET)
     if parsed.tokens_reset is not None:
         table.tokens_reset[row] = min(parsed.tokens_reset, MAX_RESET)
+    retry_after = parsed.retry_after
+    if retry_after is not None:
+        # The upstream said how long to wait: the window is at least that, unclamped.
+        for column in (table.requests_reset, table.tokens_reset):
+            if not column[row] >= retry_after:  # also when unknown (NaN)
+                column[row] = retry_after
     # Counts as the columns keep them: doubles, exact up to rates.MAX_COUNT.
     remaining_requests = parsed.remaining_requests
     if remaining_requests is not None:
@@ -492,9 +508,9 @@ def check_model(model: str) -> None:
         raise InvalidArgument("model", f"is longer than {Limits.MODEL_LENGTH} characters")
 
 
-#: Characters a duration is written with; a value with any other character is
-#: not logged verbatim, in case a caller put something secret in it.
-_DURATION_CHARS: Final = re.compile(r"[0-9.hmnsuµ+-]{0,32}")
+#: Characters a duration or an RFC 3339 time is written with; a value with any
+#: other character is not logged verbatim, in case a caller put something secret in it.
+_DURATION_CHARS: Final = re.compile(r"[0-9.hmnsuµ+\-:TZtz]{0,40}")
 
 
 def _loggable(value: str) -> str:

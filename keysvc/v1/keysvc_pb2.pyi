@@ -178,10 +178,13 @@ class Key(_message.Message):
     DISABLE_REASON_FIELD_NUMBER: _builtins.int
     DISABLED_AT_FIELD_NUMBER: _builtins.int
     FAMILY_RATE_LIMITS_FIELD_NUMBER: _builtins.int
+    OVER_QUOTA_UNTIL_FIELD_NUMBER: _builtins.int
     hash: _builtins.str
-    """Stable identifier: "oai-" followed by 8 hex digits of sha256(secret)."""
+    """Stable identifier: the provider's prefix ("oai-", "ant-") followed by 8
+    hex digits of sha256(secret).
+    """
     service: _builtins.str
-    """Upstream service the key belongs to ("openai")."""
+    """Upstream provider the key belongs to ("openai", "anthropic")."""
     organization_id: _builtins.str
     """Organization to send as OpenAI-Organization; empty for the default org."""
     is_trial: _builtins.bool
@@ -198,7 +201,9 @@ class Key(_message.Message):
     """Why the key was disabled; UNSPECIFIED when it is not disabled."""
     @_builtins.property
     def model_families(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Model families the key may serve (e.g. "turbo", "gpt4", "gpt4o")."""
+        """Model families the key may serve (e.g. "turbo", "gpt4o", "claude-sonnet");
+        only families of its provider.
+        """
 
     @_builtins.property
     def last_used(self) -> _timestamp_pb2.Timestamp:
@@ -244,6 +249,13 @@ class Key(_message.Message):
         key was handed out for or reported about.
         """
 
+    @_builtins.property
+    def over_quota_until(self) -> _timestamp_pb2.Timestamp:
+        """When an over-quota key comes back on its own: the time the provider named
+        for its spend limit to lift (or the start of the next month); unset when
+        the key is not over quota, or is until a recheck.
+        """
+
     def __init__(
         self,
         *,
@@ -266,10 +278,11 @@ class Key(_message.Message):
         disable_reason: Global___DisableReason.ValueType = ...,
         disabled_at: _timestamp_pb2.Timestamp | None = ...,
         family_rate_limits: _abc.Iterable[Global___FamilyRateLimit] | None = ...,
+        over_quota_until: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["disabled_at", b"disabled_at", "last_checked", b"last_checked", "last_used", b"last_used", "rate_limit_requests_reset", b"rate_limit_requests_reset", "rate_limit_tokens_reset", b"rate_limit_tokens_reset", "rate_limited_at", b"rate_limited_at", "rate_limited_until", b"rate_limited_until"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["disabled_at", b"disabled_at", "last_checked", b"last_checked", "last_used", b"last_used", "over_quota_until", b"over_quota_until", "rate_limit_requests_reset", b"rate_limit_requests_reset", "rate_limit_tokens_reset", b"rate_limit_tokens_reset", "rate_limited_at", b"rate_limited_at", "rate_limited_until", b"rate_limited_until"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["disable_reason", b"disable_reason", "disabled_at", b"disabled_at", "family_rate_limits", b"family_rate_limits", "hash", b"hash", "is_disabled", b"is_disabled", "is_over_quota", b"is_over_quota", "is_revoked", b"is_revoked", "is_trial", b"is_trial", "last_checked", b"last_checked", "last_used", b"last_used", "model_families", b"model_families", "organization_id", b"organization_id", "prompt_count", b"prompt_count", "rate_limit_requests_reset", b"rate_limit_requests_reset", "rate_limit_tokens_reset", b"rate_limit_tokens_reset", "rate_limited_at", b"rate_limited_at", "rate_limited_until", b"rate_limited_until", "service", b"service", "token_usage", b"token_usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["disable_reason", b"disable_reason", "disabled_at", b"disabled_at", "family_rate_limits", b"family_rate_limits", "hash", b"hash", "is_disabled", b"is_disabled", "is_over_quota", b"is_over_quota", "is_revoked", b"is_revoked", "is_trial", b"is_trial", "last_checked", b"last_checked", "last_used", b"last_used", "model_families", b"model_families", "organization_id", b"organization_id", "over_quota_until", b"over_quota_until", "prompt_count", b"prompt_count", "rate_limit_requests_reset", b"rate_limit_requests_reset", "rate_limit_tokens_reset", b"rate_limit_tokens_reset", "rate_limited_at", b"rate_limited_at", "rate_limited_until", b"rate_limited_until", "service", b"service", "token_usage", b"token_usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -872,19 +885,26 @@ class ReportOutcomeRequest(_message.Message):
     status: _builtins.int
     """HTTP status code of the upstream answer (100 to 599). Required."""
     error_type: _builtins.str
-    """error.type of an OpenAI error body; empty when there is none."""
+    """error.type of the provider's error body; empty when there is none."""
     error_code: _builtins.str
-    """error.code of an OpenAI error body; empty when there is none."""
+    """error.code of an OpenAI error body (Anthropic's have none); empty when
+    there is none.
+    """
     error_message: _builtins.str
-    """error.message of an OpenAI error body; empty when there is none."""
+    """error.message of the provider's error body; empty when there is none."""
     prompt_tokens: _builtins.int
-    """usage.prompt_tokens of a successful answer; zero or more."""
+    """usage.prompt_tokens (Anthropic: usage.input_tokens) of a successful
+    answer; zero or more.
+    """
     completion_tokens: _builtins.int
-    """usage.completion_tokens of a successful answer; zero or more."""
+    """usage.completion_tokens (Anthropic: usage.output_tokens) of a successful
+    answer; zero or more.
+    """
     @_builtins.property
     def headers(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Response headers; only x-ratelimit-* are read. Names are matched
-        case-insensitively.
+        """Response headers; only the rate-limit ones are read (x-ratelimit-* of
+        OpenAI, anthropic-ratelimit-* and retry-after of Anthropic, by the key's
+        provider). Names are matched case-insensitively.
         """
 
     def __init__(
@@ -917,6 +937,7 @@ class ReportOutcomeResponse(_message.Message):
     ACTION_FIELD_NUMBER: _builtins.int
     KEY_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    RETRY_AFTER_FIELD_NUMBER: _builtins.int
     action: Global___OutcomeAction.ValueType
     """What to do with the request."""
     reason: _builtins.str
@@ -927,16 +948,23 @@ class ReportOutcomeResponse(_message.Message):
     def key(self) -> Global___Key:
         """Public view of the key after the answer was applied."""
 
+    @_builtins.property
+    def retry_after(self) -> _duration_pb2.Duration:
+        """Set when the provider, not the key, is overloaded (Anthropic's 529): wait
+        this long before retrying the request with any key of the provider.
+        """
+
     def __init__(
         self,
         *,
         action: Global___OutcomeAction.ValueType = ...,
         key: Global___Key | None = ...,
         reason: _builtins.str = ...,
+        retry_after: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "retry_after", b"retry_after"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "key", b"key", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "key", b"key", "reason", b"reason", "retry_after", b"retry_after"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

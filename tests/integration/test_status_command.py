@@ -79,8 +79,8 @@ async def test_prints_the_summary(capsys: pytest.CaptureFixture[str]) -> None:
     # keys handed out for gpt-4o are free for turbo (rate limits are per family).
     assert table["turbo"] == ["0", "2", "0", "1", "1", "0", "0s", "0"]
     assert "gpt4-32k" not in table  # no key has it
-    assert table[first.key.hash] == ["locked", "no", "1", "900"]
-    assert table[revoked] == ["revoked", "no", "0", "0"]
+    assert table[first.key.hash] == ["openai", "locked", "no", "1", "900"]
+    assert table[revoked] == ["openai", "revoked", "no", "0", "0"]
     # Every call the command made carried the token; it asked List and one lockout per family.
     assert recorder.seen.count("/keysvc.v1.KeyService/List") == 1
     families = {f for k in listing.keys for f in k.model_families}

@@ -313,3 +313,36 @@ async def test_a_disable_whose_state_write_fails_still_answers_envoy() -> None:
     assert pool.key(hash_key(SECRETS[0])).is_disabled
     action = set_headers(responses[3].response_body.response)
     assert action == {ACTION_HEADER: "retry_with_another_key"}
+
+
+async def test_an_anthropic_key_goes_in_x_api_key_and_its_answer_is_read_as_anthropics() -> None:
+    pool, clock = make_pool(["sk-ant-extproc-0001"])
+    body = json.dumps({"model": "claude-sonnet-4-5", "messages": []}).encode()
+    reset = "2099-01-01T00:00:00Z"
+    answer = {
+        ":status": "200",
+        "content-type": "application/json",
+        "anthropic-ratelimit-requests-limit": "50",
+        "anthropic-ratelimit-requests-remaining": "49",
+        "anthropic-ratelimit-requests-reset": reset,
+    }
+    responses = await run(
+        service_for(pool),
+        [
+            request_headers({"authorization": "Bearer keysvc-token-or-junk"}),
+            request_body(body),
+            ep.ProcessingRequest(response_headers=_headers(answer)),
+            response_body({"usage": {"input_tokens": 30, "output_tokens": 12}}),
+        ],
+    )
+    mutation = responses[1].request_body.response
+    assert set_headers(mutation) == {
+        "x-api-key": "sk-ant-extproc-0001",
+        "anthropic-version": "2023-06-01",
+    }
+    # The caller's authorization (a keysvc token, say) does not go to Anthropic.
+    assert set(mutation.header_mutation.remove_headers) == {MAX_WAIT_HEADER, "authorization"}
+    key = pool.key(hash_key("sk-ant-extproc-0001"))
+    assert key.rate_summary().token_usage == {"claude-sonnet": 42}
+    (family,) = key.family_states()
+    assert family.remaining_requests == 49

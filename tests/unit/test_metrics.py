@@ -125,3 +125,21 @@ def test_handout_does_not_walk_the_pool() -> None:
     assert store.walks == 0
     scrape(metrics)
     assert store.walks == 1
+
+
+def test_keys_by_provider_and_overloads_by_provider() -> None:
+    metrics = Metrics()
+    secrets = ["sk-metrics-oai-1", "sk-metrics-oai-2", "sk-ant-metrics-1", "sk-ant-metrics-2"]
+    pool = KeyPool.from_secrets(secrets, models=ModelTable(), clock=ManualClock(), observer=metrics)
+    metrics.watch_pool(pool)
+    pool.disable(pool.keys()[3].hash, DisableReason.QUOTA)
+    metrics.provider_overloaded("anthropic")
+    metrics.provider_overloaded("anthropic")
+
+    _, samples = scrape(metrics)
+    assert value(samples, "keysvc_provider_keys", provider="openai", state="active") == 2
+    assert value(samples, "keysvc_provider_keys", provider="openai", state="disabled") == 0
+    assert value(samples, "keysvc_provider_keys", provider="anthropic", state="active") == 1
+    assert value(samples, "keysvc_provider_keys", provider="anthropic", state="disabled") == 1
+    assert value(samples, "keysvc_provider_keys", provider="anthropic", state="over_quota") == 1
+    assert value(samples, "keysvc_provider_overloaded_total", provider="anthropic") == 2

@@ -50,12 +50,45 @@ def test_embeddings_models_are_flagged() -> None:
     assert not table.lookup("gpt-3.5-turbo").embeddings
 
 
-def test_unchecked_keys_get_every_family_but_32k() -> None:
+def test_unchecked_keys_get_every_family_of_their_provider_but_32k() -> None:
     table = ModelTable()
     defaults = table.default_key_families()
     assert GPT4_32K not in defaults
     assert {"turbo", "gpt4", "gpt4-turbo", "gpt4o", "dall-e", "o1"} <= defaults
-    assert defaults == set(table.families) - {GPT4_32K}
+    claude = {"claude-opus", "claude-sonnet", "claude-haiku", "claude"}
+    assert defaults == set(table.families) - {GPT4_32K} - claude
+    assert table.default_key_families("anthropic") == claude
+    assert table.default_key_families("openai") == defaults
+
+
+def test_every_family_belongs_to_one_provider() -> None:
+    table = ModelTable()
+    assert table.lookup("claude-3-5-sonnet-20241022").provider == "anthropic"
+    assert table.lookup("gpt-4o").provider == "openai"
+    assert table.lookup("some-unknown-model").provider == "openai"  # the seed's gpt4 default
+    assert table.provider_of("claude-haiku") == "anthropic" and table.provider_of("o1") == "openai"
+    listed = ["claude-opus-4-1", "claude-3-haiku-20240307", "claude-next-9", "gpt-4o"]
+    # Another provider's id is left out; an unknown one is the provider's listed default.
+    assert table.listed_families(listed, "anthropic") == {"claude-opus", "claude-haiku", "claude"}
+    assert table.listed_families(["gpt-4o", "whisper-1", "claude-2.1"]) == {"gpt4o", "turbo"}
+
+
+def test_an_operator_row_keeps_its_familys_provider_or_names_one(tmp_path: Path) -> None:
+    path = tmp_path / "models.json"
+    rows = [
+        {"pattern": "^claude-fable", "family": "claude-sonnet"},
+        {"pattern": "^mistral", "family": "mistral"},
+        {"pattern": "^claude-poem", "family": "claude-poem", "provider": "anthropic"},
+    ]
+    path.write_text(json.dumps(rows))
+    table = ModelTable.from_file(path)
+    assert table.lookup("claude-fable-5").provider == "anthropic"
+    assert table.lookup("mistral-large").provider == "openai"
+    assert table.lookup("claude-poem-1").family == "claude-poem"
+    assert "claude-poem" in table.default_key_families("anthropic")
+    path.write_text(json.dumps([{"pattern": "^x", "family": "x", "provider": "google"}]))
+    with pytest.raises(ModelTableError, match="provider"):
+        ModelTable.from_file(path)
 
 
 def test_first_match_wins() -> None:

@@ -37,10 +37,12 @@ from keysvc.pool import (
     TOKEN_ESTIMATE_SPREAD,
     TOKEN_ESTIMATE_WEIGHT,
 )
-from tests.helpers import PAID, PAID_32K, TRIAL, TURBO_ONLY, pool_of
+from tests.helpers import CLAUDE_ALL, HAIKU_ONLY, PAID, PAID_32K, TRIAL, TURBO_ONLY, pool_of
 
 MODELS = ["gpt-4", "gpt-3.5-turbo", "gpt-4o", "text-embedding-ada-002", "gpt-4-32k"]
-PROFILES = [PAID, TRIAL, PAID_32K, TURBO_ONLY]
+MODELS += ["claude-sonnet-4-5", "claude-3-5-haiku-20241022"]
+#: A mixed pool: OpenAI keys and Anthropic keys (the last two profiles).
+PROFILES = [PAID, TRIAL, PAID_32K, TURBO_ONLY, CLAUDE_ALL, HAIKU_ONLY]
 TABLE = ModelTable()
 #: Reset headers and the seconds they say (stored clamped to MAX_RESET).
 RESETS = {"0": 0.0, "0s": 0.0, "20ms": 0.02, "300ms": 0.3, "1s": 1.0, "2.5s": 2.5, "4s": 4.0}
@@ -235,6 +237,11 @@ class RefKey:
         if answer:
             self.answered = (family, now)
         return family, released
+
+
+def own_headers(ref: RefKey, headers: dict[str, str]) -> dict[str, str]:
+    """The headers the key's provider reads: an Anthropic key ignores x-ratelimit-*."""
+    return headers if ref.key.service == "openai" else {}
 
 
 def single(value: float) -> float:
@@ -433,6 +440,7 @@ class PoolModel(RuleBasedStateMachine):
         ref = self.ref(i)
         now = self.clock.now()
         self.pool.update_rate_limits(ref.key.hash, headers, model)
+        headers = own_headers(ref, headers)
         if headers:
             family, _ = ref.attribute(model, now, answer=True, headers=headers)
             state = ref.state(family)
@@ -462,12 +470,14 @@ class PoolModel(RuleBasedStateMachine):
             error=UpstreamError(kind),
             completion_tokens=tokens,
         )
+        headers = own_headers(ref, headers)
         family, released = ref.attribute(model, now, answer=True, headers=headers)
         if headers or status == 429 or released:
             state = ref.state(family)
             apply_headers(state, headers, now, budget=bool(family))
             if status == 429:
-                state.mark(now, kind)
+                # Anthropic's 429 (rate_limit_error) does not say which limit it hit.
+                state.mark(now, kind if ref.key.service == "openai" else "")
             if family:
                 state.derive(now, self.reserve(family))
         if status == 200 and tokens and family:  # learned after the lock is derived
@@ -511,7 +521,7 @@ class PoolModel(RuleBasedStateMachine):
         if self.pool is None:
             return
         now = self.clock.now()
-        for family in ("gpt4", "turbo", "gpt4o", "dall-e"):
+        for family in ("gpt4", "turbo", "gpt4o", "dall-e", "claude-sonnet", "claude-haiku"):
             untils = [
                 r.until(family)
                 for r in self.refs

@@ -21,7 +21,7 @@ from keysvc.errors import StateWriteFailed
 from keysvc.keys import DisableReason, hash_key
 from keysvc.models import GPT4_32K, ModelTable
 from keysvc.pool import KeyPool
-from keysvc.state import SqliteStateStore, StateFileError, connect_database
+from keysvc.state import SCHEMA_VERSION, SqliteStateStore, StateFileError, connect_database
 
 A, B, C = "sk-state-aaaaaaaaaaaaaaaaaaaa", "sk-state-bbbbbbbbbbbbbbbbbbbb", "sk-state-cccccccccccc"
 
@@ -486,3 +486,35 @@ async def test_a_large_batch_is_one_transaction_of_a_few_statements(tmp_path: Pa
     await pool.flush()
     assert json.loads(_rows(path)[hash_key(secrets[-1])]["token_usage"]) == {"gpt4o": 6}
     await store.close()
+
+
+async def test_a_spend_limit_survives_a_restart_and_still_ends(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    secret = "sk-ant-state-spend"
+    clock = ManualClock()
+    pool = _pool(path, [secret], clock)
+    pool.disable(hash_key(secret), DisableReason.QUOTA, until=clock.now() + 3600)
+    await pool.flush()
+
+    later = ManualClock(clock.now() + 600)
+    again = _pool(path, [secret], later)
+    key = again.key(hash_key(secret))
+    assert key.is_over_quota and key.over_quota_until == clock.now() + 3600
+    later.advance(3000)
+    assert again.get("claude-sonnet-4-5") is key and not key.is_over_quota
+
+
+def test_a_schema_1_file_gains_the_spend_limit_column(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    SqliteStateStore.open(path)  # written by this keysvc, then made a schema 1 file
+    connection = sqlite3.connect(path)
+    connection.execute("ALTER TABLE keys DROP COLUMN over_quota_until")
+    connection.execute("PRAGMA user_version = 1")
+    connection.commit()
+    connection.close()
+    pool = _pool(path, [A])
+    pool.disable(hash_key(A), DisableReason.QUOTA, until=1_700_003_600.0)
+    connection = sqlite3.connect(path)
+    assert connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    connection.execute("SELECT over_quota_until FROM keys")  # the column is there
+    connection.close()

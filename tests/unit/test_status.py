@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 from keysvc.clock import ManualClock
-from keysvc.keys import DisableReason
+from keysvc.keys import DisableReason, Key, KeyProfile, hash_key
 from keysvc.models import DEFAULT_RULES, ModelTable
 from keysvc.pool import KeyPool
 from keysvc.status import (
     PROBE_MODELS,
+    KeyList,
     KeyState,
     key_state,
     render_text,
     summarize,
     summarize_pool,
 )
+from keysvc.web import render_status_page
 
 
 def state(
@@ -87,9 +89,9 @@ def test_text_tables() -> None:
         "tokens",
     ]  # fmt: skip
     assert lines[2].split() == ["turbo", "0", "1", "0", "1", "1", "0", "0.25s", "42"]
-    assert lines[4].split() == ["key", "state", "trial", "prompts", "tokens"]
-    assert lines[6].split() == ["oai-000000aa", "locked", "no", "0", "42"]
-    assert lines[7].split() == ["oai-000000bb", "revoked", "no", "0", "0"]
+    assert lines[4].split() == ["key", "provider", "state", "trial", "prompts", "tokens"]
+    assert lines[6].split() == ["oai-000000aa", "openai", "locked", "no", "0", "42"]
+    assert lines[7].split() == ["oai-000000bb", "openai", "revoked", "no", "0", "0"]
     assert render_text([], []) == "no keys in the pool\n"
 
 
@@ -114,3 +116,21 @@ def test_pool_summary_agrees_with_the_key_state_summary() -> None:
     )
     assert direct == viewed
     assert next(s for s in direct if s.family == "gpt4o").tokens == sum(range(15))
+
+
+def test_the_views_show_each_keys_provider() -> None:
+    secret = "sk-ant-status-view"
+    key = Key(secret=secret, hash=hash_key(secret), profile=KeyProfile(frozenset()), seq=1)
+    ant = key_state(key, 0.0)
+    oai = state("oai-000000aa", {"turbo"})
+    assert ant.provider == "anthropic" and oai.provider == "openai"
+    rows = render_text(summarize([ant, oai], {}.get), [ant, oai]).splitlines()
+    assert [line.split()[:2] for line in rows[-2:]] == [
+        [ant.hash, "anthropic"],
+        ["oai-000000aa", "openai"],
+    ]
+    listed = KeyList("active", 2, (ant, oai))
+    page = render_status_page([], [listed], now=0.0, ready=True, total_keys=2)
+    assert f"<td><code>{ant.hash}</code></td><td>anthropic</td>" in page
+    assert "<th>key</th><th>provider</th>" in page
+    assert secret not in page

@@ -211,11 +211,13 @@ func (KeyState) EnumDescriptor() ([]byte, []int) {
 // leaves the service only in GetResponse.secret.
 type Key struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// Stable identifier: "oai-" followed by 8 hex digits of sha256(secret).
+	// Stable identifier: the provider's prefix ("oai-", "ant-") followed by 8
+	// hex digits of sha256(secret).
 	Hash string `protobuf:"bytes,1,opt,name=hash,proto3" json:"hash,omitempty"`
-	// Upstream service the key belongs to ("openai").
+	// Upstream provider the key belongs to ("openai", "anthropic").
 	Service string `protobuf:"bytes,2,opt,name=service,proto3" json:"service,omitempty"`
-	// Model families the key may serve (e.g. "turbo", "gpt4", "gpt4o").
+	// Model families the key may serve (e.g. "turbo", "gpt4o", "claude-sonnet");
+	// only families of its provider.
 	ModelFamilies []string `protobuf:"bytes,3,rep,name=model_families,json=modelFamilies,proto3" json:"model_families,omitempty"`
 	// Organization to send as OpenAI-Organization; empty for the default org.
 	OrganizationId string `protobuf:"bytes,4,opt,name=organization_id,json=organizationId,proto3" json:"organization_id,omitempty"`
@@ -253,8 +255,12 @@ type Key struct {
 	// Rate-limit state per model family, sorted by family; only families the
 	// key was handed out for or reported about.
 	FamilyRateLimits []*FamilyRateLimit `protobuf:"bytes,19,rep,name=family_rate_limits,json=familyRateLimits,proto3" json:"family_rate_limits,omitempty"`
-	unknownFields    protoimpl.UnknownFields
-	sizeCache        protoimpl.SizeCache
+	// When an over-quota key comes back on its own: the time the provider named
+	// for its spend limit to lift (or the start of the next month); unset when
+	// the key is not over quota, or is until a recheck.
+	OverQuotaUntil *timestamppb.Timestamp `protobuf:"bytes,20,opt,name=over_quota_until,json=overQuotaUntil,proto3" json:"over_quota_until,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *Key) Reset() {
@@ -416,6 +422,13 @@ func (x *Key) GetDisabledAt() *timestamppb.Timestamp {
 func (x *Key) GetFamilyRateLimits() []*FamilyRateLimit {
 	if x != nil {
 		return x.FamilyRateLimits
+	}
+	return nil
+}
+
+func (x *Key) GetOverQuotaUntil() *timestamppb.Timestamp {
+	if x != nil {
+		return x.OverQuotaUntil
 	}
 	return nil
 }
@@ -1444,18 +1457,22 @@ type ReportOutcomeRequest struct {
 	Model string `protobuf:"bytes,2,opt,name=model,proto3" json:"model,omitempty"`
 	// HTTP status code of the upstream answer (100 to 599). Required.
 	Status int32 `protobuf:"varint,3,opt,name=status,proto3" json:"status,omitempty"`
-	// Response headers; only x-ratelimit-* are read. Names are matched
-	// case-insensitively.
+	// Response headers; only the rate-limit ones are read (x-ratelimit-* of
+	// OpenAI, anthropic-ratelimit-* and retry-after of Anthropic, by the key's
+	// provider). Names are matched case-insensitively.
 	Headers map[string]string `protobuf:"bytes,4,rep,name=headers,proto3" json:"headers,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
-	// error.type of an OpenAI error body; empty when there is none.
+	// error.type of the provider's error body; empty when there is none.
 	ErrorType string `protobuf:"bytes,5,opt,name=error_type,json=errorType,proto3" json:"error_type,omitempty"`
-	// error.code of an OpenAI error body; empty when there is none.
+	// error.code of an OpenAI error body (Anthropic's have none); empty when
+	// there is none.
 	ErrorCode string `protobuf:"bytes,6,opt,name=error_code,json=errorCode,proto3" json:"error_code,omitempty"`
-	// error.message of an OpenAI error body; empty when there is none.
+	// error.message of the provider's error body; empty when there is none.
 	ErrorMessage string `protobuf:"bytes,7,opt,name=error_message,json=errorMessage,proto3" json:"error_message,omitempty"`
-	// usage.prompt_tokens of a successful answer; zero or more.
+	// usage.prompt_tokens (Anthropic: usage.input_tokens) of a successful
+	// answer; zero or more.
 	PromptTokens int64 `protobuf:"varint,8,opt,name=prompt_tokens,json=promptTokens,proto3" json:"prompt_tokens,omitempty"`
-	// usage.completion_tokens of a successful answer; zero or more.
+	// usage.completion_tokens (Anthropic: usage.output_tokens) of a successful
+	// answer; zero or more.
 	CompletionTokens int64 `protobuf:"varint,9,opt,name=completion_tokens,json=completionTokens,proto3" json:"completion_tokens,omitempty"`
 	unknownFields    protoimpl.UnknownFields
 	sizeCache        protoimpl.SizeCache
@@ -1563,7 +1580,10 @@ type ReportOutcomeResponse struct {
 	Key *Key `protobuf:"bytes,2,opt,name=key,proto3" json:"key,omitempty"`
 	// Short explanation for the proxy's log, e.g. "HTTP 429 rate_limit_exceeded:
 	// rate limited". Never a secret; not meant for branching.
-	Reason        string `protobuf:"bytes,3,opt,name=reason,proto3" json:"reason,omitempty"`
+	Reason string `protobuf:"bytes,3,opt,name=reason,proto3" json:"reason,omitempty"`
+	// Set when the provider, not the key, is overloaded (Anthropic's 529): wait
+	// this long before retrying the request with any key of the provider.
+	RetryAfter    *durationpb.Duration `protobuf:"bytes,4,opt,name=retry_after,json=retryAfter,proto3" json:"retry_after,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1619,11 +1639,18 @@ func (x *ReportOutcomeResponse) GetReason() string {
 	return ""
 }
 
+func (x *ReportOutcomeResponse) GetRetryAfter() *durationpb.Duration {
+	if x != nil {
+		return x.RetryAfter
+	}
+	return nil
+}
+
 var File_keysvc_v1_keysvc_proto protoreflect.FileDescriptor
 
 const file_keysvc_v1_keysvc_proto_rawDesc = "" +
 	"\n" +
-	"\x16keysvc/v1/keysvc.proto\x12\tkeysvc.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9b\b\n" +
+	"\x16keysvc/v1/keysvc.proto\x12\tkeysvc.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe1\b\n" +
 	"\x03Key\x12\x12\n" +
 	"\x04hash\x18\x01 \x01(\tR\x04hash\x12\x18\n" +
 	"\aservice\x18\x02 \x01(\tR\aservice\x12%\n" +
@@ -1648,7 +1675,8 @@ const file_keysvc_v1_keysvc_proto_rawDesc = "" +
 	"\x0edisable_reason\x18\x11 \x01(\x0e2\x18.keysvc.v1.DisableReasonR\rdisableReason\x12;\n" +
 	"\vdisabled_at\x18\x12 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
 	"disabledAt\x12H\n" +
-	"\x12family_rate_limits\x18\x13 \x03(\v2\x1a.keysvc.v1.FamilyRateLimitR\x10familyRateLimits\x1a=\n" +
+	"\x12family_rate_limits\x18\x13 \x03(\v2\x1a.keysvc.v1.FamilyRateLimitR\x10familyRateLimits\x12D\n" +
+	"\x10over_quota_until\x18\x14 \x01(\v2\x1a.google.protobuf.TimestampR\x0eoverQuotaUntil\x1a=\n" +
 	"\x0fTokenUsageEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\x03R\x05value:\x028\x01\"\x80\x04\n" +
@@ -1723,11 +1751,13 @@ const file_keysvc_v1_keysvc_proto_rawDesc = "" +
 	"\x11completion_tokens\x18\t \x01(\x03R\x10completionTokens\x1a:\n" +
 	"\fHeadersEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x83\x01\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xbf\x01\n" +
 	"\x15ReportOutcomeResponse\x120\n" +
 	"\x06action\x18\x01 \x01(\x0e2\x18.keysvc.v1.OutcomeActionR\x06action\x12 \n" +
 	"\x03key\x18\x02 \x01(\v2\x0e.keysvc.v1.KeyR\x03key\x12\x16\n" +
-	"\x06reason\x18\x03 \x01(\tR\x06reason*\x80\x01\n" +
+	"\x06reason\x18\x03 \x01(\tR\x06reason\x12:\n" +
+	"\vretry_after\x18\x04 \x01(\v2\x19.google.protobuf.DurationR\n" +
+	"retryAfter*\x80\x01\n" +
 	"\rDisableReason\x12\x1e\n" +
 	"\x1aDISABLE_REASON_UNSPECIFIED\x10\x00\x12\x1a\n" +
 	"\x16DISABLE_REASON_REVOKED\x10\x01\x12\x18\n" +
@@ -1814,47 +1844,49 @@ var file_keysvc_v1_keysvc_proto_depIdxs = []int32{
 	0,  // 7: keysvc.v1.Key.disable_reason:type_name -> keysvc.v1.DisableReason
 	28, // 8: keysvc.v1.Key.disabled_at:type_name -> google.protobuf.Timestamp
 	4,  // 9: keysvc.v1.Key.family_rate_limits:type_name -> keysvc.v1.FamilyRateLimit
-	28, // 10: keysvc.v1.FamilyRateLimit.last_used:type_name -> google.protobuf.Timestamp
-	28, // 11: keysvc.v1.FamilyRateLimit.rate_limited_at:type_name -> google.protobuf.Timestamp
-	28, // 12: keysvc.v1.FamilyRateLimit.rate_limited_until:type_name -> google.protobuf.Timestamp
-	29, // 13: keysvc.v1.FamilyRateLimit.requests_reset:type_name -> google.protobuf.Duration
-	29, // 14: keysvc.v1.FamilyRateLimit.tokens_reset:type_name -> google.protobuf.Duration
-	29, // 15: keysvc.v1.GetRequest.max_wait:type_name -> google.protobuf.Duration
-	3,  // 16: keysvc.v1.GetResponse.key:type_name -> keysvc.v1.Key
-	0,  // 17: keysvc.v1.DisableRequest.reason:type_name -> keysvc.v1.DisableReason
-	3,  // 18: keysvc.v1.DisableResponse.key:type_name -> keysvc.v1.Key
-	26, // 19: keysvc.v1.UpdateRateLimitsRequest.headers:type_name -> keysvc.v1.UpdateRateLimitsRequest.HeadersEntry
-	29, // 20: keysvc.v1.GetLockoutPeriodResponse.lockout:type_name -> google.protobuf.Duration
-	2,  // 21: keysvc.v1.ListRequest.state:type_name -> keysvc.v1.KeyState
-	3,  // 22: keysvc.v1.ListResponse.keys:type_name -> keysvc.v1.Key
-	27, // 23: keysvc.v1.ReportOutcomeRequest.headers:type_name -> keysvc.v1.ReportOutcomeRequest.HeadersEntry
-	1,  // 24: keysvc.v1.ReportOutcomeResponse.action:type_name -> keysvc.v1.OutcomeAction
-	3,  // 25: keysvc.v1.ReportOutcomeResponse.key:type_name -> keysvc.v1.Key
-	5,  // 26: keysvc.v1.KeyService.Get:input_type -> keysvc.v1.GetRequest
-	7,  // 27: keysvc.v1.KeyService.Disable:input_type -> keysvc.v1.DisableRequest
-	9,  // 28: keysvc.v1.KeyService.MarkRateLimited:input_type -> keysvc.v1.MarkRateLimitedRequest
-	11, // 29: keysvc.v1.KeyService.UpdateRateLimits:input_type -> keysvc.v1.UpdateRateLimitsRequest
-	13, // 30: keysvc.v1.KeyService.GetLockoutPeriod:input_type -> keysvc.v1.GetLockoutPeriodRequest
-	15, // 31: keysvc.v1.KeyService.IncrementUsage:input_type -> keysvc.v1.IncrementUsageRequest
-	17, // 32: keysvc.v1.KeyService.List:input_type -> keysvc.v1.ListRequest
-	19, // 33: keysvc.v1.KeyService.Available:input_type -> keysvc.v1.AvailableRequest
-	21, // 34: keysvc.v1.KeyService.Recheck:input_type -> keysvc.v1.RecheckRequest
-	23, // 35: keysvc.v1.KeyService.ReportOutcome:input_type -> keysvc.v1.ReportOutcomeRequest
-	6,  // 36: keysvc.v1.KeyService.Get:output_type -> keysvc.v1.GetResponse
-	8,  // 37: keysvc.v1.KeyService.Disable:output_type -> keysvc.v1.DisableResponse
-	10, // 38: keysvc.v1.KeyService.MarkRateLimited:output_type -> keysvc.v1.MarkRateLimitedResponse
-	12, // 39: keysvc.v1.KeyService.UpdateRateLimits:output_type -> keysvc.v1.UpdateRateLimitsResponse
-	14, // 40: keysvc.v1.KeyService.GetLockoutPeriod:output_type -> keysvc.v1.GetLockoutPeriodResponse
-	16, // 41: keysvc.v1.KeyService.IncrementUsage:output_type -> keysvc.v1.IncrementUsageResponse
-	18, // 42: keysvc.v1.KeyService.List:output_type -> keysvc.v1.ListResponse
-	20, // 43: keysvc.v1.KeyService.Available:output_type -> keysvc.v1.AvailableResponse
-	22, // 44: keysvc.v1.KeyService.Recheck:output_type -> keysvc.v1.RecheckResponse
-	24, // 45: keysvc.v1.KeyService.ReportOutcome:output_type -> keysvc.v1.ReportOutcomeResponse
-	36, // [36:46] is the sub-list for method output_type
-	26, // [26:36] is the sub-list for method input_type
-	26, // [26:26] is the sub-list for extension type_name
-	26, // [26:26] is the sub-list for extension extendee
-	0,  // [0:26] is the sub-list for field type_name
+	28, // 10: keysvc.v1.Key.over_quota_until:type_name -> google.protobuf.Timestamp
+	28, // 11: keysvc.v1.FamilyRateLimit.last_used:type_name -> google.protobuf.Timestamp
+	28, // 12: keysvc.v1.FamilyRateLimit.rate_limited_at:type_name -> google.protobuf.Timestamp
+	28, // 13: keysvc.v1.FamilyRateLimit.rate_limited_until:type_name -> google.protobuf.Timestamp
+	29, // 14: keysvc.v1.FamilyRateLimit.requests_reset:type_name -> google.protobuf.Duration
+	29, // 15: keysvc.v1.FamilyRateLimit.tokens_reset:type_name -> google.protobuf.Duration
+	29, // 16: keysvc.v1.GetRequest.max_wait:type_name -> google.protobuf.Duration
+	3,  // 17: keysvc.v1.GetResponse.key:type_name -> keysvc.v1.Key
+	0,  // 18: keysvc.v1.DisableRequest.reason:type_name -> keysvc.v1.DisableReason
+	3,  // 19: keysvc.v1.DisableResponse.key:type_name -> keysvc.v1.Key
+	26, // 20: keysvc.v1.UpdateRateLimitsRequest.headers:type_name -> keysvc.v1.UpdateRateLimitsRequest.HeadersEntry
+	29, // 21: keysvc.v1.GetLockoutPeriodResponse.lockout:type_name -> google.protobuf.Duration
+	2,  // 22: keysvc.v1.ListRequest.state:type_name -> keysvc.v1.KeyState
+	3,  // 23: keysvc.v1.ListResponse.keys:type_name -> keysvc.v1.Key
+	27, // 24: keysvc.v1.ReportOutcomeRequest.headers:type_name -> keysvc.v1.ReportOutcomeRequest.HeadersEntry
+	1,  // 25: keysvc.v1.ReportOutcomeResponse.action:type_name -> keysvc.v1.OutcomeAction
+	3,  // 26: keysvc.v1.ReportOutcomeResponse.key:type_name -> keysvc.v1.Key
+	29, // 27: keysvc.v1.ReportOutcomeResponse.retry_after:type_name -> google.protobuf.Duration
+	5,  // 28: keysvc.v1.KeyService.Get:input_type -> keysvc.v1.GetRequest
+	7,  // 29: keysvc.v1.KeyService.Disable:input_type -> keysvc.v1.DisableRequest
+	9,  // 30: keysvc.v1.KeyService.MarkRateLimited:input_type -> keysvc.v1.MarkRateLimitedRequest
+	11, // 31: keysvc.v1.KeyService.UpdateRateLimits:input_type -> keysvc.v1.UpdateRateLimitsRequest
+	13, // 32: keysvc.v1.KeyService.GetLockoutPeriod:input_type -> keysvc.v1.GetLockoutPeriodRequest
+	15, // 33: keysvc.v1.KeyService.IncrementUsage:input_type -> keysvc.v1.IncrementUsageRequest
+	17, // 34: keysvc.v1.KeyService.List:input_type -> keysvc.v1.ListRequest
+	19, // 35: keysvc.v1.KeyService.Available:input_type -> keysvc.v1.AvailableRequest
+	21, // 36: keysvc.v1.KeyService.Recheck:input_type -> keysvc.v1.RecheckRequest
+	23, // 37: keysvc.v1.KeyService.ReportOutcome:input_type -> keysvc.v1.ReportOutcomeRequest
+	6,  // 38: keysvc.v1.KeyService.Get:output_type -> keysvc.v1.GetResponse
+	8,  // 39: keysvc.v1.KeyService.Disable:output_type -> keysvc.v1.DisableResponse
+	10, // 40: keysvc.v1.KeyService.MarkRateLimited:output_type -> keysvc.v1.MarkRateLimitedResponse
+	12, // 41: keysvc.v1.KeyService.UpdateRateLimits:output_type -> keysvc.v1.UpdateRateLimitsResponse
+	14, // 42: keysvc.v1.KeyService.GetLockoutPeriod:output_type -> keysvc.v1.GetLockoutPeriodResponse
+	16, // 43: keysvc.v1.KeyService.IncrementUsage:output_type -> keysvc.v1.IncrementUsageResponse
+	18, // 44: keysvc.v1.KeyService.List:output_type -> keysvc.v1.ListResponse
+	20, // 45: keysvc.v1.KeyService.Available:output_type -> keysvc.v1.AvailableResponse
+	22, // 46: keysvc.v1.KeyService.Recheck:output_type -> keysvc.v1.RecheckResponse
+	24, // 47: keysvc.v1.KeyService.ReportOutcome:output_type -> keysvc.v1.ReportOutcomeResponse
+	38, // [38:48] is the sub-list for method output_type
+	28, // [28:38] is the sub-list for method input_type
+	28, // [28:28] is the sub-list for extension type_name
+	28, // [28:28] is the sub-list for extension extendee
+	0,  // [0:28] is the sub-list for field type_name
 }
 
 func init() { file_keysvc_v1_keysvc_proto_init() }

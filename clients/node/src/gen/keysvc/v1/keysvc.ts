@@ -208,11 +208,17 @@ export function keyStateToJSON(object: KeyState): string {
  * leaves the service only in GetResponse.secret.
  */
 export interface Key {
-  /** Stable identifier: "oai-" followed by 8 hex digits of sha256(secret). */
+  /**
+   * Stable identifier: the provider's prefix ("oai-", "ant-") followed by 8
+   * hex digits of sha256(secret).
+   */
   hash: string;
-  /** Upstream service the key belongs to ("openai"). */
+  /** Upstream provider the key belongs to ("openai", "anthropic"). */
   service: string;
-  /** Model families the key may serve (e.g. "turbo", "gpt4", "gpt4o"). */
+  /**
+   * Model families the key may serve (e.g. "turbo", "gpt4o", "claude-sonnet");
+   * only families of its provider.
+   */
   modelFamilies: string[];
   /** Organization to send as OpenAI-Organization; empty for the default org. */
   organizationId: string;
@@ -272,6 +278,12 @@ export interface Key {
    * key was handed out for or reported about.
    */
   familyRateLimits: FamilyRateLimit[];
+  /**
+   * When an over-quota key comes back on its own: the time the provider named
+   * for its spend limit to lift (or the start of the next month); unset when
+   * the key is not over quota, or is until a recheck.
+   */
+  overQuotaUntil: Date | undefined;
 }
 
 export interface Key_TokenUsageEntry {
@@ -502,19 +514,29 @@ export interface ReportOutcomeRequest {
   /** HTTP status code of the upstream answer (100 to 599). Required. */
   status: number;
   /**
-   * Response headers; only x-ratelimit-* are read. Names are matched
-   * case-insensitively.
+   * Response headers; only the rate-limit ones are read (x-ratelimit-* of
+   * OpenAI, anthropic-ratelimit-* and retry-after of Anthropic, by the key's
+   * provider). Names are matched case-insensitively.
    */
   headers: { [key: string]: string };
-  /** error.type of an OpenAI error body; empty when there is none. */
+  /** error.type of the provider's error body; empty when there is none. */
   errorType: string;
-  /** error.code of an OpenAI error body; empty when there is none. */
+  /**
+   * error.code of an OpenAI error body (Anthropic's have none); empty when
+   * there is none.
+   */
   errorCode: string;
-  /** error.message of an OpenAI error body; empty when there is none. */
+  /** error.message of the provider's error body; empty when there is none. */
   errorMessage: string;
-  /** usage.prompt_tokens of a successful answer; zero or more. */
+  /**
+   * usage.prompt_tokens (Anthropic: usage.input_tokens) of a successful
+   * answer; zero or more.
+   */
   promptTokens: number;
-  /** usage.completion_tokens of a successful answer; zero or more. */
+  /**
+   * usage.completion_tokens (Anthropic: usage.output_tokens) of a successful
+   * answer; zero or more.
+   */
   completionTokens: number;
 }
 
@@ -536,6 +558,11 @@ export interface ReportOutcomeResponse {
    * rate limited". Never a secret; not meant for branching.
    */
   reason: string;
+  /**
+   * Set when the provider, not the key, is overloaded (Anthropic's 529): wait
+   * this long before retrying the request with any key of the provider.
+   */
+  retryAfter: Duration | undefined;
 }
 
 function createBaseKey(): Key {
@@ -559,6 +586,7 @@ function createBaseKey(): Key {
     disableReason: 0,
     disabledAt: undefined,
     familyRateLimits: [],
+    overQuotaUntil: undefined,
   };
 }
 
@@ -620,6 +648,9 @@ export const Key: MessageFns<Key> = {
     }
     for (const v of message.familyRateLimits) {
       FamilyRateLimit.encode(v!, writer.uint32(154).fork()).join();
+    }
+    if (message.overQuotaUntil !== undefined) {
+      Timestamp.encode(toTimestamp(message.overQuotaUntil), writer.uint32(162).fork()).join();
     }
     return writer;
   },
@@ -792,6 +823,14 @@ export const Key: MessageFns<Key> = {
             message.familyRateLimits.push(FamilyRateLimit.decode(reader, reader.uint32()));
             continue;
           }
+          case 20: {
+            if (tag !== 162) {
+              break;
+            }
+
+            message.overQuotaUntil = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -915,6 +954,11 @@ export const Key: MessageFns<Key> = {
         : globalThis.Array.isArray(object?.family_rate_limits)
         ? object.family_rate_limits.map((e: any) => FamilyRateLimit.fromJSON(e))
         : [],
+      overQuotaUntil: isSet(object.overQuotaUntil)
+        ? fromJsonTimestamp(object.overQuotaUntil)
+        : isSet(object.over_quota_until)
+        ? fromJsonTimestamp(object.over_quota_until)
+        : undefined,
     };
   },
 
@@ -983,6 +1027,9 @@ export const Key: MessageFns<Key> = {
     if (message.familyRateLimits?.length) {
       obj.familyRateLimits = message.familyRateLimits.map((e) => FamilyRateLimit.toJSON(e));
     }
+    if (message.overQuotaUntil !== undefined) {
+      obj.overQuotaUntil = message.overQuotaUntil.toISOString();
+    }
     return obj;
   },
 
@@ -1023,6 +1070,7 @@ export const Key: MessageFns<Key> = {
     message.disableReason = object.disableReason ?? 0;
     message.disabledAt = object.disabledAt ?? undefined;
     message.familyRateLimits = object.familyRateLimits?.map((e) => FamilyRateLimit.fromPartial(e)) || [];
+    message.overQuotaUntil = object.overQuotaUntil ?? undefined;
     return message;
   },
 };
@@ -3120,7 +3168,7 @@ export const ReportOutcomeRequest_HeadersEntry: MessageFns<ReportOutcomeRequest_
 };
 
 function createBaseReportOutcomeResponse(): ReportOutcomeResponse {
-  return { action: 0, key: undefined, reason: "" };
+  return { action: 0, key: undefined, reason: "", retryAfter: undefined };
 }
 
 export const ReportOutcomeResponse: MessageFns<ReportOutcomeResponse> = {
@@ -3133,6 +3181,9 @@ export const ReportOutcomeResponse: MessageFns<ReportOutcomeResponse> = {
     }
     if (message.reason !== "") {
       writer.uint32(26).string(message.reason);
+    }
+    if (message.retryAfter !== undefined) {
+      Duration.encode(message.retryAfter, writer.uint32(34).fork()).join();
     }
     return writer;
   },
@@ -3174,6 +3225,14 @@ export const ReportOutcomeResponse: MessageFns<ReportOutcomeResponse> = {
             message.reason = reader.string();
             continue;
           }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.retryAfter = Duration.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3191,6 +3250,11 @@ export const ReportOutcomeResponse: MessageFns<ReportOutcomeResponse> = {
       action: isSet(object.action) ? outcomeActionFromJSON(object.action) : 0,
       key: isSet(object.key) ? Key.fromJSON(object.key) : undefined,
       reason: isSet(object.reason) ? globalThis.String(object.reason) : "",
+      retryAfter: isSet(object.retryAfter)
+        ? Duration.fromJSON(object.retryAfter)
+        : isSet(object.retry_after)
+        ? Duration.fromJSON(object.retry_after)
+        : undefined,
     };
   },
 
@@ -3205,6 +3269,9 @@ export const ReportOutcomeResponse: MessageFns<ReportOutcomeResponse> = {
     if (message.reason !== "") {
       obj.reason = message.reason;
     }
+    if (message.retryAfter !== undefined) {
+      obj.retryAfter = Duration.toJSON(message.retryAfter);
+    }
     return obj;
   },
 
@@ -3216,6 +3283,9 @@ export const ReportOutcomeResponse: MessageFns<ReportOutcomeResponse> = {
     message.action = object.action ?? 0;
     message.key = (object.key !== undefined && object.key !== null) ? Key.fromPartial(object.key) : undefined;
     message.reason = object.reason ?? "";
+    message.retryAfter = (object.retryAfter !== undefined && object.retryAfter !== null)
+      ? Duration.fromPartial(object.retryAfter)
+      : undefined;
     return message;
   },
 };

@@ -1,0 +1,4 @@
+"""Anthropic (Claude): model table, headers, error table and checker.
+
+Kept light: the provider object is ``keysvc.providers.anthropic.provider.PROVIDER``.
+"""
