@@ -286,9 +286,9 @@ def apply_rate_headers(table: RateTable, row: int, parsed: RateHeaders, now: flo
         if _known(budget.limit[row]):  # a budget is kept for the dimension
             # Never more than the limit, whatever the header said: what is left is
             # compared with what is needed before any refill is worked out.
-            left = min(left, budget.limit[row])
+            capped = min(left, budget.limit[row])
             # After _reanchor, ``left`` holds what the budget expected by now.
-            budget.left[row] = left if fresh else min(left, budget.left[row])
+            budget.left[row] = capped if fresh else min(capped, budget.left[row])
             table.budget_at[row] = now
 
 
