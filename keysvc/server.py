@@ -20,12 +20,19 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_status import rpc_status
+from redis.asyncio import Redis
 
 from .auth import SERVICE_PREFIX, AuthInterceptor, AuthTokens
 from .checker import CheckerConfig, KeyChecker
 from .clock import Clock, SystemClock
-from .config import Settings, is_loopback
-from .errors import ERROR_DOMAIN, KeysvcError, ShuttingDown, StateWriteFailed
+from .config import ConfigError, Settings, is_loopback
+from .errors import (
+    ERROR_DOMAIN,
+    KeysvcError,
+    ShuttingDown,
+    StateWriteFailed,
+    StoreUnavailable,
+)
 from .events import PoolObserver
 from .ext_proc import EXT_PROC_SERVICE_NAME, ExtProcService, add_ext_proc_service
 from .interceptors import Behavior, UnaryInterceptor
@@ -41,6 +48,7 @@ from .overload import (
     raise_open_files_limit,
 )
 from .pool import KeyPool, Limits, MemoryBackend, PoolBackend, as_backend
+from .pool.redis import RedisBackend
 from .reflection import enable_reflection
 from .reload import KeysFileWatcher, read_keys_file
 from .service import KeyService, Rechecker
@@ -371,11 +379,7 @@ def build_pool(
     observer: PoolObserver | None = None,
 ) -> KeyPool:
     """The pool the settings describe, with the keys of OPENAI_KEY (then ``extra_keys``)."""
-    models = (
-        ModelTable.from_file(settings.model_families_file)
-        if settings.model_families_file
-        else ModelTable()
-    )
+    models = _models(settings)
     if settings.allowed_families is not None:
         unknown = settings.allowed_families - set(models.families)
         if unknown:
@@ -407,6 +411,57 @@ def build_pool(
     # Refcounting still frees a removed key; only cycles among them would stay.
     gc.freeze()
     return pool
+
+
+def _models(settings: Settings) -> ModelTable:
+    return (
+        ModelTable.from_file(settings.model_families_file)
+        if settings.model_families_file
+        else ModelTable()
+    )
+
+
+def _log_loaded(count: int) -> None:
+    if count == 0:
+        _log.warning(
+            "no keys configured (OPENAI_KEY and KEYSVC_KEYS_FILE are empty);"
+            " serving an empty pool, every Get will fail"
+        )
+    else:
+        _log.info("loaded keys", extra={"keys": count})
+
+
+async def build_redis_backend(
+    settings: Settings, *, extra_keys: Sequence[str] = (), observer: PoolObserver | None = None
+) -> RedisBackend:
+    """The shared pool of ``settings.redis_url``, with this replica's keys registered.
+
+    Raises:
+        ConfigError: Redis does not answer (a replica cannot start without it yet).
+    """
+    assert settings.redis_url is not None
+    client = Redis.from_url(
+        settings.redis_url,
+        socket_connect_timeout=settings.redis_timeout,
+        socket_timeout=settings.redis_timeout,
+    )
+    backend = RedisBackend(
+        client,
+        models=_models(settings),
+        prefix=settings.redis_prefix,
+        timeout=settings.redis_timeout,
+        allowed_families=settings.allowed_families,
+        observer=observer,
+    )
+    secrets = list(dict.fromkeys([*settings.openai_keys, *extra_keys]))
+    try:
+        added = await backend.add_keys(secrets)
+    except StoreUnavailable as exc:
+        await backend.aclose()
+        raise ConfigError(f"KEYSVC_REDIS_URL: cannot reach Redis: {exc.problem}") from exc
+    _log_loaded(len(secrets))
+    _log.info("shared pool on redis", extra={"prefix": settings.redis_prefix, "new_keys": added})
+    return backend
 
 
 def _log_protection(settings: Settings, tokens: AuthTokens, tls: TlsConfig | None) -> None:
@@ -450,16 +505,16 @@ async def serve(settings: Settings, *, clock: Clock | None = None) -> None:
         )
     else:
         store = MemoryKeyStore()
-        _log.info("no state file: disabled flags and usage are lost on restart")
+        if settings.redis_url is None:
+            _log.info("no state file: disabled flags and usage are lost on restart")
     metrics = Metrics() if settings.metrics_port is not None else None
-    pool = build_pool(settings, clock, store=store, extra_keys=file_keys, observer=metrics)
-    if len(pool) == 0:
-        _log.warning(
-            "no keys configured (OPENAI_KEY and KEYSVC_KEYS_FILE are empty);"
-            " serving an empty pool, every Get will fail"
-        )
+    backend: PoolBackend
+    if settings.redis_url is not None:
+        backend = await build_redis_backend(settings, extra_keys=file_keys, observer=metrics)
     else:
-        _log.info("loaded keys", extra={"keys": len(pool)})
+        pool = build_pool(settings, clock, store=store, extra_keys=file_keys, observer=metrics)
+        _log_loaded(len(pool))
+        backend = MemoryBackend(pool)
     if state is not None:
         try:
             await state.flush()  # proves the file is writable before serving
@@ -469,7 +524,6 @@ async def serve(settings: Settings, *, clock: Clock | None = None) -> None:
             ) from exc
         state.start()
     _log_protection(settings, tokens, tls)
-    backend = MemoryBackend(pool)
     checker = build_checker(settings, backend, clock) if settings.check_keys else None
     try:
         running = create_server(
@@ -490,6 +544,8 @@ async def serve(settings: Settings, *, clock: Clock | None = None) -> None:
     except BaseException:
         if checker is not None:
             await checker.aclose()
+        if isinstance(backend, RedisBackend):
+            await backend.aclose()
         raise
 
     loop = asyncio.get_running_loop()
@@ -542,6 +598,8 @@ async def serve(settings: Settings, *, clock: Clock | None = None) -> None:
             await http.stop()
         if state is not None:
             await state.close()
+        if isinstance(backend, RedisBackend):
+            await backend.aclose()
     _log.info("stopped")
 
 

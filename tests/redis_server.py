@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -83,8 +84,18 @@ class RedisServer:
             time.sleep(0.02)
         return False
 
+    def pause(self) -> None:
+        """SIGSTOP: the port still accepts connections, nothing is answered (a hung Redis)."""
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGCONT)
+
     def stop(self) -> None:
         if self._proc is not None:
+            self._proc.send_signal(signal.SIGCONT)  # a paused one must see the TERM
             self._proc.terminate()
             try:
                 self._proc.wait(timeout=5)

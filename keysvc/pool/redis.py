@@ -171,15 +171,16 @@ class RedisBackend:
 
     # -- plumbing --------------------------------------------------------------------
 
-    async def _run(self, name: str, *args: str | float) -> Any:
+    async def _run(self, name: str, *args: str | float, timeout: float | None = None) -> Any:
         """One script call, bounded by the timeout; any failure is ``StoreUnavailable``."""
         now = "" if self._now is None else repr(self._now())
         argv = [self._prefix, now, repr(self._reuse_delay), *args]
+        timeout = self._timeout if timeout is None else timeout
         try:
-            async with asyncio.timeout(self._timeout):
+            async with asyncio.timeout(timeout):
                 return await self._scripts[name](keys=[], args=argv)
         except TimeoutError:
-            raise StoreUnavailable(f"no answer within {self._timeout:g} s") from None
+            raise StoreUnavailable(f"no answer within {timeout:g} s") from None
         except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
             raise StoreUnavailable(type(exc).__name__) from None
 
@@ -272,7 +273,9 @@ class RedisBackend:
             args += [key_hash, fams, trial, c32, ""]
         added = 0
         for start in range(0, len(args), 5 * _ADD_BATCH):
-            added += len(await self._run("add", *args[start : start + 5 * _ADD_BATCH]))
+            batch = args[start : start + 5 * _ADD_BATCH]
+            # At start-up and reload, not in an RPC: a batch may take longer than one.
+            added += len(await self._run("add", *batch, timeout=max(self._timeout, 10.0)))
         return added
 
     # -- PoolBackend -------------------------------------------------------------------
@@ -565,6 +568,10 @@ class RedisBackend:
 
     async def flush(self) -> None:
         """Nothing to do: every call is in Redis when it returns (durability is Redis's)."""
+
+    async def aclose(self) -> None:
+        """Closes the connection to Redis."""
+        await self._client.aclose()
 
     def _state_changed(self, key: Key, change: KeyChange, reason: str) -> None:
         event, level = CHANGE_LOGS[change]
