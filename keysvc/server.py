@@ -25,7 +25,7 @@ from redis.asyncio import Redis
 from .auth import SERVICE_PREFIX, AuthInterceptor, AuthTokens
 from .checker import CheckerConfig, KeyChecker
 from .clock import Clock, SystemClock
-from .config import ConfigError, Settings, is_loopback
+from .config import Settings, is_loopback
 from .errors import (
     ERROR_DOMAIN,
     KeysvcError,
@@ -72,6 +72,9 @@ __all__ = [
 SERVICE_NAME: str = keysvc_pb2.DESCRIPTOR.services_by_name["KeyService"].full_name
 
 _log = logging.getLogger("keysvc.server")
+
+#: Seconds between the checks that Redis answers (health follows within twice this).
+REDIS_PING_INTERVAL = 0.5
 
 
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: KeysvcError) -> None:
@@ -434,11 +437,8 @@ def _log_loaded(count: int) -> None:
 async def build_redis_backend(
     settings: Settings, *, extra_keys: Sequence[str] = (), observer: PoolObserver | None = None
 ) -> RedisBackend:
-    """The shared pool of ``settings.redis_url``, with this replica's keys registered.
-
-    Raises:
-        ConfigError: Redis does not answer (a replica cannot start without it yet).
-    """
+    """The shared pool of ``settings.redis_url``, with this replica's keys registered,
+    or to be registered once Redis answers (``RedisBackend.ping``)."""
     assert settings.redis_url is not None
     client = Redis.from_url(
         settings.redis_url,
@@ -454,14 +454,42 @@ async def build_redis_backend(
         observer=observer,
     )
     secrets = list(dict.fromkeys([*settings.openai_keys, *extra_keys]))
+    _log_loaded(len(secrets))
     try:
         added = await backend.add_keys(secrets)
     except StoreUnavailable as exc:
-        await backend.aclose()
-        raise ConfigError(f"KEYSVC_REDIS_URL: cannot reach Redis: {exc.problem}") from exc
-    _log_loaded(len(secrets))
-    _log.info("shared pool on redis", extra={"prefix": settings.redis_prefix, "new_keys": added})
+        # Served NOT_SERVING until Redis answers (_follow_redis), then the keys join.
+        _log.warning(
+            "redis not answering; not serving until it does", extra={"problem": exc.problem}
+        )
+    else:
+        _log.info(
+            "shared pool on redis", extra={"prefix": settings.redis_prefix, "new_keys": added}
+        )
     return backend
+
+
+async def _follow_redis(
+    backend: RedisBackend, health: health_aio.HealthServicer, interval: float = REDIS_PING_INTERVAL
+) -> None:
+    """KeyService and ext_proc health from Redis: NOT_SERVING while it does not answer
+    within the timeout, SERVING again once it does (the process is not restarted)."""
+    serving: bool | None = None
+    while True:
+        ok = await backend.ping()
+        if ok != serving:
+            if serving is not None or not ok:
+                log = _log.info if ok else _log.warning
+                log("redis answering again" if ok else "redis not answering: NOT_SERVING")
+            serving = ok
+            status = (
+                health_pb2.HealthCheckResponse.SERVING
+                if ok
+                else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
+            for name in (SERVICE_NAME, EXT_PROC_SERVICE_NAME):
+                await health.set(name, status)
+        await asyncio.sleep(interval)
 
 
 def _log_protection(settings: Settings, tokens: AuthTokens, tls: TlsConfig | None) -> None:
@@ -576,6 +604,8 @@ async def serve(settings: Settings, *, clock: Clock | None = None) -> None:
         loop.add_signal_handler(signum, stop.set)
     try:
         await running.start()
+        if isinstance(backend, RedisBackend):
+            background.append(loop.create_task(_follow_redis(backend, running.health)))
         _log.info("serving", extra={"address": _address(settings.host, running.port)})
         if checker is not None:
             checking = loop.create_task(checker.run(), name="key-checker")

@@ -9,10 +9,10 @@ import subprocess
 import time
 from pathlib import Path
 
-__all__ = ["RedisServer"]
+__all__ = ["RedisServer", "free_port"]
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
@@ -40,9 +40,10 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> None:
-        for _ in range(5):
-            self.port = _free_port()
+    def start(self, port: int = 0) -> None:
+        """Starts on ``port``, or (0) on a free one."""
+        for _ in range(1 if port else 5):
+            self.port = port or free_port()
             self._proc = subprocess.Popen(
                 [
                     self._binary,

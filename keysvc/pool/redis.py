@@ -164,6 +164,8 @@ class RedisBackend:
         self._now = now
         #: The keys this replica holds a secret for, by hash.
         self._secrets: dict[str, tuple[str, str]] = {}
+        #: add script arguments of keys not registered in Redis yet (it did not answer).
+        self._unregistered: list[str] = []
         self._scripts: dict[str, AsyncScript] = {
             name: client.register_script(_program(_script_text(f"{name}.lua")))
             for name in ("add", "get", "disable", "available", "list", "report", "recheck")
@@ -173,6 +175,8 @@ class RedisBackend:
 
     async def _run(self, name: str, *args: str | float, timeout: float | None = None) -> Any:
         """One script call, bounded by the timeout; any failure is ``StoreUnavailable``."""
+        if self._unregistered and name != "add":
+            raise StoreUnavailable("this replica's keys are not in the shared pool yet")
         now = "" if self._now is None else repr(self._now())
         argv = [self._prefix, now, repr(self._reuse_delay), *args]
         timeout = self._timeout if timeout is None else timeout
@@ -259,6 +263,9 @@ class RedisBackend:
 
         Returns:
             How many keys were new to the pool.
+
+        Raises:
+            StoreUnavailable: Redis did not answer; ``ping`` registers them when it does.
         """
         families = self._models.default_key_families() if profile is None else profile.families
         fams = ",".join(sorted(families))
@@ -271,12 +278,30 @@ class RedisBackend:
                 continue
             self._secrets[key_hash] = (secret, "")
             args += [key_hash, fams, trial, c32, ""]
+        self._unregistered += args
+        return await self._register()
+
+    async def _register(self) -> int:
         added = 0
-        for start in range(0, len(args), 5 * _ADD_BATCH):
-            batch = args[start : start + 5 * _ADD_BATCH]
+        while self._unregistered:
+            batch = self._unregistered[: 5 * _ADD_BATCH]
             # At start-up and reload, not in an RPC: a batch may take longer than one.
             added += len(await self._run("add", *batch, timeout=max(self._timeout, 10.0)))
+            del self._unregistered[: len(batch)]
         return added
+
+    async def ping(self) -> bool:
+        """Whether Redis answers within the timeout; the first time it does after it did
+        not, this replica's keys not registered yet are."""
+        try:
+            if self._unregistered:
+                added = await self._register()
+                _log.info("keys registered in the shared pool", extra={"new_keys": added})
+            async with asyncio.timeout(self._timeout):
+                await self._client.ping()
+        except (StoreUnavailable, TimeoutError, redis_errors.RedisError, OSError):
+            return False
+        return True
 
     # -- PoolBackend -------------------------------------------------------------------
 

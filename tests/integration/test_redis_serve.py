@@ -9,14 +9,17 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from keysvc.keys import hash_key
 from keysvc.v1 import keysvc_pb2 as pb
 from keysvc.v1 import keysvc_pb2_grpc
 from tests.helpers import error_reason, keysvc_process
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisServer, free_port
 
 SECRETS = [f"sk-redis-{i:02d}" for i in range(8)]
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 def _stub(port: int) -> keysvc_pb2_grpc.KeyServiceStub:
@@ -109,7 +112,9 @@ def test_a_hung_redis_fails_calls_within_the_timeout(tmp_path: Path) -> None:
                 assert caught.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
                 assert error_reason(caught.value) == "STORE_UNAVAILABLE"  # type: ignore[arg-type]
             assert max(took) < 1.0  # 200 ms on Redis, the rest is the RPC itself
+            _wait_health(child.port, NOT_SERVING, within=2.0)
             server.resume()
+            _wait_health(child.port, SERVING, within=2.0)
             assert _stub(child.port).Available(pb.AvailableRequest()).count == len(SECRETS)
     finally:
         server.stop()
@@ -146,16 +151,35 @@ def test_settings_redis_cannot_go_with_are_refused(
     assert "hunter2" not in done.stderr
 
 
-def test_unreachable_redis_refuses_to_start(tmp_path: Path) -> None:
-    env = {"PATH": "/usr/bin:/bin", "CHECK_KEYS": "false", "OPENAI_KEY": "sk-x"}
-    env["KEYSVC_REDIS_URL"] = "redis://:hunter2@127.0.0.1:1/0"
-    done = subprocess.run(
-        [sys.executable, "-m", "keysvc", "serve", "--port", "0"],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert done.returncode == 2
-    assert "cannot reach Redis" in done.stderr and "hunter2" not in done.stderr
+def _health(port: int, service: str = "keysvc.v1.KeyService") -> int:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        status: int = stub.Check(health_pb2.HealthCheckRequest(service=service)).status
+        return status
+
+
+def _wait_health(port: int, want: int, within: float) -> float:
+    started = time.monotonic()
+    while _health(port) != want:
+        assert time.monotonic() - started < within, f"health not {want} within {within} s"
+        time.sleep(0.05)
+    return time.monotonic() - started
+
+
+def test_a_replica_started_while_redis_is_down_joins_when_it_comes(tmp_path: Path) -> None:
+    port = free_port()
+    env = _env(f"redis://127.0.0.1:{port}/0", "late")
+    server = RedisServer(tmp_path)
+    with keysvc_process(env=env) as child:
+        _wait_health(child.port, NOT_SERVING, within=2.0)
+        with pytest.raises(grpc.RpcError) as caught:
+            _stub(child.port).Get(pb.GetRequest(model="gpt-4"))
+        assert error_reason(caught.value) == "STORE_UNAVAILABLE"  # type: ignore[arg-type]
+        server.start(port)
+        try:
+            _wait_health(child.port, SERVING, within=2.0)
+            assert _stub(child.port).Available(pb.AvailableRequest()).count == len(SECRETS)
+            assert _stub(child.port).Get(pb.GetRequest(model="gpt-4")).secret in SECRETS
+        finally:
+            server.stop()
+        _wait_health(child.port, NOT_SERVING, within=2.0)
