@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from importlib import resources
 from typing import Any, Final
@@ -166,6 +168,11 @@ class RedisBackend:
         self._secrets: dict[str, tuple[str, str]] = {}
         #: add script arguments of keys not registered in Redis yet (it did not answer).
         self._unregistered: list[str] = []
+        #: Waiting Gets, per (family, embeddings), first come first served; the first
+        #: of each asks Redis, woken by ``_woken`` (pub/sub) or its unlock time.
+        self._waiting: dict[tuple[str, bool], deque[asyncio.Future[None]]] = {}
+        self._woken: asyncio.Future[None] | None = None
+        self._listener: asyncio.Task[None] | None = None
         self._scripts: dict[str, AsyncScript] = {
             name: client.register_script(_program(_script_text(f"{name}.lua")))
             for name in ("add", "get", "disable", "available", "list", "report", "recheck")
@@ -315,22 +322,91 @@ class RedisBackend:
     async def get(
         self, model: str, max_wait: float = 0.0, *, time_left: float | None = None
     ) -> Key:
-        family, embeddings = self._info(model)
+        check_model(model)
         if not 0.0 <= max_wait <= MAX_WAIT:
             raise InvalidArgument("max_wait", f"must be between 0 and {MAX_WAIT:g} seconds")
+        family, embeddings = self._info(model)
         if time_left is not None:
             max_wait = max(0.0, min(max_wait, time_left - rules.DEADLINE_MARGIN))
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + max_wait
-        while max_wait > 0.0 and (left := deadline - loop.time()) > 0.0:
-            answer = await self._run("get", family, "1" if embeddings else "0", "free")
-            if _text(answer[0]) != "until":
-                return self._handed_out(answer, family, model)
-            # Woken at the earliest unlock the pool knows of (Redis's clock), not polled.
-            wait = float(_text(answer[1])) - float(_text(answer[2]))
-            await asyncio.sleep(min(max(wait, 0.001), left))
+        if max_wait > 0.0:
+            key = await self._wait_for_key(family, embeddings, model, max_wait)
+            if key is not None:
+                return key
         answer = await self._run("get", family, "1" if embeddings else "0", "get")
         return self._handed_out(answer, family, model)
+
+    async def _wait_for_key(
+        self, family: str, embeddings: bool, model: str, max_wait: float
+    ) -> Key | None:
+        """A free key as soon as there is one, within ``max_wait``; None at the deadline.
+
+        Waiters of one family (and kind) in this replica take turns in arrival order;
+        only the first asks Redis. It is woken at the earliest unlock time Redis
+        reports, and when any replica publishes that a key may have come free (a
+        report, a Recheck, new keys); nothing is polled. Across replicas no order
+        holds: each replica's first waiter competes with the others' for the key.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max_wait
+        queue = self._waiting.setdefault((family, embeddings), deque())
+        turn: asyncio.Future[None] = loop.create_future()
+        queue.append(turn)
+        if queue[0] is turn:
+            turn.set_result(None)
+        self._listen()
+        try:
+            while (left := deadline - loop.time()) > 0.0:
+                if not turn.done():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(asyncio.shield(turn), left)
+                    continue
+                woken = self._next_wake()
+                answer = await self._run("get", family, "1" if embeddings else "0", "free")
+                if _text(answer[0]) != "until":
+                    return self._handed_out(answer, family, model)
+                wait = float(_text(answer[1])) - float(_text(answer[2]))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(woken), min(max(wait, 0.001), left))
+            return None
+        finally:
+            queue.remove(turn)
+            if queue and not queue[0].done():
+                queue[0].set_result(None)
+            if not queue:
+                del self._waiting[(family, embeddings)]
+
+    def _listen(self) -> None:
+        """Starts the subscription to the pool's wake-ups (once)."""
+        if self._listener is None or self._listener.done():
+            self._listener = asyncio.get_running_loop().create_task(self._subscribe())
+
+    async def _subscribe(self) -> None:
+        """Wakes the waiters on every wake-up published; resubscribes after Redis comes back."""
+        channel = f"{{{self._prefix}}}:wake"
+        while self._waiting:
+            pubsub = self._client.pubsub()
+            try:
+                await pubsub.subscribe(channel)
+                self._wake()  # a wake-up may have been missed while not subscribed
+                while self._waiting:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    if message is not None:
+                        self._wake()
+            except (redis_errors.RedisError, OSError):
+                await asyncio.sleep(0.5)
+            finally:
+                with contextlib.suppress(redis_errors.RedisError, OSError):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    def _next_wake(self) -> asyncio.Future[None]:
+        if self._woken is None:
+            self._woken = asyncio.get_running_loop().create_future()
+        return self._woken
+
+    def _wake(self) -> None:
+        woken, self._woken = self._woken, None
+        if woken is not None:
+            woken.set_result(None)
 
     def _handed_out(self, answer: Sequence[Any], family: str, model: str) -> Key:
         if _text(answer[0]) == "none":
@@ -596,6 +672,10 @@ class RedisBackend:
 
     async def aclose(self) -> None:
         """Closes the connection to Redis."""
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
         await self._client.aclose()
 
     def _state_changed(self, key: Key, change: KeyChange, reason: str) -> None:

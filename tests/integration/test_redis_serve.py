@@ -183,3 +183,29 @@ def test_a_replica_started_while_redis_is_down_joins_when_it_comes(tmp_path: Pat
         finally:
             server.stop()
         _wait_health(child.port, NOT_SERVING, within=2.0)
+
+
+def test_a_waiting_get_is_woken_by_another_replica(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """Replica B waits (max_wait 5 s) while its only live key is locked for 10 s; a
+    Recheck on replica A brings a disabled key back, and B's Get gets it at once
+    (woken through Redis pub/sub), not at its deadline with the locked key."""
+    secrets = SECRETS[:2]
+    env = _env(redis_server.url, redis_prefix, secrets)
+    locked, disabled = hash_key(secrets[0]), hash_key(secrets[1])
+    with keysvc_process(env=env) as a_child, keysvc_process(env=env) as b_child:
+        a, b = _stub(a_child.port), _stub(b_child.port)
+        a.Disable(pb.DisableRequest(hash=disabled))
+        a.MarkRateLimited(pb.MarkRateLimitedRequest(hash=locked, model="gpt-4"))
+        assert a.GetLockoutPeriod(pb.GetLockoutPeriodRequest(model="gpt-4")).lockout.seconds >= 9
+        request = pb.GetRequest(model="gpt-4")
+        request.max_wait.seconds = 5
+        waiting = b.Get.future(request, timeout=10)
+        time.sleep(0.5)
+        assert not waiting.done()
+        started = time.monotonic()
+        a.Recheck(pb.RecheckRequest())
+        got = waiting.result()
+        assert got.key.hash == disabled
+        assert time.monotonic() - started < 1.0

@@ -15,4 +15,5 @@ for i = 4, #ARGV, 5 do
     added[#added + 1] = h
   end
 end
+if #added > 0 then redis.call('PUBLISH', P .. 'wake', '') end
 return added

@@ -10,4 +10,5 @@ for _, h in ipairs(redis.call('ZRANGE', P .. 'order', 0, -1)) do
     place_all(record(h), h, NOW)
   end
 end
+redis.call('PUBLISH', P .. 'wake', '')
 return 'OK'

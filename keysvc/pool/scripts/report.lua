@@ -135,4 +135,6 @@ else
   end
   if ARGV[19] ~= '' then change = disable_key(h, record(h), ARGV[19], NOW) end
 end
+-- A lock may have ended or got shorter: waiting Gets of every replica look again.
+redis.call('PUBLISH', P .. 'wake', h)
 return {'key', first and '1' or '0', change, num(NOW), counted, key_view(h)}
