@@ -485,7 +485,6 @@ def check_settings(settings: Settings) -> None:
         # The Redis backend does not do these yet; refused rather than half done.
         for on, name in (
             (settings.state_file is not None, "KEYSVC_STATE_FILE (Redis keeps the state)"),
-            (settings.check_keys, "CHECK_KEYS=true (no key checker on a Redis pool yet)"),
             (settings.metrics_port is not None, "KEYSVC_METRICS_PORT (not over Redis yet)"),
         ):
             if on:

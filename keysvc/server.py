@@ -9,7 +9,10 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import signal
+import socket
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -75,6 +78,9 @@ _log = logging.getLogger("keysvc.server")
 
 #: Seconds between the checks that Redis answers (health follows within twice this).
 REDIS_PING_INTERVAL = 0.5
+#: The key checker's lease among replicas: a dead holder's checks resume elsewhere
+#: within this many seconds.
+CHECKER_LEASE = 10.0
 
 
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: KeysvcError) -> None:
@@ -492,6 +498,52 @@ async def _follow_redis(
         await asyncio.sleep(interval)
 
 
+class _SharedRecheck:
+    """Recheck on a shared pool: keys are marked in Redis; the lease holder's checker
+    picks them up (at once when it is this replica's)."""
+
+    def __init__(self, backend: RedisBackend) -> None:
+        self._backend = backend
+        self.checker: KeyChecker | None = None
+
+    async def recheck(self) -> None:
+        await self._backend.recheck(until_checked=True)
+        if self.checker is not None:
+            await self.checker.pick_up_rechecks()
+
+
+async def _check_under_lease(
+    make_checker: Callable[[], KeyChecker],
+    backend: RedisBackend,
+    shared: _SharedRecheck,
+    lease: float = CHECKER_LEASE,
+) -> None:
+    """Runs the key checker while this replica holds the lease; renews it every third
+    of its length, stops checking when it is lost. A dead holder's lease lapses and
+    another replica takes over the checks left (the keys still unchecked in Redis)."""
+    holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    while True:
+        if not await backend.hold_lease(holder, lease):
+            await asyncio.sleep(lease / 3)
+            continue
+        _log.info("key checker lease taken", extra={"holder": holder})
+        checker = shared.checker = make_checker()
+        task = asyncio.get_running_loop().create_task(checker.run())
+        try:
+            while not task.done():
+                await asyncio.sleep(lease / 3)
+                if not await backend.hold_lease(holder, lease):
+                    _log.warning("key checker lease lost; checking stops here")
+                    break
+                await checker.pick_up_rechecks()
+        finally:
+            shared.checker = None
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            _report_checker_end(task)
+
+
 def _log_protection(settings: Settings, tokens: AuthTokens, tls: TlsConfig | None) -> None:
     if tokens.enabled:
         _log.info(
@@ -553,6 +605,11 @@ async def serve(settings: Settings, *, clock: Clock | None = None) -> None:
         state.start()
     _log_protection(settings, tokens, tls)
     checker = build_checker(settings, backend, clock) if settings.check_keys else None
+    rechecker: Rechecker | None = checker
+    if isinstance(backend, RedisBackend) and checker is not None:
+        # One checker among the replicas, the lease holder's (_check_under_lease).
+        await checker.aclose()
+        checker, rechecker = None, _SharedRecheck(backend)
     try:
         running = create_server(
             backend,
@@ -560,7 +617,7 @@ async def serve(settings: Settings, *, clock: Clock | None = None) -> None:
             port=settings.port,
             tokens=tokens,
             tls=tls,
-            checker=checker,
+            checker=rechecker,
             metrics=metrics,
             list_max_page_size=settings.list_max_page_size,
             ext_proc_max_wait=settings.ext_proc_max_wait,
@@ -606,12 +663,17 @@ async def serve(settings: Settings, *, clock: Clock | None = None) -> None:
         await running.start()
         if isinstance(backend, RedisBackend):
             background.append(loop.create_task(_follow_redis(backend, running.health)))
+            if isinstance(rechecker, _SharedRecheck):
+                leased = _check_under_lease(
+                    lambda: build_checker(settings, backend, clock), backend, rechecker
+                )
+                background.append(loop.create_task(leased, name="key-checker"))
         _log.info("serving", extra={"address": _address(settings.host, running.port)})
         if checker is not None:
             checking = loop.create_task(checker.run(), name="key-checker")
             checking.add_done_callback(_report_checker_end)
             background.append(checking)
-        else:
+        elif rechecker is None:
             _log.info("key checking is off (CHECK_KEYS=false); keys are used as loaded")
         await stop.wait()
         _log.info("shutting down", extra={"grace_seconds": settings.shutdown_grace})

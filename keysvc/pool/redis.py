@@ -175,7 +175,18 @@ class RedisBackend:
         self._listener: asyncio.Task[None] | None = None
         self._scripts: dict[str, AsyncScript] = {
             name: client.register_script(_program(_script_text(f"{name}.lua")))
-            for name in ("add", "get", "disable", "available", "list", "report", "recheck")
+            for name in (
+                "add",
+                "get",
+                "disable",
+                "available",
+                "list",
+                "report",
+                "recheck",
+                "check",
+                "view",
+                "lease",
+            )
         }
 
     # -- plumbing --------------------------------------------------------------------
@@ -284,14 +295,14 @@ class RedisBackend:
             if key_hash in self._secrets:
                 continue
             self._secrets[key_hash] = (secret, "")
-            args += [key_hash, fams, trial, c32, ""]
+            args += [key_hash, fams, trial, c32, "", ""]
         self._unregistered += args
         return await self._register()
 
     async def _register(self) -> int:
         added = 0
         while self._unregistered:
-            batch = self._unregistered[: 5 * _ADD_BATCH]
+            batch = self._unregistered[: 6 * _ADD_BATCH]
             # At start-up and reload, not in an RPC: a batch may take longer than one.
             added += len(await self._run("add", *batch, timeout=max(self._timeout, 10.0)))
             del self._unregistered[: len(batch)]
@@ -585,9 +596,7 @@ class RedisBackend:
         return key
 
     async def recheck(self, *, until_checked: bool = False) -> None:
-        if until_checked:
-            raise NotImplementedError("the key checker does not run on a Redis pool yet")
-        await self._run("recheck")
+        await self._run("recheck", "1" if until_checked else "0")
         _log.info("all keys marked for recheck")
 
     async def available(self) -> int:
@@ -642,10 +651,10 @@ class RedisBackend:
 
     async def key(self, key_hash: str) -> Key:
         self._check_hash(key_hash)
-        for key in await self.keys():
-            if key.hash == key_hash:
-                return key
-        raise KeyNotFound(key_hash)
+        answer = await self._run("view", key_hash)
+        if _text(answer[0]) == "missing":
+            raise KeyNotFound(key_hash)
+        return self._key(answer[1])
 
     async def apply_check(
         self,
@@ -655,13 +664,72 @@ class RedisBackend:
         is_trial: bool,
         organization_id: str | None = None,
     ) -> Key:
-        raise NotImplementedError("the key checker does not run on a Redis pool yet")
+        """Records a check that found the key alive. The families come from the listed
+        model ids; the ids themselves are not kept (a Redis pool serves a model by its
+        family: a key listing gpt-4o but not gpt-4o-mini may get gpt-4o-mini requests)."""
+        self._check_hash(key_hash)
+        families = (
+            "" if model_ids is None else ",".join(sorted(self._models.listed_families(model_ids)))
+        )
+        answer = await self._run(
+            "check",
+            key_hash,
+            "alive",
+            families,
+            "1" if is_trial else "0",
+            "0" if organization_id is None else "1",
+            organization_id or "",
+        )
+        if _text(answer[0]) == "missing":
+            raise KeyNotFound(key_hash)
+        key = self._key(answer[4])
+        if _text(answer[2]) == "1":
+            _log.info("key alive again after recheck", extra={"key_hash": key.hash})
+        return key
 
     async def apply_dead_check(self, key_hash: str, reason: DisableReason) -> Key:
-        raise NotImplementedError("the key checker does not run on a Redis pool yet")
+        self._check_hash(key_hash)
+        answer = await self._run("check", key_hash, "dead", reason.value)
+        if _text(answer[0]) == "missing":
+            raise KeyNotFound(key_hash)
+        key = self._key(answer[4])
+        change = _text(answer[1])
+        if change:
+            self._state_changed(key, _CHANGES[change], reason.value)
+        return key
 
     async def clone_for_org(self, key_hash: str, organization_id: str) -> Key | None:
-        raise NotImplementedError("organization clones are not kept in a Redis pool yet")
+        """Adds an unchecked clone of a key for another of its organizations (the
+        replica must hold the parent's secret); None when the pool has it already."""
+        parent = await self.key(key_hash)
+        if not organization_id:
+            raise InvalidArgument("organization_id", "is required")
+        if not parent.secret:
+            raise KeyNotFound(key_hash)
+        clone_hash = hash_key(parent.secret, organization_id)
+        self._secrets[clone_hash] = (parent.secret, organization_id)
+        families = self._models.default_key_families()
+        c32 = "1" if GPT4_32K in families else "0"
+        added = await self._run(
+            "add", clone_hash, ",".join(sorted(families)), "0", c32, organization_id, parent.hash
+        )
+        if not added:
+            return None
+        clone = await self.key(clone_hash)
+        self._state_changed(
+            clone, KeyChange.CLONED, f"key belongs to organization {organization_id}"
+        )
+        return clone
+
+    async def hold_lease(self, holder: str, seconds: float) -> bool:
+        """Takes or renews the key checker's lease for ``holder``; whether it holds it now.
+
+        One replica checks keys at a time; a holder that dies loses the lease
+        ``seconds`` later and another takes it over."""
+        try:
+            return bool(await self._run("lease", holder, str(int(seconds * 1000))))
+        except StoreUnavailable:
+            return False
 
     async def sync_keys(self, secrets: Sequence[str]) -> KeySync:
         added = await self.add_keys(secrets)

@@ -124,7 +124,6 @@ def test_a_hung_redis_fails_calls_within_the_timeout(tmp_path: Path) -> None:
     ("extra", "problem"),
     [
         ({"KEYSVC_STATE_FILE": "state.db"}, "KEYSVC_STATE_FILE"),
-        ({"CHECK_KEYS": "true"}, "CHECK_KEYS"),
         ({"KEYSVC_REDIS_URL": "http://127.0.0.1:1"}, "redis://"),
         ({"KEYSVC_REDIS_PREFIX": "a{b}"}, "KEYSVC_REDIS_PREFIX"),
     ],
