@@ -210,7 +210,9 @@ class RedisBackend:
         """A Key from a script's view of one (record, family states, usage)."""
         key_hash = _text(view[0])
         record = _pairs(view[1])
-        secret, organization_id = self._secrets.get(key_hash, ("", record.get("org", "")))
+        local = self._secrets.get(key_hash) or self._secrets.get(record.get("clone", ""))
+        # An organization clone (made by whichever replica checks keys) has its parent's secret.
+        secret, organization_id = local or ("", record.get("org", ""))
         families = frozenset(f for f in record.get("fams", "").split(",") if f)
         key = Key(
             secret=secret,
