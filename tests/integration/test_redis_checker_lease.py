@@ -26,6 +26,7 @@ def test_the_checker_lease_moves_when_its_holder_dies(
             "OPENAI_KEY": ",".join(SECRETS),
             "KEYSVC_REDIS_URL": redis_server.url,
             "KEYSVC_REDIS_PREFIX": redis_prefix,
+            "KEYSVC_REDIS_TIMEOUT": "2s",  # a loaded CI machine can stall a process 250 ms
             "CHECK_KEYS": "true",
             "OPENAI_BASE_URL": fake.base_url,
             "KEYSVC_CHECK_INTERVAL": "1",  # 12 keys a batch, a batch a second: ~3 s in all

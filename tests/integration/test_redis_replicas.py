@@ -23,6 +23,7 @@ def test_three_replicas_share_one_pool(redis_server: RedisServer, redis_prefix: 
         "OPENAI_KEY": ",".join(SECRETS),
         "KEYSVC_REDIS_URL": redis_server.url,
         "KEYSVC_REDIS_PREFIX": redis_prefix,
+        "KEYSVC_REDIS_TIMEOUT": "2s",  # a loaded CI machine can stall a process 250 ms
     }
     with ExitStack() as stack:
         children = [stack.enter_context(keysvc_process(env=env)) for _ in range(3)]

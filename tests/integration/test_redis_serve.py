@@ -27,7 +27,13 @@ def _stub(port: int) -> keysvc_pb2_grpc.KeyServiceStub:
 
 
 def _env(url: str, prefix: str, secrets: list[str] = SECRETS) -> dict[str, str]:
-    return {"OPENAI_KEY": ",".join(secrets), "KEYSVC_REDIS_URL": url, "KEYSVC_REDIS_PREFIX": prefix}
+    return {
+        "OPENAI_KEY": ",".join(secrets),
+        "KEYSVC_REDIS_URL": url,
+        "KEYSVC_REDIS_PREFIX": prefix,
+        # Not the 250 ms default: a loaded CI machine can stall a process that long.
+        "KEYSVC_REDIS_TIMEOUT": "2s",
+    }
 
 
 def test_two_replicas_share_one_pool(redis_server: RedisServer, redis_prefix: str) -> None:
@@ -93,7 +99,7 @@ def test_a_hung_redis_fails_calls_within_the_timeout(tmp_path: Path) -> None:
     server = RedisServer(tmp_path)
     server.start()
     try:
-        env = {**_env(server.url, "hung"), "KEYSVC_REDIS_TIMEOUT": "200ms"}
+        env = {**_env(server.url, "hung"), "KEYSVC_REDIS_TIMEOUT": "500ms"}
         with keysvc_process(env=env) as child:
             stub = _stub(child.port)
             stub.Get(pb.GetRequest(model="gpt-4"))
@@ -111,7 +117,7 @@ def test_a_hung_redis_fails_calls_within_the_timeout(tmp_path: Path) -> None:
                 took.append(time.monotonic() - started)
                 assert caught.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
                 assert error_reason(caught.value) == "STORE_UNAVAILABLE"  # type: ignore[arg-type]
-            assert max(took) < 1.0  # 200 ms on Redis, the rest is the RPC itself
+            assert max(took) < 1.5  # 500 ms on Redis, the rest is the RPC itself
             _wait_health(child.port, NOT_SERVING, within=2.0)
             server.resume()
             _wait_health(child.port, SERVING, within=2.0)
@@ -207,4 +213,4 @@ def test_a_waiting_get_is_woken_by_another_replica(
         a.Recheck(pb.RecheckRequest())
         got = waiting.result()
         assert got.key.hash == disabled
-        assert time.monotonic() - started < 1.0
+        assert time.monotonic() - started < 2.5  # its deadline was 4.5 s away
