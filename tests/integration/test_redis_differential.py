@@ -5,7 +5,8 @@ order) into a memory ``KeyPool`` and a ``RedisBackend`` on the test session's
 redis-server, both on one manual clock (the scripts get its time instead of
 ``TIME``), and applies every operation to both: Get, GetLockoutPeriod,
 MarkRateLimited, UpdateRateLimits, ReportOutcome, IncrementUsage, Disable,
-Recheck, and time passing. Every hand-out, lockout, error and Key message must
+the key checker's results, Recheck (with and without a checker), and time
+passing. Every hand-out, lockout, error and Key message must
 be the same. (The memory pool's own model test, ``tests/unit/test_pool_model.py``,
 checks the memory backend against a brute-force reference; this carries that
 to Redis.)
@@ -196,11 +197,26 @@ class Differential(RuleBasedStateMachine):
         assert key_to_proto(self.run(redis.disable(key_hash, reason))) == expected
 
     @precondition(lambda self: self.memory is not None)
-    @rule()
-    def recheck(self) -> None:
+    @rule(i=st.integers(0, 7), is_trial=st.booleans(), dead=st.sampled_from([None, *DisableReason]))
+    def check(self, i: int, is_trial: bool, dead: DisableReason | None) -> None:
+        # A check result moves the key to another class (trial or paid) with its
+        # state, or finds it dead.
         assert self.memory is not None and self.redis is not None
-        self.memory.recheck()
-        self.run(self.redis.recheck())
+        redis, key_hash = self.redis, self.hash(i)
+        if dead is None:
+            expected = self.memory.apply_check(key_hash, model_ids=None, is_trial=is_trial)
+            got = self.run(redis.apply_check(key_hash, model_ids=None, is_trial=is_trial))
+        else:
+            expected = self.memory.apply_dead_check(key_hash, dead)
+            got = self.run(redis.apply_dead_check(key_hash, dead))
+        assert key_to_proto(got) == key_to_proto(expected)
+
+    @precondition(lambda self: self.memory is not None)
+    @rule(until_checked=st.booleans())
+    def recheck(self, until_checked: bool) -> None:
+        assert self.memory is not None and self.redis is not None
+        self.memory.recheck(until_checked=until_checked)
+        self.run(self.redis.recheck(until_checked=until_checked))
 
     @precondition(lambda self: self.memory is not None)
     @rule(seconds=st.sampled_from([0.0, 0.01, 0.5, 1.0, 2.0, 9.99, 10.0, 30.0, 61.0]))

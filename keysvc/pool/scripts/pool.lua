@@ -107,8 +107,12 @@ local function select(f, embeddings, now)
       else
         top = redis.call('ZRANGE', lock, 0, 0, 'WITHSCORES')
         if #top > 0 then
-          local lu = redis.call('HGET', state_key(f, string.sub(top[1], 14)), 'lu')
-          rank = {tonumber(top[2]), c, tonumber(lu or '0'), top[1]}
+          -- Keys unlocking at the same instant go by last use, then load order (as in
+          -- memory); the set orders them by load order alone.
+          for _, m in ipairs(redis.call('ZRANGEBYSCORE', lock, top[2], top[2])) do
+            local lu = tonumber(redis.call('HGET', state_key(f, string.sub(m, 14)), 'lu') or '0')
+            if rank == nil or lu < rank[3] then rank = {tonumber(top[2]), c, lu, m} end
+          end
         end
       end
       if rank ~= nil then
