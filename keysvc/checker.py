@@ -170,6 +170,14 @@ class KeyChecker:
         _log.info("recheck requested", extra={"keys": count})
         self._wake.set()
 
+    async def pick_up_rechecks(self) -> int:
+        """Queues the keys marked unchecked since (a Recheck another replica took) and
+        wakes the checker when there are any."""
+        count = await self.enqueue_unchecked()
+        if count:
+            self._wake.set()
+        return count
+
     @property
     def pending(self) -> int:
         """Keys waiting for a check or a retry."""

@@ -15,6 +15,7 @@ Exception tree::
     ├── RoleDenied              PERMISSION_DENIED   ROLE_DENIED
     ├── ShuttingDown            UNAVAILABLE         SHUTTING_DOWN
     ├── StateWriteFailed        UNAVAILABLE         STATE_WRITE_FAILED
+    ├── StoreUnavailable        UNAVAILABLE         STORE_UNAVAILABLE
     ├── Overloaded              RESOURCE_EXHAUSTED  OVERLOADED
     └── KeysBusy                RESOURCE_EXHAUSTED  KEYS_BUSY
 """
@@ -33,6 +34,7 @@ __all__ = [
     "RoleDenied",
     "ShuttingDown",
     "StateWriteFailed",
+    "StoreUnavailable",
     "Unauthenticated",
 ]
 
@@ -168,6 +170,21 @@ class StateWriteFailed(KeysvcError):
             f" ({problem}); keysvc keeps retrying, and the change is lost if it stops"
             " before a write succeeds"
         )
+        self.problem = problem
+
+
+class StoreUnavailable(KeysvcError):
+    """The shared pool's store (Redis) did not answer in time, or not at all.
+
+    The call may or may not have been applied there (a script runs whole or not
+    at all); nothing was answered from a local view instead.
+    """
+
+    code = "UNAVAILABLE"
+    reason = "STORE_UNAVAILABLE"
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(f"the shared pool's store is unavailable ({problem}); retry later")
         self.problem = problem
 
 

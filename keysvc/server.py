@@ -9,7 +9,10 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import signal
+import socket
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,12 +23,19 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_status import rpc_status
+from redis.asyncio import Redis
 
 from .auth import SERVICE_PREFIX, AuthInterceptor, AuthTokens
 from .checker import CheckerConfig, KeyChecker
 from .clock import Clock, SystemClock
-from .config import Settings, is_loopback
-from .errors import ERROR_DOMAIN, KeysvcError, ShuttingDown, StateWriteFailed
+from .config import ConfigError, Settings, is_loopback
+from .errors import (
+    ERROR_DOMAIN,
+    KeysvcError,
+    ShuttingDown,
+    StateWriteFailed,
+    StoreUnavailable,
+)
 from .events import PoolObserver
 from .ext_proc import EXT_PROC_SERVICE_NAME, ExtProcService, add_ext_proc_service
 from .interceptors import Behavior, UnaryInterceptor
@@ -41,6 +51,8 @@ from .overload import (
     raise_open_files_limit,
 )
 from .pool import KeyPool, Limits, MemoryBackend, PoolBackend, as_backend
+from .pool.redis import RedisBackend
+from .providers import OPENAI, identity_of_secret
 from .reflection import enable_reflection
 from .reload import KeysFileWatcher, read_keys_file
 from .service import KeyService, Rechecker
@@ -64,6 +76,12 @@ __all__ = [
 SERVICE_NAME: str = keysvc_pb2.DESCRIPTOR.services_by_name["KeyService"].full_name
 
 _log = logging.getLogger("keysvc.server")
+
+#: Seconds between the checks that Redis answers (health follows within twice this).
+REDIS_PING_INTERVAL = 0.5
+#: The key checker's lease among replicas: a dead holder's checks resume elsewhere
+#: within this many seconds.
+CHECKER_LEASE = 10.0
 
 
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: KeysvcError) -> None:
@@ -391,11 +409,7 @@ def build_pool(
 ) -> KeyPool:
     """The pool the settings describe, with the keys of OPENAI_KEY and ANTHROPIC_KEY (then
     ``extra_keys``); ``census``, when given, watches its store (for the HTTP port's snapshots)."""
-    models = (
-        ModelTable.from_file(settings.model_families_file)
-        if settings.model_families_file
-        else ModelTable()
-    )
+    models = _models(settings)
     if settings.allowed_families is not None:
         unknown = settings.allowed_families - set(models.families)
         if unknown:
@@ -427,6 +441,135 @@ def build_pool(
     # Refcounting still frees a removed key; only cycles among them would stay.
     gc.freeze()
     return pool
+
+
+def _models(settings: Settings) -> ModelTable:
+    return (
+        ModelTable.from_file(settings.model_families_file)
+        if settings.model_families_file
+        else ModelTable()
+    )
+
+
+def _log_loaded(count: int) -> None:
+    if count == 0:
+        _log.warning(
+            "no keys configured (OPENAI_KEY, ANTHROPIC_KEY and KEYSVC_KEYS_FILE are empty);"
+            " serving an empty pool, every Get will fail"
+        )
+    else:
+        _log.info("loaded keys", extra={"keys": count})
+
+
+async def build_redis_backend(
+    settings: Settings, *, extra_keys: Sequence[str] = (), observer: PoolObserver | None = None
+) -> RedisBackend:
+    """The shared pool of ``settings.redis_url``, with this replica's keys registered,
+    or to be registered once Redis answers (``RedisBackend.ping``)."""
+    assert settings.redis_url is not None
+    client = Redis.from_url(
+        settings.redis_url,
+        socket_connect_timeout=settings.redis_timeout,
+        socket_timeout=settings.redis_timeout,
+    )
+    backend = RedisBackend(
+        client,
+        models=_models(settings),
+        prefix=settings.redis_prefix,
+        timeout=settings.redis_timeout,
+        allowed_families=settings.allowed_families,
+        observer=observer,
+    )
+    secrets = list(dict.fromkeys([*settings.openai_keys, *extra_keys]))
+    others = sum(1 for secret in secrets if identity_of_secret(secret).name != OPENAI)
+    if others:
+        # The Lua rules read OpenAI's answers only; refused rather than half served.
+        raise ConfigError(
+            f"KEYSVC_REDIS_URL serves OpenAI keys only yet; the keys file has {others}"
+            " key(s) of another provider"
+        )
+    _log_loaded(len(secrets))
+    try:
+        added = await backend.add_keys(secrets)
+    except StoreUnavailable as exc:
+        # Served NOT_SERVING until Redis answers (_follow_redis), then the keys join.
+        _log.warning(
+            "redis not answering; not serving until it does", extra={"problem": exc.problem}
+        )
+    else:
+        _log.info(
+            "shared pool on redis", extra={"prefix": settings.redis_prefix, "new_keys": added}
+        )
+    return backend
+
+
+async def _follow_redis(
+    backend: RedisBackend, health: health_aio.HealthServicer, interval: float = REDIS_PING_INTERVAL
+) -> None:
+    """KeyService and ext_proc health from Redis: NOT_SERVING while it does not answer
+    within the timeout, SERVING again once it does (the process is not restarted)."""
+    serving: bool | None = None
+    while True:
+        ok = await backend.ping()
+        if ok != serving:
+            if serving is not None or not ok:
+                log = _log.info if ok else _log.warning
+                log("redis answering again" if ok else "redis not answering: NOT_SERVING")
+            serving = ok
+            status = (
+                health_pb2.HealthCheckResponse.SERVING
+                if ok
+                else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
+            for name in (SERVICE_NAME, EXT_PROC_SERVICE_NAME):
+                await health.set(name, status)
+        await asyncio.sleep(interval)
+
+
+class _SharedRecheck:
+    """Recheck on a shared pool: keys are marked in Redis; the lease holder's checker
+    picks them up (at once when it is this replica's)."""
+
+    def __init__(self, backend: RedisBackend) -> None:
+        self._backend = backend
+        self.checker: KeyChecker | None = None
+
+    async def recheck(self) -> None:
+        await self._backend.recheck(until_checked=True)
+        if self.checker is not None:
+            await self.checker.pick_up_rechecks()
+
+
+async def _check_under_lease(
+    make_checker: Callable[[], KeyChecker],
+    backend: RedisBackend,
+    shared: _SharedRecheck,
+    lease: float = CHECKER_LEASE,
+) -> None:
+    """Runs the key checker while this replica holds the lease; renews it every third
+    of its length, stops checking when it is lost. A dead holder's lease lapses and
+    another replica takes over the checks left (the keys still unchecked in Redis)."""
+    holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    while True:
+        if not await backend.hold_lease(holder, lease):
+            await asyncio.sleep(lease / 3)
+            continue
+        _log.info("key checker lease taken", extra={"holder": holder})
+        checker = shared.checker = make_checker()
+        task = asyncio.get_running_loop().create_task(checker.run())
+        try:
+            while not task.done():
+                await asyncio.sleep(lease / 3)
+                if not await backend.hold_lease(holder, lease):
+                    _log.warning("key checker lease lost; checking stops here")
+                    break
+                await checker.pick_up_rechecks()
+        finally:
+            shared.checker = None
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            _report_checker_end(task)
 
 
 def _log_protection(settings: Settings, tokens: AuthTokens, tls: TlsConfig | None) -> None:
@@ -470,19 +613,19 @@ async def serve(settings: Settings, *, clock: Clock | None = None) -> None:
         )
     else:
         store = MemoryKeyStore()
-        _log.info("no state file: disabled flags and usage are lost on restart")
+        if settings.redis_url is None:
+            _log.info("no state file: disabled flags and usage are lost on restart")
     metrics = Metrics() if settings.metrics_port is not None else None
     census = KeyCensus() if metrics is not None else None
-    pool = build_pool(
-        settings, clock, store=store, extra_keys=file_keys, observer=metrics, census=census
-    )
-    if len(pool) == 0:
-        _log.warning(
-            "no keys configured (OPENAI_KEY, ANTHROPIC_KEY and KEYSVC_KEYS_FILE are empty);"
-            " serving an empty pool, every Get will fail"
-        )
+    backend: PoolBackend
+    if settings.redis_url is not None:
+        backend = await build_redis_backend(settings, extra_keys=file_keys, observer=metrics)
     else:
-        _log.info("loaded keys", extra={"keys": len(pool)})
+        pool = build_pool(
+            settings, clock, store=store, extra_keys=file_keys, observer=metrics, census=census
+        )
+        _log_loaded(len(pool))
+        backend = MemoryBackend(pool)
     if state is not None:
         try:
             await state.flush()  # proves the file is writable before serving
@@ -492,8 +635,12 @@ async def serve(settings: Settings, *, clock: Clock | None = None) -> None:
             ) from exc
         state.start()
     _log_protection(settings, tokens, tls)
-    backend = MemoryBackend(pool)
     checker = build_checker(settings, backend, clock) if settings.check_keys else None
+    rechecker: Rechecker | None = checker
+    if isinstance(backend, RedisBackend) and checker is not None:
+        # One checker among the replicas, the lease holder's (_check_under_lease).
+        await checker.aclose()
+        checker, rechecker = None, _SharedRecheck(backend)
     try:
         running = create_server(
             backend,
@@ -501,7 +648,7 @@ async def serve(settings: Settings, *, clock: Clock | None = None) -> None:
             port=settings.port,
             tokens=tokens,
             tls=tls,
-            checker=checker,
+            checker=rechecker,
             metrics=metrics,
             list_max_page_size=settings.list_max_page_size,
             ext_proc_max_wait=settings.ext_proc_max_wait,
@@ -513,6 +660,8 @@ async def serve(settings: Settings, *, clock: Clock | None = None) -> None:
     except BaseException:
         if checker is not None:
             await checker.aclose()
+        if isinstance(backend, RedisBackend):
+            await backend.aclose()
         raise
 
     loop = asyncio.get_running_loop()
@@ -548,12 +697,19 @@ async def serve(settings: Settings, *, clock: Clock | None = None) -> None:
         loop.add_signal_handler(signum, stop.set)
     try:
         await running.start()
+        if isinstance(backend, RedisBackend):
+            background.append(loop.create_task(_follow_redis(backend, running.health)))
+            if isinstance(rechecker, _SharedRecheck):
+                leased = _check_under_lease(
+                    lambda: build_checker(settings, backend, clock), backend, rechecker
+                )
+                background.append(loop.create_task(leased, name="key-checker"))
         _log.info("serving", extra={"address": _address(settings.host, running.port)})
         if checker is not None:
             checking = loop.create_task(checker.run(), name="key-checker")
             checking.add_done_callback(_report_checker_end)
             background.append(checking)
-        else:
+        elif rechecker is None:
             _log.info("key checking is off (CHECK_KEYS=false); keys are used as loaded")
         await stop.wait()
         _log.info("shutting down", extra={"grace_seconds": settings.shutdown_grace})
@@ -570,6 +726,8 @@ async def serve(settings: Settings, *, clock: Clock | None = None) -> None:
             await http.stop()
         if state is not None:
             await state.close()
+        if isinstance(backend, RedisBackend):
+            await backend.aclose()
     _log.info("stopped")
 
 

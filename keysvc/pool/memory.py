@@ -69,6 +69,7 @@ from .backend import KeyPage, KeySync, PoolBackend
 from .rules import (
     ATTRIBUTION_WINDOW,
     BUDGET_LAPSE,
+    CHANGE_LOGS,
     DEADLINE_MARGIN,
     DEFAULT_LOCKOUT_MODEL,
     HASH_PATTERN,
@@ -98,15 +99,6 @@ _log = logging.getLogger("keysvc.pool")
 
 #: Bound on the eligible-index cache, which is keyed by model name (names come from callers).
 ELIGIBLE_CACHE_SIZE: Final = 4096
-
-#: The log event and level of each key state change.
-_CHANGE_LOGS: Final = {
-    KeyChange.DISABLED: ("key disabled", logging.WARNING),
-    KeyChange.REVOKED: ("key revoked", logging.WARNING),
-    KeyChange.OVER_QUOTA: ("key over quota", logging.WARNING),
-    KeyChange.RATE_LIMITED: ("key rate limited", logging.INFO),
-    KeyChange.CLONED: ("key cloned", logging.INFO),
-}
 
 
 class _ProfileGroup:
@@ -1299,7 +1291,7 @@ class KeyPool:
 
     def _state_changed(self, key: Key, change: KeyChange, reason: str, **fields: str) -> None:
         """The one place a key state change is logged and reported, once per change."""
-        event, level = _CHANGE_LOGS[change]
+        event, level = CHANGE_LOGS[change]
         extra = {"key_hash": key.hash, "provider": key.service, "reason": reason, **fields}
         _log.log(level, event, extra=extra)
         self._observer.state_changed(key.hash, change, reason)

@@ -73,6 +73,7 @@ from collections.abc import Mapping
 from typing import Final, NamedTuple
 
 from ..errors import InvalidArgument
+from ..events import KeyChange
 from ..keys import Key
 from ..providers import provider
 from ..providers.base import Dimension
@@ -130,6 +131,15 @@ MAX_WAIT: Final = 60.0
 DEADLINE_MARGIN: Final = 0.1
 #: The model GetLockoutPeriod assumes when none is given (as the seed).
 DEFAULT_LOCKOUT_MODEL: Final = "gpt-4"
+
+#: The log event and level of each key state change.
+CHANGE_LOGS: Final = {
+    KeyChange.DISABLED: ("key disabled", logging.WARNING),
+    KeyChange.REVOKED: ("key revoked", logging.WARNING),
+    KeyChange.OVER_QUOTA: ("key over quota", logging.WARNING),
+    KeyChange.RATE_LIMITED: ("key rate limited", logging.INFO),
+    KeyChange.CLONED: ("key cloned", logging.INFO),
+}
 
 #: What a key hash looks like. Checked before lookup so that a secret sent by
 #: mistake in a hash field is never echoed back in an error.

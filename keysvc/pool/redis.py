@@ -1,0 +1,763 @@
+"""The Redis backend: one pool shared by every replica with the same URL and prefix.
+
+Each operation is one Lua script call (``scripts/*.lua``, by EVALSHA; redis-py
+loads a script again when Redis answers NOSCRIPT), so it runs whole or not at
+all and no replica reads and writes in separate steps. The scripts are
+``rules.lua`` (the rules of ``keysvc.pool.rules``, ported), ``pool.lua`` (the
+data layout: sorted sets per family of keys free by last use and locked by
+unlock time, as the memory backend's indexes) and the operation's own body,
+behind a block of constants written from ``rules.py``.
+
+Time is Redis's (``TIME`` in the scripts), so replicas with skewed clocks agree
+on every lock; a test may pass a clock of its own (``now``) instead. Secrets
+never go to Redis: it holds hashes and state, and each replica hands out only
+the keys whose secret it holds. Headers are parsed here, by the rules both
+backends use; the scripts get numbers. All keys carry one hash tag
+(``{prefix}``), so one pool lives on one Redis Cluster slot.
+
+Every call is bounded by ``timeout`` (the whole time an RPC may spend on
+Redis); past it, or on any connection error, the call fails with
+``StoreUnavailable`` and nothing is answered from a local view.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from importlib import resources
+from typing import Any, Final
+
+from redis import exceptions as redis_errors
+from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
+
+from ..errors import (
+    FamilyDisallowed,
+    InvalidArgument,
+    KeyNotFound,
+    KeysBusy,
+    NoKeysForFamily,
+    StoreUnavailable,
+)
+from ..events import KeyChange, NullObserver, PoolObserver
+from ..keys import DisableReason, Key, KeyProfile, hash_key
+from ..listing import KeyFilter
+from ..models import GPT4_32K, ModelTable
+from ..outcomes import Decision, UpstreamError, decide
+from ..rates import HAS_STATE, MAX_COUNT, RateBook
+from ..status import SnapshotSource
+from . import rules
+from .backend import KeyPage, KeySync
+from .rules import (
+    CHANGE_LOGS,
+    DEFAULT_LOCKOUT_MODEL,
+    HASH_PATTERN,
+    KEY_REUSE_DELAY,
+    MAX_WAIT,
+    Limits,
+    RateHeaders,
+    check_headers,
+    check_model,
+    parse_rate_headers,
+)
+
+__all__ = ["DEFAULT_PREFIX", "DEFAULT_TIMEOUT", "RedisBackend"]
+
+_log = logging.getLogger("keysvc.pool")
+
+DEFAULT_PREFIX: Final = "keysvc"
+#: The whole time one RPC may spend on Redis, retries included (KEYSVC_REDIS_TIMEOUT).
+DEFAULT_TIMEOUT: Final = 0.25
+#: Keys registered per script call at start-up.
+_ADD_BATCH: Final = 1000
+#: Keys a List page looks at, at most (as the memory backend's scan limit).
+_LIST_SCAN: Final = 1000
+
+#: The rules' constants, written into every script so Lua and Python cannot drift.
+_CONSTANTS: Final = (
+    "RATE_LIMIT_FALLBACK",
+    "MAX_RESET",
+    "MAX_BUDGET_WAIT",
+    "RESERVATION_TTL",
+    "BUDGET_LAPSE",
+    "ATTRIBUTION_WINDOW",
+    "REPORT_PAIR_WINDOW",
+    "TOKEN_ESTIMATE_SPREAD",
+    "TOKEN_ESTIMATE_WEIGHT",
+)
+
+_CHANGES: Final = {
+    "disabled": KeyChange.DISABLED,
+    "revoked": KeyChange.REVOKED,
+    "over_quota": KeyChange.OVER_QUOTA,
+}
+
+_STATE_FIELDS: Final = {
+    "lu": "last_used",
+    "rla": "rate_limited_at",
+    "until": "until",
+    "rr": "requests_reset",
+    "tr": "tokens_reset",
+    "rmr": "remaining_requests",
+    "rmt": "remaining_tokens",
+    "bat": "budget_at",
+}
+
+
+def _script_text(name: str) -> str:
+    return (resources.files(__package__) / "scripts" / name).read_text(encoding="utf-8")
+
+
+def _program(body: str) -> str:
+    """The text of one operation's script: constants, the rules, the layout, the body."""
+    constants = [f"local {name} = {float(getattr(rules, name))!r}" for name in _CONSTANTS]
+    constants.append(f"local MAX_COUNT = {float(MAX_COUNT)!r}")
+    parts = ["\n".join(constants), _script_text("rules.lua"), _script_text("pool.lua"), body]
+    return "\n".join(parts)
+
+
+def _num(value: float | None) -> str:
+    return "" if value is None else repr(float(value))
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _pairs(items: Sequence[Any]) -> dict[str, str]:
+    return {_text(items[i]): _text(items[i + 1]) for i in range(0, len(items), 2)}
+
+
+class RedisBackend:
+    """A pool backend whose state is in Redis (``PoolBackend``)."""
+
+    def __init__(
+        self,
+        client: Redis,
+        *,
+        models: ModelTable,
+        prefix: str = DEFAULT_PREFIX,
+        timeout: float = DEFAULT_TIMEOUT,
+        allowed_families: frozenset[str] | None = None,
+        reuse_delay: float = KEY_REUSE_DELAY,
+        observer: PoolObserver | None = None,
+        now: Callable[[], float] | None = None,
+    ) -> None:
+        """Args:
+        client: a ``redis.asyncio.Redis`` for the pool's server.
+        models: the model → family table.
+        prefix: the pool's name on that server; two prefixes are two pools.
+        timeout: seconds a call may spend on Redis before ``StoreUnavailable``.
+        allowed_families: families the operator allows; None allows all.
+        reuse_delay: seconds a key is held back after being handed out.
+        observer: told of hand-outs, token usage and key state changes.
+        now: for tests only: the time the scripts use instead of Redis's ``TIME``.
+        """
+        self._client = client
+        self._models = models
+        self._prefix = prefix
+        self._timeout = timeout
+        self._allowed = allowed_families
+        self._reuse_delay = reuse_delay
+        self._observer: PoolObserver = observer or NullObserver()
+        self._now = now
+        #: The keys this replica holds a secret for, by hash.
+        self._secrets: dict[str, tuple[str, str]] = {}
+        #: add script arguments of keys not registered in Redis yet (it did not answer).
+        self._unregistered: list[str] = []
+        #: Waiting Gets, per (family, embeddings), first come first served; the first
+        #: of each asks Redis, woken by ``_woken`` (pub/sub) or its unlock time.
+        self._waiting: dict[tuple[str, bool], deque[asyncio.Future[None]]] = {}
+        self._woken: asyncio.Future[None] | None = None
+        self._listener: asyncio.Task[None] | None = None
+        self._scripts: dict[str, AsyncScript] = {
+            name: client.register_script(_program(_script_text(f"{name}.lua")))
+            for name in (
+                "add",
+                "get",
+                "disable",
+                "available",
+                "list",
+                "report",
+                "recheck",
+                "check",
+                "view",
+                "lease",
+            )
+        }
+
+    # -- plumbing --------------------------------------------------------------------
+
+    async def _run(self, name: str, *args: str | float, timeout: float | None = None) -> Any:
+        """One script call, bounded by the timeout; any failure is ``StoreUnavailable``."""
+        if self._unregistered and name != "add":
+            raise StoreUnavailable("this replica's keys are not in the shared pool yet")
+        now = "" if self._now is None else repr(self._now())
+        argv = [self._prefix, now, repr(self._reuse_delay), *args]
+        timeout = self._timeout if timeout is None else timeout
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._scripts[name](keys=[], args=argv)
+        except TimeoutError:
+            raise StoreUnavailable(f"no answer within {timeout:g} s") from None
+        except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
+            raise StoreUnavailable(type(exc).__name__) from None
+
+    def _key(self, view: Sequence[Any]) -> Key:
+        """A Key from a script's view of one (record, family states, usage)."""
+        key_hash = _text(view[0])
+        record = _pairs(view[1])
+        local = self._secrets.get(key_hash) or self._secrets.get(record.get("clone", ""))
+        # An organization clone (made by whichever replica checks keys) has its parent's secret.
+        secret, organization_id = local or ("", record.get("org", ""))
+        families = frozenset(f for f in record.get("fams", "").split(",") if f)
+        key = Key(
+            secret=secret,
+            hash=key_hash,
+            profile=KeyProfile(families, record.get("trial") == "1"),
+            seq=int(record.get("seq", "0")),
+            organization_id=record.get("org", organization_id),
+            is_disabled=record.get("dis") == "1",
+            is_revoked=record.get("rev") == "1",
+            is_over_quota=record.get("oq") == "1",
+            disable_reason=DisableReason(record["reason"]) if record.get("reason") else None,
+            disabled_at=float(record.get("dat", "0")),
+            last_used=float(record.get("lu", "0")),
+            last_checked=float(record.get("lc", "0")),
+            prompt_count=int(record.get("pc", "0")),
+            revive_if_alive=record.get("revive") == "1",
+            cloned_from=record.get("clone", ""),
+        )
+        book = RateBook()
+        seq = key.seq
+        key.join(book, 0)
+        key.seq = seq
+        rows = view[2]
+        for i in range(0, len(rows), 2):
+            table = book.table(_text(rows[i]))
+            state = _pairs(rows[i + 1])
+            for field, column in _STATE_FIELDS.items():
+                if field in state:
+                    getattr(table, column)[0] = float(state[field])
+            table.flags[0] = int(float(state.get("fl", "0"))) | HAS_STATE
+        usage = _pairs(view[3])
+        if usage:
+            for family, tokens in usage.items():
+                book.add_usage(0, family, int(tokens))
+        key.book = book
+        key.seq = 0  # its row in its own book; the load position is in the record
+        return key
+
+    def _secret_for(self, key: Key) -> Key:
+        """A key handed out must be one this replica holds the secret of."""
+        if not key.secret:
+            raise StoreUnavailable(
+                f"the shared pool handed out {key.hash}, whose secret this replica does not hold"
+            )
+        return key
+
+    def _info(self, model: str) -> tuple[str, bool]:
+        check_model(model)
+        info = self._models.lookup(model)
+        if self._allowed is not None and info.family not in self._allowed:
+            raise FamilyDisallowed(info.family, model)
+        return info.family, info.embeddings
+
+    @staticmethod
+    def _check_hash(key_hash: str) -> None:
+        if not key_hash:
+            raise InvalidArgument("hash", "is required")
+        if not HASH_PATTERN.fullmatch(key_hash):
+            raise InvalidArgument("hash", "is not a key hash (they look like oai-0123abcd)")
+
+    # -- keys ------------------------------------------------------------------------
+
+    async def add_keys(self, secrets: Iterable[str], *, profile: KeyProfile | None = None) -> int:
+        """Registers this replica's keys; keys already in the pool keep their state.
+
+        ``profile``: what the new keys serve; by default the model table's default
+        families, not trial (an unchecked key).
+
+        Returns:
+            How many keys were new to the pool.
+
+        Raises:
+            StoreUnavailable: Redis did not answer; ``ping`` registers them when it does.
+        """
+        families = self._models.default_key_families() if profile is None else profile.families
+        fams = ",".join(sorted(families))
+        trial = "1" if profile is not None and profile.is_trial else "0"
+        c32 = "1" if GPT4_32K in families else "0"
+        args: list[str] = []
+        for secret in secrets:
+            key_hash = hash_key(secret)
+            if key_hash in self._secrets:
+                continue
+            self._secrets[key_hash] = (secret, "")
+            args += [key_hash, fams, trial, c32, "", ""]
+        self._unregistered += args
+        return await self._register()
+
+    async def _register(self) -> int:
+        added = 0
+        while self._unregistered:
+            batch = self._unregistered[: 6 * _ADD_BATCH]
+            # At start-up and reload, not in an RPC: a batch may take longer than one.
+            added += len(await self._run("add", *batch, timeout=max(self._timeout, 10.0)))
+            del self._unregistered[: len(batch)]
+        return added
+
+    async def ping(self) -> bool:
+        """Whether Redis answers within the timeout; the first time it does after it did
+        not, this replica's keys not registered yet are."""
+        try:
+            if self._unregistered:
+                added = await self._register()
+                _log.info("keys registered in the shared pool", extra={"new_keys": added})
+            async with asyncio.timeout(self._timeout):
+                await self._client.ping()
+        except (StoreUnavailable, TimeoutError, redis_errors.RedisError, OSError):
+            return False
+        return True
+
+    # -- PoolBackend -------------------------------------------------------------------
+
+    @property
+    def observer(self) -> PoolObserver:
+        return self._observer
+
+    def snapshot_source(self) -> SnapshotSource:
+        raise NotImplementedError("the status page and metrics do not read a Redis pool yet")
+
+    async def get(
+        self, model: str, max_wait: float = 0.0, *, time_left: float | None = None
+    ) -> Key:
+        check_model(model)
+        if not 0.0 <= max_wait <= MAX_WAIT:
+            raise InvalidArgument("max_wait", f"must be between 0 and {MAX_WAIT:g} seconds")
+        family, embeddings = self._info(model)
+        kind = "1" if embeddings else "0"
+        if max_wait == 0.0:  # a plain Get never refuses: the key that unlocks first
+            answer = await self._run("get", family, kind, "get")
+            return self._handed_out(answer, family, model)
+        if time_left is not None:
+            max_wait = max(0.0, min(max_wait, time_left - rules.DEADLINE_MARGIN))
+        if max_wait > 0.0:
+            key = await self._wait_for_key(family, embeddings, model, max_wait)
+            if key is not None:
+                return key
+        # The wait ran out (or the deadline left none): a free key, else KEYS_BUSY, as
+        # in memory (KeyPool.get_waiting says why).
+        answer = await self._run("get", family, kind, "free")
+        if _text(answer[0]) != "until":
+            return self._handed_out(answer, family, model)
+        raise KeysBusy(family, model, max(0.0, float(_text(answer[1])) - float(_text(answer[2]))))
+
+    async def _wait_for_key(
+        self, family: str, embeddings: bool, model: str, max_wait: float
+    ) -> Key | None:
+        """A free key as soon as there is one, within ``max_wait``; None at the deadline.
+
+        Waiters of one family (and kind) in this replica take turns in arrival order;
+        only the first asks Redis. It is woken at the earliest unlock time Redis
+        reports, and when any replica publishes that a key may have come free (a
+        report, a Recheck, new keys); nothing is polled. Across replicas no order
+        holds: each replica's first waiter competes with the others' for the key.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max_wait
+        queue = self._waiting.setdefault((family, embeddings), deque())
+        turn: asyncio.Future[None] = loop.create_future()
+        queue.append(turn)
+        if queue[0] is turn:
+            turn.set_result(None)
+        self._listen()
+        try:
+            while (left := deadline - loop.time()) > 0.0:
+                if not turn.done():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(asyncio.shield(turn), left)
+                    continue
+                woken = self._next_wake()
+                answer = await self._run("get", family, "1" if embeddings else "0", "free")
+                if _text(answer[0]) != "until":
+                    return self._handed_out(answer, family, model)
+                wait = float(_text(answer[1])) - float(_text(answer[2]))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(woken), min(max(wait, 0.001), left))
+            return None
+        finally:
+            queue.remove(turn)
+            if queue and not queue[0].done():
+                queue[0].set_result(None)
+            if not queue:
+                del self._waiting[(family, embeddings)]
+
+    def _listen(self) -> None:
+        """Starts the subscription to the pool's wake-ups (once)."""
+        if self._listener is None or self._listener.done():
+            self._listener = asyncio.get_running_loop().create_task(self._subscribe())
+
+    async def _subscribe(self) -> None:
+        """Wakes the waiters on every wake-up published; resubscribes after Redis comes back."""
+        channel = f"{{{self._prefix}}}:wake"
+        while self._waiting:
+            pubsub = self._client.pubsub()
+            try:
+                await pubsub.subscribe(channel)
+                self._wake()  # a wake-up may have been missed while not subscribed
+                while self._waiting:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    if message is not None:
+                        self._wake()
+            except (redis_errors.RedisError, OSError):
+                await asyncio.sleep(0.5)
+            finally:
+                with contextlib.suppress(redis_errors.RedisError, OSError):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    def _next_wake(self) -> asyncio.Future[None]:
+        if self._woken is None:
+            self._woken = asyncio.get_running_loop().create_future()
+        return self._woken
+
+    def _wake(self) -> None:
+        woken, self._woken = self._woken, None
+        if woken is not None:
+            woken.set_result(None)
+
+    def _handed_out(self, answer: Sequence[Any], family: str, model: str) -> Key:
+        if _text(answer[0]) == "none":
+            raise NoKeysForFamily(family, model)
+        key = self._secret_for(self._key(answer[2]))
+        self._observer.handed_out(family)
+        return key
+
+    async def lockout_period(self, model: str) -> float:
+        model = model or DEFAULT_LOCKOUT_MODEL
+        check_model(model)
+        info = self._models.lookup(model)
+        if self._allowed is not None and info.family not in self._allowed:
+            return 0.0
+        answer = await self._run("get", info.family, "1" if info.embeddings else "0", "peek")
+        if _text(answer[0]) == "none":
+            return 0.0
+        return max(0.0, float(_text(answer[1])) - float(_text(answer[2])))
+
+    async def _report(
+        self,
+        key_hash: str,
+        model: str,
+        mode: str,
+        parsed: RateHeaders | None = None,
+        *,
+        rate_limited: bool = False,
+        kind: str = "",
+        why: str = "",
+        count: bool = False,
+        tokens: int = 0,
+        disable: DisableReason | None = None,
+    ) -> tuple[bool, str, str, Key]:
+        family = self._models.family(model) if model else ""
+        headers: list[str] = ["0", "", "", "", "", "", ""]
+        if parsed is not None:
+            headers = [
+                "1",
+                _num(parsed.requests_reset),
+                _num(parsed.tokens_reset),
+                _num(parsed.remaining_requests),
+                _num(parsed.remaining_tokens),
+                _num(parsed.limit_requests),
+                _num(parsed.limit_tokens),
+            ]
+        answer = await self._run(
+            "report",
+            key_hash,
+            "1" if model else "0",
+            family,
+            mode,
+            *headers,
+            "1" if rate_limited else "0",
+            kind,
+            "1" if count else "0",
+            str(tokens),
+            disable.value if disable is not None else "",
+        )
+        if _text(answer[0]) == "missing":
+            raise KeyNotFound(key_hash)
+        key = self._key(answer[5])
+        first, change, counted = _text(answer[1]) == "1", _text(answer[2]), _text(answer[4])
+        if first:
+            reason = f"upstream answered 429 for {model}" if model else "upstream answered 429"
+            self._state_changed(key, KeyChange.RATE_LIMITED, why or reason)
+        if count:
+            self._observer.tokens_used(counted, tokens)
+        if change:
+            assert disable is not None
+            self._state_changed(key, _CHANGES[change], disable.value)
+        return first, change, counted, key
+
+    async def _exists(self, key_hash: str) -> bool:
+        try:
+            async with asyncio.timeout(self._timeout):
+                found = await self._client.exists(f"{{{self._prefix}}}:key:{key_hash}")
+        except (TimeoutError, redis_errors.ConnectionError, redis_errors.TimeoutError, OSError):
+            raise StoreUnavailable("no answer") from None
+        return bool(found)
+
+    async def _checked(self, key_hash: str, check: Callable[[], None]) -> None:
+        """Runs the input checks after the key's own: a missing key is reported first."""
+        self._check_hash(key_hash)
+        try:
+            check()
+        except InvalidArgument:
+            if not await self._exists(key_hash):
+                raise KeyNotFound(key_hash) from None
+            raise
+
+    async def mark_rate_limited(self, key_hash: str, model: str = "") -> None:
+        await self._checked(key_hash, lambda: check_model(model) if model else None)
+        await self._report(key_hash, model, "mark")
+
+    async def update_rate_limits(
+        self, key_hash: str, headers: Mapping[str, str], model: str = ""
+    ) -> None:
+        def check() -> None:
+            check_headers(headers)
+            if model:
+                check_model(model)
+
+        await self._checked(key_hash, check)
+        parsed = parse_rate_headers(Key("", key_hash, KeyProfile(frozenset()), 0), headers)
+        await self._report(key_hash, model, "update", parsed)
+
+    async def increment_usage(self, key_hash: str, model: str, tokens: int) -> None:
+        def check() -> None:
+            check_model(model)
+            if not 0 <= tokens <= Limits.TOKENS:
+                raise InvalidArgument("tokens", f"must be between 0 and {Limits.TOKENS}")
+
+        await self._checked(key_hash, check)
+        await self._report(key_hash, model, "usage", count=True, tokens=tokens)
+
+    async def report_outcome(
+        self,
+        key_hash: str,
+        model: str,
+        *,
+        status: int,
+        headers: Mapping[str, str],
+        error: UpstreamError,
+        prompt_tokens: int = 0,
+        completion_tokens: int = 0,
+    ) -> tuple[Decision, Key]:
+        def check() -> None:
+            if model:
+                check_model(model)
+            check_headers(headers)
+            if not 100 <= status <= 599:
+                raise InvalidArgument("status", "must be an HTTP status code (100 to 599)")
+            for name, value in (("error_type", error.type), ("error_code", error.code)):
+                if len(value) > Limits.ERROR_NAME_LENGTH:
+                    raise InvalidArgument(
+                        name, f"is longer than {Limits.ERROR_NAME_LENGTH} characters"
+                    )
+            if len(error.message) > Limits.ERROR_MESSAGE_LENGTH:
+                raise InvalidArgument(
+                    "error_message", f"is longer than {Limits.ERROR_MESSAGE_LENGTH} characters"
+                )
+            for name, tokens in (
+                ("prompt_tokens", prompt_tokens),
+                ("completion_tokens", completion_tokens),
+            ):
+                if not 0 <= tokens <= Limits.TOKENS:
+                    raise InvalidArgument(name, f"must be between 0 and {Limits.TOKENS}")
+
+        await self._checked(key_hash, check)
+        decision = decide(status, error)
+        parsed = parse_rate_headers(Key("", key_hash, KeyProfile(frozenset()), 0), headers)
+        _, _, _, key = await self._report(
+            key_hash,
+            model,
+            "outcome",
+            parsed,
+            rate_limited=decision.rate_limited,
+            kind=error.type if decision.rate_limited else "",
+            why=decision.why,
+            count=decision.count_usage,
+            tokens=min(prompt_tokens + completion_tokens, Limits.TOKENS),
+            disable=decision.disable,
+        )
+        self._observer.outcome_reported(decision.action.value)
+        return decision, key
+
+    async def disable(self, key_hash: str, reason: DisableReason) -> Key:
+        self._check_hash(key_hash)
+        answer = await self._run("disable", key_hash, reason.value)
+        if _text(answer[0]) == "missing":
+            raise KeyNotFound(key_hash)
+        key = self._key(answer[3])
+        change = _text(answer[1])
+        if change:
+            self._state_changed(key, _CHANGES[change], reason.value)
+        return key
+
+    async def recheck(self, *, until_checked: bool = False) -> None:
+        await self._run("recheck", "1" if until_checked else "0")
+        _log.info("all keys marked for recheck")
+
+    async def available(self) -> int:
+        return int(await self._run("available"))
+
+    async def list_keys(self, page_token: str, page_size: int, key_filter: KeyFilter) -> KeyPage:
+        after = self._resume_position(page_token, key_filter)
+        answer = await self._run("list", repr(after), max(page_size, _LIST_SCAN))
+        now = float(_text(answer[0]))
+        want = key_filter.predicate(now)
+        keys: list[Key] = []
+        last = after
+        for view in answer[2:]:
+            key = self._key(view)
+            last = float(_pairs(view[1])["seq"])
+            if want(key):
+                keys.append(key)
+                if len(keys) == page_size:
+                    break
+        more = len(answer) - 2 == max(page_size, _LIST_SCAN) or len(keys) == page_size
+        token = self._token(key_filter, last) if more and last != after else ""
+        return KeyPage(keys, token)
+
+    def _token(self, key_filter: KeyFilter, after: float) -> str:
+        text = f"r1.{self._prefix}.{key_filter.value}.{int(after)}"
+        return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+    def _resume_position(self, token: str, key_filter: KeyFilter) -> float:
+        if not token:
+            return 0.0
+        try:
+            text = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+            version, prefix, state, after = text.split(".")
+            position = int(after)
+        except ValueError:
+            raise InvalidArgument("page_token", "is not a page token of this pool") from None
+        if version != "r1" or prefix != self._prefix or position < 0:
+            raise InvalidArgument("page_token", "is not a page token of this pool")
+        if state != key_filter.value:
+            raise InvalidArgument("page_token", "was made for another state filter")
+        return float(position)
+
+    async def keys(self) -> list[Key]:
+        keys: list[Key] = []
+        token = ""
+        while True:
+            page = await self.list_keys(token, _LIST_SCAN, KeyFilter.ALL)
+            keys.extend(page.keys)
+            if not page.next_page_token:
+                return keys
+            token = page.next_page_token
+
+    async def key(self, key_hash: str) -> Key:
+        self._check_hash(key_hash)
+        answer = await self._run("view", key_hash)
+        if _text(answer[0]) == "missing":
+            raise KeyNotFound(key_hash)
+        return self._key(answer[1])
+
+    async def apply_check(
+        self,
+        key_hash: str,
+        *,
+        model_ids: Iterable[str] | None,
+        is_trial: bool,
+        organization_id: str | None = None,
+    ) -> Key:
+        """Records a check that found the key alive. The families come from the listed
+        model ids; the ids themselves are not kept (a Redis pool serves a model by its
+        family: a key listing gpt-4o but not gpt-4o-mini may get gpt-4o-mini requests)."""
+        self._check_hash(key_hash)
+        families = (
+            "" if model_ids is None else ",".join(sorted(self._models.listed_families(model_ids)))
+        )
+        answer = await self._run(
+            "check",
+            key_hash,
+            "alive",
+            families,
+            "1" if is_trial else "0",
+            "0" if organization_id is None else "1",
+            organization_id or "",
+        )
+        if _text(answer[0]) == "missing":
+            raise KeyNotFound(key_hash)
+        key = self._key(answer[4])
+        if _text(answer[2]) == "1":
+            _log.info("key alive again after recheck", extra={"key_hash": key.hash})
+        return key
+
+    async def apply_dead_check(self, key_hash: str, reason: DisableReason) -> Key:
+        self._check_hash(key_hash)
+        answer = await self._run("check", key_hash, "dead", reason.value)
+        if _text(answer[0]) == "missing":
+            raise KeyNotFound(key_hash)
+        key = self._key(answer[4])
+        change = _text(answer[1])
+        if change:
+            self._state_changed(key, _CHANGES[change], reason.value)
+        return key
+
+    async def clone_for_org(self, key_hash: str, organization_id: str) -> Key | None:
+        """Adds an unchecked clone of a key for another of its organizations (the
+        replica must hold the parent's secret); None when the pool has it already."""
+        parent = await self.key(key_hash)
+        if not organization_id:
+            raise InvalidArgument("organization_id", "is required")
+        if not parent.secret:
+            raise KeyNotFound(key_hash)
+        clone_hash = hash_key(parent.secret, organization_id)
+        self._secrets[clone_hash] = (parent.secret, organization_id)
+        families = self._models.default_key_families()
+        c32 = "1" if GPT4_32K in families else "0"
+        added = await self._run(
+            "add", clone_hash, ",".join(sorted(families)), "0", c32, organization_id, parent.hash
+        )
+        if not added:
+            return None
+        clone = await self.key(clone_hash)
+        self._state_changed(
+            clone, KeyChange.CLONED, f"key belongs to organization {organization_id}"
+        )
+        return clone
+
+    async def hold_lease(self, holder: str, seconds: float) -> bool:
+        """Takes or renews the key checker's lease for ``holder``; whether it holds it now.
+
+        One replica checks keys at a time; a holder that dies loses the lease
+        ``seconds`` later and another takes it over."""
+        try:
+            return bool(await self._run("lease", holder, str(int(seconds * 1000))))
+        except StoreUnavailable:
+            return False
+
+    async def sync_keys(self, secrets: Sequence[str]) -> KeySync:
+        added = await self.add_keys(secrets)
+        return KeySync(added, 0, len(self._secrets))
+
+    async def flush(self) -> None:
+        """Nothing to do: every call is in Redis when it returns (durability is Redis's)."""
+
+    async def aclose(self) -> None:
+        """Closes the connection to Redis."""
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+        await self._client.aclose()
+
+    def _state_changed(self, key: Key, change: KeyChange, reason: str) -> None:
+        event, level = CHANGE_LOGS[change]
+        _log.log(level, event, extra={"key_hash": key.hash, "reason": reason})
+        self._observer.state_changed(key.hash, change, reason)

@@ -1,0 +1,36 @@
+-- Get: select, throttle and reserve in one step (KeyPool.get / _hand_out).
+-- ARGV[4] family, ARGV[5] "1" for an embeddings model, ARGV[6] mode:
+--   "get": hand out the best key, free or first to unlock;
+--   "free": hand it out only if it is free now (a waiting Get);
+--   "peek": hand out nothing (GetLockoutPeriod).
+-- Returns {"key", now, view}, {"until", unlock time, now} or {"none"}.
+local f, embeddings, mode = ARGV[4], ARGV[5] == '1', ARGV[6]
+local best = select(f, embeddings, NOW)
+if best == nil then return {'none'} end
+if mode == 'peek' or (mode == 'free' and best[1] > NOW) then
+  return {'until', num(best[1]), num(NOW)}
+end
+local h = string.sub(best[2], 14)
+local r = record(h)
+local sk, rk = state_key(f, h), reserved_key(f, h)
+local s = read_state(sk)
+s.lu, s.rla = NOW, NOW
+-- The previous answer's headers are spent; the coming answer brings its own.
+s.rr, s.tr, s.rmr, s.rmt = nil, nil, nil, nil
+s.fl = bor(HAS_STATE, band(s.fl, BUDGET_SHAPE))
+local reserved = read_reserved(rk)
+reserved[#reserved + 1] = {NOW, token_reserve(f)}
+derive(s, reserved, f, NOW)
+write_state(sk, s)
+write_reserved(rk, reserved)
+redis.call('SADD', P .. 'fams:' .. h, f)
+redis.call('HSET', P .. 'key:' .. h, 'lu', num(NOW))
+local wide = state_key('', h)
+if redis.call('EXISTS', wide) == 1 then
+  -- Key-wide reports describe answers before this hand-out, as in the seed.
+  redis.call('DEL', wide, reserved_key('', h))
+  place_all(r, h, NOW)
+else
+  place(r, h, f, NOW)
+end
+return {'key', num(NOW), key_view(h)}

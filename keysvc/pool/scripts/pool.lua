@@ -1,0 +1,220 @@
+-- The Redis backend's data layout, shared by its operation scripts (after rules.lua).
+--
+-- Every key name starts with "{prefix}:" (one hash tag: one Cluster slot).
+--   order          zset  key hash -> load position (seq)
+--   seq            int   the last seq given out
+--   key:<h>        hash  the key record: seq, m (index member), fams ("a,b" sorted),
+--                        trial, c32 (has gpt4-32k), dis, rev, oq, reason, dat, lc, pc,
+--                        lu, org, clone, revive
+--   disabled       set   hashes of disabled keys
+--   free:<f>:<c>   zset  members free for family f (class c), by last use in f
+--   lock:<f>:<c>   zset  members locked for f, by unlock time
+--   st:<f>:<h>     hash  the (key, family) state (rules.lua); f "" is the key-wide one
+--   rsv:<f>:<h>    list  hand-outs in flight, oldest first
+--   fams:<h>       set   families the key has a state in
+--   usage:<h>      hash  tokens counted per family
+--   tok            hash  family -> "mean variance" of finished requests' tokens
+--   answered:<h>   -     "family time" of the last report without a model
+-- Classes order selection: c = 0 trial, 1 trial with gpt4-32k, 2 paid, 3 paid with 32k.
+-- An index member is the zero-padded seq, ':' and the hash, so ties go by load order.
+
+local P = '{' .. ARGV[1] .. '}:'
+local NOW
+if ARGV[2] ~= '' then
+  NOW = tonumber(ARGV[2])
+else
+  local t = redis.call('TIME')
+  NOW = tonumber(t[1]) + tonumber(t[2]) / 1e6
+end
+local REUSE_DELAY = tonumber(ARGV[3])
+
+local function split(text)
+  local out = {}
+  if text == nil or text == '' then return out end
+  for part in string.gmatch(text, '[^,]+') do out[#out + 1] = part end
+  return out
+end
+
+local function state_key(family, h) return P .. 'st:' .. family .. ':' .. h end
+local function reserved_key(family, h) return P .. 'rsv:' .. family .. ':' .. h end
+
+local function record(h)
+  local raw = redis.call('HGETALL', P .. 'key:' .. h)
+  if #raw == 0 then return nil end
+  local r = {}
+  for i = 1, #raw, 2 do r[raw[i]] = raw[i + 1] end
+  return r
+end
+
+local function class_of(r)
+  local c = r.trial == '1' and 0 or 2
+  if r.c32 == '1' then c = c + 1 end
+  return c
+end
+
+local function wide_until(h)
+  local u = redis.call('HGET', state_key('', h), 'until')
+  return u and tonumber(u) or 0
+end
+
+-- Places key h in the index of family f by its lock there (own, or a later key-wide one).
+local function place(r, h, f, now)
+  local c = class_of(r)
+  local s = redis.call('HMGET', state_key(f, h), 'until', 'lu')
+  local lock_end = tonumber(s[1] or '0')
+  local w = wide_until(h)
+  if w > lock_end then lock_end = w end
+  local free, lock = P .. 'free:' .. f .. ':' .. c, P .. 'lock:' .. f .. ':' .. c
+  if lock_end <= now then
+    redis.call('ZREM', lock, r.m)
+    redis.call('ZADD', free, num(tonumber(s[2] or '0')), r.m)
+  else
+    redis.call('ZREM', free, r.m)
+    redis.call('ZADD', lock, num(lock_end), r.m)
+  end
+end
+
+local function place_all(r, h, now)
+  for _, f in ipairs(split(r.fams)) do place(r, h, f, now) end
+end
+
+local function unplace_all(r)
+  local c = class_of(r)
+  for _, f in ipairs(split(r.fams)) do
+    redis.call('ZREM', P .. 'free:' .. f .. ':' .. c, r.m)
+    redis.call('ZREM', P .. 'lock:' .. f .. ':' .. c, r.m)
+  end
+end
+
+-- The best key for family f over the classes allowed: {until (0: free now), member}
+-- or nil. Keys whose lock has ended move to the free index first.
+local function select(f, embeddings, now)
+  local best, best_rank = nil, nil
+  for c = 0, 3 do
+    if not (embeddings and c < 2) then
+      local free, lock = P .. 'free:' .. f .. ':' .. c, P .. 'lock:' .. f .. ':' .. c
+      local due = redis.call('ZRANGEBYSCORE', lock, '-inf', num(now))
+      for _, m in ipairs(due) do
+        local h = string.sub(m, 14)
+        local lu = redis.call('HGET', state_key(f, h), 'lu')
+        redis.call('ZREM', lock, m)
+        redis.call('ZADD', free, lu or '0', m)
+      end
+      local top = redis.call('ZRANGE', free, 0, 0, 'WITHSCORES')
+      local rank
+      if #top > 0 then
+        rank = {0, c, tonumber(top[2]), top[1]}
+      else
+        top = redis.call('ZRANGE', lock, 0, 0, 'WITHSCORES')
+        if #top > 0 then
+          -- Keys unlocking at the same instant go by last use, then load order (as in
+          -- memory); the set orders them by load order alone.
+          for _, m in ipairs(redis.call('ZRANGEBYSCORE', lock, top[2], top[2])) do
+            local lu = tonumber(redis.call('HGET', state_key(f, string.sub(m, 14)), 'lu') or '0')
+            if rank == nil or lu < rank[3] then rank = {tonumber(top[2]), c, lu, m} end
+          end
+        end
+      end
+      if rank ~= nil then
+        local better = best_rank == nil
+        if not better then
+          for i = 1, 4 do
+            if rank[i] ~= best_rank[i] then
+              better = rank[i] < best_rank[i]
+              break
+            end
+          end
+        end
+        if better then best, best_rank = {rank[1], rank[4]}, rank end
+      end
+    end
+  end
+  return best
+end
+
+-- Token reserve per hand-out (rules: mean + SPREAD standard deviations; 1 before any).
+local function token_reserve(f)
+  local stats = redis.call('HGET', P .. 'tok', f)
+  if not stats then return 1.0 end
+  local mean, variance = string.match(stats, '^(%S+) (%S+)$')
+  return math.max(1.0, tonumber(mean) + TOKEN_ESTIMATE_SPREAD * math.sqrt(tonumber(variance)))
+end
+
+local function learn_tokens(f, tokens)
+  local stats = redis.call('HGET', P .. 'tok', f)
+  local mean, variance
+  if not stats then
+    mean, variance = tokens, 0.0
+  else
+    local m, v = string.match(stats, '^(%S+) (%S+)$')
+    mean, variance = tonumber(m), tonumber(v)
+    local delta = tokens - mean
+    mean = mean + TOKEN_ESTIMATE_WEIGHT * delta
+    variance = (1 - TOKEN_ESTIMATE_WEIGHT) * (variance + TOKEN_ESTIMATE_WEIGHT * delta * delta)
+  end
+  redis.call('HSET', P .. 'tok', f, num(mean) .. ' ' .. num(variance))
+end
+
+-- rules: the lock of (h, f) from its inputs (KeyPool._derive); writes s.until.
+local function derive(s, reserved, f, now)
+  while #reserved > 0 and reserved[1][1] + RESERVATION_TTL <= now do table.remove(reserved, 1) end
+  local lu, rla, at = s.lu, s.rla, s.bat
+  if at ~= 0 and now >= at + BUDGET_LAPSE then
+    forget_budget(s)
+    at = 0
+  end
+  if lu == 0 and rla == 0 and at == 0 then
+    s['until'] = 0
+    return
+  end
+  local u = 0
+  if rla ~= 0 then u = rla + window(s) end
+  if at ~= 0 then
+    local b = budget_until(s, reserved, token_reserve(f))
+    if b > u then u = b end
+  elseif lu ~= 0 and lu + REUSE_DELAY > u then
+    u = lu + REUSE_DELAY
+  end
+  s['until'] = u
+end
+
+-- What the Key message shows of key h: the record, each family state, the usage.
+local function key_view(h)
+  local out = {h}
+  local raw = redis.call('HGETALL', P .. 'key:' .. h)
+  out[#out + 1] = raw
+  local rows = {}
+  local fams = redis.call('SMEMBERS', P .. 'fams:' .. h)
+  if redis.call('EXISTS', state_key('', h)) == 1 then fams[#fams + 1] = '' end
+  for _, f in ipairs(fams) do
+    rows[#rows + 1] = f
+    rows[#rows + 1] = redis.call('HGETALL', state_key(f, h))
+  end
+  out[#out + 1] = rows
+  out[#out + 1] = redis.call('HGETALL', P .. 'usage:' .. h)
+  return out
+end
+
+-- KeyPool.disable: returns the state change ("" when none: the key was already so).
+local function disable_key(h, r, reason, now)
+  local k = P .. 'key:' .. h
+  redis.call('HSET', k, 'revive', '0')
+  local change = ''
+  if reason == 'revoked' then
+    if r.rev ~= '1' then change = 'revoked' end
+    redis.call('HSET', k, 'rev', '1')
+  elseif reason == 'quota' then
+    if r.oq ~= '1' then change = 'over_quota' end
+    redis.call('HSET', k, 'oq', '1')
+  elseif r.dis ~= '1' then
+    change = 'disabled'
+  end
+  if r.dis == '1' then
+    if r.reason == 'unspecified' then redis.call('HSET', k, 'reason', reason) end
+  else
+    redis.call('HSET', k, 'dis', '1', 'reason', reason, 'dat', num(now))
+    redis.call('SADD', P .. 'disabled', h)
+    unplace_all(r)
+  end
+  return change
+end

@@ -1,0 +1,266 @@
+-- The rules of keysvc/pool/rules.py, for the scripts of the Redis backend.
+--
+-- Every operation script is this file, then the constants block that
+-- keysvc/pool/redis.py writes from rules.py (so the two cannot drift), then
+-- the operation's own body: one script, one atomic call.
+--
+-- A (key, family) state is one Redis hash (STATE fields below); a value that is
+-- not known (NaN in memory) is a field left out. Numbers are written with
+-- %.17g: Lua's own tostring keeps 14 digits, and times must round-trip exactly.
+-- The budget's left and refill rate are rounded to 4-byte floats as the memory
+-- backend's columns keep them (struct.pack 'f'), so both backends compute alike.
+
+local band, bor, bnot = bit.band, bit.bor, bit.bnot
+
+local HAS_STATE, SAW_RATE_LIMIT, KIND_REQUESTS, KIND_TOKENS = 1, 2, 4, 8
+local BUDGET_SHAPE = 16 + 32 + 64 + 128
+
+-- The two budget dimensions: field names of left, rate, limit, full_at and the flag bits.
+local DIMS = {
+  {left = 'bl1', rate = 'rt1', limit = 'lm1', full = 'fa1', probation = 16, window = 64},
+  {left = 'bl2', rate = 'rt2', limit = 'lm2', full = 'fa2', probation = 32, window = 128},
+}
+
+-- Fields that are 0 when absent; every other field is nil (not known) when absent.
+local ZERO_FIELDS = {lu = true, rla = true, ['until'] = true, bat = true, fa1 = true, fa2 = true, fl = true}
+local STATE_FIELDS = {'lu', 'rla', 'until', 'rr', 'tr', 'rmr', 'rmt', 'bat', 'bl1', 'bl2', 'rt1', 'rt2', 'lm1', 'lm2', 'fa1', 'fa2', 'fl'}
+
+local function num(x)
+  return string.format('%.17g', x)
+end
+
+local function f32(x)
+  return (struct.unpack('f', struct.pack('f', x)))
+end
+
+local function read_state(key)
+  local raw = redis.call('HGETALL', key)
+  local s = {}
+  for i = 1, #raw, 2 do
+    s[raw[i]] = tonumber(raw[i + 1])
+  end
+  for field in pairs(ZERO_FIELDS) do
+    if s[field] == nil then s[field] = 0 end
+  end
+  return s
+end
+
+local function write_state(key, s)
+  local set = {}
+  local unset = {}
+  for _, field in ipairs(STATE_FIELDS) do
+    local v = s[field]
+    if v == nil then
+      unset[#unset + 1] = field
+    else
+      set[#set + 1] = field
+      set[#set + 1] = num(v)
+    end
+  end
+  if #unset > 0 then redis.call('HDEL', key, unpack(unset)) end
+  redis.call('HSET', key, unpack(set))
+end
+
+-- Reservations: a list of "time tokens", oldest first.
+local function read_reserved(key)
+  local out = {}
+  for _, item in ipairs(redis.call('LRANGE', key, 0, -1)) do
+    local t, tokens = string.match(item, '^(%S+) (%S+)$')
+    out[#out + 1] = {tonumber(t), tonumber(tokens)}
+  end
+  return out
+end
+
+local function write_reserved(key, reserved)
+  redis.call('DEL', key)
+  if #reserved > 0 then
+    local items = {}
+    for i, r in ipairs(reserved) do items[i] = num(r[1]) .. ' ' .. num(r[2]) end
+    redis.call('RPUSH', key, unpack(items))
+  end
+end
+
+-- rules.window
+local function window(s)
+  local rr, tr, fl = s.rr, s.tr, s.fl
+  if band(fl, SAW_RATE_LIMIT) ~= 0 then
+    if band(fl, KIND_REQUESTS) ~= 0 then
+      if s.rt1 ~= nil then return 0 end
+      if rr ~= nil then return rr end
+    elseif band(fl, KIND_TOKENS) ~= 0 then
+      if s.rt2 ~= nil then return 0 end
+      if tr ~= nil then return tr end
+    end
+  elseif s.rmr ~= nil or s.rmt ~= nil then
+    local w = 0
+    if s.rmr == 0 and s.rt1 == nil then
+      w = rr ~= nil and rr or RATE_LIMIT_FALLBACK
+    end
+    if s.rmt == 0 and s.rt2 == nil then
+      local reset = tr ~= nil and tr or RATE_LIMIT_FALLBACK
+      if reset > w then w = reset end
+    end
+    return w
+  end
+  if rr ~= nil then
+    if tr ~= nil and tr > rr then return tr end
+    return rr
+  end
+  if tr ~= nil then return tr end
+  if band(fl, SAW_RATE_LIMIT) ~= 0 then return RATE_LIMIT_FALLBACK end
+  return 0
+end
+
+-- rules._refilled
+local function refilled(s, d, at, now)
+  local limit = s[d.limit]
+  if now >= s[d.full] then return limit end
+  return math.min(limit, s[d.left] + s[d.rate] * (now - at))
+end
+
+-- rules._reanchor
+local function reanchor(s, now)
+  local at = s.bat
+  if at ~= 0 and at ~= now then
+    for _, d in ipairs(DIMS) do
+      if s[d.limit] ~= nil then s[d.left] = f32(refilled(s, d, at, now)) end
+    end
+  end
+  s.bat = now
+end
+
+-- rules.forget_budget
+local function forget_budget(s)
+  s.bat = 0
+  s.fl = band(s.fl, bnot(BUDGET_SHAPE))
+  s.bl1, s.bl2, s.rt1, s.rt2, s.lm1, s.lm2 = nil, nil, nil, nil, nil, nil
+  s.fa1, s.fa2 = 0, 0
+end
+
+-- rules.mark: a 429 of type kind ("" unknown); true when the first since the hand-out.
+local function mark(s, now, kind)
+  local fl = s.fl
+  local first = band(fl, SAW_RATE_LIMIT) == 0
+  if kind == '' and s.bat ~= 0 then
+    if s.rmr == 0 and s.lm1 ~= nil then
+      kind = 'requests'
+    elseif s.rmt == 0 and s.lm2 ~= nil then
+      kind = 'tokens'
+    end
+  end
+  local kind_bit = 0
+  if kind == 'requests' then kind_bit = KIND_REQUESTS elseif kind == 'tokens' then kind_bit = KIND_TOKENS end
+  s.fl = bor(band(fl, bor(HAS_STATE, BUDGET_SHAPE)), SAW_RATE_LIMIT, kind_bit)
+  s.rla = now
+  local d = kind_bit == KIND_REQUESTS and DIMS[1] or DIMS[2]
+  if kind_bit ~= 0 and s[d.limit] ~= nil then
+    reanchor(s, now)
+    s[d.left] = 0
+    if band(s.fl, d.probation) ~= 0 then
+      s.fl = bor(s.fl, d.window)
+      s[d.rate] = 0
+    else
+      s.fl = bor(s.fl, d.probation)
+    end
+    if s[d.full] <= now then s[d.full] = now + RATE_LIMIT_FALLBACK end
+  end
+  return first
+end
+
+-- rules.apply_rate_headers; p: rr, tr (seconds as sent), rmr, rmt, lmr, lmt, each nil when absent.
+local function apply_rate_headers(s, p, now, wide)
+  if p.rr ~= nil then s.rr = math.min(p.rr, MAX_RESET) end
+  if p.tr ~= nil then s.tr = math.min(p.tr, MAX_RESET) end
+  local lefts = {p.rmr, p.rmt}
+  for i = 1, 2 do
+    if lefts[i] ~= nil then lefts[i] = math.min(lefts[i], MAX_COUNT) end
+  end
+  if lefts[1] ~= nil then s.rmr = lefts[1] end
+  if lefts[2] ~= nil then s.rmt = lefts[2] end
+  if wide then return end
+  if lefts[1] == nil and lefts[2] == nil then return end
+  if s.bat ~= 0 then reanchor(s, now) end
+  local limits = {p.lmr, p.lmt}
+  local resets = {p.rr, p.tr}
+  for i, d in ipairs(DIMS) do
+    local left, limit, reset = lefts[i], limits[i], resets[i]
+    if left ~= nil then
+      local fresh = s[d.limit] == nil or now >= s[d.full]
+      if limit ~= nil and reset ~= nil then
+        limit = math.min(limit, MAX_COUNT)
+        fresh = fresh or s[d.limit] ~= limit
+        local refill = nil
+        if reset > 0 and left < limit then refill = (limit - left) / reset end
+        if fresh then
+          s.fl = band(s.fl, bnot(d.probation))
+          if refill ~= nil and band(s.fl, d.window) == 0 then s[d.rate] = f32(refill) else s[d.rate] = 0 end
+        elseif refill ~= nil and s[d.rate] ~= nil and refill < s[d.rate] then
+          s[d.rate] = f32(refill)
+        end
+        s[d.limit] = limit
+        local full_at = now + math.min(reset, MAX_BUDGET_WAIT)
+        if fresh or full_at > s[d.full] then s[d.full] = full_at end
+      end
+      if s[d.limit] ~= nil then
+        -- Never more than the limit, whatever the header said (rules.py).
+        local capped = math.min(left, s[d.limit])
+        if fresh then s[d.left] = f32(capped) else s[d.left] = f32(math.min(capped, s[d.left])) end
+        s.bat = now
+      end
+    end
+  end
+end
+
+-- rules._limits_match
+local function limits_match(s, p)
+  local compared = false
+  local limits = {p.lmr, p.lmt}
+  for i, d in ipairs(DIMS) do
+    local known = s[d.limit]
+    if limits[i] ~= nil and known ~= nil then
+      if math.min(limits[i], MAX_COUNT) ~= known then return false end
+      compared = true
+    end
+  end
+  return compared
+end
+
+-- rules._fits_at
+local function fits_at(s, d, at, needed)
+  local left = s[d.left]
+  if needed <= left then return at end
+  if needed > s[d.limit] then return math.huge end
+  local rate = s[d.rate]
+  if rate > 0 then return math.min(s[d.full], at + (needed - left) / rate) end
+  return s[d.full]
+end
+
+-- rules.budget_until
+local function budget_until(s, reserved, tokens_needed)
+  local in_flight = #reserved
+  local reserved_tokens = 0
+  for _, r in ipairs(reserved) do reserved_tokens = reserved_tokens + r[2] end
+  local at = s.bat
+  local result = 0
+  for i, d in ipairs(DIMS) do
+    local needed = i == 1 and in_flight + 1 or reserved_tokens + tokens_needed
+    local limit, left = s[d.limit], s[d.left]
+    if limit ~= nil and needed > left then
+      local fits = fits_at(s, d, at, needed)
+      if in_flight > 0 then
+        local lapsed = 0
+        for _, r in ipairs(reserved) do
+          local lapse = r[1] + RESERVATION_TTL
+          if fits <= lapse then break end
+          lapsed = lapse
+          needed = needed - (i == 2 and r[2] or 1)
+          fits = fits_at(s, d, at, needed)
+        end
+        if lapsed > fits then fits = lapsed end
+      end
+      if fits > result then result = fits end
+    end
+  end
+  if result == 0 then return 0 end
+  return math.min(result, at + MAX_BUDGET_WAIT)
+end

@@ -1,0 +1,240 @@
+"""The Redis backend against the memory backend: the same random operations on both.
+
+A hypothesis state machine loads the same keys (same secrets, profiles and load
+order) into a memory ``KeyPool`` and a ``RedisBackend`` on the test session's
+redis-server, both on one manual clock (the scripts get its time instead of
+``TIME``), and applies every operation to both: Get, GetLockoutPeriod,
+MarkRateLimited, UpdateRateLimits, ReportOutcome, IncrementUsage, Disable,
+the key checker's results, Recheck (with and without a checker), and time
+passing. Every hand-out, lockout, error and Key message must
+be the same. (The memory pool's own model test, ``tests/unit/test_pool_model.py``,
+checks the memory backend against a brute-force reference; this carries that
+to Redis.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+
+from keysvc.errors import KeysvcError
+from keysvc.keys import DisableReason, Key
+from keysvc.models import ModelTable
+from keysvc.outcomes import UpstreamError
+from keysvc.pool import KeyPool
+from keysvc.pool.redis import RedisBackend
+from keysvc.service import key_to_proto
+from tests.helpers import PAID, PAID_32K, TRIAL, TURBO_ONLY, pool_of
+from tests.redis_server import RedisServer
+from tests.unit.test_pool_model import HEADERS, MODEL_OR_NONE, MODELS
+
+T = TypeVar("T")
+PROFILES = [PAID, TRIAL, PAID_32K, TURBO_ONLY]
+_pools = itertools.count()
+
+
+def outcome(call: Any) -> tuple[str, Any]:
+    """("ok", value) or ("error", its code and reason)."""
+    try:
+        return "ok", call()
+    except KeysvcError as error:
+        return "error", (error.code, error.reason)
+
+
+class Differential(RuleBasedStateMachine):
+    url = ""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop = asyncio.new_event_loop()
+        self.client = aioredis.Redis.from_url(self.url)
+        self.memory: KeyPool | None = None
+        self.redis: RedisBackend | None = None
+        self.keys: list[Key] = []
+
+    def run(self, call: Awaitable[T]) -> T:
+        return self.loop.run_until_complete(call)
+
+    def both(self, memory: Any, redis: Any) -> None:
+        """Applies one operation to both backends; they must answer alike."""
+        expected = outcome(memory)
+        assert outcome(lambda: self.run(redis())) == expected
+
+    def teardown(self) -> None:
+        self.run(self.client.aclose())
+        self.loop.close()
+
+    @precondition(lambda self: self.memory is None)
+    @rule(profiles=st.lists(st.sampled_from(PROFILES), min_size=1, max_size=6))
+    def load(self, profiles: list[Any]) -> None:
+        self.memory, self.clock, self.keys = pool_of(profiles)
+        self.redis = RedisBackend(
+            self.client,
+            models=ModelTable(),
+            prefix=f"diff{next(_pools)}",
+            timeout=5.0,
+            now=self.clock.now,
+        )
+        for key, profile in zip(self.keys, profiles, strict=True):
+            self.run(self.redis.add_keys([key.secret], profile=profile))
+
+    def hash(self, i: int) -> str:
+        return self.keys[i % len(self.keys)].hash
+
+    @precondition(lambda self: self.memory is not None)
+    @rule(model=st.sampled_from(MODELS))
+    def get(self, model: str) -> None:
+        assert self.memory is not None and self.redis is not None
+        redis = self.redis
+        expected = outcome(lambda: self.memory.get(model))  # type: ignore[union-attr]
+        got = outcome(lambda: self.run(redis.get(model)))
+        if expected[0] == "ok":
+            assert got[0] == "ok", got
+            assert got[1].hash == expected[1].hash
+            assert got[1].secret == expected[1].secret
+            assert key_to_proto(got[1]) == key_to_proto(expected[1])
+        else:
+            assert got == expected
+
+    @precondition(lambda self: self.memory is not None)
+    @rule(model=st.sampled_from(["", *MODELS]))
+    def lockout(self, model: str) -> None:
+        assert self.memory is not None and self.redis is not None
+        redis = self.redis
+        expected = self.memory.lockout_period(model)
+        assert abs(self.run(redis.lockout_period(model)) - expected) < 1e-9
+
+    @precondition(lambda self: self.memory is not None)
+    @rule(i=st.integers(0, 7), model=MODEL_OR_NONE)
+    def mark(self, i: int, model: str) -> None:
+        assert self.memory is not None and self.redis is not None
+        redis, key_hash = self.redis, self.hash(i)
+        self.both(
+            lambda: self.memory.mark_rate_limited(key_hash, model),  # type: ignore[union-attr]
+            lambda: redis.mark_rate_limited(key_hash, model),
+        )
+
+    @precondition(lambda self: self.memory is not None)
+    @rule(i=st.integers(0, 7), model=MODEL_OR_NONE, headers=HEADERS)
+    def update(self, i: int, model: str, headers: dict[str, str]) -> None:
+        assert self.memory is not None and self.redis is not None
+        redis, key_hash = self.redis, self.hash(i)
+        self.both(
+            lambda: self.memory.update_rate_limits(key_hash, headers, model),  # type: ignore[union-attr]
+            lambda: redis.update_rate_limits(key_hash, headers, model),
+        )
+
+    @precondition(lambda self: self.memory is not None)
+    @rule(
+        i=st.integers(0, 7),
+        model=MODEL_OR_NONE,
+        status=st.sampled_from([200, 429, 500, 400, 401]),
+        headers=HEADERS,
+        kind=st.sampled_from(["tokens", "requests", "other", "insufficient_quota"]),
+        tokens=st.sampled_from([0, 300, 1000]),
+    )
+    def report(  # noqa: PLR0913
+        self, i: int, model: str, status: int, headers: dict[str, str], kind: str, tokens: int
+    ) -> None:
+        assert self.memory is not None and self.redis is not None
+        redis, key_hash = self.redis, self.hash(i)
+        error = UpstreamError(kind, kind)
+        memory = self.memory
+
+        def in_memory() -> tuple[Any, Any]:
+            decision, key = memory.report_outcome(
+                key_hash,
+                model,
+                status=status,
+                headers=headers,
+                error=error,
+                completion_tokens=tokens,
+            )
+            return decision, key_to_proto(key)
+
+        async def in_redis() -> tuple[Any, Any]:
+            decision, key = await redis.report_outcome(
+                key_hash,
+                model,
+                status=status,
+                headers=headers,
+                error=error,
+                completion_tokens=tokens,
+            )
+            return decision, key_to_proto(key)
+
+        self.both(in_memory, in_redis)
+
+    @precondition(lambda self: self.memory is not None)
+    @rule(i=st.integers(0, 7), model=st.sampled_from(MODELS), tokens=st.sampled_from([0, 5, 800]))
+    def usage(self, i: int, model: str, tokens: int) -> None:
+        assert self.memory is not None and self.redis is not None
+        redis, key_hash = self.redis, self.hash(i)
+        self.both(
+            lambda: self.memory.increment_usage(key_hash, model, tokens),  # type: ignore[union-attr]
+            lambda: redis.increment_usage(key_hash, model, tokens),
+        )
+
+    @precondition(lambda self: self.memory is not None)
+    @rule(i=st.integers(0, 7), reason=st.sampled_from(list(DisableReason)))
+    def disable(self, i: int, reason: DisableReason) -> None:
+        assert self.memory is not None and self.redis is not None
+        redis, key_hash = self.redis, self.hash(i)
+        expected = key_to_proto(self.memory.disable(key_hash, reason))
+        assert key_to_proto(self.run(redis.disable(key_hash, reason))) == expected
+
+    @precondition(lambda self: self.memory is not None)
+    @rule(i=st.integers(0, 7), is_trial=st.booleans(), dead=st.sampled_from([None, *DisableReason]))
+    def check(self, i: int, is_trial: bool, dead: DisableReason | None) -> None:
+        # A check result moves the key to another class (trial or paid) with its
+        # state, or finds it dead.
+        assert self.memory is not None and self.redis is not None
+        redis, key_hash = self.redis, self.hash(i)
+        if dead is None:
+            expected = self.memory.apply_check(key_hash, model_ids=None, is_trial=is_trial)
+            got = self.run(redis.apply_check(key_hash, model_ids=None, is_trial=is_trial))
+        else:
+            expected = self.memory.apply_dead_check(key_hash, dead)
+            got = self.run(redis.apply_dead_check(key_hash, dead))
+        assert key_to_proto(got) == key_to_proto(expected)
+
+    @precondition(lambda self: self.memory is not None)
+    @rule(until_checked=st.booleans())
+    def recheck(self, until_checked: bool) -> None:
+        assert self.memory is not None and self.redis is not None
+        self.memory.recheck(until_checked=until_checked)
+        self.run(self.redis.recheck(until_checked=until_checked))
+
+    @precondition(lambda self: self.memory is not None)
+    @rule(seconds=st.sampled_from([0.0, 0.01, 0.5, 1.0, 2.0, 9.99, 10.0, 30.0, 61.0]))
+    def wait(self, seconds: float) -> None:
+        self.clock.advance(seconds)
+
+    @invariant()
+    def same_keys(self) -> None:
+        if self.memory is None or self.redis is None:
+            return
+        assert self.run(self.redis.available()) == self.memory.available()
+        listed = self.run(self.redis.keys())
+        assert [key_to_proto(k) for k in listed] == [key_to_proto(k) for k in self.memory.keys()]
+
+
+def test_redis_and_memory_backends_answer_alike(redis_server: RedisServer) -> None:
+    Differential.url = redis_server.url
+    run_state_machine_as_test(
+        Differential,
+        settings=settings(max_examples=60, stateful_step_count=40, deadline=None),
+    )
