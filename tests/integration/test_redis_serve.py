@@ -132,6 +132,7 @@ def test_a_hung_redis_fails_calls_within_the_timeout(tmp_path: Path) -> None:
         ({"KEYSVC_STATE_FILE": "state.db"}, "KEYSVC_STATE_FILE"),
         ({"KEYSVC_REDIS_URL": "http://127.0.0.1:1"}, "redis://"),
         ({"KEYSVC_REDIS_PREFIX": "a{b}"}, "KEYSVC_REDIS_PREFIX"),
+        ({"ANTHROPIC_KEY": "sk-ant-api03-aaaaaaaaaaaaaaaa"}, "ANTHROPIC_KEY"),
     ],
 )
 def test_settings_redis_cannot_go_with_are_refused(
@@ -214,3 +215,24 @@ def test_a_waiting_get_is_woken_by_another_replica(
         got = waiting.result()
         assert got.key.hash == disabled
         assert time.monotonic() - started < 2.5  # its deadline was 4.5 s away
+
+
+def test_a_waiting_get_whose_keys_stay_locked_is_told_keys_busy(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """As in memory: nothing is handed out at the wait's end; the status says when the
+    first key is expected to unlock."""
+    secrets = SECRETS[:1]
+    with keysvc_process(env=_env(redis_server.url, redis_prefix, secrets)) as child:
+        stub = _stub(child.port)
+        stub.MarkRateLimited(pb.MarkRateLimitedRequest(hash=hash_key(secrets[0]), model="gpt-4"))
+        request = pb.GetRequest(model="gpt-4")
+        request.max_wait.FromMilliseconds(500)
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Get(request, timeout=5)
+        assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+        assert error_reason(caught.value) == "KEYS_BUSY"  # type: ignore[arg-type]
+        listed = stub.List(pb.ListRequest()).keys
+        assert not listed[0].HasField("last_used")  # nothing was handed out
+        # A plain Get still hands out the locked key.
+        assert stub.Get(pb.GetRequest(model="gpt-4")).key.hash == hash_key(secrets[0])
