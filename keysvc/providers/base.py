@@ -13,18 +13,19 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import httpx
 
 from ..keys import DisableReason
 
 if TYPE_CHECKING:
-    import httpx
-
     from ..keys import Key
     from . import Identity
 
 __all__ = [
     "CheckReport",
+    "request_json",
     "Decision",
     "Dimension",
     "ModelRule",
@@ -240,6 +241,28 @@ class CheckReport:
     other_organizations: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     tier: str = ""
+
+
+async def request_json(
+    client: httpx.AsyncClient,
+    method: str,
+    url: str,
+    path: str,
+    headers: Mapping[str, str],
+    json: Mapping[str, Any] | None = None,
+) -> tuple[httpx.Response, object] | Outcome:
+    """One checker request to ``url`` (``path`` names it in a problem): the response and
+    its JSON body (None if not JSON), or a RETRY when no answer came."""
+    try:
+        response = await client.request(method, url, headers=headers, json=json)
+    except httpx.HTTPError as exc:
+        # The exception's text names the URL only, never the headers holding the key.
+        return Outcome(Verdict.RETRY, problem=f"{path.split('?')[0]}: {type(exc).__name__}")
+    try:
+        body: object = response.json()
+    except ValueError:
+        body = None
+    return response, body
 
 
 class Prober(ABC):

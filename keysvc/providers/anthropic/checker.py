@@ -41,7 +41,7 @@ from typing import Any, Final
 import httpx
 
 from ...keys import Key
-from ..base import CheckReport, Outcome, Prober, Verdict, parse_count
+from ..base import CheckReport, Outcome, Prober, Verdict, parse_count, request_json
 from ..openai.checker import list_data
 from .models import CLAUDE_HAIKU, CLAUDE_OPUS, CLAUDE_SONNET, RULES
 from .outcomes import dead_key_reason, upstream_error
@@ -205,15 +205,6 @@ class AnthropicProber(Prober):
         json: Mapping[str, Any] | None = None,
     ) -> tuple[httpx.Response, object] | Outcome:
         """One request; the response and its JSON body (None if not JSON), or a RETRY."""
-        try:
-            response = await client.request(
-                method, self.base_url + path, headers=self._headers(key), json=json
-            )
-        except httpx.HTTPError as exc:
-            # The exception's text names the URL only, never the x-api-key header.
-            return Outcome(Verdict.RETRY, problem=f"{path.split('?')[0]}: {type(exc).__name__}")
-        try:
-            body: object = response.json()
-        except ValueError:
-            body = None
-        return response, body
+        return await request_json(
+            client, method, self.base_url + path, path, self._headers(key), json
+        )

@@ -24,7 +24,7 @@ from typing import Any, Final
 import httpx
 
 from ...keys import DisableReason, Key
-from ..base import CheckReport, Outcome, Prober, Verdict
+from ..base import CheckReport, Outcome, Prober, Verdict, request_json
 from .headers import LIMIT_REQUESTS_HEADER
 from .outcomes import dead_key_reason, upstream_error
 
@@ -152,18 +152,9 @@ class OpenAIProber(Prober):
         json: Mapping[str, Any] | None = None,
     ) -> tuple[httpx.Response, object] | Outcome:
         """One request; the response and its JSON body (None if not JSON), or a RETRY."""
-        try:
-            response = await client.request(
-                method, self.base_url + path, headers=self._headers(key), json=json
-            )
-        except httpx.HTTPError as exc:
-            # The exception's text names the URL only, never the Authorization header.
-            return Outcome(Verdict.RETRY, problem=f"{path}: {type(exc).__name__}")
-        try:
-            body: object = response.json()
-        except ValueError:
-            body = None
-        return response, body
+        return await request_json(
+            client, method, self.base_url + path, path, self._headers(key), json
+        )
 
     async def _liveness(self, client: httpx.AsyncClient, key: Key) -> _Answer:
         """data: whether the key is trial-level."""
