@@ -77,7 +77,7 @@ p.meta { color: #666; margin: 0; }
 table { border-collapse: collapse; }
 th, td { border: 1px solid #ccc; padding: .25em .6em; text-align: right; }
 th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
-#keys td:nth-child(-n+3), #keys th:nth-child(-n+3) { text-align: left; }
+[id^="keys-"] td:nth-child(-n+3), [id^="keys-"] th:nth-child(-n+3) { text-align: left; }
 td.state-active { color: #186a1f; } td.state-locked { color: #8a5a00; }
 td.state-disabled, td.state-revoked, td.state-over_quota { color: #a31515; }
 code { font: 13px ui-monospace, monospace; }
