@@ -29,9 +29,11 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import MappingProxyType, TracebackType
+from http.server import BaseHTTPRequestHandler
+from types import MappingProxyType
 from typing import Any
+
+from .threaded import ThreadedUpstream, UpstreamServer
 
 __all__ = [
     "DEFAULT_MODELS",
@@ -165,11 +167,7 @@ class _State:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    block_on_close = False
-    request_queue_size = 256
-    state: _State
+_Server = UpstreamServer[_State]
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -322,48 +320,11 @@ def _json(doc: object) -> bytes:
     return json.dumps(doc).encode()
 
 
-class FakeAnthropic:
+class FakeAnthropic(ThreadedUpstream[_State]):
     """The fake upstream: start it, point a checker at ``base_url``, stop it."""
 
     def __init__(self, scenarios: Mapping[str, Scenario] | None = None) -> None:
-        self._state = _State(dict(scenarios or {}))
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> str:
-        """Binds a free port on 127.0.0.1 and serves on a thread; returns ``base_url``."""
-        if self._server is not None:
-            raise RuntimeError("the fake upstream is already running")
-        server = _Server(("127.0.0.1", 0), _Handler)
-        server.state = self._state
-        self._server = server
-        self._thread = threading.Thread(
-            target=server.serve_forever,
-            kwargs={"poll_interval": 0.05},
-            name="fake-anthropic",
-            daemon=True,
-        )
-        self._thread.start()
-        return self.base_url
-
-    def stop(self) -> None:
-        if self._server is None:
-            return
-        self._server.shutdown()
-        self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        self._server = self._thread = None
-
-    @property
-    def port(self) -> int:
-        if self._server is None:
-            raise RuntimeError("the fake upstream is not running")
-        return int(self._server.server_address[1])
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
+        super().__init__(_Handler, _State(dict(scenarios or {})), name="fake-anthropic")
 
     def add(self, key: str, scenario: Scenario) -> None:
         with self._state.lock:
@@ -373,18 +334,6 @@ class FakeAnthropic:
     def requests(self) -> list[RecordedRequest]:
         with self._state.lock:
             return list(self._state.requests)
-
-    def __enter__(self) -> FakeAnthropic:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
