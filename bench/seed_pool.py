@@ -94,7 +94,7 @@ class SeedPool:
 
     # -- what the servicer calls ----------------------------------------------
 
-    def get(self, model: str) -> Key:
+    def get(self, model: str, *, caller: str = "") -> Key:  # the seed holds nothing for callers
         if not model:
             raise InvalidArgument("model", "is required")
         info = self._models.lookup(model)
@@ -135,7 +135,7 @@ class SeedPool:
         state.requests_reset = KEY_REUSE_DELAY
         return selected
 
-    def lockout_period(self, model: str) -> float:
+    def lockout_period(self, model: str, *, caller: str = "") -> float:
         family = self._models.family(model or "gpt-4")
         active = [k for k in self._keys if not k.is_disabled and family in k.profile.families]
         if not active:

@@ -169,10 +169,13 @@ class KeyService(pb_grpc.KeyServiceServicer):
         if request.HasField("max_wait"):
             wait = request.max_wait
             key = await self._pool.get(
-                request.model, wait.seconds + wait.nanos / 1e9, time_left=context.time_remaining()
+                request.model,
+                wait.seconds + wait.nanos / 1e9,
+                time_left=context.time_remaining(),
+                caller=context.peer(),
             )
         else:
-            key = await self._pool.get(request.model)
+            key = await self._pool.get(request.model, caller=context.peer())
         response = pb.GetResponse(secret=key.secret)
         fill_key(response.key, key)
         return response
@@ -201,7 +204,7 @@ class KeyService(pb_grpc.KeyServiceServicer):
     async def GetLockoutPeriod(
         self, request: pb.GetLockoutPeriodRequest, context: _Context
     ) -> pb.GetLockoutPeriodResponse:
-        lockout = await self._pool.lockout_period(request.model)
+        lockout = await self._pool.lockout_period(request.model, caller=context.peer())
         return pb.GetLockoutPeriodResponse(lockout=_duration(lockout))
 
     async def IncrementUsage(

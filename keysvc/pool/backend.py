@@ -63,14 +63,21 @@ class PoolBackend(Protocol):
     # -- KeyService and ext_proc ---------------------------------------------------
 
     async def get(
-        self, model: str, max_wait: float = 0.0, *, time_left: float | None = None
+        self,
+        model: str,
+        max_wait: float = 0.0,
+        *,
+        time_left: float | None = None,
+        caller: str = "",
     ) -> Key:
         """Selects the best key for ``model``, throttles and reserves it: ``KeyPool.get``,
-        or with ``max_wait`` > 0 ``KeyPool.get_waiting``."""
+        or with ``max_wait`` > 0 ``KeyPool.get_waiting``. ``caller``: who asks (its
+        connection), whose held room (``lockout_period``) is its own again first."""
         ...
 
-    async def lockout_period(self, model: str) -> float:
-        """Seconds until a key for ``model`` is free (``KeyPool.lockout_period``)."""
+    async def lockout_period(self, model: str, *, caller: str = "") -> float:
+        """Seconds until a key for ``model`` is free (``KeyPool.lockout_period``); a 0
+        holds one request's room for ``caller``'s next Get."""
         ...
 
     async def mark_rate_limited(self, key_hash: str, model: str = "") -> None: ...

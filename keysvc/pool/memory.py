@@ -74,21 +74,27 @@ from .rules import (
     DEFAULT_LOCKOUT_MODEL,
     HASH_PATTERN,
     KEY_REUSE_DELAY,
+    MAX_PROMISES,
     MAX_WAIT,
     REPORT_PAIR_WINDOW,
     RESERVATION_TTL,
     TOKEN_ESTIMATE_SPREAD,
     TOKEN_ESTIMATE_WEIGHT,
     Limits,
+    Promise,
     RateHeaders,
     apply_rate_headers,
     budget_until,
     check_headers,
     check_model,
+    drop_promise,
     forget_budget,
+    holds,
     limits_match,
     mark,
+    oldest_hand_out,
     parse_rate_headers,
+    promise,
     release,
     window,
 )
@@ -429,6 +435,11 @@ class KeyPool:
         # get_waiting: queues by eligibility class, the one timer set for the
         # earliest unlock any queue head waits for, and a pending dispatch.
         self._queues: dict[_WaitClass, _WaitQueue] = {}
+        #: (caller, family) → the rooms GetLockoutPeriod answers of 0 hold for the
+        #: caller's next Gets, oldest first (``lockout_period``), and the callers whose
+        #: last hold lapsed unused, who get no more until their next Get.
+        self._holds: dict[tuple[str, str], deque[tuple[Key, RateTable, Promise]]] = {}
+        self._idle_callers: set[str] = set()
         self._timer: Timer | None = None
         self._timer_at = math.inf
         self._dispatch_pending = False
@@ -576,8 +587,11 @@ class KeyPool:
 
     # -- hand-out ------------------------------------------------------------
 
-    def get(self, model: str) -> Key:
+    def get(self, model: str, *, caller: str = "") -> Key:
         """Chooses the key most likely to succeed for ``model`` and throttles it.
+
+        ``caller``: who asks (the connection); the room a GetLockoutPeriod answer
+        of 0 held for it (``lockout_period``) is its own again first.
 
         Raises:
             InvalidArgument: ``model`` is empty or too long.
@@ -589,6 +603,8 @@ class KeyPool:
         if self._allowed is not None and info.family not in self._allowed:
             raise FamilyDisallowed(info.family, model)
         now = self._clock.now()
+        if caller:
+            self._redeem_hold(caller, info.family, now)
         selected = self._select(self._eligible(model, info), now)
         if selected is None:
             raise NoKeysForFamily(info.family, model)
@@ -596,7 +612,7 @@ class KeyPool:
         return self._hand_out(index, key, now)
 
     async def get_waiting(
-        self, model: str, max_wait: float, *, time_left: float | None = None
+        self, model: str, max_wait: float, *, time_left: float | None = None, caller: str = ""
     ) -> Key:
         """``get``, but when every eligible key is locked, waits up to ``max_wait``
         seconds for the first to unlock and hands that one out.
@@ -626,13 +642,15 @@ class KeyPool:
         if not 0.0 <= max_wait <= MAX_WAIT:
             raise InvalidArgument("max_wait", f"must be between 0 and {MAX_WAIT:g} seconds")
         if max_wait == 0.0:
-            return self.get(model)
+            return self.get(model, caller=caller)
         if time_left is not None:
             max_wait = max(0.0, min(max_wait, time_left - DEADLINE_MARGIN))
         info = self._models.lookup(model)
         if self._allowed is not None and info.family not in self._allowed:
             raise FamilyDisallowed(info.family, model)
         now = self._clock.now()
+        if caller:
+            self._redeem_hold(caller, info.family, now)
         indexes = self._eligible(model, info)
         wait_class = (info.family, info.embeddings, frozenset(ix.profile for ix in indexes))
         queue = self._queues.get(wait_class)
@@ -752,16 +770,81 @@ class KeyPool:
         self._observer.handed_out(index.family)
         return key
 
-    def lockout_period(self, model: str) -> float:
+    def lockout_period(self, model: str, *, caller: str = "") -> float:
         """Seconds until a key for ``model`` is free.
 
         Zero when one is free now, and zero when none is eligible at all (or the
         family is disallowed) so the caller goes ahead and gets Get's clear error
         instead of waiting forever. Uses exactly Get's eligibility rule.
+
+        A 0 for a key whose budget is known holds one request's room of it for
+        ``caller`` (a ``Promise``) until the caller's next Get or ``PROMISE_TTL``,
+        so that others asking meanwhile are told the truth: that room is spoken
+        for. Each 0 holds one more room (a proxy may let several requests go), and
+        the caller's own holds count as spoken for when it asks again. A caller
+        whose hold lapsed unused (a queue that polls with nothing waiting) gets no
+        more holds until its next Get.
         """
         model = model or DEFAULT_LOCKOUT_MODEL
         check_model(model)
-        return self._lockout(model, self._models.lookup(model))
+        info = self._models.lookup(model)
+        if not caller:
+            return self._lockout(model, info)
+        if self._allowed is not None and info.family not in self._allowed:
+            return 0.0
+        now = self._clock.now()
+        if self._drop_lapsed_holds(caller, info.family, now):
+            if len(self._idle_callers) >= MAX_PROMISES:
+                self._idle_callers.clear()  # forgetting costs each one more hold
+            self._idle_callers.add(caller)
+        selected = self._select(self._eligible(model, info), now)
+        if selected is None:
+            return 0.0
+        index, (until, key) = selected
+        if until > now:
+            return until - now
+        # Before a budget is known, the reuse throttle keeps callers apart already.
+        if index.table.budget_at[key.seq] and caller not in self._idle_callers:
+            self._hold(caller, index, key, now)
+        return 0.0
+
+    def _hold(self, caller: str, index: _FamilyIndex, key: Key, now: float) -> None:
+        if len(self._holds) >= MAX_PROMISES:  # callers come and go: drop the ended
+            self._holds = {
+                who: held
+                for who, held in self._holds.items()
+                if any(holds(table, k.seq, entry, now) for k, table, entry in held)
+            }
+        table = index.table
+        entry = promise(table, key.seq, now, self._token_reserve(index.family))
+        self._holds.setdefault((caller, index.family), deque()).append((key, table, entry))
+        self._reposition(key, table, now)
+
+    def _drop_lapsed_holds(self, caller: str, family: str, now: float) -> bool:
+        """Forgets ``caller``'s holds in ``family`` that ended unused; True if there were."""
+        held = self._holds.get((caller, family))
+        if held is None:
+            return False
+        lapsed = False
+        while held and not holds(held[0][1], held[0][0].seq, held[0][2], now):
+            held.popleft()  # all last PROMISE_TTL: the oldest ends first
+            lapsed = True
+        if not held:
+            del self._holds[(caller, family)]
+        return lapsed
+
+    def _redeem_hold(self, caller: str, family: str, now: float) -> None:
+        """Gives the room held longest for ``caller`` in ``family`` back, to be handed out."""
+        self._idle_callers.discard(caller)
+        self._drop_lapsed_holds(caller, family, now)
+        held = self._holds.get((caller, family))
+        if held is None:
+            return
+        key, table, entry = held.popleft()
+        if not held:
+            del self._holds[(caller, family)]
+        if drop_promise(table, key.seq, entry):
+            self._reposition(key, table, now)
 
     def family_lockout(self, family: str) -> float:
         """``lockout_period`` over every key of ``family``, whatever models it lists.
@@ -919,29 +1002,29 @@ class KeyPool:
             paired = self._answered.get(row)
             if paired is not None and now < paired[1] + REPORT_PAIR_WINDOW:
                 return paired[0], False
-        oldest: RateTable | None = None
-        matching: RateTable | None = None
+        oldest: tuple[float, RateTable] | None = None
+        matching: tuple[float, RateTable] | None = None
         latest: RateTable | None = None
         for table in self._book.tables.values():
-            reserved = table.reserved.get(row)
-            if reserved and (oldest is None or reserved[0][0] < oldest.reserved[row][0][0]):
-                oldest = table
+            handed_out = oldest_hand_out(table, row)
+            if handed_out is not None and (oldest is None or handed_out < oldest[0]):
+                oldest = handed_out, table
             if (
-                reserved
+                handed_out is not None
                 and limits is not None
                 and limits_match(table, row, limits)
-                and (matching is None or reserved[0][0] < matching.reserved[row][0][0])
+                and (matching is None or handed_out < matching[0])
             ):
-                matching = table
+                matching = handed_out, table
             if table.last_used[row] and (
                 latest is None or table.last_used[row] > latest.last_used[row]
             ):
                 latest = table
         released = False
-        oldest = matching or oldest
-        if oldest is not None:
-            family = oldest.family
-            released = answer and release(oldest, row)
+        answered = matching or oldest
+        if answered is not None:
+            family = answered[1].family
+            released = answer and release(answered[1], row)
         elif latest is not None and now < latest.last_used[row] + ATTRIBUTION_WINDOW:
             family = latest.family
         else:
@@ -1478,14 +1561,19 @@ class MemoryBackend:
         return self.pool
 
     async def get(
-        self, model: str, max_wait: float = 0.0, *, time_left: float | None = None
+        self,
+        model: str,
+        max_wait: float = 0.0,
+        *,
+        time_left: float | None = None,
+        caller: str = "",
     ) -> Key:
         if max_wait == 0.0:
-            return self.pool.get(model)
-        return await self.pool.get_waiting(model, max_wait, time_left=time_left)
+            return self.pool.get(model, caller=caller)
+        return await self.pool.get_waiting(model, max_wait, time_left=time_left, caller=caller)
 
-    async def lockout_period(self, model: str) -> float:
-        return self.pool.lockout_period(model)
+    async def lockout_period(self, model: str, *, caller: str = "") -> float:
+        return self.pool.lockout_period(model, caller=caller)
 
     async def mark_rate_limited(self, key_hash: str, model: str = "") -> None:
         self.pool.mark_rate_limited(key_hash, model)

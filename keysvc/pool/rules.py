@@ -69,6 +69,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+from collections import deque
 from collections.abc import Mapping
 from typing import Final, NamedTuple
 
@@ -107,6 +108,14 @@ RATE_LIMIT_FALLBACK: Final = 10.0
 #: before budgets. So short: the upstream counts a request when it arrives, and
 #: answers that come later report it in their remaining-* anyway.
 RESERVATION_TTL: Final = 10.0
+#: A GetLockoutPeriod answer of 0 holds one request's room on the key a Get would
+#: get for the caller that asked, this long or until that caller's next Get (a
+#: ``Promise``). The seed's queue lets a request go when the answer is 0, and its
+#: Get follows within milliseconds; without the hold, every proxy that asked in
+#: between was told 0 for the same room, and all but one got a 429.
+PROMISE_TTL: Final = 0.25
+#: Callers (connections) with a hold at once before the lapsed ones are swept out.
+MAX_PROMISES: Final = 4096
 #: A family's budget is forgotten this long after its last report (the key was
 #: idle, or every answer went elsewhere): what it said may no longer hold, so
 #: the reuse throttle applies again until the next answer.
@@ -438,20 +447,80 @@ def window(table: RateTable, row: int) -> float:
     return RATE_LIMIT_FALLBACK if flags & SAW_RATE_LIMIT else 0.0
 
 
+class Promise(NamedTuple):
+    """A reservation held for a GetLockoutPeriod caller's next Get (``PROMISE_TTL``).
+
+    It sits among the hand-outs' reservations, so the budget counts it like one,
+    and ``at`` is set so that it lapses ``PROMISE_TTL`` after it was made (the
+    reservations' own lapse rule). Not a hand-out: no answer releases it and no
+    report is attributed to it.
+    """
+
+    at: float
+    tokens: float
+
+
+def promise(table: RateTable, row: int, now: float, tokens: float) -> Promise:
+    """Holds one request's room of ``row``'s budget until ``now + PROMISE_TTL``."""
+    held = Promise(now + PROMISE_TTL - RESERVATION_TTL, tokens)
+    reserved = table.reserved.get(row)
+    if reserved is None:
+        reserved = table.reserved[row] = deque()
+    # Oldest first, as the lapse rule needs: the promise lapses before most hand-outs.
+    at = 0
+    while at < len(reserved) and reserved[at][0] <= held.at:
+        at += 1
+    reserved.insert(at, held)
+    return held
+
+
+def holds(table: RateTable, row: int, held: Promise, now: float) -> bool:
+    """Whether ``held`` still holds its room: not lapsed, not ended by a reset of the row."""
+    return held.at + RESERVATION_TTL > now and any(
+        entry is held for entry in table.reserved.get(row, ())
+    )
+
+
+def drop_promise(table: RateTable, row: int, held: Promise) -> bool:
+    """Ends ``held`` (its caller's Get came); False when it had lapsed or gone already."""
+    reserved = table.reserved.get(row)
+    if not reserved:
+        return False
+    for at, entry in enumerate(reserved):
+        if entry is held:
+            del reserved[at]
+            if not reserved:
+                del table.reserved[row]
+            return True
+    return False
+
+
+def oldest_hand_out(table: RateTable, row: int) -> float | None:
+    """When ``row``'s oldest hand-out in flight was made (promises aside); None if none."""
+    for entry in table.reserved.get(row, ()):
+        if not isinstance(entry, Promise):
+            return entry[0]
+    return None
+
+
 def release(table: RateTable, row: int) -> bool:
     """Ends the oldest reservation of ``row`` (an answer came); False when there was none.
 
     Answers are not matched to hand-outs (a report names only the key and model);
     the oldest is the likeliest, and a mismatch only keeps a newer reservation a
-    little longer than needed, which errs on the side of fewer 429s.
+    little longer than needed, which errs on the side of fewer 429s. Promises are
+    not hand-outs and stay.
     """
     reserved = table.reserved.get(row)
     if not reserved:
         return False
-    reserved.popleft()
-    if not reserved:
-        del table.reserved[row]
-    return True
+    for at, entry in enumerate(reserved):
+        if not isinstance(entry, Promise):
+            del reserved[at]
+            if not reserved:
+                del table.reserved[row]
+            return True
+    return False
 
 
 def budget_until(table: RateTable, row: int, tokens_needed: float) -> float:

@@ -65,7 +65,10 @@ class KeyServiceStub:
     """
     GetLockoutPeriod: _grpc.UnaryUnaryMultiCallable[_keysvc_pb2.GetLockoutPeriodRequest, _keysvc_pb2.GetLockoutPeriodResponse]
     """GetLockoutPeriod says how long until a key for the model is free; zero
-    when one is free now or when none could ever serve it.
+    when one is free now or when none could ever serve it. A zero for a key
+    whose rate-limit budget is known holds one request's room of it for the
+    asking connection's next Get (at most 250 ms), so that other callers asking
+    meanwhile are told to wait rather than all sent after the same room.
     """
     IncrementUsage: _grpc.UnaryUnaryMultiCallable[_keysvc_pb2.IncrementUsageRequest, _keysvc_pb2.IncrementUsageResponse]
     """IncrementUsage adds the tokens of a finished request to the key's usage."""
@@ -122,7 +125,10 @@ class KeyServiceAsyncStub(KeyServiceStub):
     """
     GetLockoutPeriod: _aio.UnaryUnaryMultiCallable[_keysvc_pb2.GetLockoutPeriodRequest, _keysvc_pb2.GetLockoutPeriodResponse]  # type: ignore[assignment]
     """GetLockoutPeriod says how long until a key for the model is free; zero
-    when one is free now or when none could ever serve it.
+    when one is free now or when none could ever serve it. A zero for a key
+    whose rate-limit budget is known holds one request's room of it for the
+    asking connection's next Get (at most 250 ms), so that other callers asking
+    meanwhile are told to wait rather than all sent after the same room.
     """
     IncrementUsage: _aio.UnaryUnaryMultiCallable[_keysvc_pb2.IncrementUsageRequest, _keysvc_pb2.IncrementUsageResponse]  # type: ignore[assignment]
     """IncrementUsage adds the tokens of a finished request to the key's usage."""
@@ -206,7 +212,10 @@ class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_keysvc_pb2.GetLockoutPeriodResponse, _abc.Awaitable[_keysvc_pb2.GetLockoutPeriodResponse]]:
         """GetLockoutPeriod says how long until a key for the model is free; zero
-        when one is free now or when none could ever serve it.
+        when one is free now or when none could ever serve it. A zero for a key
+        whose rate-limit budget is known holds one request's room of it for the
+        asking connection's next Get (at most 250 ms), so that other callers asking
+        meanwhile are told to wait rather than all sent after the same room.
         """
 
     @_abc_1.abstractmethod

@@ -17,6 +17,7 @@ from keysvc.models import ModelTable
 from keysvc.pool import KeyPool
 from keysvc.state import SqliteStateStore
 from keysvc.v1 import keysvc_pb2 as pb
+from keysvc.v1.keysvc_pb2_grpc import KeyServiceStub
 from tests.exposition import parse, value
 from tests.helpers import client, error_reason, make_pool, serving
 
@@ -172,3 +173,30 @@ async def test_outcomes_are_counted_by_action_once() -> None:
     assert value(samples, "keysvc_tokens_used_total", family="gpt4o") == 10
     assert value(samples, "keysvc_key_handouts_total", family="gpt4o") == 1
     assert value(samples, "keysvc_key_state_changes_total", change="rate_limited") == 1
+
+
+async def test_a_zero_lockout_holds_the_room_for_the_connection_that_asked() -> None:
+    # The seed's queue on two proxies: each asks GetLockoutPeriod and lets a request
+    # go on 0. With one request's room left, only the first is told 0 until its Get.
+    pool, _ = make_pool(SECRETS[:1])
+    one_left = {
+        "x-ratelimit-limit-requests": "10",
+        "x-ratelimit-remaining-requests": "1",
+        "x-ratelimit-reset-requests": "59s",
+    }
+    own_connection = [("grpc.use_local_subchannel_pool", 1)]
+    async with (
+        serving(pool) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}", options=own_connection) as one,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}", options=own_connection) as other,
+    ):
+        proxy_a, proxy_b = KeyServiceStub(one), KeyServiceStub(other)
+        lease = await proxy_a.Get(pb.GetRequest(model="gpt-4o"))
+        await proxy_a.UpdateRateLimits(
+            pb.UpdateRateLimitsRequest(hash=lease.key.hash, headers=one_left)
+        )
+        ask = pb.GetLockoutPeriodRequest(model="gpt-4o")
+        assert (await proxy_a.GetLockoutPeriod(ask)).lockout.ToNanoseconds() == 0
+        assert (await proxy_b.GetLockoutPeriod(ask)).lockout.ToNanoseconds() > 0
+        assert (await proxy_a.Get(pb.GetRequest(model="gpt-4o"))).key.hash == A
+        assert (await proxy_a.GetLockoutPeriod(ask)).lockout.ToNanoseconds() > 0

@@ -65,7 +65,10 @@ type KeyServiceClient interface {
 	// key-wide when none is.
 	UpdateRateLimits(ctx context.Context, in *UpdateRateLimitsRequest, opts ...grpc.CallOption) (*UpdateRateLimitsResponse, error)
 	// GetLockoutPeriod says how long until a key for the model is free; zero
-	// when one is free now or when none could ever serve it.
+	// when one is free now or when none could ever serve it. A zero for a key
+	// whose rate-limit budget is known holds one request's room of it for the
+	// asking connection's next Get (at most 250 ms), so that other callers asking
+	// meanwhile are told to wait rather than all sent after the same room.
 	GetLockoutPeriod(ctx context.Context, in *GetLockoutPeriodRequest, opts ...grpc.CallOption) (*GetLockoutPeriodResponse, error)
 	// IncrementUsage adds the tokens of a finished request to the key's usage.
 	IncrementUsage(ctx context.Context, in *IncrementUsageRequest, opts ...grpc.CallOption) (*IncrementUsageResponse, error)
@@ -224,7 +227,10 @@ type KeyServiceServer interface {
 	// key-wide when none is.
 	UpdateRateLimits(context.Context, *UpdateRateLimitsRequest) (*UpdateRateLimitsResponse, error)
 	// GetLockoutPeriod says how long until a key for the model is free; zero
-	// when one is free now or when none could ever serve it.
+	// when one is free now or when none could ever serve it. A zero for a key
+	// whose rate-limit budget is known holds one request's room of it for the
+	// asking connection's next Get (at most 250 ms), so that other callers asking
+	// meanwhile are told to wait rather than all sent after the same room.
 	GetLockoutPeriod(context.Context, *GetLockoutPeriodRequest) (*GetLockoutPeriodResponse, error)
 	// IncrementUsage adds the tokens of a finished request to the key's usage.
 	IncrementUsage(context.Context, *IncrementUsageRequest) (*IncrementUsageResponse, error)

@@ -3363,7 +3363,10 @@ export const KeyServiceService = {
   },
   /**
    * GetLockoutPeriod says how long until a key for the model is free; zero
-   * when one is free now or when none could ever serve it.
+   * when one is free now or when none could ever serve it. A zero for a key
+   * whose rate-limit budget is known holds one request's room of it for the
+   * asking connection's next Get (at most 250 ms), so that other callers asking
+   * meanwhile are told to wait rather than all sent after the same room.
    */
   getLockoutPeriod: {
     path: "/keysvc.v1.KeyService/GetLockoutPeriod" as const,
@@ -3471,7 +3474,10 @@ export interface KeyServiceServer extends UntypedServiceImplementation {
   updateRateLimits: handleUnaryCall<UpdateRateLimitsRequest, UpdateRateLimitsResponse>;
   /**
    * GetLockoutPeriod says how long until a key for the model is free; zero
-   * when one is free now or when none could ever serve it.
+   * when one is free now or when none could ever serve it. A zero for a key
+   * whose rate-limit budget is known holds one request's room of it for the
+   * asking connection's next Get (at most 250 ms), so that other callers asking
+   * meanwhile are told to wait rather than all sent after the same room.
    */
   getLockoutPeriod: handleUnaryCall<GetLockoutPeriodRequest, GetLockoutPeriodResponse>;
   /** IncrementUsage adds the tokens of a finished request to the key's usage. */
@@ -3579,7 +3585,10 @@ export interface KeyServiceClient extends Client {
   ): ClientUnaryCall;
   /**
    * GetLockoutPeriod says how long until a key for the model is free; zero
-   * when one is free now or when none could ever serve it.
+   * when one is free now or when none could ever serve it. A zero for a key
+   * whose rate-limit budget is known holds one request's room of it for the
+   * asking connection's next Get (at most 250 ms), so that other callers asking
+   * meanwhile are told to wait rather than all sent after the same room.
    */
   getLockoutPeriod(
     request: GetLockoutPeriodRequest,
