@@ -83,6 +83,7 @@ _CONSTANTS: Final = (
     "MAX_RESET",
     "MAX_BUDGET_WAIT",
     "RESERVATION_TTL",
+    "PROMISE_TTL",
     "BUDGET_LAPSE",
     "ATTRIBUTION_WINDOW",
     "REPORT_PAIR_WINDOW",
@@ -347,25 +348,27 @@ class RedisBackend:
         family, embeddings = self._info(model)
         kind = "1" if embeddings else "0"
         if max_wait == 0.0:  # a plain Get never refuses: the key that unlocks first
-            answer = await self._run("get", family, kind, "get")
+            answer = await self._run("get", family, kind, "get", caller)
             return self._handed_out(answer, family, model)
         if time_left is not None:
             max_wait = max(0.0, min(max_wait, time_left - rules.DEADLINE_MARGIN))
         if max_wait > 0.0:
-            key = await self._wait_for_key(family, embeddings, model, max_wait)
+            key, caller = await self._wait_for_key(family, embeddings, model, max_wait, caller)
             if key is not None:
                 return key
         # The wait ran out (or the deadline left none): a free key, else KEYS_BUSY, as
         # in memory (KeyPool.get_waiting says why).
-        answer = await self._run("get", family, kind, "free")
+        answer = await self._run("get", family, kind, "free", caller)
         if _text(answer[0]) != "until":
             return self._handed_out(answer, family, model)
         raise KeysBusy(family, model, max(0.0, float(_text(answer[1])) - float(_text(answer[2]))))
 
     async def _wait_for_key(
-        self, family: str, embeddings: bool, model: str, max_wait: float
-    ) -> Key | None:
+        self, family: str, embeddings: bool, model: str, max_wait: float, caller: str
+    ) -> tuple[Key | None, str]:
         """A free key as soon as there is one, within ``max_wait``; None at the deadline.
+        The first script call takes back the room held for ``caller`` (the caller
+        is returned as "" once it has).
 
         Waiters of one family (and kind) in this replica take turns in arrival order;
         only the first asks Redis. It is woken at the earliest unlock time Redis
@@ -388,13 +391,15 @@ class RedisBackend:
                         await asyncio.wait_for(asyncio.shield(turn), left)
                     continue
                 woken = self._next_wake()
-                answer = await self._run("get", family, "1" if embeddings else "0", "free")
+                kind = "1" if embeddings else "0"
+                answer = await self._run("get", family, kind, "free", caller)
+                caller = ""
                 if _text(answer[0]) != "until":
-                    return self._handed_out(answer, family, model)
+                    return self._handed_out(answer, family, model), caller
                 wait = float(_text(answer[1])) - float(_text(answer[2]))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(asyncio.shield(woken), min(max(wait, 0.001), left))
-            return None
+            return None, caller
         finally:
             queue.remove(turn)
             if queue and not queue[0].done():
@@ -443,14 +448,14 @@ class RedisBackend:
         return key
 
     async def lockout_period(self, model: str, *, caller: str = "") -> float:
-        # No hold for ``caller`` on a shared pool yet (docs/scale-out.md): a 0 is only
-        # the truth of this moment, as before holds.
         model = model or DEFAULT_LOCKOUT_MODEL
         check_model(model)
         info = self._models.lookup(model)
         if self._allowed is not None and info.family not in self._allowed:
             return 0.0
-        answer = await self._run("get", info.family, "1" if info.embeddings else "0", "peek")
+        answer = await self._run(
+            "get", info.family, "1" if info.embeddings else "0", "peek", caller
+        )
         if _text(answer[0]) == "none":
             return 0.0
         return max(0.0, float(_text(answer[1])) - float(_text(answer[2])))

@@ -2,12 +2,28 @@
 -- ARGV[4] family, ARGV[5] "1" for an embeddings model, ARGV[6] mode:
 --   "get": hand out the best key, free or first to unlock;
 --   "free": hand it out only if it is free now (a waiting Get);
---   "peek": hand out nothing (GetLockoutPeriod).
+--   "peek": hand out nothing (GetLockoutPeriod); a free key with a known budget is
+--   held for the caller (KeyPool.lockout_period).
+-- ARGV[7] the caller ("" none): a Get first takes back the room held for it longest.
 -- Returns {"key", now, view}, {"until", unlock time, now} or {"none"}.
-local f, embeddings, mode = ARGV[4], ARGV[5] == '1', ARGV[6]
+local f, embeddings, mode, caller = ARGV[4], ARGV[5] == '1', ARGV[6], ARGV[7]
+local idle = caller ~= '' and P .. 'idle:' .. caller
+if caller ~= '' and mode == 'peek' then
+  if drop_lapsed_holds(f, caller, NOW) then redis.call('SET', idle, '1', 'EX', 3600) end
+elseif caller ~= '' then
+  redeem_hold(f, caller, NOW)
+end
 local best = select(f, embeddings, NOW)
 if best == nil then return {'none'} end
 if mode == 'peek' or (mode == 'free' and best[1] > NOW) then
+  if mode == 'peek' and caller ~= '' and best[1] <= NOW then
+    local h = string.sub(best[2], 14)
+    local at = redis.call('HGET', state_key(f, h), 'bat')
+    -- Before a budget is known, the reuse throttle keeps callers apart already.
+    if at and tonumber(at) ~= 0 and redis.call('EXISTS', idle) == 0 then
+      hold(f, h, caller, NOW)
+    end
+  end
   return {'until', num(best[1]), num(NOW)}
 end
 local h = string.sub(best[2], 14)

@@ -15,6 +15,9 @@
 --   usage:<h>      hash  tokens counted per family
 --   tok            hash  family -> "mean variance" of finished requests' tokens
 --   answered:<h>   -     "family time" of the last report without a model
+--   hold:<f>:<c>   list  caller c's holds in family f, oldest first: "hash id"
+--   idle:<c>       -     caller c's last hold lapsed unused: no more until its Get
+--   holdseq        int   the last hold id given out
 -- Classes order selection: c = 0 trial, 1 trial with gpt4-32k, 2 paid, 3 paid with 32k.
 -- An index member is the zero-padded seq, ':' and the hash, so ties go by load order.
 
@@ -176,6 +179,71 @@ local function derive(s, reserved, f, now)
     u = lu + REUSE_DELAY
   end
   s['until'] = u
+end
+
+-- Whether hold ``id`` on (f, h) still holds its room (rules.holds).
+local function holds(f, h, id, now)
+  for _, r in ipairs(read_reserved(reserved_key(f, h))) do
+    if r[3] == id then return r[1] + RESERVATION_TTL > now end
+  end
+  return false
+end
+
+-- KeyPool._drop_lapsed_holds: forgets caller's ended holds in f; true if there were.
+local function drop_lapsed_holds(f, caller, now)
+  local hk = P .. 'hold:' .. f .. ':' .. caller
+  local lapsed = false
+  while true do
+    local item = redis.call('LINDEX', hk, 0)
+    if not item then break end
+    local h, id = string.match(item, '^(%S+) (%S+)$')
+    if holds(f, h, id, now) then break end
+    redis.call('LPOP', hk)
+    lapsed = true
+  end
+  return lapsed
+end
+
+-- Re-derives and re-places (h, f) after its reservations changed.
+local function rederive(h, f, reserved, now)
+  local sk = state_key(f, h)
+  local s = read_state(sk)
+  derive(s, reserved, f, now)
+  write_state(sk, s)
+  write_reserved(reserved_key(f, h), reserved)
+  place(record(h), h, f, now)
+end
+
+-- KeyPool._hold: one request's room of (h, f) held for caller's next Get.
+local function hold(f, h, caller, now)
+  local id = tostring(redis.call('INCR', P .. 'holdseq'))
+  local reserved = read_reserved(reserved_key(f, h))
+  local held = {now + PROMISE_TTL - RESERVATION_TTL, token_reserve(f), id}
+  local at = 1
+  while at <= #reserved and reserved[at][1] <= held[1] do at = at + 1 end
+  table.insert(reserved, at, held)
+  rederive(h, f, reserved, now)
+  local hk = P .. 'hold:' .. f .. ':' .. caller
+  redis.call('RPUSH', hk, h .. ' ' .. id)
+  -- Every hold ends within PROMISE_TTL: the list outlives none of them by long.
+  redis.call('PEXPIRE', hk, 60000)
+end
+
+-- KeyPool._redeem_hold: gives the room held longest for caller in f back.
+local function redeem_hold(f, caller, now)
+  redis.call('DEL', P .. 'idle:' .. caller)
+  drop_lapsed_holds(f, caller, now)
+  local item = redis.call('LPOP', P .. 'hold:' .. f .. ':' .. caller)
+  if not item then return end
+  local h, id = string.match(item, '^(%S+) (%S+)$')
+  local reserved = read_reserved(reserved_key(f, h))
+  for at, r in ipairs(reserved) do
+    if r[3] == id then
+      table.remove(reserved, at)
+      rederive(h, f, reserved, now)
+      return
+    end
+  end
 end
 
 -- What the Key message shows of key h: the record, each family state, the usage.

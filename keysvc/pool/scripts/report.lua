@@ -19,7 +19,7 @@ end
 -- ended a hand-out's reservation.
 local function report_family(answer, limits)
   if named then
-    local released = answer and redis.call('LPOP', reserved_key(model_family, h)) ~= false
+    local released = answer and release(reserved_key(model_family, h))
     return model_family, released
   end
   local answered_key = P .. 'answered:' .. h
@@ -34,10 +34,9 @@ local function report_family(answer, limits)
   table.sort(fams)
   local oldest, oldest_t, matching, matching_t, latest, latest_lu = nil, 0, nil, 0, nil, 0
   for _, f in ipairs(fams) do
-    local first = redis.call('LINDEX', reserved_key(f, h), 0)
+    local t = oldest_hand_out(reserved_key(f, h))
     local s = nil
-    if first then
-      local t = tonumber(string.match(first, '^(%S+)'))
+    if t then
       if oldest == nil or t < oldest_t then oldest, oldest_t = f, t end
       if limits ~= nil then
         s = read_state(state_key(f, h))
@@ -53,7 +52,7 @@ local function report_family(answer, limits)
   if matching ~= nil then oldest = matching end
   if oldest ~= nil then
     family = oldest
-    released = answer and redis.call('LPOP', reserved_key(family, h)) ~= false
+    released = answer and release(reserved_key(family, h))
   elseif latest ~= nil and NOW < latest_lu + ATTRIBUTION_WINDOW then
     family = latest
   else

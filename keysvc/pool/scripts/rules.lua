@@ -61,12 +61,13 @@ local function write_state(key, s)
   redis.call('HSET', key, unpack(set))
 end
 
--- Reservations: a list of "time tokens", oldest first.
+-- Reservations: a list of "time tokens", oldest first; a hold (rules.Promise) is
+-- "time tokens id", its id naming it for its caller's Get.
 local function read_reserved(key)
   local out = {}
   for _, item in ipairs(redis.call('LRANGE', key, 0, -1)) do
-    local t, tokens = string.match(item, '^(%S+) (%S+)$')
-    out[#out + 1] = {tonumber(t), tonumber(tokens)}
+    local t, tokens, id = string.match(item, '^(%S+) (%S+) ?(%S*)$')
+    out[#out + 1] = {tonumber(t), tonumber(tokens), id ~= '' and id or nil}
   end
   return out
 end
@@ -75,9 +76,31 @@ local function write_reserved(key, reserved)
   redis.call('DEL', key)
   if #reserved > 0 then
     local items = {}
-    for i, r in ipairs(reserved) do items[i] = num(r[1]) .. ' ' .. num(r[2]) end
+    for i, r in ipairs(reserved) do
+      items[i] = num(r[1]) .. ' ' .. num(r[2]) .. (r[3] and (' ' .. r[3]) or '')
+    end
     redis.call('RPUSH', key, unpack(items))
   end
+end
+
+-- rules.oldest_hand_out: the time of the list's oldest hand-out (holds aside), or nil.
+local function oldest_hand_out(key)
+  for _, item in ipairs(redis.call('LRANGE', key, 0, -1)) do
+    local t = string.match(item, '^(%S+) %S+$')
+    if t then return tonumber(t) end
+  end
+  return nil
+end
+
+-- rules.release: ends the oldest hand-out's reservation (holds stay); false if none.
+local function release(key)
+  for _, item in ipairs(redis.call('LRANGE', key, 0, -1)) do
+    if string.match(item, '^%S+ %S+$') then
+      redis.call('LREM', key, 1, item)
+      return true
+    end
+  end
+  return false
 end
 
 -- rules.window
