@@ -112,8 +112,11 @@ RESERVATION_TTL: Final = 10.0
 #: get for the caller that asked, this long or until that caller's next Get (a
 #: ``Promise``). The seed's queue lets a request go when the answer is 0, and its
 #: Get follows within milliseconds; without the hold, every proxy that asked in
-#: between was told 0 for the same room, and all but one got a 429.
-PROMISE_TTL: Final = 0.25
+#: between was told 0 for the same room, and all but one got a 429. A second, not
+#: less: a busy proxy's event loop can take a good part of one between the answer
+#: and the Get (in the simulator, 250 ms left a fleet of racing loops 25 % 429s,
+#: 1 s 1.9 %), and an unused hold costs one room for that long, once per idle spell.
+PROMISE_TTL: Final = 1.0
 #: Callers (connections) with a hold at once before the lapsed ones are swept out.
 MAX_PROMISES: Final = 4096
 #: A family's budget is forgotten this long after its last report (the key was

@@ -144,7 +144,7 @@ class KeyServiceServicer:
         """GetLockoutPeriod says how long until a key for the model is free; zero
         when one is free now or when none could ever serve it. A zero for a key
         whose rate-limit budget is known holds one request's room of it for the
-        asking connection's next Get (at most 250 ms), so that other callers asking
+        asking connection's next Get (at most 1 s), so that other callers asking
         meanwhile are told to wait rather than all sent after the same room.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -67,7 +67,7 @@ class KeyServiceStub:
     """GetLockoutPeriod says how long until a key for the model is free; zero
     when one is free now or when none could ever serve it. A zero for a key
     whose rate-limit budget is known holds one request's room of it for the
-    asking connection's next Get (at most 250 ms), so that other callers asking
+    asking connection's next Get (at most 1 s), so that other callers asking
     meanwhile are told to wait rather than all sent after the same room.
     """
     IncrementUsage: _grpc.UnaryUnaryMultiCallable[_keysvc_pb2.IncrementUsageRequest, _keysvc_pb2.IncrementUsageResponse]
@@ -127,7 +127,7 @@ class KeyServiceAsyncStub(KeyServiceStub):
     """GetLockoutPeriod says how long until a key for the model is free; zero
     when one is free now or when none could ever serve it. A zero for a key
     whose rate-limit budget is known holds one request's room of it for the
-    asking connection's next Get (at most 250 ms), so that other callers asking
+    asking connection's next Get (at most 1 s), so that other callers asking
     meanwhile are told to wait rather than all sent after the same room.
     """
     IncrementUsage: _aio.UnaryUnaryMultiCallable[_keysvc_pb2.IncrementUsageRequest, _keysvc_pb2.IncrementUsageResponse]  # type: ignore[assignment]
@@ -214,7 +214,7 @@ class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
         """GetLockoutPeriod says how long until a key for the model is free; zero
         when one is free now or when none could ever serve it. A zero for a key
         whose rate-limit budget is known holds one request's room of it for the
-        asking connection's next Get (at most 250 ms), so that other callers asking
+        asking connection's next Get (at most 1 s), so that other callers asking
         meanwhile are told to wait rather than all sent after the same room.
         """
 
