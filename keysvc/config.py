@@ -495,7 +495,6 @@ def check_settings(settings: Settings) -> None:
         # The Redis backend does not do these yet; refused rather than half done.
         for on, name in (
             (settings.state_file is not None, "KEYSVC_STATE_FILE (Redis keeps the state)"),
-            (settings.metrics_port is not None, "KEYSVC_METRICS_PORT (not over Redis yet)"),
             (bool(settings.anthropic_keys), "ANTHROPIC_KEY (Redis serves OpenAI keys only yet)"),
         ):
             if on:

@@ -57,11 +57,19 @@ from .reflection import enable_reflection
 from .reload import KeysFileWatcher, read_keys_file
 from .service import KeyService, Rechecker
 from .state import SqliteStateStore, StateFileError
-from .status import KeyCensus, SnapshotSource
+from .status import KeyCensus, SnapshotFeed, SnapshotSource, TakenSnapshots
 from .store import KeyStore, MemoryKeyStore
 from .tls import TlsConfig
 from .v1 import keysvc_pb2, keysvc_pb2_grpc
-from .web import HttpServer, ViewPacer, build_app, page_snapshots, start_http
+from .web import (
+    PAGE_KEYS,
+    SNAPSHOT_MAX_AGE,
+    HttpServer,
+    ViewPacer,
+    build_app,
+    page_snapshots,
+    start_http,
+)
 
 __all__ = [
     "SERVICE_NAME",
@@ -367,7 +375,7 @@ def _follow_state_writes(health: health_aio.HealthServicer) -> Callable[[bool], 
 
 async def start_http_port(
     running: KeysvcServer,
-    pool: SnapshotSource,
+    pool: SnapshotSource | RedisBackend,
     metrics: Metrics,
     *,
     host: str,
@@ -379,16 +387,28 @@ async def start_http_port(
 
     ``metrics`` must be ``pool``'s observer; this adds the gauges read from ``pool``.
     ``census`` should be the one ``pool`` was built with (``build_pool``): without it,
-    every snapshot the views read recounts every key. ``pacer`` spaces page views and
-    scrapes (``keysvc.web.VIEWS_PER_SECOND`` when not given).
+    every snapshot the views read recounts every key. A shared pool (``RedisBackend``)
+    is read by its census in Redis instead, at most every ``SNAPSHOT_MAX_AGE``
+    seconds. ``pacer`` spaces page views and scrapes (``keysvc.web.VIEWS_PER_SECOND``
+    when not given).
 
     Raises:
         OSError: the address cannot be bound.
     """
-    snapshots = page_snapshots(pool, census)
-    metrics.watch_pool(pool, snapshots)
+    snapshots: SnapshotFeed
+    local: SnapshotSource | None = None
+    if isinstance(pool, RedisBackend):
+        shared = pool
+        snapshots = TakenSnapshots(
+            lambda: shared.census(listed=PAGE_KEYS), max_age=SNAPSHOT_MAX_AGE
+        )
+        metrics.watch_snapshots(snapshots)
+    else:
+        local = pool
+        snapshots = page_snapshots(pool, census)
+        metrics.watch_pool(pool, snapshots)
     app = build_app(
-        pool,
+        local,
         metrics.registry,
         live=running.serving,
         ready=lambda: running.serving(SERVICE_NAME),
@@ -462,10 +482,15 @@ def _log_loaded(count: int) -> None:
 
 
 async def build_redis_backend(
-    settings: Settings, *, extra_keys: Sequence[str] = (), observer: PoolObserver | None = None
+    settings: Settings,
+    *,
+    extra_keys: Sequence[str] = (),
+    observer: PoolObserver | None = None,
+    metrics: Metrics | None = None,
 ) -> RedisBackend:
     """The shared pool of ``settings.redis_url``, with this replica's keys registered,
-    or to be registered once Redis answers (``RedisBackend.ping``)."""
+    or to be registered once Redis answers (``RedisBackend.ping``); ``metrics`` count
+    the calls that fail on Redis."""
     assert settings.redis_url is not None
     client = Redis.from_url(
         settings.redis_url,
@@ -479,6 +504,7 @@ async def build_redis_backend(
         timeout=settings.redis_timeout,
         allowed_families=settings.allowed_families,
         observer=observer,
+        on_failure=metrics.store_failed if metrics is not None else None,
     )
     secrets = list(dict.fromkeys([*settings.openai_keys, *extra_keys]))
     others = sum(1 for secret in secrets if identity_of_secret(secret).name != OPENAI)
@@ -619,7 +645,9 @@ async def serve(settings: Settings, *, clock: Clock | None = None) -> None:
     census = KeyCensus() if metrics is not None else None
     backend: PoolBackend
     if settings.redis_url is not None:
-        backend = await build_redis_backend(settings, extra_keys=file_keys, observer=metrics)
+        backend = await build_redis_backend(
+            settings, extra_keys=file_keys, observer=metrics, metrics=metrics
+        )
     else:
         pool = build_pool(
             settings, clock, store=store, extra_keys=file_keys, observer=metrics, census=census
@@ -680,7 +708,7 @@ async def serve(settings: Settings, *, clock: Clock | None = None) -> None:
     if metrics is not None and settings.metrics_port is not None:
         http = await start_http_port(
             running,
-            backend.snapshot_source(),
+            backend if isinstance(backend, RedisBackend) else backend.snapshot_source(),
             metrics,
             host=settings.metrics_host,
             port=settings.metrics_port,
