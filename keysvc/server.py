@@ -260,6 +260,7 @@ def create_server(
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
     max_in_flight_lists: int = DEFAULT_MAX_IN_FLIGHT_LISTS,
     connection_limits: ConnectionLimits | None = None,
+    reuse_port: bool = False,
 ) -> KeysvcServer:
     """Builds a server for ``pool`` bound to ``host:port`` (0 picks a free port).
 
@@ -279,6 +280,8 @@ def create_server(
     Calls beyond ``max_in_flight`` (``max_in_flight_lists`` for List) are refused
     with RESOURCE_EXHAUSTED / OVERLOADED, after the drain check and before auth;
     ``connection_limits`` bound each client connection (``keysvc.overload``).
+    ``reuse_port`` lets other processes bind the same port (the workers of
+    ``keysvc.workers``; the kernel spreads connections over them).
 
     Raises:
         OSError: the address cannot be bound.
@@ -305,8 +308,9 @@ def create_server(
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             # Without this, gRPC sets SO_REUSEPORT and a second keysvc on the same
-            # port would silently share it instead of failing to start.
-            ("grpc.so_reuseport", 0),
+            # port would silently share it instead of failing to start; only the
+            # workers of one keysvc share a port, on purpose.
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
             *connection_options(connection_limits or ConnectionLimits(), max_in_flight),
         ],
     )
@@ -617,8 +621,13 @@ def _log_protection(settings: Settings, tokens: AuthTokens, tls: TlsConfig | Non
             )
 
 
-async def serve(settings: Settings, *, clock: Clock | None = None) -> None:
+async def serve(
+    settings: Settings, *, clock: Clock | None = None, worker: int | None = None
+) -> None:
     """Runs keysvc until SIGTERM or SIGINT, then drains and returns.
+
+    ``worker``: this process is that worker of ``keysvc serve --workers``; it shares
+    its port with the others (SO_REUSEPORT).
 
     Raises:
         ConfigError: a TLS, state or keys file is unusable (start-up refused).
@@ -684,6 +693,7 @@ async def serve(settings: Settings, *, clock: Clock | None = None) -> None:
             max_in_flight=settings.max_in_flight,
             max_in_flight_lists=settings.max_in_flight_lists,
             connection_limits=settings.connection_limits,
+            reuse_port=worker is not None,
         )
     except BaseException:
         if checker is not None:
