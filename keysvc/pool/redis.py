@@ -173,6 +173,7 @@ class RedisBackend:
         observer: PoolObserver | None = None,
         now: Callable[[], float] | None = None,
         on_failure: Callable[[str], None] | None = None,
+        time_scale: float = 1.0,
     ) -> None:
         """Args:
         client: a ``redis.asyncio.Redis`` for the pool's server.
@@ -185,6 +186,8 @@ class RedisBackend:
         now: for tests only: the time the scripts use instead of Redis's ``TIME``.
         on_failure: told of every call that fails on Redis (``timeout`` or
             ``connection``), as it raises ``StoreUnavailable`` (a replica's metrics).
+        time_scale: for the allocation simulator only, with ``now``: the pool's seconds
+            (``max_wait``, unlock times) that pass per real second while a Get waits.
         """
         self._client = client
         self._models = models
@@ -195,6 +198,7 @@ class RedisBackend:
         self._observer: PoolObserver = observer or NullObserver()
         self._now = now
         self._on_failure = on_failure or _ignore
+        self._time_scale = time_scale
         #: The keys this replica holds a secret for, by hash.
         self._secrets: dict[str, tuple[str, str]] = {}
         #: add script arguments of keys not registered in Redis yet (it did not answer).
@@ -479,7 +483,8 @@ class RedisBackend:
         holds: each replica's first waiter competes with the others' for the key.
         """
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + max_wait
+        scale = self._time_scale
+        deadline = loop.time() + max_wait / scale
         queue = self._waiting.setdefault((family, embeddings), deque())
         turn: asyncio.Future[None] = loop.create_future()
         queue.append(turn)
@@ -496,7 +501,7 @@ class RedisBackend:
                 answer = await self._run("get", family, "1" if embeddings else "0", "free")
                 if _text(answer[0]) != "until":
                     return self._handed_out(answer, family, model)
-                wait = float(_text(answer[1])) - float(_text(answer[2]))
+                wait = (float(_text(answer[1])) - float(_text(answer[2]))) / scale
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(asyncio.shield(woken), min(max(wait, 0.001), left))
             return None
