@@ -212,17 +212,6 @@ def run(*, smoke: bool = False) -> Section:
     ceiling = 1e6 / script_us if script_us else 0.0
     one, two = by_workers[1], by_workers[2]
     speedup = two["gets_per_s"] / one["gets_per_s"]
-    cost_rows = [
-        (
-            name,
-            f"{r['cpu_us']:.0f}",
-            f"{r['cpu_us'] / costs['Health/Check']['cpu_us']:.2f}",
-            f"{r['p50_us']:.0f}",
-            f"{r['p99_us']:.0f}",
-            f"{r['calls_per_s']:,.0f}",
-        )
-        for name, r in costs.items()
-    ]
     worker_rows = [
         (
             str(n),
@@ -238,10 +227,7 @@ def run(*, smoke: bool = False) -> Section:
         "",
         "### Server CPU per RPC, Redis backend",
         "",
-        table(
-            ("RPC", "server CPU µs/call (median)", "÷ Health/Check", "p50 µs", "p99 µs", "calls/s"),
-            cost_rows,
-        ),
+        rpc_cost.cost_table(costs),
         "",
         f"{rounds} rounds of {calls:,} calls per RPC, {rpc_cost.IN_FLIGHT} in flight,"
         f" {keys:,} keys.",
