@@ -9,7 +9,8 @@ spreads new connections over them, and each is one replica of the shared pool.
 Every log line of a worker carries ``worker`` (its index) and ``pid``.
 
 Supervision: SIGTERM or SIGINT to the parent is passed to every worker, which
-drains as a single process does; the parent exits 0 once all have stopped. A
+drains as a single process does; the parent exits 0 once all have stopped. SIGHUP
+is passed on too when there is a keys file (each worker reloads it). A
 worker that exits on its own (a crash, kill -9) is logged with its pid and exit
 code, then the parent stops the others and exits 1: the service's supervisor
 (systemd, Kubernetes) restarts it whole and sees the failure, rather than this
@@ -131,9 +132,17 @@ def run_workers(settings: Settings) -> int:
         nonlocal stopping
         stopping = True
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     context = multiprocessing.get_context("spawn")
     workers: list[multiprocessing.context.SpawnProcess] = []
+
+    def pass_on(signum: int, frame: FrameType | None) -> None:
+        for started in workers:
+            if started.exitcode is None and started.pid is not None:
+                os.kill(started.pid, signum)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    if settings.keys_file is not None:  # each worker reloads its keys file on SIGHUP
+        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, pass_on)
     failed = False
     try:
         for index in range(settings.workers):

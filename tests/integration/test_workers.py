@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import grpc
 
@@ -91,3 +92,26 @@ def test_workers_without_redis_are_refused() -> None:
     )
     assert done.returncode == 2
     assert "KEYSVC_WORKERS=2 needs KEYSVC_REDIS_URL" in done.stderr
+
+
+def test_sighup_reaches_every_worker(
+    redis_server: RedisServer, redis_prefix: str, tmp_path: Path
+) -> None:
+    keys_file = tmp_path / "keys"
+    keys_file.write_text("sk-workers-file-a\nsk-workers-file-b\n")
+    env = {
+        **_env(redis_server.url, redis_prefix),
+        "KEYSVC_LOG_LEVEL": "info",
+        "KEYSVC_KEYS_FILE": str(keys_file),
+    }
+    with keysvc_process("--workers", "2", env=env) as child:
+        log = [child.startup_log]
+        _wait_serving(log, child.process, 2)
+        child.process.send_signal(signal.SIGHUP)
+        assert child.process.stderr is not None
+        deadline = time.monotonic() + 30
+        while sum("keys file reloaded why=SIGHUP" in line for line in log) < 2:
+            assert time.monotonic() < deadline, "".join(log)
+            log.append(child.process.stderr.readline())
+        code, rest = child.stop()
+        assert code == 0, rest
