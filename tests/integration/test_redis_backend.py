@@ -58,7 +58,8 @@ async def test_a_waiting_get_sleeps_the_pool_seconds_over_the_time_scale(
         began = time.monotonic()
         got = await backend.get("gpt-4", max_wait=30.0)  # 0.3 s real at most
         assert got.hash == hash_key("sk-scaled")
-        assert time.monotonic() - began < 0.25
+        # ~10 ms; unscaled, the wait would be the whole second (a loaded machine adds some).
+        assert time.monotonic() - began < 0.6
         await backend.disable(got.hash, DisableReason.MANUAL)
         await backend.add_keys(["sk-scaled-2"])
         await backend.get("gpt-4")
@@ -68,6 +69,6 @@ async def test_a_waiting_get_sleeps_the_pool_seconds_over_the_time_scale(
         began = time.monotonic()
         with pytest.raises(KeysBusy):
             await backend.get("gpt-4", max_wait=5.0)  # 50 ms real, not 5 s
-        assert time.monotonic() - began < 1.0
+        assert time.monotonic() - began < 2.0
     finally:
         await client.aclose()
