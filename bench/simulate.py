@@ -34,6 +34,7 @@ from pathlib import Path
 import aiohttp
 import grpc
 
+from keysvc.testing.redis import RedisServer
 from keysvc.v1 import keysvc_pb2_grpc as pb_grpc
 
 from . import aio
@@ -51,7 +52,7 @@ from .proxy_loops import (
 from .report import Section, Target, percentile, table
 from .upstream import ModelLimits, RateLimitedUpstream
 
-__all__ = ["FLEET", "POLICIES", "RUNS", "Scenario", "run", "simulate"]
+__all__ = ["FLEET", "POLICIES", "REDIS_FLEET", "RUNS", "Scenario", "run", "simulate"]
 
 #: Policy name → (the pool the keysvc server runs, the proxy loop). The baseline first.
 #: To compare a new loop (e.g. ReportOutcome + Get(max_wait)), add or replace an entry.
@@ -61,11 +62,16 @@ POLICIES: dict[str, tuple[str, type[ProxyLoop]]] = {
     "keysvc": ("keysvc", ReportOutcomeLoop),
     "seed-rpcs": ("keysvc", SeedQueueLoop),
     "keysvc-old-rpcs": ("keysvc", KeysvcLoop),
+    "keysvc-redis": ("redis", ReportOutcomeLoop),
 }
 BASELINE = "seed"
 CANDIDATE = "keysvc"
 #: keysvc's pool driven by the other loops, each with its targets (share, 429 share).
 KEYSVC_LOOPS = ("keysvc", "seed-rpcs", "keysvc-old-rpcs")
+#: keysvc's loop against ``Scenario.replicas`` replicas sharing one pool in Redis.
+REDIS = "keysvc-redis"
+#: The policies of one pool in one process (the shared pool runs in its own scenario).
+LOCAL_POLICIES = tuple(name for name in POLICIES if name != REDIS)
 
 #: Pools that live inside each proxy's process, as the seed's provider did: with several
 #: proxies, each proxy gets a server of its own, which learns only from that proxy's upstream
@@ -89,6 +95,9 @@ class Scenario:
     #: Proxies sharing the keys. Arrivals go to them in turn (round robin, as a load balancer
     #: would); each proxy has its own gRPC channel and its own proxy loop.
     proxies: int = 1
+    #: keysvc replicas on one Redis, for a shared pool (``REDIS``); proxy i asks replica
+    #: i mod replicas.
+    replicas: int = 1
     #: Per-key limits. gpt-4o is TPM-bound (30k TPM at 1,000 tokens a request: 30/min),
     #: gpt-4o-mini RPM-bound (20/min): 50 requests a minute per key in all.
     models: dict[str, ModelLimits] = field(
@@ -142,6 +151,10 @@ HIGH_LIMIT = Scenario(
     # Short, so the 20 % over capacity that waits does not pile up thousands of calls.
     deadline=10.0,
 )
+
+#: The fleet on a shared pool: the same keys, load and proxies, the proxies spread over
+#: three keysvc replicas on one Redis.
+REDIS_FLEET = dataclasses.replace(FLEET, name="3 replicas on one Redis", replicas=3)
 
 SMOKE = Scenario(keys=2, scale=60.0, warmup=30.0, measure=90.0, deadline=30.0)
 SMOKE_FLEET = dataclasses.replace(SMOKE, keys=3, proxies=3)
@@ -383,7 +396,14 @@ def simulate(policy: str, scenario: Scenario) -> Outcome:
     with tempfile.TemporaryDirectory(prefix="keysvc-sim-") as tmp, contextlib.ExitStack() as stack:
         keys_file = Path(tmp, "keys")
         keys_file.write_text("\n".join(keys) + "\n", encoding="utf-8")
-        server = ("bench.sim_server", pool, str(scenario.scale), str(keys_file))
+        server: tuple[str, ...] = ("bench.sim_server", pool, str(scenario.scale), str(keys_file))
+        if pool == "redis":
+            redis = RedisServer(Path(tmp))
+            redis.start()
+            stack.callback(redis.stop)
+            servers = scenario.replicas
+            # One origin for the replicas' scaled clocks: they tell the same time.
+            server += (redis.url, "sim", repr(time.time()))
         ports = [stack.enter_context(serving_module(*server))[1] for _ in range(servers)]
         return aio.run(_simulate(policy, scenario, ports, keys))
 
@@ -442,6 +462,10 @@ def _scenario_text(scenario: Scenario, outcomes: dict[str, Outcome], elapsed: fl
             f"{n}: a {POLICIES[n][0]} pool server per proxy, each learning only from its "
             "proxy's answers"
             if POLICIES[n][0] in PER_PROXY_POOLS
+            else f"{n}: {scenario.replicas} keysvc replicas sharing one pool in one "
+            "redis-server, proxy i asking replica i mod "
+            f"{scenario.replicas}"
+            if POLICIES[n][0] == "redis"
             else f"{n}: one {POLICIES[n][0]} server for every proxy"
             for n in names
         )
@@ -486,7 +510,7 @@ def _targets(scenario: Scenario, outcomes: dict[str, Outcome]) -> list[Target]:
     replaces) and shown for information on one proxy."""
     targets: list[Target] = []
     where = f"simulator, {scenario.label}"
-    for name in KEYSVC_LOOPS:
+    for name in (*KEYSVC_LOOPS, REDIS):
         if name not in outcomes:
             continue
         outcome = outcomes[name]
@@ -547,16 +571,18 @@ def _targets(scenario: Scenario, outcomes: dict[str, Outcome]) -> list[Target]:
 #: What ``make bench`` runs: each scenario with the policies it compares (the baseline first).
 #: The fixed-window runs measure whole minutes (every key's windows start as often).
 RUNS: tuple[tuple[Scenario, tuple[str, ...]], ...] = (
-    (Scenario(), tuple(POLICIES)),
-    (FLEET, tuple(POLICIES)),
+    (Scenario(), LOCAL_POLICIES),
+    (FLEET, LOCAL_POLICIES),
+    (REDIS_FLEET, (REDIS,)),
     (HIGH_LIMIT, KEYSVC_LOOPS),
     (Scenario(shape="window"), KEYSVC_LOOPS),
     (dataclasses.replace(FLEET, shape="window"), KEYSVC_LOOPS),
     (dataclasses.replace(HIGH_LIMIT, shape="window", measure=120.0), KEYSVC_LOOPS),
 )
 SMOKE_RUNS: tuple[tuple[Scenario, tuple[str, ...]], ...] = (
-    (SMOKE, tuple(POLICIES)),
+    (SMOKE, LOCAL_POLICIES),
     (SMOKE_FLEET, (BASELINE, CANDIDATE)),
+    (dataclasses.replace(SMOKE_FLEET, name=REDIS_FLEET.name, replicas=3), (REDIS,)),
 )
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 from collections.abc import Sequence
@@ -11,9 +10,8 @@ from collections.abc import Sequence
 from . import __version__
 from .config import ConfigError, add_serve_arguments, settings_from
 from .logs import configure_logging
-from .models import ModelTableError
-from .server import serve
 from .status_command import add_status_arguments, run_status
+from .workers import run
 
 __all__ = ["main"]
 
@@ -53,12 +51,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"keysvc: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
-    try:
-        asyncio.run(serve(settings))
-    except (ConfigError, ModelTableError) as exc:
-        _log.error("cannot start", extra={"problem": str(exc)})
-        return 2
-    except OSError as exc:
-        _log.error("cannot start", extra={"problem": str(exc)})
-        return 1
-    return 0
+    return run(settings)

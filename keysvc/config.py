@@ -43,6 +43,8 @@ __all__ = [
 
 DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"
 DEFAULT_ANTHROPIC_BASE_URL = "https://api.anthropic.com/v1"
+#: Most server processes ``--workers`` starts.
+MAX_WORKERS = 64
 
 T = TypeVar("T")
 
@@ -117,6 +119,8 @@ class Settings:
     redis_prefix: str = "keysvc"
     #: Seconds one RPC may spend on Redis in all; past it, UNAVAILABLE / STORE_UNAVAILABLE.
     redis_timeout: float = 0.25
+    #: Server processes on one port (SO_REUSEPORT); more than 1 needs ``redis_url``.
+    workers: int = 1
 
     @property
     def connection_limits(self) -> ConnectionLimits:
@@ -209,6 +213,13 @@ def _parse_count(text: str) -> int:
     count = int(text)
     if not 1 <= count <= 1_000_000:
         raise ValueError(f"{text} is not between 1 and 1000000")
+    return count
+
+
+def _parse_workers(text: str) -> int:
+    count = int(text)
+    if not 1 <= count <= MAX_WORKERS:
+        raise ValueError(f"{text} is not between 1 and {MAX_WORKERS}")
     return count
 
 
@@ -435,6 +446,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="longest one call may spend on Redis, e.g. 250ms; past it UNAVAILABLE"
         " (env KEYSVC_REDIS_TIMEOUT, default 250ms)",
     )
+    parser.add_argument(
+        "--workers",
+        type=_flag_type("count", _parse_workers),
+        help="server processes on the one port, sharing the pool through Redis (needs"
+        " --redis-url when more than 1; env KEYSVC_WORKERS, default 1)",
+    )
 
 
 def tls_problem(cert: Path | None, key: Path | None, client_ca: Path | None) -> str | None:
@@ -495,11 +512,16 @@ def check_settings(settings: Settings) -> None:
         # The Redis backend does not do these yet; refused rather than half done.
         for on, name in (
             (settings.state_file is not None, "KEYSVC_STATE_FILE (Redis keeps the state)"),
-            (settings.metrics_port is not None, "KEYSVC_METRICS_PORT (not over Redis yet)"),
             (bool(settings.anthropic_keys), "ANTHROPIC_KEY (Redis serves OpenAI keys only yet)"),
         ):
             if on:
                 raise ConfigError(f"KEYSVC_REDIS_URL cannot be used with {name}")
+    if settings.workers > 1 and settings.redis_url is None:
+        raise ConfigError(
+            f"KEYSVC_WORKERS={settings.workers} needs KEYSVC_REDIS_URL: workers share the"
+            " pool through Redis (on the in-memory pool each worker would hold a pool of"
+            " its own and hand out the same keys)"
+        )
     has_tokens = bool(settings.proxy_tokens or settings.admin_tokens)
     if not is_loopback(settings.host) and not has_tokens and settings.tls_cert is None:
         if not settings.insecure:
@@ -586,6 +608,7 @@ def settings_from(args: argparse.Namespace, env: Mapping[str, str] | None = None
         redis_url=_from_env(env, "KEYSVC_REDIS_URL", _parse_redis_url, None),
         redis_prefix=_from_env(env, "KEYSVC_REDIS_PREFIX", _parse_redis_prefix, "keysvc"),
         redis_timeout=_from_env(env, "KEYSVC_REDIS_TIMEOUT", _parse_redis_timeout, 0.25),
+        workers=_from_env(env, "KEYSVC_WORKERS", _parse_workers, 1),
     )
     overrides = {
         name: value

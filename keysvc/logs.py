@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -62,10 +63,26 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc, default=str)
 
 
-def configure_logging(level: str, fmt: str) -> None:
-    """Sends keysvc's logs to stderr at ``level`` in ``fmt`` ("text" or "json")."""
+class _Fields(logging.Filter):
+    """Adds the same fields to every record (a worker's index and pid)."""
+
+    def __init__(self, fields: Mapping[str, object]) -> None:
+        super().__init__()
+        self._fields = dict(fields)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        for name, value in self._fields.items():
+            setattr(record, name, value)
+        return True
+
+
+def configure_logging(level: str, fmt: str, *, fields: Mapping[str, object] | None = None) -> None:
+    """Sends keysvc's logs to stderr at ``level`` in ``fmt`` ("text" or "json"); every
+    line carries ``fields`` besides its own."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    if fields:
+        handler.addFilter(_Fields(fields))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -6,7 +6,8 @@
 - ``PoolCollector`` gives the gauges that need the whole pool (keys by family
   and state, lockout per family) from a ``PoolSnapshot``: the HTTP port's
   snapshot, walked in slices before the scrape (``keysvc.status``), or without
-  one a walk over the pool at scrape time.
+  one a walk over the pool at scrape time; for a shared pool, its census read
+  from Redis (``RedisBackend.census``).
 - ``RpcInterceptor`` counts every RPC by method and status code, times it, and
   logs one debug line per call (logging works with metrics off too).
 
@@ -34,6 +35,7 @@ from .status import (
     COUNTED_STATES,
     PoolSnapshot,
     PoolSnapshots,
+    SnapshotFeed,
     SnapshotSource,
     take_snapshot,
 )
@@ -141,6 +143,16 @@ class Metrics:
             ["provider"],
             registry=self.registry,
         )
+        self._store_failures = Counter(
+            "keysvc_redis_failures",
+            "Calls of this replica to the shared pool's Redis that failed (the RPC"
+            " answered UNAVAILABLE, reason STORE_UNAVAILABLE), by problem: timeout"
+            " (no answer within KEYSVC_REDIS_TIMEOUT) or connection.",
+            ["problem"],
+            registry=self.registry,
+        )
+        for problem in ("timeout", "connection"):
+            self._store_failures.labels(problem)
         self._in_flight = Gauge(
             "keysvc_in_flight",
             "KeyService calls in flight (waiting Gets and unread replies included).",
@@ -159,6 +171,15 @@ class Metrics:
         """Adds the gauges of ``pool``: from ``snapshots.latest`` when given (the HTTP
         port makes it fresh before each scrape), else from a walk at scrape time."""
         self.registry.register(PoolCollector(pool, snapshots))
+
+    def watch_snapshots(self, snapshots: SnapshotFeed) -> None:
+        """Adds the pool gauges from ``snapshots.latest`` alone (a shared pool, whose
+        census the HTTP port takes before each scrape); none before the first."""
+        self.registry.register(PoolCollector(None, snapshots))
+
+    def store_failed(self, problem: str) -> None:
+        """A call to the shared pool's Redis failed: ``timeout`` or ``connection``."""
+        self._store_failures.labels(problem).inc()
 
     def watch_in_flight(self, count: Callable[[], int]) -> None:
         """The in-flight gauge reads ``count()`` on each scrape."""
@@ -216,16 +237,20 @@ class PoolCollector(Collector):
 
     With ``snapshots``, the latest one (immutable: any thread may read it);
     without, or before the first, a walk over the pool at scrape time, which
-    must then happen on the loop that owns the pool.
+    must then happen on the loop that owns the pool (no gauges without a ``pool``).
     """
 
-    def __init__(self, pool: SnapshotSource, snapshots: PoolSnapshots | None = None) -> None:
+    def __init__(self, pool: SnapshotSource | None, snapshots: SnapshotFeed | None = None) -> None:
         self._pool = pool
         self._snapshots = snapshots
 
     def _snapshot(self) -> PoolSnapshot:
         latest = self._snapshots.latest if self._snapshots is not None else None
-        return latest if latest is not None else take_snapshot(self._pool)
+        if latest is not None:
+            return latest
+        if self._pool is None:  # a shared pool before its first census: no pool gauges yet
+            return PoolSnapshot(0.0, 0, ())
+        return take_snapshot(self._pool)
 
     def collect(self) -> Iterator[Metric]:
         snapshot = self._snapshot()

@@ -57,11 +57,19 @@ from .reflection import enable_reflection
 from .reload import KeysFileWatcher, read_keys_file
 from .service import KeyService, Rechecker
 from .state import SqliteStateStore, StateFileError
-from .status import KeyCensus, SnapshotSource
+from .status import KeyCensus, SnapshotFeed, SnapshotSource, TakenSnapshots
 from .store import KeyStore, MemoryKeyStore
 from .tls import TlsConfig
 from .v1 import keysvc_pb2, keysvc_pb2_grpc
-from .web import HttpServer, ViewPacer, build_app, page_snapshots, start_http
+from .web import (
+    PAGE_KEYS,
+    SNAPSHOT_MAX_AGE,
+    HttpServer,
+    ViewPacer,
+    build_app,
+    page_snapshots,
+    start_http,
+)
 
 __all__ = [
     "SERVICE_NAME",
@@ -252,6 +260,7 @@ def create_server(
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
     max_in_flight_lists: int = DEFAULT_MAX_IN_FLIGHT_LISTS,
     connection_limits: ConnectionLimits | None = None,
+    reuse_port: bool = False,
 ) -> KeysvcServer:
     """Builds a server for ``pool`` bound to ``host:port`` (0 picks a free port).
 
@@ -271,6 +280,8 @@ def create_server(
     Calls beyond ``max_in_flight`` (``max_in_flight_lists`` for List) are refused
     with RESOURCE_EXHAUSTED / OVERLOADED, after the drain check and before auth;
     ``connection_limits`` bound each client connection (``keysvc.overload``).
+    ``reuse_port`` lets other processes bind the same port (the workers of
+    ``keysvc.workers``; the kernel spreads connections over them).
 
     Raises:
         OSError: the address cannot be bound.
@@ -297,8 +308,9 @@ def create_server(
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             # Without this, gRPC sets SO_REUSEPORT and a second keysvc on the same
-            # port would silently share it instead of failing to start.
-            ("grpc.so_reuseport", 0),
+            # port would silently share it instead of failing to start; only the
+            # workers of one keysvc share a port, on purpose.
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
             *connection_options(connection_limits or ConnectionLimits(), max_in_flight),
         ],
     )
@@ -367,7 +379,7 @@ def _follow_state_writes(health: health_aio.HealthServicer) -> Callable[[bool], 
 
 async def start_http_port(
     running: KeysvcServer,
-    pool: SnapshotSource,
+    pool: SnapshotSource | RedisBackend,
     metrics: Metrics,
     *,
     host: str,
@@ -379,16 +391,28 @@ async def start_http_port(
 
     ``metrics`` must be ``pool``'s observer; this adds the gauges read from ``pool``.
     ``census`` should be the one ``pool`` was built with (``build_pool``): without it,
-    every snapshot the views read recounts every key. ``pacer`` spaces page views and
-    scrapes (``keysvc.web.VIEWS_PER_SECOND`` when not given).
+    every snapshot the views read recounts every key. A shared pool (``RedisBackend``)
+    is read by its census in Redis instead, at most every ``SNAPSHOT_MAX_AGE``
+    seconds. ``pacer`` spaces page views and scrapes (``keysvc.web.VIEWS_PER_SECOND``
+    when not given).
 
     Raises:
         OSError: the address cannot be bound.
     """
-    snapshots = page_snapshots(pool, census)
-    metrics.watch_pool(pool, snapshots)
+    snapshots: SnapshotFeed
+    local: SnapshotSource | None = None
+    if isinstance(pool, RedisBackend):
+        shared = pool
+        snapshots = TakenSnapshots(
+            lambda: shared.census(listed=PAGE_KEYS), max_age=SNAPSHOT_MAX_AGE
+        )
+        metrics.watch_snapshots(snapshots)
+    else:
+        local = pool
+        snapshots = page_snapshots(pool, census)
+        metrics.watch_pool(pool, snapshots)
     app = build_app(
-        pool,
+        local,
         metrics.registry,
         live=running.serving,
         ready=lambda: running.serving(SERVICE_NAME),
@@ -462,10 +486,15 @@ def _log_loaded(count: int) -> None:
 
 
 async def build_redis_backend(
-    settings: Settings, *, extra_keys: Sequence[str] = (), observer: PoolObserver | None = None
+    settings: Settings,
+    *,
+    extra_keys: Sequence[str] = (),
+    observer: PoolObserver | None = None,
+    metrics: Metrics | None = None,
 ) -> RedisBackend:
     """The shared pool of ``settings.redis_url``, with this replica's keys registered,
-    or to be registered once Redis answers (``RedisBackend.ping``)."""
+    or to be registered once Redis answers (``RedisBackend.ping``); ``metrics`` count
+    the calls that fail on Redis."""
     assert settings.redis_url is not None
     client = Redis.from_url(
         settings.redis_url,
@@ -479,6 +508,7 @@ async def build_redis_backend(
         timeout=settings.redis_timeout,
         allowed_families=settings.allowed_families,
         observer=observer,
+        on_failure=metrics.store_failed if metrics is not None else None,
     )
     secrets = list(dict.fromkeys([*settings.openai_keys, *extra_keys]))
     others = sum(1 for secret in secrets if identity_of_secret(secret).name != OPENAI)
@@ -591,8 +621,13 @@ def _log_protection(settings: Settings, tokens: AuthTokens, tls: TlsConfig | Non
             )
 
 
-async def serve(settings: Settings, *, clock: Clock | None = None) -> None:
+async def serve(
+    settings: Settings, *, clock: Clock | None = None, worker: int | None = None
+) -> None:
     """Runs keysvc until SIGTERM or SIGINT, then drains and returns.
+
+    ``worker``: this process is that worker of ``keysvc serve --workers``; it shares
+    its port with the others (SO_REUSEPORT).
 
     Raises:
         ConfigError: a TLS, state or keys file is unusable (start-up refused).
@@ -619,7 +654,9 @@ async def serve(settings: Settings, *, clock: Clock | None = None) -> None:
     census = KeyCensus() if metrics is not None else None
     backend: PoolBackend
     if settings.redis_url is not None:
-        backend = await build_redis_backend(settings, extra_keys=file_keys, observer=metrics)
+        backend = await build_redis_backend(
+            settings, extra_keys=file_keys, observer=metrics, metrics=metrics
+        )
     else:
         pool = build_pool(
             settings, clock, store=store, extra_keys=file_keys, observer=metrics, census=census
@@ -656,6 +693,7 @@ async def serve(settings: Settings, *, clock: Clock | None = None) -> None:
             max_in_flight=settings.max_in_flight,
             max_in_flight_lists=settings.max_in_flight_lists,
             connection_limits=settings.connection_limits,
+            reuse_port=worker is not None,
         )
     except BaseException:
         if checker is not None:
@@ -680,7 +718,7 @@ async def serve(settings: Settings, *, clock: Clock | None = None) -> None:
     if metrics is not None and settings.metrics_port is not None:
         http = await start_http_port(
             running,
-            backend.snapshot_source(),
+            backend if isinstance(backend, RedisBackend) else backend.snapshot_source(),
             metrics,
             host=settings.metrics_host,
             port=settings.metrics_port,

@@ -32,7 +32,7 @@ import heapq
 import time
 from array import array
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
@@ -52,12 +52,14 @@ __all__ = [
     "Pace",
     "PoolSnapshot",
     "PoolSnapshots",
+    "SnapshotFeed",
     "format_duration",
     "key_state",
     "provider_counts",
     "render_text",
     "summarize",
     "summarize_pool",
+    "TakenSnapshots",
     "take_snapshot",
 ]
 
@@ -505,7 +507,75 @@ class Pace:
             self._slice_end = self._clock() + self._slice_seconds
 
 
-class PoolSnapshots:
+class SnapshotFeed(Protocol):
+    """What the HTTP port reads: a snapshot fresh enough for a view (``fresh``, on the
+    loop), and the last one finished (``latest``, for a Prometheus collector)."""
+
+    @property
+    def latest(self) -> PoolSnapshot | None: ...
+
+    async def fresh(self) -> PoolSnapshot: ...
+
+
+class _SharedSnapshots:
+    """``fresh()`` gives a snapshot started less than ``max_age`` seconds ago, taking
+    one (``_take``) if there is none; callers that come while one is being taken wait
+    for it. ``latest`` is the last finished one."""
+
+    def __init__(self, *, max_age: float, timer: Callable[[], float]) -> None:
+        self._max_age = max_age
+        self._timer = timer
+        self._latest: PoolSnapshot | None = None
+        self._latest_started = 0.0
+        self._walk: asyncio.Task[PoolSnapshot] | None = None
+
+    @property
+    def latest(self) -> PoolSnapshot | None:
+        return self._latest
+
+    async def fresh(self) -> PoolSnapshot:
+        if self._latest is not None and self._timer() - self._latest_started < self._max_age:
+            return self._latest
+        if self._walk is None:
+            self._walk = asyncio.get_running_loop().create_task(self._taken())
+            self._walk.add_done_callback(self._walked)
+        # Shielded: a client that goes away must not cancel the walk others wait for.
+        return await asyncio.shield(self._walk)
+
+    def _walked(self, walk: asyncio.Task[PoolSnapshot]) -> None:
+        self._walk = None
+        if not walk.cancelled():
+            walk.exception()  # retrieved: a failed taking is the waiting views' to report
+
+    async def _taken(self) -> PoolSnapshot:
+        started = self._timer()
+        snapshot = await self._take()
+        self._latest, self._latest_started = snapshot, started
+        return snapshot
+
+    async def _take(self) -> PoolSnapshot:
+        raise NotImplementedError
+
+
+class TakenSnapshots(_SharedSnapshots):
+    """Snapshots made by ``take`` (a shared pool's census, read from Redis), shared by
+    the views within ``max_age`` seconds as ``PoolSnapshots`` shares its walks."""
+
+    def __init__(
+        self,
+        take: Callable[[], Awaitable[PoolSnapshot]],
+        *,
+        max_age: float = 1.0,
+        timer: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__(max_age=max_age, timer=timer)
+        self._take_one = take
+
+    async def _take(self) -> PoolSnapshot:
+        return await self._take_one()
+
+
+class PoolSnapshots(_SharedSnapshots):
     """Snapshots of a pool, taken in slices on the event loop that owns the pool.
 
     ``fresh()`` gives a snapshot taken less than ``max_age`` seconds ago, taking
@@ -530,32 +600,12 @@ class PoolSnapshots:
         max_age: float = 1.0,
         timer: Callable[[], float] = time.monotonic,
     ) -> None:
+        super().__init__(max_age=max_age, timer=timer)
         self._pool = pool
         self._census = census if census is not None else KeyCensus()
         self._listed = listed
         self._slice_seconds = slice_seconds
         self._batch = batch_keys
-        self._max_age = max_age
-        self._timer = timer
-        self._latest: PoolSnapshot | None = None
-        self._latest_started = 0.0
-        self._walk: asyncio.Task[PoolSnapshot] | None = None
-
-    @property
-    def latest(self) -> PoolSnapshot | None:
-        return self._latest
-
-    async def fresh(self) -> PoolSnapshot:
-        if self._latest is not None and self._timer() - self._latest_started < self._max_age:
-            return self._latest
-        if self._walk is None:
-            self._walk = asyncio.get_running_loop().create_task(self._take())
-            self._walk.add_done_callback(self._walked)
-        # Shielded: a client that goes away must not cancel the walk others wait for.
-        return await asyncio.shield(self._walk)
-
-    def _walked(self, walk: asyncio.Task[PoolSnapshot]) -> None:
-        self._walk = None
 
     async def _take(self) -> PoolSnapshot:
         started = self._timer()
@@ -572,7 +622,7 @@ class PoolSnapshots:
             for state, count in _state_counts(groups).items()
         ] if self._listed > 0 else []  # fmt: skip
         summaries = _summaries(groups, tokens, pool.family_lockout, pool.families())
-        snapshot = PoolSnapshot(
+        return PoolSnapshot(
             taken_at=now,
             total_keys=total,
             summaries=tuple(summaries),
@@ -580,8 +630,6 @@ class PoolSnapshots:
             walk_seconds=self._timer() - started,
             providers=provider_counts(groups),
         )
-        self._latest, self._latest_started = snapshot, started
-        return snapshot
 
     async def _top(self, state: KeyFilter, count: int, now: float, pace: Pace) -> KeyList:
         """The first ``listed`` keys of List's list of ``state`` (which had ``count``:

@@ -36,6 +36,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from . import __version__
+from .errors import StoreUnavailable
 from .status import (
     COUNTED_STATES,
     FamilySummary,
@@ -44,6 +45,7 @@ from .status import (
     KeyState,
     PoolSnapshot,
     PoolSnapshots,
+    SnapshotFeed,
     SnapshotSource,
     format_duration,
 )
@@ -249,41 +251,52 @@ def page_snapshots(pool: SnapshotSource, census: KeyCensus | None = None) -> Poo
 
 
 def build_app(
-    pool: SnapshotSource,
+    pool: SnapshotSource | None,
     registry: CollectorRegistry,
     *,
     live: HealthCheck,
     ready: HealthCheck,
-    snapshots: PoolSnapshots | None = None,
+    snapshots: SnapshotFeed | None = None,
     pacer: ViewPacer | None = None,
 ) -> web.Application:
     """The routes of the HTTP port.
 
     Args:
-        pool: read for the status page.
+        pool: read for the status page when ``snapshots`` is not given.
         registry: exposed at /metrics.
         live: whether the process is serving (gRPC health of "").
         ready: whether KeyService is serving (gRPC health of keysvc.v1.KeyService).
-        snapshots: of ``pool``, made fresh before each page view and scrape (the
-            registry's pool gauges should read them); one is made if not given.
+        snapshots: of the pool, made fresh before each page view and scrape (the
+            registry's pool gauges should read them); made from ``pool`` if not given.
+            A shared pool's (``TakenSnapshots``) may fail with ``StoreUnavailable``:
+            the page answers 503, /metrics the replica's own metrics and the last
+            pool gauges.
         pacer: spaces page views and scrapes (``VIEWS_PER_SECOND``); the probes
             are never held.
     """
-    snapshots = snapshots if snapshots is not None else page_snapshots(pool)
+    if snapshots is None:
+        if pool is None:
+            raise ValueError("build_app needs a pool or its snapshots")
+        snapshots = page_snapshots(pool)
     pacer = pacer if pacer is not None else ViewPacer()
     exposition = make_aiohttp_handler(registry, disable_compression=True)
     # What was rendered from the latest snapshot, by what else it depends on: views
     # that share a snapshot share the rendering too, so a client reloading in a loop
     # costs the loop little more than the HTTP exchange.
     pages: dict[tuple[PoolSnapshot, bool], bytes] = {}
-    expositions: dict[tuple[PoolSnapshot, str, str], tuple[int, dict[str, str], bytes, bytes]] = {}
+    expositions: dict[
+        tuple[PoolSnapshot | None, str, str], tuple[int, dict[str, str], bytes, bytes]
+    ] = {}
 
     async def metrics(request: web.Request) -> web.Response:
         if not await pacer.turn():
             return _too_many()
-        snapshot = await snapshots.fresh()
+        try:
+            snapshot: PoolSnapshot | None = await snapshots.fresh()
+        except StoreUnavailable:
+            snapshot = None  # the replica's own metrics still; the pool gauges as last read
         key = (snapshot, request.headers.get("Accept", ""), request.query_string)
-        baked = expositions.get(key)
+        baked = expositions.get(key) if snapshot is not None else None
         if baked is None:
             response = await exposition(request)
             assert isinstance(response, web.Response) and isinstance(response.body, bytes)
@@ -301,7 +314,14 @@ def build_app(
     async def status_page(request: web.Request) -> web.Response:
         if not await pacer.turn():
             return _too_many()
-        snapshot = await snapshots.fresh()
+        try:
+            snapshot = await snapshots.fresh()
+        except StoreUnavailable as exc:
+            return web.Response(
+                status=503,
+                text=f"the shared pool is not answering: {exc.problem}\n",
+                headers={"Cache-Control": "no-store"},
+            )
         is_ready = ready()
         body = pages.get((snapshot, is_ready))
         if body is None:

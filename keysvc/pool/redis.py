@@ -26,6 +26,7 @@ import asyncio
 import base64
 import contextlib
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from importlib import resources
@@ -48,8 +49,18 @@ from ..keys import DisableReason, Key, KeyProfile, hash_key
 from ..listing import KeyFilter
 from ..models import GPT4_32K, ModelTable
 from ..outcomes import Decision, UpstreamError, decide
+from ..providers import OPENAI
 from ..rates import HAS_STATE, MAX_COUNT, RateBook
-from ..status import SnapshotSource
+from ..status import (
+    COUNTED_STATES,
+    LISTED_STATES,
+    FamilySummary,
+    KeyList,
+    KeyState,
+    PoolSnapshot,
+    SnapshotSource,
+    key_state,
+)
 from . import rules
 from .backend import KeyPage, KeySync
 from .rules import (
@@ -76,6 +87,10 @@ DEFAULT_TIMEOUT: Final = 0.25
 _ADD_BATCH: Final = 1000
 #: Keys a List page looks at, at most (as the memory backend's scan limit).
 _LIST_SCAN: Final = 1000
+#: Disabled keys the census reads per script call.
+_CENSUS_BATCH: Final = 1000
+#: Keys (from the first in load order) the status page's lists are picked from.
+_CENSUS_LISTED: Final = 200
 
 #: The rules' constants, written into every script so Lua and Python cannot drift.
 _CONSTANTS: Final = (
@@ -125,6 +140,17 @@ def _num(value: float | None) -> str:
     return "" if value is None else repr(float(value))
 
 
+def _ignore(problem: str) -> None:
+    pass
+
+
+def _listed_state(key: KeyState) -> str:
+    """The List state (active, locked, disabled) a key is listed under."""
+    if key.is_disabled:
+        return "disabled"
+    return "locked" if key.locked else "active"
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -147,6 +173,8 @@ class RedisBackend:
         reuse_delay: float = KEY_REUSE_DELAY,
         observer: PoolObserver | None = None,
         now: Callable[[], float] | None = None,
+        on_failure: Callable[[str], None] | None = None,
+        time_scale: float = 1.0,
     ) -> None:
         """Args:
         client: a ``redis.asyncio.Redis`` for the pool's server.
@@ -157,6 +185,10 @@ class RedisBackend:
         reuse_delay: seconds a key is held back after being handed out.
         observer: told of hand-outs, token usage and key state changes.
         now: for tests only: the time the scripts use instead of Redis's ``TIME``.
+        on_failure: told of every call that fails on Redis (``timeout`` or
+            ``connection``), as it raises ``StoreUnavailable`` (a replica's metrics).
+        time_scale: for the allocation simulator only, with ``now``: the pool's seconds
+            (``max_wait``, unlock times) that pass per real second while a Get waits.
         """
         self._client = client
         self._models = models
@@ -166,6 +198,8 @@ class RedisBackend:
         self._reuse_delay = reuse_delay
         self._observer: PoolObserver = observer or NullObserver()
         self._now = now
+        self._on_failure = on_failure or _ignore
+        self._time_scale = time_scale
         #: The keys this replica holds a secret for, by hash.
         self._secrets: dict[str, tuple[str, str]] = {}
         #: add script arguments of keys not registered in Redis yet (it did not answer).
@@ -188,6 +222,7 @@ class RedisBackend:
                 "check",
                 "view",
                 "lease",
+                "census",
             )
         }
 
@@ -204,8 +239,13 @@ class RedisBackend:
             async with asyncio.timeout(timeout):
                 return await self._scripts[name](keys=[], args=argv)
         except TimeoutError:
+            self._on_failure("timeout")
             raise StoreUnavailable(f"no answer within {timeout:g} s") from None
-        except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
+        except redis_errors.TimeoutError:
+            self._on_failure("timeout")
+            raise StoreUnavailable("TimeoutError") from None
+        except (redis_errors.ConnectionError, OSError) as exc:
+            self._on_failure("connection")
             raise StoreUnavailable(type(exc).__name__) from None
 
     def _key(self, view: Sequence[Any]) -> Key:
@@ -332,7 +372,81 @@ class RedisBackend:
         return self._observer
 
     def snapshot_source(self) -> SnapshotSource:
-        raise NotImplementedError("the status page and metrics do not read a Redis pool yet")
+        raise NotImplementedError("a shared pool is read by census(), not walked")
+
+    async def census(self, *, listed: int = 0) -> PoolSnapshot:
+        """The shared pool at a glance, for the status page and /metrics, without a walk
+        over its keys: per family, keys active, locked and trial from the selection
+        indexes (a few ZCARD/ZCOUNT per family), tokens from the counter the reports
+        keep, and disabled, revoked and over-quota keys from a walk over the disabled
+        keys only (``_CENSUS_BATCH`` a call). With ``listed``, the first ``listed`` keys
+        of each state among the first ``_CENSUS_LISTED`` in load order.
+
+        A key locked in some of its families is locked there and active in the others;
+        a key-wide count (the provider row, each list's count) of locked or trial keys
+        is the most of any one family: at least that many keys are locked.
+
+        Raises:
+            StoreUnavailable: Redis did not answer one of the calls.
+        """
+        started = time.perf_counter()
+        families = self._models.families
+        answer = await self._run("census", "counts", *families)
+        now = float(_text(answer[0]))
+        total, disabled = int(answer[1]), int(answer[2])
+        summaries = {f: FamilySummary(f) for f in families}
+
+        def summary(family: str) -> FamilySummary:
+            found = summaries.get(family)
+            if found is None:
+                found = summaries[family] = FamilySummary(family)
+            return found
+
+        for family, tokens in _pairs(answer[3]).items():
+            summary(family).tokens = int(tokens)
+        busiest = dict.fromkeys(COUNTED_STATES, 0)
+        for family, row in zip(families, answer[4:], strict=True):
+            item = summaries[family]
+            active, locked, trial = int(row[0]), int(row[1]), int(row[2])
+            item.counts.update(active=active, locked=locked, trial=trial)
+            until = float(_text(row[3]))
+            item.lockout = max(0.0, until - now) if until else 0.0
+            busiest["locked"] = max(busiest["locked"], locked)
+            busiest["trial"] = max(busiest["trial"], trial)
+        cursor = "0"
+        while True:
+            batch = await self._run("census", "disabled", cursor, str(_CENSUS_BATCH))
+            cursor = _text(batch[0])
+            for fams, revoked, over_quota in batch[1:]:
+                rev, oq = int(_text(revoked) == "1"), int(_text(over_quota) == "1")
+                busiest["revoked"] += rev
+                busiest["over_quota"] += oq
+                for family in filter(None, _text(fams).split(",")):
+                    counts = summary(family).counts
+                    counts["disabled"] += 1
+                    counts["revoked"] += rev
+                    counts["over_quota"] += oq
+            if cursor == "0":
+                break
+        busiest["disabled"] = disabled
+        busiest["active"] = max(0, total - disabled - busiest["locked"])
+        lists: list[KeyList] = []
+        if listed > 0:
+            page = await self._run("list", "0", str(_CENSUS_LISTED))
+            views = [key_state(self._key(view), now) for view in page[2:]]
+            counts = {"active": busiest["active"], "locked": busiest["locked"]}
+            counts["disabled"] = disabled
+            for state in LISTED_STATES:
+                found = [v for v in views if _listed_state(v) == state.value][:listed]
+                lists.append(KeyList(state.value, counts[state.value], tuple(found)))
+        return PoolSnapshot(
+            taken_at=now,
+            total_keys=total,
+            summaries=tuple(sorted(summaries.values(), key=lambda item: item.family)),
+            lists=tuple(lists),
+            walk_seconds=time.perf_counter() - started,
+            providers={OPENAI: busiest} if total else {},
+        )
 
     async def get(
         self,
@@ -377,7 +491,8 @@ class RedisBackend:
         holds: each replica's first waiter competes with the others' for the key.
         """
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + max_wait
+        scale = self._time_scale
+        deadline = loop.time() + max_wait / scale
         queue = self._waiting.setdefault((family, embeddings), deque())
         turn: asyncio.Future[None] = loop.create_future()
         queue.append(turn)
@@ -396,7 +511,7 @@ class RedisBackend:
                 caller = ""
                 if _text(answer[0]) != "until":
                     return self._handed_out(answer, family, model), caller
-                wait = float(_text(answer[1])) - float(_text(answer[2]))
+                wait = (float(_text(answer[1])) - float(_text(answer[2]))) / scale
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(asyncio.shield(woken), min(max(wait, 0.001), left))
             return None, caller
@@ -517,7 +632,11 @@ class RedisBackend:
         try:
             async with asyncio.timeout(self._timeout):
                 found = await self._client.exists(f"{{{self._prefix}}}:key:{key_hash}")
-        except (TimeoutError, redis_errors.ConnectionError, redis_errors.TimeoutError, OSError):
+        except (TimeoutError, redis_errors.TimeoutError):
+            self._on_failure("timeout")
+            raise StoreUnavailable("no answer") from None
+        except (redis_errors.ConnectionError, OSError):
+            self._on_failure("connection")
             raise StoreUnavailable("no answer") from None
         return bool(found)
 

@@ -16,6 +16,7 @@ from bench import (
     list_pages,
     memory,
     pool_scale,
+    redis_cost,
     rpc_cost,
     simulate,
     state_load,
@@ -102,9 +103,28 @@ def test_state_load_smoke() -> None:
     assert [t.informational for t in section.targets] == [False, False, False, True]
 
 
+def test_redis_cost_smoke() -> None:
+    section = redis_cost.run(smoke=True)
+    figures = section.figures
+    assert figures["Get:cpu_us"] > 0 and figures["Health/Check:cpu_us"] > 0
+    assert figures["ratio"] == figures["Get:cpu_us"] / figures["Health/Check:cpu_us"]
+    # A Get is one script call. (The script time is wall time inside Redis, the process
+    # CPU is CPU: on a loaded machine either may be the larger.)
+    assert 0.9 <= figures["script_calls_per_get"] <= 1.1
+    assert figures["script_us_per_get"] > 0 and figures["redis_cpu_us_per_get"] > 0
+    assert figures["redis_core_gets_per_s"] == 1e6 / figures["script_us_per_get"]
+    for workers in (1, 2):
+        assert figures[f"workers{workers}:gets_per_s"] > 0
+        for part in ("keysvc", "client", "redis"):
+            assert 0 < figures[f"workers{workers}:{part}_share"] <= 1
+    assert figures["speedup"] == figures["workers2:gets_per_s"] / figures["workers1:gets_per_s"]
+    assert [t.informational for t in section.targets] == [False, True, True]
+    assert "| 2 |" in section.body
+
+
 def test_simulator_smoke() -> None:
     section = simulate.run(smoke=True)
-    assert [scenario.proxies for scenario, _ in simulate.SMOKE_RUNS] == [1, 3]
+    assert [scenario.proxies for scenario, _ in simulate.SMOKE_RUNS] == [1, 3, 3]
     for scenario, policies in simulate.SMOKE_RUNS:
         for name in policies:
             prefix = f"{scenario.label}:{name}"
@@ -116,16 +136,23 @@ def test_simulator_smoke() -> None:
             served = [section.figures[f"{prefix}:served:proxy{i}"] for i in range(scenario.proxies)]
             assert min(served) > 0
             assert f"{prefix}:served:proxy{scenario.proxies}" not in section.figures
-        # The seed's provider lives in each proxy: one server per proxy. keysvc: one for all.
-        assert section.figures[f"{scenario.label}:seed:servers"] == scenario.proxies
-        assert section.figures[f"{scenario.label}:keysvc:servers"] == 1
+        if simulate.REDIS in policies:
+            # The shared pool: its replicas on one Redis, the proxies spread over them.
+            assert section.figures[f"{scenario.label}:{simulate.REDIS}:servers"] == 3
+            assert "3 keysvc replicas sharing one pool in one redis-server" in section.body
+        else:
+            # The seed's provider lives in each proxy: one server per proxy. keysvc: one.
+            assert section.figures[f"{scenario.label}:seed:servers"] == scenario.proxies
+            assert section.figures[f"{scenario.label}:keysvc:servers"] == 1
         assert f"### {scenario.label[0].upper()}{scenario.label[1:]}" in section.body
     assert section.body.count("| delivered share of capacity |") == len(simulate.SMOKE_RUNS)
     # Two targets for each loop on keysvc's pool in each scenario; the ratio to the seed is
     # a target on the fleet and shown for information on one proxy.
     names = [t.name for t in section.targets]
     loops = sum(
-        name in simulate.KEYSVC_LOOPS for _, policies in simulate.SMOKE_RUNS for name in policies
+        name in (*simulate.KEYSVC_LOOPS, simulate.REDIS)
+        for _, policies in simulate.SMOKE_RUNS
+        for name in policies
     )
     assert sum("delivered share of capacity" in n for n in names) == loops
     assert sum("429 share of upstream calls" in n for n in names) == loops
@@ -137,6 +164,7 @@ def test_simulator_smoke() -> None:
     assert single.informational and single.verdict == "informational"
     assert not fleet.informational and fleet.verdict in ("met", "missed")
     assert "fleet of 3 proxies" in fleet.name
+    assert any(n.startswith(f"delivered share of capacity, {simulate.REDIS} (") for n in names)
 
 
 def test_ratio_of_429_shares_is_honest_about_zeros() -> None:

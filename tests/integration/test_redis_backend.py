@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import time
+
+import pytest
 import redis.asyncio as aioredis
 
+from keysvc.errors import KeysBusy
 from keysvc.keys import DisableReason, hash_key
 from keysvc.models import ModelTable
+from keysvc.outcomes import UpstreamError
 from keysvc.pool.redis import RedisBackend
 from tests.redis_server import RedisServer
 
@@ -29,5 +34,41 @@ async def test_an_organization_clone_serves_from_every_replica(
         got = await second.get("gpt-4")
         assert got.hash == clone.hash and got.secret == "sk-parent"
         assert got.organization_id == "org-b"
+    finally:
+        await client.aclose()
+
+
+async def test_a_waiting_get_sleeps_the_pool_seconds_over_the_time_scale(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    # The allocation simulator's scaled time: the pool's seconds pass 100 times faster.
+    started = time.monotonic()
+    client = aioredis.Redis.from_url(redis_server.url)
+
+    def now() -> float:
+        return 1_000.0 + (time.monotonic() - started) * 100
+
+    try:
+        backend = RedisBackend(
+            client, models=ModelTable(), prefix=redis_prefix, timeout=5.0, now=now,
+            time_scale=100,
+        )  # fmt: skip
+        await backend.add_keys(["sk-scaled"])
+        await backend.get("gpt-4")  # locked for the 1 s reuse delay: 10 ms real
+        began = time.monotonic()
+        got = await backend.get("gpt-4", max_wait=30.0)  # 0.3 s real at most
+        assert got.hash == hash_key("sk-scaled")
+        # ~10 ms; unscaled, the wait would be the whole second (a loaded machine adds some).
+        assert time.monotonic() - began < 0.6
+        await backend.disable(got.hash, DisableReason.MANUAL)
+        await backend.add_keys(["sk-scaled-2"])
+        await backend.get("gpt-4")
+        await backend.report_outcome(
+            hash_key("sk-scaled-2"), "gpt-4", status=429, headers={}, error=UpstreamError()
+        )  # locked for the 10 s fallback: 0.1 s real
+        began = time.monotonic()
+        with pytest.raises(KeysBusy):
+            await backend.get("gpt-4", max_wait=5.0)  # 50 ms real, not 5 s
+        assert time.monotonic() - began < 2.0
     finally:
         await client.aclose()

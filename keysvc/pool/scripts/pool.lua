@@ -13,6 +13,7 @@
 --   rsv:<f>:<h>    list  hand-outs in flight, oldest first
 --   fams:<h>       set   families the key has a state in
 --   usage:<h>      hash  tokens counted per family
+--   tokens         hash  family -> tokens counted by every key (census.lua reads it)
 --   tok            hash  family -> "mean variance" of finished requests' tokens
 --   answered:<h>   -     "family time" of the last report without a model
 --   hold:<f>:<c>   list  caller c's holds in family f, oldest first: "hash id"

@@ -98,6 +98,8 @@ end
 local function count_usage(family, tokens)
   if family ~= '' then
     redis.call('HINCRBY', P .. 'usage:' .. h, family, tokens)
+    -- The pool's sum per family, for the status page and /metrics (census.lua).
+    redis.call('HINCRBY', P .. 'tokens', family, tokens)
     if tokens > 0 then learn_tokens(family, tokens) end
   end
   redis.call('HINCRBY', P .. 'key:' .. h, 'pc', 1)
