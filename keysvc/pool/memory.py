@@ -580,7 +580,8 @@ class KeyPool:
         """Chooses the key most likely to succeed for ``model`` and throttles it.
 
         Raises:
-            InvalidArgument: ``model`` is empty or too long.
+            InvalidArgument: ``model`` is empty or too long, or unknown
+                (``UnknownModel``) when the operator refuses unknown models.
             FamilyDisallowed: the operator disallows the model's family.
             NoKeysForFamily: no key is eligible for the model.
         """
@@ -1012,6 +1013,7 @@ class KeyPool:
         key = self.key(key_hash)
         if model:
             check_model(model)
+            self._models.lookup(model)  # an unknown model is refused here too
         check_headers(headers)
         if not 100 <= status <= 599:
             raise InvalidArgument("status", "must be an HTTP status code (100 to 599)")
