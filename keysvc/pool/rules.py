@@ -379,8 +379,7 @@ def forget_budget(table: RateTable, row: int) -> None:
     table.budget_at[row] = 0.0
     table.flags[row] &= ~BUDGET_SHAPE
     for budget in table.budgets:
-        budget.left[row] = budget.rate[row] = budget.limit[row] = NOT_SET
-        budget.full_at[row] = 0.0
+        _forget_dimension(table, row, budget)
 
 
 def _forget_dimension(table: RateTable, row: int, budget: Budget) -> None:

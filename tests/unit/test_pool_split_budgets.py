@@ -89,31 +89,33 @@ def _report(pool: KeyPool, key: Key, headers: dict[str, str], prompt: int, compl
     )
 
 
-def test_a_key_whose_output_budget_is_spent_is_not_handed_out_while_input_is_left() -> None:
+@pytest.mark.parametrize(
+    ("inputs", "outputs", "wait"),
+    [
+        # Output spent, input left: 200 output tokens (the request learned) back at
+        # 10,000 a minute.
+        ((50_000, 40_000, 60), (10_000, 0, 60), 200 / (10_000 / 60)),
+        # And the reverse: 1,000 input tokens back at 50,000 a minute.
+        ((50_000, 0, 60), (10_000, 9_000, 60), 1_000 / (50_000 / 60)),
+    ],
+    ids=["output spent", "input spent"],
+)
+def test_a_key_with_one_token_budget_spent_is_not_handed_out_while_the_other_has_room(
+    inputs: Dimension, outputs: Dimension, wait: float
+) -> None:
     pool, clock, (a, b) = pool_of(ANT_A, ANT_B)
     assert pool.get(SONNET) is a
-    headers = answer(clock, input_tokens=(50_000, 40_000, 60), output_tokens=(10_000, 0, 60))
-    report(pool, a, headers)
+    report(pool, a, answer(clock, input_tokens=inputs, output_tokens=outputs))
     state = a.state_in("claude-sonnet")
-    assert state is not None and state.budget_output == 0 and state.budget_input == 40_000
-    # a has no output tokens left: b goes first although a has input tokens to spare.
+    assert state is not None
+    assert (state.budget_input, state.budget_output) == (inputs[1], outputs[1])
+    # b goes first although a has room in the other budget.
     assert pool.get(SONNET) is b
-    # On its own, a waits for 200 output tokens (the request learned) at 10,000 a minute.
+    # On its own, a waits for the spent budget to have a request's worth again.
     pool, clock, (a,) = pool_of(ANT_A)
     pool.get(SONNET)
-    report(pool, a, answer(clock, input_tokens=(50_000, 40_000, 60), output_tokens=(10_000, 0, 60)))
-    assert pool.lockout_period(SONNET) == pytest.approx(200 / (10_000 / 60), rel=1e-3)
-
-
-def test_and_the_reverse_input_spent_output_left() -> None:
-    pool, clock, (a, b) = pool_of(ANT_A, ANT_B)
-    assert pool.get(SONNET) is a
-    report(pool, a, answer(clock, input_tokens=(50_000, 0, 60), output_tokens=(10_000, 9_000, 60)))
-    assert pool.get(SONNET) is b
-    pool, clock, (a,) = pool_of(ANT_A)
-    pool.get(SONNET)
-    report(pool, a, answer(clock, input_tokens=(50_000, 0, 60), output_tokens=(10_000, 9_000, 60)))
-    assert pool.lockout_period(SONNET) == pytest.approx(1_000 / (50_000 / 60), rel=1e-3)
+    report(pool, a, answer(clock, input_tokens=inputs, output_tokens=outputs))
+    assert pool.lockout_period(SONNET) == pytest.approx(wait, rel=1e-3)
 
 
 def test_each_budget_refills_from_its_own_reset() -> None:
