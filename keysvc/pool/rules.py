@@ -525,12 +525,12 @@ def budget_until(
 
     A hand-out needs 1 request and ``tokens_needed`` tokens (each one in flight
     what it reserved); in a split table also, each, ``split_needed``: its input
-    and output tokens. Each budgeted dimension has, ``t`` seconds after ``budget_at``, what was left
-    plus ``rate × t`` until its limit is whole again (``full_at``), then the
-    whole limit. A reservation stops counting when it lapses, so the wait ends
-    at the first time both dimensions fit what is then still in flight (more in
-    flight than the limit never fits before some lapse). The wait is capped at
-    ``MAX_BUDGET_WAIT``.
+    and output tokens. Each budgeted dimension has, ``t`` seconds after
+    ``budget_at``, what was left plus ``rate × t`` until its limit is whole
+    again (``full_at``), then the whole limit. A reservation stops counting
+    when it lapses, so the wait ends at the first time every dimension fits
+    what is then still in flight (more in flight than the limit never fits
+    before some lapse). The wait is capped at ``MAX_BUDGET_WAIT``.
     """
     reserved = table.reserved.get(row)
     in_flight = len(reserved) if reserved else 0
