@@ -516,11 +516,12 @@ ANTHROPIC_HEADERS = st.tuples(
 #: Both providers' headers: each key's provider reads its own.
 HEADERS = st.tuples(OPENAI_HEADERS, ANTHROPIC_HEADERS)
 MODEL_OR_NONE = st.sampled_from(["", *MODELS])
-#: A 429's error: its type (OpenAI's "requests"/"tokens" say which limit), or, for an
-#: Anthropic key, a spend limit reached until a time so many seconds on (None: the
-#: message names none, so until the next month).
-ERRORS = st.sampled_from(["tokens", "requests", "other", ("spend", 5.0), ("spend", 45.0)])
-ERRORS |= st.just(("spend", None))
+#: A 429's error: its type (OpenAI's "requests"/"tokens" say which limit; an
+#: Anthropic key's 429 names input or output tokens in its message, or nothing), or,
+#: for an Anthropic key, a spend limit reached until a time so many seconds on
+#: (None: the message names none, so until the next month).
+ERRORS = st.sampled_from(["tokens", "requests", "other", *SPLIT_DIMS])
+ERRORS |= st.sampled_from([("spend", 5.0), ("spend", 45.0), ("spend", None)])
 
 
 def rfc3339(at: float) -> str:
@@ -678,6 +679,9 @@ class PoolModel(RuleBasedStateMachine):
         anthropic = ref.key.service == "anthropic"
         if isinstance(kind, tuple):
             error = spend_limit_error(now, kind[1]) if anthropic else UpstreamError("other")
+        elif anthropic and kind in SPLIT_DIMS:
+            named = kind.replace("_", " ")
+            error = UpstreamError("rate_limit_error", "", f"rate limit of 1,000 {named} per minute")
         else:
             error = UpstreamError(kind)
         was_disabled = ref.key.is_disabled
@@ -701,8 +705,12 @@ class PoolModel(RuleBasedStateMachine):
             state = ref.state(family)
             apply_headers(state, parsed, now, budget=bool(family))
             if rate_limited:
-                # OpenAI's 429 type is its limit_kind; Anthropic's 429s name none.
-                state.mark(now, "" if anthropic else "other" if isinstance(kind, tuple) else kind)
+                # OpenAI's 429 type is its limit_kind; Anthropic's is the limit its
+                # message names, if any.
+                if anthropic:
+                    state.mark(now, kind if kind in SPLIT_DIMS else "")
+                else:
+                    state.mark(now, "other" if isinstance(kind, tuple) else kind)
             if family:
                 self.derive(state, family, now)
         if status == 200 and tokens + prompt and family:  # learned after the lock is derived

@@ -174,6 +174,22 @@ def test_a_429_without_a_type_after_output_ran_out_is_an_output_429() -> None:
     assert table.flags[a.seq] & WINDOW_OUTPUT_TOKENS
 
 
+def test_a_429_naming_output_tokens_spends_the_output_budget() -> None:
+    pool, clock, (a,) = pool_of(ANT_A)
+    pool.get(SONNET)
+    headers = answer(clock, input_tokens=(50_000, 40_000, 60), output_tokens=(8_000, 7_000, 60))
+    report(pool, a, headers)
+    pool.get(SONNET)
+    message = "This request would exceed your rate limit of 8,000 output tokens per minute."
+    pool.report_outcome(
+        a.hash, SONNET, status=429, headers={}, error=UpstreamError("rate_limit_error", "", message)
+    )
+    state = a.state_in("claude-sonnet")
+    assert state is not None and state.rate_limit_kind == "output_tokens"
+    # The 429 is authoritative: nothing left of the output tokens, whatever was said.
+    assert state.budget_output == 0 and state.budget_input == 40_000
+
+
 def test_an_openai_familys_table_has_no_split_columns() -> None:
     pool, clock, (oai, ant) = pool_of(OAI, ANT_A)
     pool.get("gpt-4o")
