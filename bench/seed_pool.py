@@ -13,6 +13,7 @@ line, defects included:
 - Reset headers are read with the seed's regex ``(\\d+(\\.\\d+)?)(s|ms)``, first match
   anywhere, so ``"6m0s"`` reads as 0 and ``"1m30s"`` as 30 s; clamped to 10 s.
 - State is per key, not per model.
+- A model no row of the table matches is served from ``gpt4`` (keysvc refuses it).
 
 The sort uses a key function equivalent to the seed's comparator (rate-limited
 keys last, ordered by ``rateLimitedAt``; else trial first, no-gpt4-32k first,
@@ -59,6 +60,10 @@ class _SeedState:
     tokens_reset: float = 0.0
 
 
+#: The family the seed gives a model its table does not know.
+SEED_DEFAULT_FAMILY: Final = "gpt4"
+
+
 class SeedPool:
     """The seed's provider over keysvc ``Key`` records (so the servicer can show them).
 
@@ -73,7 +78,8 @@ class SeedPool:
         clock: Clock,
         allowed_families: frozenset[str] | None = None,
     ) -> None:
-        self._models = models
+        # The same rows, with the seed's default for a model none of them matches.
+        self._models = ModelTable(models.rules, unknown=SEED_DEFAULT_FAMILY)
         self._clock = clock
         self._allowed = allowed_families
         self._keys: list[Key] = []

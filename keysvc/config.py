@@ -45,6 +45,8 @@ DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"
 DEFAULT_ANTHROPIC_BASE_URL = "https://api.anthropic.com/v1"
 #: Most server processes ``--workers`` starts.
 MAX_WORKERS = 64
+#: KEYSVC_UNKNOWN_MODELS: refuse a model no rule of the model table matches.
+UNKNOWN_MODELS_REJECT = "reject"
 
 T = TypeVar("T")
 
@@ -74,6 +76,9 @@ class Settings:
     shutdown_grace: float = 10.0
     #: Extra model → family rules, tried before the built-in ones.
     model_families_file: Path | None = None
+    #: What a model no rule matches gets: ``reject`` (INVALID_ARGUMENT naming the
+    #: model) or the name of the family it is served from.
+    unknown_models: str = UNKNOWN_MODELS_REJECT
     #: Seconds one key's check (three upstream calls) may take.
     check_timeout: float = 10.0
     #: Seconds between the end of one batch of key checks and the start of the next.
@@ -236,6 +241,15 @@ def _parse_families(text: str) -> frozenset[str] | None:
     return families or None
 
 
+def _parse_unknown_models(text: str) -> str:
+    value = text.strip()
+    if value.lower() == UNKNOWN_MODELS_REJECT:
+        return UNKNOWN_MODELS_REJECT
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", value):
+        raise ValueError(f"expected reject or a model family name, got {text!r}")
+    return value
+
+
 def _choice(options: Sequence[str]) -> Callable[[str], str]:
     def parse(text: str) -> str:
         lowered = text.strip().lower()
@@ -314,6 +328,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--model-families-file",
         type=Path,
         help="JSON file of extra model → family rules (env KEYSVC_MODEL_FAMILIES_FILE)",
+    )
+    parser.add_argument(
+        "--unknown-models",
+        type=_flag_type("rule", _parse_unknown_models),
+        help="reject (INVALID_ARGUMENT) or the family to serve a model no rule matches"
+        " from (env KEYSVC_UNKNOWN_MODELS, default reject)",
     )
     parser.add_argument(
         "--check-timeout",
@@ -574,6 +594,9 @@ def settings_from(args: argparse.Namespace, env: Mapping[str, str] | None = None
         log_format=_from_env(env, "KEYSVC_LOG_FORMAT", _choice(LOG_FORMATS), "text"),
         shutdown_grace=_from_env(env, "KEYSVC_SHUTDOWN_GRACE", _parse_seconds, 10.0),
         model_families_file=_from_env(env, "KEYSVC_MODEL_FAMILIES_FILE", Path, None),
+        unknown_models=_from_env(
+            env, "KEYSVC_UNKNOWN_MODELS", _parse_unknown_models, UNKNOWN_MODELS_REJECT
+        ),
         check_timeout=_from_env(env, "KEYSVC_CHECK_TIMEOUT", _parse_timeout, 10.0),
         check_interval=_from_env(env, "KEYSVC_CHECK_INTERVAL", _parse_interval, 3.0),
         recheck_interval=_from_env(env, "KEYSVC_RECHECK_INTERVAL", _parse_interval, 8 * 3600.0),

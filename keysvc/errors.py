@@ -8,6 +8,7 @@ Exception tree::
 
     KeysvcError                 INTERNAL            INTERNAL
     ├── InvalidArgument         INVALID_ARGUMENT    INVALID_ARGUMENT
+    │   └── UnknownModel        INVALID_ARGUMENT    UNKNOWN_MODEL
     ├── KeyNotFound             NOT_FOUND           KEY_NOT_FOUND
     ├── NoKeysForFamily         FAILED_PRECONDITION NO_KEYS_FOR_FAMILY
     ├── FamilyDisallowed        PERMISSION_DENIED   FAMILY_DISALLOWED
@@ -36,6 +37,7 @@ __all__ = [
     "StateWriteFailed",
     "StoreUnavailable",
     "Unauthenticated",
+    "UnknownModel",
 ]
 
 #: The ``domain`` of every ErrorInfo keysvc sends.
@@ -72,6 +74,23 @@ class InvalidArgument(KeysvcError):
     def __init__(self, field: str, problem: str) -> None:
         super().__init__(f"{field}: {problem}", metadata={"field": field})
         self.field = field
+
+
+class UnknownModel(InvalidArgument):
+    """No row of the model table matches the model, and the operator's rule for
+    unknown models (KEYSVC_UNKNOWN_MODELS) is to refuse them."""
+
+    reason = "UNKNOWN_MODEL"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(
+            "model",
+            f"unknown model {model!r}: no row of the model table matches it (add one with"
+            " KEYSVC_MODEL_FAMILIES_FILE, or give unknown models a family with"
+            " KEYSVC_UNKNOWN_MODELS)",
+        )
+        self.metadata["model"] = model
+        self.model = model
 
 
 class KeyNotFound(KeysvcError):

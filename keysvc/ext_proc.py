@@ -15,8 +15,9 @@ docs/envoy.md), so every attempt of a request, retries included, is one
    <secret>`` for OpenAI; ``x-api-key`` and ``anthropic-version`` for
    Anthropic, whose requests also lose the caller's ``authorization``. A request keysvc
    cannot serve gets an immediate, OpenAI-shaped error instead: 400 (no
-   model), 401, 403 (family disallowed), 429 with ``retry-after`` (every key
-   locked beyond the wait), 503 (no key for the family).
+   model, or one the model table does not know), 401, 403 (family disallowed),
+   429 with ``retry-after`` (every key locked beyond the wait), 503 (no key for
+   the family).
 3. response headers: the status and the rate-limit headers of any provider
    (``x-ratelimit-*``, ``anthropic-ratelimit-*``, ``retry-after``). A JSON answer's
    body is asked for (``mode_override``) so its usage or error code counts; any
@@ -56,6 +57,7 @@ from .errors import (
     KeysBusy,
     KeysvcError,
     NoKeysForFamily,
+    UnknownModel,
 )
 from .metrics import Metrics
 from .outcomes import OutcomeAction, UpstreamError, upstream_error
@@ -172,6 +174,8 @@ def _refusal_for(error: KeysvcError) -> _Refusal:
         return _Refusal(503, "server_error", "no_keys_available", error.message)
     if isinstance(error, FamilyDisallowed):
         return _Refusal(403, "invalid_request_error", "model_not_allowed", error.message)
+    if isinstance(error, UnknownModel):
+        return _Refusal(400, "invalid_request_error", "unknown_model", error.message)
     if isinstance(error, InvalidArgument):
         return _Refusal(400, "invalid_request_error", "invalid_value", error.message)
     if isinstance(error, KeysBusy):

@@ -2,7 +2,10 @@
 
 An operator can put extra rules in front of the built-in ones (a JSON file, see
 ``ModelTable.from_file``) to give a new model line its own family without a
-release.
+release. A model no rule matches is refused (``UnknownModel``, INVALID_ARGUMENT
+naming it), unless the operator names a family for unknown models
+(KEYSVC_UNKNOWN_MODELS): the seed sent every unknown name to gpt4, so a typo, or
+a model of a provider keysvc has no keys for, was served with a GPT-4 key.
 
 The built-in rows are the providers' (``keysvc.providers.<name>.models``).
 """
@@ -15,11 +18,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import UnknownModel
 from .providers import ANTHROPIC, OPENAI, provider_names
 from .providers.anthropic.models import CLAUDE
 from .providers.anthropic.models import RULES as ANTHROPIC_RULES
 from .providers.base import ModelRule, ModelTableError
-from .providers.openai.models import DEFAULT_FAMILY, GPT4_32K, LISTED_DEFAULT_FAMILY
+from .providers.openai.models import GPT4_32K, LISTED_DEFAULT_FAMILY
 from .providers.openai.models import RULES as OPENAI_RULES
 
 #: Every provider's rows. They do not overlap (``claude-*`` is Anthropic's only),
@@ -31,7 +35,6 @@ LISTED_DEFAULTS: dict[str, str] = {OPENAI: LISTED_DEFAULT_FAMILY, ANTHROPIC: CLA
 CHECKED_ONLY: frozenset[str] = frozenset({GPT4_32K})
 
 __all__ = [
-    "DEFAULT_FAMILY",
     "DEFAULT_RULES",
     "GPT4_32K",
     "LISTED_DEFAULT_FAMILY",
@@ -53,31 +56,46 @@ class ModelInfo:
 
 
 class ModelTable:
-    """Maps model names to families; first match wins, unknown names → ``default_family``.
+    """Maps model names to families; first match wins, unknown names → ``unknown``.
 
-    Each family belongs to one provider (its rules'; the default family is
-    OpenAI's, as in the seed), and a key only ever has families of its own
-    provider, so Get for a GPT model never returns an Anthropic key and the reverse.
+    Each family belongs to one provider (its rules'), and a key only ever has
+    families of its own provider, so Get for a GPT model never returns an
+    Anthropic key and the reverse.
+
+    Args:
+        rules: the rows, first match wins.
+        unknown: the family of a model no row matches (one of the rows' families);
+            None refuses such a model with ``UnknownModel``.
+
+    Raises:
+        ModelTableError: ``unknown`` is no family of the rows.
     """
 
     def __init__(
-        self, rules: Sequence[ModelRule] = DEFAULT_RULES, *, default_family: str = DEFAULT_FAMILY
+        self, rules: Sequence[ModelRule] = DEFAULT_RULES, *, unknown: str | None = None
     ) -> None:
         self._rules = tuple(rules)
         self._compiled = tuple((re.compile(rule.pattern), rule) for rule in self._rules)
-        self.default_family = default_family
         # Model names are few and repeat on every call: remember each answer.
         self._cache: dict[str, ModelInfo] = {}
         seen: dict[str, None] = {}
         for rule in self._rules:
             seen.setdefault(rule.family, None)
-        seen.setdefault(default_family, None)
         self.families: tuple[str, ...] = tuple(seen)
         #: Family → provider: the first rule naming the family decides.
         self.providers: dict[str, str] = {}
         for rule in self._rules:
             self.providers.setdefault(rule.family, rule.provider)
-        self.providers.setdefault(default_family, OPENAI)
+        if unknown is not None and unknown not in self.providers:
+            raise ModelTableError(
+                f"KEYSVC_UNKNOWN_MODELS names family {unknown!r}, which no model maps to;"
+                f" expected reject or one of {', '.join(sorted(self.providers))}"
+            )
+        #: The info of a model no row matches; None: such a model is refused.
+        self._unknown = (
+            None if unknown is None else ModelInfo(unknown, False, self.providers[unknown])
+        )
+        self.unknown = unknown
         # Asked once per loaded key: computed once (100k keys load in a fraction of the time).
         self._default_key_families: dict[str, frozenset[str]] = {}
         for family, provider in self.providers.items():
@@ -90,12 +108,16 @@ class ModelTable:
         return self._rules
 
     def lookup(self, model: str) -> ModelInfo:
-        """Returns the family of ``model`` and whether it is an embeddings model."""
+        """Returns the family of ``model`` and whether it is an embeddings model.
+
+        Raises:
+            UnknownModel: no row matches ``model`` and unknown models are refused.
+        """
         info = self._cache.get(model)
         if info is None:
-            info = self._match(model) or ModelInfo(
-                self.default_family, False, self.providers[self.default_family]
-            )
+            info = self._match(model) or self._unknown
+            if info is None:
+                raise UnknownModel(model)
             if len(self._cache) < 10_000:  # bounded: model names come from callers
                 self._cache[model] = info
         return info
@@ -136,12 +158,14 @@ class ModelTable:
         return self.providers.get(family, OPENAI)
 
     @classmethod
-    def with_extra_rules(cls, extra: Iterable[ModelRule]) -> ModelTable:
+    def with_extra_rules(
+        cls, extra: Iterable[ModelRule], *, unknown: str | None = None
+    ) -> ModelTable:
         """The built-in table with ``extra`` rules tried first."""
-        return cls((*extra, *DEFAULT_RULES))
+        return cls((*extra, *DEFAULT_RULES), unknown=unknown)
 
     @classmethod
-    def from_file(cls, path: Path) -> ModelTable:
+    def from_file(cls, path: Path, *, unknown: str | None = None) -> ModelTable:
         """The built-in table with the rules of a JSON file tried first.
 
         The file holds a list of objects ``{"pattern": "^gpt-4\\\\.2", "family":
@@ -178,4 +202,4 @@ class ModelTable:
             rules.append(
                 ModelRule(row["pattern"], row["family"], row.get("embeddings", False), provider)
             )
-        return cls.with_extra_rules(rules)
+        return cls.with_extra_rules(rules, unknown=unknown)

@@ -7,6 +7,11 @@ column, an ``array`` with one 8-byte row per key, indexed by the key's
 ``seq``, so a state costs its numbers and nothing more (~110 B with the
 pool's placement marks).
 
+A family whose provider keeps input and output tokens apart (Anthropic) has a
+table with two more budgets, input and output tokens (``RateTable.split``);
+the columns of those exist only in such tables, so a pool of OpenAI keys pays
+nothing for them.
+
 The pool alone writes the columns; ``Key`` reads them through the book it
 belongs to: as ``RateState`` snapshots (``Key.state_in`` and the like, for
 tests and inspection) and, for the Key message of every Get, as one
@@ -19,7 +24,7 @@ from __future__ import annotations
 import math
 from array import array
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
 from typing import Final, NamedTuple
 
 __all__ = ["NOT_SET", "Budget", "FamilyRates", "RateBook", "RateState", "RateSummary", "RateTable"]
@@ -49,8 +54,34 @@ PROBATION_TOKENS: Final = 32
 #: end; from then on no refill is counted on before then. Kept across hand-outs.
 WINDOW_REQUESTS: Final = 64
 WINDOW_TOKENS: Final = 128
+#: A split table's (``RateTable.split``) input and output token budgets: the 429's
+#: type, probation and fixed window as above. ``flags`` holds 16 bits a row.
+KIND_INPUT_TOKENS: Final = 256
+KIND_OUTPUT_TOKENS: Final = 512
+PROBATION_INPUT_TOKENS: Final = 1024
+PROBATION_OUTPUT_TOKENS: Final = 2048
+WINDOW_INPUT_TOKENS: Final = 4096
+WINDOW_OUTPUT_TOKENS: Final = 8192
+#: Every 429 type bit.
+KINDS: Final = KIND_REQUESTS | KIND_TOKENS | KIND_INPUT_TOKENS | KIND_OUTPUT_TOKENS
 #: The bits a hand-out keeps (the others describe the answers since the last one).
-BUDGET_SHAPE: Final = PROBATION_REQUESTS | PROBATION_TOKENS | WINDOW_REQUESTS | WINDOW_TOKENS
+BUDGET_SHAPE: Final = (
+    PROBATION_REQUESTS
+    | PROBATION_TOKENS
+    | WINDOW_REQUESTS
+    | WINDOW_TOKENS
+    | PROBATION_INPUT_TOKENS
+    | PROBATION_OUTPUT_TOKENS
+    | WINDOW_INPUT_TOKENS
+    | WINDOW_OUTPUT_TOKENS
+)
+#: The 429 types ``mark`` knows, by name, and the bit of each.
+KIND_BITS: Final = {
+    "requests": KIND_REQUESTS,
+    "tokens": KIND_TOKENS,
+    "input_tokens": KIND_INPUT_TOKENS,
+    "output_tokens": KIND_OUTPUT_TOKENS,
+}
 
 #: Token usage not counted yet in a family (``RateTable.usage``) ...
 NO_USAGE: Final = -1
@@ -79,6 +110,17 @@ _FLOAT_COLUMNS: Final = (
     ("requests_full_at", 0.0, "d"),
     ("tokens_full_at", 0.0, "d"),
 )
+#: The columns only a split table has: its input and output token budgets.
+_SPLIT_COLUMNS: Final = (
+    ("budget_input", NOT_SET, "f"),
+    ("budget_output", NOT_SET, "f"),
+    ("input_rate", NOT_SET, "f"),
+    ("output_rate", NOT_SET, "f"),
+    ("input_limit", NOT_SET, "d"),
+    ("output_limit", NOT_SET, "d"),
+    ("input_full_at", 0.0, "d"),
+    ("output_full_at", 0.0, "d"),
+)
 
 #: Remaining counts are kept as doubles, exact up to here; a larger header
 #: value (the parser takes up to 18 digits) is stored as this.
@@ -89,6 +131,7 @@ class RateState(NamedTuple):
     """A snapshot of a key's rate-limit state in one family ("" for key-wide).
 
     The fields are those of the ``KeyPool`` docstring; None where not known.
+    The input and output token budgets are those of a split table (None elsewhere).
     """
 
     family: str
@@ -120,6 +163,14 @@ class RateState(NamedTuple):
     tokens_limit: float | None
     requests_full_at: float
     tokens_full_at: float
+    budget_input: float | None = None
+    budget_output: float | None = None
+    input_rate: float | None = None
+    output_rate: float | None = None
+    input_limit: float | None = None
+    output_limit: float | None = None
+    input_full_at: float = 0.0
+    output_full_at: float = 0.0
 
 
 class FamilyRates(NamedTuple):
@@ -157,7 +208,8 @@ class RateSummary(NamedTuple):
 
 
 class Budget(NamedTuple):
-    """The columns of one dimension's budget (requests or tokens) in a ``RateTable``."""
+    """The columns of one dimension's budget (requests, tokens, and in a split table
+    input and output tokens) in a ``RateTable``."""
 
     #: What was left at ``budget_at`` ...
     left: array[float]
@@ -166,9 +218,10 @@ class Budget(NamedTuple):
     #: ... and the whole limit, back at ``full_at``. NaN: no budget in the dimension.
     limit: array[float]
     full_at: array[float]
-    #: The dimension's ``PROBATION_*`` and ``WINDOW_*`` flag bits.
+    #: The dimension's ``PROBATION_*``, ``WINDOW_*`` and ``KIND_*`` flag bits.
     probation: int
     window: int
+    kind: int
 
 
 class RateTable:
@@ -178,17 +231,29 @@ class RateTable:
     (``HAS_STATE`` unset) keeps ``until`` at 0, so lock ends need not ask.
     ``placed`` is the pool's mark of which queue of the family index holds the
     key's live entry. ``reserved`` (hand-outs not answered, for the budget) is
-    sparse: most keys have none.
+    sparse: most keys have none. ``flags`` holds 16 bits a row (2 bytes).
+
+    A ``split`` table (a family whose provider keeps input and output tokens
+    apart) has the columns of two more budgets, and ``budgets`` lists four:
+    requests, tokens, input tokens, output tokens; other tables have the first two.
     """
 
     __slots__ = (
         "budget_at",
+        "budget_input",
+        "budget_output",
         "budget_requests",
         "budget_tokens",
         "budgets",
         "family",
         "flags",
+        "input_full_at",
+        "input_limit",
+        "input_rate",
         "last_used",
+        "output_full_at",
+        "output_limit",
+        "output_rate",
         "placed",
         "rate_limited_at",
         "remaining_requests",
@@ -198,6 +263,7 @@ class RateTable:
         "requests_rate",
         "requests_reset",
         "reserved",
+        "split",
         "tokens_full_at",
         "tokens_limit",
         "tokens_rate",
@@ -206,21 +272,46 @@ class RateTable:
         "usage",
     )
 
-    def __init__(self, family: str, rows: int) -> None:
+    def __init__(self, family: str, rows: int, *, split: bool = False) -> None:
         self.family = family
-        for name, start, kind in _FLOAT_COLUMNS:
+        self.split = split
+        for name, start, kind in self._columns():
             setattr(self, name, array(kind, [start]) * rows)
-        self.flags = bytearray(rows)
+        self.flags = array("H", [0]) * rows
         self.placed = bytearray(rows)
         self.usage = array("q", [NO_USAGE]) * rows
         self.reserved: dict[int, deque[tuple[float, float]]] = {}
-        #: The requests and the tokens budget's columns (the arrays grow in place).
+        #: Each budget's columns (the arrays grow in place).
         requests = (self.requests_rate, self.requests_limit, self.requests_full_at)
         tokens = (self.tokens_rate, self.tokens_limit, self.tokens_full_at)
-        self.budgets = (
-            Budget(self.budget_requests, *requests, PROBATION_REQUESTS, WINDOW_REQUESTS),
-            Budget(self.budget_tokens, *tokens, PROBATION_TOKENS, WINDOW_TOKENS),
+        self.budgets: tuple[Budget, ...] = (
+            Budget(
+                self.budget_requests, *requests, PROBATION_REQUESTS, WINDOW_REQUESTS, KIND_REQUESTS
+            ),
+            Budget(self.budget_tokens, *tokens, PROBATION_TOKENS, WINDOW_TOKENS, KIND_TOKENS),
         )
+        if split:
+            inputs = (self.input_rate, self.input_limit, self.input_full_at)
+            outputs = (self.output_rate, self.output_limit, self.output_full_at)
+            self.budgets += (
+                Budget(
+                    self.budget_input,
+                    *inputs,
+                    PROBATION_INPUT_TOKENS,
+                    WINDOW_INPUT_TOKENS,
+                    KIND_INPUT_TOKENS,
+                ),
+                Budget(
+                    self.budget_output,
+                    *outputs,
+                    PROBATION_OUTPUT_TOKENS,
+                    WINDOW_OUTPUT_TOKENS,
+                    KIND_OUTPUT_TOKENS,
+                ),
+            )
+
+    def _columns(self) -> tuple[tuple[str, float, str], ...]:
+        return (*_FLOAT_COLUMNS, *_SPLIT_COLUMNS) if self.split else _FLOAT_COLUMNS
 
     # The columns, typed for mypy (set in __init__ by name).
     last_used: array[float]
@@ -239,6 +330,15 @@ class RateTable:
     tokens_limit: array[float]
     requests_full_at: array[float]
     tokens_full_at: array[float]
+    # A split table's only.
+    budget_input: array[float]
+    budget_output: array[float]
+    input_rate: array[float]
+    output_rate: array[float]
+    input_limit: array[float]
+    output_limit: array[float]
+    input_full_at: array[float]
+    output_full_at: array[float]
 
     def __len__(self) -> int:
         return len(self.flags)
@@ -248,10 +348,10 @@ class RateTable:
         more = rows - len(self.flags)
         if more <= 0:
             return
-        for name, start, kind in _FLOAT_COLUMNS:
+        for name, start, kind in self._columns():
             column: array[float] = getattr(self, name)
             column.extend(array(kind, [start]) * more)
-        self.flags.extend(bytes(more))
+        self.flags.extend(array("H", [0]) * more)
         self.placed.extend(bytes(more))
         self.usage.extend(array("q", [NO_USAGE]) * more)
 
@@ -260,7 +360,7 @@ class RateTable:
 
     def reset(self, row: int) -> None:
         """Forgets the row's rate-limit state (not its usage nor placement)."""
-        for name, start, _ in _FLOAT_COLUMNS:
+        for name, start, _ in self._columns():
             column: array[float] = getattr(self, name)
             column[row] = start
         self.flags[row] = 0
@@ -268,9 +368,9 @@ class RateTable:
 
     def snapshot(self, row: int) -> RateState:
         flags = self.flags[row]
-        kind = "requests" if flags & KIND_REQUESTS else "tokens" if flags & KIND_TOKENS else ""
+        kind = next((name for name, bit in KIND_BITS.items() if flags & bit), "")
         reserved = self.reserved.get(row)
-        return RateState(
+        state = RateState(
             self.family,
             self.last_used[row],
             self.rate_limited_at[row],
@@ -292,6 +392,18 @@ class RateTable:
             self.requests_full_at[row],
             self.tokens_full_at[row],
         )
+        if not self.split:
+            return state
+        return state._replace(
+            budget_input=_optional(self.budget_input[row]),
+            budget_output=_optional(self.budget_output[row]),
+            input_rate=_optional(self.input_rate[row]),
+            output_rate=_optional(self.output_rate[row]),
+            input_limit=_optional(self.input_limit[row]),
+            output_limit=_optional(self.output_limit[row]),
+            input_full_at=self.input_full_at[row],
+            output_full_at=self.output_full_at[row],
+        )
 
 
 def _optional(value: float) -> float | None:
@@ -310,9 +422,11 @@ class RateBook:
     for every key so far; ``add_row`` gives every table a row for a new key.
     """
 
-    __slots__ = ("rows", "tables", "wide")
+    __slots__ = ("rows", "split", "tables", "wide")
 
-    def __init__(self) -> None:
+    def __init__(self, *, split: Container[str] = ()) -> None:
+        """``split``: the families whose tables keep input and output token budgets."""
+        self.split = split
         self.tables: dict[str, RateTable] = {}
         #: The key-wide table; None until a report names no model.
         self.wide: RateTable | None = None
@@ -350,7 +464,7 @@ class RateBook:
         # Usage is by the family name callers give, "" included (never key-wide).
         table = self.tables.get(family)
         if table is None:
-            table = self.tables[family] = RateTable(family, self.rows)
+            table = self.tables[family] = RateTable(family, self.rows, split=family in self.split)
             # Kept in family order, the order the Key message lists them in.
             self.tables = dict(sorted(self.tables.items()))
         return table

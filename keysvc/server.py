@@ -28,7 +28,7 @@ from redis.asyncio import Redis
 from .auth import SERVICE_PREFIX, AuthInterceptor, AuthTokens
 from .checker import CheckerConfig, KeyChecker
 from .clock import Clock, SystemClock
-from .config import ConfigError, Settings, is_loopback
+from .config import UNKNOWN_MODELS_REJECT, ConfigError, Settings, is_loopback
 from .errors import (
     ERROR_DOMAIN,
     KeysvcError,
@@ -468,11 +468,11 @@ def build_pool(
 
 
 def _models(settings: Settings) -> ModelTable:
-    return (
-        ModelTable.from_file(settings.model_families_file)
-        if settings.model_families_file
-        else ModelTable()
-    )
+    """The model table; raises ``ModelTableError`` when KEYSVC_UNKNOWN_MODELS names no family."""
+    unknown = None if settings.unknown_models == UNKNOWN_MODELS_REJECT else settings.unknown_models
+    if settings.model_families_file:
+        return ModelTable.from_file(settings.model_families_file, unknown=unknown)
+    return ModelTable(unknown=unknown)
 
 
 def _log_loaded(count: int) -> None:

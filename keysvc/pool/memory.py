@@ -419,7 +419,13 @@ class KeyPool:
         self._observer: PoolObserver = observer or NullObserver()
         self._groups: dict[KeyProfile, _ProfileGroup] = {}
         #: Every key's rate-limit state and token usage, by key ``seq``.
-        self._book = RateBook()
+        self._book = RateBook(
+            split=frozenset(
+                family
+                for family in models.families
+                if provider(models.provider_of(family)).split_token_budgets
+            )
+        )
         #: Families some caller has asked about: every group has an index for each
         #: of them that its profile has.
         self._indexed_families: set[str] = set()
@@ -429,6 +435,10 @@ class KeyPool:
         self._wide_keys: set[Key] = set()
         #: Per family: (mean, variance) of finished requests' tokens, exponentially weighted.
         self._token_stats: dict[str, tuple[float, float]] = {}
+        #: The same of their input and of their output tokens, for families whose
+        #: budgets keep them apart (``RateTable.split``), learned from ReportOutcome.
+        self._input_stats: dict[str, tuple[float, float]] = {}
+        self._output_stats: dict[str, tuple[float, float]] = {}
         #: Per key ``seq``: the family the last report without a model was
         #: attributed to, and when (``REPORT_PAIR_WINDOW``).
         self._answered: dict[int, tuple[str, float]] = {}
@@ -594,7 +604,8 @@ class KeyPool:
         of 0 held for it (``lockout_period``) is its own again first.
 
         Raises:
-            InvalidArgument: ``model`` is empty or too long.
+            InvalidArgument: ``model`` is empty or too long, or unknown
+                (``UnknownModel``) when the operator refuses unknown models.
             FamilyDisallowed: the operator disallows the model's family.
             NoKeysForFamily: no key is eligible for the model.
         """
@@ -1095,6 +1106,7 @@ class KeyPool:
         key = self.key(key_hash)
         if model:
             check_model(model)
+            self._models.lookup(model)  # an unknown model is refused here too
         check_headers(headers)
         if not 100 <= status <= 599:
             raise InvalidArgument("status", "must be an HTTP status code (100 to 599)")
@@ -1125,6 +1137,9 @@ class KeyPool:
                 self._state_changed(key, KeyChange.RATE_LIMITED, decision.why)
         if decision.count_usage:
             self._count_usage(key, family, min(prompt_tokens + completion_tokens, Limits.TOKENS))
+            if family in self._book.split and prompt_tokens + completion_tokens:
+                self._learn_tokens(family, prompt_tokens, self._input_stats)
+                self._learn_tokens(family, completion_tokens, self._output_stats)
         if decision.overloaded:
             # The provider's trouble, not the key's: the key is left as it is.
             asked = parsed.retry_after if parsed is not None else None
@@ -1401,7 +1416,16 @@ class KeyPool:
             return
         until = rate_limited_at + window(table, row) if rate_limited_at else 0.0
         if budget_at:
-            budget = budget_until(table, row, self._token_reserve(table.family))
+            tokens = self._token_reserve(table.family)
+            if table.split:
+                family = table.family
+                split = (
+                    self._token_reserve(family, self._input_stats),
+                    self._token_reserve(family, self._output_stats),
+                )
+                budget = budget_until(table, row, tokens, split)
+            else:
+                budget = budget_until(table, row, tokens)
             if budget > until:
                 until = budget
         elif last_used and last_used + self._reuse_delay > until:
@@ -1410,26 +1434,35 @@ class KeyPool:
             until = last_used + self._reuse_delay
         table.until[row] = until
 
-    def _token_reserve(self, family: str) -> float:
-        """Tokens a hand-out in ``family`` reserves (``TOKEN_ESTIMATE_*``); 1 before any usage."""
-        stats = self._token_stats.get(family)
+    def _token_reserve(
+        self, family: str, estimates: dict[str, tuple[float, float]] | None = None
+    ) -> float:
+        """Tokens a hand-out in ``family`` reserves (``TOKEN_ESTIMATE_*``); 1 before any usage.
+
+        ``estimates``: of its input or output tokens (``_input_stats``,
+        ``_output_stats``) instead of all of them.
+        """
+        stats = (self._token_stats if estimates is None else estimates).get(family)
         if stats is None:
             return 1.0
         mean, variance = stats
         return max(1.0, mean + TOKEN_ESTIMATE_SPREAD * math.sqrt(variance))
 
-    def _learn_tokens(self, family: str, tokens: int) -> None:
-        """Folds one finished request's tokens into the family's estimate."""
-        stats = self._token_stats.get(family)
+    def _learn_tokens(
+        self, family: str, tokens: int, estimates: dict[str, tuple[float, float]] | None = None
+    ) -> None:
+        """Folds one finished request's tokens into the family's estimate (or ``estimates``)."""
+        estimates = self._token_stats if estimates is None else estimates
+        stats = estimates.get(family)
         if stats is None:
-            self._token_stats[family] = (float(tokens), 0.0)
+            estimates[family] = (float(tokens), 0.0)
             return
         mean, variance = stats
         delta = tokens - mean
         mean += TOKEN_ESTIMATE_WEIGHT * delta
         # The exponentially weighted variance (West's incremental form).
         variance = (1 - TOKEN_ESTIMATE_WEIGHT) * (variance + TOKEN_ESTIMATE_WEIGHT * delta * delta)
-        self._token_stats[family] = (mean, variance)
+        estimates[family] = (mean, variance)
 
     def _reposition(self, key: Key, table: RateTable, now: float) -> None:
         """Re-derives the key's row of ``table`` and re-places the key where the

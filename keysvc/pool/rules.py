@@ -44,7 +44,9 @@ A family's lock (its ``until``) is the latest of
   fixed window, counted on to refill only at its ends (``mark``). The wait
   is capped at ``MAX_BUDGET_WAIT``;
   the budget outlives hand-outs, and is forgotten ``BUDGET_LAPSE`` after its
-  last report;
+  last report. A family whose provider limits input and output tokens apart
+  (Anthropic) keeps a budget for each instead of one for tokens, and a
+  hand-out needs room in both (``RateTable.split``, ``budget_until``);
 - until then (nothing known of the key's quota for the family, or no longer),
   the reuse throttle: ``last_used + reuse_delay`` (1 s) after a hand-out for
   that family, so a burst does not pile onto one key before its headers come
@@ -82,6 +84,9 @@ from ..providers.base import RateHeaders as ProviderRates
 from ..rates import (
     BUDGET_SHAPE,
     HAS_STATE,
+    KIND_BITS,
+    KIND_INPUT_TOKENS,
+    KIND_OUTPUT_TOKENS,
     KIND_REQUESTS,
     KIND_TOKENS,
     MAX_COUNT,
@@ -192,6 +197,14 @@ class RateHeaders(NamedTuple):
     limit_tokens: int | None
     #: Seconds the upstream asked the caller to wait (retry-after).
     retry_after: float | None = None
+    #: Input and output tokens, where the provider limits them apart (Anthropic):
+    #: budgets of their own in a split table (``RateTable.split``).
+    input_reset: float | None = None
+    remaining_input: int | None = None
+    limit_input: int | None = None
+    output_reset: float | None = None
+    remaining_output: int | None = None
+    limit_output: int | None = None
 
 
 def parse_rate_headers(
@@ -209,7 +222,7 @@ def parse_rate_headers(
     if rates is None:
         return None
     tokens = rates.tokens if rates.tokens.known else _token_dimension(rates)
-    requests = rates.requests
+    requests, inputs, outputs = rates.requests, rates.input_tokens, rates.output_tokens
     return RateHeaders(
         requests.reset,
         tokens.reset,
@@ -218,12 +231,19 @@ def parse_rate_headers(
         requests.limit,
         tokens.limit,
         rates.retry_after,
+        inputs.reset,
+        inputs.remaining,
+        inputs.limit,
+        outputs.reset,
+        outputs.remaining,
+        outputs.limit,
     )
 
 
 def _token_dimension(rates: ProviderRates) -> Dimension:
-    """The token dimension the budget follows: the provider's overall one, else the
-    more restrictive of input and output (the smaller share left)."""
+    """The token dimension of the window and the Key message: the provider's overall
+    one, else the more restrictive of input and output (the smaller share left). In a
+    split table input and output are budgets of their own (``apply_rate_headers``)."""
     if rates.tokens.known:
         return rates.tokens
     known = [d for d in (rates.input_tokens, rates.output_tokens) if d.known]
@@ -254,6 +274,12 @@ def apply_rate_headers(table: RateTable, row: int, parsed: RateHeaders, now: flo
     back, and the refill rate until then, the slowest (limit - remaining) /
     reset reported since the limit was last whole, so that a fixed window (whose
     quota comes back only at its end) is not mistaken for a steady refill.
+
+    In a split table (``RateTable.split``) an answer that brings input or output
+    tokens sets their budgets, and the tokens dimension (the more restrictive of
+    the two) is then no budget of its own: what it says is already in theirs,
+    and reserving a request's whole size against it would hold the key back on
+    the smaller limit for tokens that count against the other.
     """
     if parsed.requests_reset is not None:
         table.requests_reset[row] = min(parsed.requests_reset, MAX_RESET)
@@ -276,14 +302,26 @@ def apply_rate_headers(table: RateTable, row: int, parsed: RateHeaders, now: flo
         table.remaining_tokens[row] = remaining_tokens
     if not table.family:  # the key-wide state: reports for no model have no budget
         return
-    if remaining_requests is None and remaining_tokens is None:
+    dimensions = [
+        (table.budgets[0], remaining_requests, parsed.limit_requests, parsed.requests_reset),
+        (table.budgets[1], remaining_tokens, parsed.limit_tokens, parsed.tokens_reset),
+    ]
+    split = table.split and not (parsed.remaining_input is None and parsed.remaining_output is None)
+    if split:
+        dimensions[1] = (table.budgets[1], None, None, None)
+        for budget, left, limit, reset in (
+            (table.budgets[2], parsed.remaining_input, parsed.limit_input, parsed.input_reset),
+            (table.budgets[3], parsed.remaining_output, parsed.limit_output, parsed.output_reset),
+        ):
+            left = None if left is None else min(left, MAX_COUNT)
+            dimensions.append((budget, left, limit, reset))
+    elif remaining_requests is None and remaining_tokens is None:
         return
     if table.budget_at[row]:
         _reanchor(table, row, now)  # before one dimension changes without the other
-    for budget, left, limit, reset in (
-        (table.budgets[0], remaining_requests, parsed.limit_requests, parsed.requests_reset),
-        (table.budgets[1], remaining_tokens, parsed.limit_tokens, parsed.tokens_reset),
-    ):
+    if split:
+        _forget_dimension(table, row, table.budgets[1])
+    for budget, left, limit, reset in dimensions:
         if left is None:
             continue
         # Within one refill (until the limit is whole again) the budget only learns
@@ -318,9 +356,8 @@ def limits_match(table: RateTable, row: int, parsed: RateHeaders) -> bool:
     """Whether the limits the headers name are those the family's budget knows (each
     known on both sides); False when none can be compared."""
     compared = False
-    for budget, limit in zip(
-        table.budgets, (parsed.limit_requests, parsed.limit_tokens), strict=True
-    ):
+    limits = (parsed.limit_requests, parsed.limit_tokens, parsed.limit_input, parsed.limit_output)
+    for budget, limit in zip(table.budgets, limits[: len(table.budgets)], strict=True):
         known = budget.limit[row]
         if limit is not None and _known(known):
             if min(limit, MAX_COUNT) != known:
@@ -353,16 +390,15 @@ def forget_budget(table: RateTable, row: int) -> None:
     """Forgets the family's budget (it lapsed): the throttle applies until the next answer."""
     table.budget_at[row] = 0.0
     table.flags[row] &= ~BUDGET_SHAPE
-    for column in (
-        table.budget_requests,
-        table.budget_tokens,
-        table.requests_rate,
-        table.tokens_rate,
-        table.requests_limit,
-        table.tokens_limit,
-    ):
-        column[row] = NOT_SET
-    table.requests_full_at[row] = table.tokens_full_at[row] = 0.0
+    for budget in table.budgets:
+        _forget_dimension(table, row, budget)
+
+
+def _forget_dimension(table: RateTable, row: int, budget: Budget) -> None:
+    """Forgets one dimension's budget (the others are kept)."""
+    budget.left[row] = budget.rate[row] = budget.limit[row] = NOT_SET
+    budget.full_at[row] = 0.0
+    table.flags[row] &= ~(budget.probation | budget.window)
 
 
 def _known(value: float) -> bool:
@@ -378,7 +414,8 @@ def mark(table: RateTable, row: int, now: float, kind: str = "") -> bool:
     the remaining header said, and gets nothing back until its limit is whole
     again (the refill it counted on did not come). A 429 that does not say
     which limit it hit (MarkRateLimited), in a family with a budget, is taken for
-    the limit the last answer left nothing of.
+    the limit the last answer left nothing of. The types ``input_tokens`` and
+    ``output_tokens`` count in a split table only.
     """
     flags = table.flags[row]
     first = not flags & SAW_RATE_LIMIT
@@ -387,10 +424,18 @@ def mark(table: RateTable, row: int, now: float, kind: str = "") -> bool:
             kind = "requests"
         elif table.remaining_tokens[row] == 0 and _known(table.tokens_limit[row]):
             kind = "tokens"
-    kind_bit = KIND_REQUESTS if kind == "requests" else KIND_TOKENS if kind == "tokens" else 0
+        elif table.split:
+            names = ("input_tokens", "output_tokens")
+            for name, split in zip(names, table.budgets[2:], strict=True):
+                if split.left[row] == 0 and _known(split.limit[row]):
+                    kind = name
+                    break
+    kind_bit = KIND_BITS.get(kind, 0)
+    if kind_bit & (KIND_INPUT_TOKENS | KIND_OUTPUT_TOKENS) and not table.split:
+        kind_bit = 0
     table.flags[row] = (flags & (HAS_STATE | BUDGET_SHAPE)) | SAW_RATE_LIMIT | kind_bit
     table.rate_limited_at[row] = now
-    budget = table.budgets[0] if kind_bit == KIND_REQUESTS else table.budgets[1]
+    budget = next((b for b in table.budgets if b.kind == kind_bit), table.budgets[1])
     if kind_bit and _known(budget.limit[row]):
         # Nothing left now. A token bucket refills from here at the rate it had; a
         # fixed window only at its end: the second 429 of one refill tells them
@@ -412,7 +457,9 @@ def window(table: RateTable, row: int) -> float:
 
     A dimension (requests or tokens) with a known refill rate is left to the
     budget (``budget_until``): here it neither locks on its remaining nor,
-    after a 429 of its type, on its reset.
+    after a 429 of its type, on its reset. In a split table the tokens are left
+    to the input and output budgets once either has a rate; a 429 of either
+    type without a budget locks for the tokens' reset.
     """
     # On every hand-out and answer: ``x == x`` is ``_known(x)`` inlined.
     requests_reset, tokens_reset = table.requests_reset[row], table.tokens_reset[row]
@@ -430,6 +477,12 @@ def window(table: RateTable, row: int) -> float:
                 return 0.0
             if tokens_reset == tokens_reset:
                 return tokens_reset
+        elif flags & (KIND_INPUT_TOKENS | KIND_OUTPUT_TOKENS):
+            budget = table.budgets[2 if flags & KIND_INPUT_TOKENS else 3]
+            if _known(budget.rate[row]):
+                return 0.0
+            if tokens_reset == tokens_reset:
+                return tokens_reset
     else:
         remaining_requests = table.remaining_requests[row]
         remaining_tokens = table.remaining_tokens[row]
@@ -439,6 +492,8 @@ def window(table: RateTable, row: int) -> float:
             if remaining_requests == 0 and rate != rate:
                 window = requests_reset if requests_reset == requests_reset else RATE_LIMIT_FALLBACK
             rate = table.tokens_rate[row]
+            if table.split and rate != rate:
+                rate = _split_rate(table, row)
             if remaining_tokens == 0 and rate != rate:
                 reset = tokens_reset if tokens_reset == tokens_reset else RATE_LIMIT_FALLBACK
                 window = max(window, reset)
@@ -506,6 +561,12 @@ def oldest_hand_out(table: RateTable, row: int) -> float | None:
     return None
 
 
+def _split_rate(table: RateTable, row: int) -> float:
+    """A split table's input or output budget's refill rate; NaN when neither has one."""
+    rate = table.input_rate[row]
+    return rate if rate == rate else table.output_rate[row]
+
+
 def release(table: RateTable, row: int) -> bool:
     """Ends the oldest reservation of ``row`` (an answer came); False when there was none.
 
@@ -526,30 +587,40 @@ def release(table: RateTable, row: int) -> bool:
     return False
 
 
-def budget_until(table: RateTable, row: int, tokens_needed: float) -> float:
+def budget_until(
+    table: RateTable,
+    row: int,
+    tokens_needed: float,
+    split_needed: tuple[float, float] = (1.0, 1.0),
+) -> float:
     """When the family's budget covers the hand-outs in flight and one more; 0 if it does now.
 
-    Each budgeted dimension has, ``t`` seconds after ``budget_at``, what was left
-    plus ``rate × t`` until its limit is whole again (``full_at``), then the
-    whole limit. A reservation stops counting when it lapses, so the wait ends
-    at the first time both dimensions fit what is then still in flight (more in
-    flight than the limit never fits before some lapse). The wait is capped at
-    ``MAX_BUDGET_WAIT``.
+    A hand-out needs 1 request and ``tokens_needed`` tokens (each one in flight
+    what it reserved); in a split table also, each, ``split_needed``: its input
+    and output tokens. Each budgeted dimension has, ``t`` seconds after
+    ``budget_at``, what was left plus ``rate × t`` until its limit is whole
+    again (``full_at``), then the whole limit. A reservation stops counting
+    when it lapses, so the wait ends at the first time every dimension fits
+    what is then still in flight (more in flight than the limit never fits
+    before some lapse). The wait is capped at ``MAX_BUDGET_WAIT``.
     """
     reserved = table.reserved.get(row)
     in_flight = len(reserved) if reserved else 0
     reserved_tokens = sum(tokens for _, tokens in reserved) if reserved else 0.0
     budget_at = table.budget_at[row]
     until = 0.0
-    for dimension, (budget, needed) in enumerate(
-        (
-            (table.budgets[0], in_flight + 1.0),
-            (table.budgets[1], reserved_tokens + tokens_needed),
-        )
-    ):
+    for dimension, budget in enumerate(table.budgets):
         limit, left = budget.limit[row], budget.left[row]
         # limit != limit: no budget in the dimension (NaN).
-        if limit != limit or needed <= left:
+        if limit != limit:
+            continue
+        if dimension == 0:
+            needed = in_flight + 1.0
+        elif dimension == 1:
+            needed = reserved_tokens + tokens_needed
+        else:  # input or output tokens: each hand-out in flight needs as much as the next
+            needed = (in_flight + 1.0) * split_needed[dimension - 2]
+        if needed <= left:
             continue
         fits = _fits_at(budget, row, budget_at, needed)
         if reserved:
@@ -560,7 +631,12 @@ def budget_until(table: RateTable, row: int, tokens_needed: float) -> float:
                 if fits <= lapse:
                     break
                 lapsed = lapse
-                needed -= tokens if dimension else 1.0
+                if dimension == 0:
+                    needed -= 1.0
+                elif dimension == 1:
+                    needed -= tokens
+                else:
+                    needed -= split_needed[dimension - 2]
                 fits = _fits_at(budget, row, budget_at, needed)
             fits = max(fits, lapsed)
         if fits > until:

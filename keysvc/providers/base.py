@@ -290,6 +290,9 @@ class Provider(ABC):
     #: Response headers the provider's rate-limit parsing reads: these prefixes
     #: (a proxy in front, such as Envoy's ext_proc, passes them on).
     rate_header_prefixes: tuple[str, ...] = ()
+    #: The provider limits input and output tokens apart: its families keep a
+    #: budget for each (``keysvc.rates.RateTable.split``).
+    split_token_budgets: bool = False
 
     @property
     def name(self) -> str:

@@ -23,10 +23,11 @@ from bench import (
     under_load,
     used_pool,
 )
-from bench.seed_pool import seed_reset_seconds
+from bench.seed_pool import SeedPool, seed_reset_seconds
 from bench.upstream import ModelLimits, RateLimitedUpstream, go_duration
-from keysvc.clock import SystemClock
+from keysvc.clock import ManualClock, SystemClock
 from keysvc.durations import parse_go_duration
+from keysvc.errors import UnknownModel
 from keysvc.models import ModelTable
 from keysvc.pool import KeyPool
 
@@ -202,6 +203,17 @@ def test_seed_regex_reads_durations_as_the_seed_did() -> None:
     assert seed_reset_seconds("1m30s") == 10.0  # "30s", clamped
     assert seed_reset_seconds("21.0032s") == 10.0
     assert seed_reset_seconds("1.5s") == 1.5
+
+
+def test_the_seed_port_serves_unknown_models_from_gpt4_as_the_seed_did() -> None:
+    # keysvc refuses them now (UNKNOWN_MODEL); the seed's port, measured beside it,
+    # keeps the seed's default, whatever table it is given.
+    models = ModelTable()
+    with pytest.raises(UnknownModel):
+        KeyPool.from_secrets(["sk-a"], models=models, clock=ManualClock()).get("davinci")
+    seed = SeedPool.from_secrets(["sk-a"], models=models, clock=ManualClock())
+    assert seed.get("davinci").hash == seed.get("gpt-4").hash
+    assert seed.lockout_period("davinci") == seed.lockout_period("gpt-4") > 0
 
 
 async def test_upstream_enforces_rpm_and_tpm_per_key_and_model() -> None:

@@ -311,6 +311,18 @@ def test_a_body_without_a_model_is_400(start: StartGateway, body: object) -> Non
     assert gateway.fake.received == 0
 
 
+def test_an_unknown_model_is_400_naming_it_and_nothing_goes_out(start: StartGateway) -> None:
+    gateway = start(_keys("unknown", "valid", 1))
+    response = gateway.post({"model": "gtp-4o", "messages": []})
+    assert response.status_code == 400
+    assert response.headers["content-type"] == "application/json"
+    error = response.json()["error"]
+    assert (error["type"], error["code"]) == ("invalid_request_error", "unknown_model")
+    assert "unknown model 'gtp-4o'" in error["message"]
+    assert gateway.fake.received == 0
+    gateway.assert_no_secret_leaked()
+
+
 def test_keysvc_down_means_refused_and_nothing_goes_out_keyless(start: StartGateway) -> None:
     gateway = start(_keys("down", "valid", 1))
     gateway.keysvc.stop()

@@ -39,7 +39,7 @@ from keysvc.pool.redis import RedisBackend
 from keysvc.service import key_to_proto
 from tests.helpers import PAID, PAID_32K, TRIAL, TURBO_ONLY, pool_of
 from tests.redis_server import RedisServer
-from tests.unit.test_pool_model import HEADERS, MODEL_OR_NONE, MODELS
+from tests.unit.test_pool_model import MODEL_OR_NONE, MODELS, OPENAI_HEADERS
 
 #: Who asks: nobody (in-process use), or one of two connections (GetLockoutPeriod's holds).
 CALLERS = st.sampled_from(["", "ipv4:127.0.0.1:40001", "ipv4:127.0.0.1:40002"])
@@ -132,7 +132,7 @@ class Differential(RuleBasedStateMachine):
         )
 
     @precondition(lambda self: self.memory is not None)
-    @rule(i=st.integers(0, 7), model=MODEL_OR_NONE, headers=HEADERS)
+    @rule(i=st.integers(0, 7), model=MODEL_OR_NONE, headers=OPENAI_HEADERS)
     def update(self, i: int, model: str, headers: dict[str, str]) -> None:
         assert self.memory is not None and self.redis is not None
         redis, key_hash = self.redis, self.hash(i)
@@ -146,7 +146,7 @@ class Differential(RuleBasedStateMachine):
         i=st.integers(0, 7),
         model=MODEL_OR_NONE,
         status=st.sampled_from([200, 429, 500, 400, 401]),
-        headers=HEADERS,
+        headers=OPENAI_HEADERS,
         kind=st.sampled_from(["tokens", "requests", "other", "insufficient_quota"]),
         tokens=st.sampled_from([0, 300, 1000]),
     )

@@ -186,6 +186,36 @@ async def test_unknown_hash_is_not_found(stub: keysvc_pb2_grpc.KeyServiceStub) -
         await expect_error(call, grpc.StatusCode.NOT_FOUND, "KEY_NOT_FOUND")
 
 
+async def test_an_unknown_model_is_invalid_argument_naming_it_in_every_rpc(
+    running: tuple[KeysvcServer, KeyPool, ManualClock],
+    stub: keysvc_pb2_grpc.KeyServiceStub,
+) -> None:
+    # The seed served unknown names from gpt4; now they are refused (KEYSVC_UNKNOWN_MODELS
+    # decides otherwise), before anything changes: no key is handed out or touched.
+    _, pool, _ = running
+    key_hash = hash_key(SECRETS[0])
+    model = "gtp-4o"
+    waiting = pb.GetRequest(model=model)
+    waiting.max_wait.FromMilliseconds(200)
+    for call in (
+        stub.Get(pb.GetRequest(model=model)),
+        stub.Get(waiting),
+        stub.GetLockoutPeriod(pb.GetLockoutPeriodRequest(model=model)),
+        stub.MarkRateLimited(pb.MarkRateLimitedRequest(hash=key_hash, model=model)),
+        stub.UpdateRateLimits(
+            pb.UpdateRateLimitsRequest(
+                hash=key_hash, model=model, headers={"x-ratelimit-remaining-requests": "0"}
+            )
+        ),
+        stub.IncrementUsage(pb.IncrementUsageRequest(hash=key_hash, model=model, tokens=5)),
+        stub.ReportOutcome(pb.ReportOutcomeRequest(hash=key_hash, model=model, status=200)),
+    ):
+        error = await expect_error(call, grpc.StatusCode.INVALID_ARGUMENT, "UNKNOWN_MODEL")
+        assert f"unknown model {model!r}" in (error.details() or "")
+    assert all(k.last_used == 0 and k.prompt_count == 0 for k in pool.keys())
+    assert all(not k.family_states() and k.wide is None for k in pool.keys())
+
+
 async def test_no_usable_key_is_failed_precondition_naming_the_family(
     stub: keysvc_pb2_grpc.KeyServiceStub,
 ) -> None:

@@ -197,6 +197,18 @@ async def test_a_body_without_a_usable_model_is_400(body: bytes) -> None:
     assert all(key.last_used == 0 for key in pool.keys())
 
 
+async def test_an_unknown_model_is_400_naming_it_and_no_key_is_handed_out() -> None:
+    pool, _ = make_pool(SECRETS)
+    body = json.dumps({"model": "gtp-4o"}).encode()
+    responses = await run(service_for(pool), [request_headers(), request_body(body)])
+    status, headers, document = immediate(responses[-1])
+    assert status == 400 and headers["content-type"] == "application/json"
+    assert document["error"]["type"] == "invalid_request_error"
+    assert document["error"]["code"] == "unknown_model"
+    assert "unknown model 'gtp-4o'" in document["error"]["message"]
+    assert all(key.last_used == 0 for key in pool.keys())
+
+
 async def test_a_request_without_a_body_is_400() -> None:
     pool, _ = make_pool(SECRETS)
     responses = await run(service_for(pool), [request_headers(end_of_stream=True)])

@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 
+from keysvc.errors import UnknownModel
 from keysvc.models import GPT4_32K, ModelRule, ModelTable, ModelTableError
 
 
@@ -36,11 +37,34 @@ from keysvc.models import GPT4_32K, ModelRule, ModelTable, ModelTableError
         ("o3-mini", "o3-mini"),
         ("o4-mini", "o4-mini"),
         ("gpt-5", "gpt5"),
-        ("some-future-model", "gpt4"),
     ],
 )
 def test_built_in_table(model: str, family: str) -> None:
     assert ModelTable().family(model) == family
+
+
+@pytest.mark.parametrize("model", ["some-future-model", "gpt4", "text-davinci-003", "Claude-3"])
+def test_unknown_models_are_refused_naming_the_model(model: str) -> None:
+    # The seed served every unknown name from gpt4: a typo got a GPT-4 key.
+    with pytest.raises(UnknownModel) as raised:
+        ModelTable().lookup(model)
+    assert raised.value.code == "INVALID_ARGUMENT" and raised.value.reason == "UNKNOWN_MODEL"
+    assert repr(model) in raised.value.message
+    assert raised.value.metadata == {"field": "model", "model": model}
+
+
+def test_the_operators_rule_serves_unknown_models_from_a_family() -> None:
+    table = ModelTable(unknown="claude-haiku")
+    info = table.lookup("some-future-model")
+    assert (info.family, info.provider, info.embeddings) == ("claude-haiku", "anthropic", False)
+    assert table.family("gpt-4o") == "gpt4o"  # known models keep their rows
+    extra = ModelTable.with_extra_rules([ModelRule("^mine", "mine")], unknown="mine")
+    assert extra.family("other") == "mine"
+
+
+def test_the_operators_rule_must_name_a_family_of_the_table() -> None:
+    with pytest.raises(ModelTableError, match="'gtp4'.*expected reject or one of"):
+        ModelTable(unknown="gtp4")
 
 
 def test_embeddings_models_are_flagged() -> None:
@@ -65,7 +89,6 @@ def test_every_family_belongs_to_one_provider() -> None:
     table = ModelTable()
     assert table.lookup("claude-3-5-sonnet-20241022").provider == "anthropic"
     assert table.lookup("gpt-4o").provider == "openai"
-    assert table.lookup("some-unknown-model").provider == "openai"  # the seed's gpt4 default
     assert table.provider_of("claude-haiku") == "anthropic" and table.provider_of("o1") == "openai"
     listed = ["claude-opus-4-1", "claude-3-haiku-20240307", "claude-next-9", "gpt-4o"]
     # Another provider's id is left out; an unknown one is the provider's listed default.

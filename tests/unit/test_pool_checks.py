@@ -193,5 +193,5 @@ def test_clone_for_org() -> None:
 def test_eligible_cache_is_bounded() -> None:
     pool, _ = make_pool(["sk-a"])
     for i in range(ELIGIBLE_CACHE_SIZE + 10):
-        pool.lockout_period(f"model-{i}")
+        pool.lockout_period(f"gpt-4-{i:04d}")  # dated snapshots (some gpt4-turbo)
     assert len(pool._eligible_cache) <= ELIGIBLE_CACHE_SIZE

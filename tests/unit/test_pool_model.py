@@ -9,6 +9,13 @@ itself, so the pool's bookkeeping, its lock rule and its indexes are all checked
 Locks are derived when a state changes (a hand-out, a report), so the reference
 notes, per state, when it was last derived and the token reservation in force
 then; the budget it computes from those is its own arithmetic.
+
+The pool is mixed: OpenAI keys answered with x-ratelimit-* headers (Go-duration
+resets), Anthropic keys with anthropic-ratelimit-{requests,tokens,input-tokens,
+output-tokens}-* (RFC 3339 reset times) and retry-after, 429s that do not say
+which limit they hit, 529 overloaded (the key untouched), and spend-limit 429s
+that bench the key until the time they name. Claude families keep input and
+output tokens as budgets of their own.
 """
 
 from __future__ import annotations
@@ -16,8 +23,9 @@ from __future__ import annotations
 import math
 from array import array
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
-from hypothesis import settings
+from hypothesis import event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -37,7 +45,16 @@ from keysvc.pool import (
     TOKEN_ESTIMATE_SPREAD,
     TOKEN_ESTIMATE_WEIGHT,
 )
-from tests.helpers import CLAUDE_ALL, HAIKU_ONLY, PAID, PAID_32K, TRIAL, TURBO_ONLY, pool_of
+from tests.helpers import (
+    ANTHROPIC_FAMILIES,
+    CLAUDE_ALL,
+    HAIKU_ONLY,
+    PAID,
+    PAID_32K,
+    TRIAL,
+    TURBO_ONLY,
+    pool_of,
+)
 
 MODELS = ["gpt-4", "gpt-3.5-turbo", "gpt-4o", "text-embedding-ada-002", "gpt-4-32k"]
 MODELS += ["claude-sonnet-4-5", "claude-3-5-haiku-20241022"]
@@ -47,6 +64,30 @@ TABLE = ModelTable()
 #: Reset headers and the seconds they say (stored clamped to MAX_RESET).
 RESETS = {"0": 0.0, "0s": 0.0, "20ms": 0.02, "300ms": 0.3, "1s": 1.0, "2.5s": 2.5, "4s": 4.0}
 RESETS |= {"1m30s": 90.0, "6m0s": 360.0}
+#: An Anthropic reset: seconds from the answer to the RFC 3339 time it names
+#: (a time already past reads as 0).
+RESET_OFFSETS = [-5.0, 0.0, 0.3, 1.0, 2.5, 6.0, 30.0, 90.0]
+#: The input and output token budgets of a Claude family's table.
+SPLIT_DIMS = ("input_tokens", "output_tokens")
+#: (limit, remaining, reset seconds) as one answer gave a dimension; None: not sent.
+Dim = tuple[int | None, int | None, float | None]
+NO_DIM: Dim = (None, None, None)
+
+
+@dataclass(frozen=True)
+class Parsed:
+    """The reference's reading of an answer's rate-limit headers, as the key's provider
+    reads them (``tokens``: the overall dimension, else the tighter of input and output)."""
+
+    requests: Dim = NO_DIM
+    tokens: Dim = NO_DIM
+    input_tokens: Dim = NO_DIM
+    output_tokens: Dim = NO_DIM
+    retry_after: float | None = None
+
+    def dim(self, name: str) -> Dim:
+        value: Dim = getattr(self, name)
+        return value
 
 
 @dataclass
@@ -72,17 +113,27 @@ class Shadow:
     # Per dimension: a 429 in this refill (probation); a fixed window (two of them).
     probation: set[str] = field(default_factory=set)
     window: set[str] = field(default_factory=set)
-    # When the pool last derived the lock, and the token reservation then.
+    # When the pool last derived the lock, and the token reservation then (of all
+    # tokens, and of input and output tokens apart).
     derived_at: float = 0.0
     reserve: float = 1.0
+    split_reserve: dict[str, float] = field(default_factory=dict)
+    # A Claude family's state: input and output tokens are budgets of their own.
+    split: bool = False
 
-    def derive(self, now: float, reserve: float) -> None:
+    def derive(self, now: float, reserve: float, split_reserve: dict[str, float]) -> None:
         self.reserved = [r for r in self.reserved if r[0] + RESERVATION_TTL > now]
         if self.budget_at and now >= self.budget_at + BUDGET_LAPSE:
             self.budget_at = 0.0
             self.left, self.rate, self.limit, self.full_at = {}, {}, {}, {}
             self.probation, self.window = set(), set()
-        self.derived_at, self.reserve = now, reserve
+        self.derived_at, self.reserve, self.split_reserve = now, reserve, split_reserve
+
+    def forget(self, dim: str) -> None:
+        for values in (self.left, self.rate, self.limit, self.full_at):
+            values.pop(dim, None)
+        self.probation.discard(dim)
+        self.window.discard(dim)
 
     def reanchor(self, now: float) -> None:
         if self.budget_at and self.budget_at != now:
@@ -106,6 +157,8 @@ class Shadow:
         live = [r for r in self.reserved if r[0] + RESERVATION_TTL > self.budget_at + x]
         if dim == "requests":
             return len(live) + 1.0
+        if dim in SPLIT_DIMS:  # every hand-out needs the family's estimate
+            return (len(live) + 1.0) * self.split_reserve[dim]
         return sum(tokens for _, tokens in live) + self.reserve
 
     def budget_until(self) -> float:
@@ -137,8 +190,12 @@ class Shadow:
         resets = {"requests": self.requests_reset, "tokens": self.tokens_reset}
         known = [r for r in resets.values() if r is not None]
         remaining = {"requests": self.remaining_requests, "tokens": self.remaining_tokens}
+        # In a Claude family, input and output budgets stand in for the tokens one.
+        tokens_budgeted = "tokens" in self.rate or any(d in self.rate for d in SPLIT_DIMS)
         if self.saw_429 and self.kind in self.rate:
             window = 0.0
+        elif self.saw_429 and self.kind in SPLIT_DIMS and self.tokens_reset is not None:
+            window = self.tokens_reset
         elif self.saw_429 and resets.get(self.kind) is not None:
             window = resets[self.kind] or 0.0
         elif self.saw_429:
@@ -146,7 +203,8 @@ class Shadow:
         elif remaining != {"requests": None, "tokens": None}:
             window = 0.0
             for dim, left in remaining.items():
-                if left == 0 and dim not in self.rate:
+                budgeted = tokens_budgeted if dim == "tokens" else dim in self.rate
+                if left == 0 and not budgeted:
                     reset = resets[dim]
                     window = max(window, RATE_LIMIT_FALLBACK if reset is None else reset)
         else:
@@ -165,7 +223,9 @@ class Shadow:
                 kind = "requests"
             elif self.remaining_tokens == 0 and "tokens" in self.limit:
                 kind = "tokens"
-        kind = "" if kind == "other" else kind
+            elif self.split:
+                kind = next((d for d in SPLIT_DIMS if d in self.limit and not self.left[d]), "")
+        kind = "" if kind == "other" or (kind in SPLIT_DIMS and not self.split) else kind
         self.rate_limited_at = now
         self.saw_429 = True
         self.kind = kind
@@ -186,6 +246,11 @@ class RefKey:
     key: Key
     order: int
     disabled: bool = False
+    #: Why (the first reason kept, as the pool keeps it), revoked, and the time a
+    #: spend limit named for the key to come back by itself (0: none).
+    reason: DisableReason | None = None
+    revoked: bool = False
+    quota_until: float = 0.0
     last_used: float = 0.0
     wide: Shadow | None = None
     families: dict[str, Shadow] = field(default_factory=dict)
@@ -204,10 +269,22 @@ class RefKey:
             if self.wide is None:
                 self.wide = Shadow(rate_limited_at=self.last_used)
             return self.wide
-        return self.families.setdefault(family, Shadow())
+        return self.families.setdefault(family, Shadow(split=family in ANTHROPIC_FAMILIES))
+
+    def disable(self, reason: DisableReason, until: float | None = None) -> None:
+        if reason is DisableReason.QUOTA and until is not None and until > self.quota_until:
+            self.quota_until = until
+        self.revoked = self.revoked or reason is DisableReason.REVOKED
+        if not self.disabled:
+            self.disabled, self.reason = True, reason
+        elif self.reason is DisableReason.UNSPECIFIED:
+            self.reason = reason
+
+    def enable(self) -> None:
+        self.disabled, self.reason, self.revoked, self.quota_until = False, None, False, 0.0
 
     def attribute(
-        self, model: str, now: float, *, answer: bool, headers: dict[str, str] | None = None
+        self, model: str, now: float, *, answer: bool, parsed: Parsed | None = None
     ) -> tuple[str, bool]:
         """The family a report is for ("": key-wide), and whether it released a hand-out."""
         if model:
@@ -220,7 +297,7 @@ class RefKey:
             return self.answered[0], False
         in_flight = [(s.reserved[0][0], f) for f, s in sorted(self.families.items()) if s.reserved]
         matching = [
-            (at, f) for at, f in in_flight if headers and limits_match(self.families[f], headers)
+            (at, f) for at, f in in_flight if parsed and limits_match(self.families[f], parsed)
         ]
         in_flight = matching or in_flight
         used = [(-s.last_used, f) for f, s in sorted(self.families.items()) if s.last_used]
@@ -239,9 +316,58 @@ class RefKey:
         return family, released
 
 
-def own_headers(ref: RefKey, headers: dict[str, str]) -> dict[str, str]:
-    """The headers the key's provider reads: an Anthropic key ignores x-ratelimit-*."""
-    return headers if ref.key.service == "openai" else {}
+def parse(ref: RefKey, headers: dict[str, str], now: float) -> Parsed | None:
+    """The headers the key's provider reads: x-ratelimit-* for an OpenAI key,
+    anthropic-ratelimit-* and retry-after for an Anthropic one; None when none came."""
+    if ref.key.service == "openai":
+        dims = {}
+        for dim in ("requests", "tokens"):
+            limit = headers.get(f"x-ratelimit-limit-{dim}")
+            left = headers.get(f"x-ratelimit-remaining-{dim}")
+            reset = headers.get(f"x-ratelimit-reset-{dim}")
+            dims[dim] = (
+                None if limit is None else int(limit),
+                None if left is None else int(left),
+                None if reset is None else RESETS[reset],
+            )
+        parsed = Parsed(dims["requests"], dims["tokens"])
+    else:
+        dims = {}
+        for dim in ("requests", "tokens", "input_tokens", "output_tokens"):
+            name = f"anthropic-ratelimit-{dim.replace('_', '-')}"
+            limit, left = headers.get(f"{name}-limit"), headers.get(f"{name}-remaining")
+            reset = headers.get(f"{name}-reset")
+            at = None if reset is None else datetime.fromisoformat(reset).timestamp()
+            dims[dim] = (
+                None if limit is None else int(limit),
+                None if left is None else int(left),
+                None if at is None else max(0.0, at - now),
+            )
+        retry_after = headers.get("retry-after")
+        parsed = Parsed(
+            dims["requests"],
+            dims["tokens"],
+            dims["input_tokens"],
+            dims["output_tokens"],
+            None if retry_after is None else float(retry_after),
+        )
+    if parsed.retry_after is None and all(
+        d == NO_DIM
+        for d in (parsed.requests, parsed.tokens, parsed.input_tokens, parsed.output_tokens)
+    ):
+        return None
+    if parsed.tokens != NO_DIM:
+        return parsed
+    # Anthropic without the overall tokens dimension: the tighter of input and output.
+    known = [d for d in (parsed.input_tokens, parsed.output_tokens) if d != NO_DIM]
+    if len(known) == 2:
+        shares = [math.inf if d[1] is None else d[1] / d[0] if d[0] else 0.0 for d in known]
+        tokens = known[1] if shares[1] < shares[0] else known[0]
+    else:
+        tokens = known[0] if known else NO_DIM
+    return Parsed(
+        parsed.requests, tokens, parsed.input_tokens, parsed.output_tokens, parsed.retry_after
+    )
 
 
 def single(value: float) -> float:
@@ -249,12 +375,12 @@ def single(value: float) -> float:
     return float(array("f", [value])[0])
 
 
-def limits_match(state: Shadow, headers: dict[str, str]) -> bool:
+def limits_match(state: Shadow, parsed: Parsed) -> bool:
     compared = False
-    for dim in ("requests", "tokens"):
-        limit = headers.get(f"x-ratelimit-limit-{dim}")
+    for dim in ("requests", "tokens", *SPLIT_DIMS):
+        limit = parsed.dim(dim)[0]
         if limit is not None and dim in state.limit:
-            if int(limit) != state.limit[dim]:
+            if limit != state.limit[dim]:
                 return False
             compared = True
     return compared
@@ -307,36 +433,49 @@ def header_set(
     return headers
 
 
-def apply_headers(state: Shadow, headers: dict[str, str], now: float, *, budget: bool) -> None:
+def apply_headers(state: Shadow, parsed: Parsed | None, now: float, *, budget: bool) -> None:
     """``budget``: the report went to a family (key-wide reports keep no budget)."""
-    lefts: dict[str, int] = {}
+    if parsed is None:
+        return
     for dim in ("requests", "tokens"):
-        reset = headers.get(f"x-ratelimit-reset-{dim}")
-        left = headers.get(f"x-ratelimit-remaining-{dim}")
+        _, left, reset = parsed.dim(dim)
         if reset is not None:
-            setattr(state, f"{dim}_reset", min(RESETS[reset], MAX_RESET))
+            setattr(state, f"{dim}_reset", min(reset, MAX_RESET))
+        if parsed.retry_after is not None:
+            # The wait the upstream asked for, unclamped, is the least the window is.
+            known = getattr(state, f"{dim}_reset")
+            if known is None or known < parsed.retry_after:
+                setattr(state, f"{dim}_reset", parsed.retry_after)
         if left is not None:
-            setattr(state, f"remaining_{dim}", int(left))
-            lefts[dim] = int(left)
-    if not budget or not lefts:
+            setattr(state, f"remaining_{dim}", left)
+    if not budget:
+        return
+    dims = {"requests": parsed.requests, "tokens": parsed.tokens}
+    split = state.split and (
+        parsed.input_tokens[1] is not None or parsed.output_tokens[1] is not None
+    )
+    if split:  # input and output are the token budgets; tokens is none of its own
+        dims = {"requests": parsed.requests, **{d: parsed.dim(d) for d in SPLIT_DIMS}}
+    elif parsed.requests[1] is None and parsed.tokens[1] is None:
         return
     if state.budget_at:
         state.reanchor(now)
-    for dim, left in lefts.items():
-        reset = headers.get(f"x-ratelimit-reset-{dim}")
-        limit = headers.get(f"x-ratelimit-limit-{dim}")
+    if split:
+        state.forget("tokens")
+    for dim, (limit, left, seconds) in dims.items():
+        if left is None:
+            continue
         # Within one refill (until the limit is whole again) an answer only lowers.
         fresh = dim not in state.limit or now >= state.full_at[dim]
-        if limit is not None and reset is not None:
-            seconds, whole = RESETS[reset], int(limit)
-            fresh = fresh or state.limit[dim] != whole
-            refill = (whole - left) / seconds if seconds > 0 and left < whole else None
+        if limit is not None and seconds is not None:
+            fresh = fresh or state.limit[dim] != limit
+            refill = (limit - left) / seconds if seconds > 0 and left < limit else None
             if fresh:
                 state.probation.discard(dim)
                 state.rate[dim] = 0.0 if refill is None or dim in state.window else single(refill)
             elif refill is not None:
                 state.rate[dim] = min(state.rate[dim], single(refill))
-            state.limit[dim] = whole
+            state.limit[dim] = limit
             full_at = now + min(seconds, MAX_BUDGET_WAIT)
             if fresh or full_at > state.full_at[dim]:
                 state.full_at[dim] = full_at
@@ -345,7 +484,7 @@ def apply_headers(state: Shadow, headers: dict[str, str], now: float, *, budget:
             state.budget_at = now
 
 
-HEADERS = st.builds(
+OPENAI_HEADERS = st.builds(
     header_set,
     st.none() | st.sampled_from(list(RESETS)),
     st.none() | st.sampled_from(list(RESETS)),
@@ -354,19 +493,80 @@ HEADERS = st.builds(
     st.none() | st.sampled_from([3, 60]),
     st.none() | st.sampled_from([1000, 100_000]),
 )
+
+
+def _dimension(limits: list[int], lefts: list[int]) -> st.SearchStrategy[Dim | None]:
+    """An Anthropic dimension as one answer sends it: mostly whole, sometimes in part."""
+    offsets = st.sampled_from(RESET_OFFSETS)
+    whole = st.tuples(st.sampled_from(limits), st.sampled_from(lefts), offsets)
+    part = st.tuples(
+        st.none() | st.sampled_from(limits), st.none() | st.sampled_from(lefts), st.none() | offsets
+    )
+    return st.none() | whole | whole | part
+
+
+#: anthropic-ratelimit-{requests,tokens,input-tokens,output-tokens}-* and retry-after.
+ANTHROPIC_HEADERS = st.tuples(
+    _dimension([3, 60], [0, 0, 1, 50]),
+    _dimension([1000, 100_000], [0, 0, 900, 40_000]),
+    _dimension([1000, 100_000], [0, 0, 900, 40_000]),
+    _dimension([1000, 20_000], [0, 0, 100, 15_000]),
+    st.none() | st.sampled_from(["0", "1", "2.5", "20"]),
+)
+#: Both providers' headers: each key's provider reads its own.
+HEADERS = st.tuples(OPENAI_HEADERS, ANTHROPIC_HEADERS)
 MODEL_OR_NONE = st.sampled_from(["", *MODELS])
+#: A 429's error: its type (OpenAI's "requests"/"tokens" say which limit; an
+#: Anthropic key's 429 names input or output tokens in its message, or nothing), or,
+#: for an Anthropic key, a spend limit reached until a time so many seconds on
+#: (None: the message names none, so until the next month).
+ERRORS = st.sampled_from(["tokens", "requests", "other", *SPLIT_DIMS])
+ERRORS |= st.sampled_from([("spend", 5.0), ("spend", 45.0), ("spend", None)])
+
+
+def rfc3339(at: float) -> str:
+    return datetime.fromtimestamp(at, UTC).isoformat().replace("+00:00", "Z")
+
+
+def headers_at(
+    now: float, headers: tuple[dict[str, str], tuple[Dim | None, ...]]
+) -> dict[str, str]:
+    """The headers an answer at ``now`` carries: Anthropic's resets are times."""
+    openai, (*dims, retry_after) = headers
+    out = dict(openai)
+    names = ("requests", "tokens", "input-tokens", "output-tokens")
+    for dim, spec in zip(names, dims, strict=True):
+        if spec is None:
+            continue
+        for field_name, value in zip(("limit", "remaining", "reset"), spec, strict=True):
+            if value is None:
+                continue
+            text = rfc3339(now + value) if field_name == "reset" else str(value)
+            out[f"anthropic-ratelimit-{dim}-{field_name}"] = text
+    if retry_after is not None:
+        out["retry-after"] = str(retry_after)
+    return out
+
+
+def spend_limit_error(now: float, seconds: float | None) -> UpstreamError:
+    message = "You have reached your specified workspace API usage limits."
+    if seconds is not None:
+        message += f" Usage blocked until {rfc3339(now + seconds)}."
+    return UpstreamError("invalid_request_error", "", message)
 
 
 class PoolModel(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.pool, self.clock, self.refs = None, None, []  # type: ignore[assignment]
-        #: Per family: the tokens of every finished request, oldest first.
+        #: Per family: the tokens of every finished request, oldest first; and, in a
+        #: Claude family, its input and its output tokens apart.
         self.tokens: dict[str, list[int]] = {}
+        self.split_tokens: dict[str, dict[str, list[int]]] = {d: {} for d in SPLIT_DIMS}
 
-    def reserve(self, family: str) -> float:
+    def reserve(self, family: str, dim: str = "tokens") -> float:
         """mean + SPREAD·sd of the family's tokens, weighted by (1 - WEIGHT)^age."""
-        seen = self.tokens.get(family)
+        seen = (self.tokens if dim == "tokens" else self.split_tokens[dim]).get(family)
         if not seen:
             return 1.0
         mean, variance = float(seen[0]), 0.0
@@ -375,6 +575,10 @@ class PoolModel(RuleBasedStateMachine):
             variance = (1 - TOKEN_ESTIMATE_WEIGHT) * (variance + (tokens - mean) * step)
             mean += step
         return max(1.0, mean + TOKEN_ESTIMATE_SPREAD * math.sqrt(variance))
+
+    def derive(self, state: Shadow, family: str, now: float) -> None:
+        split = {d: self.reserve(family, d) for d in SPLIT_DIMS} if state.split else {}
+        state.derive(now, self.reserve(family), split)
 
     @precondition(lambda self: self.pool is None)
     @rule(profiles=st.lists(st.sampled_from(PROFILES), min_size=1, max_size=8))
@@ -400,12 +604,12 @@ class PoolModel(RuleBasedStateMachine):
         if expected is not None:
             old = expected.families.get(family) or Shadow()
             # The hand-out spends the answer's headers but keeps the budget.
-            new = Shadow(last_used=now, rate_limited_at=now)
+            new = Shadow(last_used=now, rate_limited_at=now, split=family in ANTHROPIC_FAMILIES)
             new.budget_at, new.left, new.rate = old.budget_at, old.left, old.rate
             new.limit, new.full_at = old.limit, old.full_at
             new.probation, new.window = old.probation, old.window
             new.reserved = [*old.reserved, (now, self.reserve(family))]
-            new.derive(now, self.reserve(family))
+            self.derive(new, family, now)
             expected.families[family] = new
             expected.last_used = now
             expected.wide = None
@@ -432,62 +636,116 @@ class PoolModel(RuleBasedStateMachine):
         state = ref.state(family)
         state.mark(now, "")  # MarkRateLimited does not say which limit
         if family:
-            state.derive(now, self.reserve(family))
+            self.derive(state, family, now)
 
     @precondition(lambda self: self.pool is not None)
-    @rule(i=st.integers(0, 7), model=MODEL_OR_NONE, headers=HEADERS)
-    def update(self, i: int, model: str, headers: dict[str, str]) -> None:
+    @rule(i=st.integers(0, 7), model=MODEL_OR_NONE, spec=HEADERS)
+    def update(self, i: int, model: str, spec: tuple) -> None:  # type: ignore[type-arg]
         ref = self.ref(i)
         now = self.clock.now()
+        headers = headers_at(now, spec)
         self.pool.update_rate_limits(ref.key.hash, headers, model)
-        headers = own_headers(ref, headers)
-        if headers:
-            family, _ = ref.attribute(model, now, answer=True, headers=headers)
+        parsed = parse(ref, headers, now)
+        if parsed is not None:
+            family, _ = ref.attribute(model, now, answer=True, parsed=parsed)
             state = ref.state(family)
-            apply_headers(state, headers, now, budget=bool(family))
+            apply_headers(state, parsed, now, budget=bool(family))
             if family:
-                state.derive(now, self.reserve(family))
+                self.derive(state, family, now)
 
     @precondition(lambda self: self.pool is not None)
     @rule(
         i=st.integers(0, 7),
         model=MODEL_OR_NONE,
-        status=st.sampled_from([200, 429, 500, 400]),
-        headers=HEADERS,
-        kind=st.sampled_from(["tokens", "requests", "other"]),
+        status=st.sampled_from([200, 429, 500, 400, 529]),
+        spec=HEADERS,
+        kind=ERRORS,
         tokens=st.sampled_from([0, 300, 1000]),
+        prompt=st.sampled_from([0, 0, 2000]),
     )
     def report(  # noqa: PLR0913
-        self, i: int, model: str, status: int, headers: dict[str, str], kind: str, tokens: int
+        self,
+        i: int,
+        model: str,
+        status: int,
+        spec: tuple,  # type: ignore[type-arg]
+        kind: str | tuple[str, float | None],
+        tokens: int,
+        prompt: int,
     ) -> None:
         ref = self.ref(i)
         now = self.clock.now()
-        self.pool.report_outcome(
+        headers = headers_at(now, spec)
+        anthropic = ref.key.service == "anthropic"
+        if isinstance(kind, tuple):
+            error = spend_limit_error(now, kind[1]) if anthropic else UpstreamError("other")
+        elif anthropic and kind in SPLIT_DIMS:
+            named = kind.replace("_", " ")
+            error = UpstreamError("rate_limit_error", "", f"rate limit of 1,000 {named} per minute")
+        else:
+            error = UpstreamError(kind)
+        was_disabled = ref.key.is_disabled
+        decision, _ = self.pool.report_outcome(
             ref.key.hash,
             model,
             status=status,
             headers=headers,
-            error=UpstreamError(kind),
+            error=error,
+            prompt_tokens=prompt,
             completion_tokens=tokens,
         )
-        headers = own_headers(ref, headers)
-        family, released = ref.attribute(model, now, answer=True, headers=headers)
-        if headers or status == 429 or released:
+        parsed = parse(ref, headers, now)
+        family, released = ref.attribute(model, now, answer=True, parsed=parsed)
+        # Anthropic: a spend limit (in a 400 or a 429) benches the key; any other 429
+        # is a rate limit that does not say which limit it hit; a 529 is the
+        # provider's overload, not the key's.
+        quota = anthropic and isinstance(kind, tuple) and status in (400, 429)
+        rate_limited = status == 429 and not quota
+        if parsed is not None or rate_limited or released:
             state = ref.state(family)
-            apply_headers(state, headers, now, budget=bool(family))
-            if status == 429:
-                # Anthropic's 429 (rate_limit_error) does not say which limit it hit.
-                state.mark(now, kind if ref.key.service == "openai" else "")
+            apply_headers(state, parsed, now, budget=bool(family))
+            if rate_limited:
+                # OpenAI's 429 type is its limit_kind; Anthropic's is the limit its
+                # message names, if any.
+                if anthropic:
+                    state.mark(now, kind if kind in SPLIT_DIMS else "")
+                else:
+                    state.mark(now, "other" if isinstance(kind, tuple) else kind)
             if family:
-                state.derive(now, self.reserve(family))
-        if status == 200 and tokens and family:  # learned after the lock is derived
-            self.tokens.setdefault(family, []).append(tokens)
+                self.derive(state, family, now)
+        if status == 200 and tokens + prompt and family:  # learned after the lock is derived
+            self.tokens.setdefault(family, []).append(tokens + prompt)
+            if family in ANTHROPIC_FAMILIES:
+                self.split_tokens["input_tokens"].setdefault(family, []).append(prompt)
+                self.split_tokens["output_tokens"].setdefault(family, []).append(tokens)
+        if quota:
+            assert isinstance(kind, tuple)
+            named = kind[1]
+            # The time the message names, else the start of next month (never, here).
+            until = math.inf
+            if named is not None:
+                until = datetime.fromisoformat(rfc3339(now + named)).timestamp()
+            ref.disable(DisableReason.QUOTA, until)
+            event("a spend limit benches an Anthropic key")
+            assert decision.disable is DisableReason.QUOTA and decision.quota_until is not None
+            assert decision.quota_until == until or (
+                until == math.inf and decision.quota_until > now + 3600
+            )
+        own = ref.families.get(family)
+        if own is not None and own.limit.keys() & set(SPLIT_DIMS):
+            event("a Claude family with input or output budgets")
+        if anthropic and status == 529:
+            event("a 529 leaves an Anthropic key as it was")
+            assert decision.overloaded and decision.retry_after is not None
+            asked = parsed.retry_after if parsed is not None else None
+            assert decision.retry_after >= max(1.0, asked or 0.0)
+            assert ref.key.is_disabled == was_disabled  # the key is left as it was
 
     @precondition(lambda self: self.pool is not None)
     @rule(i=st.integers(0, 7), reason=st.sampled_from(list(DisableReason)))
     def disable(self, i: int, reason: DisableReason) -> None:
         self.pool.disable(self.ref(i).key.hash, reason)
-        self.ref(i).disabled = True
+        self.ref(i).disable(reason)
 
     @precondition(lambda self: self.pool is not None)
     @rule(i=st.integers(0, 7), is_trial=st.booleans())
@@ -502,12 +760,20 @@ class PoolModel(RuleBasedStateMachine):
     def recheck(self) -> None:
         self.pool.recheck()
         for ref in self.refs:
-            ref.disabled = False
+            ref.enable()
 
     @precondition(lambda self: self.pool is not None)
     @rule(seconds=st.sampled_from([0.0, 0.01, 0.5, 1.0, 2.0, 9.99, 10.0, 30.0]))
     def wait(self, seconds: float) -> None:
         self.clock.advance(seconds)
+        now = self.clock.now()
+        for ref in self.refs:
+            # A spend limit's time has come: back by itself, unless disabled since
+            # for another reason (the first reason is kept) or revoked.
+            back = ref.quota_until and now >= ref.quota_until
+            if ref.disabled and back and ref.reason is DisableReason.QUOTA and not ref.revoked:
+                ref.enable()
+                event("a key back from its spend limit")
 
     @invariant()
     def available_counts_enabled_keys(self) -> None:

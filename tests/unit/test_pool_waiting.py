@@ -218,7 +218,7 @@ async def test_zero_max_wait_is_a_plain_get() -> None:
 async def test_waiters_for_many_model_names_of_one_family_share_one_queue() -> None:
     pool, clock, (a,) = pool_of([PAID])
     pool.mark_rate_limited(a.hash, "gpt-4")  # locked 10 s for gpt4, every name's family
-    names = [f"gpt-4-unknown-{i}" for i in range(200)]  # unknown names: family gpt4
+    names = [f"gpt-4-{i}" for i in range(2000, 2200)]  # dated snapshots: family gpt4
     tasks = [waiting(pool, name) for name in names]
     await settle()
     assert len(pool._queues) == 1  # one eligibility class, not 200 queues

@@ -181,6 +181,22 @@ ROWS = [
 
 
 @pytest.mark.parametrize(
+    ("message", "kind"),
+    [
+        ("This request would exceed the rate limit for your organization of 50,000 input"
+         " tokens per minute.", "input_tokens"),
+        ("... of 8,000 Output Tokens per minute. For details, refer to the docs", "output_tokens"),
+        ("... of 50 requests per minute.", "requests"),
+        ("over your rate limit of 50 rpm", ""),
+        ("Number of request tokens has exceeded your per-minute rate limit", ""),
+    ],
+)  # fmt: skip
+def test_a_429_names_the_limit_its_message_names(message: str, kind: str) -> None:
+    decision = ANT.decide(429, UpstreamError(RLE, "", message), now=NOW)
+    assert decision.rate_limited and decision.limit_kind == kind
+
+
+@pytest.mark.parametrize(
     ("status", "error", "action", "disable", "until", "limited", "overloaded", "denied", "usage"),
     ROWS,
 )

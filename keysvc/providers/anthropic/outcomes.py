@@ -15,7 +15,9 @@ every answer                                                 rate-limit headers 
   ("regain access on …", "usage blocked until …"), else
   until the start of the next month (UTC)
 400 "credit balance is too low", 402 ``billing_error``       disable (quota)                  RETRY
-429 (``rate_limit_error``)                                   rate limited (family)            RETRY
+429 (``rate_limit_error``)                                   rate limited (family); the       RETRY
+  limit its message names ("… 50,000 input tokens per        limit it names is spent
+  minute"), if any
 529 (``overloaded_error``)                                   none: the provider backs off     RETRY
 other 5xx (``api_error``)                                    none                             RETRY
 any other status (400, 404, 413, …)                          none                             RETURN
@@ -61,6 +63,16 @@ _ON_DATE: Final = re.compile(r"\bon (\d{4}-\d{2}-\d{2}) at (\d{2}:\d{2}) UTC\b")
 _UNTIL_TIME: Final = re.compile(
     r"\buntil (\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?:[Zz]|[+-]\d{2}:\d{2}))"
 )
+
+
+#: The limit a 429's message names: "... rate limit of 50,000 input tokens per minute".
+_LIMIT_NAMED: Final = re.compile(r"\b(input tokens|output tokens|requests) per minute\b", re.I)
+#: Its name in the message → the pool's limit kind (the budget the 429 spends).
+_LIMIT_KINDS: Final = {
+    "input tokens": "input_tokens",
+    "output tokens": "output_tokens",
+    "requests": "requests",
+}
 
 
 def upstream_error(body: object) -> UpstreamError | None:
@@ -135,7 +147,9 @@ def decide(status: int, error: UpstreamError, *, now: float) -> Decision:
     if status == 403:
         return Decision(retry, family_denied=True, why=f"{label}: no access to the model family")
     if status == 429:
-        return Decision(retry, rate_limited=True, why=f"{label}: rate limited")
+        named = _LIMIT_NAMED.search(error.message)
+        kind = _LIMIT_KINDS[named.group(1).lower()] if named else ""
+        return Decision(retry, rate_limited=True, why=f"{label}: rate limited", limit_kind=kind)
     if status == OVERLOADED_STATUS:
         return Decision(retry, overloaded=True, why=f"{label}: provider overloaded")
     if status >= 500:

@@ -18,6 +18,7 @@ class AnthropicProvider(Provider):
     rules = models.RULES
     listed_default_family = models.CLAUDE
     rate_header_prefixes = (headers.PREFIX, headers.RETRY_AFTER_HEADER)
+    split_token_budgets = True
 
     def parse_rate_headers(self, headers_: Mapping[str, str], now: float) -> ParsedHeaders:
         return headers.parse_rate_headers(headers_, now)

@@ -6,10 +6,8 @@ from typing import Final
 
 from ..base import ModelRule
 
-__all__ = ["DEFAULT_FAMILY", "GPT4_32K", "LISTED_DEFAULT_FAMILY", "RULES"]
+__all__ = ["GPT4_32K", "LISTED_DEFAULT_FAMILY", "RULES"]
 
-#: Family of a model no rule matches (the seed's default for requests).
-DEFAULT_FAMILY: Final = "gpt4"
 #: Family of a model id the upstream lists for a key that no rule matches.
 LISTED_DEFAULT_FAMILY: Final = "turbo"
 #: The family unchecked keys do not get: only the checker can grant it.
