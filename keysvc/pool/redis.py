@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
 import logging
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -76,6 +77,14 @@ DEFAULT_TIMEOUT: Final = 0.25
 _ADD_BATCH: Final = 1000
 #: Keys a List page looks at, at most (as the memory backend's scan limit).
 _LIST_SCAN: Final = 1000
+#: Keys a replica lacks that a Get looks past at the head of each index, at most
+#: (docs/scale-out.md): selection stays bounded when replicas' key lists differ.
+SKIP_LIMIT: Final = 256
+#: How long a key list's held set stays in Redis when no replica renews it (ms): the
+#: lists of replicas gone or reloaded go by themselves.
+_HELD_TTL_MS: Final = 3_600_000
+#: Hashes a replica that lacks keys logs, at most (with the count of all).
+_LACKING_LOGGED: Final = 100
 
 #: The rules' constants, written into every script so Lua and Python cannot drift.
 _CONSTANTS: Final = (
@@ -116,6 +125,7 @@ def _program(body: str) -> str:
     """The text of one operation's script: constants, the rules, the layout, the body."""
     constants = [f"local {name} = {float(getattr(rules, name))!r}" for name in _CONSTANTS]
     constants.append(f"local MAX_COUNT = {float(MAX_COUNT)!r}")
+    constants.append(f"local SKIP_LIMIT = {SKIP_LIMIT}")
     parts = ["\n".join(constants), _script_text("rules.lua"), _script_text("pool.lua"), body]
     return "\n".join(parts)
 
@@ -167,6 +177,12 @@ class RedisBackend:
         self._now = now
         #: The keys this replica holds a secret for, by hash.
         self._secrets: dict[str, tuple[str, str]] = {}
+        #: This replica's configured keys (its key list; not the organization clones).
+        self._configured: dict[str, str] = {}
+        #: The id of the key list whose held set is complete in Redis ("" none yet): a
+        #: Get chooses among its keys. ``_hold_pending``: the list changed since.
+        self._held = ""
+        self._hold_pending = True
         #: add script arguments of keys not registered in Redis yet (it did not answer).
         self._unregistered: list[str] = []
         #: Waiting Gets, per (family, embeddings), first come first served; the first
@@ -187,6 +203,8 @@ class RedisBackend:
                 "check",
                 "view",
                 "lease",
+                "hold",
+                "lacking",
             )
         }
 
@@ -194,7 +212,7 @@ class RedisBackend:
 
     async def _run(self, name: str, *args: str | float, timeout: float | None = None) -> Any:
         """One script call, bounded by the timeout; any failure is ``StoreUnavailable``."""
-        if self._unregistered and name != "add":
+        if (self._unregistered or not self._held) and name not in ("add", "hold", "lacking"):
             raise StoreUnavailable("this replica's keys are not in the shared pool yet")
         now = "" if self._now is None else repr(self._now())
         argv = [self._prefix, now, repr(self._reuse_delay), *args]
@@ -295,31 +313,79 @@ class RedisBackend:
         args: list[str] = []
         for secret in secrets:
             key_hash = hash_key(secret)
-            if key_hash in self._secrets:
+            if key_hash in self._configured:
                 continue
-            self._secrets[key_hash] = (secret, "")
-            args += [key_hash, fams, trial, c32, "", ""]
+            self._configured[key_hash] = secret
+            self._hold_pending = True
+            if self._secrets.get(key_hash) != (secret, ""):
+                self._secrets[key_hash] = (secret, "")
+                args += [key_hash, fams, trial, c32, "", ""]
         self._unregistered += args
         return await self._register()
 
     async def _register(self) -> int:
+        """Adds the keys not in the pool yet, then holds this replica's key list (a Get
+        chooses among its keys from then on) and logs the pool's keys it lacks."""
+        # At start-up and reload, not in an RPC: a batch may take longer than one.
+        timeout = max(self._timeout, 10.0)
         added = 0
         while self._unregistered:
             batch = self._unregistered[: 6 * _ADD_BATCH]
-            # At start-up and reload, not in an RPC: a batch may take longer than one.
-            added += len(await self._run("add", *batch, timeout=max(self._timeout, 10.0)))
+            added += len(await self._run("add", *batch, timeout=timeout))
             del self._unregistered[: len(batch)]
+        if self._hold_pending:
+            hashes = sorted(self._configured)
+            held = hashlib.sha256("\n".join(hashes).encode()).hexdigest()[:16]
+            for start in range(0, len(hashes), _ADD_BATCH):
+                batch = hashes[start : start + _ADD_BATCH]
+                await self._run("hold", held, _HELD_TTL_MS, *batch, timeout=timeout)
+            self._held, self._hold_pending = held, False
+            # Keys no longer configured (and their clones) are not handed out from now on.
+            kept = set(self._configured.values())
+            for key_hash in [h for h, (secret, _) in self._secrets.items() if secret not in kept]:
+                del self._secrets[key_hash]
+            await self._log_lacking(timeout)
         return added
+
+    async def _log_lacking(self, timeout: float) -> None:
+        """Logs the hashes of the pool's keys this replica cannot hand out (by hash only)."""
+        lacking: list[str] = []
+        after = "0"
+        try:
+            while True:
+                answer = await self._run("lacking", self._held, after, _ADD_BATCH, timeout=timeout)
+                lacking += [_text(h) for h in answer[1:]]
+                if not _text(answer[0]):
+                    break
+                after = _text(answer[0])
+        except StoreUnavailable as exc:
+            _log.warning(
+                "cannot tell which keys of the shared pool this replica lacks",
+                extra={"problem": exc.problem},
+            )
+            return
+        if lacking:
+            _log.warning(
+                "this replica lacks keys of the shared pool: it does not hand them out",
+                extra={
+                    "lacking": len(lacking),
+                    "hashes": ",".join(lacking[:_LACKING_LOGGED]),
+                },
+            )
 
     async def ping(self) -> bool:
         """Whether Redis answers within the timeout; the first time it does after it did
-        not, this replica's keys not registered yet are."""
+        not, this replica's keys not registered yet are. Renews this replica's key list
+        in Redis (held again if it lapsed while Redis did not hear from it)."""
         try:
-            if self._unregistered:
+            if self._unregistered or self._hold_pending:
                 added = await self._register()
                 _log.info("keys registered in the shared pool", extra={"new_keys": added})
             async with asyncio.timeout(self._timeout):
                 await self._client.ping()
+            if self._configured and not await self._run("hold", self._held, _HELD_TTL_MS):
+                self._hold_pending = True
+                await self._register()
         except (StoreUnavailable, TimeoutError, redis_errors.RedisError, OSError):
             return False
         return True
@@ -342,7 +408,7 @@ class RedisBackend:
         family, embeddings = self._info(model)
         kind = "1" if embeddings else "0"
         if max_wait == 0.0:  # a plain Get never refuses: the key that unlocks first
-            answer = await self._run("get", family, kind, "get")
+            answer = await self._run("get", family, kind, "get", self._held)
             return self._handed_out(answer, family, model)
         if time_left is not None:
             max_wait = max(0.0, min(max_wait, time_left - rules.DEADLINE_MARGIN))
@@ -352,7 +418,7 @@ class RedisBackend:
                 return key
         # The wait ran out (or the deadline left none): a free key, else KEYS_BUSY, as
         # in memory (KeyPool.get_waiting says why).
-        answer = await self._run("get", family, kind, "free")
+        answer = await self._run("get", family, kind, "free", self._held)
         if _text(answer[0]) != "until":
             return self._handed_out(answer, family, model)
         raise KeysBusy(family, model, max(0.0, float(_text(answer[1])) - float(_text(answer[2]))))
@@ -383,7 +449,9 @@ class RedisBackend:
                         await asyncio.wait_for(asyncio.shield(turn), left)
                     continue
                 woken = self._next_wake()
-                answer = await self._run("get", family, "1" if embeddings else "0", "free")
+                answer = await self._run(
+                    "get", family, "1" if embeddings else "0", "free", self._held
+                )
                 if _text(answer[0]) != "until":
                     return self._handed_out(answer, family, model)
                 wait = float(_text(answer[1])) - float(_text(answer[2]))
@@ -443,7 +511,9 @@ class RedisBackend:
         info = self._models.lookup(model)
         if self._allowed is not None and info.family not in self._allowed:
             return 0.0
-        answer = await self._run("get", info.family, "1" if info.embeddings else "0", "peek")
+        answer = await self._run(
+            "get", info.family, "1" if info.embeddings else "0", "peek", self._held
+        )
         if _text(answer[0]) == "none":
             return 0.0
         return max(0.0, float(_text(answer[1])) - float(_text(answer[2])))
@@ -743,8 +813,15 @@ class RedisBackend:
             return False
 
     async def sync_keys(self, secrets: Sequence[str]) -> KeySync:
-        added = await self.add_keys(secrets)
-        return KeySync(added, 0, len(self._secrets))
+        """Makes this replica's key list ``secrets``. Keys it no longer has stay in the
+        shared pool (other replicas may hold them); this one stops handing them out."""
+        wanted = {hash_key(secret): secret for secret in secrets}
+        removed = [h for h in self._configured if h not in wanted]
+        for key_hash in removed:
+            del self._configured[key_hash]
+            self._hold_pending = True
+        added = await self.add_keys(wanted.values())
+        return KeySync(added, len(removed), len(self._secrets))
 
     async def flush(self) -> None:
         """Nothing to do: every call is in Redis when it returns (durability is Redis's)."""

@@ -3,9 +3,10 @@
 --   "get": hand out the best key, free or first to unlock;
 --   "free": hand it out only if it is free now (a waiting Get);
 --   "peek": hand out nothing (GetLockoutPeriod).
+-- ARGV[7] the id of the replica's key list: only keys of its held set are chosen.
 -- Returns {"key", now, view}, {"until", unlock time, now} or {"none"}.
 local f, embeddings, mode = ARGV[4], ARGV[5] == '1', ARGV[6]
-local best = select(f, embeddings, NOW)
+local best = select(f, embeddings, NOW, P .. 'held:' .. ARGV[7])
 if best == nil then return {'none'} end
 if mode == 'peek' or (mode == 'free' and best[1] > NOW) then
   return {'until', num(best[1]), num(NOW)}
