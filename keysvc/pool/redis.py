@@ -25,12 +25,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import hashlib
 import logging
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
+from contextvars import ContextVar
 from importlib import resources
-from typing import Any, Final
+from typing import Any, Concatenate, Final, ParamSpec, TypeVar
 
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
@@ -115,6 +117,41 @@ _STATE_FIELDS: Final = {
     "rmt": "remaining_tokens",
     "bat": "budget_at",
 }
+
+
+class _Budget:
+    """The Redis time an RPC has left (seconds): each call spends what it takes."""
+
+    def __init__(self, left: float) -> None:
+        self.left = left
+
+
+#: The budget of the RPC in progress in this task; None outside one (then each call
+#: may take the whole timeout).
+_budget: ContextVar[_Budget | None] = ContextVar("keysvc_redis_budget", default=None)
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _one_rpc(
+    method: Callable[Concatenate[RedisBackend, _P], Coroutine[Any, Any, _R]],
+) -> Callable[Concatenate[RedisBackend, _P], Coroutine[Any, Any, _R]]:
+    """Bounds the whole time ``method`` spends on Redis, every call and retry of it,
+    by the backend's timeout (KEYSVC_REDIS_TIMEOUT); time spent waiting for a key is
+    not Redis time. A call made inside another's budget spends that one."""
+
+    @functools.wraps(method)
+    async def bounded(backend: RedisBackend, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        if _budget.get() is not None:
+            return await method(backend, *args, **kwargs)
+        token = _budget.set(_Budget(backend.timeout))
+        try:
+            return await method(backend, *args, **kwargs)
+        finally:
+            _budget.reset(token)
+
+    return bounded
 
 
 def _script_text(name: str) -> str:
@@ -216,14 +253,28 @@ class RedisBackend:
             raise StoreUnavailable("this replica's keys are not in the shared pool yet")
         now = "" if self._now is None else repr(self._now())
         argv = [self._prefix, now, repr(self._reuse_delay), *args]
-        timeout = self._timeout if timeout is None else timeout
+        return await self._bounded(lambda: self._scripts[name](keys=[], args=argv), timeout)
+
+    async def _bounded(self, call: Callable[[], Awaitable[_R]], timeout: float | None) -> _R:
+        """``call()`` within ``timeout``, by default what the RPC's budget has left (or
+        the whole timeout outside one); any failure is ``StoreUnavailable``."""
+        budget = _budget.get()
+        if timeout is None:
+            timeout = self._timeout if budget is None else budget.left
+        if timeout <= 0.0:
+            raise StoreUnavailable(f"the call spent its {self._timeout:g} s on Redis")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         try:
             async with asyncio.timeout(timeout):
-                return await self._scripts[name](keys=[], args=argv)
+                return await call()
         except TimeoutError:
             raise StoreUnavailable(f"no answer within {timeout:g} s") from None
         except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
             raise StoreUnavailable(type(exc).__name__) from None
+        finally:
+            if budget is not None:
+                budget.left -= loop.time() - started
 
     def _key(self, view: Sequence[Any]) -> Key:
         """A Key from a script's view of one (record, family states, usage)."""
@@ -393,12 +444,18 @@ class RedisBackend:
     # -- PoolBackend -------------------------------------------------------------------
 
     @property
+    def timeout(self) -> float:
+        """Seconds one RPC may spend on Redis, retries included."""
+        return self._timeout
+
+    @property
     def observer(self) -> PoolObserver:
         return self._observer
 
     def snapshot_source(self) -> SnapshotSource:
         raise NotImplementedError("the status page and metrics do not read a Redis pool yet")
 
+    @_one_rpc
     async def get(
         self, model: str, max_wait: float = 0.0, *, time_left: float | None = None
     ) -> Key:
@@ -505,6 +562,7 @@ class RedisBackend:
         self._observer.handed_out(family)
         return key
 
+    @_one_rpc
     async def lockout_period(self, model: str) -> float:
         model = model or DEFAULT_LOCKOUT_MODEL
         check_model(model)
@@ -572,12 +630,8 @@ class RedisBackend:
         return first, change, counted, key
 
     async def _exists(self, key_hash: str) -> bool:
-        try:
-            async with asyncio.timeout(self._timeout):
-                found = await self._client.exists(f"{{{self._prefix}}}:key:{key_hash}")
-        except (TimeoutError, redis_errors.ConnectionError, redis_errors.TimeoutError, OSError):
-            raise StoreUnavailable("no answer") from None
-        return bool(found)
+        name = f"{{{self._prefix}}}:key:{key_hash}"
+        return bool(await self._bounded(lambda: self._client.exists(name), None))
 
     async def _checked(self, key_hash: str, check: Callable[[], None]) -> None:
         """Runs the input checks after the key's own: a missing key is reported first."""
@@ -589,10 +643,12 @@ class RedisBackend:
                 raise KeyNotFound(key_hash) from None
             raise
 
+    @_one_rpc
     async def mark_rate_limited(self, key_hash: str, model: str = "") -> None:
         await self._checked(key_hash, lambda: check_model(model) if model else None)
         await self._report(key_hash, model, "mark")
 
+    @_one_rpc
     async def update_rate_limits(
         self, key_hash: str, headers: Mapping[str, str], model: str = ""
     ) -> None:
@@ -605,6 +661,7 @@ class RedisBackend:
         parsed = parse_rate_headers(Key("", key_hash, KeyProfile(frozenset()), 0), headers)
         await self._report(key_hash, model, "update", parsed)
 
+    @_one_rpc
     async def increment_usage(self, key_hash: str, model: str, tokens: int) -> None:
         def check() -> None:
             check_model(model)
@@ -614,6 +671,7 @@ class RedisBackend:
         await self._checked(key_hash, check)
         await self._report(key_hash, model, "usage", count=True, tokens=tokens)
 
+    @_one_rpc
     async def report_outcome(
         self,
         key_hash: str,
@@ -665,6 +723,7 @@ class RedisBackend:
         self._observer.outcome_reported(decision.action.value)
         return decision, key
 
+    @_one_rpc
     async def disable(self, key_hash: str, reason: DisableReason) -> Key:
         self._check_hash(key_hash)
         answer = await self._run("disable", key_hash, reason.value)
@@ -680,9 +739,11 @@ class RedisBackend:
         await self._run("recheck", "1" if until_checked else "0")
         _log.info("all keys marked for recheck")
 
+    @_one_rpc
     async def available(self) -> int:
         return int(await self._run("available"))
 
+    @_one_rpc
     async def list_keys(self, page_token: str, page_size: int, key_filter: KeyFilter) -> KeyPage:
         after = self._resume_position(page_token, key_filter)
         answer = await self._run("list", repr(after), max(page_size, _LIST_SCAN))
@@ -730,6 +791,7 @@ class RedisBackend:
                 return keys
             token = page.next_page_token
 
+    @_one_rpc
     async def key(self, key_hash: str) -> Key:
         self._check_hash(key_hash)
         answer = await self._run("view", key_hash)
@@ -737,6 +799,7 @@ class RedisBackend:
             raise KeyNotFound(key_hash)
         return self._key(answer[1])
 
+    @_one_rpc
     async def apply_check(
         self,
         key_hash: str,
@@ -768,6 +831,7 @@ class RedisBackend:
             _log.info("key alive again after recheck", extra={"key_hash": key.hash})
         return key
 
+    @_one_rpc
     async def apply_dead_check(self, key_hash: str, reason: DisableReason) -> Key:
         self._check_hash(key_hash)
         answer = await self._run("check", key_hash, "dead", reason.value)
@@ -779,6 +843,7 @@ class RedisBackend:
             self._state_changed(key, _CHANGES[change], reason.value)
         return key
 
+    @_one_rpc
     async def clone_for_org(self, key_hash: str, organization_id: str) -> Key | None:
         """Adds an unchecked clone of a key for another of its organizations (the
         replica must hold the parent's secret); None when the pool has it already."""
