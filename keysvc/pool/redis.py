@@ -79,6 +79,8 @@ DEFAULT_TIMEOUT: Final = 0.25
 _ADD_BATCH: Final = 1000
 #: Keys a List page looks at, at most (as the memory backend's scan limit).
 _LIST_SCAN: Final = 1000
+#: Keys one Recheck script call marks, at most (a few ms of Redis per call).
+RECHECK_BATCH: Final = 500
 #: Keys a replica lacks that a Get looks past at the head of each index, at most
 #: (docs/scale-out.md): selection stays bounded when replicas' key lists differ.
 SKIP_LIMIT: Final = 256
@@ -736,7 +738,14 @@ class RedisBackend:
         return key
 
     async def recheck(self, *, until_checked: bool = False) -> None:
-        await self._run("recheck", "1" if until_checked else "0")
+        """Marks every key for recheck, ``RECHECK_BATCH`` keys per script call so no call
+        holds Redis for the whole pool. Each call has the whole timeout (100k keys are
+        200 calls). Not atomic as a whole: a Get meanwhile may see some keys done; a
+        failure leaves the rest as they were, and calling again finishes it."""
+        after = "0"
+        while after:
+            answer = await self._run("recheck", "1" if until_checked else "0", after, RECHECK_BATCH)
+            after = _text(answer)
         _log.info("all keys marked for recheck")
 
     @_one_rpc
