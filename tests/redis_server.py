@@ -7,9 +7,10 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["RedisServer", "free_port"]
+__all__ = ["RedisServer", "free_port", "replica_env"]
 
 
 def free_port() -> int:
@@ -17,6 +18,17 @@ def free_port() -> int:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
         return port
+
+
+def replica_env(url: str, prefix: str, secrets: Sequence[str]) -> dict[str, str]:
+    """The environment of a ``keysvc serve`` replica of the pool ``prefix`` at ``url``."""
+    return {
+        "OPENAI_KEY": ",".join(secrets),
+        "KEYSVC_REDIS_URL": url,
+        "KEYSVC_REDIS_PREFIX": prefix,
+        # Not the 250 ms default: a loaded CI machine can stall a process that long.
+        "KEYSVC_REDIS_TIMEOUT": "2s",
+    }
 
 
 class RedisServer:

@@ -19,7 +19,7 @@ from keysvc.keys import hash_key
 from keysvc.v1 import keysvc_pb2 as pb
 from keysvc.v1 import keysvc_pb2_grpc
 from tests.helpers import keysvc_process
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisServer, replica_env
 
 SECRETS = [f"sk-skew-{i}" for i in range(4)]
 SKEW = 30.0
@@ -52,13 +52,7 @@ def test_a_replica_30_s_ahead_agrees_on_every_lock(
     redis_server: RedisServer, redis_prefix: str, tmp_path: Path
 ) -> None:
     (tmp_path / "sitecustomize.py").write_text(_SITECUSTOMIZE)
-    env = {
-        "OPENAI_KEY": ",".join(SECRETS),
-        "KEYSVC_REDIS_URL": redis_server.url,
-        "KEYSVC_REDIS_PREFIX": redis_prefix,
-        "KEYSVC_REDIS_TIMEOUT": "2s",  # a loaded CI machine can stall a process 250 ms
-        "KEYSVC_LOG_FORMAT": "json",
-    }
+    env = {**replica_env(redis_server.url, redis_prefix, SECRETS), "KEYSVC_LOG_FORMAT": "json"}
     skewed_env = {**env, "PYTHONPATH": str(tmp_path), "SKEWED_CLOCK_SECONDS": str(SKEW)}
     with keysvc_process(env=env) as right, keysvc_process(env=skewed_env) as ahead:
         # The offset took: the skewed replica's log times run 30 s ahead.
