@@ -15,9 +15,11 @@ the keys whose secret it holds. Headers are parsed here, by the rules both
 backends use; the scripts get numbers. All keys carry one hash tag
 (``{prefix}``), so one pool lives on one Redis Cluster slot.
 
-Every call is bounded by ``timeout`` (the whole time an RPC may spend on
-Redis); past it, or on any connection error, the call fails with
-``StoreUnavailable`` and nothing is answered from a local view.
+Each RPC has ``timeout`` of Redis time in all (its calls share it; a Get's
+wait for a key is not Redis time); past it, or on any connection error, the
+call fails with ``StoreUnavailable`` and nothing is answered from a local view.
+Each replica hands out only keys of its own key list (a held set in Redis per
+list), looking past at most ``SKIP_LIMIT`` keys it lacks per index.
 """
 
 from __future__ import annotations
