@@ -15,9 +15,11 @@ the keys whose secret it holds. Headers are parsed here, by the rules both
 backends use; the scripts get numbers. All keys carry one hash tag
 (``{prefix}``), so one pool lives on one Redis Cluster slot.
 
-Every call is bounded by ``timeout`` (the whole time an RPC may spend on
-Redis); past it, or on any connection error, the call fails with
-``StoreUnavailable`` and nothing is answered from a local view.
+Each RPC has ``timeout`` of Redis time in all (its calls share it; a Get's
+wait for a key is not Redis time); past it, or on any connection error, the
+call fails with ``StoreUnavailable`` and nothing is answered from a local view.
+Each replica hands out only keys of its own key list (a held set in Redis per
+list), looking past at most ``SKIP_LIMIT`` keys it lacks per index.
 """
 
 from __future__ import annotations
@@ -25,12 +27,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
+import hashlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
+from contextvars import ContextVar
 from importlib import resources
-from typing import Any, Final
+from typing import Any, Concatenate, Final, ParamSpec, TypeVar
 
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
@@ -91,6 +96,16 @@ _LIST_SCAN: Final = 1000
 _CENSUS_BATCH: Final = 1000
 #: Keys (from the first in load order) the status page's lists are picked from.
 _CENSUS_LISTED: Final = 200
+#: Keys one Recheck script call marks, at most (a few ms of Redis per call).
+RECHECK_BATCH: Final = 500
+#: Keys a replica lacks that a Get looks past at the head of each index, at most
+#: (docs/scale-out.md): selection stays bounded when replicas' key lists differ.
+SKIP_LIMIT: Final = 256
+#: How long a key list's held set stays in Redis when no replica renews it (ms): the
+#: lists of replicas gone or reloaded go by themselves.
+_HELD_TTL_MS: Final = 3_600_000
+#: Hashes a replica that lacks keys logs, at most (with the count of all).
+_LACKING_LOGGED: Final = 100
 
 #: The rules' constants, written into every script so Lua and Python cannot drift.
 _CONSTANTS: Final = (
@@ -124,6 +139,41 @@ _STATE_FIELDS: Final = {
 }
 
 
+class _Budget:
+    """The Redis time an RPC has left (seconds): each call spends what it takes."""
+
+    def __init__(self, left: float) -> None:
+        self.left = left
+
+
+#: The budget of the RPC in progress in this task; None outside one (then each call
+#: may take the whole timeout).
+_budget: ContextVar[_Budget | None] = ContextVar("keysvc_redis_budget", default=None)
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _one_rpc(
+    method: Callable[Concatenate[RedisBackend, _P], Coroutine[Any, Any, _R]],
+) -> Callable[Concatenate[RedisBackend, _P], Coroutine[Any, Any, _R]]:
+    """Bounds the whole time ``method`` spends on Redis, every call and retry of it,
+    by the backend's timeout (KEYSVC_REDIS_TIMEOUT); time spent waiting for a key is
+    not Redis time. A call made inside another's budget spends that one."""
+
+    @functools.wraps(method)
+    async def bounded(backend: RedisBackend, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        if _budget.get() is not None:
+            return await method(backend, *args, **kwargs)
+        token = _budget.set(_Budget(backend.timeout))
+        try:
+            return await method(backend, *args, **kwargs)
+        finally:
+            _budget.reset(token)
+
+    return bounded
+
+
 def _script_text(name: str) -> str:
     return (resources.files(__package__) / "scripts" / name).read_text(encoding="utf-8")
 
@@ -132,6 +182,7 @@ def _program(body: str) -> str:
     """The text of one operation's script: constants, the rules, the layout, the body."""
     constants = [f"local {name} = {float(getattr(rules, name))!r}" for name in _CONSTANTS]
     constants.append(f"local MAX_COUNT = {float(MAX_COUNT)!r}")
+    constants.append(f"local SKIP_LIMIT = {SKIP_LIMIT}")
     parts = ["\n".join(constants), _script_text("rules.lua"), _script_text("pool.lua"), body]
     return "\n".join(parts)
 
@@ -202,6 +253,12 @@ class RedisBackend:
         self._time_scale = time_scale
         #: The keys this replica holds a secret for, by hash.
         self._secrets: dict[str, tuple[str, str]] = {}
+        #: This replica's configured keys (its key list; not the organization clones).
+        self._configured: dict[str, str] = {}
+        #: The id of the key list whose held set is complete in Redis ("" none yet): a
+        #: Get chooses among its keys. ``_hold_pending``: the list changed since.
+        self._held = ""
+        self._hold_pending = True
         #: add script arguments of keys not registered in Redis yet (it did not answer).
         self._unregistered: list[str] = []
         #: Waiting Gets, per (family, embeddings), first come first served; the first
@@ -223,6 +280,8 @@ class RedisBackend:
                 "view",
                 "lease",
                 "census",
+                "hold",
+                "lacking",
             )
         }
 
@@ -230,14 +289,25 @@ class RedisBackend:
 
     async def _run(self, name: str, *args: str | float, timeout: float | None = None) -> Any:
         """One script call, bounded by the timeout; any failure is ``StoreUnavailable``."""
-        if self._unregistered and name != "add":
+        if (self._unregistered or not self._held) and name not in ("add", "hold", "lacking"):
             raise StoreUnavailable("this replica's keys are not in the shared pool yet")
         now = "" if self._now is None else repr(self._now())
         argv = [self._prefix, now, repr(self._reuse_delay), *args]
-        timeout = self._timeout if timeout is None else timeout
+        return await self._bounded(lambda: self._scripts[name](keys=[], args=argv), timeout)
+
+    async def _bounded(self, call: Callable[[], Awaitable[_R]], timeout: float | None) -> _R:
+        """``call()`` within ``timeout``, by default what the RPC's budget has left (or
+        the whole timeout outside one); any failure is ``StoreUnavailable``."""
+        budget = _budget.get()
+        if timeout is None:
+            timeout = self._timeout if budget is None else budget.left
+        if timeout <= 0.0:
+            raise StoreUnavailable(f"the call spent its {self._timeout:g} s on Redis")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         try:
             async with asyncio.timeout(timeout):
-                return await self._scripts[name](keys=[], args=argv)
+                return await call()
         except TimeoutError:
             self._on_failure("timeout")
             raise StoreUnavailable(f"no answer within {timeout:g} s") from None
@@ -247,6 +317,9 @@ class RedisBackend:
         except (redis_errors.ConnectionError, OSError) as exc:
             self._on_failure("connection")
             raise StoreUnavailable(type(exc).__name__) from None
+        finally:
+            if budget is not None:
+                budget.left -= loop.time() - started
 
     def _key(self, view: Sequence[Any]) -> Key:
         """A Key from a script's view of one (record, family states, usage)."""
@@ -336,36 +409,89 @@ class RedisBackend:
         args: list[str] = []
         for secret in secrets:
             key_hash = hash_key(secret)
-            if key_hash in self._secrets:
+            if key_hash in self._configured:
                 continue
-            self._secrets[key_hash] = (secret, "")
-            args += [key_hash, fams, trial, c32, "", ""]
+            self._configured[key_hash] = secret
+            self._hold_pending = True
+            if self._secrets.get(key_hash) != (secret, ""):
+                self._secrets[key_hash] = (secret, "")
+                args += [key_hash, fams, trial, c32, "", ""]
         self._unregistered += args
         return await self._register()
 
     async def _register(self) -> int:
+        """Adds the keys not in the pool yet, then holds this replica's key list (a Get
+        chooses among its keys from then on) and logs the pool's keys it lacks."""
+        # At start-up and reload, not in an RPC: a batch may take longer than one.
+        timeout = max(self._timeout, 10.0)
         added = 0
         while self._unregistered:
             batch = self._unregistered[: 6 * _ADD_BATCH]
-            # At start-up and reload, not in an RPC: a batch may take longer than one.
-            added += len(await self._run("add", *batch, timeout=max(self._timeout, 10.0)))
+            added += len(await self._run("add", *batch, timeout=timeout))
             del self._unregistered[: len(batch)]
+        if self._hold_pending:
+            hashes = sorted(self._configured)
+            held = hashlib.sha256("\n".join(hashes).encode()).hexdigest()[:16]
+            for start in range(0, len(hashes), _ADD_BATCH):
+                batch = hashes[start : start + _ADD_BATCH]
+                await self._run("hold", held, _HELD_TTL_MS, *batch, timeout=timeout)
+            self._held, self._hold_pending = held, False
+            # Keys no longer configured (and their clones) are not handed out from now on.
+            kept = set(self._configured.values())
+            for key_hash in [h for h, (secret, _) in self._secrets.items() if secret not in kept]:
+                del self._secrets[key_hash]
+            await self._log_lacking(timeout)
         return added
+
+    async def _log_lacking(self, timeout: float) -> None:
+        """Logs the hashes of the pool's keys this replica cannot hand out (by hash only)."""
+        lacking: list[str] = []
+        after = "0"
+        try:
+            while True:
+                answer = await self._run("lacking", self._held, after, _ADD_BATCH, timeout=timeout)
+                lacking += [_text(h) for h in answer[1:]]
+                if not _text(answer[0]):
+                    break
+                after = _text(answer[0])
+        except StoreUnavailable as exc:
+            _log.warning(
+                "cannot tell which keys of the shared pool this replica lacks",
+                extra={"problem": exc.problem},
+            )
+            return
+        if lacking:
+            _log.warning(
+                "this replica lacks keys of the shared pool: it does not hand them out",
+                extra={
+                    "lacking": len(lacking),
+                    "hashes": ",".join(lacking[:_LACKING_LOGGED]),
+                },
+            )
 
     async def ping(self) -> bool:
         """Whether Redis answers within the timeout; the first time it does after it did
-        not, this replica's keys not registered yet are."""
+        not, this replica's keys not registered yet are. Renews this replica's key list
+        in Redis (held again if it lapsed while Redis did not hear from it)."""
         try:
-            if self._unregistered:
+            if self._unregistered or self._hold_pending:
                 added = await self._register()
                 _log.info("keys registered in the shared pool", extra={"new_keys": added})
             async with asyncio.timeout(self._timeout):
                 await self._client.ping()
+            if self._configured and not await self._run("hold", self._held, _HELD_TTL_MS):
+                self._hold_pending = True
+                await self._register()
         except (StoreUnavailable, TimeoutError, redis_errors.RedisError, OSError):
             return False
         return True
 
     # -- PoolBackend -------------------------------------------------------------------
+
+    @property
+    def timeout(self) -> float:
+        """Seconds one RPC may spend on Redis, retries included."""
+        return self._timeout
 
     @property
     def observer(self) -> PoolObserver:
@@ -448,6 +574,7 @@ class RedisBackend:
             providers={OPENAI: busiest} if total else {},
         )
 
+    @_one_rpc
     async def get(
         self,
         model: str,
@@ -462,7 +589,7 @@ class RedisBackend:
         family, embeddings = self._info(model)
         kind = "1" if embeddings else "0"
         if max_wait == 0.0:  # a plain Get never refuses: the key that unlocks first
-            answer = await self._run("get", family, kind, "get", caller)
+            answer = await self._run("get", family, kind, "get", self._held, caller)
             return self._handed_out(answer, family, model)
         if time_left is not None:
             max_wait = max(0.0, min(max_wait, time_left - rules.DEADLINE_MARGIN))
@@ -472,7 +599,7 @@ class RedisBackend:
                 return key
         # The wait ran out (or the deadline left none): a free key, else KEYS_BUSY, as
         # in memory (KeyPool.get_waiting says why).
-        answer = await self._run("get", family, kind, "free", caller)
+        answer = await self._run("get", family, kind, "free", self._held, caller)
         if _text(answer[0]) != "until":
             return self._handed_out(answer, family, model)
         raise KeysBusy(family, model, max(0.0, float(_text(answer[1])) - float(_text(answer[2]))))
@@ -507,7 +634,7 @@ class RedisBackend:
                     continue
                 woken = self._next_wake()
                 kind = "1" if embeddings else "0"
-                answer = await self._run("get", family, kind, "free", caller)
+                answer = await self._run("get", family, kind, "free", self._held, caller)
                 caller = ""
                 if _text(answer[0]) != "until":
                     return self._handed_out(answer, family, model), caller
@@ -562,6 +689,7 @@ class RedisBackend:
         self._observer.handed_out(family)
         return key
 
+    @_one_rpc
     async def lockout_period(self, model: str, *, caller: str = "") -> float:
         model = model or DEFAULT_LOCKOUT_MODEL
         check_model(model)
@@ -569,7 +697,7 @@ class RedisBackend:
         if self._allowed is not None and info.family not in self._allowed:
             return 0.0
         answer = await self._run(
-            "get", info.family, "1" if info.embeddings else "0", "peek", caller
+            "get", info.family, "1" if info.embeddings else "0", "peek", self._held, caller
         )
         if _text(answer[0]) == "none":
             return 0.0
@@ -629,16 +757,8 @@ class RedisBackend:
         return first, change, counted, key
 
     async def _exists(self, key_hash: str) -> bool:
-        try:
-            async with asyncio.timeout(self._timeout):
-                found = await self._client.exists(f"{{{self._prefix}}}:key:{key_hash}")
-        except (TimeoutError, redis_errors.TimeoutError):
-            self._on_failure("timeout")
-            raise StoreUnavailable("no answer") from None
-        except (redis_errors.ConnectionError, OSError):
-            self._on_failure("connection")
-            raise StoreUnavailable("no answer") from None
-        return bool(found)
+        name = f"{{{self._prefix}}}:key:{key_hash}"
+        return bool(await self._bounded(lambda: self._client.exists(name), None))
 
     async def _checked(self, key_hash: str, check: Callable[[], None]) -> None:
         """Runs the input checks after the key's own: a missing key is reported first."""
@@ -650,10 +770,12 @@ class RedisBackend:
                 raise KeyNotFound(key_hash) from None
             raise
 
+    @_one_rpc
     async def mark_rate_limited(self, key_hash: str, model: str = "") -> None:
         await self._checked(key_hash, lambda: check_model(model) if model else None)
         await self._report(key_hash, model, "mark")
 
+    @_one_rpc
     async def update_rate_limits(
         self, key_hash: str, headers: Mapping[str, str], model: str = ""
     ) -> None:
@@ -666,6 +788,7 @@ class RedisBackend:
         parsed = parse_rate_headers(Key("", key_hash, KeyProfile(frozenset()), 0), headers)
         await self._report(key_hash, model, "update", parsed)
 
+    @_one_rpc
     async def increment_usage(self, key_hash: str, model: str, tokens: int) -> None:
         def check() -> None:
             check_model(model)
@@ -675,6 +798,7 @@ class RedisBackend:
         await self._checked(key_hash, check)
         await self._report(key_hash, model, "usage", count=True, tokens=tokens)
 
+    @_one_rpc
     async def report_outcome(
         self,
         key_hash: str,
@@ -726,6 +850,7 @@ class RedisBackend:
         self._observer.outcome_reported(decision.action.value)
         return decision, key
 
+    @_one_rpc
     async def disable(self, key_hash: str, reason: DisableReason) -> Key:
         self._check_hash(key_hash)
         answer = await self._run("disable", key_hash, reason.value)
@@ -738,12 +863,21 @@ class RedisBackend:
         return key
 
     async def recheck(self, *, until_checked: bool = False) -> None:
-        await self._run("recheck", "1" if until_checked else "0")
+        """Marks every key for recheck, ``RECHECK_BATCH`` keys per script call so no call
+        holds Redis for the whole pool. Each call has the whole timeout (100k keys are
+        200 calls). Not atomic as a whole: a Get meanwhile may see some keys done; a
+        failure leaves the rest as they were, and calling again finishes it."""
+        after = "0"
+        while after:
+            answer = await self._run("recheck", "1" if until_checked else "0", after, RECHECK_BATCH)
+            after = _text(answer)
         _log.info("all keys marked for recheck")
 
+    @_one_rpc
     async def available(self) -> int:
         return int(await self._run("available"))
 
+    @_one_rpc
     async def list_keys(self, page_token: str, page_size: int, key_filter: KeyFilter) -> KeyPage:
         after = self._resume_position(page_token, key_filter)
         answer = await self._run("list", repr(after), max(page_size, _LIST_SCAN))
@@ -791,6 +925,7 @@ class RedisBackend:
                 return keys
             token = page.next_page_token
 
+    @_one_rpc
     async def key(self, key_hash: str) -> Key:
         self._check_hash(key_hash)
         answer = await self._run("view", key_hash)
@@ -798,6 +933,7 @@ class RedisBackend:
             raise KeyNotFound(key_hash)
         return self._key(answer[1])
 
+    @_one_rpc
     async def apply_check(
         self,
         key_hash: str,
@@ -829,6 +965,7 @@ class RedisBackend:
             _log.info("key alive again after recheck", extra={"key_hash": key.hash})
         return key
 
+    @_one_rpc
     async def apply_dead_check(self, key_hash: str, reason: DisableReason) -> Key:
         self._check_hash(key_hash)
         answer = await self._run("check", key_hash, "dead", reason.value)
@@ -840,6 +977,7 @@ class RedisBackend:
             self._state_changed(key, _CHANGES[change], reason.value)
         return key
 
+    @_one_rpc
     async def clone_for_org(self, key_hash: str, organization_id: str) -> Key | None:
         """Adds an unchecked clone of a key for another of its organizations (the
         replica must hold the parent's secret); None when the pool has it already."""
@@ -874,8 +1012,15 @@ class RedisBackend:
             return False
 
     async def sync_keys(self, secrets: Sequence[str]) -> KeySync:
-        added = await self.add_keys(secrets)
-        return KeySync(added, 0, len(self._secrets))
+        """Makes this replica's key list ``secrets``. Keys it no longer has stay in the
+        shared pool (other replicas may hold them); this one stops handing them out."""
+        wanted = {hash_key(secret): secret for secret in secrets}
+        removed = [h for h in self._configured if h not in wanted]
+        for key_hash in removed:
+            del self._configured[key_hash]
+            self._hold_pending = True
+        added = await self.add_keys(wanted.values())
+        return KeySync(added, len(removed), len(self._secrets))
 
     async def flush(self) -> None:
         """Nothing to do: every call is in Redis when it returns (durability is Redis's)."""

@@ -11,7 +11,7 @@ from keysvc.errors import KeysBusy
 from keysvc.keys import DisableReason, hash_key
 from keysvc.models import ModelTable
 from keysvc.outcomes import UpstreamError
-from keysvc.pool.redis import RedisBackend
+from keysvc.pool.redis import RECHECK_BATCH, RedisBackend
 from tests.redis_server import RedisServer
 
 
@@ -72,3 +72,37 @@ async def test_a_waiting_get_sleeps_the_pool_seconds_over_the_time_scale(
         assert time.monotonic() - began < 2.0
     finally:
         await client.aclose()
+
+
+async def test_recheck_walks_the_pool_in_batches(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    client = aioredis.Redis.from_url(redis_server.url)
+    try:
+        backend = RedisBackend(client, models=ModelTable(), prefix=redis_prefix, timeout=5.0)
+        secrets = [f"sk-batch-{i:04d}" for i in range(2 * RECHECK_BATCH + 200)]
+        await backend.add_keys(secrets)
+        await backend.recheck()  # Redis knows the script from now on (no NOSCRIPT below)
+        disabled = [hash_key(secrets[i]) for i in (0, RECHECK_BATCH, len(secrets) - 1)]
+        for key_hash in disabled:
+            await backend.disable(key_hash, DisableReason.REVOKED)
+        calls_before = await _script_calls(client)
+        await backend.recheck()
+        # Three script calls (500, 500 and 200 keys), none over the whole pool.
+        assert await _script_calls(client) - calls_before == 3
+        assert await backend.available() == len(secrets)
+        keys = await backend.keys()
+        assert len(keys) == len(secrets)
+        assert all(key.last_checked == 0 and not key.is_disabled for key in keys)
+        # With a key checker: the disabled stay so, marked to come back when found alive.
+        await backend.disable(disabled[2], DisableReason.QUOTA)
+        await backend.recheck(until_checked=True)
+        assert (await backend.key(disabled[2])).revive_if_alive
+        assert await backend.available() == len(secrets) - 1
+    finally:
+        await client.aclose()
+
+
+async def _script_calls(client: aioredis.Redis) -> int:
+    stats = await client.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))

@@ -13,7 +13,7 @@ from keysvc.testing.fake_openai import FakeOpenAI
 from keysvc.v1 import keysvc_pb2 as pb
 from keysvc.v1 import keysvc_pb2_grpc
 from tests.helpers import keysvc_process
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisServer, replica_env
 
 SECRETS = [f"sk-lease-{i:02d}" for i in range(36)]
 
@@ -23,10 +23,7 @@ def test_the_checker_lease_moves_when_its_holder_dies(
 ) -> None:
     with FakeOpenAI() as fake, ExitStack() as stack:
         env = {
-            "OPENAI_KEY": ",".join(SECRETS),
-            "KEYSVC_REDIS_URL": redis_server.url,
-            "KEYSVC_REDIS_PREFIX": redis_prefix,
-            "KEYSVC_REDIS_TIMEOUT": "2s",  # a loaded CI machine can stall a process 250 ms
+            **replica_env(redis_server.url, redis_prefix, SECRETS),
             "CHECK_KEYS": "true",
             "OPENAI_BASE_URL": fake.base_url,
             "KEYSVC_CHECK_INTERVAL": "1",  # 12 keys a batch, a batch a second: ~3 s in all

@@ -39,12 +39,29 @@ from keysvc.pool.redis import RedisBackend
 from keysvc.service import key_to_proto
 from tests.helpers import PAID, PAID_32K, TRIAL, TURBO_ONLY, pool_of
 from tests.redis_server import RedisServer
-from tests.unit.test_pool_model import MODEL_OR_NONE, MODELS, OPENAI_HEADERS
+from tests.unit.test_pool_model import MODEL_OR_NONE, MODELS, OPENAI_HEADERS, RESETS
 
 #: Who asks: nobody (in-process use), or one of two connections (GetLockoutPeriod's holds).
 CALLERS = st.sampled_from(["", "ipv4:127.0.0.1:40001", "ipv4:127.0.0.1:40002"])
 
 T = TypeVar("T")
+#: One dimension's limit, remaining and reset: a token bucket (some left, refilling
+#: within the reset) or a fixed window (nothing left until a long reset).
+BUDGET_HEADERS = st.tuples(
+    st.sampled_from([3, 60]), st.sampled_from([0, 0, 1, 2, 59]), st.sampled_from(list(RESETS))
+)
+
+
+def budget_headers(dim: str, limit: int, remaining: int, reset: str) -> dict[str, str]:
+    """The x-ratelimit headers of one dimension (tokens: the limit counted in 1000s)."""
+    scale = 1 if dim == "requests" else 1000
+    return {
+        f"x-ratelimit-limit-{dim}": str(limit * scale),
+        f"x-ratelimit-remaining-{dim}": str(min(remaining, limit) * scale),
+        f"x-ratelimit-reset-{dim}": reset,
+    }
+
+
 PROFILES = [PAID, TRIAL, PAID_32K, TURBO_ONLY]
 _pools = itertools.count()
 
@@ -100,6 +117,10 @@ class Differential(RuleBasedStateMachine):
     @precondition(lambda self: self.memory is not None)
     @rule(model=st.sampled_from(MODELS), caller=CALLERS)
     def get(self, model: str, caller: str) -> None:
+        self.get_both(model, caller)
+
+    def get_both(self, model: str, caller: str = "") -> str:
+        """A Get on both: the same hand-out (its hash; "" on an error)."""
         assert self.memory is not None and self.redis is not None
         redis = self.redis
         expected = outcome(lambda: self.memory.get(model, caller=caller))  # type: ignore[union-attr]
@@ -109,12 +130,13 @@ class Differential(RuleBasedStateMachine):
             assert got[1].hash == expected[1].hash
             assert got[1].secret == expected[1].secret
             assert key_to_proto(got[1]) == key_to_proto(expected[1])
-        else:
-            assert got == expected
+            return str(got[1].hash)
+        assert got == expected
+        return ""
 
     @precondition(lambda self: self.memory is not None)
     @rule(model=st.sampled_from(["", *MODELS]), caller=CALLERS)
-    def lockout(self, model: str, caller: str) -> None:
+    def lockout(self, model: str, caller: str = "") -> None:
         # With a caller, a 0 holds room for its next Get: both backends must hold alike.
         assert self.memory is not None and self.redis is not None
         redis = self.redis
@@ -124,8 +146,11 @@ class Differential(RuleBasedStateMachine):
     @precondition(lambda self: self.memory is not None)
     @rule(i=st.integers(0, 7), model=MODEL_OR_NONE)
     def mark(self, i: int, model: str) -> None:
+        self.mark_both(self.hash(i), model)
+
+    def mark_both(self, key_hash: str, model: str) -> None:
         assert self.memory is not None and self.redis is not None
-        redis, key_hash = self.redis, self.hash(i)
+        redis = self.redis
         self.both(
             lambda: self.memory.mark_rate_limited(key_hash, model),  # type: ignore[union-attr]
             lambda: redis.mark_rate_limited(key_hash, model),
@@ -181,6 +206,72 @@ class Differential(RuleBasedStateMachine):
             return decision, key_to_proto(key)
 
         self.both(in_memory, in_redis)
+
+    def report_both(
+        self, key_hash: str, model: str, status: int, headers: dict[str, str], kind: str = ""
+    ) -> None:
+        """One ReportOutcome on both backends: the same decision and Key message."""
+        assert self.memory is not None and self.redis is not None
+        memory, redis = self.memory, self.redis
+        error = UpstreamError(kind, kind)
+
+        def in_memory() -> tuple[Any, Any]:
+            decision, key = memory.report_outcome(
+                key_hash, model, status=status, headers=headers, error=error
+            )
+            return decision, key_to_proto(key)
+
+        async def in_redis() -> tuple[Any, Any]:
+            decision, key = await redis.report_outcome(
+                key_hash, model, status=status, headers=headers, error=error
+            )
+            return decision, key_to_proto(key)
+
+        self.both(in_memory, in_redis)
+
+    @precondition(lambda self: self.memory is not None)
+    @rule(
+        i=st.integers(0, 7),
+        model=st.sampled_from(["gpt-4", "gpt-4o", "gpt-3.5-turbo"]),
+        named=st.booleans(),
+        dim=st.sampled_from(["requests", "tokens"]),
+        first=BUDGET_HEADERS,
+        limited=st.lists(
+            st.tuples(st.sampled_from(["requests", "tokens", "other", ""]), st.booleans()),
+            max_size=3,
+        ),
+        gap=st.sampled_from([0.0, 0.01, 0.5, 2.0, 61.0]),
+        then=BUDGET_HEADERS,
+    )
+    def budget_round(  # noqa: PLR0913
+        self,
+        i: int,
+        model: str,
+        named: bool,
+        dim: str,
+        first: tuple[int, int, str],
+        limited: list[tuple[str, bool]],
+        gap: float,
+        then: tuple[int, int, str],
+    ) -> None:
+        """One refill of a key's budget, the shape random inputs seldom line up: an
+        answer with a dimension's limit, remaining and reset (a token bucket refills
+        steadily, a fixed window only at its end), 429s naming the dimension or not
+        (the second in one refill marks a fixed window), time, the next refill's
+        answer; each report with the model or without (attributed to a hand-out)."""
+        # The key a Get hands out (the hand-out a report without a model is for).
+        key_hash = self.get_both(model) or self.hash(i)
+        report_model = model if named else ""
+        self.report_both(key_hash, report_model, 200, budget_headers(dim, *first))
+        for kind, with_headers in limited:
+            headers = budget_headers(dim, first[0], 0, first[2]) if with_headers else {}
+            if kind:
+                self.report_both(key_hash, report_model, 429, headers, kind)
+            else:
+                self.mark_both(key_hash, report_model)
+        self.clock.advance(gap)
+        self.report_both(key_hash, report_model, 200, budget_headers(dim, *then))
+        self.lockout(model)
 
     @precondition(lambda self: self.memory is not None)
     @rule(i=st.integers(0, 7), model=st.sampled_from(MODELS), tokens=st.sampled_from([0, 5, 800]))

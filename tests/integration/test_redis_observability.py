@@ -88,7 +88,9 @@ async def test_failed_redis_calls_are_counted_by_problem() -> None:
     backend = RedisBackend(client_a, models=ModelTable(), timeout=1.0, on_failure=failures.append)
     try:
         with pytest.raises(StoreUnavailable):
-            await backend.available()
+            # Registering the replica's keys is its first call to Redis (the pool's other
+            # calls refuse without one, before any call is made).
+            await backend.add_keys(["sk-counted"])
         assert failures == ["connection"]
     finally:
         await client_a.aclose()

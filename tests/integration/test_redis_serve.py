@@ -15,7 +15,7 @@ from keysvc.keys import hash_key
 from keysvc.v1 import keysvc_pb2 as pb
 from keysvc.v1 import keysvc_pb2_grpc
 from tests.helpers import error_reason, keysvc_process
-from tests.redis_server import RedisServer, free_port
+from tests.redis_server import RedisServer, free_port, replica_env
 
 SECRETS = [f"sk-redis-{i:02d}" for i in range(8)]
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -27,13 +27,7 @@ def _stub(port: int) -> keysvc_pb2_grpc.KeyServiceStub:
 
 
 def _env(url: str, prefix: str, secrets: list[str] = SECRETS) -> dict[str, str]:
-    return {
-        "OPENAI_KEY": ",".join(secrets),
-        "KEYSVC_REDIS_URL": url,
-        "KEYSVC_REDIS_PREFIX": prefix,
-        # Not the 250 ms default: a loaded CI machine can stall a process that long.
-        "KEYSVC_REDIS_TIMEOUT": "2s",
-    }
+    return replica_env(url, prefix, secrets)
 
 
 def test_two_replicas_share_one_pool(redis_server: RedisServer, redis_prefix: str) -> None:

@@ -4,16 +4,17 @@
 --   "free": hand it out only if it is free now (a waiting Get);
 --   "peek": hand out nothing (GetLockoutPeriod); a free key with a known budget is
 --   held for the caller (KeyPool.lockout_period).
--- ARGV[7] the caller ("" none): a Get first takes back the room held for it longest.
+-- ARGV[7] the id of the replica's key list: only keys of its held set are chosen.
+-- ARGV[8] the caller ("" none): a Get first takes back the room held for it longest.
 -- Returns {"key", now, view}, {"until", unlock time, now} or {"none"}.
-local f, embeddings, mode, caller = ARGV[4], ARGV[5] == '1', ARGV[6], ARGV[7]
+local f, embeddings, mode, caller = ARGV[4], ARGV[5] == '1', ARGV[6], ARGV[8]
 local idle = caller ~= '' and P .. 'idle:' .. caller
 if caller ~= '' and mode == 'peek' then
   if drop_lapsed_holds(f, caller, NOW) then redis.call('SET', idle, '1', 'EX', 3600) end
 elseif caller ~= '' then
   redeem_hold(f, caller, NOW)
 end
-local best = select(f, embeddings, NOW)
+local best = select(f, embeddings, NOW, P .. 'held:' .. ARGV[7])
 if best == nil then return {'none'} end
 if mode == 'peek' or (mode == 'free' and best[1] > NOW) then
   if mode == 'peek' and caller ~= '' and best[1] <= NOW then

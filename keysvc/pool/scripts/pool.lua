@@ -16,9 +16,11 @@
 --   tokens         hash  family -> tokens counted by every key (census.lua reads it)
 --   tok            hash  family -> "mean variance" of finished requests' tokens
 --   answered:<h>   -     "family time" of the last report without a model
---   hold:<f>:<c>   list  caller c's holds in family f, oldest first: "hash id"
+--   held:<id>      set   the hashes of one key list (id: a digest of it); a replica with
+--                        that list hands out only these keys and their organization clones
+--   promise:<f>:<c> list  caller c's holds in family f, oldest first: "hash id"
 --   idle:<c>       -     caller c's last hold lapsed unused: no more until its Get
---   holdseq        int   the last hold id given out
+--   promiseseq     int   the last hold id given out
 -- Classes order selection: c = 0 trial, 1 trial with gpt4-32k, 2 paid, 3 paid with 32k.
 -- An index member is the zero-padded seq, ':' and the hash, so ties go by load order.
 
@@ -90,9 +92,34 @@ local function unplace_all(r)
   end
 end
 
--- The best key for family f over the classes allowed: {until (0: free now), member}
--- or nil. Keys whose lock has ended move to the free index first.
-local function select(f, embeddings, now)
+-- Whether this replica can hand out key h: the held set (HELD, a replica's key list) has
+-- its hash or, for an organization clone, its parent's. HELD nil: every key.
+local function holds(held, h)
+  if held == nil or redis.call('SISMEMBER', held, h) == 1 then return true end
+  local parent = redis.call('HGET', P .. 'key:' .. h, 'clone')
+  return parent ~= false and parent ~= '' and redis.call('SISMEMBER', held, parent) == 1
+end
+
+-- The first member of zset z (from the head) that the replica holds, with its score, or
+-- nil. At most SKIP_LIMIT members it lacks are looked past (keys only other replicas hold
+-- sit at the heads when those do not hand them out); beyond them, none is.
+local function first_held(z, held)
+  local start = 0
+  while start < SKIP_LIMIT do
+    local rows = redis.call('ZRANGE', z, start, start + 31, 'WITHSCORES')
+    for i = 1, #rows, 2 do
+      if holds(held, string.sub(rows[i], 14)) then return rows[i], rows[i + 1] end
+    end
+    if #rows < 64 then return nil end
+    start = start + 32
+  end
+  return nil
+end
+
+-- The best key for family f over the classes allowed that the replica holds (held, see
+-- holds): {until (0: free now), member} or nil. Keys whose lock has ended move to the
+-- free index first.
+local function select(f, embeddings, now, held)
   local best, best_rank = nil, nil
   for c = 0, 3 do
     if not (embeddings and c < 2) then
@@ -104,18 +131,21 @@ local function select(f, embeddings, now)
         redis.call('ZREM', lock, m)
         redis.call('ZADD', free, lu or '0', m)
       end
-      local top = redis.call('ZRANGE', free, 0, 0, 'WITHSCORES')
       local rank
-      if #top > 0 then
-        rank = {0, c, tonumber(top[2]), top[1]}
+      local m, score = first_held(free, held)
+      if m ~= nil then
+        rank = {0, c, tonumber(score), m}
       else
-        top = redis.call('ZRANGE', lock, 0, 0, 'WITHSCORES')
-        if #top > 0 then
+        m, score = first_held(lock, held)
+        if m ~= nil then
           -- Keys unlocking at the same instant go by last use, then load order (as in
           -- memory); the set orders them by load order alone.
-          for _, m in ipairs(redis.call('ZRANGEBYSCORE', lock, top[2], top[2])) do
-            local lu = tonumber(redis.call('HGET', state_key(f, string.sub(m, 14)), 'lu') or '0')
-            if rank == nil or lu < rank[3] then rank = {tonumber(top[2]), c, lu, m} end
+          for _, t in ipairs(redis.call('ZRANGEBYSCORE', lock, score, score)) do
+            local h = string.sub(t, 14)
+            if holds(held, h) then
+              local lu = tonumber(redis.call('HGET', state_key(f, h), 'lu') or '0')
+              if rank == nil or lu < rank[3] then rank = {tonumber(score), c, lu, t} end
+            end
           end
         end
       end
@@ -183,7 +213,7 @@ local function derive(s, reserved, f, now)
 end
 
 -- Whether hold ``id`` on (f, h) still holds its room (rules.holds).
-local function holds(f, h, id, now)
+local function promise_stands(f, h, id, now)
   for _, r in ipairs(read_reserved(reserved_key(f, h))) do
     if r[3] == id then return r[1] + RESERVATION_TTL > now end
   end
@@ -192,13 +222,13 @@ end
 
 -- KeyPool._drop_lapsed_holds: forgets caller's ended holds in f; true if there were.
 local function drop_lapsed_holds(f, caller, now)
-  local hk = P .. 'hold:' .. f .. ':' .. caller
+  local hk = P .. 'promise:' .. f .. ':' .. caller
   local lapsed = false
   while true do
     local item = redis.call('LINDEX', hk, 0)
     if not item then break end
     local h, id = string.match(item, '^(%S+) (%S+)$')
-    if holds(f, h, id, now) then break end
+    if promise_stands(f, h, id, now) then break end
     redis.call('LPOP', hk)
     lapsed = true
   end
@@ -217,14 +247,14 @@ end
 
 -- KeyPool._hold: one request's room of (h, f) held for caller's next Get.
 local function hold(f, h, caller, now)
-  local id = tostring(redis.call('INCR', P .. 'holdseq'))
+  local id = tostring(redis.call('INCR', P .. 'promiseseq'))
   local reserved = read_reserved(reserved_key(f, h))
   local held = {now + PROMISE_TTL - RESERVATION_TTL, token_reserve(f), id}
   local at = 1
   while at <= #reserved and reserved[at][1] <= held[1] do at = at + 1 end
   table.insert(reserved, at, held)
   rederive(h, f, reserved, now)
-  local hk = P .. 'hold:' .. f .. ':' .. caller
+  local hk = P .. 'promise:' .. f .. ':' .. caller
   redis.call('RPUSH', hk, h .. ' ' .. id)
   -- Every hold ends within PROMISE_TTL: the list outlives none of them by long.
   redis.call('PEXPIRE', hk, 60000)
@@ -234,7 +264,7 @@ end
 local function redeem_hold(f, caller, now)
   redis.call('DEL', P .. 'idle:' .. caller)
   drop_lapsed_holds(f, caller, now)
-  local item = redis.call('LPOP', P .. 'hold:' .. f .. ':' .. caller)
+  local item = redis.call('LPOP', P .. 'promise:' .. f .. ':' .. caller)
   if not item then return end
   local h, id = string.match(item, '^(%S+) (%S+)$')
   local reserved = read_reserved(reserved_key(f, h))

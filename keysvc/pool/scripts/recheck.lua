@@ -1,9 +1,16 @@
--- Recheck without a key checker: every key unchecked, every disabled key back in service
--- (KeyPool.recheck). One pass over the pool: it is rare, and atomic like the rest.
+-- Recheck without a key checker, one batch of keys in load order: each unchecked, each
+-- disabled one back in service (KeyPool.recheck). The caller walks the pool batch by
+-- batch, so no call holds Redis for the whole pool.
 -- ARGV[4] "1": a key checker runs; disabled keys stay disabled, marked to come back
--- when their new check finds them alive (revive).
+-- when their new check finds them alive (revive). ARGV[5] the load position after which
+-- the batch starts, ARGV[6] how many keys it has at most.
+-- Returns the load position of its last key, "" after the last batch.
 local until_checked = ARGV[4] == '1'
-for _, h in ipairs(redis.call('ZRANGE', P .. 'order', 0, -1)) do
+local limit = tonumber(ARGV[6])
+local rows = redis.call('ZRANGEBYSCORE', P .. 'order', '(' .. ARGV[5], '+inf', 'WITHSCORES', 'LIMIT', 0, limit)
+local revived = false
+for i = 1, #rows, 2 do
+  local h = rows[i]
   local k = P .. 'key:' .. h
   redis.call('HSET', k, 'lc', '0')
   if until_checked then
@@ -13,7 +20,9 @@ for _, h in ipairs(redis.call('ZRANGE', P .. 'order', 0, -1)) do
     redis.call('HDEL', k, 'reason')
     redis.call('SREM', P .. 'disabled', h)
     place_all(record(h), h, NOW)
+    revived = true
   end
 end
-redis.call('PUBLISH', P .. 'wake', '')
-return 'OK'
+if revived then redis.call('PUBLISH', P .. 'wake', '') end
+if #rows < 2 * limit then return '' end
+return rows[#rows]
