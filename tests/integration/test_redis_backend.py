@@ -12,7 +12,7 @@ from keysvc.keys import DisableReason, hash_key
 from keysvc.models import ModelTable
 from keysvc.outcomes import UpstreamError
 from keysvc.pool.redis import RECHECK_BATCH, RedisBackend
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisServer, two_replicas
 
 
 async def test_an_organization_clone_serves_from_every_replica(
@@ -20,10 +20,7 @@ async def test_an_organization_clone_serves_from_every_replica(
 ) -> None:
     client = aioredis.Redis.from_url(redis_server.url)
     try:
-        first, second = (
-            RedisBackend(client, models=ModelTable(), prefix=redis_prefix, timeout=5.0)
-            for _ in range(2)
-        )
+        first, second = two_replicas(client, redis_prefix)
         for backend in (first, second):
             await backend.add_keys(["sk-parent"])
         clone = await first.clone_for_org(hash_key("sk-parent"), "org-b")

@@ -19,7 +19,7 @@ from keysvc.status import PoolSnapshot
 from keysvc.v1 import keysvc_pb2 as pb
 from tests.exposition import parse, value
 from tests.helpers import client
-from tests.redis_server import RedisServer, free_port
+from tests.redis_server import RedisServer, free_port, two_replicas
 
 from .observed import fetch
 from .test_serve_http_port import wait_ready
@@ -36,10 +36,7 @@ async def test_the_census_counts_the_shared_pool(
 ) -> None:
     client_a = aioredis.Redis.from_url(redis_server.url)
     try:
-        first, second = (
-            RedisBackend(client_a, models=ModelTable(), prefix=redis_prefix, timeout=5.0)
-            for _ in range(2)
-        )
+        first, second = two_replicas(client_a, redis_prefix)
         for backend in (first, second):
             await backend.add_keys(SECRETS)
         # On one replica: two Gets for gpt-4 (two keys locked in gpt4 only), one key
