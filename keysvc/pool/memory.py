@@ -798,26 +798,7 @@ class KeyPool:
         """
         model = model or DEFAULT_LOCKOUT_MODEL
         check_model(model)
-        info = self._models.lookup(model)
-        if not caller:
-            return self._lockout(model, info)
-        if self._allowed is not None and info.family not in self._allowed:
-            return 0.0
-        now = self._clock.now()
-        if self._drop_lapsed_holds(caller, info.family, now):
-            if len(self._idle_callers) >= MAX_PROMISES:
-                self._idle_callers.clear()  # forgetting costs each one more hold
-            self._idle_callers.add(caller)
-        selected = self._select(self._eligible(model, info), now)
-        if selected is None:
-            return 0.0
-        index, (until, key) = selected
-        if until > now:
-            return until - now
-        # Before a budget is known, the reuse throttle keeps callers apart already.
-        if index.table.budget_at[key.seq] and caller not in self._idle_callers:
-            self._hold(caller, index, key, now)
-        return 0.0
+        return self._lockout(model, self._models.lookup(model), caller)
 
     def _hold(self, caller: str, index: _FamilyIndex, key: Key, now: float) -> None:
         if len(self._holds) >= MAX_PROMISES:  # callers come and go: drop the ended
@@ -881,12 +862,25 @@ class KeyPool:
             return 0.0
         return first_unlock - now
 
-    def _lockout(self, model: str | None, info: ModelInfo) -> float:
+    def _lockout(self, model: str | None, info: ModelInfo, caller: str = "") -> float:
+        """Seconds until a key is free; a 0 holds a room for ``caller`` (``lockout_period``)."""
         if self._allowed is not None and info.family not in self._allowed:
             return 0.0
         now = self._clock.now()
+        if caller and self._drop_lapsed_holds(caller, info.family, now):
+            if len(self._idle_callers) >= MAX_PROMISES:
+                self._idle_callers.clear()  # forgetting costs each one more hold
+            self._idle_callers.add(caller)
         selected = self._select(self._eligible(model, info), now)
-        return 0.0 if selected is None else max(0.0, selected[1][0] - now)
+        if selected is None:
+            return 0.0
+        index, (until, key) = selected
+        if until > now:
+            return until - now
+        # Before a budget is known, the reuse throttle keeps callers apart already.
+        if caller and index.table.budget_at[key.seq] and caller not in self._idle_callers:
+            self._hold(caller, index, key, now)
+        return 0.0
 
     def _select(
         self, indexes: list[_FamilyIndex], now: float

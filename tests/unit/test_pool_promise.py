@@ -110,9 +110,10 @@ def test_a_get_by_another_caller_counts_the_held_room_as_spoken_for() -> None:
     clock.advance(KEY_REUSE_DELAY)
     with_budget(pool, b, left=1)
     clock.advance(KEY_REUSE_DELAY)
+    # A's 0 holds the room of the key a Get would get now: a, the least recently used.
     assert pool.lockout_period("gpt-4o", caller=PROXY_A) == 0.0
-    other = pool.get("gpt-4o", caller=PROXY_B)  # B did not ask: not the held key
-    assert pool.get("gpt-4o", caller=PROXY_A) is not other
+    assert pool.get("gpt-4o", caller=PROXY_B) is b  # B did not ask: a's room is spoken for
+    assert pool.get("gpt-4o", caller=PROXY_A) is a
 
 
 def test_a_hold_is_for_its_family_only() -> None:
