@@ -22,6 +22,7 @@ from typing import Any
 import grpc
 from google.protobuf import duration_pb2
 
+from keysvc.testing.status import error_reason
 from keysvc.v1 import keysvc_pb2 as pb
 from keysvc.v1 import keysvc_pb2_grpc as pb_grpc
 
@@ -189,6 +190,8 @@ class ReportOutcomeLoop(ProxyLoop):
     #: waiters' queue stood at the give-up time, most keys went to callers with a few
     #: ms left, who dropped them, and their reservations held the budgets (~10 s stalls).
     MARGIN = 0.1
+    #: Real seconds to wait before asking again when keysvc refuses a call as OVERLOADED.
+    OVERLOAD_BACKOFF = 0.05
 
     async def serve(self, request: Request) -> bool:
         while self.clock.now() < request.deadline:
@@ -200,8 +203,14 @@ class ReportOutcomeLoop(ProxyLoop):
             try:
                 lease = await self.keys.Get(pb.GetRequest(model=request.model, max_wait=max_wait))
             except grpc.aio.AioRpcError as refused:
-                if refused.code() is grpc.StatusCode.RESOURCE_EXHAUSTED:
-                    continue  # KEYS_BUSY: no key unlocked within the wait; the time is up
+                reason = error_reason(refused)
+                if reason == "KEYS_BUSY":
+                    continue  # no key unlocked within the wait; the time is up
+                if reason == "OVERLOADED":
+                    # Nothing was done; as the error asks, retry after a back-off (an
+                    # immediate retry would add load to a server already at its limit).
+                    await asyncio.sleep(self.OVERLOAD_BACKOFF)
+                    continue
                 raise
             if self.clock.now() >= request.deadline:
                 # The wait used up the request's time: like the other loops (and a real

@@ -1,7 +1,7 @@
 """Allocation simulator: proxies at 120 % of the keys' capacity against a live keysvc.
 
-A fake upstream (bench/upstream.py) enforces per-key, per-model RPM and TPM
-limits and sends the six ``x-ratelimit-*`` headers. Requests arrive (Poisson,
+A fake upstream (bench/upstream.py, in a process of its own) enforces per-key,
+per-model RPM and TPM limits and sends the six ``x-ratelimit-*`` headers. Requests arrive (Poisson,
 the same schedule for every policy) at ``load`` × the aggregate capacity of
 each model; each is served by a proxy loop (bench/proxy_loops.py) against a
 keysvc server in its own process (bench/sim_server.py) over the real gRPC API.
@@ -50,7 +50,7 @@ from .proxy_loops import (
     SimTime,
 )
 from .report import Section, Target, percentile, table
-from .upstream import ModelLimits, RateLimitedUpstream
+from .upstream import ModelLimits, limits_json
 
 __all__ = ["FLEET", "POLICIES", "REDIS_FLEET", "RUNS", "Scenario", "run", "simulate"]
 
@@ -208,18 +208,14 @@ def _arrivals(scenario: Scenario, until: float) -> list[tuple[float, str, int]]:
 
 
 async def _simulate(
-    policy: str, scenario: Scenario, ports: Sequence[int], keys: list[str]
+    policy: str, scenario: Scenario, ports: Sequence[int], upstream_url: str
 ) -> Outcome:
-    """Proxy ``i`` talks to the server on ``ports[i % len(ports)]``."""
+    """Proxy ``i`` talks to the server on ``ports[i % len(ports)]``; the upstream
+    (``bench.upstream``, in a process of its own) is at ``upstream_url``."""
     loop_class = POLICIES[policy][1]
     clock = SimTime(scenario.scale)
     calls: list[tuple[float, int]] = []
     async with contextlib.AsyncExitStack() as stack:
-        upstream = await stack.enter_async_context(
-            RateLimitedUpstream(
-                scenario.models, keys=keys, scale=scenario.scale, shape=scenario.shape
-            )
-        )
         session = await stack.enter_async_context(
             aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=60)
@@ -236,7 +232,15 @@ async def _simulate(
             )
             for i in range(scenario.proxies)
         ]
-        url = upstream.base_url + "/chat/completions"
+        url = upstream_url + "/chat/completions"
+
+        async def wasted_so_far(model: str) -> float:
+            tokens = "1" if scenario.per_key_capacity(model)[1] else "0"
+            async with session.get(
+                upstream_url + "/wasted", params={"model": model, "tokens": tokens}
+            ) as response:
+                response.raise_for_status()
+                return float((await response.json())["wasted"])
 
         async def call_upstream(secret: str, model: str, tokens: int) -> Answer:
             async with session.post(
@@ -277,12 +281,7 @@ async def _simulate(
         async def snapshot_waste() -> None:
             for edge in window:
                 await asyncio.sleep(max(0.0, edge - clock.now()))
-                wasted_at.append(
-                    {
-                        m: upstream.wasted(m, tokens=scenario.per_key_capacity(m)[1])
-                        for m in scenario.models
-                    }
-                )
+                wasted_at.append({m: await wasted_so_far(m) for m in scenario.models})
 
         waste_task = asyncio.create_task(snapshot_waste())
 
@@ -405,7 +404,11 @@ def simulate(policy: str, scenario: Scenario) -> Outcome:
             # One origin for the replicas' scaled clocks: they tell the same time.
             server += (redis.url, "sim", repr(time.time()))
         ports = [stack.enter_context(serving_module(*server))[1] for _ in range(servers)]
-        return aio.run(_simulate(policy, scenario, ports, keys))
+        upstream = ("bench.upstream", str(keys_file), repr(scenario.scale), scenario.shape)
+        upstream_port = stack.enter_context(
+            serving_module(*upstream, limits_json(scenario.models))
+        )[1]
+        return aio.run(_simulate(policy, scenario, ports, f"http://127.0.0.1:{upstream_port}/v1"))
 
 
 def _ratio_429(ours: Outcome, theirs: Outcome) -> tuple[float, str, bool]:

@@ -25,20 +25,33 @@ steady state rather than the draining of a minute's worth of unused quota.
 
 Time can be scaled: with ``scale`` 20 a simulated minute lasts 3 real seconds;
 limits, delays and the durations in the headers are all in simulated time.
+
+``GET /v1/wasted?model=M&tokens=0|1`` answers ``{"wasted": n}``: the quota of ``M``
+(requests, or tokens with ``tokens=1``) lost so far to full windows, over every key.
+
+The simulator runs it in a process of its own (``python -m bench.upstream KEYS_FILE
+SCALE SHAPE LIMITS_JSON`` prints its port and serves until SIGTERM), so answering
+the proxies' calls does not take the event loop that drives them: at the high-limit
+scenario's 180 requests a second, one process doing both fell behind. Its clock is
+``time.monotonic``, the system's, the same in every process of the run.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import random
+import signal
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
-__all__ = ["SHAPES", "ModelLimits", "RateLimitedUpstream", "go_duration"]
+__all__ = ["SHAPES", "ModelLimits", "RateLimitedUpstream", "go_duration", "limits_json"]
 
 WINDOW = 60.0  # simulated seconds
 #: The quota shapes ``RateLimitedUpstream`` can enforce.
@@ -188,6 +201,7 @@ class RateLimitedUpstream:
     async def __aenter__(self) -> RateLimitedUpstream:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._complete)
+        app.router.add_get("/v1/wasted", self._wasted)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -296,6 +310,40 @@ class RateLimitedUpstream:
         await asyncio.sleep(self._random.uniform(low, high) / self._scale)
         return web.json_response(body, status=status, headers=headers)
 
+    async def _wasted(self, request: web.Request) -> web.Response:
+        model = request.query.get("model", "")
+        if model not in self._limits:
+            return web.json_response({"error": f"unknown model {model!r}"}, status=404)
+        tokens = request.query.get("tokens") == "1"
+        return web.json_response({"wasted": self.wasted(model, tokens=tokens)})
+
+
+def limits_json(limits: dict[str, ModelLimits]) -> str:
+    """``limits`` as the command line of ``python -m bench.upstream`` takes them."""
+    return json.dumps({model: asdict(one) for model, one in limits.items()})
+
+
+def _limits_from_json(text: str) -> dict[str, ModelLimits]:
+    return {
+        model: ModelLimits(
+            rpm=one["rpm"],
+            tpm=one["tpm"],
+            latency=tuple(one["latency"]),
+            refusal_latency=tuple(one["refusal_latency"]),
+        )
+        for model, one in json.loads(text).items()
+    }
+
+
+async def _serve(keys_file: Path, scale: float, shape: str, limits: dict[str, ModelLimits]) -> None:
+    keys = [line.strip() for line in keys_file.read_text(encoding="utf-8").splitlines()]
+    upstream = RateLimitedUpstream(limits, keys=[k for k in keys if k], scale=scale, shape=shape)
+    async with upstream:
+        print(upstream.base_url.rsplit(":", 1)[1].split("/")[0], flush=True)
+        stopped = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stopped.set)
+        await stopped.wait()
+
 
 def _rate_limit_body(
     model: str, kind: str, what: str, limit: int, used: int, requested: int, wait: float
@@ -308,3 +356,9 @@ def _rate_limit_body(
     return {
         "error": {"message": message, "type": kind, "param": None, "code": "rate_limit_exceeded"}
     }
+
+
+if __name__ == "__main__":
+    asyncio.run(
+        _serve(Path(sys.argv[1]), float(sys.argv[2]), sys.argv[3], _limits_from_json(sys.argv[4]))
+    )

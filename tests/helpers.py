@@ -15,8 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from keysvc.clock import ManualClock
 from keysvc.keys import Key, KeyProfile, hash_key
@@ -24,6 +22,7 @@ from keysvc.models import ModelTable
 from keysvc.pool import KeyPool
 from keysvc.server import KeysvcServer, create_server
 from keysvc.store import MemoryKeyStore
+from keysvc.testing.status import error_reason as error_reason  # re-exported for the tests
 from keysvc.v1 import keysvc_pb2_grpc
 
 
@@ -62,18 +61,6 @@ async def serving(
 async def client(port: int) -> AsyncIterator[keysvc_pb2_grpc.KeyServiceStub]:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         yield keysvc_pb2_grpc.KeyServiceStub(channel)
-
-
-def error_reason(error: grpc.aio.AioRpcError) -> str | None:
-    """The google.rpc.ErrorInfo reason carried by a failed call, if any."""
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    if status is None:
-        return None
-    for detail in status.details:
-        info = error_details_pb2.ErrorInfo()
-        if detail.Unpack(info):
-            return info.reason
-    return None
 
 
 def pool_of(

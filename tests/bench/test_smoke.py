@@ -7,9 +7,15 @@ check the targets: a short run on a shared machine is too noisy for that.
 
 from __future__ import annotations
 
+import asyncio
 import math
+import time
+from pathlib import Path
 
+import aiohttp
+import grpc
 import pytest
+from google.rpc import error_details_pb2, status_pb2
 
 from bench import (
     envoy_cost,
@@ -23,13 +29,16 @@ from bench import (
     under_load,
     used_pool,
 )
+from bench.child import serving_module
+from bench.proxy_loops import Answer, ReportOutcomeLoop, Request, SimTime
 from bench.seed_pool import SeedPool, seed_reset_seconds
-from bench.upstream import ModelLimits, RateLimitedUpstream, go_duration
+from bench.upstream import ModelLimits, RateLimitedUpstream, go_duration, limits_json
 from keysvc.clock import ManualClock, SystemClock
 from keysvc.durations import parse_go_duration
 from keysvc.errors import UnknownModel
 from keysvc.models import ModelTable
 from keysvc.pool import KeyPool
+from keysvc.v1 import keysvc_pb2 as pb
 
 
 def test_pool_scale_smoke() -> None:
@@ -318,3 +327,71 @@ def test_under_load_smoke() -> None:
     assert section.figures[f"{views}:extent:/metrics"] > 0
     assert section.figures[f"{idle}:extent:raw"] == 100
     assert section.figures[f"{idle}:extent:http2"] == 100
+
+
+async def test_upstream_in_its_own_process_answers_calls_and_its_wasted_quota(
+    tmp_path: Path,
+) -> None:
+    keys_file = tmp_path / "keys"
+    keys_file.write_text("k1\nk2\n", encoding="utf-8")
+    limits = {"a": ModelLimits(rpm=60, tpm=1_000_000, latency=(0.0, 0.0))}
+    command = ("bench.upstream", str(keys_file), "1000.0", "bucket", limits_json(limits))
+    with serving_module(*command) as (_, port):
+        base = f"http://127.0.0.1:{port}/v1"
+        async with aiohttp.ClientSession() as session:
+            payload = {"model": "a", "max_tokens": 5, "messages": []}
+            auth = {"Authorization": "Bearer k1"}
+            url = base + "/chat/completions"
+            async with session.post(url, json=payload, headers=auth) as r:
+                assert r.status == 429  # every quota starts empty
+            # Scaled 1000×, a minute's quota is back in 60 ms, and overflows after.
+            await asyncio.sleep(0.2)
+            async with session.post(url, json=payload, headers=auth) as r:
+                assert r.status == 200 and r.headers["x-ratelimit-limit-requests"] == "60"
+            async with session.get(base + "/wasted", params={"model": "a", "tokens": "0"}) as r:
+                assert r.status == 200 and (await r.json())["wasted"] > 0
+            async with session.get(base + "/wasted", params={"model": "zz"}) as r:
+                assert r.status == 404
+
+
+class _OverloadedThenLease:
+    """A KeyService stub whose Get is refused as OVERLOADED ``refusals`` times, then leases."""
+
+    def __init__(self, refusals: int) -> None:
+        self.refusals = refusals
+        self.get_times: list[float] = []
+
+    async def Get(self, request: pb.GetRequest) -> pb.GetResponse:  # noqa: N802 (gRPC's name)
+        self.get_times.append(time.monotonic())
+        if len(self.get_times) <= self.refusals:
+            raise _refusal("OVERLOADED")
+        return pb.GetResponse(secret="sk-x", key=pb.Key(hash="oai-x"))
+
+    async def ReportOutcome(self, request: pb.ReportOutcomeRequest) -> pb.ReportOutcomeResponse:  # noqa: N802
+        return pb.ReportOutcomeResponse()
+
+
+def _refusal(reason: str) -> grpc.aio.AioRpcError:
+    info = error_details_pb2.ErrorInfo(reason=reason, domain="keysvc")
+    status = status_pb2.Status(code=grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], message=reason)
+    status.details.add().Pack(info)
+    trailing = grpc.aio.Metadata(("grpc-status-details-bin", status.SerializeToString()))
+    return grpc.aio.AioRpcError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.aio.Metadata(), trailing, details=reason
+    )
+
+
+async def test_keysvc_loop_backs_off_when_keysvc_is_overloaded() -> None:
+    stub = _OverloadedThenLease(refusals=2)
+
+    async def upstream(secret: str, model: str, tokens: int) -> Answer:
+        return Answer(200, {}, {"usage": {}})
+
+    clock = SimTime(1.0)
+    loop = ReportOutcomeLoop(stub, upstream, clock)  # type: ignore[arg-type]
+    request = Request("gpt-4o", 10, arrived=clock.now(), deadline=clock.now() + 5.0)
+    assert await loop.serve(request)
+    assert len(stub.get_times) == 3
+    gaps = [b - a for a, b in zip(stub.get_times, stub.get_times[1:], strict=False)]
+    # Not an immediate retry: each refusal is followed by the back-off.
+    assert all(gap >= ReportOutcomeLoop.OVERLOAD_BACKOFF * 0.9 for gap in gaps)
