@@ -251,7 +251,9 @@ local function rederive(h, f, reserved, now)
   derive(s, reserved, f, now)
   write_state(sk, s)
   write_reserved(reserved_key(f, h), reserved)
-  place(record(h), h, f, now)
+  -- A key disabled since (its hold given back) stays out of the indexes.
+  local r = record(h)
+  if r.dis ~= '1' then place(r, h, f, now) end
 end
 
 -- KeyPool._hold: one request's room of (h, f) held for caller's next Get.
