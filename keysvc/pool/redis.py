@@ -55,7 +55,7 @@ from ..keys import DisableReason, Key, KeyProfile, hash_key
 from ..listing import KeyFilter
 from ..models import GPT4_32K, ModelTable
 from ..outcomes import Decision, UpstreamError
-from ..providers import OPENAI, backoff, identity_of_hash, provider, provider_names
+from ..providers import IDENTITIES, OPENAI, backoff, identity_of_hash, provider, provider_names
 from ..rates import HAS_STATE, KIND_INPUT_TOKENS, KIND_OUTPUT_TOKENS, MAX_COUNT, RateBook
 from ..status import (
     COUNTED_STATES,
@@ -207,6 +207,17 @@ def _num(value: float | None) -> str:
 
 def _ignore(problem: str) -> None:
     pass
+
+
+def _provider_keys(by_prefix: Mapping[str, str], total: int) -> dict[str, int]:
+    """Keys per provider from the pool's counter by hash prefix (census.lua). Keys added
+    before the pool kept it are counted as OpenAI's: it held no other keys then."""
+    names = {identity.hash_prefix: identity.name for identity in IDENTITIES}
+    keys_of = dict.fromkeys(provider_names(), 0)
+    for prefix, keys in by_prefix.items():
+        keys_of[names.get(prefix, OPENAI)] += int(keys)
+    keys_of[OPENAI] += max(0, total - sum(keys_of.values()))
+    return keys_of
 
 
 def _listed_state(key: KeyState) -> str:
@@ -552,22 +563,28 @@ class RedisBackend:
         for family, tokens in _pairs(answer[3]).items():
             summary(family).tokens = int(tokens)
         busiest = dict.fromkeys(COUNTED_STATES, 0)
-        for family, row in zip(families, answer[4:], strict=True):
+        # Per provider, as pool-wide below (a key's families are all its provider's).
+        keys_of = _provider_keys(_pairs(answer[-1]), total)
+        rows = {name: dict.fromkeys(COUNTED_STATES, 0) for name in keys_of}
+        for family, row in zip(families, answer[4:-1], strict=True):
             item = summaries[family]
             active, locked, trial = int(row[0]), int(row[1]), int(row[2])
             item.counts.update(active=active, locked=locked, trial=trial)
             until = float(_text(row[3]))
             item.lockout = max(0.0, until - now) if until else 0.0
-            busiest["locked"] = max(busiest["locked"], locked)
-            busiest["trial"] = max(busiest["trial"], trial)
+            for counted in (busiest, rows[self._models.provider_of(family)]):
+                counted["locked"] = max(counted["locked"], locked)
+                counted["trial"] = max(counted["trial"], trial)
         cursor = "0"
         while True:
             batch = await self._run("census", "disabled", cursor, str(_CENSUS_BATCH))
             cursor = _text(batch[0])
-            for fams, revoked, over_quota in batch[1:]:
+            for fams, revoked, over_quota, key_hash in batch[1:]:
                 rev, oq = int(_text(revoked) == "1"), int(_text(over_quota) == "1")
-                busiest["revoked"] += rev
-                busiest["over_quota"] += oq
+                for counted in (busiest, rows[identity_of_hash(_text(key_hash)).name]):
+                    counted["disabled"] += 1
+                    counted["revoked"] += rev
+                    counted["over_quota"] += oq
                 for family in filter(None, _text(fams).split(",")):
                     counts = summary(family).counts
                     counts["disabled"] += 1
@@ -577,6 +594,8 @@ class RedisBackend:
                 break
         busiest["disabled"] = disabled
         busiest["active"] = max(0, total - disabled - busiest["locked"])
+        for name, counted in rows.items():
+            counted["active"] = max(0, keys_of[name] - counted["disabled"] - counted["locked"])
         lists: list[KeyList] = []
         if listed > 0:
             page = await self._run("list", "0", str(_CENSUS_LISTED))
@@ -592,7 +611,7 @@ class RedisBackend:
             summaries=tuple(sorted(summaries.values(), key=lambda item: item.family)),
             lists=tuple(lists),
             walk_seconds=time.perf_counter() - started,
-            providers={OPENAI: busiest} if total else {},
+            providers={name: rows[name] for name in rows if keys_of[name]},
         )
 
     @_one_rpc

@@ -14,6 +14,8 @@
 --   fams:<h>       set   families the key has a state in
 --   usage:<h>      hash  tokens counted per family
 --   tokens         hash  family -> tokens counted by every key (census.lua reads it)
+--   providers      hash  hash prefix (oai, ant) -> keys added (census.lua); a pool made
+--                        before it was kept lacks the OpenAI keys added until then
 --   tok            hash  family -> "mean variance" of finished requests' tokens
 --   tokin, tokout  hash  the same of their input and of their output tokens (SPLIT families)
 --   answered:<h>   -     "family time" of the last report without a model
