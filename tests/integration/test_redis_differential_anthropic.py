@@ -15,7 +15,6 @@ refills, the shape random inputs seldom line up.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 from hypothesis import settings
@@ -23,12 +22,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import precondition, rule, run_state_machine_as_test
 
 from keysvc.keys import DisableReason
-from keysvc.models import ModelTable
 from keysvc.outcomes import UpstreamError
-from keysvc.pool.redis import RedisBackend
 from keysvc.service import key_to_proto
-from tests.helpers import pool_of
-from tests.integration.test_redis_differential import CALLERS, Differential, _pools
+from tests.integration.test_redis_differential import CALLERS, Differential
 from tests.redis_server import RedisServer
 from tests.unit.test_pool_model import (
     ERRORS,
@@ -38,6 +34,7 @@ from tests.unit.test_pool_model import (
     PROFILES,
     SPLIT_DIMS,
     headers_at,
+    rfc3339,
     spend_limit_error,
 )
 
@@ -48,10 +45,6 @@ SPLIT_BUDGET = st.tuples(
     st.sampled_from([0, 0, 1000, 2500, 59_000]),
     st.sampled_from([0.0, 1.0, 6.0, 30.0, 60.0]),
 )
-
-
-def rfc3339(at: float) -> str:
-    return datetime.fromtimestamp(at, UTC).isoformat().replace("+00:00", "Z")
 
 
 def anthropic_budget(
@@ -86,16 +79,7 @@ class MixedDifferential(Differential):
     @precondition(lambda self: self.memory is None)
     @rule(profiles=st.lists(st.sampled_from(PROFILES), min_size=1, max_size=6))
     def load(self, profiles: list[Any]) -> None:
-        self.memory, self.clock, self.keys = pool_of(profiles)
-        self.redis = RedisBackend(
-            self.client,
-            models=ModelTable(),
-            prefix=f"antdiff{next(_pools)}",
-            timeout=5.0,
-            now=self.clock.now,
-        )
-        for key, profile in zip(self.keys, profiles, strict=True):
-            self.run(self.redis.add_keys([key.secret], profile=profile))
+        super().load(profiles)
 
     @precondition(lambda self: self.memory is not None)
     @rule(model=st.sampled_from(MODELS), caller=CALLERS)
