@@ -529,13 +529,10 @@ def check_settings(settings: Settings) -> None:
     if problem:
         raise ConfigError(problem)
     if settings.redis_url is not None:
-        # The Redis backend does not do these yet; refused rather than half done.
-        for on, name in (
-            (settings.state_file is not None, "KEYSVC_STATE_FILE (Redis keeps the state)"),
-            (bool(settings.anthropic_keys), "ANTHROPIC_KEY (Redis serves OpenAI keys only yet)"),
-        ):
-            if on:
-                raise ConfigError(f"KEYSVC_REDIS_URL cannot be used with {name}")
+        if settings.state_file is not None:
+            raise ConfigError(
+                "KEYSVC_REDIS_URL cannot be used with KEYSVC_STATE_FILE (Redis keeps the state)"
+            )
     if settings.workers > 1 and settings.redis_url is None:
         raise ConfigError(
             f"KEYSVC_WORKERS={settings.workers} needs KEYSVC_REDIS_URL: workers share the"

@@ -28,7 +28,7 @@ from redis.asyncio import Redis
 from .auth import SERVICE_PREFIX, AuthInterceptor, AuthTokens
 from .checker import CheckerConfig, KeyChecker
 from .clock import Clock, SystemClock
-from .config import UNKNOWN_MODELS_REJECT, ConfigError, Settings, is_loopback
+from .config import UNKNOWN_MODELS_REJECT, Settings, is_loopback
 from .errors import (
     ERROR_DOMAIN,
     KeysvcError,
@@ -52,7 +52,6 @@ from .overload import (
 )
 from .pool import KeyPool, Limits, MemoryBackend, PoolBackend, as_backend
 from .pool.redis import RedisBackend
-from .providers import OPENAI, identity_of_secret
 from .reflection import enable_reflection
 from .reload import KeysFileWatcher, read_keys_file
 from .service import KeyService, Rechecker
@@ -510,14 +509,7 @@ async def build_redis_backend(
         observer=observer,
         on_failure=metrics.store_failed if metrics is not None else None,
     )
-    secrets = list(dict.fromkeys([*settings.openai_keys, *extra_keys]))
-    others = sum(1 for secret in secrets if identity_of_secret(secret).name != OPENAI)
-    if others:
-        # The Lua rules read OpenAI's answers only; refused rather than half served.
-        raise ConfigError(
-            f"KEYSVC_REDIS_URL serves OpenAI keys only yet; the keys file has {others}"
-            " key(s) of another provider"
-        )
+    secrets = list(dict.fromkeys([*settings.openai_keys, *settings.anthropic_keys, *extra_keys]))
     _log_loaded(len(secrets))
     try:
         added = await backend.add_keys(secrets)

@@ -34,6 +34,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from contextvars import ContextVar
+from dataclasses import replace
 from importlib import resources
 from typing import Any, Concatenate, Final, ParamSpec, TypeVar
 
@@ -53,9 +54,9 @@ from ..events import KeyChange, NullObserver, PoolObserver
 from ..keys import DisableReason, Key, KeyProfile, hash_key
 from ..listing import KeyFilter
 from ..models import GPT4_32K, ModelTable
-from ..outcomes import Decision, UpstreamError, decide
-from ..providers import OPENAI
-from ..rates import HAS_STATE, MAX_COUNT, RateBook
+from ..outcomes import Decision, UpstreamError
+from ..providers import IDENTITIES, OPENAI, backoff, identity_of_hash, provider, provider_names
+from ..rates import HAS_STATE, KIND_INPUT_TOKENS, KIND_OUTPUT_TOKENS, MAX_COUNT, RateBook
 from ..status import (
     COUNTED_STATES,
     LISTED_STATES,
@@ -178,11 +179,24 @@ def _script_text(name: str) -> str:
     return (resources.files(__package__) / "scripts" / name).read_text(encoding="utf-8")
 
 
-def _program(body: str) -> str:
-    """The text of one operation's script: constants, the rules, the layout, the body."""
+def _lua_string(text: str) -> str:
+    """``text`` as a Lua string literal (every byte but letters and digits escaped)."""
+    return '"' + "".join(chr(b) if chr(b).isalnum() else f"\\{b:03d}" for b in text.encode()) + '"'
+
+
+def _program(body: str, split: Iterable[str] = ()) -> str:
+    """The text of one operation's script: constants, the rules, the layout, the body.
+
+    ``split``: the families whose provider limits input and output tokens apart."""
     constants = [f"local {name} = {float(getattr(rules, name))!r}" for name in _CONSTANTS]
     constants.append(f"local MAX_COUNT = {float(MAX_COUNT)!r}")
     constants.append(f"local SKIP_LIMIT = {SKIP_LIMIT}")
+    constants.append(f"local KIND_INPUT_TOKENS = {KIND_INPUT_TOKENS}")
+    constants.append(f"local KIND_OUTPUT_TOKENS = {KIND_OUTPUT_TOKENS}")
+    constants.append(f"local BACKOFF_BASE = {float(backoff.BASE)!r}")
+    constants.append(f"local BACKOFF_MAX = {float(backoff.MAX)!r}")
+    constants.append("local SPLIT = {}")
+    constants += [f"SPLIT[{_lua_string(family)}] = true" for family in sorted(split)]
     parts = ["\n".join(constants), _script_text("rules.lua"), _script_text("pool.lua"), body]
     return "\n".join(parts)
 
@@ -193,6 +207,17 @@ def _num(value: float | None) -> str:
 
 def _ignore(problem: str) -> None:
     pass
+
+
+def _provider_keys(by_prefix: Mapping[str, str], total: int) -> dict[str, int]:
+    """Keys per provider from the pool's counter by hash prefix (census.lua). Keys added
+    before the pool kept it are counted as OpenAI's: it held no other keys then."""
+    names = {identity.hash_prefix: identity.name for identity in IDENTITIES}
+    keys_of = dict.fromkeys(provider_names(), 0)
+    for prefix, keys in by_prefix.items():
+        keys_of[names.get(prefix, OPENAI)] += int(keys)
+    keys_of[OPENAI] += max(0, total - sum(keys_of.values()))
+    return keys_of
 
 
 def _listed_state(key: KeyState) -> str:
@@ -266,8 +291,9 @@ class RedisBackend:
         self._waiting: dict[tuple[str, bool], deque[asyncio.Future[None]]] = {}
         self._woken: asyncio.Future[None] | None = None
         self._listener: asyncio.Task[None] | None = None
+        split = [f for f in models.families if provider(models.provider_of(f)).split_token_budgets]
         self._scripts: dict[str, AsyncScript] = {
-            name: client.register_script(_program(_script_text(f"{name}.lua")))
+            name: client.register_script(_program(_script_text(f"{name}.lua"), split))
             for name in (
                 "add",
                 "get",
@@ -334,12 +360,14 @@ class RedisBackend:
             hash=key_hash,
             profile=KeyProfile(families, record.get("trial") == "1"),
             seq=int(record.get("seq", "0")),
+            service=identity_of_hash(key_hash).name,
             organization_id=record.get("org", organization_id),
             is_disabled=record.get("dis") == "1",
             is_revoked=record.get("rev") == "1",
             is_over_quota=record.get("oq") == "1",
             disable_reason=DisableReason(record["reason"]) if record.get("reason") else None,
             disabled_at=float(record.get("dat", "0")),
+            over_quota_until=float(record.get("oqu", "0")),
             last_used=float(record.get("lu", "0")),
             last_checked=float(record.get("lc", "0")),
             prompt_count=int(record.get("pc", "0")),
@@ -394,7 +422,7 @@ class RedisBackend:
         """Registers this replica's keys; keys already in the pool keep their state.
 
         ``profile``: what the new keys serve; by default the model table's default
-        families, not trial (an unchecked key).
+        families of each key's provider, not trial (an unchecked key).
 
         Returns:
             How many keys were new to the pool.
@@ -402,10 +430,13 @@ class RedisBackend:
         Raises:
             StoreUnavailable: Redis did not answer; ``ping`` registers them when it does.
         """
-        families = self._models.default_key_families() if profile is None else profile.families
-        fams = ",".join(sorted(families))
         trial = "1" if profile is not None and profile.is_trial else "0"
-        c32 = "1" if GPT4_32K in families else "0"
+        new_key = {}  # per provider: families, has gpt4-32k
+        for name in provider_names():
+            families = self._models.default_key_families(name)
+            if profile is not None:
+                families = profile.families
+            new_key[name] = (",".join(sorted(families)), "1" if GPT4_32K in families else "0")
         args: list[str] = []
         for secret in secrets:
             key_hash = hash_key(secret)
@@ -415,6 +446,7 @@ class RedisBackend:
             self._hold_pending = True
             if self._secrets.get(key_hash) != (secret, ""):
                 self._secrets[key_hash] = (secret, "")
+                fams, c32 = new_key[identity_of_hash(key_hash).name]
                 args += [key_hash, fams, trial, c32, "", ""]
         self._unregistered += args
         return await self._register()
@@ -531,22 +563,28 @@ class RedisBackend:
         for family, tokens in _pairs(answer[3]).items():
             summary(family).tokens = int(tokens)
         busiest = dict.fromkeys(COUNTED_STATES, 0)
-        for family, row in zip(families, answer[4:], strict=True):
+        # Per provider, as pool-wide below (a key's families are all its provider's).
+        keys_of = _provider_keys(_pairs(answer[-1]), total)
+        rows = {name: dict.fromkeys(COUNTED_STATES, 0) for name in keys_of}
+        for family, row in zip(families, answer[4:-1], strict=True):
             item = summaries[family]
             active, locked, trial = int(row[0]), int(row[1]), int(row[2])
             item.counts.update(active=active, locked=locked, trial=trial)
             until = float(_text(row[3]))
             item.lockout = max(0.0, until - now) if until else 0.0
-            busiest["locked"] = max(busiest["locked"], locked)
-            busiest["trial"] = max(busiest["trial"], trial)
+            for counted in (busiest, rows[self._models.provider_of(family)]):
+                counted["locked"] = max(counted["locked"], locked)
+                counted["trial"] = max(counted["trial"], trial)
         cursor = "0"
         while True:
             batch = await self._run("census", "disabled", cursor, str(_CENSUS_BATCH))
             cursor = _text(batch[0])
-            for fams, revoked, over_quota in batch[1:]:
+            for fams, revoked, over_quota, key_hash in batch[1:]:
                 rev, oq = int(_text(revoked) == "1"), int(_text(over_quota) == "1")
-                busiest["revoked"] += rev
-                busiest["over_quota"] += oq
+                for counted in (busiest, rows[identity_of_hash(_text(key_hash)).name]):
+                    counted["disabled"] += 1
+                    counted["revoked"] += rev
+                    counted["over_quota"] += oq
                 for family in filter(None, _text(fams).split(",")):
                     counts = summary(family).counts
                     counts["disabled"] += 1
@@ -556,6 +594,8 @@ class RedisBackend:
                 break
         busiest["disabled"] = disabled
         busiest["active"] = max(0, total - disabled - busiest["locked"])
+        for name, counted in rows.items():
+            counted["active"] = max(0, keys_of[name] - counted["disabled"] - counted["locked"])
         lists: list[KeyList] = []
         if listed > 0:
             page = await self._run("list", "0", str(_CENSUS_LISTED))
@@ -571,7 +611,7 @@ class RedisBackend:
             summaries=tuple(sorted(summaries.values(), key=lambda item: item.family)),
             lists=tuple(lists),
             walk_seconds=time.perf_counter() - started,
-            providers={OPENAI: busiest} if total else {},
+            providers={name: rows[name] for name in rows if keys_of[name]},
         )
 
     @_one_rpc
@@ -703,6 +743,18 @@ class RedisBackend:
             return 0.0
         return max(0.0, float(_text(answer[1])) - float(_text(answer[2])))
 
+    def _now_here(self) -> float:
+        """This replica's time (the test clock's, if given): for reading an answer's
+        reset times and a spend limit's month; every lock is on Redis's."""
+        return self._now() if self._now is not None else time.time()
+
+    def _parse(self, key_hash: str, headers: Mapping[str, str], now: float) -> RateHeaders | None:
+        """The rate-limit headers of an answer for ``key_hash``, read by its provider."""
+        service = identity_of_hash(key_hash).name
+        return parse_rate_headers(
+            Key("", key_hash, KeyProfile(frozenset()), 0, service), headers, now
+        )
+
     async def _report(
         self,
         key_hash: str,
@@ -710,15 +762,26 @@ class RedisBackend:
         mode: str,
         parsed: RateHeaders | None = None,
         *,
+        read_at: float | None = None,
         rate_limited: bool = False,
         kind: str = "",
         why: str = "",
         count: bool = False,
         tokens: int = 0,
+        split_tokens: tuple[int, int] = (0, 0),
+        backoff: str = "",
+        deny_family: bool = False,
         disable: DisableReason | None = None,
-    ) -> tuple[bool, str, str, Key]:
+        quota_until: float | None = None,
+    ) -> tuple[bool, str, str, Key, float | None, str]:
+        """One report script call (its ARGV is described in report.lua). Returns whether
+        it was the first 429 since the hand-out, the disable change, the family counted,
+        the key, the provider's back-off (None: none) and the family the key left ("" none).
+        """
         family = self._models.family(model) if model else ""
+        service = identity_of_hash(key_hash).name
         headers: list[str] = ["0", "", "", "", "", "", ""]
+        split_headers: list[str] = ["", "", "", "", "", "", ""]
         if parsed is not None:
             headers = [
                 "1",
@@ -729,6 +792,16 @@ class RedisBackend:
                 _num(parsed.limit_requests),
                 _num(parsed.limit_tokens),
             ]
+            split_headers = [
+                _num(parsed.input_reset),
+                _num(parsed.remaining_input),
+                _num(parsed.limit_input),
+                _num(parsed.output_reset),
+                _num(parsed.remaining_output),
+                _num(parsed.limit_output),
+                _num(parsed.retry_after),
+            ]
+        times = provider(service).reset_times and read_at is not None
         answer = await self._run(
             "report",
             key_hash,
@@ -741,11 +814,21 @@ class RedisBackend:
             "1" if count else "0",
             str(tokens),
             disable.value if disable is not None else "",
+            *split_headers,
+            _num(read_at) if times else "",
+            str(split_tokens[0]),
+            str(split_tokens[1]),
+            service,
+            backoff,
+            "1" if deny_family else "0",
+            _num(quota_until),
         )
         if _text(answer[0]) == "missing":
             raise KeyNotFound(key_hash)
         key = self._key(answer[5])
         first, change, counted = _text(answer[1]) == "1", _text(answer[2]), _text(answer[4])
+        wait = float(_text(answer[6])) if _text(answer[6]) else None
+        denied = _text(answer[7])
         if first:
             reason = f"upstream answered 429 for {model}" if model else "upstream answered 429"
             self._state_changed(key, KeyChange.RATE_LIMITED, why or reason)
@@ -754,7 +837,7 @@ class RedisBackend:
         if change:
             assert disable is not None
             self._state_changed(key, _CHANGES[change], disable.value)
-        return first, change, counted, key
+        return first, change, counted, key, wait, denied
 
     async def _exists(self, key_hash: str) -> bool:
         name = f"{{{self._prefix}}}:key:{key_hash}"
@@ -785,8 +868,9 @@ class RedisBackend:
                 check_model(model)
 
         await self._checked(key_hash, check)
-        parsed = parse_rate_headers(Key("", key_hash, KeyProfile(frozenset()), 0), headers)
-        await self._report(key_hash, model, "update", parsed)
+        now = self._now_here()
+        parsed = self._parse(key_hash, headers, now)
+        await self._report(key_hash, model, "update", parsed, read_at=now)
 
     @_one_rpc
     async def increment_usage(self, key_hash: str, model: str, tokens: int) -> None:
@@ -833,20 +917,45 @@ class RedisBackend:
                     raise InvalidArgument(name, f"must be between 0 and {Limits.TOKENS}")
 
         await self._checked(key_hash, check)
-        decision = decide(status, error)
-        parsed = parse_rate_headers(Key("", key_hash, KeyProfile(frozenset()), 0), headers)
-        _, _, _, key = await self._report(
+        service = identity_of_hash(key_hash).name
+        now = self._now_here()
+        decision = provider(service).decide(status, error, now=now)
+        parsed = self._parse(key_hash, headers, now)
+        backoff = ""
+        if decision.overloaded:
+            backoff = "overloaded"
+        elif 200 <= status < 300:
+            backoff = "succeeded"
+        _, _, _, key, wait, denied = await self._report(
             key_hash,
             model,
             "outcome",
             parsed,
+            read_at=now,
             rate_limited=decision.rate_limited,
-            kind=error.type if decision.rate_limited else "",
+            kind=decision.limit_kind,
             why=decision.why,
             count=decision.count_usage,
             tokens=min(prompt_tokens + completion_tokens, Limits.TOKENS),
+            split_tokens=(prompt_tokens, completion_tokens),
+            backoff=backoff,
+            deny_family=decision.family_denied,
             disable=decision.disable,
+            quota_until=decision.quota_until,
         )
+        if wait is not None:
+            # The provider's trouble, not the key's: the key is left as it is.
+            decision = replace(decision, retry_after=wait)
+            self._observer.provider_overloaded(service)
+            _log.info(
+                "provider overloaded; backing off",
+                extra={"provider": service, "key_hash": key_hash, "wait": round(wait, 3)},
+            )
+        if denied:
+            _log.warning(
+                "key denied a model family",
+                extra={"key_hash": key_hash, "family": denied, "reason": decision.why},
+            )
         self._observer.outcome_reported(decision.action.value)
         return decision, key
 
@@ -946,8 +1055,11 @@ class RedisBackend:
         model ids; the ids themselves are not kept (a Redis pool serves a model by its
         family: a key listing gpt-4o but not gpt-4o-mini may get gpt-4o-mini requests)."""
         self._check_hash(key_hash)
+        service = identity_of_hash(key_hash).name
         families = (
-            "" if model_ids is None else ",".join(sorted(self._models.listed_families(model_ids)))
+            ""
+            if model_ids is None
+            else ",".join(sorted(self._models.listed_families(model_ids, service)))
         )
         answer = await self._run(
             "check",

@@ -26,6 +26,7 @@ __all__ = [
     "IDENTITIES",
     "OPENAI",
     "Identity",
+    "identity_of_hash",
     "identity_of_secret",
     "provider",
     "provider_names",
@@ -68,6 +69,16 @@ def identity_of_secret(secret: str) -> Identity:
         if secret.startswith(identity.secret_prefix):
             return identity
     raise AssertionError("the last identity matches every secret")  # pragma: no cover
+
+
+def identity_of_hash(key_hash: str) -> Identity:
+    """The provider a key hash belongs to, by its prefix (``ant-...``); OpenAI's when
+    no prefix matches (as for secrets)."""
+    prefix = key_hash.partition("-")[0]
+    for identity in IDENTITIES:
+        if identity.hash_prefix == prefix:
+            return identity
+    return IDENTITIES[-1]
 
 
 def provider_names() -> tuple[str, ...]:

@@ -293,6 +293,9 @@ class Provider(ABC):
     #: The provider limits input and output tokens apart: its families keep a
     #: budget for each (``keysvc.rates.RateTable.split``).
     split_token_budgets: bool = False
+    #: Its rate-limit resets are times (read as the seconds from the answer to
+    #: then), not durations: a shared pool reads them again on its own clock.
+    reset_times: bool = False
 
     @property
     def name(self) -> str:

@@ -9,6 +9,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from keysvc.clock import ManualClock
+from keysvc.errors import NoKeysForFamily
+from keysvc.keys import DisableReason
 from keysvc.models import ModelTable
 from keysvc.pool import KEY_REUSE_DELAY, PROMISE_TTL, MemoryBackend, PoolBackend
 from keysvc.pool.redis import RedisBackend
@@ -90,3 +92,17 @@ async def test_a_report_without_a_model_is_not_taken_for_a_hold(
     # The hold still holds: B sees only the other key's room.
     assert await pool.lockout_period("gpt-4o", caller=PROXY_B) == 0.0
     assert await pool.lockout_period("gpt-4o", caller=PROXY_B) > 0.0
+
+
+async def test_a_key_disabled_while_held_stays_out_when_its_caller_gets(
+    backend: tuple[PoolBackend, ManualClock, str],
+) -> None:
+    """Giving a held room back re-places its key only while the key is in service."""
+    pool, _, _ = backend
+    assert await pool.lockout_period("gpt-4o", caller=PROXY_A) == 0.0
+    assert await pool.lockout_period("gpt-4o", caller=PROXY_A) == 0.0
+    keys = await pool.keys()
+    for key in keys:
+        await pool.disable(key.hash, DisableReason.REVOKED)
+    with pytest.raises(NoKeysForFamily):
+        await pool.get("gpt-4o", caller=PROXY_A)

@@ -78,6 +78,39 @@ async def test_the_census_counts_the_shared_pool(
         await client_a.aclose()
 
 
+async def test_the_census_counts_each_provider_s_keys_apart(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    client_a = aioredis.Redis.from_url(redis_server.url)
+    anthropic = ["sk-ant-census-0", "sk-ant-census-1", "sk-ant-census-2"]
+    try:
+        first, second = two_replicas(client_a, redis_prefix)
+        for backend in (first, second):
+            await backend.add_keys([*SECRETS, *anthropic])
+        # One Claude key handed out (locked in its family), one over quota; an OpenAI
+        # key handed out for gpt-4.
+        handed = await first.get("claude-sonnet-4-5")
+        await first.get("gpt-4")
+        benched = next(h for h in map(hash_key, anthropic) if h != handed.hash)
+        await first.disable(benched, DisableReason.QUOTA)
+        snapshot = await second.census()
+        assert snapshot.total_keys == 7
+        assert snapshot.providers == {
+            "openai": {
+                "active": 3, "locked": 1, "trial": 0, "disabled": 0, "revoked": 0,
+                "over_quota": 0,
+            },
+            "anthropic": {
+                "active": 1, "locked": 1, "trial": 0, "disabled": 1, "revoked": 0,
+                "over_quota": 1,
+            },
+        }  # fmt: skip
+        sonnet = _family(snapshot, "claude-sonnet")
+        assert (sonnet["active"], sonnet["locked"], sonnet["disabled"]) == (1, 1, 1)
+    finally:
+        await client_a.aclose()
+
+
 async def test_failed_redis_calls_are_counted_by_problem() -> None:
     port = free_port()  # nothing listens there
     failures: list[str] = []

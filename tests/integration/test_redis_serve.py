@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
@@ -120,13 +121,68 @@ def test_a_hung_redis_fails_calls_within_the_timeout(tmp_path: Path) -> None:
         server.stop()
 
 
+def test_replicas_serve_anthropic_keys_beside_openai_ones(
+    redis_server: RedisServer, redis_prefix: str, tmp_path: Path
+) -> None:
+    """An Anthropic key in ANTHROPIC_KEY (one replica) or the keys file (the other),
+    an OpenAI key beside it: Claude models get the Anthropic key only, and an answer
+    that leaves its input tokens spent locks it for every replica until their reset."""
+    anthropic, openai = "sk-ant-api03-redis-0001", SECRETS[0]
+    keys_file = tmp_path / "keys.txt"
+    keys_file.write_text(f"{anthropic}\n")
+    first_env = {**_env(redis_server.url, redis_prefix, [openai]), "ANTHROPIC_KEY": anthropic}
+    second_env = {**_env(redis_server.url, redis_prefix, [openai])}
+    second_env["KEYSVC_KEYS_FILE"] = str(keys_file)
+    with keysvc_process(env=first_env) as first, keysvc_process(env=second_env) as second:
+        a, b = _stub(first.port), _stub(second.port)
+        got = a.Get(pb.GetRequest(model="claude-sonnet-4-5"))
+        assert got.key.hash == hash_key(anthropic) and got.secret == anthropic
+        assert got.key.service == "anthropic"
+        assert b.Get(pb.GetRequest(model="gpt-4o")).key.hash == hash_key(openai)
+        reset = datetime.fromtimestamp(time.time() + 30, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        headers = {
+            "anthropic-ratelimit-requests-limit": "50",
+            "anthropic-ratelimit-requests-remaining": "49",
+            "anthropic-ratelimit-requests-reset": reset,
+            "anthropic-ratelimit-input-tokens-limit": "40000",
+            "anthropic-ratelimit-input-tokens-remaining": "40000",
+            "anthropic-ratelimit-input-tokens-reset": reset,
+            "anthropic-ratelimit-output-tokens-limit": "8000",
+            "anthropic-ratelimit-output-tokens-remaining": "7000",
+            "anthropic-ratelimit-output-tokens-reset": reset,
+        }
+        # A request of 36,000 input tokens (learned from its answer), then an answer
+        # that leaves none: the next needs ~27 s of the input budget's refill.
+        for left in ("40000", "0"):
+            headers["anthropic-ratelimit-input-tokens-remaining"] = left
+            a.ReportOutcome(
+                pb.ReportOutcomeRequest(
+                    hash=got.key.hash,
+                    model="claude-sonnet-4-5",
+                    status=200,
+                    headers=headers,
+                    prompt_tokens=36000,
+                    completion_tokens=200,
+                )
+            )
+        # Locked by the input budget (not the 1 s reuse throttle): until about the reset.
+        lockout = b.GetLockoutPeriod(pb.GetLockoutPeriodRequest(model="claude-sonnet-4-5")).lockout
+        assert 20 < lockout.seconds <= 30
+        # The OpenAI key is held back by its own hand-out's throttle only.
+        other = b.GetLockoutPeriod(pb.GetLockoutPeriodRequest(model="gpt-4o")).lockout
+        assert other.seconds + other.nanos / 1e9 <= 1.0
+        for child in (first, second):
+            code, log = child.stop()
+            assert code == 0
+            assert anthropic not in log and openai not in log
+
+
 @pytest.mark.parametrize(
     ("extra", "problem"),
     [
         ({"KEYSVC_STATE_FILE": "state.db"}, "KEYSVC_STATE_FILE"),
         ({"KEYSVC_REDIS_URL": "http://127.0.0.1:1"}, "redis://"),
         ({"KEYSVC_REDIS_PREFIX": "a{b}"}, "KEYSVC_REDIS_PREFIX"),
-        ({"ANTHROPIC_KEY": "sk-ant-api03-aaaaaaaaaaaaaaaa"}, "ANTHROPIC_KEY"),
     ],
 )
 def test_settings_redis_cannot_go_with_are_refused(

@@ -13,6 +13,8 @@ for i = 4, #ARGV, 6 do
       'c32', ARGV[i + 3], 'org', ARGV[i + 4], 'clone', ARGV[i + 5], 'dis', '0', 'lu', '0',
       'pc', '0', 'lc', '0')
     redis.call('ZADD', P .. 'order', seq, h)
+    -- Keys per provider, by the hash's prefix (oai, ant), for the census.
+    redis.call('HINCRBY', P .. 'providers', string.match(h, '^(%l+)%-'), 1)
     place_all(record(h), h, NOW)
     added[#added + 1] = h
   end

@@ -2,17 +2,18 @@
 -- ARGV[4] mode:
 --   "counts": ARGV[5..] families. Returns {now, keys, disabled keys, tokens (family,
 --     tokens, ...), then per family: {active, locked, trial, lockout end (0: free or
---     no key)}}, read from the selection indexes (ZCARD/ZCOUNT per family and class)
---     and the token counter kept by report.lua.
+--     no key)}, last the keys per hash prefix (prefix, keys, ...)}, read from the
+--     selection indexes (ZCARD/ZCOUNT per family and class) and the counters kept by
+--     report.lua and add.lua.
 --   "disabled": ARGV[5] SSCAN cursor, ARGV[6] count. Returns {next cursor,
---     {fams, revoked, over quota}...} for one batch of the disabled keys.
+--     {fams, revoked, over quota, hash}...} for one batch of the disabled keys.
 local mode = ARGV[4]
 if mode == 'disabled' then
   local scan = redis.call('SSCAN', P .. 'disabled', ARGV[5], 'COUNT', tonumber(ARGV[6]))
   local out = {scan[1]}
   for _, h in ipairs(scan[2]) do
     local r = redis.call('HMGET', P .. 'key:' .. h, 'fams', 'rev', 'oq')
-    out[#out + 1] = {r[1] or '', r[2] or '0', r[3] or '0'}
+    out[#out + 1] = {r[1] or '', r[2] or '0', r[3] or '0', h}
   end
   return out
 end
@@ -43,4 +44,5 @@ for i = 5, #ARGV do
   if active == 0 and first ~= nil then lockout = num(first) end
   out[#out + 1] = {active, locked, trial, lockout}
 end
+out[#out + 1] = redis.call('HGETALL', P .. 'providers')
 return out

@@ -22,7 +22,7 @@ if ARGV[5] == 'alive' then
   redis.call('HSET', k, 'lc', num(NOW))
   if r.dis == '1' and r.revive == '1' then
     redis.call('HSET', k, 'dis', '0', 'rev', '0', 'oq', '0', 'dat', '0')
-    redis.call('HDEL', k, 'reason')
+    redis.call('HDEL', k, 'reason', 'oqu')
     redis.call('SREM', P .. 'disabled', h)
     place_all(record(h), h, NOW)
     redis.call('PUBLISH', P .. 'wake', h)

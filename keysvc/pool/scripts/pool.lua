@@ -5,7 +5,7 @@
 --   seq            int   the last seq given out
 --   key:<h>        hash  the key record: seq, m (index member), fams ("a,b" sorted),
 --                        trial, c32 (has gpt4-32k), dis, rev, oq, reason, dat, lc, pc,
---                        lu, org, clone, revive
+--                        lu, org, clone, revive, oqu (over quota until; absent: a recheck)
 --   disabled       set   hashes of disabled keys
 --   free:<f>:<c>   zset  members free for family f (class c), by last use in f
 --   lock:<f>:<c>   zset  members locked for f, by unlock time
@@ -14,13 +14,19 @@
 --   fams:<h>       set   families the key has a state in
 --   usage:<h>      hash  tokens counted per family
 --   tokens         hash  family -> tokens counted by every key (census.lua reads it)
+--   providers      hash  hash prefix (oai, ant) -> keys added (census.lua); a pool made
+--                        before it was kept lacks the OpenAI keys added until then
 --   tok            hash  family -> "mean variance" of finished requests' tokens
+--   tokin, tokout  hash  the same of their input and of their output tokens (SPLIT families)
 --   answered:<h>   -     "family time" of the last report without a model
 --   held:<id>      set   the hashes of one key list (id: a digest of it); a replica with
 --                        that list hands out only these keys and their organization clones
 --   promise:<f>:<c> list  caller c's holds in family f, oldest first: "hash id"
 --   idle:<c>       -     caller c's last hold lapsed unused: no more until its Get
 --   promiseseq     int   the last hold id given out
+--   quotaback      zset  hashes of keys over quota until a time the provider named, by
+--                        that time (the record's oqu); back in service then (quota_back)
+--   backoff:<p>    hash  provider p's overloads in a row (n) and its back-off's end (u)
 -- Classes order selection: c = 0 trial, 1 trial with gpt4-32k, 2 paid, 3 paid with 32k.
 -- An index member is the zero-padded seq, ':' and the hash, so ties go by load order.
 
@@ -167,15 +173,17 @@ local function select(f, embeddings, now, held)
 end
 
 -- Token reserve per hand-out (rules: mean + SPREAD standard deviations; 1 before any).
-local function token_reserve(f)
-  local stats = redis.call('HGET', P .. 'tok', f)
+-- stats: the estimates' hash, 'tok' (all tokens) unless told ('tokin', 'tokout').
+local function token_reserve(f, stats_of)
+  local stats = redis.call('HGET', P .. (stats_of or 'tok'), f)
   if not stats then return 1.0 end
   local mean, variance = string.match(stats, '^(%S+) (%S+)$')
   return math.max(1.0, tonumber(mean) + TOKEN_ESTIMATE_SPREAD * math.sqrt(tonumber(variance)))
 end
 
-local function learn_tokens(f, tokens)
-  local stats = redis.call('HGET', P .. 'tok', f)
+local function learn_tokens(f, tokens, stats_of)
+  local stats_key = P .. (stats_of or 'tok')
+  local stats = redis.call('HGET', stats_key, f)
   local mean, variance
   if not stats then
     mean, variance = tokens, 0.0
@@ -186,11 +194,12 @@ local function learn_tokens(f, tokens)
     mean = mean + TOKEN_ESTIMATE_WEIGHT * delta
     variance = (1 - TOKEN_ESTIMATE_WEIGHT) * (variance + TOKEN_ESTIMATE_WEIGHT * delta * delta)
   end
-  redis.call('HSET', P .. 'tok', f, num(mean) .. ' ' .. num(variance))
+  redis.call('HSET', stats_key, f, num(mean) .. ' ' .. num(variance))
 end
 
 -- rules: the lock of (h, f) from its inputs (KeyPool._derive); writes s.until.
 local function derive(s, reserved, f, now)
+  s.sp = SPLIT[f]
   while #reserved > 0 and reserved[1][1] + RESERVATION_TTL <= now do table.remove(reserved, 1) end
   local lu, rla, at = s.lu, s.rla, s.bat
   if at ~= 0 and now >= at + BUDGET_LAPSE then
@@ -204,7 +213,9 @@ local function derive(s, reserved, f, now)
   local u = 0
   if rla ~= 0 then u = rla + window(s) end
   if at ~= 0 then
-    local b = budget_until(s, reserved, token_reserve(f))
+    local split_needed = nil
+    if s.sp then split_needed = {token_reserve(f, 'tokin'), token_reserve(f, 'tokout')} end
+    local b = budget_until(s, reserved, token_reserve(f), split_needed)
     if b > u then u = b end
   elseif lu ~= 0 and lu + REUSE_DELAY > u then
     u = lu + REUSE_DELAY
@@ -242,7 +253,9 @@ local function rederive(h, f, reserved, now)
   derive(s, reserved, f, now)
   write_state(sk, s)
   write_reserved(reserved_key(f, h), reserved)
-  place(record(h), h, f, now)
+  -- A key disabled since (its hold given back) stays out of the indexes.
+  local r = record(h)
+  if r.dis ~= '1' then place(r, h, f, now) end
 end
 
 -- KeyPool._hold: one request's room of (h, f) held for caller's next Get.
@@ -317,3 +330,26 @@ local function disable_key(h, r, reason, now)
   end
   return change
 end
+
+-- KeyPool._quota_back: keys over quota until a time the provider named are in service
+-- again once it has come (unless disabled for another reason since, or back already).
+-- Memory sets a timer; here every script looks first, so none sees the key benched late.
+local function quota_back(now)
+  local due = redis.call('ZRANGEBYSCORE', P .. 'quotaback', '-inf', num(now), 'WITHSCORES')
+  for i = 1, #due, 2 do
+    local h, at = due[i], tonumber(due[i + 1])
+    redis.call('ZREM', P .. 'quotaback', h)
+    local r = record(h)
+    if r ~= nil and tonumber(r.oqu or '0') == at and r.oq == '1' and r.rev ~= '1'
+        and r.reason == 'quota' then
+      local k = P .. 'key:' .. h
+      redis.call('HSET', k, 'dis', '0', 'rev', '0', 'oq', '0', 'dat', '0')
+      redis.call('HDEL', k, 'reason', 'oqu')
+      redis.call('SREM', P .. 'disabled', h)
+      place_all(record(h), h, at)
+      redis.call('PUBLISH', P .. 'wake', h)
+    end
+  end
+end
+
+quota_back(NOW)

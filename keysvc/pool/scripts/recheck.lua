@@ -17,7 +17,7 @@ for i = 1, #rows, 2 do
     redis.call('HSET', k, 'revive', redis.call('HGET', k, 'dis') == '1' and '1' or '0')
   elseif redis.call('HGET', k, 'dis') == '1' then
     redis.call('HSET', k, 'dis', '0', 'rev', '0', 'oq', '0', 'dat', '0')
-    redis.call('HDEL', k, 'reason')
+    redis.call('HDEL', k, 'reason', 'oqu')
     redis.call('SREM', P .. 'disabled', h)
     place_all(record(h), h, NOW)
     revived = true

@@ -3,16 +3,32 @@
 -- ARGV: 4 hash, 5 "1" when a model was named, 6 its family, 7 mode, 8 "1" with headers,
 -- 9-14 resets (requests, tokens; seconds as sent), remaining and limit of requests and
 -- tokens ("" when absent), 15 "1" when the answer was a 429, 16 its error type,
--- 17 "1" to count the request, 18 its tokens, 19 the reason to disable it ("" not).
+-- 17 "1" to count the request, 18 its tokens, 19 the reason to disable it ("" not);
+-- 20-25 a split provider's input and output tokens: reset, remaining, limit each;
+-- 26 retry-after (seconds); 27 the time the resets were read at, when the provider
+-- sends times (they are seconds from then; "" for durations); 28 and 29 the request's
+-- input and output tokens; 30 the key's provider; 31 "overloaded" (the provider said
+-- so), "succeeded" (a 2xx) or ""; 32 "1" when the key may not use the family; 33 with
+-- reason "quota", the time the provider named for it to come back ("" none).
 -- Returns {"key", first 429 since the hand-out "1"/"0", disable change, now, the
--- family counted, view} or {"missing"}.
+-- family counted, view, the provider's back-off (seconds, "" none), the family the key
+-- was taken out of ("" none)} or {"missing"}.
 local h, named, model_family, mode = ARGV[4], ARGV[5] == '1', ARGV[6], ARGV[7]
 local r = record(h)
 if r == nil then return {'missing'} end
 local function opt(i) if ARGV[i] == '' then return nil end return tonumber(ARGV[i]) end
 local parsed = nil
 if ARGV[8] == '1' then
-  parsed = {rr = opt(9), tr = opt(10), rmr = opt(11), rmt = opt(12), lmr = opt(13), lmt = opt(14)}
+  parsed = {rr = opt(9), tr = opt(10), rmr = opt(11), rmt = opt(12), lmr = opt(13), lmt = opt(14),
+    ir = opt(20), rmi = opt(21), lmi = opt(22), orr = opt(23), rmo = opt(24), lmo = opt(25),
+    ra = opt(26)}
+  local read_at = opt(27)
+  if read_at ~= nil and read_at ~= NOW then
+    -- Resets are times the provider named: seconds from Redis's now, not the replica's.
+    for _, field in ipairs({'rr', 'tr', 'ir', 'orr'}) do
+      if parsed[field] ~= nil then parsed[field] = math.max(0, parsed[field] + read_at - NOW) end
+    end
+  end
 end
 
 -- KeyPool._report_family: the family a report is for ("" key-wide), and whether it
@@ -75,6 +91,7 @@ local function state_table(family)
     redis.call('SADD', P .. 'fams:' .. h, family)
     s.fl = bor(s.fl, HAS_STATE)
   end
+  s.sp = SPLIT[family]
   return s
 end
 
@@ -105,7 +122,37 @@ local function count_usage(family, tokens)
   redis.call('HINCRBY', P .. 'key:' .. h, 'pc', 1)
 end
 
-local first, change, counted = false, '', ''
+-- ProviderBackoff.overloaded (keysvc/providers/backoff.py), one for every replica: the
+-- seconds from now until the provider's back-off ends.
+local function overloaded(provider, asked)
+  local bk = P .. 'backoff:' .. provider
+  local overloads = redis.call('HINCRBY', bk, 'n', 1)
+  local wait = math.min(BACKOFF_MAX, BACKOFF_BASE * 2.0 ^ math.min(overloads - 1, 32))
+  if asked ~= nil and asked > wait then wait = math.min(asked, BACKOFF_MAX) end
+  local ends = tonumber(redis.call('HGET', bk, 'u') or '0')
+  if NOW + wait > ends then ends = NOW + wait end
+  redis.call('HSET', bk, 'u', num(ends))
+  return ends - NOW
+end
+
+-- KeyPool._deny_family: the key leaves the family only (its state there is kept).
+local function deny_family(family)
+  local rec = record(h)
+  local kept, had = {}, false
+  for _, f in ipairs(split(rec.fams)) do
+    if f == family then had = true else kept[#kept + 1] = f end
+  end
+  if not had then return false end
+  if rec.dis ~= '1' then unplace_all(rec) end
+  local c32 = '0'
+  for _, f in ipairs(kept) do if f == 'gpt4-32k' then c32 = '1' end end
+  redis.call('HSET', P .. 'key:' .. h, 'fams', table.concat(kept, ','), 'c32', c32)
+  rec = record(h)
+  if rec.dis ~= '1' then place_all(rec, h, NOW) end
+  return true
+end
+
+local first, change, counted, backoff, denied = false, '', '', '', ''
 if mode == 'usage' then
   counted = model_family
   count_usage(model_family, tonumber(ARGV[18]))
@@ -133,9 +180,30 @@ else
   if ARGV[17] == '1' then
     counted = family
     count_usage(family, tonumber(ARGV[18]))
+    local input, output = tonumber(ARGV[28]), tonumber(ARGV[29])
+    if SPLIT[family] and input + output > 0 then
+      learn_tokens(family, input, 'tokin')
+      learn_tokens(family, output, 'tokout')
+    end
   end
-  if ARGV[19] ~= '' then change = disable_key(h, record(h), ARGV[19], NOW) end
+  if ARGV[31] == 'overloaded' then
+    backoff = num(overloaded(ARGV[30], parsed and parsed.ra))
+  elseif ARGV[31] == 'succeeded' then
+    redis.call('DEL', P .. 'backoff:' .. ARGV[30])
+  end
+  if ARGV[32] == '1' and family ~= '' and deny_family(family) then denied = family end
+  if ARGV[19] ~= '' then
+    if ARGV[19] == 'quota' and ARGV[33] ~= '' then
+      -- KeyPool.disable: the named time, when later than one known, brings it back then.
+      local back = tonumber(ARGV[33])
+      if back > tonumber(record(h).oqu or '0') then
+        redis.call('HSET', P .. 'key:' .. h, 'oqu', num(back))
+        redis.call('ZADD', P .. 'quotaback', num(back), h)
+      end
+    end
+    change = disable_key(h, record(h), ARGV[19], NOW)
+  end
 end
 -- A lock may have ended or got shorter: waiting Gets of every replica look again.
 redis.call('PUBLISH', P .. 'wake', h)
-return {'key', first and '1' or '0', change, num(NOW), counted, key_view(h)}
+return {'key', first and '1' or '0', change, num(NOW), counted, key_view(h), backoff, denied}

@@ -9,21 +9,32 @@
 -- %.17g: Lua's own tostring keeps 14 digits, and times must round-trip exactly.
 -- The budget's left and refill rate are rounded to 4-byte floats as the memory
 -- backend's columns keep them (struct.pack 'f'), so both backends compute alike.
+--
+-- A family whose provider limits input and output tokens apart (SPLIT, written from
+-- the model table) keeps two more budgets, input and output tokens (rules.py's
+-- split table); a state's s.sp says it is such a family's (set where the family is
+-- known, never stored). Other states never get their fields, so the rules below
+-- read as the two-budget ones for them.
 
 local band, bor, bnot = bit.band, bit.bor, bit.bnot
 
 local HAS_STATE, SAW_RATE_LIMIT, KIND_REQUESTS, KIND_TOKENS = 1, 2, 4, 8
-local BUDGET_SHAPE = 16 + 32 + 64 + 128
+local BUDGET_SHAPE = 16 + 32 + 64 + 128 + 1024 + 2048 + 4096 + 8192
 
--- The two budget dimensions: field names of left, rate, limit, full_at and the flag bits.
+-- The budget dimensions (requests, tokens; a split family's input and output tokens):
+-- field names of left, rate, limit, full_at, and the flag bits (keysvc.rates).
 local DIMS = {
-  {left = 'bl1', rate = 'rt1', limit = 'lm1', full = 'fa1', probation = 16, window = 64},
-  {left = 'bl2', rate = 'rt2', limit = 'lm2', full = 'fa2', probation = 32, window = 128},
+  {left = 'bl1', rate = 'rt1', limit = 'lm1', full = 'fa1', probation = 16, window = 64, kind = KIND_REQUESTS},
+  {left = 'bl2', rate = 'rt2', limit = 'lm2', full = 'fa2', probation = 32, window = 128, kind = KIND_TOKENS},
+  {left = 'bl3', rate = 'rt3', limit = 'lm3', full = 'fa3', probation = 1024, window = 4096, kind = KIND_INPUT_TOKENS},
+  {left = 'bl4', rate = 'rt4', limit = 'lm4', full = 'fa4', probation = 2048, window = 8192, kind = KIND_OUTPUT_TOKENS},
 }
 
 -- Fields that are 0 when absent; every other field is nil (not known) when absent.
-local ZERO_FIELDS = {lu = true, rla = true, ['until'] = true, bat = true, fa1 = true, fa2 = true, fl = true}
-local STATE_FIELDS = {'lu', 'rla', 'until', 'rr', 'tr', 'rmr', 'rmt', 'bat', 'bl1', 'bl2', 'rt1', 'rt2', 'lm1', 'lm2', 'fa1', 'fa2', 'fl'}
+local ZERO_FIELDS = {lu = true, rla = true, ['until'] = true, bat = true, fa1 = true, fa2 = true, fa3 = true, fa4 = true, fl = true}
+-- ... of which these are not stored while 0 (only a split family's state has them).
+local SPARSE_ZERO = {fa3 = true, fa4 = true}
+local STATE_FIELDS = {'lu', 'rla', 'until', 'rr', 'tr', 'rmr', 'rmt', 'bat', 'bl1', 'bl2', 'rt1', 'rt2', 'lm1', 'lm2', 'fa1', 'fa2', 'fl', 'bl3', 'bl4', 'rt3', 'rt4', 'lm3', 'lm4', 'fa3', 'fa4'}
 
 local function num(x)
   return string.format('%.17g', x)
@@ -50,7 +61,7 @@ local function write_state(key, s)
   local unset = {}
   for _, field in ipairs(STATE_FIELDS) do
     local v = s[field]
-    if v == nil then
+    if v == nil or (v == 0 and SPARSE_ZERO[field]) then
       unset[#unset + 1] = field
     else
       set[#set + 1] = field
@@ -113,13 +124,24 @@ local function window(s)
     elseif band(fl, KIND_TOKENS) ~= 0 then
       if s.rt2 ~= nil then return 0 end
       if tr ~= nil then return tr end
+    elseif band(fl, bor(KIND_INPUT_TOKENS, KIND_OUTPUT_TOKENS)) ~= 0 then
+      local rate = s.rt4
+      if band(fl, KIND_INPUT_TOKENS) ~= 0 then rate = s.rt3 end
+      if rate ~= nil then return 0 end
+      if tr ~= nil then return tr end
     end
   elseif s.rmr ~= nil or s.rmt ~= nil then
     local w = 0
     if s.rmr == 0 and s.rt1 == nil then
       w = rr ~= nil and rr or RATE_LIMIT_FALLBACK
     end
-    if s.rmt == 0 and s.rt2 == nil then
+    local rate = s.rt2
+    -- rules._split_rate: a split family's tokens are left to input and output.
+    if s.sp and rate == nil then
+      rate = s.rt3
+      if rate == nil then rate = s.rt4 end
+    end
+    if s.rmt == 0 and rate == nil then
       local reset = tr ~= nil and tr or RATE_LIMIT_FALLBACK
       if reset > w then w = reset end
     end
@@ -152,12 +174,21 @@ local function reanchor(s, now)
   s.bat = now
 end
 
+-- rules._forget_dimension
+local function forget_dimension(s, d)
+  s[d.left], s[d.rate], s[d.limit] = nil, nil, nil
+  s[d.full] = 0
+  s.fl = band(s.fl, bnot(bor(d.probation, d.window)))
+end
+
 -- rules.forget_budget
 local function forget_budget(s)
   s.bat = 0
   s.fl = band(s.fl, bnot(BUDGET_SHAPE))
-  s.bl1, s.bl2, s.rt1, s.rt2, s.lm1, s.lm2 = nil, nil, nil, nil, nil, nil
-  s.fa1, s.fa2 = 0, 0
+  for _, d in ipairs(DIMS) do
+    s[d.left], s[d.rate], s[d.limit] = nil, nil, nil
+    s[d.full] = 0
+  end
 end
 
 -- rules.mark: a 429 of type kind ("" unknown); true when the first since the hand-out.
@@ -169,13 +200,23 @@ local function mark(s, now, kind)
       kind = 'requests'
     elseif s.rmt == 0 and s.lm2 ~= nil then
       kind = 'tokens'
+    elseif s.sp and s.bl3 == 0 and s.lm3 ~= nil then
+      kind = 'input_tokens'
+    elseif s.sp and s.bl4 == 0 and s.lm4 ~= nil then
+      kind = 'output_tokens'
     end
   end
   local kind_bit = 0
   if kind == 'requests' then kind_bit = KIND_REQUESTS elseif kind == 'tokens' then kind_bit = KIND_TOKENS end
+  -- Input and output tokens are limits of their own in a split family only.
+  if s.sp and kind == 'input_tokens' then kind_bit = KIND_INPUT_TOKENS end
+  if s.sp and kind == 'output_tokens' then kind_bit = KIND_OUTPUT_TOKENS end
   s.fl = bor(band(fl, bor(HAS_STATE, BUDGET_SHAPE)), SAW_RATE_LIMIT, kind_bit)
   s.rla = now
-  local d = kind_bit == KIND_REQUESTS and DIMS[1] or DIMS[2]
+  local d = DIMS[2]
+  for _, dim in ipairs(DIMS) do
+    if dim.kind == kind_bit then d = dim end
+  end
   if kind_bit ~= 0 and s[d.limit] ~= nil then
     reanchor(s, now)
     s[d.left] = 0
@@ -190,10 +231,17 @@ local function mark(s, now, kind)
   return first
 end
 
--- rules.apply_rate_headers; p: rr, tr (seconds as sent), rmr, rmt, lmr, lmt, each nil when absent.
+-- rules.apply_rate_headers; p: rr, tr (seconds as sent), rmr, rmt, lmr, lmt; a split
+-- provider's input and output tokens ir, rmi, lmi and orr, rmo, lmo; ra the retry-after
+-- (seconds); each nil when absent.
 local function apply_rate_headers(s, p, now, wide)
   if p.rr ~= nil then s.rr = math.min(p.rr, MAX_RESET) end
   if p.tr ~= nil then s.tr = math.min(p.tr, MAX_RESET) end
+  if p.ra ~= nil then
+    -- The upstream said how long to wait: the window is at least that, unclamped.
+    if not (s.rr ~= nil and s.rr >= p.ra) then s.rr = p.ra end
+    if not (s.tr ~= nil and s.tr >= p.ra) then s.tr = p.ra end
+  end
   local lefts = {p.rmr, p.rmt}
   for i = 1, 2 do
     if lefts[i] ~= nil then lefts[i] = math.min(lefts[i], MAX_COUNT) end
@@ -201,12 +249,24 @@ local function apply_rate_headers(s, p, now, wide)
   if lefts[1] ~= nil then s.rmr = lefts[1] end
   if lefts[2] ~= nil then s.rmt = lefts[2] end
   if wide then return end
-  if lefts[1] == nil and lefts[2] == nil then return end
+  -- Each dimension: its budget, what is left, the limit and the reset the answer gave.
+  local dims = {{DIMS[1], lefts[1], p.lmr, p.rr}, {DIMS[2], lefts[2], p.lmt, p.tr}}
+  local split = s.sp and not (p.rmi == nil and p.rmo == nil)
+  if split then
+    -- The tokens dimension is then no budget of its own (rules.py).
+    dims[2] = {DIMS[2], nil, nil, nil}
+    local rmi, rmo = p.rmi, p.rmo
+    if rmi ~= nil then rmi = math.min(rmi, MAX_COUNT) end
+    if rmo ~= nil then rmo = math.min(rmo, MAX_COUNT) end
+    dims[3] = {DIMS[3], rmi, p.lmi, p.ir}
+    dims[4] = {DIMS[4], rmo, p.lmo, p.orr}
+  elseif lefts[1] == nil and lefts[2] == nil then
+    return
+  end
   if s.bat ~= 0 then reanchor(s, now) end
-  local limits = {p.lmr, p.lmt}
-  local resets = {p.rr, p.tr}
-  for i, d in ipairs(DIMS) do
-    local left, limit, reset = lefts[i], limits[i], resets[i]
+  if split then forget_dimension(s, DIMS[2]) end
+  for _, dim in ipairs(dims) do
+    local d, left, limit, reset = dim[1], dim[2], dim[3], dim[4]
     if left ~= nil then
       local fresh = s[d.limit] == nil or now >= s[d.full]
       if limit ~= nil and reset ~= nil then
@@ -234,10 +294,10 @@ local function apply_rate_headers(s, p, now, wide)
   end
 end
 
--- rules._limits_match
+-- rules._limits_match (a state without a split family's budgets has no limit 3 or 4)
 local function limits_match(s, p)
   local compared = false
-  local limits = {p.lmr, p.lmt}
+  local limits = {p.lmr, p.lmt, p.lmi, p.lmo}
   for i, d in ipairs(DIMS) do
     local known = s[d.limit]
     if limits[i] ~= nil and known ~= nil then
@@ -258,30 +318,46 @@ local function fits_at(s, d, at, needed)
   return s[d.full]
 end
 
--- rules.budget_until
-local function budget_until(s, reserved, tokens_needed)
+-- rules.budget_until; split_needed: a split family's input and output tokens per
+-- hand-out (nil elsewhere: such a state has no budget 3 or 4).
+local function budget_until(s, reserved, tokens_needed, split_needed)
   local in_flight = #reserved
   local reserved_tokens = 0
   for _, r in ipairs(reserved) do reserved_tokens = reserved_tokens + r[2] end
   local at = s.bat
   local result = 0
   for i, d in ipairs(DIMS) do
-    local needed = i == 1 and in_flight + 1 or reserved_tokens + tokens_needed
     local limit, left = s[d.limit], s[d.left]
-    if limit ~= nil and needed > left then
-      local fits = fits_at(s, d, at, needed)
-      if in_flight > 0 then
-        local lapsed = 0
-        for _, r in ipairs(reserved) do
-          local lapse = r[1] + RESERVATION_TTL
-          if fits <= lapse then break end
-          lapsed = lapse
-          needed = needed - (i == 2 and r[2] or 1)
-          fits = fits_at(s, d, at, needed)
-        end
-        if lapsed > fits then fits = lapsed end
+    if limit ~= nil then
+      local needed
+      if i == 1 then
+        needed = in_flight + 1
+      elseif i == 2 then
+        needed = reserved_tokens + tokens_needed
+      else -- each hand-out in flight needs as much as the next
+        needed = (in_flight + 1) * split_needed[i - 2]
       end
-      if fits > result then result = fits end
+      if needed > left then
+        local fits = fits_at(s, d, at, needed)
+        if in_flight > 0 then
+          local lapsed = 0
+          for _, r in ipairs(reserved) do
+            local lapse = r[1] + RESERVATION_TTL
+            if fits <= lapse then break end
+            lapsed = lapse
+            if i == 1 then
+              needed = needed - 1
+            elseif i == 2 then
+              needed = needed - r[2]
+            else
+              needed = needed - split_needed[i - 2]
+            end
+            fits = fits_at(s, d, at, needed)
+          end
+          if lapsed > fits then fits = lapsed end
+        end
+        if fits > result then result = fits end
+      end
     end
   end
   if result == 0 then return 0 end

@@ -19,6 +19,7 @@ class AnthropicProvider(Provider):
     listed_default_family = models.CLAUDE
     rate_header_prefixes = (headers.PREFIX, headers.RETRY_AFTER_HEADER)
     split_token_budgets = True
+    reset_times = True
 
     def parse_rate_headers(self, headers_: Mapping[str, str], now: float) -> ParsedHeaders:
         return headers.parse_rate_headers(headers_, now)
