@@ -68,6 +68,7 @@ from ..status import (
 )
 from . import rules
 from .backend import KeyPage, KeySync
+from .pipelining import AutoPipeline
 from .rules import (
     CHANGE_LOGS,
     DEFAULT_LOCKOUT_MODEL,
@@ -266,6 +267,8 @@ class RedisBackend:
         self._waiting: dict[tuple[str, bool], deque[asyncio.Future[None]]] = {}
         self._woken: asyncio.Future[None] | None = None
         self._listener: asyncio.Task[None] | None = None
+        #: Script calls go to Redis in batches (one write and one read for many calls).
+        self._pipeline = AutoPipeline(client)
         self._scripts: dict[str, AsyncScript] = {
             name: client.register_script(_program(_script_text(f"{name}.lua")))
             for name in (
@@ -293,11 +296,12 @@ class RedisBackend:
             raise StoreUnavailable("this replica's keys are not in the shared pool yet")
         now = "" if self._now is None else repr(self._now())
         argv = [self._prefix, now, repr(self._reuse_delay), *args]
-        return await self._bounded(lambda: self._scripts[name](keys=[], args=argv), timeout)
+        script = self._scripts[name]
+        return await self._bounded(lambda left: self._pipeline.run(script, argv, left), timeout)
 
-    async def _bounded(self, call: Callable[[], Awaitable[_R]], timeout: float | None) -> _R:
-        """``call()`` within ``timeout``, by default what the RPC's budget has left (or
-        the whole timeout outside one); any failure is ``StoreUnavailable``."""
+    async def _bounded(self, call: Callable[[float], Awaitable[_R]], timeout: float | None) -> _R:
+        """``call(timeout)`` within ``timeout``, by default what the RPC's budget has
+        left (or the whole timeout outside one); any failure is ``StoreUnavailable``."""
         budget = _budget.get()
         if timeout is None:
             timeout = self._timeout if budget is None else budget.left
@@ -307,7 +311,7 @@ class RedisBackend:
         started = loop.time()
         try:
             async with asyncio.timeout(timeout):
-                return await call()
+                return await call(timeout)
         except TimeoutError:
             self._on_failure("timeout")
             raise StoreUnavailable(f"no answer within {timeout:g} s") from None
@@ -758,7 +762,7 @@ class RedisBackend:
 
     async def _exists(self, key_hash: str) -> bool:
         name = f"{{{self._prefix}}}:key:{key_hash}"
-        return bool(await self._bounded(lambda: self._client.exists(name), None))
+        return bool(await self._bounded(lambda _: self._client.exists(name), None))
 
     async def _checked(self, key_hash: str, check: Callable[[], None]) -> None:
         """Runs the input checks after the key's own: a missing key is reported first."""
@@ -1031,6 +1035,7 @@ class RedisBackend:
             self._listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._listener
+        await self._pipeline.aclose()
         await self._client.aclose()
 
     def _state_changed(self, key: Key, change: KeyChange, reason: str) -> None:
