@@ -3,8 +3,9 @@
 A script call through ``AutoPipeline.run`` joins a queue. One batch at a time is
 out: the calls queued meanwhile (and those made in the same event-loop turn as
 the first) go next, as one pipeline of EVALSHA (one write, the replies read in
-order) on one connection, instead of a connection checkout, a write and a read
-each. It is the technique ioredis calls autopipelining; under load a Get's
+order) on the pipeline's own connection, instead of a connection checkout, a
+write and a read each. Commands are packed by hiredis (C), not redis-py's
+Python packer. It is the technique ioredis calls autopipelining; under load a Get's
 Redis call then costs the server a share of one write and one read.
 
 What each call keeps: every script still runs whole and alone (a pipeline is
@@ -24,7 +25,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from redis.asyncio import Redis
+import hiredis
+from redis.asyncio import Connection, Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
@@ -48,6 +50,8 @@ class AutoPipeline:
         self._client = client
         self._queued: list[_Call] = []
         self._sender: asyncio.Task[None] | None = None
+        #: The connection batches go on, checked out of the client's pool on first use.
+        self._connection: Connection | None = None
         #: Batches sent and calls in them, for tests and measurements.
         self.batches = 0
         self.calls = 0
@@ -76,6 +80,9 @@ class AutoPipeline:
                 pass
         self._fail(self._queued, RedisConnectionError("the Redis client is closed"))
         self._queued = []
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            await self._client.connection_pool.release(connection)
 
     async def _send(self) -> None:
         """Sends the queue in batches until it is empty."""
@@ -127,34 +134,39 @@ class AutoPipeline:
     async def _pipeline(self, calls: Sequence[_Call]) -> list[Any]:
         """One write of every call, then their replies (an error reply in its place).
 
-        On a connection of the client's pool, with the client's retries on connection
-        errors (the connection is dropped first, as redis-py does): its pipelines do
-        the same with more machinery (transactions, WATCH) than a batch needs.
+        On the pipeline's own connection (taken from the client's pool once, not per
+        batch), with the client's retries on connection errors; a batch that fails
+        or is cancelled part way drops the connection, so no reply left unread is
+        taken for the next batch's.
         """
-        pool = self._client.connection_pool
-        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
-        try:
-            packed = connection.pack_commands(
-                [("EVALSHA", call.script.sha, 0, *call.args) for call in calls]
-            )
+        if self._connection is None:
+            self._connection = await self._client.connection_pool.get_connection()  # type: ignore[no-untyped-call]
+        connection = self._connection
+        packed = b"".join(
+            # (hiredis.pyi types the argument as a 1-tuple.)
+            hiredis.pack_command(("EVALSHA", call.script.sha, 0, *call.args))  # type: ignore[arg-type]
+            for call in calls
+        )
 
-            async def exchange() -> list[Any]:
-                await connection.send_packed_command(packed)
-                replies: list[Any] = []
-                for _ in calls:
-                    try:
-                        replies.append(await connection.read_response())
-                    except ResponseError as error:
-                        replies.append(error)
-                return replies
-
-            async def drop(error: Exception) -> None:
-                await connection.disconnect()
-
-            replies: list[Any] = await connection.retry.call_with_retry(exchange, drop)
+        async def exchange() -> list[Any]:
+            await connection.send_packed_command(packed)
+            replies: list[Any] = []
+            for _ in calls:
+                try:
+                    replies.append(await connection.read_response())
+                except ResponseError as error:
+                    replies.append(error)
             return replies
-        finally:
-            await pool.release(connection)
+
+        async def drop(error: Exception) -> None:
+            await connection.disconnect()
+
+        try:
+            replies: list[Any] = await connection.retry.call_with_retry(exchange, drop)
+        except BaseException:
+            await connection.disconnect(nowait=True)
+            raise
+        return replies
 
     @staticmethod
     def _fail(calls: Sequence[_Call], error: BaseException) -> None:
