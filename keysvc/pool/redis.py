@@ -105,6 +105,8 @@ SKIP_LIMIT: Final = 256
 #: How long a key list's held set stays in Redis when no replica renews it (ms): the
 #: lists of replicas gone or reloaded go by themselves.
 _HELD_TTL_MS: Final = 3_600_000
+#: Distinct key profiles (family lists, trial) kept for building Keys; a handful in practice.
+_PROFILES_KEPT: Final = 1024
 #: Hashes a replica that lacks keys logs, at most (with the count of all).
 _LACKING_LOGGED: Final = 100
 
@@ -208,7 +210,11 @@ def _text(value: Any) -> str:
 
 
 def _pairs(items: Sequence[Any]) -> dict[str, str]:
-    return {_text(items[i]): _text(items[i + 1]) for i in range(0, len(items), 2)}
+    """A flat name, value, ... reply as a dict (a hash's fields are all bulk strings)."""
+    try:
+        return {n.decode(): v.decode() for n, v in zip(items[::2], items[1::2], strict=True)}
+    except AttributeError:  # an integer among them
+        return {_text(items[i]): _text(items[i + 1]) for i in range(0, len(items), 2)}
 
 
 class RedisBackend:
@@ -252,6 +258,8 @@ class RedisBackend:
         self._now = now
         self._on_failure = on_failure or _ignore
         self._time_scale = time_scale
+        #: KeyProfiles by a record's families and trial flag (``_profile``).
+        self._profiles: dict[tuple[str, bool], KeyProfile] = {}
         #: The keys this replica holds a secret for, by hash.
         self._secrets: dict[str, tuple[str, str]] = {}
         #: This replica's configured keys (its key list; not the organization clones).
@@ -332,12 +340,14 @@ class RedisBackend:
         local = self._secrets.get(key_hash) or self._secrets.get(record.get("clone", ""))
         # An organization clone (made by whichever replica checks keys) has its parent's secret.
         secret, organization_id = local or ("", record.get("org", ""))
-        families = frozenset(f for f in record.get("fams", "").split(",") if f)
+        book = RateBook()
+        book.add_row(0)
         key = Key(
             secret=secret,
             hash=key_hash,
-            profile=KeyProfile(families, record.get("trial") == "1"),
-            seq=int(record.get("seq", "0")),
+            profile=self._profile(record.get("fams", ""), record.get("trial") == "1"),
+            # Its row in its own book; the load position is in the record.
+            seq=0,
             organization_id=record.get("org", organization_id),
             is_disabled=record.get("dis") == "1",
             is_revoked=record.get("rev") == "1",
@@ -349,11 +359,8 @@ class RedisBackend:
             prompt_count=int(record.get("pc", "0")),
             revive_if_alive=record.get("revive") == "1",
             cloned_from=record.get("clone", ""),
+            book=book,
         )
-        book = RateBook()
-        seq = key.seq
-        key.join(book, 0)
-        key.seq = seq
         rows = view[2]
         for i in range(0, len(rows), 2):
             table = book.table(_text(rows[i]))
@@ -366,9 +373,18 @@ class RedisBackend:
         if usage:
             for family, tokens in usage.items():
                 book.add_usage(0, family, int(tokens))
-        key.book = book
-        key.seq = 0  # its row in its own book; the load position is in the record
         return key
+
+    def _profile(self, families: str, is_trial: bool) -> KeyProfile:
+        """The profile of a record's ``fams`` and ``trial``, one per distinct pair (Keys
+        with equal profiles share one, as in memory): a Get's reply builds no new one."""
+        profile = self._profiles.get((families, is_trial))
+        if profile is None:
+            if len(self._profiles) >= _PROFILES_KEPT:
+                self._profiles.clear()
+            profile = KeyProfile(frozenset(f for f in families.split(",") if f), is_trial)
+            self._profiles[(families, is_trial)] = profile
+        return profile
 
     def _secret_for(self, key: Key) -> Key:
         """A key handed out must be one this replica holds the secret of."""
