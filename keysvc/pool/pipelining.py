@@ -4,9 +4,9 @@ A script call through ``AutoPipeline.run`` joins a queue. One batch at a time is
 out: the calls queued meanwhile (and those made in the same event-loop turn as
 the first) go next, as one pipeline of EVALSHA (one write, the replies read in
 order) on the pipeline's own connection, instead of a connection checkout, a
-write and a read each. Commands are packed by hiredis (C), not redis-py's
-Python packer. It is the technique ioredis calls autopipelining; under load a Get's
-Redis call then costs the server a share of one write and one read.
+write and a read each. Commands are packed by hiredis (C), not by redis-py's
+Python packer. It is the technique ioredis calls autopipelining; under load a
+Get's Redis call then costs the server a share of one write and one read.
 
 What each call keeps: every script still runs whole and alone (a pipeline is
 not a transaction; the calls of a batch are concurrent calls, in no promised
@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import hiredis
-from redis.asyncio import Connection, Redis
+from redis.asyncio import Redis
+from redis.asyncio.connection import AbstractConnection
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
@@ -50,8 +51,8 @@ class AutoPipeline:
         self._client = client
         self._queued: list[_Call] = []
         self._sender: asyncio.Task[None] | None = None
-        #: The connection batches go on, checked out of the client's pool on first use.
-        self._connection: Connection | None = None
+        #: The connection batches go on (``_connect``), made on first use.
+        self._connection: AbstractConnection | None = None
         #: Batches sent and calls in them, for tests and measurements.
         self.batches = 0
         self.calls = 0
@@ -82,7 +83,7 @@ class AutoPipeline:
         self._queued = []
         connection, self._connection = self._connection, None
         if connection is not None:
-            await self._client.connection_pool.release(connection)
+            await connection.disconnect()
 
     async def _send(self) -> None:
         """Sends the queue in batches until it is empty."""
@@ -134,14 +135,13 @@ class AutoPipeline:
     async def _pipeline(self, calls: Sequence[_Call]) -> list[Any]:
         """One write of every call, then their replies (an error reply in its place).
 
-        On the pipeline's own connection (taken from the client's pool once, not per
-        batch), with the client's retries on connection errors; a batch that fails
-        or is cancelled part way drops the connection, so no reply left unread is
-        taken for the next batch's.
+        On the pipeline's own connection, with the client's retries on connection
+        errors; a batch that fails or is cancelled part way drops the connection, so
+        no reply left unread is taken for the next batch's.
         """
-        if self._connection is None:
-            self._connection = await self._client.connection_pool.get_connection()  # type: ignore[no-untyped-call]
         connection = self._connection
+        if connection is None:
+            connection = self._connection = self._connect()
         packed = b"".join(
             # (hiredis.pyi types the argument as a 1-tuple.)
             hiredis.pack_command(("EVALSHA", call.script.sha, 0, *call.args))  # type: ignore[arg-type]
@@ -167,6 +167,18 @@ class AutoPipeline:
             await connection.disconnect(nowait=True)
             raise
         return replies
+
+    def _connect(self) -> AbstractConnection:
+        """The pipeline's own connection: as the client's pool makes them (address,
+        TLS, credentials, retries), but without a socket timeout. A batch is bounded
+        by its calls' deadline; a socket timeout would also give up on a slow answer
+        and send the whole batch again (the client retries timeouts), running its
+        scripts twice, and costs a task and a timer per write."""
+        pool = self._client.connection_pool
+        connection: AbstractConnection = pool.connection_class(
+            **{**pool.connection_kwargs, "socket_timeout": None}
+        )
+        return connection
 
     @staticmethod
     def _fail(calls: Sequence[_Call], error: BaseException) -> None:

@@ -142,6 +142,29 @@ async def test_a_hung_redis_holds_a_batch_no_longer_than_its_callers_wait(
         await client.aclose()
 
 
+async def test_a_slow_answer_is_waited_for_within_the_deadline_not_sent_twice(
+    tmp_path: Path,
+) -> None:
+    server = RedisServer(tmp_path)
+    server.start()
+    # The client's socket timeout (the server sets it to KEYSVC_REDIS_TIMEOUT) is
+    # shorter than Redis takes: a batch waits for its calls' deadline instead of
+    # giving up on the read and sending the batch again (running its scripts twice).
+    client = aioredis.Redis.from_url(server.url, socket_timeout=0.1)
+    try:
+        script = client.register_script(_ECHO)
+        pipeline = AutoPipeline(client)
+        assert await pipeline.run(script, ["calls", "up"], 5.0) == b"up"
+        server.pause()
+        asyncio.get_running_loop().call_later(0.4, server.resume)
+        assert await pipeline.run(script, ["slow", "slow"], 2.0) == b"slow"
+        assert await client.get("slow") == b"1"
+    finally:
+        server.resume()
+        server.stop()
+        await client.aclose()
+
+
 async def test_a_call_whose_caller_stopped_waiting_is_not_sent(tmp_path: Path) -> None:
     server = RedisServer(tmp_path)
     server.start()
