@@ -69,6 +69,7 @@ from ..status import (
 )
 from . import rules
 from .backend import KeyPage, KeySync
+from .pipelining import AutoPipeline
 from .rules import (
     CHANGE_LOGS,
     DEFAULT_LOCKOUT_MODEL,
@@ -105,6 +106,8 @@ SKIP_LIMIT: Final = 256
 #: How long a key list's held set stays in Redis when no replica renews it (ms): the
 #: lists of replicas gone or reloaded go by themselves.
 _HELD_TTL_MS: Final = 3_600_000
+#: Distinct key profiles (family lists, trial) kept for building Keys; a handful in practice.
+_PROFILES_KEPT: Final = 1024
 #: Hashes a replica that lacks keys logs, at most (with the count of all).
 _LACKING_LOGGED: Final = 100
 
@@ -232,7 +235,11 @@ def _text(value: Any) -> str:
 
 
 def _pairs(items: Sequence[Any]) -> dict[str, str]:
-    return {_text(items[i]): _text(items[i + 1]) for i in range(0, len(items), 2)}
+    """A flat name, value, ... reply as a dict (a hash's fields are all bulk strings)."""
+    try:
+        return {n.decode(): v.decode() for n, v in zip(items[::2], items[1::2], strict=True)}
+    except AttributeError:  # an integer among them
+        return {_text(items[i]): _text(items[i + 1]) for i in range(0, len(items), 2)}
 
 
 class RedisBackend:
@@ -276,6 +283,8 @@ class RedisBackend:
         self._now = now
         self._on_failure = on_failure or _ignore
         self._time_scale = time_scale
+        #: KeyProfiles by a record's families and trial flag (``_profile``).
+        self._profiles: dict[tuple[str, bool], KeyProfile] = {}
         #: The keys this replica holds a secret for, by hash.
         self._secrets: dict[str, tuple[str, str]] = {}
         #: This replica's configured keys (its key list; not the organization clones).
@@ -292,6 +301,8 @@ class RedisBackend:
         self._woken: asyncio.Future[None] | None = None
         self._listener: asyncio.Task[None] | None = None
         split = [f for f in models.families if provider(models.provider_of(f)).split_token_budgets]
+        #: Script calls go to Redis in batches (one write and one read for many calls).
+        self._pipeline = AutoPipeline(client)
         self._scripts: dict[str, AsyncScript] = {
             name: client.register_script(_program(_script_text(f"{name}.lua"), split))
             for name in (
@@ -319,11 +330,12 @@ class RedisBackend:
             raise StoreUnavailable("this replica's keys are not in the shared pool yet")
         now = "" if self._now is None else repr(self._now())
         argv = [self._prefix, now, repr(self._reuse_delay), *args]
-        return await self._bounded(lambda: self._scripts[name](keys=[], args=argv), timeout)
+        script = self._scripts[name]
+        return await self._bounded(lambda left: self._pipeline.run(script, argv, left), timeout)
 
-    async def _bounded(self, call: Callable[[], Awaitable[_R]], timeout: float | None) -> _R:
-        """``call()`` within ``timeout``, by default what the RPC's budget has left (or
-        the whole timeout outside one); any failure is ``StoreUnavailable``."""
+    async def _bounded(self, call: Callable[[float], Awaitable[_R]], timeout: float | None) -> _R:
+        """``call(timeout)`` within ``timeout``, by default what the RPC's budget has
+        left (or the whole timeout outside one); any failure is ``StoreUnavailable``."""
         budget = _budget.get()
         if timeout is None:
             timeout = self._timeout if budget is None else budget.left
@@ -333,7 +345,7 @@ class RedisBackend:
         started = loop.time()
         try:
             async with asyncio.timeout(timeout):
-                return await call()
+                return await call(timeout)
         except TimeoutError:
             self._on_failure("timeout")
             raise StoreUnavailable(f"no answer within {timeout:g} s") from None
@@ -354,12 +366,14 @@ class RedisBackend:
         local = self._secrets.get(key_hash) or self._secrets.get(record.get("clone", ""))
         # An organization clone (made by whichever replica checks keys) has its parent's secret.
         secret, organization_id = local or ("", record.get("org", ""))
-        families = frozenset(f for f in record.get("fams", "").split(",") if f)
+        book = RateBook()
+        book.add_row(0)
         key = Key(
             secret=secret,
             hash=key_hash,
-            profile=KeyProfile(families, record.get("trial") == "1"),
-            seq=int(record.get("seq", "0")),
+            profile=self._profile(record.get("fams", ""), record.get("trial") == "1"),
+            # Its row in its own book; the load position is in the record.
+            seq=0,
             service=identity_of_hash(key_hash).name,
             organization_id=record.get("org", organization_id),
             is_disabled=record.get("dis") == "1",
@@ -373,11 +387,8 @@ class RedisBackend:
             prompt_count=int(record.get("pc", "0")),
             revive_if_alive=record.get("revive") == "1",
             cloned_from=record.get("clone", ""),
+            book=book,
         )
-        book = RateBook()
-        seq = key.seq
-        key.join(book, 0)
-        key.seq = seq
         rows = view[2]
         for i in range(0, len(rows), 2):
             table = book.table(_text(rows[i]))
@@ -390,9 +401,18 @@ class RedisBackend:
         if usage:
             for family, tokens in usage.items():
                 book.add_usage(0, family, int(tokens))
-        key.book = book
-        key.seq = 0  # its row in its own book; the load position is in the record
         return key
+
+    def _profile(self, families: str, is_trial: bool) -> KeyProfile:
+        """The profile of a record's ``fams`` and ``trial``, one per distinct pair (Keys
+        with equal profiles share one, as in memory): a Get's reply builds no new one."""
+        profile = self._profiles.get((families, is_trial))
+        if profile is None:
+            if len(self._profiles) >= _PROFILES_KEPT:
+                self._profiles.clear()
+            profile = KeyProfile(frozenset(f for f in families.split(",") if f), is_trial)
+            self._profiles[(families, is_trial)] = profile
+        return profile
 
     def _secret_for(self, key: Key) -> Key:
         """A key handed out must be one this replica holds the secret of."""
@@ -841,7 +861,7 @@ class RedisBackend:
 
     async def _exists(self, key_hash: str) -> bool:
         name = f"{{{self._prefix}}}:key:{key_hash}"
-        return bool(await self._bounded(lambda: self._client.exists(name), None))
+        return bool(await self._bounded(lambda _: self._client.exists(name), None))
 
     async def _checked(self, key_hash: str, check: Callable[[], None]) -> None:
         """Runs the input checks after the key's own: a missing key is reported first."""
@@ -1143,6 +1163,7 @@ class RedisBackend:
             self._listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._listener
+        await self._pipeline.aclose()
         await self._client.aclose()
 
     def _state_changed(self, key: Key, change: KeyChange, reason: str) -> None:
