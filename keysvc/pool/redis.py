@@ -50,7 +50,7 @@ from ..errors import (
     StoreUnavailable,
 )
 from ..events import KeyChange, NullObserver, PoolObserver
-from ..keys import DisableReason, Key, KeyProfile, hash_key
+from ..keys import DisableReason, Key, KeyProfile, hash_key, snapshot_base
 from ..listing import KeyFilter
 from ..models import GPT4_32K, ModelTable
 from ..outcomes import Decision, UpstreamError, decide
@@ -195,6 +195,20 @@ def _ignore(problem: str) -> None:
     pass
 
 
+def _model_args(model: str) -> tuple[str, str]:
+    """The get script's model arguments: the model, and its name without a dated
+    snapshot's suffix ("" when it has none), so Lua applies ``keys.lists_model``."""
+    base = snapshot_base(model)
+    return model, "" if base == model else base
+
+
+def _listing(model_ids: Iterable[str]) -> tuple[str, list[str]]:
+    """The id of a key's listed model ids in Redis (a digest: keys listing the same
+    ids share one index per family and class) and the ids, sorted."""
+    ids = sorted(set(model_ids))
+    return hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16], ids
+
+
 def _listed_state(key: KeyState) -> str:
     """The List state (active, locked, disabled) a key is listed under."""
     if key.is_disabled:
@@ -261,9 +275,10 @@ class RedisBackend:
         self._hold_pending = True
         #: add script arguments of keys not registered in Redis yet (it did not answer).
         self._unregistered: list[str] = []
-        #: Waiting Gets, per (family, embeddings), first come first served; the first
-        #: of each asks Redis, woken by ``_woken`` (pub/sub) or its unlock time.
-        self._waiting: dict[tuple[str, bool], deque[asyncio.Future[None]]] = {}
+        #: Waiting Gets, per (family, embeddings, model), first come first served; the
+        #: first of each asks Redis, woken by ``_woken`` (pub/sub) or its unlock time.
+        #: Per model: keys whose listed ids lack a model must not hold up its waiters.
+        self._waiting: dict[tuple[str, bool, str], deque[asyncio.Future[None]]] = {}
         self._woken: asyncio.Future[None] | None = None
         self._listener: asyncio.Task[None] | None = None
         self._scripts: dict[str, AsyncScript] = {
@@ -322,7 +337,8 @@ class RedisBackend:
                 budget.left -= loop.time() - started
 
     def _key(self, view: Sequence[Any]) -> Key:
-        """A Key from a script's view of one (record, family states, usage)."""
+        """A Key from a script's view of one (record, family states, usage). Its
+        profile has no model ids (the scripts choose by them; no message shows them)."""
         key_hash = _text(view[0])
         record = _pairs(view[1])
         local = self._secrets.get(key_hash) or self._secrets.get(record.get("clone", ""))
@@ -589,7 +605,9 @@ class RedisBackend:
         family, embeddings = self._info(model)
         kind = "1" if embeddings else "0"
         if max_wait == 0.0:  # a plain Get never refuses: the key that unlocks first
-            answer = await self._run("get", family, kind, "get", self._held, caller)
+            answer = await self._run(
+                "get", family, kind, "get", self._held, caller, *_model_args(model)
+            )
             return self._handed_out(answer, family, model)
         if time_left is not None:
             max_wait = max(0.0, min(max_wait, time_left - rules.DEADLINE_MARGIN))
@@ -599,7 +617,9 @@ class RedisBackend:
                 return key
         # The wait ran out (or the deadline left none): a free key, else KEYS_BUSY, as
         # in memory (KeyPool.get_waiting says why).
-        answer = await self._run("get", family, kind, "free", self._held, caller)
+        answer = await self._run(
+            "get", family, kind, "free", self._held, caller, *_model_args(model)
+        )
         if _text(answer[0]) != "until":
             return self._handed_out(answer, family, model)
         raise KeysBusy(family, model, max(0.0, float(_text(answer[1])) - float(_text(answer[2]))))
@@ -611,8 +631,8 @@ class RedisBackend:
         The first script call takes back the room held for ``caller`` (the caller
         is returned as "" once it has).
 
-        Waiters of one family (and kind) in this replica take turns in arrival order;
-        only the first asks Redis. It is woken at the earliest unlock time Redis
+        Waiters of one model in this replica take turns in arrival order; only the
+        first asks Redis. It is woken at the earliest unlock time Redis
         reports, and when any replica publishes that a key may have come free (a
         report, a Recheck, new keys); nothing is polled. Across replicas no order
         holds: each replica's first waiter competes with the others' for the key.
@@ -620,7 +640,7 @@ class RedisBackend:
         loop = asyncio.get_running_loop()
         scale = self._time_scale
         deadline = loop.time() + max_wait / scale
-        queue = self._waiting.setdefault((family, embeddings), deque())
+        queue = self._waiting.setdefault((family, embeddings, model), deque())
         turn: asyncio.Future[None] = loop.create_future()
         queue.append(turn)
         if queue[0] is turn:
@@ -634,7 +654,9 @@ class RedisBackend:
                     continue
                 woken = self._next_wake()
                 kind = "1" if embeddings else "0"
-                answer = await self._run("get", family, kind, "free", self._held, caller)
+                answer = await self._run(
+                    "get", family, kind, "free", self._held, caller, *_model_args(model)
+                )
                 caller = ""
                 if _text(answer[0]) != "until":
                     return self._handed_out(answer, family, model), caller
@@ -647,7 +669,7 @@ class RedisBackend:
             if queue and not queue[0].done():
                 queue[0].set_result(None)
             if not queue:
-                del self._waiting[(family, embeddings)]
+                del self._waiting[(family, embeddings, model)]
 
     def _listen(self) -> None:
         """Starts the subscription to the pool's wake-ups (once)."""
@@ -697,7 +719,13 @@ class RedisBackend:
         if self._allowed is not None and info.family not in self._allowed:
             return 0.0
         answer = await self._run(
-            "get", info.family, "1" if info.embeddings else "0", "peek", self._held, caller
+            "get",
+            info.family,
+            "1" if info.embeddings else "0",
+            "peek",
+            self._held,
+            caller,
+            *_model_args(model),
         )
         if _text(answer[0]) == "none":
             return 0.0
@@ -942,13 +970,15 @@ class RedisBackend:
         is_trial: bool,
         organization_id: str | None = None,
     ) -> Key:
-        """Records a check that found the key alive. The families come from the listed
-        model ids; the ids themselves are not kept (a Redis pool serves a model by its
-        family: a key listing gpt-4o but not gpt-4o-mini may get gpt-4o-mini requests)."""
+        """Records a check that found the key alive. With ``model_ids``, the key serves
+        their families, and only the models among them (or dated snapshots of them),
+        as in memory; None (the list could not be read) keeps what the pool knows."""
         self._check_hash(key_hash)
-        families = (
-            "" if model_ids is None else ",".join(sorted(self._models.listed_families(model_ids)))
-        )
+        families, listing = "", ""
+        ids: list[str] = []
+        if model_ids is not None:
+            listing, ids = _listing(model_ids)
+            families = ",".join(sorted(self._models.listed_families(ids)))
         answer = await self._run(
             "check",
             key_hash,
@@ -957,6 +987,8 @@ class RedisBackend:
             "1" if is_trial else "0",
             "0" if organization_id is None else "1",
             organization_id or "",
+            listing,
+            *ids,
         )
         if _text(answer[0]) == "missing":
             raise KeyNotFound(key_hash)
