@@ -98,6 +98,8 @@ _CENSUS_BATCH: Final = 1000
 _CENSUS_LISTED: Final = 200
 #: Keys one Recheck script call marks, at most (a few ms of Redis per call).
 RECHECK_BATCH: Final = 500
+#: Keys one sweep script call looks at, at most (``RedisBackend.sweep``).
+SWEEP_BATCH: Final = 500
 #: Keys a replica lacks that a Get looks past at the head of each index, at most
 #: (docs/scale-out.md): selection stays bounded when replicas' key lists differ.
 SKIP_LIMIT: Final = 256
@@ -297,6 +299,7 @@ class RedisBackend:
                 "census",
                 "hold",
                 "lacking",
+                "sweep",
             )
         }
 
@@ -418,11 +421,7 @@ class RedisBackend:
         Raises:
             StoreUnavailable: Redis did not answer; ``ping`` registers them when it does.
         """
-        families = self._models.default_key_families() if profile is None else profile.families
-        fams = ",".join(sorted(families))
-        trial = "1" if profile is not None and profile.is_trial else "0"
-        c32 = "1" if GPT4_32K in families else "0"
-        args: list[str] = []
+        hashes: list[str] = []
         for secret in secrets:
             key_hash = hash_key(secret)
             if key_hash in self._configured:
@@ -431,26 +430,38 @@ class RedisBackend:
             self._hold_pending = True
             if self._secrets.get(key_hash) != (secret, ""):
                 self._secrets[key_hash] = (secret, "")
-                args += [key_hash, fams, trial, c32, "", ""]
-        self._unregistered += args
+                hashes.append(key_hash)
+        self._unregistered += self._add_args(hashes, profile)
         return await self._register()
 
+    def _add_args(self, hashes: Iterable[str], profile: KeyProfile | None = None) -> list[str]:
+        """The add script's arguments for new keys of ``profile`` (None: unchecked keys)."""
+        families = self._models.default_key_families() if profile is None else profile.families
+        fams = ",".join(sorted(families))
+        trial = "1" if profile is not None and profile.is_trial else "0"
+        c32 = "1" if GPT4_32K in families else "0"
+        return [arg for key_hash in hashes for arg in (key_hash, fams, trial, c32, "", "")]
+
     async def _register(self) -> int:
-        """Adds the keys not in the pool yet, then holds this replica's key list (a Get
-        chooses among its keys from then on) and logs the pool's keys it lacks."""
+        """Holds this replica's key list, then adds its keys not in the pool yet (a Get
+        chooses among its keys from then on) and logs the pool's keys it lacks. The
+        list is held first so that a sweep (``sweep``) never finds a key just added
+        in no list."""
         # At start-up and reload, not in an RPC: a batch may take longer than one.
         timeout = max(self._timeout, 10.0)
-        added = 0
-        while self._unregistered:
-            batch = self._unregistered[: 6 * _ADD_BATCH]
-            added += len(await self._run("add", *batch, timeout=timeout))
-            del self._unregistered[: len(batch)]
+        held = ""
         if self._hold_pending:
             hashes = sorted(self._configured)
             held = hashlib.sha256("\n".join(hashes).encode()).hexdigest()[:16]
             for start in range(0, len(hashes), _ADD_BATCH):
                 batch = hashes[start : start + _ADD_BATCH]
                 await self._run("hold", held, _HELD_TTL_MS, *batch, timeout=timeout)
+        added = 0
+        while self._unregistered:
+            batch = self._unregistered[: 6 * _ADD_BATCH]
+            added += len(await self._run("add", *batch, timeout=timeout))
+            del self._unregistered[: len(batch)]
+        if held:
             self._held, self._hold_pending = held, False
             # Keys no longer configured (and their clones) are not handed out from now on.
             kept = set(self._configured.values())
@@ -496,6 +507,9 @@ class RedisBackend:
             async with asyncio.timeout(self._timeout):
                 await self._client.ping()
             if self._configured and not await self._run("hold", self._held, _HELD_TTL_MS):
+                # Nobody renewed the list for an hour: a sweep may have removed its keys.
+                # Held again, then added again (keys still in the pool keep their state).
+                self._unregistered += self._add_args(self._configured)
                 self._hold_pending = True
                 await self._register()
         except (StoreUnavailable, TimeoutError, redis_errors.RedisError, OSError):
@@ -889,6 +903,25 @@ class RedisBackend:
         if change:
             self._state_changed(key, _CHANGES[change], reason.value)
         return key
+
+    async def sweep(self) -> list[str]:
+        """Removes the keys that no replica's key list holds any more (every replica that
+        held them dropped them on a reload, or has not renewed its list for an hour) from
+        the shared pool, with their state, as the memory backend removes a key a reload
+        drops. ``SWEEP_BATCH`` keys per script call, each call with the whole timeout;
+        nothing is removed while no list is held. Returns the hashes removed."""
+        removed: list[str] = []
+        after = "0"
+        while after:
+            answer = await self._run("sweep", after, SWEEP_BATCH)
+            after = _text(answer[0])
+            removed += [_text(h) for h in answer[1:]]
+        if removed:
+            _log.info(
+                "keys no replica holds removed from the shared pool",
+                extra={"removed": len(removed), "hashes": ",".join(removed[:_LACKING_LOGGED])},
+            )
+        return removed
 
     async def recheck(self, *, until_checked: bool = False) -> None:
         """Marks every key for recheck, ``RECHECK_BATCH`` keys per script call so no call

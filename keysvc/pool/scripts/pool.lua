@@ -22,6 +22,7 @@
 --   answered:<h>   -     "family time" of the last report without a model
 --   held:<id>      set   the hashes of one key list (id: a digest of it); a replica with
 --                        that list hands out only these keys and their organization clones
+--   helds          set   the ids of the key lists held (sweep.lua forgets expired ones)
 --   promise:<f>:<c> list  caller c's holds in family f, oldest first: "hash id"
 --   idle:<c>       -     caller c's last hold lapsed unused: no more until its Get
 --   promiseseq     int   the last hold id given out
