@@ -99,7 +99,7 @@ _CENSUS_LISTED: Final = 200
 #: Keys one Recheck script call marks, at most (a few ms of Redis per call).
 RECHECK_BATCH: Final = 500
 #: Keys one sweep script call looks at, at most (``RedisBackend.sweep``).
-SWEEP_BATCH: Final = 500
+SWEEP_BATCH: Final = 100
 #: Keys a replica lacks that a Get looks past at the head of each index, at most
 #: (docs/scale-out.md): selection stays bounded when replicas' key lists differ.
 SKIP_LIMIT: Final = 256
