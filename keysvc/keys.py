@@ -22,6 +22,7 @@ __all__ = [
     "lists_model",
     "parse_key_list",
     "service_of",
+    "snapshot_base",
 ]
 
 SERVICE_OPENAI = OPENAI
@@ -76,11 +77,17 @@ class KeyProfile:
 _SNAPSHOT_SUFFIX = re.compile(r"-(?:\d{4}-\d{2}-\d{2}|\d{4})$")
 
 
+def snapshot_base(model: str) -> str:
+    """``model`` without a dated snapshot's suffix (gpt-4o-2024-08-06: gpt-4o); the
+    name itself when it has none."""
+    return _SNAPSHOT_SUFFIX.sub("", model)
+
+
 def lists_model(model_ids: frozenset[str], model: str) -> bool:
     """Whether ``model`` is in ``model_ids``, counting a dated snapshot of a listed model."""
     if model in model_ids:
         return True
-    base = _SNAPSHOT_SUFFIX.sub("", model)
+    base = snapshot_base(model)
     return base != model and base in model_ids
 
 

@@ -89,6 +89,9 @@ REDIS_PING_INTERVAL = 0.5
 #: The key checker's lease among replicas: a dead holder's checks resume elsewhere
 #: within this many seconds.
 CHECKER_LEASE = 10.0
+#: How often the checker lease's holder removes the keys no replica holds any more from
+#: a shared pool (RedisBackend.sweep): a walk over the pool in batches.
+SWEEP_INTERVAL = 600.0
 
 
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: KeysvcError) -> None:
@@ -567,18 +570,23 @@ async def _check_under_lease(
     backend: RedisBackend,
     shared: _SharedRecheck,
     lease: float = CHECKER_LEASE,
+    sweep_every: float = SWEEP_INTERVAL,
 ) -> None:
     """Runs the key checker while this replica holds the lease; renews it every third
     of its length, stops checking when it is lost. A dead holder's lease lapses and
-    another replica takes over the checks left (the keys still unchecked in Redis)."""
+    another replica takes over the checks left (the keys still unchecked in Redis).
+    The holder also removes the keys no replica holds any more, every ``sweep_every``
+    seconds (one replica at a time walks the pool for them)."""
     holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    loop = asyncio.get_running_loop()
     while True:
         if not await backend.hold_lease(holder, lease):
             await asyncio.sleep(lease / 3)
             continue
         _log.info("key checker lease taken", extra={"holder": holder})
         checker = shared.checker = make_checker()
-        task = asyncio.get_running_loop().create_task(checker.run())
+        task = loop.create_task(checker.run())
+        swept = loop.time()
         try:
             while not task.done():
                 await asyncio.sleep(lease / 3)
@@ -586,6 +594,15 @@ async def _check_under_lease(
                     _log.warning("key checker lease lost; checking stops here")
                     break
                 await checker.pick_up_rechecks()
+                if loop.time() - swept >= sweep_every:
+                    swept = loop.time()
+                    try:
+                        await backend.sweep()
+                    except StoreUnavailable as exc:
+                        _log.warning(
+                            "sweep of keys no replica holds failed; tried again later",
+                            extra={"problem": exc.problem},
+                        )
         finally:
             shared.checker = None
             task.cancel()

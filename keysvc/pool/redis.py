@@ -51,7 +51,7 @@ from ..errors import (
     StoreUnavailable,
 )
 from ..events import KeyChange, NullObserver, PoolObserver
-from ..keys import DisableReason, Key, KeyProfile, hash_key
+from ..keys import DisableReason, Key, KeyProfile, hash_key, snapshot_base
 from ..listing import KeyFilter
 from ..models import GPT4_32K, ModelTable
 from ..outcomes import Decision, UpstreamError
@@ -100,6 +100,8 @@ _CENSUS_BATCH: Final = 1000
 _CENSUS_LISTED: Final = 200
 #: Keys one Recheck script call marks, at most (a few ms of Redis per call).
 RECHECK_BATCH: Final = 500
+#: Keys one sweep script call looks at, at most (``RedisBackend.sweep``).
+SWEEP_BATCH: Final = 100
 #: Keys a replica lacks that a Get looks past at the head of each index, at most
 #: (docs/scale-out.md): selection stays bounded when replicas' key lists differ.
 SKIP_LIMIT: Final = 256
@@ -223,6 +225,20 @@ def _provider_keys(by_prefix: Mapping[str, str], total: int) -> dict[str, int]:
     return keys_of
 
 
+def _model_args(model: str) -> tuple[str, str]:
+    """The get script's model arguments: the model, and its name without a dated
+    snapshot's suffix ("" when it has none), so Lua applies ``keys.lists_model``."""
+    base = snapshot_base(model)
+    return model, "" if base == model else base
+
+
+def _listing(model_ids: Iterable[str]) -> tuple[str, list[str]]:
+    """The id of a key's listed model ids in Redis (a digest: keys listing the same
+    ids share one index per family and class) and the ids, sorted."""
+    ids = sorted(set(model_ids))
+    return hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16], ids
+
+
 def _listed_state(key: KeyState) -> str:
     """The List state (active, locked, disabled) a key is listed under."""
     if key.is_disabled:
@@ -295,9 +311,10 @@ class RedisBackend:
         self._hold_pending = True
         #: add script arguments of keys not registered in Redis yet (it did not answer).
         self._unregistered: list[str] = []
-        #: Waiting Gets, per (family, embeddings), first come first served; the first
-        #: of each asks Redis, woken by ``_woken`` (pub/sub) or its unlock time.
-        self._waiting: dict[tuple[str, bool], deque[asyncio.Future[None]]] = {}
+        #: Waiting Gets, per (family, embeddings, model), first come first served; the
+        #: first of each asks Redis, woken by ``_woken`` (pub/sub) or its unlock time.
+        #: Per model: keys whose listed ids lack a model must not hold up its waiters.
+        self._waiting: dict[tuple[str, bool, str], deque[asyncio.Future[None]]] = {}
         self._woken: asyncio.Future[None] | None = None
         self._listener: asyncio.Task[None] | None = None
         split = [f for f in models.families if provider(models.provider_of(f)).split_token_budgets]
@@ -319,6 +336,7 @@ class RedisBackend:
                 "census",
                 "hold",
                 "lacking",
+                "sweep",
             )
         }
 
@@ -360,7 +378,8 @@ class RedisBackend:
                 budget.left -= loop.time() - started
 
     def _key(self, view: Sequence[Any]) -> Key:
-        """A Key from a script's view of one (record, family states, usage)."""
+        """A Key from a script's view of one (record, family states, usage). Its
+        profile has no model ids (the scripts choose by them; no message shows them)."""
         key_hash = _text(view[0])
         record = _pairs(view[1])
         local = self._secrets.get(key_hash) or self._secrets.get(record.get("clone", ""))
@@ -450,14 +469,7 @@ class RedisBackend:
         Raises:
             StoreUnavailable: Redis did not answer; ``ping`` registers them when it does.
         """
-        trial = "1" if profile is not None and profile.is_trial else "0"
-        new_key = {}  # per provider: families, has gpt4-32k
-        for name in provider_names():
-            families = self._models.default_key_families(name)
-            if profile is not None:
-                families = profile.families
-            new_key[name] = (",".join(sorted(families)), "1" if GPT4_32K in families else "0")
-        args: list[str] = []
+        hashes: list[str] = []
         for secret in secrets:
             key_hash = hash_key(secret)
             if key_hash in self._configured:
@@ -466,27 +478,46 @@ class RedisBackend:
             self._hold_pending = True
             if self._secrets.get(key_hash) != (secret, ""):
                 self._secrets[key_hash] = (secret, "")
-                fams, c32 = new_key[identity_of_hash(key_hash).name]
-                args += [key_hash, fams, trial, c32, "", ""]
-        self._unregistered += args
+                hashes.append(key_hash)
+        self._unregistered += self._add_args(hashes, profile)
         return await self._register()
 
+    def _add_args(self, hashes: Iterable[str], profile: KeyProfile | None = None) -> list[str]:
+        """The add script's arguments for new keys of ``profile`` (None: unchecked keys,
+        with the model table's default families of each key's provider)."""
+        trial = "1" if profile is not None and profile.is_trial else "0"
+        new_key = {}  # per provider: families, has gpt4-32k
+        for name in provider_names():
+            families = self._models.default_key_families(name)
+            if profile is not None:
+                families = profile.families
+            new_key[name] = (",".join(sorted(families)), "1" if GPT4_32K in families else "0")
+        args: list[str] = []
+        for key_hash in hashes:
+            fams, c32 = new_key[identity_of_hash(key_hash).name]
+            args += [key_hash, fams, trial, c32, "", ""]
+        return args
+
     async def _register(self) -> int:
-        """Adds the keys not in the pool yet, then holds this replica's key list (a Get
-        chooses among its keys from then on) and logs the pool's keys it lacks."""
+        """Holds this replica's key list, then adds its keys not in the pool yet (a Get
+        chooses among its keys from then on) and logs the pool's keys it lacks. The
+        list is held first so that a sweep (``sweep``) never finds a key just added
+        in no list."""
         # At start-up and reload, not in an RPC: a batch may take longer than one.
         timeout = max(self._timeout, 10.0)
-        added = 0
-        while self._unregistered:
-            batch = self._unregistered[: 6 * _ADD_BATCH]
-            added += len(await self._run("add", *batch, timeout=timeout))
-            del self._unregistered[: len(batch)]
+        held = ""
         if self._hold_pending:
             hashes = sorted(self._configured)
             held = hashlib.sha256("\n".join(hashes).encode()).hexdigest()[:16]
             for start in range(0, len(hashes), _ADD_BATCH):
                 batch = hashes[start : start + _ADD_BATCH]
                 await self._run("hold", held, _HELD_TTL_MS, *batch, timeout=timeout)
+        added = 0
+        while self._unregistered:
+            batch = self._unregistered[: 6 * _ADD_BATCH]
+            added += len(await self._run("add", *batch, timeout=timeout))
+            del self._unregistered[: len(batch)]
+        if held:
             self._held, self._hold_pending = held, False
             # Keys no longer configured (and their clones) are not handed out from now on.
             kept = set(self._configured.values())
@@ -532,6 +563,9 @@ class RedisBackend:
             async with asyncio.timeout(self._timeout):
                 await self._client.ping()
             if self._configured and not await self._run("hold", self._held, _HELD_TTL_MS):
+                # Nobody renewed the list for an hour: a sweep may have removed its keys.
+                # Held again, then added again (keys still in the pool keep their state).
+                self._unregistered += self._add_args(self._configured)
                 self._hold_pending = True
                 await self._register()
         except (StoreUnavailable, TimeoutError, redis_errors.RedisError, OSError):
@@ -649,7 +683,9 @@ class RedisBackend:
         family, embeddings = self._info(model)
         kind = "1" if embeddings else "0"
         if max_wait == 0.0:  # a plain Get never refuses: the key that unlocks first
-            answer = await self._run("get", family, kind, "get", self._held, caller)
+            answer = await self._run(
+                "get", family, kind, "get", self._held, caller, *_model_args(model)
+            )
             return self._handed_out(answer, family, model)
         if time_left is not None:
             max_wait = max(0.0, min(max_wait, time_left - rules.DEADLINE_MARGIN))
@@ -659,7 +695,9 @@ class RedisBackend:
                 return key
         # The wait ran out (or the deadline left none): a free key, else KEYS_BUSY, as
         # in memory (KeyPool.get_waiting says why).
-        answer = await self._run("get", family, kind, "free", self._held, caller)
+        answer = await self._run(
+            "get", family, kind, "free", self._held, caller, *_model_args(model)
+        )
         if _text(answer[0]) != "until":
             return self._handed_out(answer, family, model)
         raise KeysBusy(family, model, max(0.0, float(_text(answer[1])) - float(_text(answer[2]))))
@@ -671,8 +709,8 @@ class RedisBackend:
         The first script call takes back the room held for ``caller`` (the caller
         is returned as "" once it has).
 
-        Waiters of one family (and kind) in this replica take turns in arrival order;
-        only the first asks Redis. It is woken at the earliest unlock time Redis
+        Waiters of one model in this replica take turns in arrival order; only the
+        first asks Redis. It is woken at the earliest unlock time Redis
         reports, and when any replica publishes that a key may have come free (a
         report, a Recheck, new keys); nothing is polled. Across replicas no order
         holds: each replica's first waiter competes with the others' for the key.
@@ -680,7 +718,7 @@ class RedisBackend:
         loop = asyncio.get_running_loop()
         scale = self._time_scale
         deadline = loop.time() + max_wait / scale
-        queue = self._waiting.setdefault((family, embeddings), deque())
+        queue = self._waiting.setdefault((family, embeddings, model), deque())
         turn: asyncio.Future[None] = loop.create_future()
         queue.append(turn)
         if queue[0] is turn:
@@ -694,7 +732,9 @@ class RedisBackend:
                     continue
                 woken = self._next_wake()
                 kind = "1" if embeddings else "0"
-                answer = await self._run("get", family, kind, "free", self._held, caller)
+                answer = await self._run(
+                    "get", family, kind, "free", self._held, caller, *_model_args(model)
+                )
                 caller = ""
                 if _text(answer[0]) != "until":
                     return self._handed_out(answer, family, model), caller
@@ -707,7 +747,7 @@ class RedisBackend:
             if queue and not queue[0].done():
                 queue[0].set_result(None)
             if not queue:
-                del self._waiting[(family, embeddings)]
+                del self._waiting[(family, embeddings, model)]
 
     def _listen(self) -> None:
         """Starts the subscription to the pool's wake-ups (once)."""
@@ -757,7 +797,13 @@ class RedisBackend:
         if self._allowed is not None and info.family not in self._allowed:
             return 0.0
         answer = await self._run(
-            "get", info.family, "1" if info.embeddings else "0", "peek", self._held, caller
+            "get",
+            info.family,
+            "1" if info.embeddings else "0",
+            "peek",
+            self._held,
+            caller,
+            *_model_args(model),
         )
         if _text(answer[0]) == "none":
             return 0.0
@@ -991,6 +1037,25 @@ class RedisBackend:
             self._state_changed(key, _CHANGES[change], reason.value)
         return key
 
+    async def sweep(self) -> list[str]:
+        """Removes the keys that no replica's key list holds any more (every replica that
+        held them dropped them on a reload, or has not renewed its list for an hour) from
+        the shared pool, with their state, as the memory backend removes a key a reload
+        drops. ``SWEEP_BATCH`` keys per script call, each call with the whole timeout;
+        nothing is removed while no list is held. Returns the hashes removed."""
+        removed: list[str] = []
+        after = "0"
+        while after:
+            answer = await self._run("sweep", after, SWEEP_BATCH)
+            after = _text(answer[0])
+            removed += [_text(h) for h in answer[1:]]
+        if removed:
+            _log.info(
+                "keys no replica holds removed from the shared pool",
+                extra={"removed": len(removed), "hashes": ",".join(removed[:_LACKING_LOGGED])},
+            )
+        return removed
+
     async def recheck(self, *, until_checked: bool = False) -> None:
         """Marks every key for recheck, ``RECHECK_BATCH`` keys per script call so no call
         holds Redis for the whole pool. Each call has the whole timeout (100k keys are
@@ -1071,16 +1136,16 @@ class RedisBackend:
         is_trial: bool,
         organization_id: str | None = None,
     ) -> Key:
-        """Records a check that found the key alive. The families come from the listed
-        model ids; the ids themselves are not kept (a Redis pool serves a model by its
-        family: a key listing gpt-4o but not gpt-4o-mini may get gpt-4o-mini requests)."""
+        """Records a check that found the key alive. With ``model_ids``, the key serves
+        their families, and only the models among them (or dated snapshots of them),
+        as in memory; None (the list could not be read) keeps what the pool knows."""
         self._check_hash(key_hash)
         service = identity_of_hash(key_hash).name
-        families = (
-            ""
-            if model_ids is None
-            else ",".join(sorted(self._models.listed_families(model_ids, service)))
-        )
+        families, listing = "", ""
+        ids: list[str] = []
+        if model_ids is not None:
+            listing, ids = _listing(model_ids)
+            families = ",".join(sorted(self._models.listed_families(ids, service)))
         answer = await self._run(
             "check",
             key_hash,
@@ -1089,6 +1154,8 @@ class RedisBackend:
             "1" if is_trial else "0",
             "0" if organization_id is None else "1",
             organization_id or "",
+            listing,
+            *ids,
         )
         if _text(answer[0]) == "missing":
             raise KeyNotFound(key_hash)

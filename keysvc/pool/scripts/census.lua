@@ -3,8 +3,8 @@
 --   "counts": ARGV[5..] families. Returns {now, keys, disabled keys, tokens (family,
 --     tokens, ...), then per family: {active, locked, trial, lockout end (0: free or
 --     no key)}, last the keys per hash prefix (prefix, keys, ...)}, read from the
---     selection indexes (ZCARD/ZCOUNT per family and class) and the counters kept by
---     report.lua and add.lua.
+--     selection indexes (ZCARD/ZCOUNT per family and index) over every index of the
+--     family, and the counters kept by report.lua and add.lua.
 --   "disabled": ARGV[5] SSCAN cursor, ARGV[6] count. Returns {next cursor,
 --     {fams, revoked, over quota, hash}...} for one batch of the disabled keys.
 local mode = ARGV[4]
@@ -27,8 +27,9 @@ local out = {
 for i = 5, #ARGV do
   local f = ARGV[i]
   local active, locked, trial, first = 0, 0, 0, nil
-  for c = 0, 3 do
-    local free, lock = P .. 'free:' .. f .. ':' .. c, P .. 'lock:' .. f .. ':' .. c
+  for _, index in ipairs(eligible(f, false, '', '')) do
+    local c, x = index[1], index[2]
+    local free, lock = P .. 'free:' .. f .. ':' .. x, P .. 'lock:' .. f .. ':' .. x
     -- A lock that has ended stays in the lock set until a Get moves it: free now.
     local n = redis.call('ZCARD', free) + redis.call('ZCOUNT', lock, '-inf', now)
     local m = redis.call('ZCOUNT', lock, '(' .. now, '+inf')

@@ -6,6 +6,8 @@
 --   held for the caller (KeyPool.lockout_period).
 -- ARGV[7] the id of the replica's key list: only keys of its held set are chosen.
 -- ARGV[8] the caller ("" none): a Get first takes back the room held for it longest.
+-- ARGV[9] the model, ARGV[10] its name without a dated snapshot's suffix ("" when it has
+-- none): keys whose listed model ids lack both are not chosen.
 -- Returns {"key", now, view}, {"until", unlock time, now} or {"none"}.
 local f, embeddings, mode, caller = ARGV[4], ARGV[5] == '1', ARGV[6], ARGV[8]
 local idle = caller ~= '' and P .. 'idle:' .. caller
@@ -14,7 +16,7 @@ if caller ~= '' and mode == 'peek' then
 elseif caller ~= '' then
   redeem_hold(f, caller, NOW)
 end
-local best = select(f, embeddings, NOW, P .. 'held:' .. ARGV[7])
+local best = select(f, embeddings, NOW, P .. 'held:' .. ARGV[7], ARGV[9], ARGV[10])
 if best == nil then return {'none'} end
 if mode == 'peek' or (mode == 'free' and best[1] > NOW) then
   if mode == 'peek' and caller ~= '' and best[1] <= NOW then

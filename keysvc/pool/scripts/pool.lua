@@ -4,11 +4,15 @@
 --   order          zset  key hash -> load position (seq)
 --   seq            int   the last seq given out
 --   key:<h>        hash  the key record: seq, m (index member), fams ("a,b" sorted),
---                        trial, c32 (has gpt4-32k), dis, rev, oq, reason, dat, lc, pc,
---                        lu, org, clone, revive, oqu (over quota until; absent: a recheck)
+--                        trial, c32 (has gpt4-32k), ids (its listing, absent or "" until
+--                        the checker lists its model ids), dis, rev, oq, reason, dat, lc,
+--                        pc, lu, org, clone, revive, oqu (over quota until; absent: a recheck)
 --   disabled       set   hashes of disabled keys
---   free:<f>:<c>   zset  members free for family f (class c), by last use in f
---   lock:<f>:<c>   zset  members locked for f, by unlock time
+--   free:<f>:<x>   zset  members free for family f (index x, below), by last use in f
+--   lock:<f>:<x>   zset  members locked for f, by unlock time
+--   lists:<f>      set   the indexes x "c:l" of family f that hold keys with a listing
+--   ids:<l>        set   the model ids of listing l (l: a digest of them, from Python)
+--   idsref         hash  listing -> how many keys have it (ids:<l> goes with the last)
 --   st:<f>:<h>     hash  the (key, family) state (rules.lua); f "" is the key-wide one
 --   rsv:<f>:<h>    list  hand-outs in flight, oldest first
 --   fams:<h>       set   families the key has a state in
@@ -21,6 +25,7 @@
 --   answered:<h>   -     "family time" of the last report without a model
 --   held:<id>      set   the hashes of one key list (id: a digest of it); a replica with
 --                        that list hands out only these keys and their organization clones
+--   helds          set   the ids of the key lists held (sweep.lua forgets expired ones)
 --   promise:<f>:<c> list  caller c's holds in family f, oldest first: "hash id"
 --   idle:<c>       -     caller c's last hold lapsed unused: no more until its Get
 --   promiseseq     int   the last hold id given out
@@ -28,6 +33,9 @@
 --                        that time (the record's oqu); back in service then (quota_back)
 --   backoff:<p>    hash  provider p's overloads in a row (n) and its back-off's end (u)
 -- Classes order selection: c = 0 trial, 1 trial with gpt4-32k, 2 paid, 3 paid with 32k.
+-- Index x of a key: its class c while its model ids are not listed (any model of the
+-- family); "c:l" once the checker listed them as l (the models of l only). Keys of one
+-- index share a profile (families' class, listing), as the memory backend's groups.
 -- An index member is the zero-padded seq, ':' and the hash, so ties go by load order.
 
 local P = '{' .. ARGV[1] .. '}:'
@@ -64,6 +72,12 @@ local function class_of(r)
   return c
 end
 
+-- The index of key r in its families (see the layout), and whether it has a listing.
+local function index_of(r)
+  if r.ids ~= nil and r.ids ~= '' then return class_of(r) .. ':' .. r.ids, true end
+  return tostring(class_of(r)), false
+end
+
 local function wide_until(h)
   local u = redis.call('HGET', state_key('', h), 'until')
   return u and tonumber(u) or 0
@@ -71,12 +85,13 @@ end
 
 -- Places key h in the index of family f by its lock there (own, or a later key-wide one).
 local function place(r, h, f, now)
-  local c = class_of(r)
+  local x, listed = index_of(r)
   local s = redis.call('HMGET', state_key(f, h), 'until', 'lu')
   local lock_end = tonumber(s[1] or '0')
   local w = wide_until(h)
   if w > lock_end then lock_end = w end
-  local free, lock = P .. 'free:' .. f .. ':' .. c, P .. 'lock:' .. f .. ':' .. c
+  local free, lock = P .. 'free:' .. f .. ':' .. x, P .. 'lock:' .. f .. ':' .. x
+  if listed then redis.call('SADD', P .. 'lists:' .. f, x) end
   if lock_end <= now then
     redis.call('ZREM', lock, r.m)
     redis.call('ZADD', free, num(tonumber(s[2] or '0')), r.m)
@@ -91,11 +106,59 @@ local function place_all(r, h, now)
 end
 
 local function unplace_all(r)
-  local c = class_of(r)
+  local x, listed = index_of(r)
   for _, f in ipairs(split(r.fams)) do
-    redis.call('ZREM', P .. 'free:' .. f .. ':' .. c, r.m)
-    redis.call('ZREM', P .. 'lock:' .. f .. ':' .. c, r.m)
+    local free, lock = P .. 'free:' .. f .. ':' .. x, P .. 'lock:' .. f .. ':' .. x
+    redis.call('ZREM', free, r.m)
+    redis.call('ZREM', lock, r.m)
+    -- An index without keys leaves the family's list: a Get looks at live ones only.
+    if listed and redis.call('EXISTS', free, lock) == 0 then
+      redis.call('SREM', P .. 'lists:' .. f, x)
+    end
   end
+end
+
+-- Whether listing l has ``model``, or ``base`` (its name without a dated snapshot's
+-- suffix, "" when it has none): keys.lists_model, with the suffix cut in Python.
+local function lists_model(l, model, base)
+  local ids = P .. 'ids:' .. l
+  if redis.call('SISMEMBER', ids, model) == 1 then return true end
+  return base ~= '' and redis.call('SISMEMBER', ids, base) == 1
+end
+
+-- The indexes of family f whose keys may serve ``model`` (KeyProfile.serves): {class,
+-- index}. Every class's keys not listed yet, and the listed indexes whose listing has
+-- the model; ``model`` "" asks about the family as a whole. Trial keys serve no
+-- embeddings model.
+local function eligible(f, embeddings, model, base)
+  local out = {}
+  for c = 0, 3 do
+    if not (embeddings and c < 2) then out[#out + 1] = {c, tostring(c)} end
+  end
+  for _, x in ipairs(redis.call('SMEMBERS', P .. 'lists:' .. f)) do
+    local c, l = string.match(x, '^(%d):(.+)$')
+    c = tonumber(c)
+    if not (embeddings and c < 2) and (model == '' or lists_model(l, model, base)) then
+      out[#out + 1] = {c, x}
+    end
+  end
+  return out
+end
+
+-- Gives key h (record r) the listing l of ``ids`` ("" none yet); the old one's ids go
+-- when no key has it any more. The caller re-indexes the key.
+local function set_listing(h, r, l, ids)
+  local old = r.ids or ''
+  if l == old then return end
+  if l ~= '' then
+    if #ids > 0 then redis.call('SADD', P .. 'ids:' .. l, unpack(ids)) end
+    redis.call('HINCRBY', P .. 'idsref', l, 1)
+  end
+  if old ~= '' and redis.call('HINCRBY', P .. 'idsref', old, -1) <= 0 then
+    redis.call('HDEL', P .. 'idsref', old)
+    redis.call('DEL', P .. 'ids:' .. old)
+  end
+  redis.call('HSET', P .. 'key:' .. h, 'ids', l)
 end
 
 -- Whether this replica can hand out key h: the held set (HELD, a replica's key list) has
@@ -122,14 +185,16 @@ local function first_held(z, held)
   return nil
 end
 
--- The best key for family f over the classes allowed that the replica holds (held, see
--- holds): {until (0: free now), member} or nil. Keys whose lock has ended move to the
--- free index first.
-local function select(f, embeddings, now, held)
+-- The best key for ``model`` of family f over the indexes eligible for it (eligible)
+-- that the replica holds (held, see holds): {until (0: free now), member} or nil. Keys
+-- whose lock has ended move to the free index first. Looks at the heads of the
+-- eligible indexes only: their number grows with the profiles, not the keys.
+local function select(f, embeddings, now, held, model, base)
   local best, best_rank = nil, nil
-  for c = 0, 3 do
-    if not (embeddings and c < 2) then
-      local free, lock = P .. 'free:' .. f .. ':' .. c, P .. 'lock:' .. f .. ':' .. c
+  for _, index in ipairs(eligible(f, embeddings, model, base)) do
+    local c, x = index[1], index[2]
+    do
+      local free, lock = P .. 'free:' .. f .. ':' .. x, P .. 'lock:' .. f .. ':' .. x
       local due = redis.call('ZRANGEBYSCORE', lock, '-inf', num(now))
       for _, m in ipairs(due) do
         local h = string.sub(m, 14)
