@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import math
 import os
 import signal
 import socket
@@ -89,7 +90,7 @@ REDIS_PING_INTERVAL = 0.5
 #: The key checker's lease among replicas: a dead holder's checks resume elsewhere
 #: within this many seconds.
 CHECKER_LEASE = 10.0
-#: How often the checker lease's holder removes the keys no replica holds any more from
+#: How often the sweeper lease's holder removes the keys no replica holds any more from
 #: a shared pool (RedisBackend.sweep): a walk over the pool in batches.
 SWEEP_INTERVAL = 600.0
 
@@ -570,14 +571,11 @@ async def _check_under_lease(
     backend: RedisBackend,
     shared: _SharedRecheck,
     lease: float = CHECKER_LEASE,
-    sweep_every: float = SWEEP_INTERVAL,
 ) -> None:
     """Runs the key checker while this replica holds the lease; renews it every third
     of its length, stops checking when it is lost. A dead holder's lease lapses and
-    another replica takes over the checks left (the keys still unchecked in Redis).
-    The holder also removes the keys no replica holds any more, every ``sweep_every``
-    seconds (one replica at a time walks the pool for them)."""
-    holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    another replica takes over the checks left (the keys still unchecked in Redis)."""
+    holder = _lease_holder()
     loop = asyncio.get_running_loop()
     while True:
         if not await backend.hold_lease(holder, lease):
@@ -586,7 +584,6 @@ async def _check_under_lease(
         _log.info("key checker lease taken", extra={"holder": holder})
         checker = shared.checker = make_checker()
         task = loop.create_task(checker.run())
-        swept = loop.time()
         try:
             while not task.done():
                 await asyncio.sleep(lease / 3)
@@ -594,21 +591,40 @@ async def _check_under_lease(
                     _log.warning("key checker lease lost; checking stops here")
                     break
                 await checker.pick_up_rechecks()
-                if loop.time() - swept >= sweep_every:
-                    swept = loop.time()
-                    try:
-                        await backend.sweep()
-                    except StoreUnavailable as exc:
-                        _log.warning(
-                            "sweep of keys no replica holds failed; tried again later",
-                            extra={"problem": exc.problem},
-                        )
         finally:
             shared.checker = None
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         if task.done() and not task.cancelled() and task.exception() is not None:
             _report_checker_end(task)
+
+
+def _lease_holder() -> str:
+    """This replica's id as a lease holder: unique among replicas and restarts."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+async def _sweep_under_lease(
+    backend: RedisBackend, lease: float = CHECKER_LEASE, every: float = SWEEP_INTERVAL
+) -> None:
+    """Removes the keys no replica holds any more from the shared pool every ``every``
+    seconds while this replica holds the sweeper lease (one replica at a time walks the
+    pool; a dead holder's lease lapses and another takes over). A lease of its own, not
+    the checker's: keys leave the pool whether or not any replica checks keys."""
+    holder = _lease_holder()
+    loop = asyncio.get_running_loop()
+    swept = -math.inf
+    while True:
+        if await backend.hold_lease(holder, lease, "sweeper") and loop.time() - swept >= every:
+            swept = loop.time()
+            try:
+                await backend.sweep()
+            except StoreUnavailable as exc:
+                _log.warning(
+                    "sweep of keys no replica holds failed; tried again later",
+                    extra={"problem": exc.problem},
+                )
+        await asyncio.sleep(lease / 3)
 
 
 def _log_protection(settings: Settings, tokens: AuthTokens, tls: TlsConfig | None) -> None:
@@ -746,6 +762,7 @@ async def serve(
         await running.start()
         if isinstance(backend, RedisBackend):
             background.append(loop.create_task(_follow_redis(backend, running.health)))
+            background.append(loop.create_task(_sweep_under_lease(backend), name="sweeper"))
             if isinstance(rechecker, _SharedRecheck):
                 leased = _check_under_lease(
                     lambda: build_checker(settings, backend, clock), backend, rechecker

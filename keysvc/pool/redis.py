@@ -1200,13 +1200,14 @@ class RedisBackend:
         )
         return clone
 
-    async def hold_lease(self, holder: str, seconds: float) -> bool:
-        """Takes or renews the key checker's lease for ``holder``; whether it holds it now.
+    async def hold_lease(self, holder: str, seconds: float, name: str = "checker") -> bool:
+        """Takes or renews the lease ``name`` for ``holder``; whether it holds it now.
 
-        One replica checks keys at a time; a holder that dies loses the lease
-        ``seconds`` later and another takes it over."""
+        One replica at a time does what a lease is for (``checker``: checks keys;
+        ``sweeper``: ``sweep``); a holder that dies loses the lease ``seconds`` later
+        and another takes it over."""
         try:
-            return bool(await self._run("lease", holder, str(int(seconds * 1000))))
+            return bool(await self._run("lease", holder, str(int(seconds * 1000)), name))
         except StoreUnavailable:
             return False
 

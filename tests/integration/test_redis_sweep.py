@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 
 from keysvc.keys import hash_key
 from keysvc.pool import redis as redis_backend
-from keysvc.server import _check_under_lease, _SharedRecheck
+from keysvc.server import _sweep_under_lease
 from tests.redis_server import RedisServer, two_replicas
 
 X, Y, Z = "sk-sweep-x", "sk-sweep-y", "sk-sweep-z"
@@ -88,27 +88,17 @@ async def test_nothing_is_removed_while_no_list_is_held(
     assert await first.available() == 2
 
 
-class _IdleChecker:
-    async def run(self) -> None:
-        await asyncio.Event().wait()
-
-    async def pick_up_rechecks(self) -> None:
-        pass
-
-
-async def test_the_checker_lease_holder_sweeps(client: aioredis.Redis, redis_prefix: str) -> None:
+async def test_the_sweeper_lease_holder_sweeps_with_key_checking_off(
+    client: aioredis.Redis, redis_prefix: str
+) -> None:
     first, second = two_replicas(client, redis_prefix)
     await first.add_keys([X])
     await second.add_keys([Z])
-    leased = asyncio.ensure_future(
-        _check_under_lease(
-            lambda: _IdleChecker(),  # type: ignore[arg-type,return-value]
-            first,
-            _SharedRecheck(first),
-            lease=0.3,
-            sweep_every=0.0,
-        )
-    )
+    # Two replicas compete for the lease; the holder sweeps (no key checker runs).
+    sweepers = [
+        asyncio.ensure_future(_sweep_under_lease(replica, lease=0.3, every=0.0))
+        for replica in (first, second)
+    ]
     try:
         await asyncio.sleep(0.5)
         assert await first.available() == 2
@@ -118,6 +108,10 @@ async def test_the_checker_lease_holder_sweeps(client: aioredis.Redis, redis_pre
                 break
             await asyncio.sleep(0.1)
         assert [key.hash for key in await first.keys()] == [hash_key(X)]
+        # The sweeper lease is its own: the key checker's is still free.
+        assert await client.get(f"{{{redis_prefix}}}:checker") is None
+        assert await client.get(f"{{{redis_prefix}}}:sweeper") is not None
     finally:
-        leased.cancel()
-        await asyncio.gather(leased, return_exceptions=True)
+        for sweeper in sweepers:
+            sweeper.cancel()
+        await asyncio.gather(*sweepers, return_exceptions=True)
