@@ -173,8 +173,11 @@ class Differential(RuleBasedStateMachine):
     @precondition(lambda self: self.memory is not None)
     @rule(i=st.integers(0, 7), model=MODEL_OR_NONE, headers=OPENAI_HEADERS)
     def update(self, i: int, model: str, headers: dict[str, str]) -> None:
+        self.update_both(self.hash(i), headers, model)
+
+    def update_both(self, key_hash: str, headers: dict[str, str], model: str) -> None:
         assert self.memory is not None and self.redis is not None
-        redis, key_hash = self.redis, self.hash(i)
+        redis = self.redis
         self.both(
             lambda: self.memory.update_rate_limits(key_hash, headers, model),  # type: ignore[union-attr]
             lambda: redis.update_rate_limits(key_hash, headers, model),

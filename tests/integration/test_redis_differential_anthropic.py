@@ -99,13 +99,7 @@ class MixedDifferential(Differential):
     @precondition(lambda self: self.memory is not None)
     @rule(i=st.integers(0, 7), model=MODEL_OR_NONE, spec=HEADERS)
     def update(self, i: int, model: str, spec: Any) -> None:
-        assert self.memory is not None and self.redis is not None
-        redis, key_hash = self.redis, self.hash(i)
-        headers = headers_at(self.clock.now(), spec)
-        self.both(
-            lambda: self.memory.update_rate_limits(key_hash, headers, model),  # type: ignore[union-attr]
-            lambda: redis.update_rate_limits(key_hash, headers, model),
-        )
+        self.update_both(self.hash(i), headers_at(self.clock.now(), spec), model)
 
     @precondition(lambda self: self.memory is not None)
     @rule(
