@@ -62,6 +62,10 @@ PROBATION_INPUT_TOKENS: Final = 1024
 PROBATION_OUTPUT_TOKENS: Final = 2048
 WINDOW_INPUT_TOKENS: Final = 4096
 WINDOW_OUTPUT_TOKENS: Final = 8192
+#: Every probation bit.
+PROBATIONS: Final = (
+    PROBATION_REQUESTS | PROBATION_TOKENS | PROBATION_INPUT_TOKENS | PROBATION_OUTPUT_TOKENS
+)
 #: Every 429 type bit.
 KINDS: Final = KIND_REQUESTS | KIND_TOKENS | KIND_INPUT_TOKENS | KIND_OUTPUT_TOKENS
 #: The bits a hand-out keeps (the others describe the answers since the last one).
@@ -255,6 +259,7 @@ class RateTable:
         "output_limit",
         "output_rate",
         "placed",
+        "probation_at",
         "rate_limited_at",
         "remaining_requests",
         "remaining_tokens",
@@ -281,6 +286,9 @@ class RateTable:
         self.placed = bytearray(rows)
         self.usage = array("q", [NO_USAGE]) * rows
         self.reserved: dict[int, deque[tuple[float, float]]] = {}
+        #: When a 429 last put a budget of the row on probation (sparse, like
+        #: ``reserved``: only rows with a ``PROBATION_*`` bit set).
+        self.probation_at: dict[int, float] = {}
         #: Each budget's columns (the arrays grow in place).
         requests = (self.requests_rate, self.requests_limit, self.requests_full_at)
         tokens = (self.tokens_rate, self.tokens_limit, self.tokens_full_at)
@@ -365,6 +373,7 @@ class RateTable:
             column[row] = start
         self.flags[row] = 0
         self.reserved.pop(row, None)
+        self.probation_at.pop(row, None)
 
     def snapshot(self, row: int) -> RateState:
         flags = self.flags[row]

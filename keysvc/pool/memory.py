@@ -439,9 +439,9 @@ class KeyPool:
         #: budgets keep them apart (``RateTable.split``), learned from ReportOutcome.
         self._input_stats: dict[str, tuple[float, float]] = {}
         self._output_stats: dict[str, tuple[float, float]] = {}
-        #: Per key ``seq``: the family the last report without a model was
-        #: attributed to, and when (``REPORT_PAIR_WINDOW``).
-        self._answered: dict[int, tuple[str, float]] = {}
+        #: Per key ``seq``: the family the last answer was reported for, when, and
+        #: when the hand-out it answered was made (``REPORT_PAIR_WINDOW``).
+        self._answered: dict[int, tuple[str, float, float | None]] = {}
         # get_waiting: queues by eligibility class, the one timer set for the
         # earliest unlock any queue head waits for, and a pending dispatch.
         self._queues: dict[_WaitClass, _WaitQueue] = {}
@@ -941,9 +941,9 @@ class KeyPool:
         if model:
             check_model(model)
         now = self._clock.now()
-        family, _ = self._report_family(key, model, now, answer=False)
+        family, answered = self._report_family(key, model, now, answer=False)
         table = self._state_table(key, family)
-        first_report = mark(table, key.seq, now)
+        first_report = mark(table, key.seq, now, answered=answered)
         self._reposition(key, table, now)
         if first_report:  # once per hand-out: proxies may report the same 429 twice
             reason = f"upstream answered 429 for {model}" if model else "upstream answered 429"
@@ -983,60 +983,67 @@ class KeyPool:
         *,
         answer: bool,
         limits: RateHeaders | None = None,
-    ) -> tuple[str, bool]:
-        """The family a report about ``model`` is for ("": key-wide), and whether
-        it ended a hand-out's reservation (``answer``: it reports an answer).
+    ) -> tuple[str, float | None]:
+        """The family a report about ``model`` is for ("": key-wide), and when the
+        hand-out it answers was made (None: not known). An ``answer`` (a report of
+        the upstream's answer, not a 429 alone) ends that hand-out's reservation.
 
         A report that names no model most likely answers the key's oldest hand-out
-        still in flight, so it goes to that hand-out's family and, as an answer,
-        ends its reservation; when hand-outs of several families are in flight,
-        the oldest of those whose known limits are the ones the report's headers
-        (``limits``) name, since answers come back in any order and the upstream
-        limits each model apart. A 429 reported on its own (MarkRateLimited) goes
-        where an answer without a model just went, since the seed reports an
-        answer's headers first, then its 429. With nothing in flight, the family
-        of the key's latest hand-out, if recent (``ATTRIBUTION_WINDOW``: the
-        request outlived its reservation); else key-wide, as the seed did.
+        still in flight, so it goes to that hand-out's family; when hand-outs of
+        several families are in flight, the oldest of those whose known limits are
+        the ones the report's headers (``limits``) name, since answers come back in
+        any order and the upstream limits each model apart. A 429 reported on its
+        own (MarkRateLimited) answers what an answer just reported did, when one
+        was (``REPORT_PAIR_WINDOW``; for the model named, if any), since the seed
+        reports an answer's headers first, then its 429. With nothing in flight,
+        the family of the key's latest hand-out, if recent (``ATTRIBUTION_WINDOW``:
+        the request outlived its reservation); else key-wide, as the seed did.
         """
         row = key.seq
-        if model:
-            family = self._models.family(model)
-            table = self._book.get(family)
-            return family, answer and table is not None and release(table, row)
+        family = self._models.family(model) if model else ""
         if not answer:
             paired = self._answered.get(row)
-            if paired is not None and now < paired[1] + REPORT_PAIR_WINDOW:
-                return paired[0], False
-        oldest: tuple[float, RateTable] | None = None
-        matching: tuple[float, RateTable] | None = None
-        latest: RateTable | None = None
-        for table in self._book.tables.values():
-            handed_out = oldest_hand_out(table, row)
-            if handed_out is not None and (oldest is None or handed_out < oldest[0]):
-                oldest = handed_out, table
             if (
-                handed_out is not None
-                and limits is not None
-                and limits_match(table, row, limits)
-                and (matching is None or handed_out < matching[0])
+                paired is not None
+                and now < paired[1] + REPORT_PAIR_WINDOW
+                and (not model or paired[0] == family)
             ):
-                matching = handed_out, table
-            if table.last_used[row] and (
-                latest is None or table.last_used[row] > latest.last_used[row]
-            ):
-                latest = table
-        released = False
-        answered = matching or oldest
-        if answered is not None:
-            family = answered[1].family
-            released = answer and release(answered[1], row)
-        elif latest is not None and now < latest.last_used[row] + ATTRIBUTION_WINDOW:
-            family = latest.family
+                return paired[0], paired[2]
+        handed_out: float | None = None
+        if model:
+            table = self._book.get(family)
+            if table is not None:
+                handed_out = release(table, row) if answer else oldest_hand_out(table, row)
         else:
-            return "", False
+            oldest: tuple[float, RateTable] | None = None
+            matching: tuple[float, RateTable] | None = None
+            latest: RateTable | None = None
+            for table in self._book.tables.values():
+                at = oldest_hand_out(table, row)
+                if at is not None and (oldest is None or at < oldest[0]):
+                    oldest = at, table
+                if (
+                    at is not None
+                    and limits is not None
+                    and limits_match(table, row, limits)
+                    and (matching is None or at < matching[0])
+                ):
+                    matching = at, table
+                if table.last_used[row] and (
+                    latest is None or table.last_used[row] > latest.last_used[row]
+                ):
+                    latest = table
+            answered = matching or oldest
+            if answered is not None:
+                family = answered[1].family
+                handed_out = release(answered[1], row) if answer else answered[0]
+            elif latest is not None and now < latest.last_used[row] + ATTRIBUTION_WINDOW:
+                family = latest.family
+            else:
+                return "", None
         if answer:
-            self._answered[row] = (family, now)
-        return family, released
+            self._answered[row] = (family, now, handed_out)
+        return family, handed_out
 
     def _state_table(self, key: Key, family: str) -> RateTable:
         """The table whose row for ``key`` a report about ``family`` changes ("":
@@ -1120,12 +1127,14 @@ class KeyPool:
         now = self._clock.now()
         decision = provider(key.service).decide(status, error, now=now)
         parsed = parse_rate_headers(key, headers, now)
-        family, released = self._report_family(key, model, now, answer=True, limits=parsed)
-        if parsed is not None or decision.rate_limited or released:
+        family, answered = self._report_family(key, model, now, answer=True, limits=parsed)
+        if parsed is not None or decision.rate_limited or answered is not None:
             table = self._state_table(key, family)
             if parsed is not None:
                 apply_rate_headers(table, key.seq, parsed, now)
-            first_report = decision.rate_limited and mark(table, key.seq, now, decision.limit_kind)
+            first_report = decision.rate_limited and mark(
+                table, key.seq, now, decision.limit_kind, answered
+            )
             self._reposition(key, table, now)
             if first_report:
                 self._state_changed(key, KeyChange.RATE_LIMITED, decision.why)

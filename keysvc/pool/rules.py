@@ -40,8 +40,9 @@ A family's lock (its ``until``) is the latest of
   before its end) reports ever faster ones as it ends. Until then, too, an
   answer can only lower what is left (one that overtook an older answer on
   the way back reports a remaining from before the older one was counted). A
-  typed 429 spends its dimension; a second one in the same refill marks it a
-  fixed window, counted on to refill only at its ends (``mark``). The wait
+  429 spends its dimension; a second one in the same refill, for a request
+  sent after the first, marks it a fixed window, counted on to refill only at
+  its ends (``mark``; the 429s of a burst already in flight do not). The wait
   is capped at ``MAX_BUDGET_WAIT``;
   the budget outlives hand-outs, and is forgotten ``BUDGET_LAPSE`` after its
   last report. A family whose provider limits input and output tokens apart
@@ -91,6 +92,7 @@ from ..rates import (
     KIND_TOKENS,
     MAX_COUNT,
     NOT_SET,
+    PROBATIONS,
     SAW_RATE_LIMIT,
     Budget,
     RateTable,
@@ -334,6 +336,8 @@ def apply_rate_headers(table: RateTable, row: int, parsed: RateHeaders, now: flo
             refill = (limit - left) / reset if reset > 0 and left < limit else NOT_SET
             if fresh:
                 table.flags[row] &= ~budget.probation
+                if not table.flags[row] & PROBATIONS:
+                    table.probation_at.pop(row, None)
                 window = table.flags[row] & budget.window
                 budget.rate[row] = refill if _known(refill) and not window else 0.0
             elif refill < budget.rate[row]:  # False for NaN
@@ -399,6 +403,8 @@ def _forget_dimension(table: RateTable, row: int, budget: Budget) -> None:
     budget.left[row] = budget.rate[row] = budget.limit[row] = NOT_SET
     budget.full_at[row] = 0.0
     table.flags[row] &= ~(budget.probation | budget.window)
+    if not table.flags[row] & PROBATIONS:
+        table.probation_at.pop(row, None)
 
 
 def _known(value: float) -> bool:
@@ -406,16 +412,26 @@ def _known(value: float) -> bool:
     return value == value
 
 
-def mark(table: RateTable, row: int, now: float, kind: str = "") -> bool:
+def mark(
+    table: RateTable, row: int, now: float, kind: str = "", answered: float | None = None
+) -> bool:
     """Records a 429 (of type ``kind``, "" if unknown) in ``row``; True when it is
     the first since the hand-out.
 
     A 429 is authoritative: a budgeted dimension it names is spent now, whatever
-    the remaining header said, and gets nothing back until its limit is whole
-    again (the refill it counted on did not come). A 429 that does not say
-    which limit it hit (MarkRateLimited), in a family with a budget, is taken for
-    the limit the last answer left nothing of. The types ``input_tokens`` and
-    ``output_tokens`` count in a split table only.
+    the remaining header said, and refills from now at the rate it had. A 429 that
+    does not say which limit it hit (MarkRateLimited), in a family with a budget,
+    is taken for the limit the last answer left nothing of. The types
+    ``input_tokens`` and ``output_tokens`` count in a split table only.
+
+    ``answered`` is when the request the 429 answers was handed out (None: not
+    known). Only a request sent after the 429 that emptied the budget tests the
+    refill counted on since: its 429 says the refill did not come, and the
+    dimension is then a fixed window. The 429s of requests already in flight
+    before that one say nothing new: a burst sent to a key before its first
+    answer (a plain Get hands out a busy key) comes back as a run of 429s, and a
+    token bucket must not be taken for a window, which would wait out its whole
+    reset.
     """
     flags = table.flags[row]
     first = not flags & SAW_RATE_LIMIT
@@ -438,15 +454,16 @@ def mark(table: RateTable, row: int, now: float, kind: str = "") -> bool:
     budget = next((b for b in table.budgets if b.kind == kind_bit), table.budgets[1])
     if kind_bit and _known(budget.limit[row]):
         # Nothing left now. A token bucket refills from here at the rate it had; a
-        # fixed window only at its end: the second 429 of one refill tells them
-        # apart, and a window is then counted on to refill only at its ends.
+        # fixed window only at its end: a 429 for a request sent after this one
+        # tells them apart, and a window is then counted on to refill only at its ends.
         _reanchor(table, row, now)
         budget.left[row] = 0.0
-        if table.flags[row] & budget.probation:
+        if not table.flags[row] & budget.probation:
+            table.flags[row] |= budget.probation
+            table.probation_at[row] = now
+        elif answered is None or answered > table.probation_at.get(row, 0.0):
             table.flags[row] |= budget.window
             budget.rate[row] = 0.0
-        else:
-            table.flags[row] |= budget.probation
         if budget.full_at[row] <= now:
             budget.full_at[row] = now + RATE_LIMIT_FALLBACK
     return first
@@ -567,8 +584,9 @@ def _split_rate(table: RateTable, row: int) -> float:
     return rate if rate == rate else table.output_rate[row]
 
 
-def release(table: RateTable, row: int) -> bool:
-    """Ends the oldest reservation of ``row`` (an answer came); False when there was none.
+def release(table: RateTable, row: int) -> float | None:
+    """Ends the oldest reservation of ``row`` (an answer came) and returns when its
+    hand-out was made; None when there was none.
 
     Answers are not matched to hand-outs (a report names only the key and model);
     the oldest is the likeliest, and a mismatch only keeps a newer reservation a
@@ -577,14 +595,14 @@ def release(table: RateTable, row: int) -> bool:
     """
     reserved = table.reserved.get(row)
     if not reserved:
-        return False
+        return None
     for at, entry in enumerate(reserved):
         if not isinstance(entry, Promise):
             del reserved[at]
             if not reserved:
                 del table.reserved[row]
-            return True
-    return False
+            return entry[0]
+    return None
 
 
 def budget_until(

@@ -252,9 +252,12 @@ class Differential(RuleBasedStateMachine):
         model=st.sampled_from(["gpt-4", "gpt-4o", "gpt-3.5-turbo"]),
         named=st.booleans(),
         dim=st.sampled_from(["requests", "tokens"]),
+        burst=st.integers(0, 2),
         first=BUDGET_HEADERS,
         limited=st.lists(
-            st.tuples(st.sampled_from(["requests", "tokens", "other", ""]), st.booleans()),
+            st.tuples(
+                st.sampled_from(["requests", "tokens", "other", ""]), st.booleans(), st.booleans()
+            ),
             max_size=3,
         ),
         gap=st.sampled_from([0.0, 0.01, 0.5, 2.0, 61.0]),
@@ -266,25 +269,38 @@ class Differential(RuleBasedStateMachine):
         model: str,
         named: bool,
         dim: str,
+        burst: int,
         first: tuple[int, int, str],
-        limited: list[tuple[str, bool]],
+        limited: list[tuple[str, bool, bool]],
         gap: float,
         then: tuple[int, int, str],
     ) -> None:
         """One refill of a key's budget, the shape random inputs seldom line up: an
         answer with a dimension's limit, remaining and reset (a token bucket refills
         steadily, a fixed window only at its end), 429s naming the dimension or not
-        (the second in one refill marks a fixed window), time, the next refill's
-        answer; each report with the model or without (attributed to a hand-out)."""
-        # The key a Get hands out (the hand-out a report without a model is for).
+        (a second one in one refill, for a request sent after the first, marks a
+        fixed window; those of a burst sent before it do not), time, the next
+        refill's answer; each report with the model or without (attributed to a
+        hand-out), the seed's way (UpdateRateLimits, then MarkRateLimited) or
+        ReportOutcome's; a 429 after a new hand-out or not."""
+        # The key a Get hands out (the hand-out a report without a model is for),
+        # and more of them sent before the first answer.
         key_hash = self.get_both(model) or self.hash(i)
+        for _ in range(burst):
+            self.get_both(model)
         report_model = model if named else ""
+        self.clock.advance(0.005)
         self.report_both(key_hash, report_model, 200, budget_headers(dim, *first))
-        for kind, with_headers in limited:
+        for kind, with_headers, handed_out in limited:
+            if handed_out:
+                self.clock.advance(0.01)
+                self.get_both(model)
             headers = budget_headers(dim, first[0], 0, first[2]) if with_headers else {}
             if kind:
                 self.report_both(key_hash, report_model, 429, headers, kind)
             else:
+                if with_headers:  # the seed reports a 429's headers, then the 429
+                    self.update_both(key_hash, headers, report_model)
                 self.mark_both(key_hash, report_model)
         self.clock.advance(gap)
         self.report_both(key_hash, report_model, 200, budget_headers(dim, *then))

@@ -266,6 +266,50 @@ def test_a_second_429_in_one_refill_marks_a_fixed_window() -> None:
     assert state is not None and state.requests_rate == 0.0
 
 
+def test_429s_of_a_burst_sent_before_the_first_answer_keep_a_token_bucket() -> None:
+    # 3,000 RPM, a bucket that came up empty (its reset: 60 s until full). Five
+    # requests went out before any answer (a plain Get hands out a busy key); all
+    # five come back 429 through the seed's RPCs: headers, then the 429, no model.
+    # Only the first says something of the refill; the other four were sent before it.
+    pool, clock, (a,) = pool_of([PAID])
+    for _ in range(5):
+        assert pool.get("gpt-4o") is a
+    empty = headers(requests=(3_000, 0, "1m0s"), tokens=(1_000_000, 999_000, "60ms"))
+    for _ in range(5):
+        clock.advance(0.005)
+        pool.update_rate_limits(a.hash, empty)
+        pool.mark_rate_limited(a.hash)
+    # Refilling 50 a second from the last 429: one more in 20 ms, not the 60 s reset.
+    assert pool.lockout_period("gpt-4o") == pytest.approx(0.02)
+    state = a.state_in("gpt4o")
+    assert state is not None and state.requests_rate == pytest.approx(50)
+    # A request sent after those 429s, refused too: that one says the refill did not
+    # come, and the limit is a fixed window, waited out to its end.
+    clock.advance(0.02)
+    assert pool.get("gpt-4o") is a
+    clock.advance(0.2)
+    pool.update_rate_limits(a.hash, headers(requests=(3_000, 0, "59.7s")))
+    pool.mark_rate_limited(a.hash)
+    # The end of the refill is the latest any answer named: 60 s after the burst's.
+    assert pool.lockout_period("gpt-4o") == pytest.approx(60.025 - 0.245)
+
+
+def test_typed_429s_of_a_burst_sent_before_the_first_answer_keep_a_token_bucket() -> None:
+    pool, clock, (a,) = pool_of([PAID])
+    for _ in range(3):
+        assert pool.get("gpt-4o") is a
+    for _ in range(3):
+        clock.advance(0.005)
+        pool.report_outcome(
+            a.hash,
+            "gpt-4o",
+            status=429,
+            headers=headers(requests=(600, 0, "1m0s")),
+            error=UpstreamError("requests"),
+        )
+    assert pool.lockout_period("gpt-4o") == pytest.approx(0.1)  # 10 a second
+
+
 def test_a_typed_429_without_a_budget_locks_for_the_matching_reset() -> None:
     pool, clock, (a,) = pool_of([PAID])
     pool.get("gpt-4")

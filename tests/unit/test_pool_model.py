@@ -110,9 +110,11 @@ class Shadow:
     limit: dict[str, float] = field(default_factory=dict)
     full_at: dict[str, float] = field(default_factory=dict)
     reserved: list[tuple[float, float]] = field(default_factory=list)
-    # Per dimension: a 429 in this refill (probation); a fixed window (two of them).
+    # Per dimension: a 429 in this refill (probation); a fixed window (a second one,
+    # for a request handed out after the latest 429 that put one on probation, then).
     probation: set[str] = field(default_factory=set)
     window: set[str] = field(default_factory=set)
+    probation_at: float = 0.0
     # When the pool last derived the lock, and the token reservation then (of all
     # tokens, and of input and output tokens apart).
     derived_at: float = 0.0
@@ -216,8 +218,9 @@ class Shadow:
             until = max(until, self.last_used + KEY_REUSE_DELAY)
         return until
 
-    def mark(self, now: float, kind: str) -> None:
-        """A 429 of type ``kind`` ("": not told, so inferred; "other": neither limit)."""
+    def mark(self, now: float, kind: str, answered: float | None) -> None:
+        """A 429 of type ``kind`` ("": not told, so inferred; "other": neither limit)
+        for a request handed out at ``answered`` (None: not known)."""
         if not kind and self.budget_at:
             if self.remaining_requests == 0 and "requests" in self.limit:
                 kind = "requests"
@@ -232,11 +235,12 @@ class Shadow:
         if kind in self.limit:
             self.reanchor(now)
             self.left[kind] = 0.0
-            if kind in self.probation:
+            if kind not in self.probation:
+                self.probation.add(kind)
+                self.probation_at = now
+            elif answered is None or answered > self.probation_at:
                 self.window.add(kind)
                 self.rate[kind] = 0.0
-            else:
-                self.probation.add(kind)
             if self.full_at[kind] <= now:
                 self.full_at[kind] = now + RATE_LIMIT_FALLBACK
 
@@ -254,8 +258,8 @@ class RefKey:
     last_used: float = 0.0
     wide: Shadow | None = None
     families: dict[str, Shadow] = field(default_factory=dict)
-    #: The family the last report without a model went to, and when.
-    answered: tuple[str, float] | None = None
+    #: The family the last answer was reported for, when, and its hand-out's time.
+    answered: tuple[str, float, float | None] | None = None
 
     def until(self, family: str) -> float:
         own = self.families.get(family)
@@ -285,35 +289,42 @@ class RefKey:
 
     def attribute(
         self, model: str, now: float, *, answer: bool, parsed: Parsed | None = None
-    ) -> tuple[str, bool]:
-        """The family a report is for ("": key-wide), and whether it released a hand-out."""
+    ) -> tuple[str, float | None]:
+        """The family a report is for ("": key-wide), and when the hand-out it answers
+        was made (None: not known); an answer releases that hand-out."""
+        family = TABLE.family(model) if model else ""
+        if (
+            not answer
+            and self.answered
+            and now < self.answered[1] + REPORT_PAIR_WINDOW
+            and (not model or self.answered[0] == family)
+        ):
+            return self.answered[0], self.answered[2]
+        handed_out: float | None = None
         if model:
-            own = self.families.get(TABLE.family(model))
-            released = answer and own is not None and bool(own.reserved)
-            if released:
-                own.reserved.pop(0)  # type: ignore[union-attr]
-            return TABLE.family(model), released
-        if not answer and self.answered and now < self.answered[1] + REPORT_PAIR_WINDOW:
-            return self.answered[0], False
-        in_flight = [(s.reserved[0][0], f) for f, s in sorted(self.families.items()) if s.reserved]
-        matching = [
-            (at, f) for at, f in in_flight if parsed and limits_match(self.families[f], parsed)
-        ]
-        in_flight = matching or in_flight
-        used = [(-s.last_used, f) for f, s in sorted(self.families.items()) if s.last_used]
-        released = False
-        if in_flight:
-            family = min(in_flight, key=lambda pair: pair[0])[1]
-            if answer:
-                self.families[family].reserved.pop(0)
-                released = True
-        elif used and now < -min(used, key=lambda pair: pair[0])[0] + ATTRIBUTION_WINDOW:
-            family = min(used, key=lambda pair: pair[0])[1]
+            own = self.families.get(family)
+            if own is not None and own.reserved:
+                handed_out = (own.reserved.pop(0) if answer else own.reserved[0])[0]
         else:
-            return "", False
+            in_flight = [
+                (s.reserved[0][0], f) for f, s in sorted(self.families.items()) if s.reserved
+            ]
+            matching = [
+                (at, f) for at, f in in_flight if parsed and limits_match(self.families[f], parsed)
+            ]
+            in_flight = matching or in_flight
+            used = [(-s.last_used, f) for f, s in sorted(self.families.items()) if s.last_used]
+            if in_flight:
+                handed_out, family = min(in_flight, key=lambda pair: pair[0])
+                if answer:
+                    self.families[family].reserved.pop(0)
+            elif used and now < -min(used, key=lambda pair: pair[0])[0] + ATTRIBUTION_WINDOW:
+                family = min(used, key=lambda pair: pair[0])[1]
+            else:
+                return "", None
         if answer:
-            self.answered = (family, now)
-        return family, released
+            self.answered = (family, now, handed_out)
+        return family, handed_out
 
 
 def parse(ref: RefKey, headers: dict[str, str], now: float) -> Parsed | None:
@@ -608,6 +619,7 @@ class PoolModel(RuleBasedStateMachine):
             new.budget_at, new.left, new.rate = old.budget_at, old.left, old.rate
             new.limit, new.full_at = old.limit, old.full_at
             new.probation, new.window = old.probation, old.window
+            new.probation_at = old.probation_at
             new.reserved = [*old.reserved, (now, self.reserve(family))]
             self.derive(new, family, now)
             expected.families[family] = new
@@ -632,9 +644,9 @@ class PoolModel(RuleBasedStateMachine):
         ref = self.ref(i)
         now = self.clock.now()
         self.pool.mark_rate_limited(ref.key.hash, model)
-        family, _ = ref.attribute(model, now, answer=False)
+        family, answered = ref.attribute(model, now, answer=False)
         state = ref.state(family)
-        state.mark(now, "")  # MarkRateLimited does not say which limit
+        state.mark(now, "", answered)  # MarkRateLimited does not say which limit
         if family:
             self.derive(state, family, now)
 
@@ -695,22 +707,22 @@ class PoolModel(RuleBasedStateMachine):
             completion_tokens=tokens,
         )
         parsed = parse(ref, headers, now)
-        family, released = ref.attribute(model, now, answer=True, parsed=parsed)
+        family, answered = ref.attribute(model, now, answer=True, parsed=parsed)
         # Anthropic: a spend limit (in a 400 or a 429) benches the key; any other 429
         # is a rate limit that does not say which limit it hit; a 529 is the
         # provider's overload, not the key's.
         quota = anthropic and isinstance(kind, tuple) and status in (400, 429)
         rate_limited = status == 429 and not quota
-        if parsed is not None or rate_limited or released:
+        if parsed is not None or rate_limited or answered is not None:
             state = ref.state(family)
             apply_headers(state, parsed, now, budget=bool(family))
             if rate_limited:
                 # OpenAI's 429 type is its limit_kind; Anthropic's is the limit its
                 # message names, if any.
                 if anthropic:
-                    state.mark(now, kind if kind in SPLIT_DIMS else "")
+                    state.mark(now, kind if kind in SPLIT_DIMS else "", answered)
                 else:
-                    state.mark(now, "other" if isinstance(kind, tuple) else kind)
+                    state.mark(now, "other" if isinstance(kind, tuple) else kind, answered)
             if family:
                 self.derive(state, family, now)
         if status == 200 and tokens + prompt and family:  # learned after the lock is derived

@@ -31,51 +31,56 @@ if ARGV[8] == '1' then
   end
 end
 
--- KeyPool._report_family: the family a report is for ("" key-wide), and whether it
--- ended a hand-out's reservation.
+-- KeyPool._report_family: the family a report is for ("" key-wide), and when the
+-- hand-out it answers was made (nil: not known); an answer ends its reservation.
 local function report_family(answer, limits)
-  if named then
-    local released = answer and release(reserved_key(model_family, h))
-    return model_family, released
-  end
   local answered_key = P .. 'answered:' .. h
   if not answer then
     local paired = redis.call('GET', answered_key)
     if paired then
-      local pf, pt = string.match(paired, '^(.*) (%S+)$')
-      if NOW < tonumber(pt) + REPORT_PAIR_WINDOW then return pf, false end
-    end
-  end
-  local fams = redis.call('SMEMBERS', P .. 'fams:' .. h)
-  table.sort(fams)
-  local oldest, oldest_t, matching, matching_t, latest, latest_lu = nil, 0, nil, 0, nil, 0
-  for _, f in ipairs(fams) do
-    local t = oldest_hand_out(reserved_key(f, h))
-    local s = nil
-    if t then
-      if oldest == nil or t < oldest_t then oldest, oldest_t = f, t end
-      if limits ~= nil then
-        s = read_state(state_key(f, h))
-        if limits_match(s, limits) and (matching == nil or t < matching_t) then
-          matching, matching_t = f, t
-        end
+      local pf, pt, ph = string.match(paired, '^(.*) (%S+) (%S*)$')
+      if pf ~= nil and NOW < tonumber(pt) + REPORT_PAIR_WINDOW and (not named or pf == model_family) then
+        return pf, tonumber(ph)
       end
     end
-    local lu = tonumber(redis.call('HGET', state_key(f, h), 'lu') or '0')
-    if lu ~= 0 and (latest == nil or lu > latest_lu) then latest, latest_lu = f, lu end
   end
-  local family, released = nil, false
-  if matching ~= nil then oldest = matching end
-  if oldest ~= nil then
-    family = oldest
-    released = answer and release(reserved_key(family, h))
-  elseif latest ~= nil and NOW < latest_lu + ATTRIBUTION_WINDOW then
-    family = latest
+  local family, handed = model_family, nil
+  if named then
+    local rk = reserved_key(model_family, h)
+    if answer then handed = release(rk) else handed = oldest_hand_out(rk) end
   else
-    return '', false
+    local fams = redis.call('SMEMBERS', P .. 'fams:' .. h)
+    table.sort(fams)
+    local oldest, oldest_t, matching, matching_t, latest, latest_lu = nil, 0, nil, 0, nil, 0
+    for _, f in ipairs(fams) do
+      local t = oldest_hand_out(reserved_key(f, h))
+      local s = nil
+      if t then
+        if oldest == nil or t < oldest_t then oldest, oldest_t = f, t end
+        if limits ~= nil then
+          s = read_state(state_key(f, h))
+          if limits_match(s, limits) and (matching == nil or t < matching_t) then
+            matching, matching_t = f, t
+          end
+        end
+      end
+      local lu = tonumber(redis.call('HGET', state_key(f, h), 'lu') or '0')
+      if lu ~= 0 and (latest == nil or lu > latest_lu) then latest, latest_lu = f, lu end
+    end
+    if matching ~= nil then oldest, oldest_t = matching, matching_t end
+    if oldest ~= nil then
+      family = oldest
+      if answer then handed = release(reserved_key(family, h)) else handed = oldest_t end
+    elseif latest ~= nil and NOW < latest_lu + ATTRIBUTION_WINDOW then
+      family = latest
+    else
+      return '', nil
+    end
   end
-  if answer then redis.call('SET', answered_key, family .. ' ' .. num(NOW)) end
-  return family, released
+  if answer then
+    redis.call('SET', answered_key, family .. ' ' .. num(NOW) .. ' ' .. (handed and num(handed) or ''))
+  end
+  return family, handed
 end
 
 -- KeyPool._state_table: the state a report about family changes; it exists from now on.
@@ -164,17 +169,17 @@ elseif mode == 'update' then
     reposition(family, s)
   end
 elseif mode == 'mark' then
-  local family = report_family(false, nil)
+  local family, answered = report_family(false, nil)
   local s = state_table(family)
-  first = mark(s, NOW, '')
+  first = mark(s, NOW, '', answered)
   reposition(family, s)
 else
   local rate_limited = ARGV[15] == '1'
-  local family, released = report_family(true, parsed)
-  if parsed ~= nil or rate_limited or released then
+  local family, answered = report_family(true, parsed)
+  if parsed ~= nil or rate_limited or answered ~= nil then
     local s = state_table(family)
     if parsed ~= nil then apply_rate_headers(s, parsed, NOW, family == '') end
-    first = rate_limited and mark(s, NOW, ARGV[16])
+    first = rate_limited and mark(s, NOW, ARGV[16], answered)
     reposition(family, s)
   end
   if ARGV[17] == '1' then

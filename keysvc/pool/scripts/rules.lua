@@ -20,6 +20,7 @@ local band, bor, bnot = bit.band, bit.bor, bit.bnot
 
 local HAS_STATE, SAW_RATE_LIMIT, KIND_REQUESTS, KIND_TOKENS = 1, 2, 4, 8
 local BUDGET_SHAPE = 16 + 32 + 64 + 128 + 1024 + 2048 + 4096 + 8192
+local PROBATIONS = 16 + 32 + 1024 + 2048
 
 -- The budget dimensions (requests, tokens; a split family's input and output tokens):
 -- field names of left, rate, limit, full_at, and the flag bits (keysvc.rates).
@@ -34,7 +35,7 @@ local DIMS = {
 local ZERO_FIELDS = {lu = true, rla = true, ['until'] = true, bat = true, fa1 = true, fa2 = true, fa3 = true, fa4 = true, fl = true}
 -- ... of which these are not stored while 0 (only a split family's state has them).
 local SPARSE_ZERO = {fa3 = true, fa4 = true}
-local STATE_FIELDS = {'lu', 'rla', 'until', 'rr', 'tr', 'rmr', 'rmt', 'bat', 'bl1', 'bl2', 'rt1', 'rt2', 'lm1', 'lm2', 'fa1', 'fa2', 'fl', 'bl3', 'bl4', 'rt3', 'rt4', 'lm3', 'lm4', 'fa3', 'fa4'}
+local STATE_FIELDS = {'lu', 'rla', 'until', 'rr', 'tr', 'rmr', 'rmt', 'bat', 'bl1', 'bl2', 'rt1', 'rt2', 'lm1', 'lm2', 'fa1', 'fa2', 'fl', 'bl3', 'bl4', 'rt3', 'rt4', 'lm3', 'lm4', 'fa3', 'fa4', 'pba'}
 
 local function num(x)
   return string.format('%.17g', x)
@@ -103,15 +104,17 @@ local function oldest_hand_out(key)
   return nil
 end
 
--- rules.release: ends the oldest hand-out's reservation (holds stay); false if none.
+-- rules.release: ends the oldest hand-out's reservation (holds stay) and returns
+-- when it was handed out; nil if none.
 local function release(key)
   for _, item in ipairs(redis.call('LRANGE', key, 0, -1)) do
-    if string.match(item, '^%S+ %S+$') then
+    local t = string.match(item, '^(%S+) %S+$')
+    if t then
       redis.call('LREM', key, 1, item)
-      return true
+      return tonumber(t)
     end
   end
-  return false
+  return nil
 end
 
 -- rules.window
@@ -179,6 +182,7 @@ local function forget_dimension(s, d)
   s[d.left], s[d.rate], s[d.limit] = nil, nil, nil
   s[d.full] = 0
   s.fl = band(s.fl, bnot(bor(d.probation, d.window)))
+  if band(s.fl, PROBATIONS) == 0 then s.pba = nil end
 end
 
 -- rules.forget_budget
@@ -191,8 +195,9 @@ local function forget_budget(s)
   end
 end
 
--- rules.mark: a 429 of type kind ("" unknown); true when the first since the hand-out.
-local function mark(s, now, kind)
+-- rules.mark: a 429 of type kind ("" unknown) for a request handed out at answered
+-- (nil: not known); true when the first since the hand-out.
+local function mark(s, now, kind, answered)
   local fl = s.fl
   local first = band(fl, SAW_RATE_LIMIT) == 0
   if kind == '' and s.bat ~= 0 then
@@ -220,11 +225,13 @@ local function mark(s, now, kind)
   if kind_bit ~= 0 and s[d.limit] ~= nil then
     reanchor(s, now)
     s[d.left] = 0
-    if band(s.fl, d.probation) ~= 0 then
+    if band(s.fl, d.probation) == 0 then
+      s.fl = bor(s.fl, d.probation)
+      s.pba = now
+    elseif answered == nil or answered > (s.pba or 0) then
+      -- A request sent after the 429 that emptied the budget was refused too.
       s.fl = bor(s.fl, d.window)
       s[d.rate] = 0
-    else
-      s.fl = bor(s.fl, d.probation)
     end
     if s[d.full] <= now then s[d.full] = now + RATE_LIMIT_FALLBACK end
   end
@@ -276,6 +283,7 @@ local function apply_rate_headers(s, p, now, wide)
         if reset > 0 and left < limit then refill = (limit - left) / reset end
         if fresh then
           s.fl = band(s.fl, bnot(d.probation))
+          if band(s.fl, PROBATIONS) == 0 then s.pba = nil end
           if refill ~= nil and band(s.fl, d.window) == 0 then s[d.rate] = f32(refill) else s[d.rate] = 0 end
         elseif refill ~= nil and s[d.rate] ~= nil and refill < s[d.rate] then
           s[d.rate] = f32(refill)
