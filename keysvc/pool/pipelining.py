@@ -12,7 +12,8 @@ What each call keeps: every script still runs whole and alone (a pipeline is
 not a transaction; the calls of a batch are concurrent calls, in no promised
 order); its reply or its own error (a script error, NOSCRIPT after reloading
 the script and trying once more) goes to it alone; a batch that fails (the
-connection, its time) fails every call in it. A call whose caller has stopped
+connection, its time) fails every call in it, and is never sent again, since
+Redis may have run its scripts. A call whose caller has stopped
 waiting (its timeout) before its batch goes is not sent. A batch is bounded by
 the latest deadline among its calls, so a hung Redis holds the queue no longer
 than the calls waiting in it would wait anyway.
@@ -135,9 +136,11 @@ class AutoPipeline:
     async def _pipeline(self, calls: Sequence[_Call]) -> list[Any]:
         """One write of every call, then their replies (an error reply in its place).
 
-        On the pipeline's own connection, with the client's retries on connection
-        errors; a batch that fails or is cancelled part way drops the connection, so
-        no reply left unread is taken for the next batch's.
+        On the pipeline's own connection. Sent at most once: connecting follows the
+        client's retries, but a batch that fails once written is not sent again
+        (Redis may have run its scripts; a Get run twice reserves twice). A batch
+        that fails or is cancelled part way drops the connection, so no reply left
+        unread is taken for the next batch's.
         """
         connection = self._connection
         if connection is None:
@@ -147,22 +150,14 @@ class AutoPipeline:
             hiredis.pack_command(("EVALSHA", call.script.sha, 0, *call.args))  # type: ignore[arg-type]
             for call in calls
         )
-
-        async def exchange() -> list[Any]:
+        replies: list[Any] = []
+        try:
             await connection.send_packed_command(packed)
-            replies: list[Any] = []
             for _ in calls:
                 try:
                     replies.append(await connection.read_response())
                 except ResponseError as error:
                     replies.append(error)
-            return replies
-
-        async def drop(error: Exception) -> None:
-            await connection.disconnect()
-
-        try:
-            replies: list[Any] = await connection.retry.call_with_retry(exchange, drop)
         except BaseException:
             await connection.disconnect(nowait=True)
             raise
@@ -172,8 +167,8 @@ class AutoPipeline:
         """The pipeline's own connection: as the client's pool makes them (address,
         TLS, credentials, retries), but without a socket timeout. A batch is bounded
         by its calls' deadline; a socket timeout would also give up on a slow answer
-        and send the whole batch again (the client retries timeouts), running its
-        scripts twice, and costs a task and a timer per write."""
+        its callers still wait for (a batch is never sent again: ``_pipeline``), and
+        costs a task and a timer per write."""
         pool = self._client.connection_pool
         connection: AbstractConnection = pool.connection_class(
             **{**pool.connection_kwargs, "socket_timeout": None}

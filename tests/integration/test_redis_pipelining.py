@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
@@ -158,6 +160,39 @@ async def test_a_slow_answer_is_waited_for_within_the_deadline_not_sent_twice(
         asyncio.get_running_loop().call_later(0.4, server.resume)
         assert await pipeline.run(script, ["slow", "slow"], 2.0) == b"slow"
         assert await client.get("slow") == b"1"
+
+
+async def test_a_batch_whose_reply_is_lost_is_not_sent_again(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    # A client that retries connection errors (a deployment's choice, or a future
+    # default) must not retry a batch: Redis may have run its scripts already, and
+    # a Get sent twice reserves twice. The caller gets the error; the script ran once.
+    client = aioredis.Redis.from_url(redis_server.url, retry=Retry(NoBackoff(), 3))
+    try:
+        script, pipeline = client.register_script(_ECHO), AutoPipeline(client)
+        counter = f"{redis_prefix}:calls"
+        assert await pipeline.run(script, [counter, "first"], 5.0) == b"first"
+        connection = pipeline._connection
+        assert connection is not None
+        read = connection.read_response
+        lost = [True]
+
+        async def read_then_lose(*args: Any, **kwargs: Any) -> Any:
+            reply = await read(*args, **kwargs)  # Redis ran the script and answered ...
+            if lost.pop() if lost else False:
+                raise RedisConnectionError("connection lost")  # ... the answer was lost
+            return reply
+
+        connection.read_response = read_then_lose  # type: ignore[method-assign]
+        with pytest.raises(RedisConnectionError):
+            await pipeline.run(script, [counter, "lost"], 5.0)
+        assert await client.get(counter) == b"2"  # "first" and "lost", once each
+        # The next call goes on a new connection and reads its own reply.
+        assert await pipeline.run(script, [counter, "after"], 5.0) == b"after"
+        await pipeline.aclose()
+    finally:
+        await client.aclose()
 
 
 async def test_a_call_whose_caller_stopped_waiting_is_not_sent(tmp_path: Path) -> None:
