@@ -126,6 +126,14 @@ _SPLIT_COLUMNS: Final = (
     ("output_full_at", 0.0, "d"),
 )
 
+#: Each column's first row (a new row's values), to make tables of by repetition.
+_FIRST_ROWS: Final = tuple((name, array(kind, [start])) for name, start, kind in _FLOAT_COLUMNS)
+_SPLIT_FIRST_ROWS: Final = _FIRST_ROWS + tuple(
+    (name, array(kind, [start])) for name, start, kind in _SPLIT_COLUMNS
+)
+_FLAGS_ROW: Final = array("H", [0])
+_USAGE_ROW: Final = array("q", [NO_USAGE])
+
 #: Remaining counts are kept as doubles, exact up to here; a larger header
 #: value (the parser takes up to 18 digits) is stored as this.
 MAX_COUNT: Final = 2**53
@@ -280,11 +288,14 @@ class RateTable:
     def __init__(self, family: str, rows: int, *, split: bool = False) -> None:
         self.family = family
         self.split = split
-        for name, start, kind in self._columns():
-            setattr(self, name, array(kind, [start]) * rows)
-        self.flags = array("H", [0]) * rows
+        # From one-row arrays made once: a Redis backend builds a one-row table for
+        # each family of every key it hands out, and ``array(kind, [start])`` per
+        # column took most of a Get's own work in Python.
+        for name, first_row in _SPLIT_FIRST_ROWS if split else _FIRST_ROWS:
+            setattr(self, name, first_row * rows)
+        self.flags = _FLAGS_ROW * rows
         self.placed = bytearray(rows)
-        self.usage = array("q", [NO_USAGE]) * rows
+        self.usage = _USAGE_ROW * rows
         self.reserved: dict[int, deque[tuple[float, float]]] = {}
         #: When a 429 last put a budget of the row on probation (sparse, like
         #: ``reserved``: only rows with a ``PROBATION_*`` bit set).
