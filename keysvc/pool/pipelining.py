@@ -36,6 +36,11 @@ from redis.exceptions import NoScriptError, ResponseError
 __all__ = ["AutoPipeline"]
 
 
+def _expire(reply: asyncio.Future[Any]) -> None:
+    if not reply.done():
+        reply.set_exception(TimeoutError())
+
+
 @dataclass(slots=True)
 class _Call:
     script: AsyncScript
@@ -61,15 +66,22 @@ class AutoPipeline:
     async def run(self, script: AsyncScript, args: Sequence[str | float], timeout: float) -> Any:
         """The reply of ``script`` (no keys, ``args``); its error raised, as EVALSHA's.
 
-        ``timeout``: how long the caller waits (it bounds the batch, not the call:
-        the caller bounds its own wait).
+        ``timeout``: how long the caller waits; TimeoutError once it has waited that
+        long (the call is then not sent, if it was not yet). It also bounds the batch
+        the call goes in.
         """
         loop = asyncio.get_running_loop()
         call = _Call(script, args, loop.time() + timeout, loop.create_future())
         self._queued.append(call)
         if self._sender is None:
             self._sender = loop.create_task(self._send())
-        return await call.reply
+        # A timer that fails the call's reply, not asyncio.timeout: that would cancel
+        # and resume the caller's task, on every call of every Get.
+        expiry = loop.call_at(call.deadline, _expire, call.reply)
+        try:
+            return await call.reply
+        finally:
+            expiry.cancel()
 
     async def aclose(self) -> None:
         """Stops sending; calls not answered yet fail with a ConnectionError."""

@@ -133,7 +133,28 @@ _CHANGES: Final = {
     "over_quota": KeyChange.OVER_QUOTA,
 }
 
-_STATE_FIELDS: Final = {
+#: The fields of a key's record a key view holds, in this order (pool.lua's key_view
+#: reads them with HMGET): values by position, no field names to send and parse.
+_RECORD_VIEW: Final = (
+    "fams",
+    "trial",
+    "org",
+    "clone",
+    "dis",
+    "rev",
+    "oq",
+    "reason",
+    "dat",
+    "oqu",
+    "lu",
+    "lc",
+    "pc",
+    "revive",
+    "seq",
+)
+#: The same of each family state: the state's fields the Key message shows, and the
+#: ``RateTable`` column each goes to; then its flags.
+_STATE_VIEW: Final = {
     "lu": "last_used",
     "rla": "rate_limited_at",
     "until": "until",
@@ -143,6 +164,7 @@ _STATE_FIELDS: Final = {
     "rmt": "remaining_tokens",
     "bat": "budget_at",
 }
+_STATE_COLUMNS: Final = tuple(_STATE_VIEW.values())
 
 
 class _Budget:
@@ -200,6 +222,8 @@ def _program(body: str, split: Iterable[str] = ()) -> str:
     constants.append(f"local KIND_OUTPUT_TOKENS = {KIND_OUTPUT_TOKENS}")
     constants.append(f"local BACKOFF_BASE = {float(backoff.BASE)!r}")
     constants.append(f"local BACKOFF_MAX = {float(backoff.MAX)!r}")
+    for name, fields in (("RECORD_VIEW", _RECORD_VIEW), ("STATE_VIEW", (*_STATE_VIEW, "fl"))):
+        constants.append(f"local {name} = {{{', '.join(_lua_string(f) for f in fields)}}}")
     constants.append("local SPLIT = {}")
     constants += [f"SPLIT[{_lua_string(family)}] = true" for family in sorted(split)]
     parts = ["\n".join(constants), _script_text("rules.lua"), _script_text("pool.lua"), body]
@@ -300,7 +324,7 @@ class RedisBackend:
         self._on_failure = on_failure or _ignore
         self._time_scale = time_scale
         #: KeyProfiles by a record's families and trial flag (``_profile``).
-        self._profiles: dict[tuple[str, bool], KeyProfile] = {}
+        self._profiles: dict[tuple[bytes, bool], KeyProfile] = {}
         #: The keys this replica holds a secret for, by hash.
         self._secrets: dict[str, tuple[str, str]] = {}
         #: This replica's configured keys (its key list; not the organization clones).
@@ -349,11 +373,20 @@ class RedisBackend:
         now = "" if self._now is None else repr(self._now())
         argv = [self._prefix, now, repr(self._reuse_delay), *args]
         script = self._scripts[name]
-        return await self._bounded(lambda left: self._pipeline.run(script, argv, left), timeout)
+        return await self._bounded(
+            lambda left: self._pipeline.run(script, argv, left), timeout, bounds_itself=True
+        )
 
-    async def _bounded(self, call: Callable[[float], Awaitable[_R]], timeout: float | None) -> _R:
+    async def _bounded(
+        self,
+        call: Callable[[float], Awaitable[_R]],
+        timeout: float | None,
+        *,
+        bounds_itself: bool = False,
+    ) -> _R:
         """``call(timeout)`` within ``timeout``, by default what the RPC's budget has
-        left (or the whole timeout outside one); any failure is ``StoreUnavailable``."""
+        left (or the whole timeout outside one); any failure is ``StoreUnavailable``.
+        ``bounds_itself``: the call raises TimeoutError at its timeout by itself."""
         budget = _budget.get()
         if timeout is None:
             timeout = self._timeout if budget is None else budget.left
@@ -362,6 +395,8 @@ class RedisBackend:
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
+            if bounds_itself:
+                return await call(timeout)
             async with asyncio.timeout(timeout):
                 return await call(timeout)
         except TimeoutError:
@@ -378,58 +413,62 @@ class RedisBackend:
                 budget.left -= loop.time() - started
 
     def _key(self, view: Sequence[Any]) -> Key:
-        """A Key from a script's view of one (record, family states, usage). Its
-        profile has no model ids (the scripts choose by them; no message shows them)."""
+        """A Key from a script's view of one key (pool.lua's key_view: its hash, its
+        record's ``_RECORD_VIEW`` fields, its family states' ``_STATE_VIEW`` fields,
+        its usage). Its profile has no model ids (the scripts choose by them; no
+        message shows them). Built for every Get's reply: values are read by
+        position, and numbers straight from the bytes Redis sent."""
         key_hash = _text(view[0])
-        record = _pairs(view[1])
-        local = self._secrets.get(key_hash) or self._secrets.get(record.get("clone", ""))
+        fams, trial, org, clone, dis, rev, oq, reason, dat, oqu, lu, lc, pc, revive, _ = view[1]
+        clone_of = _text(clone) if clone else ""
+        local = self._secrets.get(key_hash) or self._secrets.get(clone_of)
         # An organization clone (made by whichever replica checks keys) has its parent's secret.
-        secret, organization_id = local or ("", record.get("org", ""))
+        secret, organization_id = local or ("", "")
         book = RateBook()
         book.add_row(0)
         key = Key(
             secret=secret,
             hash=key_hash,
-            profile=self._profile(record.get("fams", ""), record.get("trial") == "1"),
+            profile=self._profile(fams or b"", trial == b"1"),
             # Its row in its own book; the load position is in the record.
             seq=0,
             service=identity_of_hash(key_hash).name,
-            organization_id=record.get("org", organization_id),
-            is_disabled=record.get("dis") == "1",
-            is_revoked=record.get("rev") == "1",
-            is_over_quota=record.get("oq") == "1",
-            disable_reason=DisableReason(record["reason"]) if record.get("reason") else None,
-            disabled_at=float(record.get("dat", "0")),
-            over_quota_until=float(record.get("oqu", "0")),
-            last_used=float(record.get("lu", "0")),
-            last_checked=float(record.get("lc", "0")),
-            prompt_count=int(record.get("pc", "0")),
-            revive_if_alive=record.get("revive") == "1",
-            cloned_from=record.get("clone", ""),
+            organization_id=_text(org) if org is not None else organization_id,
+            is_disabled=dis == b"1",
+            is_revoked=rev == b"1",
+            is_over_quota=oq == b"1",
+            disable_reason=DisableReason(_text(reason)) if reason else None,
+            disabled_at=float(dat) if dat else 0.0,
+            over_quota_until=float(oqu) if oqu else 0.0,
+            last_used=float(lu) if lu else 0.0,
+            last_checked=float(lc) if lc else 0.0,
+            prompt_count=int(pc) if pc else 0,
+            revive_if_alive=revive == b"1",
+            cloned_from=clone_of,
             book=book,
         )
         rows = view[2]
         for i in range(0, len(rows), 2):
             table = book.table(_text(rows[i]))
-            state = _pairs(rows[i + 1])
-            for field, column in _STATE_FIELDS.items():
-                if field in state:
-                    getattr(table, column)[0] = float(state[field])
-            table.flags[0] = int(float(state.get("fl", "0"))) | HAS_STATE
-        usage = _pairs(view[3])
-        if usage:
-            for family, tokens in usage.items():
-                book.add_usage(0, family, int(tokens))
+            *values, flags = rows[i + 1]
+            for column, value in zip(_STATE_COLUMNS, values, strict=True):
+                if value is not None:
+                    getattr(table, column)[0] = float(value)
+            table.flags[0] = int(float(flags or 0)) | HAS_STATE
+        usage = view[3]
+        for i in range(0, len(usage), 2):
+            book.add_usage(0, _text(usage[i]), int(usage[i + 1]))
         return key
 
-    def _profile(self, families: str, is_trial: bool) -> KeyProfile:
+    def _profile(self, families: bytes, is_trial: bool) -> KeyProfile:
         """The profile of a record's ``fams`` and ``trial``, one per distinct pair (Keys
         with equal profiles share one, as in memory): a Get's reply builds no new one."""
         profile = self._profiles.get((families, is_trial))
         if profile is None:
             if len(self._profiles) >= _PROFILES_KEPT:
                 self._profiles.clear()
-            profile = KeyProfile(frozenset(f for f in families.split(",") if f), is_trial)
+            names = families.decode().split(",")
+            profile = KeyProfile(frozenset(f for f in names if f), is_trial)
             self._profiles[(families, is_trial)] = profile
         return profile
 
@@ -1081,7 +1120,7 @@ class RedisBackend:
         last = after
         for view in answer[2:]:
             key = self._key(view)
-            last = float(_pairs(view[1])["seq"])
+            last = float(view[1][_RECORD_VIEW.index("seq")])
             if want(key):
                 keys.append(key)
                 if len(keys) == page_size:

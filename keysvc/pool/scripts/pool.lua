@@ -359,14 +359,13 @@ end
 -- What the Key message shows of key h: the record, each family state, the usage.
 local function key_view(h)
   local out = {h}
-  local raw = redis.call('HGETALL', P .. 'key:' .. h)
-  out[#out + 1] = raw
+  out[#out + 1] = redis.call('HMGET', P .. 'key:' .. h, unpack(RECORD_VIEW))
   local rows = {}
   local fams = redis.call('SMEMBERS', P .. 'fams:' .. h)
   if redis.call('EXISTS', state_key('', h)) == 1 then fams[#fams + 1] = '' end
   for _, f in ipairs(fams) do
     rows[#rows + 1] = f
-    rows[#rows + 1] = redis.call('HGETALL', state_key(f, h))
+    rows[#rows + 1] = redis.call('HMGET', state_key(f, h), unpack(STATE_VIEW))
   end
   out[#out + 1] = rows
   out[#out + 1] = redis.call('HGETALL', P .. 'usage:' .. h)
