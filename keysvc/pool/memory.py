@@ -439,9 +439,11 @@ class KeyPool:
         #: budgets keep them apart (``RateTable.split``), learned from ReportOutcome.
         self._input_stats: dict[str, tuple[float, float]] = {}
         self._output_stats: dict[str, tuple[float, float]] = {}
-        #: Per key ``seq``: the family the last answer was reported for, when, and
-        #: when the hand-out it answered was made (``REPORT_PAIR_WINDOW``).
+        #: Per key ``seq``: the family of the answer UpdateRateLimits last reported,
+        #: when, and when the hand-out it answered was made; kept for
+        #: ``REPORT_PAIR_WINDOW`` (``_pair``), in the order reported.
         self._answered: dict[int, tuple[str, float, float | None]] = {}
+        self._answered_order: deque[tuple[float, int]] = deque()
         # get_waiting: queues by eligibility class, the one timer set for the
         # earliest unlock any queue head waits for, and a pending dispatch.
         self._queues: dict[_WaitClass, _WaitQueue] = {}
@@ -970,10 +972,26 @@ class KeyPool:
         parsed = parse_rate_headers(key, headers, now)
         if parsed is None:
             return
-        family, _ = self._report_family(key, model, now, answer=True, limits=parsed)
+        family, answered = self._report_family(key, model, now, answer=True, limits=parsed)
+        if family:
+            self._pair(key.seq, family, now, answered)
         table = self._state_table(key, family)
         apply_rate_headers(table, key.seq, parsed, now)
         self._reposition(key, table, now)
+
+    def _pair(self, row: int, family: str, now: float, answered: float | None) -> None:
+        """Keeps what UpdateRateLimits reported for the MarkRateLimited that may follow
+        (the seed reports an answer's headers, then its 429), for REPORT_PAIR_WINDOW:
+        pairs older than that are dropped as new ones come, so at most the last
+        window's answers are kept, whatever the pool's size."""
+        self._answered[row] = (family, now, answered)
+        order = self._answered_order
+        order.append((now, row))
+        while order[0][0] + REPORT_PAIR_WINDOW <= now:
+            at, old = order.popleft()
+            paired = self._answered.get(old)
+            if paired is not None and paired[1] == at:
+                del self._answered[old]
 
     def _report_family(
         self,
@@ -993,8 +1011,8 @@ class KeyPool:
         several families are in flight, the oldest of those whose known limits are
         the ones the report's headers (``limits``) name, since answers come back in
         any order and the upstream limits each model apart. A 429 reported on its
-        own (MarkRateLimited) answers what an answer just reported did, when one
-        was (``REPORT_PAIR_WINDOW``; for the model named, if any), since the seed
+        own (MarkRateLimited) answers what UpdateRateLimits just reported, when it
+        did (``REPORT_PAIR_WINDOW``; for the model named, if any), since the seed
         reports an answer's headers first, then its 429. With nothing in flight,
         the family of the key's latest hand-out, if recent (``ATTRIBUTION_WINDOW``:
         the request outlived its reservation); else key-wide, as the seed did.
@@ -1041,8 +1059,6 @@ class KeyPool:
                 family = latest.family
             else:
                 return "", None
-        if answer:
-            self._answered[row] = (family, now, handed_out)
         return family, handed_out
 
     def _state_table(self, key: Key, family: str) -> RateTable:

@@ -258,7 +258,7 @@ class RefKey:
     last_used: float = 0.0
     wide: Shadow | None = None
     families: dict[str, Shadow] = field(default_factory=dict)
-    #: The family the last answer was reported for, when, and its hand-out's time.
+    #: The family of the answer UpdateRateLimits last reported, when, and its hand-out's time.
     answered: tuple[str, float, float | None] | None = None
 
     def until(self, family: str) -> float:
@@ -322,8 +322,6 @@ class RefKey:
                 family = min(used, key=lambda pair: pair[0])[1]
             else:
                 return "", None
-        if answer:
-            self.answered = (family, now, handed_out)
         return family, handed_out
 
 
@@ -659,7 +657,9 @@ class PoolModel(RuleBasedStateMachine):
         self.pool.update_rate_limits(ref.key.hash, headers, model)
         parsed = parse(ref, headers, now)
         if parsed is not None:
-            family, _ = ref.attribute(model, now, answer=True, parsed=parsed)
+            family, answered = ref.attribute(model, now, answer=True, parsed=parsed)
+            if family:
+                ref.answered = (family, now, answered)
             state = ref.state(family)
             apply_headers(state, parsed, now, budget=bool(family))
             if family:

@@ -22,8 +22,8 @@
 --                        before it was kept lacks the OpenAI keys added until then
 --   tok            hash  family -> "mean variance" of finished requests' tokens
 --   tokin, tokout  hash  the same of their input and of their output tokens (SPLIT families)
---   answered:<h>   -     "family time handed" of the last answer reported (handed: when
---                        the hand-out it answered was made, "" not known)
+--   answered:<h>   -     "family time handed" of the last answer UpdateRateLimits reported
+--                        (handed: its hand-out's time, "" not known); expires in a minute
 --   held:<id>      set   the hashes of one key list (id: a digest of it); a replica with
 --                        that list hands out only these keys and their organization clones
 --   helds          set   the ids of the key lists held (sweep.lua forgets expired ones)

@@ -77,9 +77,6 @@ local function report_family(answer, limits)
       return '', nil
     end
   end
-  if answer then
-    redis.call('SET', answered_key, family .. ' ' .. num(NOW) .. ' ' .. (handed and num(handed) or ''))
-  end
   return family, handed
 end
 
@@ -163,7 +160,13 @@ if mode == 'usage' then
   count_usage(model_family, tonumber(ARGV[18]))
 elseif mode == 'update' then
   if parsed ~= nil then
-    local family = report_family(true, parsed)
+    local family, answered = report_family(true, parsed)
+    if family ~= '' then
+      -- KeyPool._pair: for the MarkRateLimited that may follow (kept a minute: only
+      -- REPORT_PAIR_WINDOW of it is used).
+      local pair = family .. ' ' .. num(NOW) .. ' ' .. (answered and num(answered) or '')
+      redis.call('SET', P .. 'answered:' .. h, pair, 'EX', 60)
+    end
     local s = state_table(family)
     apply_rate_headers(s, parsed, NOW, family == '')
     reposition(family, s)
