@@ -165,6 +165,8 @@ _STATE_VIEW: Final = {
     "bat": "budget_at",
 }
 _STATE_COLUMNS: Final = tuple(_STATE_VIEW.values())
+#: Where a key view's record holds the key's load position (List pages resume there).
+_SEQ_AT: Final = _RECORD_VIEW.index("seq")
 
 
 class _Budget:
@@ -1120,7 +1122,7 @@ class RedisBackend:
         last = after
         for view in answer[2:]:
             key = self._key(view)
-            last = float(view[1][_RECORD_VIEW.index("seq")])
+            last = float(view[1][_SEQ_AT])
             if want(key):
                 keys.append(key)
                 if len(keys) == page_size:

@@ -193,6 +193,7 @@ local function forget_budget(s)
     s[d.left], s[d.rate], s[d.limit] = nil, nil, nil
     s[d.full] = 0
   end
+  s.pba = nil
 end
 
 -- rules.mark: a 429 of type kind ("" unknown) for a request handed out at answered
