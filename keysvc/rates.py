@@ -234,6 +234,9 @@ class Budget(NamedTuple):
     probation: int
     window: int
     kind: int
+    #: On probation, the first answer since that said nothing was left: when it
+    #: came, and the end of the refill it named (sparse: rows on probation only).
+    empty_at: dict[int, tuple[float, float]]
 
 
 class RateTable:
@@ -305,9 +308,14 @@ class RateTable:
         tokens = (self.tokens_rate, self.tokens_limit, self.tokens_full_at)
         self.budgets: tuple[Budget, ...] = (
             Budget(
-                self.budget_requests, *requests, PROBATION_REQUESTS, WINDOW_REQUESTS, KIND_REQUESTS
+                self.budget_requests,
+                *requests,
+                PROBATION_REQUESTS,
+                WINDOW_REQUESTS,
+                KIND_REQUESTS,
+                {},
             ),
-            Budget(self.budget_tokens, *tokens, PROBATION_TOKENS, WINDOW_TOKENS, KIND_TOKENS),
+            Budget(self.budget_tokens, *tokens, PROBATION_TOKENS, WINDOW_TOKENS, KIND_TOKENS, {}),
         )
         if split:
             inputs = (self.input_rate, self.input_limit, self.input_full_at)
@@ -319,6 +327,7 @@ class RateTable:
                     PROBATION_INPUT_TOKENS,
                     WINDOW_INPUT_TOKENS,
                     KIND_INPUT_TOKENS,
+                    {},
                 ),
                 Budget(
                     self.budget_output,
@@ -326,6 +335,7 @@ class RateTable:
                     PROBATION_OUTPUT_TOKENS,
                     WINDOW_OUTPUT_TOKENS,
                     KIND_OUTPUT_TOKENS,
+                    {},
                 ),
             )
 
@@ -385,6 +395,8 @@ class RateTable:
         self.flags[row] = 0
         self.reserved.pop(row, None)
         self.probation_at.pop(row, None)
+        for budget in self.budgets:
+            budget.empty_at.pop(row, None)
 
     def snapshot(self, row: int) -> RateState:
         flags = self.flags[row]

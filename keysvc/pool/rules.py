@@ -42,7 +42,9 @@ A family's lock (its ``until``) is the latest of
   the way back reports a remaining from before the older one was counted). A
   429 spends its dimension; a second one in the same refill, for a request
   sent after the first, marks it a fixed window, counted on to refill only at
-  its ends (``mark``; the 429s of a burst already in flight do not). The wait
+  its ends (``mark``; the 429s of a burst already in flight do not), and so do
+  answers since that find nothing left and name an end of the refill that
+  stays put, as a window's does, where a bucket's moves on (``_tell_shape``). The wait
   is capped at ``MAX_BUDGET_WAIT``;
   the budget outlives hand-outs, and is forgotten ``BUDGET_LAPSE`` after its
   last report. A family whose provider limits input and output tokens apart
@@ -132,6 +134,9 @@ MAX_PROMISES: Final = 4096
 BUDGET_LAPSE: Final = 60.0
 #: The longest a budget holds a key back: a per-minute window's reset.
 MAX_BUDGET_WAIT: Final = 60.0
+#: How far a reset header may be from the exact time (rounding): Go prints
+#: durations exactly, OpenAI to the millisecond; a margin for upstreams that round more.
+RESET_GRAIN: Final = 0.05
 #: A report that names no model goes to the family of the key's oldest hand-out
 #: in flight; with none in flight, to the family of its latest hand-out when that
 #: was at most this long ago (a request that outlived its reservation) ...
@@ -335,16 +340,21 @@ def apply_rate_headers(table: RateTable, row: int, parsed: RateHeaders, now: flo
             fresh = fresh or budget.limit[row] != limit
             refill = (limit - left) / reset if reset > 0 and left < limit else NOT_SET
             if fresh:
-                table.flags[row] &= ~budget.probation
-                if not table.flags[row] & PROBATIONS:
-                    table.probation_at.pop(row, None)
+                _end_probation(table, row, budget)
                 window = table.flags[row] & budget.window
                 budget.rate[row] = refill if _known(refill) and not window else 0.0
             elif refill < budget.rate[row]:  # False for NaN
                 budget.rate[row] = refill
             budget.limit[row] = limit
-            # Nor does an overtaken answer bring the end of the refill forward.
             full_at = now + min(reset, MAX_BUDGET_WAIT)
+            if (
+                not fresh
+                and left == 0
+                and reset <= MAX_BUDGET_WAIT  # not clamped
+                and table.flags[row] & (budget.probation | budget.window) == budget.probation
+            ):
+                _tell_shape(table, row, budget, now, full_at)
+            # Nor does an overtaken answer bring the end of the refill forward.
             if fresh or full_at > budget.full_at[row]:
                 budget.full_at[row] = full_at
         if _known(budget.limit[row]):  # a budget is kept for the dimension
@@ -354,6 +364,43 @@ def apply_rate_headers(table: RateTable, row: int, parsed: RateHeaders, now: flo
             # After _reanchor, ``left`` holds what the budget expected by now.
             budget.left[row] = capped if fresh else min(capped, budget.left[row])
             table.budget_at[row] = now
+
+
+def _tell_shape(table: RateTable, row: int, budget: Budget, now: float, full_at: float) -> None:
+    """Tells a fixed window from a token bucket by the end of the refill (``full_at``)
+    that answers saying nothing is left name, once a 429 put the dimension on
+    probation: a bucket that stays empty is whole again a full refill after each
+    such answer, so that end moves on with the time; a window's stays where it was.
+
+    The first such answer is the reference (``Budget.empty_at``); a later one at
+    least ``2 / rate + 4 × RESET_GRAIN`` after it (a bucket's end can lag by the
+    time one unit takes to refill, and each reset is rounded) decides: an end
+    moved by less than half the time between marks a window, else the dimension
+    is a bucket and its probation ends. Unlike the 429s themselves, this needs no
+    guess at which hand-out an answer is for.
+    """
+    reference = budget.empty_at.get(row)
+    if reference is None:
+        budget.empty_at[row] = (now, full_at)
+        return
+    at, end = reference
+    rate = budget.rate[row]
+    elapsed = now - at
+    if not rate > 0 or elapsed <= 2.0 / rate + 4 * RESET_GRAIN:  # NaN: no rate known
+        return
+    if full_at - end < elapsed / 2:
+        table.flags[row] |= budget.window
+        budget.rate[row] = 0.0
+    else:
+        _end_probation(table, row, budget)
+
+
+def _end_probation(table: RateTable, row: int, budget: Budget) -> None:
+    """Ends the dimension's probation (its refill came, or it is known anew)."""
+    table.flags[row] &= ~budget.probation
+    budget.empty_at.pop(row, None)
+    if not table.flags[row] & PROBATIONS:
+        table.probation_at.pop(row, None)
 
 
 def limits_match(table: RateTable, row: int, parsed: RateHeaders) -> bool:
@@ -402,9 +449,8 @@ def _forget_dimension(table: RateTable, row: int, budget: Budget) -> None:
     """Forgets one dimension's budget (the others are kept)."""
     budget.left[row] = budget.rate[row] = budget.limit[row] = NOT_SET
     budget.full_at[row] = 0.0
-    table.flags[row] &= ~(budget.probation | budget.window)
-    if not table.flags[row] & PROBATIONS:
-        table.probation_at.pop(row, None)
+    table.flags[row] &= ~budget.window
+    _end_probation(table, row, budget)
 
 
 def _known(value: float) -> bool:

@@ -307,6 +307,51 @@ class Differential(RuleBasedStateMachine):
         self.lockout(model)
 
     @precondition(lambda self: self.memory is not None)
+    @rule(
+        i=st.integers(0, 7),
+        model=st.sampled_from(["gpt-4", "gpt-4o", "gpt-3.5-turbo"]),
+        named=st.booleans(),
+        dim=st.sampled_from(["requests", "tokens"]),
+        window=st.booleans(),
+        seed_rpcs=st.booleans(),
+        handed_out=st.booleans(),
+        steps=st.lists(st.sampled_from([0.05, 0.5, 2.0]), min_size=1, max_size=4),
+    )
+    def shape_round(  # noqa: PLR0913
+        self,
+        i: int,
+        model: str,
+        named: bool,
+        dim: str,
+        window: bool,
+        seed_rpcs: bool,
+        handed_out: bool,
+        steps: list[float],
+    ) -> None:
+        """A budget spent by a 429, then answers that say nothing is left, some soon
+        and some well after: their resets name a fixed window's end (the same time,
+        nearer each answer) or a token bucket's (a whole refill from each answer),
+        which tells the two apart whichever hand-out each answers."""
+        key_hash = self.get_both(model) or self.hash(i)
+        report_model = model if named else ""
+        self.clock.advance(0.005)
+        self.report_both(key_hash, report_model, 200, budget_headers(dim, 60, 0, "30s"))
+        since = 0.0
+        for step in [0.0, *steps]:
+            self.clock.advance(step)
+            since += step
+            if handed_out:
+                self.get_both(model)
+            reset = f"{30.0 - since:.3f}s" if window else "30s"
+            headers = budget_headers(dim, 60, 0, reset)
+            if seed_rpcs:
+                self.update_both(key_hash, headers, report_model)
+                self.mark_both(key_hash, report_model)
+            else:
+                self.report_both(key_hash, report_model, 429, headers, dim)
+            self.lockout(model)
+
+    @precondition(lambda self: self.memory is not None)
     @rule(i=st.integers(0, 7), model=st.sampled_from(MODELS), tokens=st.sampled_from([0, 5, 800]))
     def usage(self, i: int, model: str, tokens: int) -> None:
         assert self.memory is not None and self.redis is not None

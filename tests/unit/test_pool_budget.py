@@ -310,6 +310,38 @@ def test_typed_429s_of_a_burst_sent_before_the_first_answer_keep_a_token_bucket(
     assert pool.lockout_period("gpt-4o") == pytest.approx(0.1)  # 10 a second
 
 
+def _empty_answers_while_slow_requests_run(resets: list[str]) -> float:
+    """3,000 RPM through the seed's RPCs (no model): 20 slow requests in flight, then
+    the limit runs out and 429s come every 0.5 s, each for a request just sent, with
+    ``resets``; returns the lockout after the last."""
+    pool, clock, (a,) = pool_of([PAID])
+    pool.get("gpt-4o")
+    clock.advance(0.5)
+    pool.update_rate_limits(a.hash, headers(requests=(3_000, 2_000, "40s")))  # 25 a second
+    for _ in range(20):
+        assert pool.get("gpt-4o") is a
+    for reset in resets:
+        clock.advance(0.5)
+        assert pool.get("gpt-4o") is a
+        pool.update_rate_limits(a.hash, headers(requests=(3_000, 0, reset)))
+        pool.mark_rate_limited(a.hash)
+    return pool.lockout_period("gpt-4o")
+
+
+def test_a_fixed_window_is_told_by_its_resets_whichever_request_a_429_answers() -> None:
+    # Each report is taken for the oldest hand-out in flight, a slow request sent
+    # before the first 429, so no 429 reads as one for a request sent after it. The
+    # resets tell: every answer since names the same end of the window.
+    lockout = _empty_answers_while_slow_requests_run(["39.5s", "39s", "38.5s"])
+    assert lockout == pytest.approx(38.5)  # its end, not 1 s of refill
+
+
+def test_a_token_bucket_that_stays_empty_is_not_taken_for_a_window() -> None:
+    # A bucket found empty is whole again a minute after each such answer: the end moves on.
+    lockout = _empty_answers_while_slow_requests_run(["59.99s", "1m0s", "59.98s"])
+    assert 0 < lockout < 1.5  # the in-flight requests and one more, refilled at 25 a second
+
+
 def test_a_typed_429_without_a_budget_locks_for_the_matching_reset() -> None:
     pool, clock, (a,) = pool_of([PAID])
     pool.get("gpt-4")

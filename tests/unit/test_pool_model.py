@@ -42,6 +42,7 @@ from keysvc.pool import (
     RATE_LIMIT_FALLBACK,
     REPORT_PAIR_WINDOW,
     RESERVATION_TTL,
+    RESET_GRAIN,
     TOKEN_ESTIMATE_SPREAD,
     TOKEN_ESTIMATE_WEIGHT,
 )
@@ -115,6 +116,9 @@ class Shadow:
     probation: set[str] = field(default_factory=set)
     window: set[str] = field(default_factory=set)
     probation_at: float = 0.0
+    # On probation: the first answer since that said nothing was left (when, and the
+    # end of the refill it named), against which later ones tell window from bucket.
+    empty_at: dict[str, tuple[float, float]] = field(default_factory=dict)
     # When the pool last derived the lock, and the token reservation then (of all
     # tokens, and of input and output tokens apart).
     derived_at: float = 0.0
@@ -128,7 +132,7 @@ class Shadow:
         if self.budget_at and now >= self.budget_at + BUDGET_LAPSE:
             self.budget_at = 0.0
             self.left, self.rate, self.limit, self.full_at = {}, {}, {}, {}
-            self.probation, self.window = set(), set()
+            self.probation, self.window, self.empty_at = set(), set(), {}
         self.derived_at, self.reserve, self.split_reserve = now, reserve, split_reserve
 
     def forget(self, dim: str) -> None:
@@ -136,6 +140,24 @@ class Shadow:
             values.pop(dim, None)
         self.probation.discard(dim)
         self.window.discard(dim)
+        self.empty_at.pop(dim, None)
+
+    def tell_shape(self, dim: str, now: float, full_at: float) -> None:
+        # A fixed window's end stays put while it is empty; a bucket's moves on with
+        # the time. Told apart once the answers are far enough apart to show it.
+        if dim not in self.empty_at:
+            self.empty_at[dim] = (now, full_at)
+            return
+        at, end = self.empty_at[dim]
+        rate = self.rate[dim]
+        if not rate > 0 or now - at <= 2.0 / rate + 4 * RESET_GRAIN:
+            return
+        if full_at - end < (now - at) / 2:
+            self.window.add(dim)
+            self.rate[dim] = 0.0
+        else:
+            self.probation.discard(dim)
+            self.empty_at.pop(dim, None)
 
     def reanchor(self, now: float) -> None:
         if self.budget_at and self.budget_at != now:
@@ -337,7 +359,7 @@ def parse(ref: RefKey, headers: dict[str, str], now: float) -> Parsed | None:
             dims[dim] = (
                 None if limit is None else int(limit),
                 None if left is None else int(left),
-                None if reset is None else RESETS[reset],
+                None if reset is None else reset_seconds(reset),
             )
         parsed = Parsed(dims["requests"], dims["tokens"])
     else:
@@ -420,6 +442,11 @@ def reference_eligible(refs: list[RefKey], model: str) -> list[RefKey]:
     ]
 
 
+def reset_seconds(text: str) -> float:
+    """A reset header's seconds: one of RESETS, or plain seconds ("29.5s")."""
+    return RESETS[text] if text in RESETS else float(text.removesuffix("s"))
+
+
 def header_set(
     requests: str | None,
     tokens: str | None,
@@ -481,11 +508,15 @@ def apply_headers(state: Shadow, parsed: Parsed | None, now: float, *, budget: b
             refill = (limit - left) / seconds if seconds > 0 and left < limit else None
             if fresh:
                 state.probation.discard(dim)
+                state.empty_at.pop(dim, None)
                 state.rate[dim] = 0.0 if refill is None or dim in state.window else single(refill)
             elif refill is not None:
                 state.rate[dim] = min(state.rate[dim], single(refill))
             state.limit[dim] = limit
             full_at = now + min(seconds, MAX_BUDGET_WAIT)
+            told = dim in state.probation and dim not in state.window
+            if not fresh and left == 0 and seconds <= MAX_BUDGET_WAIT and told:
+                state.tell_shape(dim, now, full_at)
             if fresh or full_at > state.full_at[dim]:
                 state.full_at[dim] = full_at
         if dim in state.limit:
@@ -617,7 +648,7 @@ class PoolModel(RuleBasedStateMachine):
             new.budget_at, new.left, new.rate = old.budget_at, old.left, old.rate
             new.limit, new.full_at = old.limit, old.full_at
             new.probation, new.window = old.probation, old.window
-            new.probation_at = old.probation_at
+            new.probation_at, new.empty_at = old.probation_at, old.empty_at
             new.reserved = [*old.reserved, (now, self.reserve(family))]
             self.derive(new, family, now)
             expected.families[family] = new
@@ -664,6 +695,39 @@ class PoolModel(RuleBasedStateMachine):
             apply_headers(state, parsed, now, budget=bool(family))
             if family:
                 self.derive(state, family, now)
+
+    @precondition(lambda self: self.pool is not None)
+    @rule(
+        i=st.integers(0, 7),
+        model=st.sampled_from(["gpt-4", "gpt-4o"]),
+        named=st.booleans(),
+        window=st.booleans(),
+        steps=st.lists(st.sampled_from([0.05, 0.5, 2.0]), min_size=1, max_size=3),
+    )
+    def empty_answers(
+        self, i: int, model: str, named: bool, window: bool, steps: list[float]
+    ) -> None:
+        """A budget spent by a 429 (the seed's way: headers, then the 429), then more
+        such answers, some soon and some well after, their resets a fixed window's end
+        (nearer each time) or a token bucket's (a whole refill from each): a sequence
+        random headers seldom line up."""
+        self.get(model)
+        report_model = model if named else ""
+        no_anthropic = (None, None, None, None, None)
+        self.update(i, report_model, (header_set("30s", None, 0, None, 60, None), no_anthropic))
+        since = 0.0
+        for step in [0.0, *steps]:
+            self.wait(step)
+            since += step
+            reset = f"{30.0 - since:.3f}s" if window else "30s"
+            empty = header_set(reset, None, 0, None, 60, None)
+            self.update(i, report_model, (empty, no_anthropic))
+            self.mark(i, report_model)
+            self.lockout(model)
+            # The key's own lock, which the pool's lockouts (over every key) may hide.
+            ref, family = self.ref(i), TABLE.family(model)
+            if not ref.disabled and family in ref.key.model_families:
+                assert abs(ref.key.until_in(family) - ref.until(family)) < 1e-9
 
     @precondition(lambda self: self.pool is not None)
     @rule(

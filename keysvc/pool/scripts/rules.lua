@@ -23,12 +23,13 @@ local BUDGET_SHAPE = 16 + 32 + 64 + 128 + 1024 + 2048 + 4096 + 8192
 local PROBATIONS = 16 + 32 + 1024 + 2048
 
 -- The budget dimensions (requests, tokens; a split family's input and output tokens):
--- field names of left, rate, limit, full_at, and the flag bits (keysvc.rates).
+-- field names of left, rate, limit, full_at, Budget.empty_at's two values, and the
+-- flag bits (keysvc.rates).
 local DIMS = {
-  {left = 'bl1', rate = 'rt1', limit = 'lm1', full = 'fa1', probation = 16, window = 64, kind = KIND_REQUESTS},
-  {left = 'bl2', rate = 'rt2', limit = 'lm2', full = 'fa2', probation = 32, window = 128, kind = KIND_TOKENS},
-  {left = 'bl3', rate = 'rt3', limit = 'lm3', full = 'fa3', probation = 1024, window = 4096, kind = KIND_INPUT_TOKENS},
-  {left = 'bl4', rate = 'rt4', limit = 'lm4', full = 'fa4', probation = 2048, window = 8192, kind = KIND_OUTPUT_TOKENS},
+  {left = 'bl1', rate = 'rt1', limit = 'lm1', full = 'fa1', empty_at = 'ea1', empty_end = 'ee1', probation = 16, window = 64, kind = KIND_REQUESTS},
+  {left = 'bl2', rate = 'rt2', limit = 'lm2', full = 'fa2', empty_at = 'ea2', empty_end = 'ee2', probation = 32, window = 128, kind = KIND_TOKENS},
+  {left = 'bl3', rate = 'rt3', limit = 'lm3', full = 'fa3', empty_at = 'ea3', empty_end = 'ee3', probation = 1024, window = 4096, kind = KIND_INPUT_TOKENS},
+  {left = 'bl4', rate = 'rt4', limit = 'lm4', full = 'fa4', empty_at = 'ea4', empty_end = 'ee4', probation = 2048, window = 8192, kind = KIND_OUTPUT_TOKENS},
 }
 
 -- Fields that are 0 when absent; every other field is nil (not known) when absent.
@@ -36,6 +37,9 @@ local ZERO_FIELDS = {lu = true, rla = true, ['until'] = true, bat = true, fa1 = 
 -- ... of which these are not stored while 0 (only a split family's state has them).
 local SPARSE_ZERO = {fa3 = true, fa4 = true}
 local STATE_FIELDS = {'lu', 'rla', 'until', 'rr', 'tr', 'rmr', 'rmt', 'bat', 'bl1', 'bl2', 'rt1', 'rt2', 'lm1', 'lm2', 'fa1', 'fa2', 'fl', 'bl3', 'bl4', 'rt3', 'rt4', 'lm3', 'lm4', 'fa3', 'fa4', 'pba'}
+-- A dimension's reference on probation (rules._tell_shape): rarely there, so written
+-- (or deleted) only by a state that has them or had them when read.
+local EMPTY_FIELDS = {'ea1', 'ee1', 'ea2', 'ee2', 'ea3', 'ee3', 'ea4', 'ee4'}
 
 local function num(x)
   return string.format('%.17g', x)
@@ -54,13 +58,21 @@ local function read_state(key)
   for field in pairs(ZERO_FIELDS) do
     if s[field] == nil then s[field] = 0 end
   end
+  for _, field in ipairs(EMPTY_FIELDS) do
+    if s[field] ~= nil then s.had_empty = true end
+  end
   return s
 end
 
 local function write_state(key, s)
   local set = {}
   local unset = {}
-  for _, field in ipairs(STATE_FIELDS) do
+  local fields = STATE_FIELDS
+  if s.had_empty or s.ea1 or s.ea2 or s.ea3 or s.ea4 then
+    fields = {unpack(STATE_FIELDS)}
+    for _, field in ipairs(EMPTY_FIELDS) do fields[#fields + 1] = field end
+  end
+  for _, field in ipairs(fields) do
     local v = s[field]
     if v == nil or (v == 0 and SPARSE_ZERO[field]) then
       unset[#unset + 1] = field
@@ -177,12 +189,19 @@ local function reanchor(s, now)
   s.bat = now
 end
 
+-- rules._end_probation
+local function end_probation(s, d)
+  s.fl = band(s.fl, bnot(d.probation))
+  s[d.empty_at], s[d.empty_end] = nil, nil
+  if band(s.fl, PROBATIONS) == 0 then s.pba = nil end
+end
+
 -- rules._forget_dimension
 local function forget_dimension(s, d)
   s[d.left], s[d.rate], s[d.limit] = nil, nil, nil
   s[d.full] = 0
-  s.fl = band(s.fl, bnot(bor(d.probation, d.window)))
-  if band(s.fl, PROBATIONS) == 0 then s.pba = nil end
+  s.fl = band(s.fl, bnot(d.window))
+  end_probation(s, d)
 end
 
 -- rules.forget_budget
@@ -192,8 +211,28 @@ local function forget_budget(s)
   for _, d in ipairs(DIMS) do
     s[d.left], s[d.rate], s[d.limit] = nil, nil, nil
     s[d.full] = 0
+    s[d.empty_at], s[d.empty_end] = nil, nil
   end
   s.pba = nil
+end
+
+-- rules._tell_shape: on probation, an answer saying nothing is left tells a fixed
+-- window (its refill's end stays put) from a token bucket (the end moves on).
+local function tell_shape(s, d, now, full_at)
+  local at = s[d.empty_at]
+  if at == nil then
+    s[d.empty_at], s[d.empty_end] = now, full_at
+    return
+  end
+  local rate = s[d.rate]
+  local elapsed = now - at
+  if rate == nil or not (rate > 0) or elapsed <= 2.0 / rate + 4 * RESET_GRAIN then return end
+  if full_at - s[d.empty_end] < elapsed / 2 then
+    s.fl = bor(s.fl, d.window)
+    s[d.rate] = 0
+  else
+    end_probation(s, d)
+  end
 end
 
 -- rules.mark: a 429 of type kind ("" unknown) for a request handed out at answered
@@ -283,14 +322,18 @@ local function apply_rate_headers(s, p, now, wide)
         local refill = nil
         if reset > 0 and left < limit then refill = (limit - left) / reset end
         if fresh then
-          s.fl = band(s.fl, bnot(d.probation))
-          if band(s.fl, PROBATIONS) == 0 then s.pba = nil end
+          end_probation(s, d)
           if refill ~= nil and band(s.fl, d.window) == 0 then s[d.rate] = f32(refill) else s[d.rate] = 0 end
         elseif refill ~= nil and s[d.rate] ~= nil and refill < s[d.rate] then
           s[d.rate] = f32(refill)
         end
         s[d.limit] = limit
         local full_at = now + math.min(reset, MAX_BUDGET_WAIT)
+        if not fresh and left == 0 and reset <= MAX_BUDGET_WAIT
+            and band(s.fl, bor(d.probation, d.window)) == d.probation then
+          tell_shape(s, d, now, full_at)
+        end
+        -- Nor does an overtaken answer bring the end of the refill forward.
         if fresh or full_at > s[d.full] then s[d.full] = full_at end
       end
       if s[d.limit] ~= nil then
