@@ -222,6 +222,31 @@ def _wait_health(port: int, want: int, within: float) -> float:
     return time.monotonic() - started
 
 
+def test_a_served_replica_sweeps_out_keys_no_replica_holds(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    # serve() runs the sweeper: keys whose only list lapsed (their replica went for
+    # good; the test deletes the list as its expiry would) leave the shared pool.
+    import redis
+
+    with keysvc_process(env=_env(redis_server.url, redis_prefix, SECRETS[:3])) as gone:
+        assert _stub(gone.port).Available(pb.AvailableRequest()).count == 3
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        for name in client.keys(f"{{{redis_prefix}}}:held:*"):
+            client.delete(name)
+        with keysvc_process(env=_env(redis_server.url, redis_prefix, SECRETS[:1])) as child:
+            stub = _stub(child.port)
+            deadline = time.monotonic() + 10
+            while stub.Available(pb.AvailableRequest()).count != 1:
+                assert time.monotonic() < deadline, "the lapsed keys stayed in the pool"
+                time.sleep(0.1)
+            assert [k.hash for k in stub.List(pb.ListRequest()).keys] == [hash_key(SECRETS[0])]
+            assert client.get(f"{{{redis_prefix}}}:sweeper") is not None
+    finally:
+        client.close()
+
+
 def test_a_replica_started_while_redis_is_down_joins_when_it_comes(tmp_path: Path) -> None:
     port = free_port()
     env = _env(f"redis://127.0.0.1:{port}/0", "late")
