@@ -53,6 +53,10 @@ BUDGET_HEADERS = st.tuples(
     st.sampled_from([3, 60]), st.sampled_from([0, 0, 1, 2, 59]), st.sampled_from(list(RESETS))
 )
 
+#: The models and dimensions of the budget rounds (OpenAI families, one per model).
+BUDGET_MODELS = st.sampled_from(["gpt-4", "gpt-4o", "gpt-3.5-turbo"])
+BUDGET_DIMENSIONS = st.sampled_from(["requests", "tokens"])
+
 
 def budget_headers(dim: str, limit: int, remaining: int, reset: str) -> dict[str, str]:
     """The x-ratelimit headers of one dimension (tokens: the limit counted in 1000s)."""
@@ -249,9 +253,9 @@ class Differential(RuleBasedStateMachine):
     @precondition(lambda self: self.memory is not None)
     @rule(
         i=st.integers(0, 7),
-        model=st.sampled_from(["gpt-4", "gpt-4o", "gpt-3.5-turbo"]),
+        model=BUDGET_MODELS,
         named=st.booleans(),
-        dim=st.sampled_from(["requests", "tokens"]),
+        dim=BUDGET_DIMENSIONS,
         burst=st.integers(0, 2),
         first=BUDGET_HEADERS,
         limited=st.lists(
@@ -309,9 +313,9 @@ class Differential(RuleBasedStateMachine):
     @precondition(lambda self: self.memory is not None)
     @rule(
         i=st.integers(0, 7),
-        model=st.sampled_from(["gpt-4", "gpt-4o", "gpt-3.5-turbo"]),
+        model=BUDGET_MODELS,
         named=st.booleans(),
-        dim=st.sampled_from(["requests", "tokens"]),
+        dim=BUDGET_DIMENSIONS,
         window=st.booleans(),
         seed_rpcs=st.booleans(),
         handed_out=st.booleans(),
