@@ -14,6 +14,8 @@
 -- family counted, view, the provider's back-off (seconds, "" none), the family the key
 -- was taken out of ("" none)} or {"missing"}.
 local h, named, model_family, mode = ARGV[4], ARGV[5] == '1', ARGV[6], ARGV[7]
+-- What UpdateRateLimits last reported for the key, for a MarkRateLimited to pair with.
+local answered_key = P .. 'answered:' .. h
 local r = record(h)
 if r == nil then return {'missing'} end
 local function opt(i) if ARGV[i] == '' then return nil end return tonumber(ARGV[i]) end
@@ -34,7 +36,6 @@ end
 -- KeyPool._report_family: the family a report is for ("" key-wide), and when the
 -- hand-out it answers was made (nil: not known); an answer ends its reservation.
 local function report_family(answer, limits)
-  local answered_key = P .. 'answered:' .. h
   if not answer then
     local paired = redis.call('GET', answered_key)
     if paired then
@@ -165,7 +166,7 @@ elseif mode == 'update' then
       -- KeyPool._pair: for the MarkRateLimited that may follow (kept a minute: only
       -- REPORT_PAIR_WINDOW of it is used).
       local pair = family .. ' ' .. num(NOW) .. ' ' .. (answered and num(answered) or '')
-      redis.call('SET', P .. 'answered:' .. h, pair, 'EX', 60)
+      redis.call('SET', answered_key, pair, 'EX', 60)
     end
     local s = state_table(family)
     apply_rate_headers(s, parsed, NOW, family == '')
